@@ -1,0 +1,99 @@
+/*
+ * api.h - etcd v3's gRPC services on the gRPC core C API.
+ *
+ * The api module owns the wire: it accepts calls, decodes request bodies with protobuf-c,
+ * hands each decoded request to the handler the server routed for its method path, and
+ * encodes the reply or an etcd error (status code and exact message, from one table).
+ * It holds no business logic.
+ *
+ * Threads: api_server_start() runs completion-queue threads; handlers run on them and
+ * must not block for long. api_call_reply() and api_call_fail() may be called from any
+ * thread (gRPC core's start_batch is thread-safe), exactly once per call.
+ */
+#ifndef KEELSON_API_H
+#define KEELSON_API_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <protobuf-c/protobuf-c.h>
+
+#include "api/proto/rpc.pb-c.h"
+
+/* etcd's errors as the server reports them; api_call_fail() maps them to gRPC. */
+typedef enum api_error {
+	API_ERR_EMPTY_KEY,          /* InvalidArgument "etcdserver: key is not provided" */
+	API_ERR_KEY_NOT_FOUND,      /* InvalidArgument "etcdserver: key not found" */
+	API_ERR_VALUE_PROVIDED,     /* InvalidArgument "etcdserver: value is provided" */
+	API_ERR_LEASE_PROVIDED,     /* InvalidArgument "etcdserver: lease is provided" */
+	API_ERR_TOO_MANY_OPS,       /* InvalidArgument "etcdserver: too many operations in txn request" */
+	API_ERR_DUPLICATE_KEY,      /* InvalidArgument "etcdserver: duplicate key given in txn request" */
+	API_ERR_COMPACTED,          /* OutOfRange "etcdserver: mvcc: required revision has been compacted" */
+	API_ERR_FUTURE_REV,         /* OutOfRange "etcdserver: mvcc: required revision is a future revision" */
+	API_ERR_NO_SPACE,           /* ResourceExhausted "etcdserver: mvcc: database space exceeded" */
+	API_ERR_REQUEST_TOO_LARGE,  /* InvalidArgument "etcdserver: request is too large" */
+	API_ERR_LEASE_NOT_FOUND,    /* NotFound "etcdserver: requested lease not found" */
+	API_ERR_LEASE_EXIST,        /* FailedPrecondition "etcdserver: lease already exists" */
+	API_ERR_NO_LEADER,          /* Unavailable "etcdserver: no leader" */
+	API_ERR_TIMEOUT,            /* Unavailable "etcdserver: request timed out" */
+	API_ERR_STOPPED,            /* Unavailable "etcdserver: server stopped" */
+	API_ERR_CORRUPT,            /* DataLoss "etcdserver: corrupt cluster" */
+	API_ERR_INTERNAL,           /* Unknown, with the message given to api_call_fail_msg() */
+	API_ERR_COUNT
+} api_error;
+
+/* The gRPC status code and message etcd sends for err. */
+int api_error_status(api_error err, const char **message);
+
+typedef struct api_server api_server;
+/* One call in flight. Owned by the api module; valid until replied or failed. */
+typedef struct api_call api_call;
+
+/*
+ * A handler for a unary method. req is the decoded request, owned by the call and valid
+ * until the call is replied or failed. ctx is the pointer given to api_server_route().
+ * The handler (or whoever it hands the call to) must end the call exactly once.
+ */
+typedef void (*api_unary_fn)(void *ctx, api_call *call, const ProtobufCMessage *req);
+
+typedef struct api_options {
+	size_t ao_max_request_bytes;  /* etcd's --max-request-bytes */
+	uint32_t ao_max_streams;      /* --max-concurrent-streams; 0 = gRPC's default */
+	int ao_keepalive_min_time_ms; /* --grpc-keepalive-min-time */
+	int ao_keepalive_interval_ms; /* --grpc-keepalive-interval */
+	int ao_keepalive_timeout_ms;  /* --grpc-keepalive-timeout */
+	int ao_threads;               /* completion-queue threads; 0 picks 2 */
+} api_options;
+
+/* Error codes of the api module: -1100..-1199. */
+enum {
+	API_ERR_BIND = -1100,    /* a listen address could not be bound */
+	API_ERR_UNKNOWN_METHOD = -1101,
+	API_ERR_SYS = -1102,     /* out of memory or threads */
+};
+const char *api_strerror(int err);
+
+int api_server_create(const api_options *opts, api_server **out);
+/* Routes a unary method path such as "/etcdserverpb.KV/Range" to fn. Before start only. */
+int api_server_route(api_server *s, const char *path, api_unary_fn fn, void *ctx);
+/* Listens on host:port (plaintext). Before start only. */
+int api_server_listen(api_server *s, const char *host_port);
+int api_server_start(api_server *s);
+/* Stops accepting new calls; calls already accepted still run and must still be ended. */
+void api_server_shutdown(api_server *s);
+/* Shuts down if not yet, cancels the calls still in flight, joins the threads, frees s. */
+void api_server_destroy(api_server *s);
+
+/* The value of request metadata key (lower case), or NULL; valid while the call is. */
+const char *api_call_metadata(api_call *call, const char *key, size_t *len);
+/* Size in bytes of the encoded request body. */
+size_t api_call_request_size(api_call *call);
+
+/* Encodes resp, sends it with status OK and ends the call. */
+void api_call_reply(api_call *call, const ProtobufCMessage *resp);
+/* Sends etcd's status for err and ends the call. */
+void api_call_fail(api_call *call, api_error err);
+/* Sends an explicit status (grpc_status_code value) and message, and ends the call. */
+void api_call_fail_msg(api_call *call, int grpc_status, const char *message);
+
+#endif
