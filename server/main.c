@@ -1,0 +1,197 @@
+/*
+ * main.c - start a Keelson member the way etcd starts: flags, data dir, storage, the node
+ * loop, the gRPC services and the HTTP endpoints; stop cleanly on SIGINT or SIGTERM.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "server/server.h"
+
+/* mkdir -p with etcd's private mode. */
+static int make_dirs(const char *path)
+{
+	char buf[4096];
+	size_t len = strlen(path);
+	if (len == 0 || len >= sizeof(buf))
+		return -1;
+	memcpy(buf, path, len + 1);
+	for (size_t i = 1; i <= len; i++) {
+		if (buf[i] == '/' || buf[i] == '\0') {
+			char c = buf[i];
+			buf[i] = '\0';
+			if (mkdir(buf, 0700) != 0 && errno != EEXIST)
+				return -1;
+			buf[i] = c;
+		}
+	}
+	return 0;
+}
+
+static void put_be64(uint8_t *p, uint64_t v)
+{
+	for (int i = 0; i < 8; i++)
+		p[i] = (uint8_t)(v >> (56 - 8 * i));
+}
+
+static uint64_t get_be64(const uint8_t *p)
+{
+	uint64_t v = 0;
+	for (int i = 0; i < 8; i++)
+		v = v << 8 | p[i];
+	return v;
+}
+
+/* The ids are fixed when the data dir is made: a restart keeps them whatever the flags say. */
+static int load_or_store_ids(storage *st, member_info *mi)
+{
+	storage_reader *r;
+	storage_arena a;
+	void *cid, *mid;
+	size_t clen, mlen;
+	storage_arena_init(&a);
+	int rc = storage_read_begin(st, &r);
+	if (rc)
+		return rc;
+	int rc1 = storage_read_meta(r, "cluster_id", &a, &cid, &clen);
+	int rc2 = storage_read_meta(r, "member_id", &a, &mid, &mlen);
+	if (rc1 == 0 && rc2 == 0 && clen == 8 && mlen == 8) {
+		mi->cluster_id = get_be64(cid);
+		mi->member_id = get_be64(mid);
+	}
+	storage_read_end(r);
+	storage_arena_free(&a);
+	if (rc1 == 0 && rc2 == 0)
+		return 0;
+	if (rc1 != STORAGE_ERR_NOT_FOUND && rc1 != 0)
+		return rc1;
+
+	storage_batch *b;
+	uint8_t buf[8];
+	rc = storage_batch_begin(st, &b);
+	if (rc)
+		return rc;
+	put_be64(buf, mi->cluster_id);
+	rc = storage_batch_meta_put(b, "cluster_id", buf, 8);
+	put_be64(buf, mi->member_id);
+	if (rc == 0)
+		rc = storage_batch_meta_put(b, "member_id", buf, 8);
+	if (rc) {
+		storage_batch_abort(b);
+		return rc;
+	}
+	storage_stats stats;
+	rc = storage_stat(st, &stats);
+	return rc ? (storage_batch_abort(b), rc) : storage_batch_commit(b, stats.st_applied_index);
+}
+
+int main(int argc, char **argv)
+{
+	config cfg;
+	int rc = config_parse(&cfg, argc, argv);
+	if (rc != 0)
+		return rc;
+	if (cfg.show_help) {
+		config_print_usage();
+		return 0;
+	}
+	if (cfg.show_version) {
+		printf("keelson Version: %s\netcd Version: %s\nAPI Version: 3.5\n", KEELSON_VERSION, cfg.etcd_version);
+		return 0;
+	}
+	log_setup(cfg.logger, cfg.log_level);
+	signal(SIGPIPE, SIG_IGN);
+
+	/* Signals are taken synchronously by main; every other thread inherits the mask. */
+	sigset_t sigs;
+	sigemptyset(&sigs);
+	sigaddset(&sigs, SIGINT);
+	sigaddset(&sigs, SIGTERM);
+	pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+
+	char member_dir[4096];
+	snprintf(member_dir, sizeof(member_dir), "%s/member", cfg.data_dir);
+	if (make_dirs(member_dir) != 0) {
+		log_at(LOG_FATAL, "cannot create data dir", "path", member_dir, "error", strerror(errno), NULL);
+		return 1;
+	}
+	log_at(LOG_INFO, "starting keelson", "name", cfg.name, "data-dir", cfg.data_dir,
+	       "etcd-version", cfg.etcd_version, NULL);
+
+	server_ctx sc;
+	memset(&sc, 0, sizeof(sc));
+	sc.cfg = &cfg;
+	storage_options so = {0};
+	rc = storage_open(member_dir, &so, &sc.st);
+	if (rc) {
+		log_at(LOG_FATAL, "cannot open storage", "path", member_dir, "error", storage_strerror(rc), NULL);
+		return 1;
+	}
+	member_compute_ids(&cfg, &sc.mi);
+	rc = load_or_store_ids(sc.st, &sc.mi);
+	if (rc == 0)
+		rc = node_start(&sc.nd, &sc);
+	if (rc) {
+		log_at(LOG_FATAL, "cannot start member", "error", storage_strerror(rc), NULL);
+		storage_close(sc.st);
+		return 1;
+	}
+
+	api_options ao = {
+		.ao_max_request_bytes = cfg.max_request_bytes,
+		.ao_max_streams = cfg.max_concurrent_streams > 0xffffffffu ? 0xffffffffu
+									: (uint32_t)cfg.max_concurrent_streams,
+		.ao_keepalive_min_time_ms = (int)cfg.grpc_keepalive_min_time_ms,
+		.ao_keepalive_interval_ms = (int)cfg.grpc_keepalive_interval_ms,
+		.ao_keepalive_timeout_ms = (int)cfg.grpc_keepalive_timeout_ms,
+		.ao_threads = 2,
+	};
+	api_server *as;
+	rc = api_server_create(&ao, &as);
+	if (rc == 0)
+		rc = kv_register(as, &sc);
+	if (rc == 0)
+		rc = maint_register(as, &sc);
+	for (int i = 0; rc == 0 && i < cfg.listen_client.n; i++) {
+		char hp[256];
+		config_url_host_port(cfg.listen_client.url[i], hp, sizeof(hp));
+		rc = api_server_listen(as, hp);
+		if (rc) {
+			log_at(LOG_FATAL, "cannot listen for clients", "url", cfg.listen_client.url[i],
+			       "error", api_strerror(rc), NULL);
+		} else {
+			log_at(LOG_INFO, "serving insecure client requests, this is strongly discouraged!",
+			       "address", hp, NULL);
+		}
+	}
+	if (rc == 0)
+		rc = api_server_start(as);
+	http_server *hs = NULL;
+	if (rc == 0 && http_start(&hs, &sc, &cfg.listen_metrics) != 0)
+		rc = -1;
+	if (rc) {
+		node_stop(sc.nd);
+		node_free(sc.nd);
+		storage_close(sc.st);
+		return 1;
+	}
+	char ids[64];
+	snprintf(ids, sizeof(ids), "%llx", (unsigned long long)sc.mi.member_id);
+	log_at(LOG_INFO, "ready to serve client requests", "member-id", ids, NULL);
+
+	int sig = 0;
+	sigwait(&sigs, &sig);
+	log_at(LOG_INFO, "received signal; shutting down", "signal", sig == SIGINT ? "SIGINT" : "SIGTERM", NULL);
+	/* Stop taking calls, answer every write already queued, then end what is left. */
+	http_stop(hs);
+	api_server_shutdown(as);
+	node_stop(sc.nd);
+	api_server_destroy(as);
+	node_free(sc.nd);
+	storage_close(sc.st);
+	log_at(LOG_INFO, "stopped", NULL);
+	return 0;
+}

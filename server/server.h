@@ -1,0 +1,150 @@
+/*
+ * server.h - the pieces of a Keelson member, shared inside server/ only.
+ *
+ * config.c   flags and ETCD_* environment, etcd's defaults and usage errors
+ * log.c      etcd-style log lines (zap JSON or capnslog text)
+ * node.c     the node loop: owns writes, group-commits every batch in one LMDB txn
+ * kv.c       the KV service: validation as etcd's v3rpc, reads on gRPC threads
+ * maint.c    the Maintenance service (Status) and the response header
+ * http.c     /health, /version and /metrics on --listen-metrics-urls
+ * main.c     start-up and shut-down
+ */
+#ifndef KEELSON_SERVER_H
+#define KEELSON_SERVER_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "api/api.h"
+#include "storage/storage.h"
+
+#define KEELSON_VERSION "0.1.0"
+/* The etcd version a member reports by default: the apiserver gates features on it. */
+#define KEELSON_DEFAULT_ETCD_VERSION "3.5.17"
+
+/* ---- config.c ---- */
+
+#define CONFIG_MAX_URLS 8
+
+typedef struct config_urls {
+	int n;
+	char *url[CONFIG_MAX_URLS]; /* "http://host:port" as given */
+} config_urls;
+
+typedef struct config {
+	char *name;
+	char *data_dir;
+	char *wal_dir;
+	uint64_t snapshot_count;
+	uint64_t heartbeat_ms;
+	uint64_t election_ms;
+	config_urls listen_client;
+	config_urls advertise_client;
+	config_urls listen_peer;
+	config_urls initial_advertise_peer;
+	config_urls listen_metrics;
+	char *initial_cluster;
+	char *initial_cluster_state;
+	char *initial_cluster_token;
+	uint64_t quota_backend_bytes;
+	uint64_t max_txn_ops;
+	uint64_t max_request_bytes;
+	uint64_t max_concurrent_streams;
+	uint64_t grpc_keepalive_min_time_ms;
+	uint64_t grpc_keepalive_interval_ms;
+	uint64_t grpc_keepalive_timeout_ms;
+	char *auto_compaction_retention;
+	char *auto_compaction_mode;
+	char *logger;
+	char *log_level;
+	char *log_outputs;
+	char *etcd_version; /* the version Status and /version report */
+	int pre_vote;
+	int force_new_cluster;
+	int show_version;
+	int show_help;
+} config;
+
+/*
+ * Fills cfg from ETCD_* environment variables and argv (flags win), with etcd's defaults.
+ * Returns 0, or an exit status (2 for usage errors, after printing etcd's message on
+ * stderr; 0 with show_help/show_version set when the caller should print and exit).
+ */
+int config_parse(config *cfg, int argc, char **argv);
+void config_print_usage(void);
+/* Splits "host:port" out of "http://host:port"; returns 0 or -1 for a URL we cannot serve. */
+int config_url_host_port(const char *url, char *out, size_t outlen);
+
+/* ---- log.c ---- */
+
+typedef enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR, LOG_FATAL } log_level;
+void log_setup(const char *logger, const char *level);
+/* msg, then key/value string pairs ending with NULL: log_at(LOG_INFO, "started", "name", n, NULL) */
+void log_at(log_level lvl, const char *msg, ...);
+
+/* ---- member identity (maint.c) ---- */
+
+typedef struct member_info {
+	uint64_t cluster_id;
+	uint64_t member_id;
+	const char *name;
+} member_info;
+
+/* etcd's ids: member id = sha1(peer urls + token)[:8], cluster id = sha1(member ids)[:8]. */
+void member_compute_ids(const config *cfg, member_info *out);
+
+/* ---- node.c ---- */
+
+typedef struct node node;
+
+typedef enum node_op {
+	NODE_PUT,
+	NODE_DELETE_RANGE,
+	NODE_TXN,
+	NODE_COMPACT,
+} node_op;
+
+struct server_ctx;
+/* Starts the node loop thread. The term and applied index continue from storage. */
+int node_start(node **out, struct server_ctx *sc);
+/* Applies and answers what is queued, then stops the loop; later writes fail "server stopped". */
+void node_stop(node *n);
+/* Frees the node once no gRPC thread can call node_submit() any more. */
+void node_free(node *n);
+/* Queues a write; the node loop applies it in the next batch and replies to call. */
+void node_submit(node *n, node_op op, api_call *call, const ProtobufCMessage *req);
+/* Term to report in headers. */
+uint64_t node_term(node *n);
+/* Raft index of the last applied entry. */
+uint64_t node_applied_index(node *n);
+/* Writes batched so far and fsyncs they took (group commit), for /metrics. */
+void node_batch_stats(node *n, uint64_t *requests, uint64_t *commits);
+
+/* ---- kv.c / maint.c: service registration ---- */
+
+typedef struct server_ctx {
+	config *cfg;
+	storage *st;
+	node *nd;
+	member_info mi;
+} server_ctx;
+
+/* Fills the header's cluster, member and term; revision is the caller's. */
+void server_fill_header(server_ctx *sc, Etcdserverpb__ResponseHeader *h);
+int kv_register(api_server *as, server_ctx *sc);
+int maint_register(api_server *as, server_ctx *sc);
+/* Ends call with the etcd error for a storage error code. */
+void server_fail_storage(api_call *call, int storage_err);
+/* Fills the headers of a txn response and of every response nested in it. */
+void server_fill_txn_headers(server_ctx *sc, Etcdserverpb__TxnResponse *resp);
+/* etcd's validation of a Txn (v3rpc checkTxnRequest + checkIntervals); 0 or an api_error+1. */
+int kv_check_txn(const Etcdserverpb__TxnRequest *r, size_t max_ops);
+
+/* ---- http.c ---- */
+
+typedef struct http_server http_server;
+int http_start(http_server **out, server_ctx *sc, const config_urls *urls);
+void http_stop(http_server *h);
+
+#endif

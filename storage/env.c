@@ -1,0 +1,384 @@
+/*
+ * env.c - the LMDB environment: open/close, the data-dir lock, batches (write txns),
+ * readers (read txns), meta values and statistics.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "storage/internal.h"
+
+#define DEFAULT_MAP_SIZE (8ull << 30)
+#define MAX_DBS 32
+#define MAX_READERS 1022
+#define LOCK_NAME "keelson.lock"
+
+static const char *const errtab[] = {
+	"mvcc: required revision has been compacted",
+	"mvcc: required revision is a future revision",
+	"storage: invalid request",
+	"etcdserver: mvcc: database space exceeded",
+	"storage: I/O error",
+	"storage: data corrupted",
+	"storage: out of memory",
+	"storage: not found",
+	"storage: data directory is in use by another process",
+	"etcdserver: key not found",
+};
+
+const char *storage_strerror(int err)
+{
+	if (err == 0)
+		return "success";
+	int i = -1000 - err;
+	if (i >= 0 && i < (int)(sizeof(errtab) / sizeof(errtab[0])))
+		return errtab[i];
+	return "storage: unknown error";
+}
+
+int storage__mdb_err(int rc)
+{
+	switch (rc) {
+	case 0:
+		return 0;
+	case MDB_MAP_FULL:
+	case MDB_TXN_FULL: /* a batch too big for one transaction: same remedy */
+		return STORAGE_ERR_NOSPACE;
+	case MDB_NOTFOUND:
+		return STORAGE_ERR_NOT_FOUND;
+	case MDB_CORRUPTED:
+	case MDB_PAGE_NOTFOUND:
+	case MDB_INVALID:
+	case MDB_VERSION_MISMATCH:
+	case MDB_BAD_VALSIZE:
+		return STORAGE_ERR_CORRUPT;
+	case ENOMEM:
+		return STORAGE_ERR_NOMEM;
+	case ENOSPC:
+		return STORAGE_ERR_NOSPACE;
+	default:
+		return STORAGE_ERR_IO;
+	}
+}
+
+int storage__meta_get_i64(storage *s, MDB_txn *txn, const char *name, int64_t dflt,
+			  int64_t *out)
+{
+	MDB_val k = {strlen(name), (void *)name}, v;
+	int rc = mdb_get(txn, s->s_meta, &k, &v);
+	if (rc == MDB_NOTFOUND) {
+		*out = dflt;
+		return 0;
+	}
+	if (rc)
+		return storage__mdb_err(rc);
+	if (v.mv_size != 8)
+		return STORAGE_ERR_CORRUPT;
+	*out = (int64_t)be64_get(v.mv_data);
+	return 0;
+}
+
+int storage__meta_put_i64(storage *s, MDB_txn *txn, const char *name, int64_t val)
+{
+	uint8_t buf[8];
+	be64_put(buf, (uint64_t)val);
+	MDB_val k = {strlen(name), (void *)name}, v = {8, buf};
+	return storage__mdb_err(mdb_put(txn, s->s_meta, &k, &v, 0));
+}
+
+static int mkdir_p(const char *dir)
+{
+	char path[PATH_MAX];
+	size_t n = strlen(dir);
+	if (n == 0 || n >= sizeof(path))
+		return STORAGE_ERR_INVALID;
+	memcpy(path, dir, n + 1);
+	for (size_t i = 1; i <= n; i++) {
+		if (path[i] != '/' && path[i] != '\0')
+			continue;
+		char c = path[i];
+		path[i] = '\0';
+		if (mkdir(path, 0700) != 0 && errno != EEXIST)
+			return STORAGE_ERR_IO;
+		path[i] = c;
+	}
+	return 0;
+}
+
+int storage_open(const char *dir, const storage_options *opts, storage **out)
+{
+	int err;
+	MDB_txn *txn = NULL;
+	storage *s = calloc(1, sizeof(*s));
+	if (!s)
+		return STORAGE_ERR_NOMEM;
+	s->s_lockfd = -1;
+
+	if ((err = mkdir_p(dir)))
+		goto fail;
+	char lock[PATH_MAX];
+	if (snprintf(lock, sizeof(lock), "%s/%s", dir, LOCK_NAME) >= (int)sizeof(lock)) {
+		err = STORAGE_ERR_INVALID;
+		goto fail;
+	}
+	/* LMDB's own lock file lets several processes share an env; a member's data dir must
+	 * have exactly one owner, hence flock on a file of our own (released by the kernel
+	 * when the process dies, so a kill -9 never leaves it stale). */
+	s->s_lockfd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+	if (s->s_lockfd < 0) {
+		err = STORAGE_ERR_IO;
+		goto fail;
+	}
+	if (flock(s->s_lockfd, LOCK_EX | LOCK_NB) != 0) {
+		err = errno == EWOULDBLOCK ? STORAGE_ERR_BUSY : STORAGE_ERR_IO;
+		goto fail;
+	}
+
+	int rc = mdb_env_create(&s->s_env);
+	if (rc == 0)
+		rc = mdb_env_set_maxdbs(s->s_env, MAX_DBS);
+	if (rc == 0)
+		rc = mdb_env_set_maxreaders(s->s_env, MAX_READERS);
+	if (rc == 0)
+		rc = mdb_env_set_mapsize(s->s_env, opts && opts->so_map_size ? opts->so_map_size
+									 : DEFAULT_MAP_SIZE);
+	/* MDB_NOTLS: read txns belong to storage_reader objects, not threads.
+	 * MDB_NORDAHEAD: random access over a map much larger than the working set. */
+	if (rc == 0)
+		rc = mdb_env_open(s->s_env, dir, MDB_NOTLS | MDB_NORDAHEAD, 0600);
+	if (rc == 0)
+		rc = mdb_txn_begin(s->s_env, NULL, 0, &txn);
+	if (rc == 0)
+		rc = mdb_dbi_open(txn, "meta", MDB_CREATE, &s->s_meta);
+	if (rc == 0)
+		rc = mdb_dbi_open(txn, "keys", MDB_CREATE, &s->s_keys);
+	if (rc == 0)
+		rc = mdb_dbi_open(txn, "hist", MDB_CREATE, &s->s_hist);
+	if (rc == 0)
+		rc = mdb_dbi_open(txn, "revs", MDB_CREATE, &s->s_revs);
+	if (rc == 0) {
+		rc = mdb_txn_commit(txn);
+		txn = NULL;
+	}
+	if (rc) {
+		err = storage__mdb_err(rc);
+		goto fail;
+	}
+	*out = s;
+	return 0;
+fail:
+	if (txn)
+		mdb_txn_abort(txn);
+	if (s->s_env)
+		mdb_env_close(s->s_env);
+	if (s->s_lockfd >= 0)
+		close(s->s_lockfd);
+	free(s);
+	return err;
+}
+
+void storage_close(storage *s)
+{
+	if (!s)
+		return;
+	if (s->s_batch)
+		storage_batch_abort(s->s_batch);
+	mdb_env_close(s->s_env);
+	close(s->s_lockfd);
+	free(s);
+}
+
+/* ---- batches ---- */
+
+int storage_batch_begin(storage *s, storage_batch **out)
+{
+	if (s->s_batch)
+		return STORAGE_ERR_INVALID;
+	storage_batch *b = calloc(1, sizeof(*b));
+	if (!b)
+		return STORAGE_ERR_NOMEM;
+	b->b_s = s;
+	int err = storage__mdb_err(mdb_txn_begin(s->s_env, NULL, 0, &b->b_txn));
+	if (!err)
+		err = storage__meta_get_i64(s, b->b_txn, META_REV, 1, &b->b_rev);
+	if (!err)
+		err = storage__meta_get_i64(s, b->b_txn, META_COMPACT, -1, &b->b_compact);
+	if (!err)
+		err = storage__meta_get_i64(s, b->b_txn, META_CNEXT_MAIN, 0, &b->b_cnext_main);
+	if (!err)
+		err = storage__meta_get_i64(s, b->b_txn, META_CNEXT_SUB, 0, &b->b_cnext_sub);
+	if (!err)
+		err = storage__meta_get_i64(s, b->b_txn, META_CPENDING, 0, &b->b_cpending);
+	if (!err)
+		err = storage__meta_get_i64(s, b->b_txn, META_NEXT_ID, 1, &b->b_next_id);
+	if (err) {
+		if (b->b_txn)
+			mdb_txn_abort(b->b_txn);
+		free(b);
+		return err;
+	}
+	s->s_batch = b;
+	*out = b;
+	return 0;
+}
+
+int storage_batch_meta_put(storage_batch *b, const char *name, const void *val, size_t len)
+{
+	size_t n = strlen(name);
+	char key[512];
+	if (n + 2 > sizeof(key))
+		return STORAGE_ERR_INVALID;
+	key[0] = 'm';
+	key[1] = ':';
+	memcpy(key + 2, name, n);
+	MDB_val k = {n + 2, key}, v = {len, (void *)val};
+	return storage__mdb_err(mdb_put(b->b_txn, b->b_s->s_meta, &k, &v, 0));
+}
+
+int storage_batch_commit(storage_batch *b, uint64_t applied_index)
+{
+	storage *s = b->b_s;
+	MDB_txn *txn = b->b_txn;
+	int err = storage__meta_put_i64(s, txn, META_REV, b->b_rev);
+	if (!err)
+		err = storage__meta_put_i64(s, txn, META_COMPACT, b->b_compact);
+	if (!err)
+		err = storage__meta_put_i64(s, txn, META_CNEXT_MAIN, b->b_cnext_main);
+	if (!err)
+		err = storage__meta_put_i64(s, txn, META_CNEXT_SUB, b->b_cnext_sub);
+	if (!err)
+		err = storage__meta_put_i64(s, txn, META_CPENDING, b->b_cpending);
+	if (!err)
+		err = storage__meta_put_i64(s, txn, META_NEXT_ID, b->b_next_id);
+	if (!err)
+		err = storage__meta_put_i64(s, txn, META_APPLIED, (int64_t)applied_index);
+	if (err) {
+		mdb_txn_abort(txn);
+	} else {
+		/* mdb_txn_commit frees the txn whatever it returns; with default flags it fsyncs. */
+		err = storage__mdb_err(mdb_txn_commit(txn));
+	}
+	s->s_batch = NULL;
+	free(b);
+	return err;
+}
+
+void storage_batch_abort(storage_batch *b)
+{
+	mdb_txn_abort(b->b_txn);
+	b->b_s->s_batch = NULL;
+	free(b);
+}
+
+/* ---- readers ---- */
+
+int storage_read_begin(storage *s, storage_reader **out)
+{
+	storage_reader *r = calloc(1, sizeof(*r));
+	if (!r)
+		return STORAGE_ERR_NOMEM;
+	r->r_s = s;
+	int err = storage__mdb_err(mdb_txn_begin(s->s_env, NULL, MDB_RDONLY, &r->r_txn));
+	if (!err)
+		err = storage__meta_get_i64(s, r->r_txn, META_REV, 1, &r->r_rev);
+	if (!err)
+		err = storage__meta_get_i64(s, r->r_txn, META_COMPACT, -1, &r->r_compact);
+	if (err) {
+		if (r->r_txn)
+			mdb_txn_abort(r->r_txn);
+		free(r);
+		return err;
+	}
+	*out = r;
+	return 0;
+}
+
+void storage_read_end(storage_reader *r)
+{
+	if (!r)
+		return;
+	mdb_txn_abort(r->r_txn);
+	free(r);
+}
+
+int storage_read_meta(storage_reader *r, const char *name, storage_arena *a, void **val,
+		      size_t *len)
+{
+	size_t n = strlen(name);
+	char key[512];
+	if (n + 2 > sizeof(key))
+		return STORAGE_ERR_INVALID;
+	key[0] = 'm';
+	key[1] = ':';
+	memcpy(key + 2, name, n);
+	MDB_val k = {n + 2, key}, v;
+	int rc = mdb_get(r->r_txn, r->r_s->s_meta, &k, &v);
+	if (rc)
+		return storage__mdb_err(rc);
+	*val = storage_arena_dup(a, v.mv_data, v.mv_size);
+	if (!*val)
+		return STORAGE_ERR_NOMEM;
+	*len = v.mv_size;
+	return 0;
+}
+
+/* ---- statistics ---- */
+
+int storage_stat(storage *s, storage_stats *out)
+{
+	MDB_txn *txn = NULL;
+	MDB_cursor *cur = NULL;
+	int64_t applied = 0;
+	memset(out, 0, sizeof(*out));
+	int err = storage__mdb_err(mdb_txn_begin(s->s_env, NULL, MDB_RDONLY, &txn));
+	if (err)
+		return err;
+	err = storage__meta_get_i64(s, txn, META_REV, 1, &out->st_revision);
+	if (!err)
+		err = storage__meta_get_i64(s, txn, META_COMPACT, -1, &out->st_compact_revision);
+	if (!err)
+		err = storage__meta_get_i64(s, txn, META_APPLIED, 0, &applied);
+	if (err)
+		goto done;
+	if (out->st_compact_revision < 0)
+		out->st_compact_revision = 0;
+	out->st_applied_index = (uint64_t)applied;
+
+	MDB_envinfo info;
+	MDB_stat st;
+	mdb_env_info(s->s_env, &info);
+	mdb_env_stat(s->s_env, &st);
+	const char *path;
+	struct stat fst;
+	if (mdb_env_get_path(s->s_env, &path) == 0) {
+		char file[PATH_MAX];
+		snprintf(file, sizeof(file), "%s/data.mdb", path);
+		if (stat(file, &fst) == 0)
+			out->st_db_size = (uint64_t)fst.st_size;
+	}
+	/* In use: pages up to the high-water mark minus the pages on LMDB's free list
+	 * (DBI 0; each value is an ID list whose first word is its length). */
+	uint64_t freepages = 0;
+	if (mdb_cursor_open(txn, 0, &cur) == 0) {
+		MDB_val k, v;
+		int rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST);
+		while (rc == 0) {
+			if (v.mv_size >= sizeof(size_t))
+				freepages += *(size_t *)v.mv_data;
+			rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT);
+		}
+		mdb_cursor_close(cur);
+	}
+	uint64_t used = (uint64_t)info.me_last_pgno + 1;
+	used = used > freepages ? used - freepages : 0;
+	out->st_db_size_in_use = used * st.ms_psize;
+done:
+	mdb_txn_abort(txn);
+	return err;
+}

@@ -1,0 +1,148 @@
+/*
+ * internal.h - private to storage/: the on-disk layout and the helpers shared by its files.
+ *
+ * One LMDB environment, named databases:
+ *   "meta"  name -> value. Internal facts under "i:" (revision, compaction state, next key
+ *           id, applied index), storage_batch_meta_put() names under "m:".
+ *   "keys"  the key index (keyindex.c): user key (or a 400-byte bucket prefix for long keys)
+ *           -> latest state of the key (ki_state), see keyindex.c for the design.
+ *   "hist"  (key id u64, main u64, sub u64) big-endian -> 1 byte (1 = tombstone). Every
+ *           revision of every key not yet compacted, ordered per key: Range at an old
+ *           revision is one seek here.
+ *   "revs"  (main u64, sub u64) big-endian -> [flags u8][key id u64][mvccpb.KeyValue]. The
+ *           revision table: compaction and history replay (watch) are range scans of it.
+ *           Tombstones carry flag 1 and a KeyValue with key and mod_revision only.
+ * All integers on disk are big-endian.
+ */
+#ifndef KEELSON_STORAGE_INTERNAL_H
+#define KEELSON_STORAGE_INTERNAL_H
+
+#include <lmdb.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "storage/storage.h"
+
+/* User keys at least this long live in a bucket keyed by their first KI_LONG bytes. */
+#define KI_LONG 400
+#define KI_STATE_SIZE 48
+#define REV_KEY_SIZE 16
+#define HIST_KEY_SIZE 24
+#define REV_HDR_SIZE 9 /* flags + key id before the encoded KeyValue */
+#define REV_FLAG_TOMB 1
+
+/* The latest state of a key (version 0: the latest event is a tombstone). */
+typedef struct ki_state {
+	uint64_t ks_id; /* key id: names the key in "hist"; kept while the key has history */
+	int64_t ks_mod_main;
+	int64_t ks_mod_sub;
+	int64_t ks_create;
+	int64_t ks_version;
+	int64_t ks_lease;
+} ki_state;
+
+struct storage {
+	MDB_env *s_env;
+	MDB_dbi s_meta, s_keys, s_hist, s_revs;
+	int s_lockfd;
+	storage_batch *s_batch; /* the open batch, if any */
+};
+
+struct storage_batch {
+	storage *b_s;
+	MDB_txn *b_txn;        /* the batch's write txn; each request runs in a child of it */
+	int64_t b_rev;         /* store revision before the current request */
+	int64_t b_changes;     /* writes so far in the current request = next sub revision */
+	int64_t b_compact;     /* compacted revision, -1 if none */
+	int64_t b_cnext_main;  /* physical compaction resumes at this revision */
+	int64_t b_cnext_sub;
+	int64_t b_cpending;    /* 1 while superseded revisions <= b_compact may remain */
+	int64_t b_next_id;     /* next key id to hand out */
+};
+
+struct storage_reader {
+	storage *r_s;
+	MDB_txn *r_txn;
+	int64_t r_rev;
+	int64_t r_compact;
+};
+
+/* Internal meta names. */
+#define META_REV "i:rev"
+#define META_COMPACT "i:compact"
+#define META_CNEXT_MAIN "i:cnext_main"
+#define META_CNEXT_SUB "i:cnext_sub"
+#define META_CPENDING "i:cpending"
+#define META_NEXT_ID "i:next_id"
+#define META_APPLIED "i:applied"
+
+/* What one read or write pass sees. */
+typedef struct mv {
+	storage *v_s;
+	MDB_txn *v_txn;
+	int v_copy;          /* copy bytes into the arena (writer: the map moves under writes) */
+	int64_t v_rev;       /* current revision as this view sees it */
+	int64_t v_compact;   /* compacted revision, -1 if none */
+} mv;
+
+/* ---- big-endian helpers ---- */
+static inline void be64_put(uint8_t *p, uint64_t v)
+{
+	for (int i = 7; i >= 0; i--) {
+		p[i] = (uint8_t)v;
+		v >>= 8;
+	}
+}
+static inline uint64_t be64_get(const uint8_t *p)
+{
+	uint64_t v = 0;
+	for (int i = 0; i < 8; i++)
+		v = (v << 8) | p[i];
+	return v;
+}
+static inline void rev_key(uint8_t *p, int64_t main, int64_t sub)
+{
+	be64_put(p, (uint64_t)main);
+	be64_put(p + 8, (uint64_t)sub);
+}
+
+/* Lexicographic byte comparison, shorter prefix first (Go's bytes.Compare). */
+static inline int storage__bytes_cmp(const void *a, size_t an, const void *b, size_t bn)
+{
+	size_t n = an < bn ? an : bn;
+	int c = n ? memcmp(a, b, n) : 0;
+	if (c)
+		return c;
+	return an < bn ? -1 : an > bn;
+}
+
+/* Translates an LMDB or errno code into a storage code. */
+int storage__mdb_err(int rc);
+
+/* ---- keyindex.c ---- */
+/* Looks up the state of key: 0, STORAGE_ERR_NOT_FOUND, or an error. */
+int storage__ki_get(storage *s, MDB_txn *txn, const uint8_t *key, size_t klen, ki_state *st);
+/* Inserts or replaces the state of key. */
+int storage__ki_set(storage *s, MDB_txn *txn, const uint8_t *key, size_t klen,
+		    const ki_state *st);
+/* Removes key from the index (no error if absent). */
+int storage__ki_del(storage *s, MDB_txn *txn, const uint8_t *key, size_t klen);
+/*
+ * Visits the keys of the index in [key, end) in order (end == NULL: unbounded). The key
+ * pointer is valid during the call only; fn must not write to txn. fn returns 0 to go on,
+ * 1 to stop, or a negative error which is returned.
+ */
+typedef int (*ki_visit_fn)(void *arg, const uint8_t *key, size_t klen, const ki_state *st);
+int storage__ki_range(storage *s, MDB_txn *txn, const uint8_t *key, size_t klen,
+		      const uint8_t *end, size_t endlen, ki_visit_fn fn, void *arg);
+int storage__hist_put(storage *s, MDB_txn *txn, uint64_t id, int64_t main, int64_t sub, int tomb);
+/* The newest revision of key id with main <= rev: 0 or STORAGE_ERR_NOT_FOUND. */
+int storage__hist_at(storage *s, MDB_txn *txn, uint64_t id, int64_t rev, int64_t *main,
+		     int64_t *sub, int *tomb);
+
+/* ---- env.c ---- */
+int storage__meta_get_i64(storage *s, MDB_txn *txn, const char *name, int64_t dflt,
+			  int64_t *out);
+int storage__meta_put_i64(storage *s, MDB_txn *txn, const char *name, int64_t v);
+
+#endif

@@ -1,0 +1,1218 @@
+/*
+ * mvcc.c - etcd's MVCC semantics over the tables of internal.h: Put, DeleteRange, Range,
+ * Txn and Compact, as etcd 3.4/3.5 apply them (server/etcdserver/apply.go and
+ * server/mvcc/kvstore_txn.go).
+ *
+ * Each request of a batch runs in an LMDB child transaction of the batch's transaction, so
+ * a request that fails (a Range at a compacted revision inside a Txn, a full map) leaves no
+ * trace and the batch goes on.
+ */
+#include <stdlib.h>
+
+#include "storage/internal.h"
+
+#define COMPACT_CHUNK 10000 /* revisions examined by storage_batch_compact itself */
+
+/* ---- mvccpb.KeyValue encoding (proto3: zero fields omitted, fields in order) ---- */
+
+static size_t varint_size(uint64_t v)
+{
+	size_t n = 1;
+	while (v >= 0x80) {
+		v >>= 7;
+		n++;
+	}
+	return n;
+}
+
+static uint8_t *varint_put(uint8_t *p, uint64_t v)
+{
+	while (v >= 0x80) {
+		*p++ = (uint8_t)(v | 0x80);
+		v >>= 7;
+	}
+	*p++ = (uint8_t)v;
+	return p;
+}
+
+static int varint_get(const uint8_t **pp, const uint8_t *e, uint64_t *out)
+{
+	const uint8_t *p = *pp;
+	uint64_t v = 0;
+	for (int shift = 0; shift < 64; shift += 7) {
+		if (p >= e)
+			return STORAGE_ERR_CORRUPT;
+		uint8_t c = *p++;
+		v |= (uint64_t)(c & 0x7f) << shift;
+		if (!(c & 0x80)) {
+			*pp = p;
+			*out = v;
+			return 0;
+		}
+	}
+	return STORAGE_ERR_CORRUPT;
+}
+
+typedef struct kvrec {
+	const uint8_t *key;
+	size_t klen;
+	int64_t create, mod, version, lease;
+	const uint8_t *val;
+	size_t vlen;
+} kvrec;
+
+static size_t kv_size(const kvrec *r)
+{
+	size_t n = 0;
+	if (r->klen)
+		n += 1 + varint_size(r->klen) + r->klen;
+	if (r->create)
+		n += 1 + varint_size((uint64_t)r->create);
+	if (r->mod)
+		n += 1 + varint_size((uint64_t)r->mod);
+	if (r->version)
+		n += 1 + varint_size((uint64_t)r->version);
+	if (r->vlen)
+		n += 1 + varint_size(r->vlen) + r->vlen;
+	if (r->lease)
+		n += 1 + varint_size((uint64_t)r->lease);
+	return n;
+}
+
+static uint8_t *kv_encode(uint8_t *p, const kvrec *r)
+{
+	if (r->klen) {
+		*p++ = 0x0a;
+		p = varint_put(p, r->klen);
+		memcpy(p, r->key, r->klen);
+		p += r->klen;
+	}
+	if (r->create) {
+		*p++ = 0x10;
+		p = varint_put(p, (uint64_t)r->create);
+	}
+	if (r->mod) {
+		*p++ = 0x18;
+		p = varint_put(p, (uint64_t)r->mod);
+	}
+	if (r->version) {
+		*p++ = 0x20;
+		p = varint_put(p, (uint64_t)r->version);
+	}
+	if (r->vlen) {
+		*p++ = 0x2a;
+		p = varint_put(p, r->vlen);
+		memcpy(p, r->val, r->vlen);
+		p += r->vlen;
+	}
+	if (r->lease) {
+		*p++ = 0x30;
+		p = varint_put(p, (uint64_t)r->lease);
+	}
+	return p;
+}
+
+/* Decodes a KeyValue; byte fields point into p. */
+static int kv_decode(const uint8_t *p, size_t n, kvrec *r)
+{
+	const uint8_t *e = p + n;
+	memset(r, 0, sizeof(*r));
+	while (p < e) {
+		uint64_t tag, v;
+		int err = varint_get(&p, e, &tag);
+		if (err)
+			return err;
+		switch (tag & 7) {
+		case 0:
+			if ((err = varint_get(&p, e, &v)))
+				return err;
+			switch (tag >> 3) {
+			case 2: r->create = (int64_t)v; break;
+			case 3: r->mod = (int64_t)v; break;
+			case 4: r->version = (int64_t)v; break;
+			case 6: r->lease = (int64_t)v; break;
+			}
+			break;
+		case 2:
+			if ((err = varint_get(&p, e, &v)))
+				return err;
+			if (v > (uint64_t)(e - p))
+				return STORAGE_ERR_CORRUPT;
+			if (tag >> 3 == 1) {
+				r->key = p;
+				r->klen = v;
+			} else if (tag >> 3 == 5) {
+				r->val = p;
+				r->vlen = v;
+			}
+			p += v;
+			break;
+		case 1:
+			if (e - p < 8)
+				return STORAGE_ERR_CORRUPT;
+			p += 8;
+			break;
+		case 5:
+			if (e - p < 4)
+				return STORAGE_ERR_CORRUPT;
+			p += 4;
+			break;
+		default:
+			return STORAGE_ERR_CORRUPT;
+		}
+	}
+	return 0;
+}
+
+/* ---- revision table ---- */
+
+static int rev_write(storage *s, MDB_txn *txn, int64_t main, int64_t sub, uint64_t id, int tomb,
+		     const kvrec *r)
+{
+	uint8_t kb[REV_KEY_SIZE];
+	rev_key(kb, main, sub);
+	MDB_val k = {sizeof(kb), kb}, v = {REV_HDR_SIZE + kv_size(r), NULL};
+	/* Revisions only grow: MDB_APPEND skips the search and fills pages completely. */
+	int rc = mdb_put(txn, s->s_revs, &k, &v, MDB_RESERVE | MDB_APPEND);
+	if (rc)
+		return storage__mdb_err(rc);
+	uint8_t *p = v.mv_data;
+	p[0] = tomb ? REV_FLAG_TOMB : 0;
+	be64_put(p + 1, id);
+	kv_encode(p + REV_HDR_SIZE, r);
+	return 0;
+}
+
+/* Reads the record of revision (main, sub); byte fields point into the map. */
+static int rev_read(storage *s, MDB_txn *txn, int64_t main, int64_t sub, kvrec *r, int *tomb)
+{
+	uint8_t kb[REV_KEY_SIZE];
+	rev_key(kb, main, sub);
+	MDB_val k = {sizeof(kb), kb}, v;
+	int rc = mdb_get(txn, s->s_revs, &k, &v);
+	if (rc)
+		return rc == MDB_NOTFOUND ? STORAGE_ERR_CORRUPT : storage__mdb_err(rc);
+	if (v.mv_size < REV_HDR_SIZE)
+		return STORAGE_ERR_CORRUPT;
+	if (tomb)
+		*tomb = ((uint8_t *)v.mv_data)[0] & REV_FLAG_TOMB;
+	return kv_decode((uint8_t *)v.mv_data + REV_HDR_SIZE, v.mv_size - REV_HDR_SIZE, r);
+}
+
+/* ---- response building ---- */
+
+static Etcdserverpb__ResponseHeader *header_new(storage_arena *a, int64_t rev)
+{
+	Etcdserverpb__ResponseHeader *h = storage_arena_alloc(a, sizeof(*h));
+	if (h) {
+		Etcdserverpb__ResponseHeader init = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+		*h = init;
+		h->revision = rev;
+	}
+	return h;
+}
+
+static int bytes_set(mv *v, storage_arena *a, ProtobufCBinaryData *d, const uint8_t *p, size_t n)
+{
+	d->len = n;
+	d->data = NULL;
+	if (n == 0)
+		return 0;
+	if (!v->v_copy) {
+		d->data = (uint8_t *)p;
+		return 0;
+	}
+	d->data = storage_arena_dup(a, p, n);
+	return d->data ? 0 : STORAGE_ERR_NOMEM;
+}
+
+static Mvccpb__KeyValue *kv_new(mv *v, storage_arena *a, const kvrec *r, int with_value)
+{
+	Mvccpb__KeyValue *kv = storage_arena_alloc(a, sizeof(*kv));
+	if (!kv)
+		return NULL;
+	Mvccpb__KeyValue init = MVCCPB__KEY_VALUE__INIT;
+	*kv = init;
+	kv->create_revision = r->create;
+	kv->mod_revision = r->mod;
+	kv->version = r->version;
+	kv->lease = r->lease;
+	if (bytes_set(v, a, &kv->key, r->key, r->klen))
+		return NULL;
+	if (with_value && bytes_set(v, a, &kv->value, r->val, r->vlen))
+		return NULL;
+	return kv;
+}
+
+/* A growable array of KeyValue pointers in the arena. */
+typedef struct kvarr {
+	Mvccpb__KeyValue **kvs;
+	size_t n, cap;
+} kvarr;
+
+static int kvarr_push(kvarr *x, storage_arena *a, Mvccpb__KeyValue *kv)
+{
+	if (!kv)
+		return STORAGE_ERR_NOMEM;
+	if (x->n == x->cap) {
+		size_t cap = x->cap ? x->cap * 2 : 8;
+		Mvccpb__KeyValue **n = storage_arena_alloc(a, cap * sizeof(*n));
+		if (!n)
+			return STORAGE_ERR_NOMEM;
+		if (x->n)
+			memcpy(n, x->kvs, x->n * sizeof(*n));
+		x->kvs = n;
+		x->cap = cap;
+	}
+	x->kvs[x->n++] = kv;
+	return 0;
+}
+
+/* ---- visiting the keys visible at a revision ---- */
+
+typedef struct vis vis;
+/* Called for each key live at vi_rev, with its state at that revision. */
+typedef int (*vis_fn)(vis *x, const uint8_t *key, size_t klen, const ki_state *st);
+struct vis {
+	mv *vi_v;
+	int64_t vi_rev;
+	vis_fn vi_fn;
+	void *vi_arg;
+};
+
+static int vis_cb(void *arg, const uint8_t *key, size_t klen, const ki_state *st0)
+{
+	vis *x = arg;
+	ki_state st = *st0;
+	if (st.ks_mod_main > x->vi_rev) {
+		/* Changed since: find the key's revision as of vi_rev in its history. */
+		int64_t main, sub;
+		int tomb;
+		storage *s = x->vi_v->v_s;
+		int err = storage__hist_at(s, x->vi_v->v_txn, st.ks_id, x->vi_rev, &main, &sub, &tomb);
+		if (err == STORAGE_ERR_NOT_FOUND || (!err && tomb))
+			return 0;
+		if (err)
+			return err;
+		kvrec r;
+		if ((err = rev_read(s, x->vi_v->v_txn, main, sub, &r, NULL)))
+			return err;
+		st.ks_mod_main = main;
+		st.ks_mod_sub = sub;
+		st.ks_create = r.create;
+		st.ks_version = r.version;
+		st.ks_lease = r.lease;
+	} else if (st.ks_version == 0) {
+		return 0; /* tombstone */
+	}
+	return x->vi_fn(x, key, klen, &st);
+}
+
+/* etcd's mkGteRange: range_end "\0" means no upper bound. */
+static int visit(mv *v, int64_t rev, const ProtobufCBinaryData *key, const ProtobufCBinaryData *end,
+		 vis_fn fn, void *arg)
+{
+	vis x = {v, rev, fn, arg};
+	if (end->len == 0) {
+		ki_state st;
+		int err = storage__ki_get(v->v_s, v->v_txn, key->data, key->len, &st);
+		if (err == STORAGE_ERR_NOT_FOUND)
+			return 0;
+		if (err)
+			return err;
+		err = vis_cb(&x, key->data, key->len, &st);
+		return err > 0 ? 0 : err;
+	}
+	int unbounded = end->len == 1 && end->data[0] == 0;
+	return storage__ki_range(v->v_s, v->v_txn, key->data, key->len, unbounded ? NULL : end->data,
+				 unbounded ? 0 : end->len, vis_cb, &x);
+}
+
+/* ---- Range ---- */
+
+typedef struct range_ctx {
+	storage_arena *a;
+	int64_t count;
+	int64_t fetch;   /* kvs to fetch, 0 = all */
+	int count_only;
+	int values;      /* fetch values */
+	kvarr out;
+} range_ctx;
+
+static int range_fn(vis *x, const uint8_t *key, size_t klen, const ki_state *st)
+{
+	range_ctx *c = x->vi_arg;
+	mv *v = x->vi_v;
+	c->count++;
+	if (c->count_only || (c->fetch && (int64_t)c->out.n >= c->fetch))
+		return 0;
+	kvrec r = {key, klen, st->ks_create, st->ks_mod_main, st->ks_version, st->ks_lease, NULL, 0};
+	if (c->values) {
+		kvrec full;
+		int err = rev_read(v->v_s, v->v_txn, st->ks_mod_main, st->ks_mod_sub, &full, NULL);
+		if (err)
+			return err;
+		r.val = full.val;
+		r.vlen = full.vlen;
+	}
+	return kvarr_push(&c->out, c->a, kv_new(v, c->a, &r, c->values));
+}
+
+typedef struct sorter {
+	int target;
+	int desc;
+} sorter;
+
+static int kv_cmp(const sorter *so, const Mvccpb__KeyValue *a, const Mvccpb__KeyValue *b)
+{
+	int c = 0;
+	switch (so->target) {
+	case ETCDSERVERPB__RANGE_REQUEST__SORT_TARGET__KEY:
+		c = storage__bytes_cmp(a->key.data, a->key.len, b->key.data, b->key.len);
+		break;
+	case ETCDSERVERPB__RANGE_REQUEST__SORT_TARGET__VERSION:
+		c = (a->version > b->version) - (a->version < b->version);
+		break;
+	case ETCDSERVERPB__RANGE_REQUEST__SORT_TARGET__CREATE:
+		c = (a->create_revision > b->create_revision) - (a->create_revision < b->create_revision);
+		break;
+	case ETCDSERVERPB__RANGE_REQUEST__SORT_TARGET__MOD:
+		c = (a->mod_revision > b->mod_revision) - (a->mod_revision < b->mod_revision);
+		break;
+	case ETCDSERVERPB__RANGE_REQUEST__SORT_TARGET__VALUE:
+		c = storage__bytes_cmp(a->value.data, a->value.len, b->value.data, b->value.len);
+		break;
+	}
+	return so->desc ? -c : c;
+}
+
+/*
+ * Stable merge sort: Go's sort.Sort (which etcd uses) is an insertion sort, hence stable,
+ * up to 12 elements; beyond that etcd's order of equal elements is unspecified and a stable
+ * order (by key, the order they were read in) is as good as any.
+ */
+static void merge_sort(const sorter *so, Mvccpb__KeyValue **x, Mvccpb__KeyValue **tmp, size_t n)
+{
+	if (n < 2)
+		return;
+	size_t m = n / 2;
+	merge_sort(so, x, tmp, m);
+	merge_sort(so, x + m, tmp, n - m);
+	size_t i = 0, j = m, k = 0;
+	while (i < m && j < n)
+		tmp[k++] = kv_cmp(so, x[j], x[i]) < 0 ? x[j++] : x[i++];
+	while (i < m)
+		tmp[k++] = x[i++];
+	while (j < n)
+		tmp[k++] = x[j++];
+	memcpy(x, tmp, n * sizeof(*x));
+}
+
+/* Range as etcd's applierV3backend.Range over mvcc rangeKeys. */
+static int do_range(mv *v, const Etcdserverpb__RangeRequest *req, storage_arena *a,
+		    Etcdserverpb__RangeResponse *resp)
+{
+	Etcdserverpb__RangeResponse init = ETCDSERVERPB__RANGE_RESPONSE__INIT;
+	*resp = init;
+	int64_t rev = req->revision;
+	if (rev > v->v_rev)
+		return STORAGE_ERR_FUTURE_REV;
+	if (rev <= 0)
+		rev = v->v_rev;
+	if (rev < v->v_compact)
+		return STORAGE_ERR_COMPACTED;
+
+	int filtered = req->min_mod_revision || req->max_mod_revision || req->min_create_revision ||
+		       req->max_create_revision;
+	int order = req->sort_order;
+	range_ctx c = {0};
+	c.a = a;
+	c.count_only = req->count_only;
+	/* etcd fetches everything when it sorts or filters, else limit (+1 for "more"). */
+	c.fetch = (order != ETCDSERVERPB__RANGE_REQUEST__SORT_ORDER__NONE || filtered) ? 0
+		  : req->limit > 0 ? req->limit + 1 : 0;
+	c.values = !req->keys_only || req->sort_target == ETCDSERVERPB__RANGE_REQUEST__SORT_TARGET__VALUE;
+	int err = visit(v, rev, &req->key, &req->range_end, range_fn, &c);
+	if (err)
+		return err;
+
+	kvarr *o = &c.out;
+	if (filtered) {
+		size_t n = 0;
+		for (size_t i = 0; i < o->n; i++) {
+			Mvccpb__KeyValue *kv = o->kvs[i];
+			if (req->max_mod_revision && kv->mod_revision > req->max_mod_revision)
+				continue;
+			if (req->min_mod_revision && kv->mod_revision < req->min_mod_revision)
+				continue;
+			if (req->max_create_revision && kv->create_revision > req->max_create_revision)
+				continue;
+			if (req->min_create_revision && kv->create_revision < req->min_create_revision)
+				continue;
+			o->kvs[n++] = kv;
+		}
+		o->n = n;
+	}
+	if (req->sort_target != ETCDSERVERPB__RANGE_REQUEST__SORT_TARGET__KEY &&
+	    order == ETCDSERVERPB__RANGE_REQUEST__SORT_ORDER__NONE)
+		order = ETCDSERVERPB__RANGE_REQUEST__SORT_ORDER__ASCEND;
+	/* Keys come in ascending order already. */
+	if (order != ETCDSERVERPB__RANGE_REQUEST__SORT_ORDER__NONE && o->n > 1 &&
+	    !(req->sort_target == ETCDSERVERPB__RANGE_REQUEST__SORT_TARGET__KEY &&
+	      order == ETCDSERVERPB__RANGE_REQUEST__SORT_ORDER__ASCEND)) {
+		if (req->sort_target == ETCDSERVERPB__RANGE_REQUEST__SORT_TARGET__KEY) {
+			for (size_t i = 0; i < o->n / 2; i++) {
+				Mvccpb__KeyValue *t = o->kvs[i];
+				o->kvs[i] = o->kvs[o->n - 1 - i];
+				o->kvs[o->n - 1 - i] = t;
+			}
+		} else {
+			Mvccpb__KeyValue **tmp = storage_arena_alloc(a, o->n * sizeof(*tmp));
+			if (!tmp)
+				return STORAGE_ERR_NOMEM;
+			sorter so = {req->sort_target,
+				     order == ETCDSERVERPB__RANGE_REQUEST__SORT_ORDER__DESCEND};
+			merge_sort(&so, o->kvs, tmp, o->n);
+		}
+	}
+	if (req->limit > 0 && (int64_t)o->n > req->limit) {
+		o->n = (size_t)req->limit;
+		resp->more = 1;
+	}
+	if (req->keys_only) {
+		for (size_t i = 0; i < o->n; i++) {
+			o->kvs[i]->value.data = NULL;
+			o->kvs[i]->value.len = 0;
+		}
+	}
+	resp->header = header_new(a, v->v_rev);
+	if (!resp->header)
+		return STORAGE_ERR_NOMEM;
+	resp->count = c.count;
+	resp->n_kvs = o->n;
+	resp->kvs = o->kvs;
+	return 0;
+}
+
+/* ---- writes ---- */
+
+/* The view of the writer: the current revision includes the current request's writes. */
+static mv batch_view(storage_batch *b, MDB_txn *txn)
+{
+	mv v = {b->b_s, txn, 1, b->b_rev + (b->b_changes > 0), b->b_compact};
+	return v;
+}
+
+/* Reads the live KeyValue of a key into the arena (copied). *found = 0 if not live. */
+static int live_kv(storage_batch *b, MDB_txn *txn, const ProtobufCBinaryData *key,
+		   storage_arena *a, ki_state *st, int *have_entry, Mvccpb__KeyValue **out)
+{
+	*out = NULL;
+	*have_entry = 0;
+	int err = storage__ki_get(b->b_s, txn, key->data, key->len, st);
+	if (err == STORAGE_ERR_NOT_FOUND)
+		return 0;
+	if (err)
+		return err;
+	*have_entry = 1;
+	if (st->ks_version == 0)
+		return 0;
+	kvrec r;
+	if ((err = rev_read(b->b_s, txn, st->ks_mod_main, st->ks_mod_sub, &r, NULL)))
+		return err;
+	mv v = batch_view(b, txn);
+	*out = kv_new(&v, a, &r, 1);
+	return *out ? 0 : STORAGE_ERR_NOMEM;
+}
+
+static int do_put(storage_batch *b, MDB_txn *txn, const Etcdserverpb__PutRequest *req,
+		  storage_arena *a, Etcdserverpb__PutResponse *resp)
+{
+	Etcdserverpb__PutResponse init = ETCDSERVERPB__PUT_RESPONSE__INIT;
+	*resp = init;
+	if (req->key.len == 0)
+		return STORAGE_ERR_INVALID;
+	storage *s = b->b_s;
+	ki_state st;
+	int have_entry, err;
+	Mvccpb__KeyValue *prev = NULL;
+	int want_prev = req->prev_kv || req->ignore_value || req->ignore_lease;
+	if (want_prev) {
+		if ((err = live_kv(b, txn, &req->key, a, &st, &have_entry, &prev)))
+			return err;
+	} else {
+		err = storage__ki_get(s, txn, req->key.data, req->key.len, &st);
+		if (err && err != STORAGE_ERR_NOT_FOUND)
+			return err;
+		have_entry = err == 0;
+	}
+	int live = have_entry && st.ks_version > 0;
+	if ((req->ignore_value || req->ignore_lease) && !live)
+		return STORAGE_ERR_KEY_NOT_FOUND;
+
+	int64_t main = b->b_rev + 1, sub = b->b_changes;
+	ki_state ns;
+	ns.ks_id = have_entry ? st.ks_id : (uint64_t)b->b_next_id++;
+	ns.ks_mod_main = main;
+	ns.ks_mod_sub = sub;
+	ns.ks_create = live ? st.ks_create : main;
+	ns.ks_version = live ? st.ks_version + 1 : 1;
+	ns.ks_lease = req->ignore_lease ? prev->lease : req->lease;
+	kvrec r = {req->key.data, req->key.len, ns.ks_create, main, ns.ks_version, ns.ks_lease,
+		   req->value.data, req->value.len};
+	if (req->ignore_value) {
+		r.val = prev->value.data;
+		r.vlen = prev->value.len;
+	}
+	if ((err = rev_write(s, txn, main, sub, ns.ks_id, 0, &r)))
+		return err;
+	if ((err = storage__hist_put(s, txn, ns.ks_id, main, sub, 0)))
+		return err;
+	if ((err = storage__ki_set(s, txn, req->key.data, req->key.len, &ns)))
+		return err;
+	b->b_changes++;
+	resp->header = header_new(a, main);
+	if (!resp->header)
+		return STORAGE_ERR_NOMEM;
+	if (req->prev_kv)
+		resp->prev_kv = prev;
+	return 0;
+}
+
+typedef struct del_item {
+	const uint8_t *key;
+	size_t klen;
+	ki_state st;
+} del_item;
+
+typedef struct del_ctx {
+	storage_arena *a;
+	del_item *items;
+	size_t n, cap;
+} del_ctx;
+
+static int del_fn(vis *x, const uint8_t *key, size_t klen, const ki_state *st)
+{
+	del_ctx *c = x->vi_arg;
+	if (c->n == c->cap) {
+		size_t cap = c->cap ? c->cap * 2 : 16;
+		del_item *n = storage_arena_alloc(c->a, cap * sizeof(*n));
+		if (!n)
+			return STORAGE_ERR_NOMEM;
+		if (c->n)
+			memcpy(n, c->items, c->n * sizeof(*n));
+		c->items = n;
+		c->cap = cap;
+	}
+	del_item *it = &c->items[c->n];
+	it->key = storage_arena_dup(c->a, key, klen);
+	if (!it->key)
+		return STORAGE_ERR_NOMEM;
+	it->klen = klen;
+	it->st = *st;
+	c->n++;
+	return 0;
+}
+
+static int do_delete(storage_batch *b, MDB_txn *txn, const Etcdserverpb__DeleteRangeRequest *req,
+		     storage_arena *a, Etcdserverpb__DeleteRangeResponse *resp)
+{
+	Etcdserverpb__DeleteRangeResponse init = ETCDSERVERPB__DELETE_RANGE_RESPONSE__INIT;
+	*resp = init;
+	storage *s = b->b_s;
+	mv v = batch_view(b, txn);
+	del_ctx c = {a, NULL, 0, 0};
+	/* Collect first: the index cannot be written while a cursor walks it. */
+	int err = visit(&v, v.v_rev, &req->key, &req->range_end, del_fn, &c);
+	if (err)
+		return err;
+	if (req->prev_kv && c.n) {
+		resp->prev_kvs = storage_arena_alloc(a, c.n * sizeof(*resp->prev_kvs));
+		if (!resp->prev_kvs)
+			return STORAGE_ERR_NOMEM;
+		for (size_t i = 0; i < c.n; i++) {
+			kvrec r;
+			del_item *it = &c.items[i];
+			if ((err = rev_read(s, txn, it->st.ks_mod_main, it->st.ks_mod_sub, &r, NULL)))
+				return err;
+			if (!(resp->prev_kvs[i] = kv_new(&v, a, &r, 1)))
+				return STORAGE_ERR_NOMEM;
+		}
+		resp->n_prev_kvs = c.n;
+	}
+	int64_t main = b->b_rev + 1;
+	for (size_t i = 0; i < c.n; i++) {
+		del_item *it = &c.items[i];
+		int64_t sub = b->b_changes;
+		kvrec r = {it->key, it->klen, 0, main, 0, 0, NULL, 0};
+		ki_state ns = {it->st.ks_id, main, sub, 0, 0, 0};
+		if ((err = rev_write(s, txn, main, sub, ns.ks_id, 1, &r)))
+			return err;
+		if ((err = storage__hist_put(s, txn, ns.ks_id, main, sub, 1)))
+			return err;
+		if ((err = storage__ki_set(s, txn, it->key, it->klen, &ns)))
+			return err;
+		b->b_changes++;
+	}
+	resp->deleted = (int64_t)c.n;
+	resp->header = header_new(a, b->b_rev + (b->b_changes > 0));
+	return resp->header ? 0 : STORAGE_ERR_NOMEM;
+}
+
+/* ---- Txn ---- */
+
+typedef struct cmp_ctx {
+	const Etcdserverpb__Compare *c;
+	int ok;
+	int any;
+} cmp_ctx;
+
+/* etcd's compareKV. */
+static int compare_kv(const Etcdserverpb__Compare *c, const kvrec *r)
+{
+	int res = 0;
+	int64_t want = 0;
+	switch (c->target) {
+	case ETCDSERVERPB__COMPARE__COMPARE_TARGET__VALUE: {
+		const uint8_t *p = NULL;
+		size_t n = 0;
+		if (c->target_union_case == ETCDSERVERPB__COMPARE__TARGET_UNION_VALUE) {
+			p = c->value.data;
+			n = c->value.len;
+		}
+		res = storage__bytes_cmp(r->val, r->vlen, p, n);
+		break;
+	}
+	case ETCDSERVERPB__COMPARE__COMPARE_TARGET__CREATE:
+		if (c->target_union_case == ETCDSERVERPB__COMPARE__TARGET_UNION_CREATE_REVISION)
+			want = c->create_revision;
+		res = (r->create > want) - (r->create < want);
+		break;
+	case ETCDSERVERPB__COMPARE__COMPARE_TARGET__MOD:
+		if (c->target_union_case == ETCDSERVERPB__COMPARE__TARGET_UNION_MOD_REVISION)
+			want = c->mod_revision;
+		res = (r->mod > want) - (r->mod < want);
+		break;
+	case ETCDSERVERPB__COMPARE__COMPARE_TARGET__VERSION:
+		if (c->target_union_case == ETCDSERVERPB__COMPARE__TARGET_UNION_VERSION)
+			want = c->version;
+		res = (r->version > want) - (r->version < want);
+		break;
+	case ETCDSERVERPB__COMPARE__COMPARE_TARGET__LEASE:
+		if (c->target_union_case == ETCDSERVERPB__COMPARE__TARGET_UNION_LEASE)
+			want = c->lease;
+		res = (r->lease > want) - (r->lease < want);
+		break;
+	default:
+		break;
+	}
+	switch (c->result) {
+	case ETCDSERVERPB__COMPARE__COMPARE_RESULT__EQUAL:
+		return res == 0;
+	case ETCDSERVERPB__COMPARE__COMPARE_RESULT__NOT_EQUAL:
+		return res != 0;
+	case ETCDSERVERPB__COMPARE__COMPARE_RESULT__GREATER:
+		return res > 0;
+	case ETCDSERVERPB__COMPARE__COMPARE_RESULT__LESS:
+		return res < 0;
+	default:
+		return 1;
+	}
+}
+
+static int cmp_fn(vis *x, const uint8_t *key, size_t klen, const ki_state *st)
+{
+	cmp_ctx *c = x->vi_arg;
+	kvrec r = {key, klen, st->ks_create, st->ks_mod_main, st->ks_version, st->ks_lease, NULL, 0};
+	c->any = 1;
+	if (c->c->target == ETCDSERVERPB__COMPARE__COMPARE_TARGET__VALUE) {
+		kvrec full;
+		int err = rev_read(x->vi_v->v_s, x->vi_v->v_txn, st->ks_mod_main, st->ks_mod_sub,
+				   &full, NULL);
+		if (err)
+			return err;
+		r.val = full.val;
+		r.vlen = full.vlen;
+	}
+	if (!compare_kv(c->c, &r)) {
+		c->ok = 0;
+		return 1;
+	}
+	return 0;
+}
+
+/* etcd's applyCompare: every key in the range must satisfy it; no key compares as zero. */
+static int compare_eval(mv *v, const Etcdserverpb__Compare *c, int *ok)
+{
+	cmp_ctx cc = {c, 1, 0};
+	int err = visit(v, v->v_rev, &c->key, &c->range_end, cmp_fn, &cc);
+	if (err)
+		return err;
+	if (!cc.any) {
+		kvrec zero = {0};
+		*ok = c->target != ETCDSERVERPB__COMPARE__COMPARE_TARGET__VALUE && compare_kv(c, &zero);
+	} else {
+		*ok = cc.ok;
+	}
+	return 0;
+}
+
+typedef struct path {
+	uint8_t *p;
+	size_t n, cap;
+} path;
+
+/* etcd's compareToPath: every compare, nested ones included, sees the state before the txn. */
+static int txn_path(mv *v, const Etcdserverpb__TxnRequest *t, storage_arena *a, path *p)
+{
+	int ok = 1, err;
+	for (size_t i = 0; i < t->n_compare && ok; i++)
+		if ((err = compare_eval(v, t->compare[i], &ok)))
+			return err;
+	if (p->n == p->cap) {
+		size_t cap = p->cap ? p->cap * 2 : 16;
+		uint8_t *n = storage_arena_alloc(a, cap);
+		if (!n)
+			return STORAGE_ERR_NOMEM;
+		if (p->n)
+			memcpy(n, p->p, p->n);
+		p->p = n;
+		p->cap = cap;
+	}
+	p->p[p->n++] = (uint8_t)ok;
+	size_t nops = ok ? t->n_success : t->n_failure;
+	Etcdserverpb__RequestOp **ops = ok ? t->success : t->failure;
+	for (size_t i = 0; i < nops; i++)
+		if (ops[i]->request_case == ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_TXN &&
+		    ops[i]->request_txn && (err = txn_path(v, ops[i]->request_txn, a, p)))
+			return err;
+	return 0;
+}
+
+/* etcd's checkRequests with checkPut (puts != 0) or checkRange, along the chosen path. */
+static int txn_check(mv *v, const Etcdserverpb__TxnRequest *t, const path *p, size_t *idx, int puts)
+{
+	int ok = p->p[(*idx)++];
+	size_t nops = ok ? t->n_success : t->n_failure;
+	Etcdserverpb__RequestOp **ops = ok ? t->success : t->failure;
+	int err;
+	for (size_t i = 0; i < nops; i++) {
+		const Etcdserverpb__RequestOp *op = ops[i];
+		switch (op->request_case) {
+		case ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_PUT: {
+			const Etcdserverpb__PutRequest *r = op->request_put;
+			if (!puts || !r || !(r->ignore_value || r->ignore_lease))
+				break;
+			ki_state st;
+			err = storage__ki_get(v->v_s, v->v_txn, r->key.data, r->key.len, &st);
+			if (err == STORAGE_ERR_NOT_FOUND || (!err && st.ks_version == 0))
+				return STORAGE_ERR_KEY_NOT_FOUND;
+			if (err)
+				return err;
+			break;
+		}
+		case ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_RANGE: {
+			const Etcdserverpb__RangeRequest *r = op->request_range;
+			if (puts || !r || r->revision == 0)
+				break;
+			if (r->revision > v->v_rev)
+				return STORAGE_ERR_FUTURE_REV;
+			if (r->revision < v->v_compact)
+				return STORAGE_ERR_COMPACTED;
+			break;
+		}
+		case ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_TXN:
+			if (op->request_txn && (err = txn_check(v, op->request_txn, p, idx, puts)))
+				return err;
+			break;
+		default:
+			break;
+		}
+	}
+	return 0;
+}
+
+static int txn_readonly(const Etcdserverpb__TxnRequest *t)
+{
+	for (size_t i = 0; i < t->n_success; i++)
+		if (t->success[i]->request_case != ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_RANGE)
+			return 0;
+	for (size_t i = 0; i < t->n_failure; i++)
+		if (t->failure[i]->request_case != ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_RANGE)
+			return 0;
+	return 1;
+}
+
+/* Applies the chosen branch. b == NULL: read-only, through view ro. */
+static int txn_apply(storage_batch *b, MDB_txn *txn, mv *ro, const Etcdserverpb__TxnRequest *t,
+		     const path *p, size_t *idx, storage_arena *a, Etcdserverpb__TxnResponse *resp)
+{
+	Etcdserverpb__TxnResponse init = ETCDSERVERPB__TXN_RESPONSE__INIT;
+	*resp = init;
+	int ok = p->p[(*idx)++];
+	size_t nops = ok ? t->n_success : t->n_failure;
+	Etcdserverpb__RequestOp **ops = ok ? t->success : t->failure;
+	resp->succeeded = ok;
+	/* etcd gives a nested txn an empty header; the caller sets the top one's revision. */
+	if (!(resp->header = header_new(a, 0)))
+		return STORAGE_ERR_NOMEM;
+	if (nops && !(resp->responses = storage_arena_alloc(a, nops * sizeof(*resp->responses))))
+		return STORAGE_ERR_NOMEM;
+	resp->n_responses = nops;
+	int err = 0;
+	for (size_t i = 0; i < nops; i++) {
+		const Etcdserverpb__RequestOp *op = ops[i];
+		Etcdserverpb__ResponseOp *ro_ = storage_arena_alloc(a, sizeof(*ro_));
+		if (!ro_)
+			return STORAGE_ERR_NOMEM;
+		Etcdserverpb__ResponseOp rinit = ETCDSERVERPB__RESPONSE_OP__INIT;
+		*ro_ = rinit;
+		resp->responses[i] = ro_;
+		switch (op->request_case) {
+		case ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_RANGE: {
+			Etcdserverpb__RangeResponse *r = storage_arena_alloc(a, sizeof(*r));
+			if (!r)
+				return STORAGE_ERR_NOMEM;
+			mv v = b ? batch_view(b, txn) : *ro;
+			err = do_range(&v, op->request_range, a, r);
+			ro_->response_case = ETCDSERVERPB__RESPONSE_OP__RESPONSE_RESPONSE_RANGE;
+			ro_->response_range = r;
+			break;
+		}
+		case ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_PUT: {
+			Etcdserverpb__PutResponse *r = storage_arena_alloc(a, sizeof(*r));
+			if (!r)
+				return STORAGE_ERR_NOMEM;
+			err = b ? do_put(b, txn, op->request_put, a, r) : STORAGE_ERR_INVALID;
+			ro_->response_case = ETCDSERVERPB__RESPONSE_OP__RESPONSE_RESPONSE_PUT;
+			ro_->response_put = r;
+			break;
+		}
+		case ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_DELETE_RANGE: {
+			Etcdserverpb__DeleteRangeResponse *r = storage_arena_alloc(a, sizeof(*r));
+			if (!r)
+				return STORAGE_ERR_NOMEM;
+			err = b ? do_delete(b, txn, op->request_delete_range, a, r) : STORAGE_ERR_INVALID;
+			ro_->response_case = ETCDSERVERPB__RESPONSE_OP__RESPONSE_RESPONSE_DELETE_RANGE;
+			ro_->response_delete_range = r;
+			break;
+		}
+		case ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_TXN: {
+			Etcdserverpb__TxnResponse *r = storage_arena_alloc(a, sizeof(*r));
+			if (!r)
+				return STORAGE_ERR_NOMEM;
+			err = b ? txn_apply(b, txn, ro, op->request_txn, p, idx, a, r) : STORAGE_ERR_INVALID;
+			ro_->response_case = ETCDSERVERPB__RESPONSE_OP__RESPONSE_RESPONSE_TXN;
+			ro_->response_txn = r;
+			break;
+		}
+		default:
+			/* An op with nothing set: etcd leaves an empty ResponseOp. */
+			break;
+		}
+		if (err)
+			return err;
+	}
+	return 0;
+}
+
+static int validate_ops(const Etcdserverpb__TxnRequest *t)
+{
+	for (int br = 0; br < 2; br++) {
+		size_t n = br ? t->n_failure : t->n_success;
+		Etcdserverpb__RequestOp **ops = br ? t->failure : t->success;
+		for (size_t i = 0; i < n; i++) {
+			const Etcdserverpb__RequestOp *op = ops[i];
+			if (op->request_case == ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_TXN &&
+			    op->request_txn && validate_ops(op->request_txn))
+				return STORAGE_ERR_INVALID;
+			/* protobuf-c gives a set oneof a non-NULL message */
+			if (op->request_case != ETCDSERVERPB__REQUEST_OP__REQUEST__NOT_SET &&
+			    !op->request_range)
+				return STORAGE_ERR_INVALID;
+		}
+	}
+	return 0;
+}
+
+/* ---- requests inside a batch: one child txn each ---- */
+
+typedef struct saved {
+	int64_t compact, cnext_main, cnext_sub, cpending, next_id;
+} saved;
+
+static int req_begin(storage_batch *b, MDB_txn **child, saved *sv)
+{
+	b->b_changes = 0;
+	sv->compact = b->b_compact;
+	sv->cnext_main = b->b_cnext_main;
+	sv->cnext_sub = b->b_cnext_sub;
+	sv->cpending = b->b_cpending;
+	sv->next_id = b->b_next_id;
+	return storage__mdb_err(mdb_txn_begin(b->b_s->s_env, b->b_txn, 0, child));
+}
+
+static int req_end(storage_batch *b, MDB_txn *child, const saved *sv, int err)
+{
+	if (!err)
+		err = storage__mdb_err(mdb_txn_commit(child));
+	else
+		mdb_txn_abort(child);
+	if (err) {
+		b->b_compact = sv->compact;
+		b->b_cnext_main = sv->cnext_main;
+		b->b_cnext_sub = sv->cnext_sub;
+		b->b_cpending = sv->cpending;
+		b->b_next_id = sv->next_id;
+	} else if (b->b_changes) {
+		b->b_rev++;
+	}
+	b->b_changes = 0;
+	return err;
+}
+
+int storage_batch_put(storage_batch *b, const Etcdserverpb__PutRequest *req, storage_arena *a,
+		      Etcdserverpb__PutResponse *resp)
+{
+	MDB_txn *txn;
+	saved sv;
+	int err = req_begin(b, &txn, &sv);
+	if (err)
+		return err;
+	return req_end(b, txn, &sv, do_put(b, txn, req, a, resp));
+}
+
+int storage_batch_delete_range(storage_batch *b, const Etcdserverpb__DeleteRangeRequest *req,
+			       storage_arena *a, Etcdserverpb__DeleteRangeResponse *resp)
+{
+	MDB_txn *txn;
+	saved sv;
+	int err = req_begin(b, &txn, &sv);
+	if (err)
+		return err;
+	return req_end(b, txn, &sv, do_delete(b, txn, req, a, resp));
+}
+
+int storage_batch_range(storage_batch *b, const Etcdserverpb__RangeRequest *req, storage_arena *a,
+			Etcdserverpb__RangeResponse *resp)
+{
+	b->b_changes = 0;
+	mv v = batch_view(b, b->b_txn);
+	return do_range(&v, req, a, resp);
+}
+
+static int txn_run(storage_batch *b, MDB_txn *txn, const Etcdserverpb__TxnRequest *req,
+		   storage_arena *a, Etcdserverpb__TxnResponse *resp)
+{
+	mv v = batch_view(b, txn);
+	path p = {0};
+	size_t idx;
+	int err = validate_ops(req);
+	if (!err)
+		err = txn_path(&v, req, a, &p);
+	if (!err && !txn_readonly(req)) {
+		idx = 0;
+		err = txn_check(&v, req, &p, &idx, 1);
+	}
+	if (!err) {
+		idx = 0;
+		err = txn_check(&v, req, &p, &idx, 0);
+	}
+	if (!err) {
+		idx = 0;
+		err = txn_apply(b, txn, NULL, req, &p, &idx, a, resp);
+	}
+	if (!err)
+		resp->header->revision = b->b_rev + (b->b_changes > 0);
+	return err;
+}
+
+int storage_batch_txn(storage_batch *b, const Etcdserverpb__TxnRequest *req, storage_arena *a,
+		      Etcdserverpb__TxnResponse *resp)
+{
+	MDB_txn *txn;
+	saved sv;
+	int err = req_begin(b, &txn, &sv);
+	if (err)
+		return err;
+	return req_end(b, txn, &sv, txn_run(b, txn, req, a, resp));
+}
+
+/* ---- reads ---- */
+
+static mv reader_view(storage_reader *r)
+{
+	mv v = {r->r_s, r->r_txn, 0, r->r_rev, r->r_compact};
+	return v;
+}
+
+int storage_range(storage_reader *r, const Etcdserverpb__RangeRequest *req, storage_arena *a,
+		  Etcdserverpb__RangeResponse *resp)
+{
+	mv v = reader_view(r);
+	return do_range(&v, req, a, resp);
+}
+
+int storage_read_txn(storage_reader *r, const Etcdserverpb__TxnRequest *req, storage_arena *a,
+		     Etcdserverpb__TxnResponse *resp)
+{
+	if (!txn_readonly(req) || validate_ops(req))
+		return STORAGE_ERR_INVALID;
+	mv v = reader_view(r);
+	path p = {0};
+	size_t idx = 0;
+	int err = txn_path(&v, req, a, &p);
+	if (!err)
+		err = txn_check(&v, req, &p, &idx, 0);
+	if (!err) {
+		idx = 0;
+		err = txn_apply(NULL, NULL, &v, req, &p, &idx, a, resp);
+	}
+	if (!err)
+		resp->header->revision = v.v_rev;
+	return err;
+}
+
+/* ---- Compact ---- */
+
+/*
+ * Examines up to max revisions from the compaction cursor. A revision at or below the
+ * compacted revision is superseded when it is a tombstone (the key did not exist then) or
+ * when a later revision of its key is also at or below it; etcd keeps the others.
+ */
+static int compact_step(storage_batch *b, MDB_txn *txn, size_t max, int *done)
+{
+	storage *s = b->b_s;
+	MDB_cursor *rc_ = NULL, *hc = NULL;
+	int err = storage__mdb_err(mdb_cursor_open(txn, s->s_revs, &rc_));
+	if (!err)
+		err = storage__mdb_err(mdb_cursor_open(txn, s->s_hist, &hc));
+	*done = 0;
+	for (size_t i = 0; !err && i < max; i++) {
+		uint8_t kb[REV_KEY_SIZE], hb[HIST_KEY_SIZE];
+		rev_key(kb, b->b_cnext_main, b->b_cnext_sub);
+		MDB_val k = {sizeof(kb), kb}, v;
+		int rc = mdb_cursor_get(rc_, &k, &v, MDB_SET_RANGE);
+		int64_t main = rc == 0 ? (int64_t)be64_get(k.mv_data) : 0;
+		if (rc == MDB_NOTFOUND || (rc == 0 && main > b->b_compact)) {
+			b->b_cpending = 0;
+			*done = 1;
+			break;
+		}
+		if (rc) {
+			err = storage__mdb_err(rc);
+			break;
+		}
+		if (k.mv_size != REV_KEY_SIZE || v.mv_size < REV_HDR_SIZE) {
+			err = STORAGE_ERR_CORRUPT;
+			break;
+		}
+		int64_t sub = (int64_t)be64_get((uint8_t *)k.mv_data + 8);
+		const uint8_t *val = v.mv_data;
+		int tomb = val[0] & REV_FLAG_TOMB;
+		uint64_t id = be64_get(val + 1);
+		b->b_cnext_main = main;
+		b->b_cnext_sub = sub + 1;
+
+		int superseded = tomb;
+		if (!superseded) {
+			be64_put(hb, id);
+			be64_put(hb + 8, (uint64_t)main);
+			be64_put(hb + 16, (uint64_t)sub + 1);
+			MDB_val hk = {sizeof(hb), hb}, hv;
+			rc = mdb_cursor_get(hc, &hk, &hv, MDB_SET_RANGE);
+			if (rc && rc != MDB_NOTFOUND) {
+				err = storage__mdb_err(rc);
+				break;
+			}
+			superseded = rc == 0 && be64_get(hk.mv_data) == id &&
+				     (int64_t)be64_get((uint8_t *)hk.mv_data + 8) <= b->b_compact;
+		}
+		if (!superseded)
+			continue;
+		/* Keep the key of a tombstone: it may have to leave the index. */
+		kvrec r = {0};
+		uint8_t *keycopy = NULL;
+		if (tomb) {
+			if ((err = kv_decode(val + REV_HDR_SIZE, v.mv_size - REV_HDR_SIZE, &r)))
+				break;
+			keycopy = malloc(r.klen ? r.klen : 1);
+			if (!keycopy) {
+				err = STORAGE_ERR_NOMEM;
+				break;
+			}
+			memcpy(keycopy, r.key, r.klen);
+		}
+		if ((rc = mdb_cursor_del(rc_, 0)) == 0) {
+			be64_put(hb, id);
+			be64_put(hb + 8, (uint64_t)main);
+			be64_put(hb + 16, (uint64_t)sub);
+			MDB_val hk = {sizeof(hb), hb};
+			rc = mdb_del(txn, s->s_hist, &hk, NULL);
+		}
+		if (rc == 0 && tomb) {
+			/* Scanning in revision order, every earlier revision of the key is gone by
+			 * now; if no later one exists either, the key leaves the index. */
+			be64_put(hb, id);
+			be64_put(hb + 8, 0);
+			be64_put(hb + 16, 0);
+			MDB_val hk = {sizeof(hb), hb}, hv;
+			rc = mdb_cursor_get(hc, &hk, &hv, MDB_SET_RANGE);
+			if (rc == MDB_NOTFOUND || (rc == 0 && be64_get(hk.mv_data) != id))
+				err = storage__ki_del(s, txn, keycopy, r.klen);
+			else if (rc)
+				err = storage__mdb_err(rc);
+			rc = 0;
+		}
+		free(keycopy);
+		if (!err && rc)
+			err = storage__mdb_err(rc);
+	}
+	if (hc)
+		mdb_cursor_close(hc);
+	if (rc_)
+		mdb_cursor_close(rc_);
+	return err;
+}
+
+int storage_batch_compact(storage_batch *b, const Etcdserverpb__CompactionRequest *req,
+			  storage_arena *a, Etcdserverpb__CompactionResponse *resp)
+{
+	Etcdserverpb__CompactionResponse init = ETCDSERVERPB__COMPACTION_RESPONSE__INIT;
+	*resp = init;
+	if (req->revision <= b->b_compact)
+		return STORAGE_ERR_COMPACTED;
+	if (req->revision > b->b_rev)
+		return STORAGE_ERR_FUTURE_REV;
+	MDB_txn *txn;
+	saved sv;
+	int err = req_begin(b, &txn, &sv);
+	if (err)
+		return err;
+	/* Every compaction rescans from the start: revisions an earlier one kept (the latest
+	 * of their key then) may be superseded now. What is left there is one per key. */
+	b->b_compact = req->revision;
+	b->b_cnext_main = 0;
+	b->b_cnext_sub = 0;
+	b->b_cpending = 1;
+	int done;
+	err = compact_step(b, txn, COMPACT_CHUNK, &done);
+	if (!err && !(resp->header = header_new(a, b->b_rev)))
+		err = STORAGE_ERR_NOMEM;
+	return req_end(b, txn, &sv, err);
+}
+
+int storage_batch_compact_continue(storage_batch *b, size_t max_revisions, int *done)
+{
+	if (!b->b_cpending) {
+		*done = 1;
+		return 0;
+	}
+	MDB_txn *txn;
+	saved sv;
+	int err = req_begin(b, &txn, &sv);
+	if (err)
+		return err;
+	err = compact_step(b, txn, max_revisions, done);
+	return req_end(b, txn, &sv, err);
+}

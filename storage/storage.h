@@ -1,0 +1,156 @@
+/*
+ * storage.h - everything a Keelson member keeps on disk, in one LMDB environment.
+ *
+ * The MVCC keyspace follows etcd: every write advances the store's main revision; each key
+ * has create_revision, mod_revision and version; a delete writes a tombstone. Ranges can be
+ * read at any revision newer than the compacted one.
+ *
+ * Threads: one writer (the node loop) applies batches through storage_batch; any number of
+ * readers, each a storage_reader used by one thread at a time (LMDB MDB_NOTLS read txns),
+ * may run at once on other threads and never block the writer.
+ *
+ * Messages are protobuf-c structs from api/proto. Everything a call puts into a response is
+ * allocated from the caller's storage_arena; byte fields of responses produced by a reader
+ * may point straight into LMDB's map and are valid until storage_read_end().
+ */
+#ifndef KEELSON_STORAGE_H
+#define KEELSON_STORAGE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "api/proto/rpc.pb-c.h"
+
+/* Error codes: 0 is success, storage owns -1000..-1099. */
+enum {
+	STORAGE_OK = 0,
+	STORAGE_ERR_COMPACTED = -1000, /* "mvcc: required revision has been compacted" */
+	STORAGE_ERR_FUTURE_REV = -1001, /* "mvcc: required revision is a future revision" */
+	STORAGE_ERR_INVALID = -1002,    /* a request storage cannot apply (bad argument) */
+	STORAGE_ERR_NOSPACE = -1003,    /* the LMDB map is full */
+	STORAGE_ERR_IO = -1004,         /* a read or write to disk failed */
+	STORAGE_ERR_CORRUPT = -1005,    /* on-disk data fails a check */
+	STORAGE_ERR_NOMEM = -1006,
+	STORAGE_ERR_NOT_FOUND = -1007,  /* a meta key that was never written */
+	STORAGE_ERR_BUSY = -1008,       /* the data dir is in use by another process */
+	STORAGE_ERR_KEY_NOT_FOUND = -1009, /* "etcdserver: key not found" (ignore_value/ignore_lease
+					    * on a key that does not exist) */
+};
+
+/* Human-readable text for a storage error code; never NULL. */
+const char *storage_strerror(int err);
+
+/*
+ * storage_arena: a bump allocator whose memory is released all at once.
+ * The struct may live on the stack; zero-initialise it or call storage_arena_init().
+ */
+typedef struct storage_arena_chunk storage_arena_chunk;
+typedef struct storage_arena {
+	storage_arena_chunk *sa_head; /* newest chunk first */
+	size_t sa_used;               /* bytes used in sa_head */
+	size_t sa_cap;                /* capacity of sa_head */
+} storage_arena;
+
+void storage_arena_init(storage_arena *a);
+/* Returns 16-byte aligned memory owned by the arena, or NULL when out of memory. */
+void *storage_arena_alloc(storage_arena *a, size_t n);
+/* Copies n bytes into the arena. */
+void *storage_arena_dup(storage_arena *a, const void *p, size_t n);
+/* Releases every allocation; the arena may be reused afterwards. */
+void storage_arena_free(storage_arena *a);
+
+typedef struct storage storage;
+typedef struct storage_batch storage_batch;
+typedef struct storage_reader storage_reader;
+
+typedef struct storage_options {
+	uint64_t so_map_size; /* LMDB map size in bytes; 0 picks the default (8 GiB) */
+} storage_options;
+
+/*
+ * Opens (creating if needed) the environment in directory dir (created with mode 0700 if
+ * missing). On success *out owns the environment until storage_close().
+ * Errors: STORAGE_ERR_IO, STORAGE_ERR_BUSY, STORAGE_ERR_CORRUPT, STORAGE_ERR_NOMEM.
+ */
+int storage_open(const char *dir, const storage_options *opts, storage **out);
+/* Closes the environment. All batches and readers must have ended. */
+void storage_close(storage *s);
+
+/* ---- Writes: one batch is one LMDB write transaction and one fsync. ---- */
+
+/* Starts a batch. Only one batch may be open at a time (the caller is the only writer). */
+int storage_batch_begin(storage *s, storage_batch **out);
+
+/*
+ * Applies one request inside the batch as etcd would. A request that writes advances the
+ * revision by one (a Txn's writes all share that revision, with sub-revisions in order).
+ * A request that fails leaves the batch as if it had not been applied (nested txn) and
+ * the batch stays usable. resp is filled from arena a, header included (header->revision
+ * is the store revision after the request; the caller fills cluster/member id and term).
+ * Errors: STORAGE_ERR_COMPACTED / STORAGE_ERR_FUTURE_REV (Range at such a revision,
+ * also inside a Txn), STORAGE_ERR_INVALID, STORAGE_ERR_NOSPACE, STORAGE_ERR_IO.
+ */
+int storage_batch_put(storage_batch *b, const Etcdserverpb__PutRequest *req, storage_arena *a,
+		      Etcdserverpb__PutResponse *resp);
+int storage_batch_delete_range(storage_batch *b, const Etcdserverpb__DeleteRangeRequest *req,
+			       storage_arena *a, Etcdserverpb__DeleteRangeResponse *resp);
+int storage_batch_txn(storage_batch *b, const Etcdserverpb__TxnRequest *req, storage_arena *a,
+		      Etcdserverpb__TxnResponse *resp);
+/* A Range seen by the writer (for linearizable reads ordered with writes). */
+int storage_batch_range(storage_batch *b, const Etcdserverpb__RangeRequest *req, storage_arena *a,
+			Etcdserverpb__RangeResponse *resp);
+/*
+ * Records req->revision as the compacted revision (errors as etcd: compacting at or below
+ * the current compacted revision is STORAGE_ERR_COMPACTED, beyond the current revision
+ * STORAGE_ERR_FUTURE_REV) and removes superseded revisions up to a bounded amount of
+ * work; the rest is removed by storage_compact_continue() in later batches.
+ */
+int storage_batch_compact(storage_batch *b, const Etcdserverpb__CompactionRequest *req,
+			  storage_arena *a, Etcdserverpb__CompactionResponse *resp);
+/*
+ * Removes up to max_revisions superseded revisions left by earlier compactions.
+ * *done is set to 1 when nothing is left to remove.
+ */
+int storage_batch_compact_continue(storage_batch *b, size_t max_revisions, int *done);
+
+/* Small persistent facts of the member (cluster id, member id, ...), binary-safe. */
+int storage_batch_meta_put(storage_batch *b, const char *name, const void *val, size_t len);
+
+/*
+ * Commits the batch durably (fsync) and ends it, recording applied_index in the same
+ * transaction so that a crash never applies an entry twice or loses one.
+ * On error the batch is aborted and nothing of it is on disk.
+ */
+int storage_batch_commit(storage_batch *b, uint64_t applied_index);
+/* Discards the batch. */
+void storage_batch_abort(storage_batch *b);
+
+/* ---- Reads: LMDB read transactions, any thread. ---- */
+
+int storage_read_begin(storage *s, storage_reader **out);
+/* Range as etcd serves it (limit, count, more, sort, filters, keys_only, count_only). */
+int storage_range(storage_reader *r, const Etcdserverpb__RangeRequest *req, storage_arena *a,
+		  Etcdserverpb__RangeResponse *resp);
+/*
+ * A Txn whose every branch op is a Range (compares evaluated, success or failure taken);
+ * STORAGE_ERR_INVALID if any op in the chosen or untaken branch writes.
+ */
+int storage_read_txn(storage_reader *r, const Etcdserverpb__TxnRequest *req, storage_arena *a,
+		     Etcdserverpb__TxnResponse *resp);
+/* Reads a meta value into the arena. STORAGE_ERR_NOT_FOUND if never written. */
+int storage_read_meta(storage_reader *r, const char *name, storage_arena *a, void **val,
+		      size_t *len);
+/* Ends the read transaction; byte fields pointing into the map become invalid. */
+void storage_read_end(storage_reader *r);
+
+typedef struct storage_stats {
+	int64_t st_revision;         /* current main revision (1 on an empty store, as etcd) */
+	int64_t st_compact_revision; /* last compacted revision, 0 if none */
+	uint64_t st_applied_index;   /* as recorded by the last commit */
+	uint64_t st_db_size;         /* bytes the data file takes on disk */
+	uint64_t st_db_size_in_use;  /* bytes in pages that are in use */
+} storage_stats;
+
+int storage_stat(storage *s, storage_stats *out);
+
+#endif
