@@ -404,3 +404,19 @@ int config_parse(config *cfg, int argc, char **argv)
 	}
 	return 0;
 }
+
+void config_free(config *cfg)
+{
+	for (size_t i = 0; i < NFLAGS; i++) {
+		void *field = (char *)cfg + flags[i].offset;
+		if (flags[i].kind == F_STRING) {
+			free(*(char **)field);
+			*(char **)field = NULL;
+		} else if (flags[i].kind == F_URLS) {
+			config_urls *u = field;
+			for (int k = 0; k < u->n; k++)
+				free(u->url[k]);
+			u->n = 0;
+		}
+	}
+}

@@ -88,12 +88,22 @@ static int load_or_store_ids(storage *st, member_info *mi)
 	return rc ? (storage_batch_abort(b), rc) : storage_batch_commit(b, stats.st_applied_index);
 }
 
+static int run(config *cfgp);
+
 int main(int argc, char **argv)
 {
 	config cfg;
 	int rc = config_parse(&cfg, argc, argv);
-	if (rc != 0)
-		return rc;
+	if (rc == 0)
+		rc = run(&cfg);
+	config_free(&cfg);
+	return rc;
+}
+
+static int run(config *cfgp)
+{
+	config cfg = *cfgp; /* a shallow copy: strings stay owned by *cfgp */
+	int rc;
 	if (cfg.show_help) {
 		config_print_usage();
 		return 0;

@@ -73,6 +73,8 @@ typedef struct config {
  */
 int config_parse(config *cfg, int argc, char **argv);
 void config_print_usage(void);
+/* Frees what config_parse() allocated. */
+void config_free(config *cfg);
 /* Splits "host:port" out of "http://host:port"; returns 0 or -1 for a URL we cannot serve. */
 int config_url_host_port(const char *url, char *out, size_t outlen);
 
