@@ -172,7 +172,8 @@ static int bucket_update(storage *s, MDB_txn *txn, const uint8_t *key, size_t kl
 		goto done;
 	}
 	uint8_t *p = v.mv_data;
-	memcpy(p, old, at);
+	if (at)
+		memcpy(p, old, at);
 	p += at;
 	if (st) {
 		be32_put(p, (uint32_t)klen);
@@ -180,7 +181,8 @@ static int bucket_update(storage *s, MDB_txn *txn, const uint8_t *key, size_t kl
 		st_encode(p + 4 + klen, st);
 		p += add;
 	}
-	memcpy(p, old + after, oldn - after);
+	if (oldn > after)
+		memcpy(p, old + after, oldn - after);
 done:
 	free(old);
 	return err;

@@ -88,7 +88,14 @@ int storage_batch_begin(storage *s, storage_batch **out);
  * the batch stays usable. resp is filled from arena a, header included (header->revision
  * is the store revision after the request; the caller fills cluster/member id and term).
  * Errors: STORAGE_ERR_COMPACTED / STORAGE_ERR_FUTURE_REV (Range at such a revision,
- * also inside a Txn), STORAGE_ERR_INVALID, STORAGE_ERR_NOSPACE, STORAGE_ERR_IO.
+ * also inside a Txn), STORAGE_ERR_KEY_NOT_FOUND (ignore_value/ignore_lease on a missing key,
+ * also inside a Txn), STORAGE_ERR_INVALID (empty Put key), STORAGE_ERR_NOSPACE,
+ * STORAGE_ERR_IO.
+ * Txn follows etcd's applyTxn: every compare, nested ones included, is evaluated against
+ * the state before the txn; nested TxnResponses carry an empty header (revision 0) as
+ * etcd's do. Request validation that etcd does in its API layer (empty keys, duplicate keys,
+ * --max-txn-ops, request size) is not done here.
+ * Byte fields of responses are copies in the arena (the writer's map pages move).
  */
 int storage_batch_put(storage_batch *b, const Etcdserverpb__PutRequest *req, storage_arena *a,
 		      Etcdserverpb__PutResponse *resp);
@@ -102,8 +109,11 @@ int storage_batch_range(storage_batch *b, const Etcdserverpb__RangeRequest *req,
 /*
  * Records req->revision as the compacted revision (errors as etcd: compacting at or below
  * the current compacted revision is STORAGE_ERR_COMPACTED, beyond the current revision
- * STORAGE_ERR_FUTURE_REV) and removes superseded revisions up to a bounded amount of
- * work; the rest is removed by storage_compact_continue() in later batches.
+ * STORAGE_ERR_FUTURE_REV; a fresh store counts as compacted at -1, so 0 is accepted once)
+ * and removes superseded revisions up to a bounded amount of work (10,000 revisions
+ * examined); the rest is removed by storage_batch_compact_continue() in later batches.
+ * Reads are exact whatever is left: physical removal only frees space. req->physical is
+ * for the caller (wait until continue reports done). The revision is not advanced.
  */
 int storage_batch_compact(storage_batch *b, const Etcdserverpb__CompactionRequest *req,
 			  storage_arena *a, Etcdserverpb__CompactionResponse *resp);

@@ -1,0 +1,944 @@
+/* storage_test.c - unit tests of storage's MVCC semantics (etcd 3.4/3.5's). */
+#include <fcntl.h>
+#include <sys/wait.h>
+
+#include "storage/testutil.h"
+
+static storage *S;
+static char *DIR_;
+static storage_arena A;
+
+static void reopen(void)
+{
+	if (S)
+		storage_close(S);
+	S = NULL;
+	int err = storage_open(DIR_, NULL, &S);
+	if (err) {
+		fprintf(stderr, "open: %s\n", storage_strerror(err));
+		exit(1);
+	}
+}
+
+static void fresh(const char *name)
+{
+	if (S)
+		storage_close(S);
+	S = NULL;
+	free(DIR_);
+	DIR_ = t_tmpdir(name);
+	reopen();
+}
+
+/* Each helper runs one request in its own batch. */
+static int put_full(const void *k, size_t kl, const void *v, size_t vl, int64_t lease, int flags,
+		    Etcdserverpb__PutResponse *resp)
+{
+	Etcdserverpb__PutRequest req = ETCDSERVERPB__PUT_REQUEST__INIT;
+	req.key = t_bin(k, kl);
+	req.value = t_bin(v, vl);
+	req.lease = lease;
+	req.prev_kv = flags & 1;
+	req.ignore_value = (flags & 2) != 0;
+	req.ignore_lease = (flags & 4) != 0;
+	storage_batch *b;
+	CHECK_EQ(storage_batch_begin(S, &b), 0);
+	int err = storage_batch_put(b, &req, &A, resp);
+	CHECK_EQ(storage_batch_commit(b, 1), 0);
+	return err;
+}
+
+static int64_t put(const char *k, const char *v)
+{
+	Etcdserverpb__PutResponse resp;
+	int err = put_full(k, strlen(k), v, strlen(v), 0, 0, &resp);
+	CHECK_EQ(err, 0);
+	return err ? -1 : resp.header->revision;
+}
+
+static int del(const char *k, const char *end, int prev, Etcdserverpb__DeleteRangeResponse *resp)
+{
+	Etcdserverpb__DeleteRangeRequest req = ETCDSERVERPB__DELETE_RANGE_REQUEST__INIT;
+	req.key = t_str(k);
+	if (end)
+		req.range_end = end[0] ? t_str(end) : t_bin("", 1);
+	req.prev_kv = prev;
+	storage_batch *b;
+	CHECK_EQ(storage_batch_begin(S, &b), 0);
+	int err = storage_batch_delete_range(b, &req, &A, resp);
+	CHECK_EQ(storage_batch_commit(b, 1), 0);
+	return err;
+}
+
+static int rng(Etcdserverpb__RangeRequest *req, Etcdserverpb__RangeResponse *resp)
+{
+	storage_reader *r;
+	CHECK_EQ(storage_read_begin(S, &r), 0);
+	int err = storage_range(r, req, &A, resp);
+	/* copy out: the reader's pointers die with it */
+	if (!err) {
+		for (size_t i = 0; i < resp->n_kvs; i++) {
+			Mvccpb__KeyValue *kv = resp->kvs[i];
+			kv->key.data = storage_arena_dup(&A, kv->key.data, kv->key.len);
+			kv->value.data = storage_arena_dup(&A, kv->value.data, kv->value.len);
+		}
+	}
+	storage_read_end(r);
+	return err;
+}
+
+static Etcdserverpb__RangeRequest rq(const char *k, const char *end)
+{
+	Etcdserverpb__RangeRequest req = ETCDSERVERPB__RANGE_REQUEST__INIT;
+	req.key = t_str(k);
+	if (end)
+		req.range_end = end[0] ? t_str(end) : t_bin("", 1);
+	return req;
+}
+
+/* Value of k at rev (0 = current) or NULL. */
+static Mvccpb__KeyValue *get(const char *k, int64_t rev)
+{
+	Etcdserverpb__RangeRequest req = rq(k, NULL);
+	req.revision = rev;
+	Etcdserverpb__RangeResponse resp;
+	if (rng(&req, &resp))
+		return NULL;
+	return resp.n_kvs ? resp.kvs[0] : NULL;
+}
+
+static int veq(Mvccpb__KeyValue *kv, const char *v)
+{
+	return kv && kv->value.len == strlen(v) && memcmp(kv->value.data, v, kv->value.len) == 0;
+}
+
+static void test_put_get(void)
+{
+	fresh("putget");
+	storage_stats st;
+	CHECK_EQ(storage_stat(S, &st), 0);
+	CHECK_EQ(st.st_revision, 1);
+	CHECK(get("foo", 0) == NULL);
+	CHECK_EQ(put("foo", "bar"), 2);
+	CHECK_EQ(put("foo", "baz"), 3);
+	Mvccpb__KeyValue *kv = get("foo", 0);
+	CHECK(veq(kv, "baz"));
+	CHECK_EQ(kv->create_revision, 2);
+	CHECK_EQ(kv->mod_revision, 3);
+	CHECK_EQ(kv->version, 2);
+	CHECK(veq(get("foo", 2), "bar"));
+	CHECK(get("foo", 1) == NULL);
+	Etcdserverpb__RangeRequest req = rq("foo", NULL);
+	req.revision = 4;
+	Etcdserverpb__RangeResponse resp;
+	CHECK_EQ(rng(&req, &resp), STORAGE_ERR_FUTURE_REV);
+	/* delete resets version; re-create starts a new generation */
+	Etcdserverpb__DeleteRangeResponse dr;
+	CHECK_EQ(del("foo", NULL, 1, &dr), 0);
+	CHECK_EQ(dr.deleted, 1);
+	CHECK_EQ(dr.header->revision, 4);
+	CHECK_EQ(dr.n_prev_kvs, 1);
+	CHECK(dr.n_prev_kvs == 1 && veq(dr.prev_kvs[0], "baz"));
+	CHECK(get("foo", 0) == NULL);
+	CHECK(veq(get("foo", 3), "baz"));
+	CHECK_EQ(put("foo", "new"), 5);
+	kv = get("foo", 0);
+	CHECK(kv && kv->version == 1 && kv->create_revision == 5);
+	/* delete of nothing does not bump the revision */
+	CHECK_EQ(del("nothing", NULL, 0, &dr), 0);
+	CHECK_EQ(dr.deleted, 0);
+	CHECK_EQ(dr.header->revision, 5);
+	CHECK_EQ(storage_stat(S, &st), 0);
+	CHECK_EQ(st.st_revision, 5);
+	CHECK_EQ(st.st_applied_index, 1);
+	/* empty value and binary keys */
+	char bk[3] = {0, 'a', (char)0xff};
+	Etcdserverpb__PutResponse pr;
+	CHECK_EQ(put_full(bk, 3, "", 0, 0, 0, &pr), 0);
+	CHECK_EQ(pr.header->revision, 6);
+	/* empty key: storage refuses it */
+	CHECK_EQ(put_full("", 0, "x", 1, 0, 0, &pr), STORAGE_ERR_INVALID);
+}
+
+static void test_put_flags(void)
+{
+	fresh("flags");
+	Etcdserverpb__PutResponse pr;
+	CHECK_EQ(put_full("k", 1, "v1", 2, 7, 1, &pr), 0);
+	CHECK(pr.prev_kv == NULL);
+	CHECK_EQ(put_full("k", 1, "v2", 2, 8, 1, &pr), 0);
+	CHECK(pr.prev_kv && veq(pr.prev_kv, "v1") && pr.prev_kv->lease == 7);
+	/* ignore_value keeps the value, takes the new lease */
+	CHECK_EQ(put_full("k", 1, "zz", 2, 9, 2, &pr), 0);
+	Mvccpb__KeyValue *kv = get("k", 0);
+	CHECK(veq(kv, "v2") && kv->lease == 9 && kv->version == 3);
+	/* ignore_lease keeps the lease */
+	CHECK_EQ(put_full("k", 1, "v3", 2, 0, 4, &pr), 0);
+	kv = get("k", 0);
+	CHECK(veq(kv, "v3") && kv->lease == 9);
+	/* both on a missing key: key not found, no revision used */
+	CHECK_EQ(put_full("missing", 7, "", 0, 0, 2, &pr), STORAGE_ERR_KEY_NOT_FOUND);
+	CHECK_EQ(put_full("missing", 7, "", 0, 0, 4, &pr), STORAGE_ERR_KEY_NOT_FOUND);
+	CHECK_EQ(put("other", "x"), 6);
+	CHECK_EQ(strcmp(storage_strerror(STORAGE_ERR_KEY_NOT_FOUND), "etcdserver: key not found"), 0);
+}
+
+static void test_range_opts(void)
+{
+	fresh("range");
+	put("a", "3");  /* 2 */
+	put("b", "1");  /* 3 */
+	put("c", "2");  /* 4 */
+	put("b", "0");  /* 5 */
+	put("d", "9");  /* 6 */
+	put("a", "4");  /* 7 */
+	Etcdserverpb__RangeRequest req = rq("a", "");
+	Etcdserverpb__RangeResponse r;
+	CHECK_EQ(rng(&req, &r), 0);
+	CHECK_EQ(r.count, 4);
+	CHECK_EQ(r.n_kvs, 4);
+	CHECK_EQ(r.header->revision, 7);
+	req.limit = 2;
+	CHECK_EQ(rng(&req, &r), 0);
+	CHECK(r.n_kvs == 2 && r.more && r.count == 4);
+	CHECK(r.kvs[0]->key.data[0] == 'a' && r.kvs[1]->key.data[0] == 'b');
+	req.limit = 4;
+	CHECK_EQ(rng(&req, &r), 0);
+	CHECK(r.n_kvs == 4 && !r.more);
+	/* [b, d) */
+	req = rq("b", "d");
+	CHECK_EQ(rng(&req, &r), 0);
+	CHECK(r.count == 2 && r.kvs[0]->key.data[0] == 'b' && r.kvs[1]->key.data[0] == 'c');
+	/* count_only, keys_only */
+	req = rq("a", "");
+	req.count_only = 1;
+	CHECK_EQ(rng(&req, &r), 0);
+	CHECK(r.count == 4 && r.n_kvs == 0 && !r.more);
+	req.count_only = 0;
+	req.keys_only = 1;
+	CHECK_EQ(rng(&req, &r), 0);
+	CHECK(r.n_kvs == 4 && r.kvs[0]->value.len == 0 && r.kvs[0]->mod_revision == 7);
+	/* sort by value descending, limit 2 */
+	req = rq("a", "");
+	req.sort_target = ETCDSERVERPB__RANGE_REQUEST__SORT_TARGET__VALUE;
+	req.sort_order = ETCDSERVERPB__RANGE_REQUEST__SORT_ORDER__DESCEND;
+	req.limit = 2;
+	CHECK_EQ(rng(&req, &r), 0);
+	CHECK(r.n_kvs == 2 && r.more && veq(r.kvs[0], "9") && veq(r.kvs[1], "4"));
+	/* sort by key descending */
+	req = rq("a", "");
+	req.sort_order = ETCDSERVERPB__RANGE_REQUEST__SORT_ORDER__DESCEND;
+	CHECK_EQ(rng(&req, &r), 0);
+	CHECK(r.n_kvs == 4 && r.kvs[0]->key.data[0] == 'd' && r.kvs[3]->key.data[0] == 'a');
+	/* target MOD with order NONE sorts ascending, but limit applies before (etcd) */
+	req = rq("a", "");
+	req.sort_target = ETCDSERVERPB__RANGE_REQUEST__SORT_TARGET__MOD;
+	req.limit = 2;
+	CHECK_EQ(rng(&req, &r), 0);
+	/* first 3 by key: a(7) b(5) c(4) -> sorted by mod: c b a -> truncated: c b */
+	CHECK(r.n_kvs == 2 && r.more && r.kvs[0]->key.data[0] == 'c' && r.kvs[1]->key.data[0] == 'b');
+	/* sort by version ascending: ties in key order */
+	req = rq("a", "");
+	req.sort_target = ETCDSERVERPB__RANGE_REQUEST__SORT_TARGET__VERSION;
+	req.sort_order = ETCDSERVERPB__RANGE_REQUEST__SORT_ORDER__ASCEND;
+	CHECK_EQ(rng(&req, &r), 0);
+	CHECK(r.n_kvs == 4 && r.kvs[0]->key.data[0] == 'c' && r.kvs[1]->key.data[0] == 'd' &&
+	      r.kvs[2]->key.data[0] == 'a' && r.kvs[3]->key.data[0] == 'b');
+	/* create sort descending */
+	req.sort_target = ETCDSERVERPB__RANGE_REQUEST__SORT_TARGET__CREATE;
+	req.sort_order = ETCDSERVERPB__RANGE_REQUEST__SORT_ORDER__DESCEND;
+	CHECK_EQ(rng(&req, &r), 0);
+	CHECK(r.n_kvs == 4 && r.kvs[0]->key.data[0] == 'd' && r.kvs[3]->key.data[0] == 'a');
+	/* filters: count is before filtering (etcd) */
+	req = rq("a", "");
+	req.min_mod_revision = 5;
+	req.max_mod_revision = 6;
+	CHECK_EQ(rng(&req, &r), 0);
+	CHECK(r.count == 4 && r.n_kvs == 2 && r.kvs[0]->key.data[0] == 'b' &&
+	      r.kvs[1]->key.data[0] == 'd');
+	req = rq("a", "");
+	req.min_create_revision = 3;
+	req.max_create_revision = 4;
+	req.limit = 1;
+	CHECK_EQ(rng(&req, &r), 0);
+	CHECK(r.n_kvs == 1 && r.more && r.kvs[0]->key.data[0] == 'b');
+	/* at an old revision */
+	req = rq("a", "");
+	req.revision = 4;
+	CHECK_EQ(rng(&req, &r), 0);
+	CHECK(r.count == 3 && veq(r.kvs[0], "3") && veq(r.kvs[1], "1") && r.header->revision == 7);
+	/* range_end <= key: empty */
+	req = rq("c", "b");
+	CHECK_EQ(rng(&req, &r), 0);
+	CHECK(r.count == 0 && r.n_kvs == 0);
+	/* key "\0", range_end "\0": everything */
+	req = rq("", NULL);
+	req.key = t_bin("", 1);
+	req.range_end = t_bin("", 1);
+	CHECK_EQ(rng(&req, &r), 0);
+	CHECK_EQ(r.count, 4);
+}
+
+static void test_delete_range(void)
+{
+	fresh("delete");
+	put("a", "1");
+	put("b", "2");
+	put("b1", "3");
+	put("c", "4");
+	Etcdserverpb__DeleteRangeResponse dr;
+	/* prefix b: [b, c) */
+	CHECK_EQ(del("b", "c", 1, &dr), 0);
+	CHECK(dr.deleted == 2 && dr.n_prev_kvs == 2 && dr.header->revision == 6);
+	CHECK(veq(dr.prev_kvs[0], "2") && veq(dr.prev_kvs[1], "3"));
+	/* both tombstones share main revision 6 */
+	CHECK(get("b", 0) == NULL && get("b1", 0) == NULL && veq(get("b1", 5), "3"));
+	/* from key: "\0" */
+	CHECK_EQ(del("b", "", 0, &dr), 0);
+	CHECK(dr.deleted == 1 && dr.n_prev_kvs == 0 && dr.header->revision == 7);
+	CHECK(veq(get("a", 0), "1"));
+	put("x", "5");
+	Etcdserverpb__DeleteRangeRequest req = ETCDSERVERPB__DELETE_RANGE_REQUEST__INIT;
+	req.key = t_bin("", 1);
+	req.range_end = t_bin("", 1);
+	storage_batch *b;
+	CHECK_EQ(storage_batch_begin(S, &b), 0);
+	CHECK_EQ(storage_batch_delete_range(b, &req, &A, &dr), 0);
+	CHECK_EQ(dr.deleted, 2);
+	CHECK_EQ(storage_batch_commit(b, 2), 0);
+	Etcdserverpb__RangeRequest rr = rq("a", "");
+	Etcdserverpb__RangeResponse r;
+	CHECK_EQ(rng(&rr, &r), 0);
+	CHECK_EQ(r.count, 0);
+	CHECK_EQ(r.header->revision, 9);
+}
+
+/* ---- long keys ---- */
+
+static unsigned rnd_state = 12345;
+static unsigned rnd(void)
+{
+	rnd_state = rnd_state * 1103515245u + 12345u;
+	return rnd_state >> 8;
+}
+
+typedef struct tkey {
+	char *p;
+	size_t n;
+} tkey;
+
+static int tkey_cmp(const void *a, const void *b)
+{
+	const tkey *x = a, *y = b;
+	size_t n = x->n < y->n ? x->n : y->n;
+	int c = memcmp(x->p, y->p, n);
+	return c ? c : (x->n > y->n) - (x->n < y->n);
+}
+
+static void test_long_keys(void)
+{
+	fresh("long");
+	enum { N = 300 };
+	tkey keys[N];
+	char prefix[400];
+	memset(prefix, 'p', sizeof(prefix));
+	for (int i = 0; i < N; i++) {
+		size_t n;
+		switch (i % 5) {
+		case 0: n = 1 + rnd() % 50; break;
+		case 1: n = 395 + rnd() % 10; break; /* around the 400 boundary */
+		case 2: n = 400 + rnd() % 4600; break;
+		default: n = 401 + rnd() % 2000; break; /* share a 400-byte prefix: same bucket */
+		}
+		keys[i].p = malloc(n);
+		keys[i].n = n;
+		for (size_t j = 0; j < n; j++)
+			keys[i].p[j] = "pqr"[rnd() % 3];
+		if (i % 5 >= 3)
+			memcpy(keys[i].p, prefix, 400);
+		if (i % 7 == 0 && n > 400)
+			memcpy(keys[i].p, keys[i - 1].p, keys[i - 1].n < n ? keys[i - 1].n : n);
+	}
+	/* dedup */
+	qsort(keys, N, sizeof(tkey), tkey_cmp);
+	int n = 0;
+	for (int i = 0; i < N; i++)
+		if (n == 0 || tkey_cmp(&keys[n - 1], &keys[i]) != 0)
+			keys[n++] = keys[i];
+		else
+			free(keys[i].p);
+	/* insert in a shuffled order, in batches */
+	int order[N];
+	for (int i = 0; i < n; i++)
+		order[i] = i;
+	for (int i = n - 1; i > 0; i--) {
+		int j = rnd() % (i + 1), t = order[i];
+		order[i] = order[j];
+		order[j] = t;
+	}
+	storage_batch *b;
+	CHECK_EQ(storage_batch_begin(S, &b), 0);
+	for (int i = 0; i < n; i++) {
+		Etcdserverpb__PutRequest req = ETCDSERVERPB__PUT_REQUEST__INIT;
+		Etcdserverpb__PutResponse pr;
+		tkey *k = &keys[order[i]];
+		req.key = t_bin(k->p, k->n);
+		req.value = t_bin(&order[i], sizeof(int));
+		CHECK_EQ(storage_batch_put(b, &req, &A, &pr), 0);
+		if (i % 50 == 49) {
+			CHECK_EQ(storage_batch_commit(b, 1), 0);
+			CHECK_EQ(storage_batch_begin(S, &b), 0);
+		}
+	}
+	CHECK_EQ(storage_batch_commit(b, 1), 0);
+	reopen();
+	Etcdserverpb__RangeRequest req = rq("", NULL);
+	req.key = t_bin("", 1);
+	req.range_end = t_bin("", 1);
+	Etcdserverpb__RangeResponse r;
+	CHECK_EQ(rng(&req, &r), 0);
+	CHECK_EQ(r.count, n);
+	CHECK_EQ(r.n_kvs, n);
+	int bad = 0;
+	for (int i = 0; i < n && i < (int)r.n_kvs; i++) {
+		if (r.kvs[i]->key.len != keys[i].n || memcmp(r.kvs[i]->key.data, keys[i].p, keys[i].n))
+			bad++;
+		int v;
+		memcpy(&v, r.kvs[i]->value.data, sizeof(v));
+		if (v != i)
+			bad++;
+	}
+	CHECK_EQ(bad, 0);
+	/* sub-ranges starting and ending inside buckets */
+	for (int t = 0; t < 50; t++) {
+		int i = rnd() % n, j = rnd() % n;
+		if (i > j) {
+			int x = i;
+			i = j;
+			j = x;
+		}
+		req = rq("", NULL);
+		req.key = t_bin(keys[i].p, keys[i].n);
+		req.range_end = t_bin(keys[j].p, keys[j].n);
+		CHECK_EQ(rng(&req, &r), 0);
+		CHECK_EQ(r.count, j - i);
+		if (r.n_kvs && r.n_kvs == (size_t)(j - i))
+			CHECK(r.kvs[0]->key.len == keys[i].n &&
+			      memcmp(r.kvs[0]->key.data, keys[i].p, keys[i].n) == 0);
+		/* single long key */
+		req.range_end = t_bin(NULL, 0);
+		CHECK_EQ(rng(&req, &r), 0);
+		CHECK_EQ(r.n_kvs, 1);
+	}
+	/* delete every third key, check order and counts again */
+	int live = 0;
+	CHECK_EQ(storage_batch_begin(S, &b), 0);
+	for (int i = 0; i < n; i++) {
+		if (i % 3 == 0) {
+			Etcdserverpb__DeleteRangeRequest dq = ETCDSERVERPB__DELETE_RANGE_REQUEST__INIT;
+			Etcdserverpb__DeleteRangeResponse dr;
+			dq.key = t_bin(keys[i].p, keys[i].n);
+			CHECK_EQ(storage_batch_delete_range(b, &dq, &A, &dr), 0);
+			CHECK_EQ(dr.deleted, 1);
+		} else {
+			live++;
+		}
+	}
+	CHECK_EQ(storage_batch_commit(b, 1), 0);
+	req = rq("", NULL);
+	req.key = t_bin("", 1);
+	req.range_end = t_bin("", 1);
+	CHECK_EQ(rng(&req, &r), 0);
+	CHECK_EQ(r.count, live);
+	/* compaction removes the deleted keys from the index, including long ones */
+	storage_stats st;
+	storage_stat(S, &st);
+	Etcdserverpb__CompactionRequest cq = ETCDSERVERPB__COMPACTION_REQUEST__INIT;
+	Etcdserverpb__CompactionResponse cr;
+	cq.revision = st.st_revision;
+	CHECK_EQ(storage_batch_begin(S, &b), 0);
+	CHECK_EQ(storage_batch_compact(b, &cq, &A, &cr), 0);
+	CHECK_EQ(storage_batch_commit(b, 1), 0);
+	CHECK_EQ(rng(&req, &r), 0);
+	CHECK_EQ(r.count, live);
+	bad = 0;
+	for (size_t i = 0, j = 0; i < (size_t)n && j < r.n_kvs; i++) {
+		if (i % 3 == 0)
+			continue;
+		if (r.kvs[j]->key.len != keys[i].n || memcmp(r.kvs[j]->key.data, keys[i].p, keys[i].n))
+			bad++;
+		j++;
+	}
+	CHECK_EQ(bad, 0);
+	/* a 1.5 MiB key and value */
+	size_t big = 1536 * 1024;
+	char *bk = malloc(big);
+	memset(bk, 'z', big);
+	Etcdserverpb__PutResponse pr;
+	CHECK_EQ(put_full(bk, big, bk, big, 0, 0, &pr), 0);
+	req = rq("", NULL);
+	req.key = t_bin(bk, big);
+	CHECK_EQ(rng(&req, &r), 0);
+	CHECK(r.n_kvs == 1 && r.kvs[0]->key.len == big && r.kvs[0]->value.len == big);
+	free(bk);
+	for (int i = 0; i < n; i++)
+		free(keys[i].p);
+}
+
+/* ---- txn ---- */
+
+static Etcdserverpb__Compare *cmpv(Etcdserverpb__Compare__CompareTarget t,
+				    Etcdserverpb__Compare__CompareResult res, const char *key,
+				    int64_t v, const char *val)
+{
+	Etcdserverpb__Compare *c = storage_arena_alloc(&A, sizeof(*c));
+	Etcdserverpb__Compare init = ETCDSERVERPB__COMPARE__INIT;
+	*c = init;
+	c->target = t;
+	c->result = res;
+	c->key = t_str(key);
+	switch (t) {
+	case ETCDSERVERPB__COMPARE__COMPARE_TARGET__VERSION:
+		c->target_union_case = ETCDSERVERPB__COMPARE__TARGET_UNION_VERSION;
+		c->version = v;
+		break;
+	case ETCDSERVERPB__COMPARE__COMPARE_TARGET__CREATE:
+		c->target_union_case = ETCDSERVERPB__COMPARE__TARGET_UNION_CREATE_REVISION;
+		c->create_revision = v;
+		break;
+	case ETCDSERVERPB__COMPARE__COMPARE_TARGET__MOD:
+		c->target_union_case = ETCDSERVERPB__COMPARE__TARGET_UNION_MOD_REVISION;
+		c->mod_revision = v;
+		break;
+	case ETCDSERVERPB__COMPARE__COMPARE_TARGET__LEASE:
+		c->target_union_case = ETCDSERVERPB__COMPARE__TARGET_UNION_LEASE;
+		c->lease = v;
+		break;
+	case ETCDSERVERPB__COMPARE__COMPARE_TARGET__VALUE:
+		c->target_union_case = ETCDSERVERPB__COMPARE__TARGET_UNION_VALUE;
+		c->value = t_str(val);
+		break;
+	default:
+		break;
+	}
+	return c;
+}
+
+static Etcdserverpb__RequestOp *op_put(const char *k, const char *v)
+{
+	Etcdserverpb__RequestOp *o = storage_arena_alloc(&A, sizeof(*o));
+	Etcdserverpb__RequestOp init = ETCDSERVERPB__REQUEST_OP__INIT;
+	*o = init;
+	Etcdserverpb__PutRequest *p = storage_arena_alloc(&A, sizeof(*p));
+	Etcdserverpb__PutRequest pinit = ETCDSERVERPB__PUT_REQUEST__INIT;
+	*p = pinit;
+	p->key = t_str(k);
+	p->value = t_str(v);
+	o->request_case = ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_PUT;
+	o->request_put = p;
+	return o;
+}
+
+static Etcdserverpb__RequestOp *op_range(const char *k, const char *end, int64_t rev)
+{
+	Etcdserverpb__RequestOp *o = storage_arena_alloc(&A, sizeof(*o));
+	Etcdserverpb__RequestOp init = ETCDSERVERPB__REQUEST_OP__INIT;
+	*o = init;
+	Etcdserverpb__RangeRequest *r = storage_arena_alloc(&A, sizeof(*r));
+	*r = rq(k, end);
+	r->revision = rev;
+	o->request_case = ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_RANGE;
+	o->request_range = r;
+	return o;
+}
+
+static Etcdserverpb__RequestOp *op_del(const char *k, const char *end)
+{
+	Etcdserverpb__RequestOp *o = storage_arena_alloc(&A, sizeof(*o));
+	Etcdserverpb__RequestOp init = ETCDSERVERPB__REQUEST_OP__INIT;
+	*o = init;
+	Etcdserverpb__DeleteRangeRequest *d = storage_arena_alloc(&A, sizeof(*d));
+	Etcdserverpb__DeleteRangeRequest dinit = ETCDSERVERPB__DELETE_RANGE_REQUEST__INIT;
+	*d = dinit;
+	d->key = t_str(k);
+	if (end)
+		d->range_end = end[0] ? t_str(end) : t_bin("", 1);
+	d->prev_kv = 1;
+	o->request_case = ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_DELETE_RANGE;
+	o->request_delete_range = d;
+	return o;
+}
+
+static Etcdserverpb__RequestOp *op_txn(Etcdserverpb__TxnRequest *t)
+{
+	Etcdserverpb__RequestOp *o = storage_arena_alloc(&A, sizeof(*o));
+	Etcdserverpb__RequestOp init = ETCDSERVERPB__REQUEST_OP__INIT;
+	*o = init;
+	o->request_case = ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_TXN;
+	o->request_txn = t;
+	return o;
+}
+
+#define ARR(T, ...) ((T[]){__VA_ARGS__})
+#define NARGS(T, ...) (sizeof((T[]){__VA_ARGS__}) / sizeof(T))
+
+static Etcdserverpb__TxnRequest *txn_new(size_t nc, Etcdserverpb__Compare **c, size_t ns,
+					 Etcdserverpb__RequestOp **s, size_t nf,
+					 Etcdserverpb__RequestOp **f)
+{
+	Etcdserverpb__TxnRequest *t = storage_arena_alloc(&A, sizeof(*t));
+	Etcdserverpb__TxnRequest init = ETCDSERVERPB__TXN_REQUEST__INIT;
+	*t = init;
+	t->n_compare = nc;
+	t->compare = storage_arena_dup(&A, c, nc * sizeof(*c));
+	t->n_success = ns;
+	t->success = storage_arena_dup(&A, s, ns * sizeof(*s));
+	t->n_failure = nf;
+	t->failure = storage_arena_dup(&A, f, nf * sizeof(*f));
+	return t;
+}
+
+static int run_txn(Etcdserverpb__TxnRequest *t, Etcdserverpb__TxnResponse *resp)
+{
+	storage_batch *b;
+	CHECK_EQ(storage_batch_begin(S, &b), 0);
+	int err = storage_batch_txn(b, t, &A, resp);
+	CHECK_EQ(storage_batch_commit(b, 1), 0);
+	return err;
+}
+
+#define V ETCDSERVERPB__COMPARE__COMPARE_TARGET__VERSION
+#define CR ETCDSERVERPB__COMPARE__COMPARE_TARGET__CREATE
+#define MO ETCDSERVERPB__COMPARE__COMPARE_TARGET__MOD
+#define VA ETCDSERVERPB__COMPARE__COMPARE_TARGET__VALUE
+#define LE ETCDSERVERPB__COMPARE__COMPARE_TARGET__LEASE
+#define EQ ETCDSERVERPB__COMPARE__COMPARE_RESULT__EQUAL
+#define NE ETCDSERVERPB__COMPARE__COMPARE_RESULT__NOT_EQUAL
+#define GT ETCDSERVERPB__COMPARE__COMPARE_RESULT__GREATER
+#define LT ETCDSERVERPB__COMPARE__COMPARE_RESULT__LESS
+
+static int cond(Etcdserverpb__Compare *c)
+{
+	Etcdserverpb__TxnResponse r;
+	Etcdserverpb__TxnRequest *t = txn_new(1, &c, 0, NULL, 0, NULL);
+	CHECK_EQ(run_txn(t, &r), 0);
+	return r.succeeded;
+}
+
+static void test_txn(void)
+{
+	fresh("txn");
+	put("a", "1");  /* 2 */
+	put("a", "2");  /* 3 */
+	put("b", "x");  /* 4 */
+	Etcdserverpb__PutResponse pr;
+	put_full("l", 1, "v", 1, 42, 0, &pr); /* 5 */
+	CHECK(cond(cmpv(V, EQ, "a", 2, NULL)));
+	CHECK(!cond(cmpv(V, EQ, "a", 1, NULL)));
+	CHECK(cond(cmpv(V, GT, "a", 1, NULL)));
+	CHECK(cond(cmpv(V, LT, "a", 3, NULL)));
+	CHECK(cond(cmpv(V, NE, "a", 3, NULL)));
+	CHECK(cond(cmpv(CR, EQ, "a", 2, NULL)));
+	CHECK(cond(cmpv(MO, EQ, "a", 3, NULL)));
+	CHECK(cond(cmpv(VA, EQ, "a", 0, "2")));
+	CHECK(cond(cmpv(VA, GT, "a", 0, "1")));
+	CHECK(cond(cmpv(VA, LT, "a", 0, "3")));
+	CHECK(cond(cmpv(LE, EQ, "l", 42, NULL)));
+	CHECK(cond(cmpv(LE, EQ, "a", 0, NULL)));
+	/* missing key: version/create/mod compare as 0, value compare always false */
+	CHECK(cond(cmpv(V, EQ, "zz", 0, NULL)));
+	CHECK(cond(cmpv(CR, EQ, "zz", 0, NULL)));
+	CHECK(!cond(cmpv(VA, EQ, "zz", 0, "")));
+	CHECK(!cond(cmpv(VA, NE, "zz", 0, "x")));
+	/* compare over a range: all keys must match */
+	Etcdserverpb__Compare *c = cmpv(V, GT, "a", 0, NULL);
+	c->range_end = t_str("c");
+	CHECK(cond(c));
+	c = cmpv(V, EQ, "a", 2, NULL);
+	c->range_end = t_str("c");
+	CHECK(!cond(c));
+	/* a mismatched target union compares against zero */
+	c = cmpv(V, EQ, "a", 2, NULL);
+	c->target = ETCDSERVERPB__COMPARE__COMPARE_TARGET__MOD;
+	CHECK(!cond(c));
+
+	/* all writes share one revision; ranges see earlier writes of the txn */
+	Etcdserverpb__TxnResponse r;
+	Etcdserverpb__TxnRequest *t = txn_new(
+		1, ARR(Etcdserverpb__Compare *, cmpv(V, EQ, "a", 2, NULL)), 4,
+		ARR(Etcdserverpb__RequestOp *, op_put("n1", "v"), op_range("n1", NULL, 0),
+		    op_put("n2", "w"), op_range("n1", NULL, 5)),
+		0, NULL);
+	CHECK_EQ(run_txn(t, &r), 0);
+	CHECK(r.succeeded && r.n_responses == 4 && r.header->revision == 6);
+	CHECK_EQ(r.responses[0]->response_put->header->revision, 6);
+	Etcdserverpb__RangeResponse *rr = r.responses[1]->response_range;
+	CHECK(rr->n_kvs == 1 && rr->kvs[0]->mod_revision == 6 && rr->header->revision == 6);
+	CHECK_EQ(r.responses[3]->response_range->n_kvs, 0);
+	Mvccpb__KeyValue *k1 = get("n1", 0), *k2 = get("n2", 0);
+	CHECK(k1 && k2 && k1->mod_revision == 6 && k2->mod_revision == 6);
+	/* failure branch; a read-only txn keeps the revision */
+	t = txn_new(1, ARR(Etcdserverpb__Compare *, cmpv(V, EQ, "a", 9, NULL)), 1,
+		    ARR(Etcdserverpb__RequestOp *, op_put("no", "v")), 1,
+		    ARR(Etcdserverpb__RequestOp *, op_range("a", "", 0)));
+	CHECK_EQ(run_txn(t, &r), 0);
+	CHECK(!r.succeeded && r.header->revision == 6 && get("no", 0) == NULL);
+	CHECK_EQ(r.responses[0]->response_range->count, 5);
+	/* a write txn whose delete matches nothing keeps the revision */
+	t = txn_new(0, NULL, 1, ARR(Etcdserverpb__RequestOp *, op_del("nothing", NULL)), 0, NULL);
+	CHECK_EQ(run_txn(t, &r), 0);
+	CHECK(r.header->revision == 6 && r.responses[0]->response_delete_range->header->revision == 6);
+	/* nested txn: compares see the state before the outer txn */
+	Etcdserverpb__TxnRequest *inner = txn_new(
+		1, ARR(Etcdserverpb__Compare *, cmpv(V, EQ, "n3", 0, NULL)), 1,
+		ARR(Etcdserverpb__RequestOp *, op_put("n4", "inner")), 1,
+		ARR(Etcdserverpb__RequestOp *, op_put("n5", "inner")));
+	t = txn_new(0, NULL, 3,
+		    ARR(Etcdserverpb__RequestOp *, op_put("n3", "outer"), op_txn(inner),
+			op_del("n1", NULL)),
+		    0, NULL);
+	CHECK_EQ(run_txn(t, &r), 0);
+	CHECK(r.succeeded && r.header->revision == 7 && r.n_responses == 3);
+	CHECK(r.responses[1]->response_txn->succeeded);
+	CHECK_EQ(r.responses[1]->response_txn->header->revision, 0);
+	CHECK(get("n4", 0) && !get("n5", 0) && !get("n1", 0));
+	CHECK_EQ(get("n4", 0)->mod_revision, 7);
+	CHECK(r.responses[2]->response_delete_range->deleted == 1 &&
+	      r.responses[2]->response_delete_range->n_prev_kvs == 1);
+	/* errors abort the whole request */
+	t = txn_new(0, NULL, 2,
+		    ARR(Etcdserverpb__RequestOp *, op_put("n6", "x"), op_range("a", NULL, 100)), 0,
+		    NULL);
+	CHECK_EQ(run_txn(t, &r), STORAGE_ERR_FUTURE_REV);
+	CHECK(get("n6", 0) == NULL);
+	/* a range at the txn's own new revision is a future revision (etcd's checkRange) */
+	t = txn_new(0, NULL, 2,
+		    ARR(Etcdserverpb__RequestOp *, op_put("n6", "x"), op_range("a", NULL, 8)), 0,
+		    NULL);
+	CHECK_EQ(run_txn(t, &r), STORAGE_ERR_FUTURE_REV);
+	Etcdserverpb__RequestOp *ig = op_put("missing", "");
+	ig->request_put->ignore_value = 1;
+	t = txn_new(0, NULL, 1, ARR(Etcdserverpb__RequestOp *, ig), 0, NULL);
+	CHECK_EQ(run_txn(t, &r), STORAGE_ERR_KEY_NOT_FOUND);
+	storage_stats st;
+	storage_stat(S, &st);
+	CHECK_EQ(st.st_revision, 7);
+	/* duplicates in one txn (the API layer rejects them; storage applies in order) */
+	t = txn_new(0, NULL, 2, ARR(Etcdserverpb__RequestOp *, op_put("d", "1"), op_put("d", "2")),
+		    0, NULL);
+	CHECK_EQ(run_txn(t, &r), 0);
+	Mvccpb__KeyValue *d = get("d", 0);
+	CHECK(d && veq(d, "2") && d->version == 2 && d->mod_revision == 8 && d->create_revision == 8);
+	/* read-only txn through a reader; writes refused there */
+	storage_reader *rd;
+	CHECK_EQ(storage_read_begin(S, &rd), 0);
+	t = txn_new(1, ARR(Etcdserverpb__Compare *, cmpv(VA, EQ, "b", 0, "x")), 1,
+		    ARR(Etcdserverpb__RequestOp *, op_range("a", "c", 0)), 0, NULL);
+	CHECK_EQ(storage_read_txn(rd, t, &A, &r), 0);
+	CHECK(r.succeeded && r.header->revision == 8 && r.responses[0]->response_range->count == 2);
+	t = txn_new(0, NULL, 0, NULL, 1, ARR(Etcdserverpb__RequestOp *, op_put("w", "x")));
+	CHECK_EQ(storage_read_txn(rd, t, &A, &r), STORAGE_ERR_INVALID);
+	storage_read_end(rd);
+}
+
+static int compact(int64_t rev)
+{
+	Etcdserverpb__CompactionRequest cq = ETCDSERVERPB__COMPACTION_REQUEST__INIT;
+	Etcdserverpb__CompactionResponse cr;
+	cq.revision = rev;
+	storage_batch *b;
+	CHECK_EQ(storage_batch_begin(S, &b), 0);
+	int err = storage_batch_compact(b, &cq, &A, &cr);
+	int done = 0;
+	while (!err && !done)
+		CHECK_EQ(storage_batch_compact_continue(b, 3, &done), 0);
+	CHECK_EQ(storage_batch_commit(b, 1), 0);
+	return err;
+}
+
+#include "storage/internal.h"
+
+static size_t count_db(MDB_dbi dbi)
+{
+	MDB_txn *txn;
+	MDB_stat st;
+	mdb_txn_begin(S->s_env, NULL, MDB_RDONLY, &txn);
+	mdb_stat(txn, dbi, &st);
+	mdb_txn_abort(txn);
+	return st.ms_entries;
+}
+
+static void test_compact(void)
+{
+	fresh("compact");
+	put("a", "1"); /* 2 */
+	put("a", "2"); /* 3 */
+	put("b", "1"); /* 4 */
+	Etcdserverpb__DeleteRangeResponse dr;
+	del("b", NULL, 0, &dr); /* 5 */
+	put("c", "1"); /* 6 */
+	put("a", "3"); /* 7 */
+	CHECK_EQ(compact(8), STORAGE_ERR_FUTURE_REV);
+	CHECK_EQ(compact(5), 0);
+	CHECK_EQ(compact(5), STORAGE_ERR_COMPACTED);
+	CHECK_EQ(compact(4), STORAGE_ERR_COMPACTED);
+	Etcdserverpb__RangeRequest req = rq("a", "");
+	Etcdserverpb__RangeResponse r;
+	req.revision = 4;
+	CHECK_EQ(rng(&req, &r), STORAGE_ERR_COMPACTED);
+	req.revision = 5; /* the compacted revision itself is readable */
+	CHECK_EQ(rng(&req, &r), 0);
+	CHECK(r.count == 1 && veq(r.kvs[0], "2"));
+	req.revision = 6;
+	CHECK_EQ(rng(&req, &r), 0);
+	CHECK(r.count == 2);
+	/* kept: a@3 (latest <= 5), a@7, c@6. b's put and tombstone are gone, and b left the index */
+	CHECK_EQ(count_db(S->s_revs), 3);
+	CHECK_EQ(count_db(S->s_hist), 3);
+	CHECK_EQ(count_db(S->s_keys), 2);
+	CHECK_EQ(compact(7), 0);
+	CHECK_EQ(count_db(S->s_revs), 2);
+	req.revision = 7;
+	CHECK_EQ(rng(&req, &r), 0);
+	CHECK(r.count == 2 && veq(r.kvs[0], "3") && r.kvs[0]->version == 3 &&
+	      r.kvs[0]->create_revision == 2);
+	storage_stats st;
+	storage_stat(S, &st);
+	CHECK_EQ(st.st_compact_revision, 7);
+	/* a txn range at a compacted revision fails the txn only */
+	Etcdserverpb__TxnResponse tr;
+	Etcdserverpb__TxnRequest *t = txn_new(
+		0, NULL, 2, ARR(Etcdserverpb__RequestOp *, op_put("x", "1"), op_range("a", NULL, 6)),
+		0, NULL);
+	CHECK_EQ(run_txn(t, &tr), STORAGE_ERR_COMPACTED);
+	CHECK(get("x", 0) == NULL);
+	/* re-created key after its tombstone was compacted */
+	put("b", "again");
+	Mvccpb__KeyValue *kv = get("b", 0);
+	CHECK(kv && kv->version == 1 && kv->create_revision == 8);
+	/* compaction persists */
+	reopen();
+	storage_stat(S, &st);
+	CHECK_EQ(st.st_compact_revision, 7);
+	CHECK_EQ(st.st_revision, 8);
+	CHECK_EQ(compact(7), STORAGE_ERR_COMPACTED);
+	/* fresh store: compact 0 is allowed (etcd starts at -1) */
+	fresh("compact0");
+	CHECK_EQ(compact(0), 0);
+	CHECK_EQ(compact(0), STORAGE_ERR_COMPACTED);
+	CHECK_EQ(compact(1), 0);
+}
+
+static void test_batch_isolation(void)
+{
+	fresh("batch");
+	storage_batch *b;
+	Etcdserverpb__PutRequest req = ETCDSERVERPB__PUT_REQUEST__INIT;
+	Etcdserverpb__PutResponse pr;
+	CHECK_EQ(storage_batch_begin(S, &b), 0);
+	req.key = t_str("k");
+	req.value = t_str("v");
+	CHECK_EQ(storage_batch_put(b, &req, &A, &pr), 0);
+	CHECK_EQ(pr.header->revision, 2);
+	/* a reader does not see an uncommitted batch */
+	CHECK(get("k", 0) == NULL);
+	/* the writer does */
+	Etcdserverpb__RangeRequest rr = rq("k", NULL);
+	Etcdserverpb__RangeResponse r;
+	CHECK_EQ(storage_batch_range(b, &rr, &A, &r), 0);
+	CHECK(r.n_kvs == 1 && r.header->revision == 2);
+	CHECK_EQ(storage_batch_put(b, &req, &A, &pr), 0);
+	CHECK_EQ(pr.header->revision, 3);
+	storage_batch_abort(b);
+	CHECK(get("k", 0) == NULL);
+	CHECK_EQ(put("k", "v"), 2);
+	/* a failed request in a batch leaves no trace, the batch goes on */
+	CHECK_EQ(storage_batch_begin(S, &b), 0);
+	req.ignore_value = 1;
+	req.key = t_str("nope");
+	CHECK_EQ(storage_batch_put(b, &req, &A, &pr), STORAGE_ERR_KEY_NOT_FOUND);
+	req.ignore_value = 0;
+	CHECK_EQ(storage_batch_put(b, &req, &A, &pr), 0);
+	CHECK_EQ(pr.header->revision, 3);
+	CHECK_EQ(storage_batch_meta_put(b, "member_id", "\x01\x00\x02", 3), 0);
+	CHECK_EQ(storage_batch_commit(b, 77), 0);
+	/* meta and persistence across restart */
+	reopen();
+	storage_reader *rd;
+	CHECK_EQ(storage_read_begin(S, &rd), 0);
+	void *val;
+	size_t len;
+	CHECK_EQ(storage_read_meta(rd, "member_id", &A, &val, &len), 0);
+	CHECK(len == 3 && memcmp(val, "\x01\x00\x02", 3) == 0);
+	CHECK_EQ(storage_read_meta(rd, "never", &A, &val, &len), STORAGE_ERR_NOT_FOUND);
+	storage_read_end(rd);
+	storage_stats st;
+	storage_stat(S, &st);
+	CHECK_EQ(st.st_revision, 3);
+	CHECK_EQ(st.st_applied_index, 77);
+	CHECK(st.st_db_size > 0 && st.st_db_size_in_use > 0 && st.st_db_size_in_use <= st.st_db_size);
+	CHECK(veq(get("nope", 0), "v"));
+	/* the data dir is locked, also against another process */
+	storage *s2;
+	CHECK_EQ(storage_open(DIR_, NULL, &s2), STORAGE_ERR_BUSY);
+	pid_t pid = fork();
+	if (pid == 0) {
+		storage *s3;
+		_exit(storage_open(DIR_, NULL, &s3) == STORAGE_ERR_BUSY ? 0 : 1);
+	}
+	int status;
+	waitpid(pid, &status, 0);
+	CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+}
+
+static void test_nospace(void)
+{
+	if (S)
+		storage_close(S);
+	free(DIR_);
+	DIR_ = t_tmpdir("nospace");
+	storage_options o = {1 << 20};
+	CHECK_EQ(storage_open(DIR_, &o, &S), 0);
+	storage_batch *b;
+	CHECK_EQ(storage_batch_begin(S, &b), 0);
+	char *big = calloc(1, 300 * 1024);
+	int err = 0, n = 0;
+	for (; n < 20 && !err; n++) {
+		Etcdserverpb__PutRequest req = ETCDSERVERPB__PUT_REQUEST__INIT;
+		Etcdserverpb__PutResponse pr;
+		char key[16];
+		snprintf(key, sizeof(key), "k%d", n);
+		req.key = t_str(key);
+		req.value = t_bin(big, 300 * 1024);
+		err = storage_batch_put(b, &req, &A, &pr);
+	}
+	CHECK_EQ(err, STORAGE_ERR_NOSPACE);
+	/* the batch survives: what fit commits */
+	CHECK_EQ(storage_batch_commit(b, 1), 0);
+	storage_stats st;
+	storage_stat(S, &st);
+	CHECK_EQ(st.st_revision, n);
+	free(big);
+	storage_close(S);
+	S = NULL;
+}
+
+int main(void)
+{
+	storage_arena_init(&A);
+	test_put_get();
+	test_put_flags();
+	test_range_opts();
+	test_delete_range();
+	test_long_keys();
+	test_txn();
+	test_compact();
+	test_batch_isolation();
+	test_nospace();
+	if (S)
+		storage_close(S);
+	storage_arena_free(&A);
+	free(DIR_);
+	printf("storage_test: %d checks, %d failed\n", t_checks, t_fail);
+	return t_fail ? 1 : 0;
+}
