@@ -56,6 +56,49 @@ typedef struct api_call api_call;
  */
 typedef void (*api_unary_fn)(void *ctx, api_call *call, const ProtobufCMessage *req);
 
+/* ---- Streaming calls (Watch, LeaseKeepAlive, Snapshot, RangeStream) ---- */
+
+/* One streaming call. Reference-counted: the api holds references while gRPC operations are
+ * outstanding; a handler that keeps the pointer takes its own with api_stream_retain(). */
+typedef struct api_stream api_stream;
+
+typedef struct api_stream_handlers {
+	/* The call arrived. Runs before any on_message of this stream. May be NULL. */
+	void (*on_open)(void *ctx, api_stream *st);
+	/* A request message arrived (a server-streaming method gets exactly one). msg is valid
+	 * during this call only. Messages of one stream are delivered one at a time, in order. */
+	void (*on_message)(void *ctx, api_stream *st, const ProtobufCMessage *msg);
+	/* The call is over (finished by the server, cancelled or broken). Called exactly once,
+	 * after every on_message; api_stream_send() fails from then on. */
+	void (*on_close)(void *ctx, api_stream *st);
+} api_stream_handlers;
+
+/* Immutable, reference-counted encoded bytes that many streams can send without copies. */
+typedef struct api_bytes api_bytes;
+/* A new buffer of len bytes (refcount 1); *data is where to write them before sending. */
+api_bytes *api_bytes_new(size_t len, uint8_t **data);
+void api_bytes_ref(api_bytes *b);
+void api_bytes_unref(api_bytes *b);
+
+void api_stream_retain(api_stream *st);
+void api_stream_release(api_stream *st);
+void api_stream_set_data(api_stream *st, void *data);
+void *api_stream_data(api_stream *st);
+const char *api_stream_metadata(api_stream *st, const char *key, size_t *len);
+/*
+ * Queues one message whose encoding is prefix (copied) followed by shared (referenced, may
+ * be NULL). Protobuf encodings concatenate: the prefix holds a message's own fields and the
+ * shared bytes the repeated field many messages have in common. Returns the bytes queued
+ * and not yet sent, after this one, or -1 if the stream is over.
+ */
+long api_stream_send(api_stream *st, const uint8_t *prefix, size_t plen, api_bytes *shared);
+/* Bytes queued on the stream and not yet sent. */
+size_t api_stream_queued_bytes(api_stream *st);
+/* Encodes msg and queues it, as api_stream_send(). */
+long api_stream_send_msg(api_stream *st, const ProtobufCMessage *msg);
+/* Ends the call with a status once everything queued is sent. Later calls do nothing. */
+void api_stream_finish(api_stream *st, int grpc_status, const char *message);
+
 typedef struct api_options {
 	size_t ao_max_request_bytes;  /* etcd's --max-request-bytes */
 	uint32_t ao_max_streams;      /* --max-concurrent-streams; 0 = gRPC's default */
@@ -76,6 +119,8 @@ const char *api_strerror(int err);
 int api_server_create(const api_options *opts, api_server **out);
 /* Routes a unary method path such as "/etcdserverpb.KV/Range" to fn. Before start only. */
 int api_server_route(api_server *s, const char *path, api_unary_fn fn, void *ctx);
+/* Routes a streaming method path to handlers (which must outlive the server). */
+int api_server_route_stream(api_server *s, const char *path, const api_stream_handlers *h, void *ctx);
 /* Listens on host:port (plaintext). Before start only. */
 int api_server_listen(api_server *s, const char *host_port);
 int api_server_start(api_server *s);

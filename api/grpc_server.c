@@ -15,64 +15,10 @@
 #include <grpc/support/time.h>
 
 #include "api/api.h"
+#include "api/internal.h"
 
 /* Calls that may wait for a handler at once, per hot method. */
 #define API_PENDING_PER_METHOD 4
-
-typedef enum tag_kind {
-	TAG_REGISTERED, /* a registered method's call arrived */
-	TAG_GENERIC,    /* a call for a path we do not serve arrived */
-	TAG_CALL_DONE,  /* the reply batch of a call completed */
-	TAG_SHUTDOWN,
-} tag_kind;
-
-typedef struct api_method {
-	char *am_path;
-	const ProtobufCMessageDescriptor *am_input;
-	void *am_registered;   /* grpc_server_register_method() handle */
-	int am_streaming;      /* client or server streaming: not served by the unary path */
-	api_unary_fn am_fn;
-	void *am_ctx;
-} api_method;
-
-/* A request slot: where gRPC core writes the next call of one method. */
-typedef struct api_pending {
-	tag_kind ap_kind;
-	api_server *ap_server;
-	api_method *ap_method;
-	grpc_call *ap_call;
-	gpr_timespec ap_deadline;
-	grpc_metadata_array ap_md;
-	grpc_byte_buffer *ap_payload;
-	grpc_call_details ap_details; /* generic calls only */
-} api_pending;
-
-struct api_call {
-	tag_kind ac_kind;
-	api_server *ac_server;
-	api_method *ac_method;
-	grpc_call *ac_call;
-	grpc_metadata_array ac_md;
-	ProtobufCMessage *ac_req;
-	size_t ac_req_size;
-	grpc_byte_buffer *ac_resp;
-	grpc_slice ac_details;
-	int ac_cancelled;
-};
-
-struct api_server {
-	api_options as_opts;
-	grpc_server *as_grpc;
-	grpc_completion_queue *as_cq;
-	api_method *as_methods;
-	size_t as_nmethods;
-	api_pending *as_pending;
-	size_t as_npending;
-	pthread_t *as_threads;
-	int as_nthreads;
-	int as_started;
-	int as_shutting_down;
-};
 
 static const struct {
 	int code;
@@ -226,6 +172,19 @@ int api_server_route(api_server *s, const char *path, api_unary_fn fn, void *ctx
 		api_method *m = &s->as_methods[i];
 		if (strcmp(m->am_path, path) == 0 && !m->am_streaming) {
 			m->am_fn = fn;
+			m->am_ctx = ctx;
+			return 0;
+		}
+	}
+	return API_ERR_UNKNOWN_METHOD;
+}
+
+int api_server_route_stream(api_server *s, const char *path, const api_stream_handlers *h, void *ctx)
+{
+	for (size_t i = 0; i < s->as_nmethods; i++) {
+		api_method *m = &s->as_methods[i];
+		if (strcmp(m->am_path, path) == 0 && m->am_streaming) {
+			m->am_stream = h;
 			m->am_ctx = ctx;
 			return 0;
 		}
@@ -439,6 +398,13 @@ static void on_registered(api_pending *p, int ok)
 	request_next(p);
 
 	api_method *m = c->ac_method;
+	if (m->am_streaming && m->am_stream) {
+		grpc_call *call = c->ac_call;
+		grpc_metadata_array md = c->ac_md;
+		free(c);
+		api__stream_start(s, m, call, &md);
+		return;
+	}
 	if (m->am_streaming || m->am_fn == NULL) {
 		if (payload)
 			grpc_byte_buffer_destroy(payload);
@@ -551,6 +517,12 @@ static void *cq_thread(void *arg)
 			break;
 		case TAG_CALL_DONE:
 			call_free(ev.tag);
+			break;
+		case TAG_STREAM_RECV:
+		case TAG_STREAM_SEND:
+		case TAG_STREAM_CLOSE:
+		case TAG_STREAM_STATUS:
+			api__stream_event(ev.tag, ev.success);
 			break;
 		case TAG_SHUTDOWN:
 			/* Every call has ended: let the threads drain the queue and exit. */

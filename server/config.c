@@ -105,7 +105,7 @@ static const flag_def flags[] = {
 	{"experimental-enable-lease-checkpoint", F_IGNORED_BOOL, "false", 0, "Enable to persist lease remaining TTL to prevent indefinite auto-renewal of long lived leases."},
 	{"experimental-compaction-batch-limit", F_IGNORED_STRING, "1000", 0, "Sets the maximum revisions deleted in each compaction batch."},
 	{"experimental-peer-skip-client-san-verification", F_IGNORED_BOOL, "false", 0, "Skip verification of SAN field in client certificate for peer connections."},
-	{"experimental-watch-progress-notify-interval", F_IGNORED_STRING, "10m", 0, "Duration of periodic watch progress notifications."},
+	{"experimental-watch-progress-notify-interval", F_DURATION_MS, "10m", OFF(watch_progress_notify_ms), "Duration of periodic watch progress notifications."},
 	{"experimental-warning-apply-duration", F_IGNORED_STRING, "100ms", 0, "Time duration after which a warning is generated if request takes more time."},
 	{"force-new-cluster", F_BOOL, "false", OFF(force_new_cluster), "Force to create a new one member cluster."},
 	{"debug", F_IGNORED_BOOL, "false", 0, "Enable debug-level logging for etcd (deprecated: use --log-level=debug)."},

@@ -108,6 +108,18 @@ static void metrics_body(server_ctx *sc, sbuf *b)
 	sb_printf(b, "# HELP etcd_debugging_mvcc_compact_revision The revision of the last compaction in store.\n"
 		     "# TYPE etcd_debugging_mvcc_compact_revision gauge\netcd_debugging_mvcc_compact_revision %lld\n",
 		  (long long)(st.st_compact_revision ? st.st_compact_revision : -1));
+	uint64_t streams = 0, watchers = 0, slow = 0;
+	if (sc->hub)
+		watch_hub_stats(sc->hub, &streams, &watchers, &slow);
+	sb_printf(b, "# HELP etcd_debugging_mvcc_watch_stream_total Total number of watch streams.\n"
+		     "# TYPE etcd_debugging_mvcc_watch_stream_total gauge\netcd_debugging_mvcc_watch_stream_total %llu\n",
+		  (unsigned long long)streams);
+	sb_printf(b, "# HELP etcd_debugging_mvcc_watcher_total Total number of watchers.\n"
+		     "# TYPE etcd_debugging_mvcc_watcher_total gauge\netcd_debugging_mvcc_watcher_total %llu\n",
+		  (unsigned long long)watchers);
+	sb_printf(b, "# HELP keelson_watch_slow_total Times a watcher fell behind and moved to catch-up.\n"
+		     "# TYPE keelson_watch_slow_total counter\nkeelson_watch_slow_total %llu\n",
+		  (unsigned long long)slow);
 	sb_printf(b, "# HELP keelson_batch_requests_total Writes applied by the node loop.\n"
 		     "# TYPE keelson_batch_requests_total counter\nkeelson_batch_requests_total %llu\n",
 		  (unsigned long long)reqs);

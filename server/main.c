@@ -165,6 +165,8 @@ static int run(config *cfgp)
 		rc = kv_register(as, &sc);
 	if (rc == 0)
 		rc = maint_register(as, &sc);
+	if (rc == 0)
+		rc = watch_hub_start(&sc.hub, &sc, as);
 	for (int i = 0; rc == 0 && i < cfg.listen_client.n; i++) {
 		char hp[256];
 		config_url_host_port(cfg.listen_client.url[i], hp, sizeof(hp));
@@ -199,7 +201,9 @@ static int run(config *cfgp)
 	http_stop(hs);
 	api_server_shutdown(as);
 	node_stop(sc.nd);
+	watch_hub_stop(sc.hub);
 	api_server_destroy(as);
+	watch_hub_free(sc.hub);
 	node_free(sc.nd);
 	storage_close(sc.st);
 	log_at(LOG_INFO, "stopped", NULL);

@@ -228,13 +228,24 @@ static void on_wake(uv_async_t *h)
 		storage_batch *b;
 		int rc = storage_batch_begin(sc->st, &b);
 		uint64_t applied = atomic_load(&n->n_applied);
+		Mvccpb__Event **events = NULL;
+		size_t nevents = 0;
+		int64_t rev = 0;
 		if (rc == 0) {
 			for (node_req *r = head; r; r = r->nr_next) {
 				r->nr_err = apply_one(b, r, &a);
 				applied++;
 			}
-			rc = storage_batch_commit(b, applied);
+			rc = storage_batch_events(b, &a, &events, &nevents, &rev);
+			if (rc == 0)
+				rc = storage_batch_commit(b, applied);
+			else
+				storage_batch_abort(b);
 		}
+		/* Watchers hear of a batch only once it is durable, and before its writers do:
+		 * a client that sees its put acknowledged may count on its watch having it. */
+		if (rc == 0)
+			watch_hub_notify(sc->hub, events, nevents, rev);
 		if (rc == 0) {
 			atomic_store(&n->n_applied, applied);
 			atomic_fetch_add(&n->n_stat_requests, (uint64_t)count);

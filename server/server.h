@@ -60,6 +60,7 @@ typedef struct config {
 	char *log_level;
 	char *log_outputs;
 	char *etcd_version; /* the version Status and /version report */
+	uint64_t watch_progress_notify_ms;
 	int pre_vote;
 	int force_new_cluster;
 	int show_version;
@@ -123,12 +124,26 @@ uint64_t node_applied_index(node *n);
 /* Writes batched so far and fsyncs they took (group commit), for /metrics. */
 void node_batch_stats(node *n, uint64_t *requests, uint64_t *commits);
 
+/* ---- watch.c ---- */
+
+typedef struct watch_hub watch_hub;
+struct server_ctx;
+/* Serves the Watch service and starts the hub's catch-up thread. */
+int watch_hub_start(watch_hub **out, struct server_ctx *sc, api_server *as);
+/* Called by the node loop after each commit with the batch's events, in revision order,
+ * and the store revision after the batch. Events are read during the call only. */
+void watch_hub_notify(watch_hub *h, Mvccpb__Event **events, size_t n, int64_t rev);
+void watch_hub_stop(watch_hub *h);
+void watch_hub_free(watch_hub *h);
+void watch_hub_stats(watch_hub *h, uint64_t *streams, uint64_t *watchers, uint64_t *slow);
+
 /* ---- kv.c / maint.c: service registration ---- */
 
 typedef struct server_ctx {
 	config *cfg;
 	storage *st;
 	node *nd;
+	watch_hub *hub;
 	member_info mi;
 } server_ctx;
 

@@ -207,8 +207,10 @@ int storage_batch_begin(storage *s, storage_batch **out)
 	int err = storage__mdb_err(mdb_txn_begin(s->s_env, NULL, 0, &b->b_txn));
 	if (!err)
 		err = storage__meta_get_i64(s, b->b_txn, META_REV, 1, &b->b_rev);
-	if (!err)
+	if (!err) {
+		b->b_start_rev = b->b_rev;
 		err = storage__meta_get_i64(s, b->b_txn, META_COMPACT, -1, &b->b_compact);
+	}
 	if (!err)
 		err = storage__meta_get_i64(s, b->b_txn, META_CNEXT_MAIN, 0, &b->b_cnext_main);
 	if (!err)

@@ -52,6 +52,7 @@ struct storage_batch {
 	storage *b_s;
 	MDB_txn *b_txn;        /* the batch's write txn; each request runs in a child of it */
 	int64_t b_rev;         /* store revision before the current request */
+	int64_t b_start_rev;   /* store revision when the batch began: its events follow it */
 	int64_t b_changes;     /* writes so far in the current request = next sub revision */
 	int64_t b_compact;     /* compacted revision, -1 if none */
 	int64_t b_cnext_main;  /* physical compaction resumes at this revision */

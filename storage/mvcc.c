@@ -1216,3 +1216,126 @@ int storage_batch_compact_continue(storage_batch *b, size_t max_revisions, int *
 	err = compact_step(b, txn, max_revisions, done);
 	return req_end(b, txn, &sv, err);
 }
+
+/* ---- events: history replay from the revision table ---- */
+
+/*
+ * Reads the events of revisions [from, to] from the revision table of txn, at most max
+ * (never splitting a revision). prev_kv is the key's newest revision before the event's,
+ * found through its history; a create has none.
+ */
+static int read_events(mv *v, int64_t from, int64_t to, size_t max, storage_arena *a,
+		       Mvccpb__Event ***out, size_t *nout)
+{
+	*out = NULL;
+	*nout = 0;
+	MDB_cursor *cur;
+	int err = storage__mdb_err(mdb_cursor_open(v->v_txn, v->v_s->s_revs, &cur));
+	if (err)
+		return err;
+	uint8_t kb[REV_KEY_SIZE];
+	rev_key(kb, from, 0);
+	MDB_val k = {sizeof(kb), kb}, d;
+	size_t n = 0, cap = 0;
+	Mvccpb__Event **evs = NULL;
+	int64_t last_main = -1;
+	int rc = mdb_cursor_get(cur, &k, &d, MDB_SET_RANGE);
+	for (; rc == 0; rc = mdb_cursor_get(cur, &k, &d, MDB_NEXT)) {
+		if (k.mv_size != REV_KEY_SIZE || d.mv_size < REV_HDR_SIZE) {
+			err = STORAGE_ERR_CORRUPT;
+			break;
+		}
+		int64_t main = (int64_t)be64_get(k.mv_data);
+		if (main > to || (n >= max && main != last_main))
+			break;
+		last_main = main;
+		const uint8_t *p = d.mv_data;
+		kvrec r;
+		if ((err = kv_decode(p + REV_HDR_SIZE, d.mv_size - REV_HDR_SIZE, &r)))
+			break;
+		Mvccpb__Event *ev = storage_arena_alloc(a, sizeof(*ev));
+		if (!ev) {
+			err = STORAGE_ERR_NOMEM;
+			break;
+		}
+		Mvccpb__Event init = MVCCPB__EVENT__INIT;
+		*ev = init;
+		int tomb = p[0] & REV_FLAG_TOMB;
+		ev->type = tomb ? MVCCPB__EVENT__EVENT_TYPE__DELETE : MVCCPB__EVENT__EVENT_TYPE__PUT;
+		if (!(ev->kv = kv_new(v, a, &r, 1))) {
+			err = STORAGE_ERR_NOMEM;
+			break;
+		}
+		if (tomb || r.create != r.mod) {
+			/* The key's previous revision: the newest one before this event. */
+			int64_t pmain, psub;
+			int ptomb;
+			uint64_t id = be64_get(p + 1);
+			/* A key changes at most once per revision (etcd refuses txns that touch a
+			 * key twice), so its previous state is its newest below main. */
+			err = storage__hist_at(v->v_s, v->v_txn, id, main - 1, &pmain, &psub, &ptomb);
+			if (err == 0 && !ptomb) {
+				kvrec pr;
+				if ((err = rev_read(v->v_s, v->v_txn, pmain, psub, &pr, NULL)))
+					break;
+				if (!(ev->prev_kv = kv_new(v, a, &pr, 1))) {
+					err = STORAGE_ERR_NOMEM;
+					break;
+				}
+			} else if (err && err != STORAGE_ERR_NOT_FOUND) {
+				break;
+			}
+			err = 0;
+		}
+		if (n == cap) {
+			size_t ncap = cap ? cap * 2 : 16;
+			Mvccpb__Event **ne = storage_arena_alloc(a, ncap * sizeof(*ne));
+			if (!ne) {
+				err = STORAGE_ERR_NOMEM;
+				break;
+			}
+			if (n)
+				memcpy(ne, evs, n * sizeof(*ne));
+			evs = ne;
+			cap = ncap;
+		}
+		evs[n++] = ev;
+	}
+	if (!err && rc != 0 && rc != MDB_NOTFOUND)
+		err = storage__mdb_err(rc);
+	mdb_cursor_close(cur);
+	if (!err) {
+		*out = evs;
+		*nout = n;
+	}
+	return err;
+}
+
+int storage_batch_events(storage_batch *b, storage_arena *a, Mvccpb__Event ***events, size_t *n,
+			 int64_t *rev)
+{
+	mv v = batch_view(b, b->b_txn);
+	*rev = b->b_rev;
+	if (b->b_rev == b->b_start_rev) {
+		*events = NULL;
+		*n = 0;
+		return 0;
+	}
+	return read_events(&v, b->b_start_rev + 1, b->b_rev, (size_t)-1, a, events, n);
+}
+
+int storage_read_events(storage_reader *r, int64_t from_rev, size_t max_events, storage_arena *a,
+			Mvccpb__Event ***events, size_t *n, int64_t *reader_rev,
+			int64_t *compact_rev)
+{
+	mv v = reader_view(r);
+	*reader_rev = r->r_rev;
+	*compact_rev = r->r_compact < 0 ? 0 : r->r_compact;
+	*events = NULL;
+	*n = 0;
+	if (from_rev < r->r_compact)
+		return STORAGE_ERR_COMPACTED;
+	if (from_rev > r->r_rev)
+		return 0;
+	return read_events(&v, from_rev, r->r_rev, max_events, a, events, n);
+}

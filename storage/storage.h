@@ -123,6 +123,15 @@ int storage_batch_compact(storage_batch *b, const Etcdserverpb__CompactionReques
  */
 int storage_batch_compact_continue(storage_batch *b, size_t max_revisions, int *done);
 
+/*
+ * The events of every write applied in this batch so far, in revision order, with prev_kv
+ * filled for keys that existed before (the caller drops it for watchers that did not ask).
+ * Allocated in arena a and copied out of the map: valid after commit, until a is freed.
+ * *rev is the store revision after the batch.
+ */
+int storage_batch_events(storage_batch *b, storage_arena *a, Mvccpb__Event ***events, size_t *n,
+			 int64_t *rev);
+
 /* Small persistent facts of the member (cluster id, member id, ...), binary-safe. */
 int storage_batch_meta_put(storage_batch *b, const char *name, const void *val, size_t len);
 
@@ -147,6 +156,16 @@ int storage_range(storage_reader *r, const Etcdserverpb__RangeRequest *req, stor
  */
 int storage_read_txn(storage_reader *r, const Etcdserverpb__TxnRequest *req, storage_arena *a,
 		     Etcdserverpb__TxnResponse *resp);
+/*
+ * History replay for watches: the events with revision >= from_rev, in revision order,
+ * prev_kv filled as in storage_batch_events(). Stops after max_events, but never inside a
+ * revision (a revision's events always come together). *reader_rev is the revision this
+ * reader sees, *compact_rev the compacted one. STORAGE_ERR_COMPACTED if from_rev is below
+ * the compacted revision. Byte fields point into the map: valid until storage_read_end().
+ */
+int storage_read_events(storage_reader *r, int64_t from_rev, size_t max_events, storage_arena *a,
+			Mvccpb__Event ***events, size_t *n, int64_t *reader_rev,
+			int64_t *compact_rev);
 /* Reads a meta value into the arena. STORAGE_ERR_NOT_FOUND if never written. */
 int storage_read_meta(storage_reader *r, const char *name, storage_arena *a, void **val,
 		      size_t *len);

@@ -1,0 +1,804 @@
+/*
+ * watch.c - etcd's Watch service and the hub that fans events out to watchers.
+ *
+ * Synced watchers are grouped by what they ask for (key range, prev_kv, filters). After a
+ * batch commits, the node loop hands its events to watch_hub_notify(): each group's matching
+ * events are encoded ONCE into a shared buffer, and each watcher's response is its own small
+ * prefix (header, watch_id) followed by that buffer. Protobuf encodings concatenate, so the
+ * bytes on the wire are a plain WatchResponse.
+ *
+ * A watcher that starts in the past, or whose stream's send queue grows past a bound (a slow
+ * client), is unsynced: the catch-up thread replays its events from LMDB in bounded batches
+ * while its queue has room, then moves it back to its group. A watcher never gets an event
+ * twice or misses one: each remembers the lowest revision it has not been sent.
+ *
+ * One lock (hub_mu) guards the hub, its streams and watchers. The node loop holds it only
+ * to match and queue sends; sends themselves are queued on each stream without blocking.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "server/server.h"
+
+/* Past this many queued bytes a stream's watchers leave the fast path. */
+#define WATCH_STREAM_MAX_QUEUED (8u << 20)
+/* Catch-up sends to a stream only while less than this is queued. */
+#define WATCH_STREAM_RESUME_QUEUED (1u << 20)
+/* Events read from LMDB per catch-up step. */
+#define WATCH_CATCHUP_EVENTS 1000
+/* etcd's clientv3.InvalidWatchID */
+#define WATCH_ID_NONE (-1)
+
+typedef enum range_kind { RANGE_ONE, RANGE_SPAN, RANGE_FROM } range_kind;
+
+typedef struct watch_group watch_group;
+typedef struct watch_stream watch_stream;
+typedef struct watcher watcher;
+
+struct watcher {
+	int64_t w_id;
+	watch_stream *w_stream;
+	watcher *w_snext; /* in the stream's list */
+	watch_group *w_group;
+	watcher *w_gnext, *w_gprev; /* in the group's list while synced */
+	watcher *w_unext;           /* in the hub's unsynced list */
+	int64_t w_next_rev;         /* the lowest revision not yet sent */
+	int w_synced;
+	int w_progress;     /* progress_notify asked */
+	int w_progress_due; /* no events since the last progress tick */
+	int w_fragment;
+};
+
+/* What a watcher asks for; synced watchers with equal asks share encodings. */
+struct watch_group {
+	range_kind g_kind;
+	ProtobufCBinaryData g_key, g_end; /* owned */
+	int g_prev_kv, g_noput, g_nodelete;
+	watcher *g_watchers;
+	watch_group *g_next;
+	int g_refs; /* watchers, synced or not, that use this group */
+};
+
+struct watch_stream {
+	api_stream *ws_api;
+	watcher *ws_watchers;
+	int64_t ws_next_id;
+	int ws_progress_requested; /* a WatchProgressRequest waits for every watcher to sync */
+	watch_stream *ws_next, *ws_prev;
+};
+
+struct watch_hub {
+	server_ctx *h_sc;
+	pthread_mutex_t h_mu;
+	pthread_cond_t h_cond;
+	pthread_t h_thread;
+	int h_stop;
+	int64_t h_rev; /* revision of the last batch notified */
+	watch_group *h_groups;
+	watcher *h_unsynced;
+	watch_stream *h_streams;
+	uint64_t h_progress_ms;
+	uint64_t h_nwatchers, h_nstreams, h_nslow;
+};
+
+/* ---- matching and encoding ---- */
+
+static int bytes_cmp(const uint8_t *a, size_t alen, const uint8_t *b, size_t blen)
+{
+	size_t n = alen < blen ? alen : blen;
+	int c = n ? memcmp(a, b, n) : 0;
+	if (c)
+		return c;
+	return alen < blen ? -1 : alen > blen;
+}
+
+static int group_matches(const watch_group *g, const Mvccpb__Event *ev)
+{
+	if (g->g_noput && ev->type == MVCCPB__EVENT__EVENT_TYPE__PUT)
+		return 0;
+	if (g->g_nodelete && ev->type == MVCCPB__EVENT__EVENT_TYPE__DELETE)
+		return 0;
+	const ProtobufCBinaryData *k = &ev->kv->key;
+	int lo = bytes_cmp(k->data, k->len, g->g_key.data, g->g_key.len);
+	switch (g->g_kind) {
+	case RANGE_ONE:
+		return lo == 0;
+	case RANGE_FROM:
+		return lo >= 0;
+	case RANGE_SPAN:
+		return lo >= 0 && bytes_cmp(k->data, k->len, g->g_end.data, g->g_end.len) < 0;
+	}
+	return 0;
+}
+
+static size_t varint_len(uint64_t v)
+{
+	size_t n = 1;
+	while (v >= 0x80) {
+		v >>= 7;
+		n++;
+	}
+	return n;
+}
+
+static uint8_t *varint_put(uint8_t *p, uint64_t v)
+{
+	while (v >= 0x80) {
+		*p++ = (uint8_t)(v | 0x80);
+		v >>= 7;
+	}
+	*p++ = (uint8_t)v;
+	return p;
+}
+
+/* WatchResponse.events is field 11, length-delimited. */
+#define EVENTS_TAG ((11 << 3) | 2)
+
+/* An event as etcd sends it to a watcher: prev_kv only if asked, and never for a create. */
+static void event_view(const Mvccpb__Event *ev, int prev_kv, Mvccpb__Event *out)
+{
+	*out = *ev;
+	int create = ev->type == MVCCPB__EVENT__EVENT_TYPE__PUT &&
+		     ev->kv->create_revision == ev->kv->mod_revision;
+	if (!prev_kv || create)
+		out->prev_kv = NULL;
+}
+
+/* Encodes the events selected by sel[] (n of them) as repeated field 11 into one shared
+ * buffer. Returns NULL when out of memory. */
+static api_bytes *encode_events(Mvccpb__Event **evs, const size_t *sel, size_t n, int prev_kv)
+{
+	size_t total = 0;
+	for (size_t i = 0; i < n; i++) {
+		Mvccpb__Event v;
+		event_view(evs[sel[i]], prev_kv, &v);
+		size_t len = mvccpb__event__get_packed_size(&v);
+		total += 1 + varint_len(len) + len;
+	}
+	uint8_t *p;
+	api_bytes *b = api_bytes_new(total, &p);
+	if (b == NULL)
+		return NULL;
+	for (size_t i = 0; i < n; i++) {
+		Mvccpb__Event v;
+		event_view(evs[sel[i]], prev_kv, &v);
+		size_t len = mvccpb__event__get_packed_size(&v);
+		*p++ = EVENTS_TAG;
+		p = varint_put(p, len);
+		p += mvccpb__event__pack(&v, p);
+	}
+	return b;
+}
+
+static void fill_header(watch_hub *h, Etcdserverpb__ResponseHeader *hdr, int64_t rev)
+{
+	server_fill_header(h->h_sc, hdr);
+	hdr->revision = rev;
+}
+
+/* Queues resp (without events) followed by the shared events; returns queued bytes or -1. */
+static long send_response(watch_stream *ws, Etcdserverpb__WatchResponse *resp, api_bytes *events)
+{
+	uint8_t buf[256];
+	size_t len = etcdserverpb__watch_response__get_packed_size(resp);
+	if (len > sizeof(buf))
+		return api_stream_send_msg(ws->ws_api, &resp->base);
+	etcdserverpb__watch_response__pack(resp, buf);
+	return api_stream_send(ws->ws_api, buf, len, events);
+}
+
+static long send_control(watch_hub *h, watch_stream *ws, int64_t id, int created, int canceled,
+			 int64_t compact_rev, const char *reason)
+{
+	Etcdserverpb__WatchResponse resp = ETCDSERVERPB__WATCH_RESPONSE__INIT;
+	Etcdserverpb__ResponseHeader hdr = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+	fill_header(h, &hdr, h->h_rev);
+	resp.header = &hdr;
+	resp.watch_id = id;
+	resp.created = created;
+	resp.canceled = canceled;
+	resp.compact_revision = compact_rev;
+	if (reason)
+		resp.cancel_reason = (char *)reason;
+	return api_stream_send_msg(ws->ws_api, &resp.base);
+}
+
+/*
+ * Sends events to one watcher, split into fragments if it asked for them and the response
+ * would reach --max-request-bytes (etcd's sendFragments). The rare path: encodes per watcher.
+ */
+static long send_fragmented(watch_hub *h, watcher *w, Mvccpb__Event **evs, const size_t *sel,
+			    size_t n, int64_t rev)
+{
+	size_t limit = h->h_sc->cfg->max_request_bytes;
+	long queued = 0;
+	size_t i = 0;
+	while (i < n) {
+		size_t start = i, size = 64;
+		for (; i < n; i++) {
+			Mvccpb__Event v;
+			event_view(evs[sel[i]], w->w_group->g_prev_kv, &v);
+			size_t len = mvccpb__event__get_packed_size(&v);
+			size += 1 + varint_len(len) + len;
+			if (i > start && size >= limit)
+				break;
+		}
+		Etcdserverpb__WatchResponse resp = ETCDSERVERPB__WATCH_RESPONSE__INIT;
+		Etcdserverpb__ResponseHeader hdr = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+		fill_header(h, &hdr, rev);
+		resp.header = &hdr;
+		resp.watch_id = w->w_id;
+		resp.fragment = i < n;
+		api_bytes *b = encode_events(evs, sel + start, i - start, w->w_group->g_prev_kv);
+		if (b == NULL)
+			return -1;
+		queued = send_response(w->w_stream, &resp, b);
+		api_bytes_unref(b);
+		if (queued < 0)
+			return queued;
+	}
+	return queued;
+}
+
+/* Sends the selected events to w, at header revision rev. */
+static long send_events(watch_hub *h, watcher *w, Mvccpb__Event **evs, const size_t *sel, size_t n,
+			api_bytes *shared, int64_t rev)
+{
+	if (w->w_fragment && n >= 2)
+		return send_fragmented(h, w, evs, sel, n, rev);
+	Etcdserverpb__WatchResponse resp = ETCDSERVERPB__WATCH_RESPONSE__INIT;
+	Etcdserverpb__ResponseHeader hdr = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+	fill_header(h, &hdr, rev);
+	resp.header = &hdr;
+	resp.watch_id = w->w_id;
+	api_bytes *own = NULL;
+	if (shared == NULL) {
+		own = encode_events(evs, sel, n, w->w_group->g_prev_kv);
+		if (own == NULL)
+			return -1;
+		shared = own;
+	}
+	long q = send_response(w->w_stream, &resp, shared);
+	if (own)
+		api_bytes_unref(own);
+	w->w_progress_due = 0;
+	return q;
+}
+
+/* ---- membership of watchers in groups and lists ---- */
+
+static void group_link(watcher *w)
+{
+	watch_group *g = w->w_group;
+	w->w_gprev = NULL;
+	w->w_gnext = g->g_watchers;
+	if (g->g_watchers)
+		g->g_watchers->w_gprev = w;
+	g->g_watchers = w;
+	w->w_synced = 1;
+}
+
+static void group_unlink(watcher *w)
+{
+	watch_group *g = w->w_group;
+	if (w->w_gprev)
+		w->w_gprev->w_gnext = w->w_gnext;
+	else
+		g->g_watchers = w->w_gnext;
+	if (w->w_gnext)
+		w->w_gnext->w_gprev = w->w_gprev;
+	w->w_gnext = w->w_gprev = NULL;
+	w->w_synced = 0;
+}
+
+static void unsynced_add(watch_hub *h, watcher *w)
+{
+	w->w_unext = h->h_unsynced;
+	h->h_unsynced = w;
+	pthread_cond_signal(&h->h_cond);
+}
+
+static void unsynced_remove(watch_hub *h, watcher *w)
+{
+	for (watcher **pp = &h->h_unsynced; *pp; pp = &(*pp)->w_unext) {
+		if (*pp == w) {
+			*pp = w->w_unext;
+			w->w_unext = NULL;
+			return;
+		}
+	}
+}
+
+static void group_release(watch_hub *h, watch_group *g)
+{
+	if (--g->g_refs > 0)
+		return;
+	for (watch_group **pp = &h->h_groups; *pp; pp = &(*pp)->g_next) {
+		if (*pp == g) {
+			*pp = g->g_next;
+			break;
+		}
+	}
+	free(g->g_key.data);
+	free(g->g_end.data);
+	free(g);
+}
+
+static watch_group *group_get(watch_hub *h, range_kind kind, const ProtobufCBinaryData *key,
+			      const ProtobufCBinaryData *end, int prev_kv, int noput, int nodelete)
+{
+	for (watch_group *g = h->h_groups; g; g = g->g_next) {
+		if (g->g_kind == kind && g->g_prev_kv == prev_kv && g->g_noput == noput &&
+		    g->g_nodelete == nodelete &&
+		    bytes_cmp(g->g_key.data, g->g_key.len, key->data, key->len) == 0 &&
+		    (kind != RANGE_SPAN || bytes_cmp(g->g_end.data, g->g_end.len, end->data, end->len) == 0)) {
+			g->g_refs++;
+			return g;
+		}
+	}
+	watch_group *g = calloc(1, sizeof(*g));
+	if (g == NULL)
+		return NULL;
+	g->g_kind = kind;
+	g->g_key.data = malloc(key->len ? key->len : 1);
+	g->g_end.data = malloc(end->len ? end->len : 1);
+	if (g->g_key.data == NULL || g->g_end.data == NULL) {
+		free(g->g_key.data);
+		free(g->g_end.data);
+		free(g);
+		return NULL;
+	}
+	memcpy(g->g_key.data, key->data, key->len);
+	g->g_key.len = key->len;
+	if (kind == RANGE_SPAN) {
+		memcpy(g->g_end.data, end->data, end->len);
+		g->g_end.len = end->len;
+	}
+	g->g_prev_kv = prev_kv;
+	g->g_noput = noput;
+	g->g_nodelete = nodelete;
+	g->g_refs = 1;
+	g->g_next = h->h_groups;
+	h->h_groups = g;
+	return g;
+}
+
+static void watcher_remove(watch_hub *h, watcher *w)
+{
+	if (w->w_synced)
+		group_unlink(w);
+	else
+		unsynced_remove(h, w);
+	for (watcher **pp = &w->w_stream->ws_watchers; *pp; pp = &(*pp)->w_snext) {
+		if (*pp == w) {
+			*pp = w->w_snext;
+			break;
+		}
+	}
+	group_release(h, w->w_group);
+	h->h_nwatchers--;
+	free(w);
+}
+
+/* The stream is behind: its watchers leave the fast path until catch-up drains it. */
+static void stream_mark_slow(watch_hub *h, watch_stream *ws)
+{
+	for (watcher *w = ws->ws_watchers; w; w = w->w_snext) {
+		if (w->w_synced) {
+			group_unlink(w);
+			unsynced_add(h, w);
+			h->h_nslow++;
+		}
+	}
+}
+
+static int stream_all_synced(watch_stream *ws)
+{
+	for (watcher *w = ws->ws_watchers; w; w = w->w_snext)
+		if (!w->w_synced)
+			return 0;
+	return 1;
+}
+
+/* ---- the node loop's side ---- */
+
+void watch_hub_notify(watch_hub *h, Mvccpb__Event **evs, size_t n, int64_t rev)
+{
+	if (h == NULL)
+		return;
+	pthread_mutex_lock(&h->h_mu);
+	h->h_rev = rev;
+	if (n == 0 || h->h_groups == NULL) {
+		pthread_mutex_unlock(&h->h_mu);
+		return;
+	}
+	size_t *sel = malloc(n * sizeof(size_t));
+	size_t *sub = malloc(n * sizeof(size_t));
+	if (sel == NULL || sub == NULL) {
+		free(sel);
+		free(sub);
+		/* Out of memory: every watcher catches up from LMDB instead. */
+		for (watch_stream *ws = h->h_streams; ws; ws = ws->ws_next)
+			stream_mark_slow(h, ws);
+		pthread_mutex_unlock(&h->h_mu);
+		return;
+	}
+	watch_stream *slow[64];
+	size_t nslow = 0;
+	for (watch_group *g = h->h_groups; g; g = g->g_next) {
+		if (g->g_watchers == NULL)
+			continue;
+		size_t m = 0;
+		for (size_t i = 0; i < n; i++)
+			if (group_matches(g, evs[i]))
+				sel[m++] = i;
+		if (m == 0)
+			continue;
+		api_bytes *shared = encode_events(evs, sel, m, g->g_prev_kv);
+		watcher *next;
+		for (watcher *w = g->g_watchers; w; w = next) {
+			next = w->w_gnext;
+			/* A watcher that just caught up may already have the first revisions. */
+			size_t k = 0;
+			while (k < m && evs[sel[k]]->kv->mod_revision < w->w_next_rev)
+				k++;
+			long q;
+			if (k == m)
+				continue;
+			if (k == 0) {
+				q = send_events(h, w, evs, sel, m, shared, rev);
+			} else {
+				memcpy(sub, sel + k, (m - k) * sizeof(size_t));
+				q = send_events(h, w, evs, sub, m - k, NULL, rev);
+			}
+			w->w_next_rev = rev + 1;
+			if ((q < 0 || (size_t)q > WATCH_STREAM_MAX_QUEUED) && nslow < 64)
+				slow[nslow++] = w->w_stream;
+		}
+		api_bytes_unref(shared);
+	}
+	for (size_t i = 0; i < nslow; i++)
+		stream_mark_slow(h, slow[i]);
+	free(sel);
+	free(sub);
+	pthread_mutex_unlock(&h->h_mu);
+}
+
+/* ---- catch-up and progress: the hub's own thread ---- */
+
+/* One bounded catch-up step for w. Called with h_mu held. Returns 1 if w was removed. */
+static int catch_up(watch_hub *h, watcher *w)
+{
+	storage_reader *r;
+	storage_arena a;
+	storage_arena_init(&a);
+	if (storage_read_begin(h->h_sc->st, &r) != 0)
+		return 0;
+	Mvccpb__Event **evs = NULL;
+	size_t n = 0;
+	int64_t reader_rev = 0, compact_rev = 0;
+	int rc = storage_read_events(r, w->w_next_rev, WATCH_CATCHUP_EVENTS, &a, &evs, &n, &reader_rev,
+				     &compact_rev);
+	int removed = 0;
+	if (rc == STORAGE_ERR_COMPACTED) {
+		/* etcd: the watcher is cancelled with the compacted revision. */
+		send_control(h, w->w_stream, w->w_id, 0, 1, compact_rev, NULL);
+		watcher_remove(h, w);
+		removed = 1;
+	} else if (rc == 0) {
+		size_t *sel = malloc((n ? n : 1) * sizeof(size_t));
+		size_t m = 0;
+		if (sel) {
+			for (size_t i = 0; i < n; i++)
+				if (group_matches(w->w_group, evs[i]))
+					sel[m++] = i;
+			int64_t upto = n ? evs[n - 1]->kv->mod_revision : reader_rev;
+			int done = n < WATCH_CATCHUP_EVENTS;
+			if (done)
+				upto = reader_rev;
+			long q = 0;
+			if (m > 0)
+				q = send_events(h, w, evs, sel, m, NULL, upto);
+			if (q >= 0) {
+				w->w_next_rev = upto + 1;
+				if (done && (size_t)q <= WATCH_STREAM_MAX_QUEUED) {
+					unsynced_remove(h, w);
+					group_link(w);
+				}
+			}
+			free(sel);
+		}
+	}
+	storage_read_end(r);
+	storage_arena_free(&a);
+	return removed;
+}
+
+static void send_progress_if_synced(watch_hub *h, watch_stream *ws)
+{
+	if (ws->ws_progress_requested && stream_all_synced(ws)) {
+		ws->ws_progress_requested = 0;
+		send_control(h, ws, WATCH_ID_NONE, 0, 0, 0, NULL);
+	}
+}
+
+static uint64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static void progress_tick(watch_hub *h)
+{
+	for (watch_stream *ws = h->h_streams; ws; ws = ws->ws_next) {
+		for (watcher *w = ws->ws_watchers; w; w = w->w_snext) {
+			if (!w->w_progress)
+				continue;
+			if (w->w_progress_due && w->w_synced)
+				send_control(h, ws, w->w_id, 0, 0, 0, NULL);
+			w->w_progress_due = 1;
+		}
+	}
+}
+
+static void *hub_thread(void *arg)
+{
+	watch_hub *h = arg;
+	uint64_t next_tick = now_ms() + h->h_progress_ms;
+	pthread_mutex_lock(&h->h_mu);
+	while (!h->h_stop) {
+		int waiting = 0;
+		watcher *next;
+		for (watcher *w = h->h_unsynced; w; w = next) {
+			next = w->w_unext;
+			if (api_stream_queued_bytes(w->w_stream->ws_api) > WATCH_STREAM_RESUME_QUEUED) {
+				waiting = 1;
+				continue;
+			}
+			watch_stream *ws = w->w_stream;
+			if (!catch_up(h, w))
+				send_progress_if_synced(h, ws);
+			if (h->h_unsynced)
+				waiting = 1;
+		}
+		uint64_t now = now_ms();
+		if (h->h_progress_ms > 0 && now >= next_tick) {
+			progress_tick(h);
+			next_tick = now + h->h_progress_ms;
+		}
+		/* Sleep until woken (a new unsynced watcher), or briefly while some wait for their
+		 * queues to drain, or until the next progress tick. */
+		uint64_t wait_ms = waiting ? 10 : (h->h_progress_ms ? next_tick - now : 1000);
+		if (wait_ms > 1000)
+			wait_ms = 1000;
+		struct timespec ts;
+		clock_gettime(CLOCK_REALTIME, &ts);
+		ts.tv_nsec += (long)(wait_ms % 1000) * 1000000;
+		ts.tv_sec += (time_t)(wait_ms / 1000) + ts.tv_nsec / 1000000000;
+		ts.tv_nsec %= 1000000000;
+		if (h->h_unsynced == NULL || waiting)
+			pthread_cond_timedwait(&h->h_cond, &h->h_mu, &ts);
+	}
+	pthread_mutex_unlock(&h->h_mu);
+	return NULL;
+}
+
+/* ---- the gRPC stream's side ---- */
+
+static void watch_create(watch_hub *h, watch_stream *ws, const Etcdserverpb__WatchCreateRequest *c)
+{
+	if (c->start_revision < 0) {
+		send_control(h, ws, WATCH_ID_NONE, 1, 1, 0,
+			     "etcdserver: mvcc: required revision has been compacted");
+		return;
+	}
+	/* etcd's normalisation: an empty key is "\0", a range end of "\0" means every key >= key. */
+	static const uint8_t zero = 0;
+	ProtobufCBinaryData key = c->key, end = c->range_end;
+	if (key.len == 0) {
+		key.data = (uint8_t *)&zero;
+		key.len = 1;
+	}
+	range_kind kind = RANGE_SPAN;
+	if (end.len == 0)
+		kind = RANGE_ONE;
+	else if (end.len == 1 && end.data[0] == 0)
+		kind = RANGE_FROM;
+	if (kind == RANGE_SPAN && bytes_cmp(key.data, key.len, end.data, end.len) >= 0) {
+		send_control(h, ws, WATCH_ID_NONE, 1, 1, 0, "mvcc: watcher range is empty");
+		return;
+	}
+	int64_t id = c->watch_id;
+	if (id != 0) {
+		for (watcher *o = ws->ws_watchers; o; o = o->w_snext) {
+			if (o->w_id == id) {
+				send_control(h, ws, WATCH_ID_NONE, 1, 1, 0,
+					     "mvcc: duplicate watch ID provided on the WatchStream");
+				return;
+			}
+		}
+	} else {
+		/* etcd: the next id not in use on this stream */
+		for (;;) {
+			id = ws->ws_next_id++;
+			watcher *o = ws->ws_watchers;
+			while (o && o->w_id != id)
+				o = o->w_snext;
+			if (o == NULL)
+				break;
+		}
+	}
+	int noput = 0, nodelete = 0;
+	for (size_t i = 0; i < c->n_filters; i++) {
+		if (c->filters[i] == ETCDSERVERPB__WATCH_CREATE_REQUEST__FILTER_TYPE__NOPUT)
+			noput = 1;
+		else if (c->filters[i] == ETCDSERVERPB__WATCH_CREATE_REQUEST__FILTER_TYPE__NODELETE)
+			nodelete = 1;
+	}
+	watcher *w = calloc(1, sizeof(*w));
+	watch_group *g = w ? group_get(h, kind, &key, &end, c->prev_kv, noput, nodelete) : NULL;
+	if (g == NULL) {
+		free(w);
+		send_control(h, ws, WATCH_ID_NONE, 1, 1, 0, "keelson: out of memory");
+		return;
+	}
+	w->w_id = id;
+	w->w_stream = ws;
+	w->w_group = g;
+	w->w_progress = c->progress_notify;
+	w->w_progress_due = 1;
+	w->w_fragment = c->fragment;
+	w->w_snext = ws->ws_watchers;
+	ws->ws_watchers = w;
+	h->h_nwatchers++;
+	/* The created response goes first: everything for this watcher is queued after it. */
+	send_control(h, ws, id, 1, 0, 0, NULL);
+	if (c->start_revision == 0 || c->start_revision > h->h_rev) {
+		w->w_next_rev = c->start_revision ? c->start_revision : h->h_rev + 1;
+		group_link(w);
+	} else {
+		w->w_next_rev = c->start_revision;
+		unsynced_add(h, w);
+	}
+}
+
+static void watch_on_open(void *ctx, api_stream *st)
+{
+	watch_hub *h = ctx;
+	watch_stream *ws = calloc(1, sizeof(*ws));
+	if (ws == NULL) {
+		api_stream_finish(st, 8 /* RESOURCE_EXHAUSTED */, "keelson: out of memory");
+		return;
+	}
+	api_stream_retain(st);
+	ws->ws_api = st;
+	api_stream_set_data(st, ws);
+	pthread_mutex_lock(&h->h_mu);
+	ws->ws_next = h->h_streams;
+	if (h->h_streams)
+		h->h_streams->ws_prev = ws;
+	h->h_streams = ws;
+	h->h_nstreams++;
+	pthread_mutex_unlock(&h->h_mu);
+}
+
+static void watch_on_message(void *ctx, api_stream *st, const ProtobufCMessage *msg)
+{
+	watch_hub *h = ctx;
+	watch_stream *ws = api_stream_data(st);
+	const Etcdserverpb__WatchRequest *req = (const Etcdserverpb__WatchRequest *)msg;
+	if (ws == NULL)
+		return;
+	pthread_mutex_lock(&h->h_mu);
+	switch (req->request_union_case) {
+	case ETCDSERVERPB__WATCH_REQUEST__REQUEST_UNION_CREATE_REQUEST:
+		watch_create(h, ws, req->create_request);
+		break;
+	case ETCDSERVERPB__WATCH_REQUEST__REQUEST_UNION_CANCEL_REQUEST: {
+		int64_t id = req->cancel_request->watch_id;
+		for (watcher *w = ws->ws_watchers; w; w = w->w_snext) {
+			if (w->w_id == id) {
+				watcher_remove(h, w);
+				send_control(h, ws, id, 0, 1, 0, NULL);
+				break;
+			}
+		}
+		break;
+	}
+	case ETCDSERVERPB__WATCH_REQUEST__REQUEST_UNION_PROGRESS_REQUEST:
+		ws->ws_progress_requested = 1;
+		send_progress_if_synced(h, ws);
+		break;
+	default:
+		/* etcd ignores requests it does not know */
+		break;
+	}
+	pthread_mutex_unlock(&h->h_mu);
+}
+
+static void watch_on_close(void *ctx, api_stream *st)
+{
+	watch_hub *h = ctx;
+	watch_stream *ws = api_stream_data(st);
+	if (ws == NULL)
+		return;
+	pthread_mutex_lock(&h->h_mu);
+	while (ws->ws_watchers)
+		watcher_remove(h, ws->ws_watchers);
+	if (ws->ws_prev)
+		ws->ws_prev->ws_next = ws->ws_next;
+	else
+		h->h_streams = ws->ws_next;
+	if (ws->ws_next)
+		ws->ws_next->ws_prev = ws->ws_prev;
+	h->h_nstreams--;
+	pthread_mutex_unlock(&h->h_mu);
+	api_stream_set_data(st, NULL);
+	api_stream_release(st);
+	free(ws);
+}
+
+static const api_stream_handlers watch_handlers = {
+	.on_open = watch_on_open,
+	.on_message = watch_on_message,
+	.on_close = watch_on_close,
+};
+
+int watch_hub_start(watch_hub **out, server_ctx *sc, api_server *as)
+{
+	watch_hub *h = calloc(1, sizeof(*h));
+	if (h == NULL)
+		return -1;
+	h->h_sc = sc;
+	h->h_progress_ms = sc->cfg->watch_progress_notify_ms;
+	storage_stats st;
+	if (storage_stat(sc->st, &st) != 0) {
+		free(h);
+		return -1;
+	}
+	h->h_rev = st.st_revision;
+	pthread_mutex_init(&h->h_mu, NULL);
+	pthread_cond_init(&h->h_cond, NULL);
+	if (api_server_route_stream(as, "/etcdserverpb.Watch/Watch", &watch_handlers, h) != 0 ||
+	    pthread_create(&h->h_thread, NULL, hub_thread, h) != 0) {
+		pthread_mutex_destroy(&h->h_mu);
+		pthread_cond_destroy(&h->h_cond);
+		free(h);
+		return -1;
+	}
+	*out = h;
+	return 0;
+}
+
+void watch_hub_stop(watch_hub *h)
+{
+	if (h == NULL)
+		return;
+	pthread_mutex_lock(&h->h_mu);
+	h->h_stop = 1;
+	pthread_cond_signal(&h->h_cond);
+	pthread_mutex_unlock(&h->h_mu);
+	pthread_join(h->h_thread, NULL);
+}
+
+void watch_hub_free(watch_hub *h)
+{
+	if (h == NULL)
+		return;
+	pthread_mutex_destroy(&h->h_mu);
+	pthread_cond_destroy(&h->h_cond);
+	free(h);
+}
+
+void watch_hub_stats(watch_hub *h, uint64_t *streams, uint64_t *watchers, uint64_t *slow)
+{
+	pthread_mutex_lock(&h->h_mu);
+	*streams = h->h_nstreams;
+	*watchers = h->h_nwatchers;
+	*slow = h->h_nslow;
+	pthread_mutex_unlock(&h->h_mu);
+}
