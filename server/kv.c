@@ -23,6 +23,10 @@ static api_error storage_to_api(int err)
 		return API_ERR_NO_SPACE;
 	case STORAGE_ERR_KEY_NOT_FOUND:
 		return API_ERR_KEY_NOT_FOUND;
+	case STORAGE_ERR_LEASE_NOT_FOUND:
+		return API_ERR_LEASE_NOT_FOUND;
+	case STORAGE_ERR_LEASE_EXISTS:
+		return API_ERR_LEASE_EXIST;
 	default:
 		return API_ERR_INTERNAL;
 	}

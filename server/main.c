@@ -143,6 +143,8 @@ static int run(config *cfgp)
 	member_compute_ids(&cfg, &sc.mi);
 	rc = load_or_store_ids(sc.st, &sc.mi);
 	if (rc == 0)
+		rc = lessor_start(&sc.lessor, &cfg, sc.st);
+	if (rc == 0)
 		rc = node_start(&sc.nd, &sc);
 	if (rc) {
 		log_at(LOG_FATAL, "cannot start member", "error", storage_strerror(rc), NULL);
@@ -165,6 +167,8 @@ static int run(config *cfgp)
 		rc = kv_register(as, &sc);
 	if (rc == 0)
 		rc = maint_register(as, &sc);
+	if (rc == 0)
+		rc = lease_register(as, &sc);
 	if (rc == 0)
 		rc = watch_hub_start(&sc.hub, &sc, as);
 	for (int i = 0; rc == 0 && i < cfg.listen_client.n; i++) {
@@ -205,6 +209,7 @@ static int run(config *cfgp)
 	api_server_destroy(as);
 	watch_hub_free(sc.hub);
 	node_free(sc.nd);
+	lessor_free(sc.lessor);
 	storage_close(sc.st);
 	log_at(LOG_INFO, "stopped", NULL);
 	return 0;

@@ -24,12 +24,16 @@
 #define NODE_MAX_BATCH 4096
 /* Revisions removed per batch while a compaction is still being carried out. */
 #define NODE_COMPACT_STEP 10000
+/* How often expired leases are looked for, and at most how many are revoked per look
+ * (etcd revokes at most 1000 leases a second, so expiry never floods the log). */
+#define NODE_LEASE_CHECK_MS 500
+#define NODE_LEASE_REVOKES_PER_CHECK 500
 
 typedef struct node_req node_req;
 struct node_req {
 	node_op nr_op;
 	api_call *nr_call;
-	const ProtobufCMessage *nr_msg; /* owned by the call */
+	const ProtobufCMessage *nr_msg; /* owned by the call, or by the node when nr_call is NULL */
 	ProtobufCMessage *nr_resp;      /* in the batch arena */
 	int nr_err;                     /* storage error, 0 if applied */
 	node_req *nr_next;
@@ -40,6 +44,7 @@ struct node {
 	uv_loop_t n_loop;
 	uv_async_t n_wake;
 	uv_async_t n_stop;
+	uv_timer_t n_lease_timer;
 	pthread_t n_thread;
 
 	pthread_mutex_t n_mu; /* guards the queue */
@@ -75,7 +80,10 @@ void node_submit(node *n, node_op op, api_call *call, const ProtobufCMessage *ms
 {
 	node_req *r = calloc(1, sizeof(*r));
 	if (r == NULL) {
-		api_call_fail_msg(call, 8 /* RESOURCE_EXHAUSTED */, "keelson: out of memory");
+		if (call)
+			api_call_fail_msg(call, 8 /* RESOURCE_EXHAUSTED */, "keelson: out of memory");
+		else
+			protobuf_c_message_free_unpacked((ProtobufCMessage *)msg, NULL);
 		return;
 	}
 	r->nr_op = op;
@@ -93,7 +101,10 @@ void node_submit(node *n, node_op op, api_call *call, const ProtobufCMessage *ms
 	pthread_mutex_unlock(&n->n_mu);
 	if (stopping) {
 		free(r);
-		api_call_fail(call, API_ERR_STOPPED);
+		if (call)
+			api_call_fail(call, API_ERR_STOPPED);
+		else
+			protobuf_c_message_free_unpacked((ProtobufCMessage *)msg, NULL);
 		return;
 	}
 	uv_async_send(&n->n_wake);
@@ -134,6 +145,30 @@ static int apply_one(storage_batch *b, node_req *r, storage_arena *a)
 		r->nr_resp = &resp->base;
 		return storage_batch_compact(b, (const Etcdserverpb__CompactionRequest *)r->nr_msg, a, resp);
 	}
+	case NODE_LEASE_GRANT: {
+		const Etcdserverpb__LeaseGrantRequest *req = (const Etcdserverpb__LeaseGrantRequest *)r->nr_msg;
+		Etcdserverpb__LeaseGrantResponse *resp = storage_arena_alloc(a, sizeof(*resp));
+		Etcdserverpb__ResponseHeader *h = storage_arena_alloc(a, sizeof(*h));
+		if (resp == NULL || h == NULL)
+			return STORAGE_ERR_NOMEM;
+		etcdserverpb__lease_grant_response__init(resp);
+		etcdserverpb__response_header__init(h);
+		int rc = storage_batch_lease_grant(b, req->id, req->ttl);
+		h->revision = storage_batch_revision(b);
+		resp->header = h;
+		resp->id = req->id;
+		resp->ttl = req->ttl;
+		r->nr_resp = &resp->base;
+		return rc;
+	}
+	case NODE_LEASE_REVOKE: {
+		Etcdserverpb__LeaseRevokeResponse *resp = storage_arena_alloc(a, sizeof(*resp));
+		if (resp == NULL)
+			return STORAGE_ERR_NOMEM;
+		etcdserverpb__lease_revoke_response__init(resp);
+		r->nr_resp = &resp->base;
+		return storage_batch_lease_revoke(b, ((const Etcdserverpb__LeaseRevokeRequest *)r->nr_msg)->id, a, resp);
+	}
 	}
 	return STORAGE_ERR_INVALID;
 }
@@ -153,6 +188,28 @@ static void fill_headers(server_ctx *sc, node_req *r)
 	case NODE_COMPACT:
 		server_fill_header(sc, ((Etcdserverpb__CompactionResponse *)r->nr_resp)->header);
 		break;
+	case NODE_LEASE_GRANT:
+		server_fill_header(sc, ((Etcdserverpb__LeaseGrantResponse *)r->nr_resp)->header);
+		break;
+	case NODE_LEASE_REVOKE:
+		server_fill_header(sc, ((Etcdserverpb__LeaseRevokeResponse *)r->nr_resp)->header);
+		break;
+	}
+}
+
+/* After commit: the lessor learns of grants and revokes; expiry revokes have no caller. */
+static void finish_lease_op(node *n, node_req *r, int committed)
+{
+	lessor *l = n->n_sc->lessor;
+	if (r->nr_op == NODE_LEASE_GRANT && committed && r->nr_err == 0) {
+		const Etcdserverpb__LeaseGrantRequest *req = (const Etcdserverpb__LeaseGrantRequest *)r->nr_msg;
+		lessor_granted(l, req->id, req->ttl);
+	} else if (r->nr_op == NODE_LEASE_REVOKE) {
+		int64_t id = ((const Etcdserverpb__LeaseRevokeRequest *)r->nr_msg)->id;
+		if (committed && (r->nr_err == 0 || r->nr_err == STORAGE_ERR_LEASE_NOT_FOUND))
+			lessor_revoked(l, id);
+		else if (r->nr_call == NULL)
+			lessor_revoke_failed(l, id);
 	}
 }
 
@@ -256,6 +313,16 @@ static void on_wake(uv_async_t *h)
 		node_req *next;
 		for (node_req *r = head; r; r = next) {
 			next = r->nr_next;
+			finish_lease_op(n, r, rc == 0);
+			if (r->nr_call == NULL) {
+				/* An expiry revoke: nobody waits for it. */
+				if (rc == 0 && r->nr_err != 0 && r->nr_err != STORAGE_ERR_LEASE_NOT_FOUND)
+					log_at(LOG_WARN, "failed to revoke expired lease", "error",
+					       storage_strerror(r->nr_err), NULL);
+				protobuf_c_message_free_unpacked((ProtobufCMessage *)r->nr_msg, NULL);
+				free(r);
+				continue;
+			}
 			if (rc != 0) {
 				server_fail_storage(r->nr_call, rc);
 			} else if (r->nr_err != 0) {
@@ -281,6 +348,25 @@ static void on_wake(uv_async_t *h)
 		compact_continue(n);
 }
 
+/* Queues a revoke for each expired lease; they commit with the next batch. */
+static void on_lease_timer(uv_timer_t *t)
+{
+	node *n = t->data;
+	int64_t ids[NODE_LEASE_REVOKES_PER_CHECK];
+	size_t k = lessor_expired(n->n_sc->lessor, ids, NODE_LEASE_REVOKES_PER_CHECK);
+	for (size_t i = 0; i < k; i++) {
+		Etcdserverpb__LeaseRevokeRequest *req = malloc(sizeof(*req));
+		if (req == NULL) {
+			lessor_revoke_failed(n->n_sc->lessor, ids[i]);
+			continue;
+		}
+		etcdserverpb__lease_revoke_request__init(req);
+		req->id = ids[i];
+		/* Freed with protobuf-c's free, like a decoded request (it is a flat message). */
+		node_submit(n, NODE_LEASE_REVOKE, NULL, &req->base);
+	}
+}
+
 static void on_stop(uv_async_t *h)
 {
 	node *n = h->data;
@@ -292,6 +378,7 @@ static void on_stop(uv_async_t *h)
 		api_call_fail(r->nr_call, API_ERR_STOPPED);
 		free(r);
 	}
+	uv_close((uv_handle_t *)&n->n_lease_timer, NULL);
 	uv_close((uv_handle_t *)&n->n_wake, NULL);
 	uv_close((uv_handle_t *)&n->n_stop, NULL);
 }
@@ -370,6 +457,9 @@ int node_start(node **out, server_ctx *sc)
 	uv_async_init(&n->n_loop, &n->n_stop, on_stop);
 	n->n_wake.data = n;
 	n->n_stop.data = n;
+	uv_timer_init(&n->n_loop, &n->n_lease_timer);
+	n->n_lease_timer.data = n;
+	uv_timer_start(&n->n_lease_timer, on_lease_timer, NODE_LEASE_CHECK_MS, NODE_LEASE_CHECK_MS);
 	if (pthread_create(&n->n_thread, NULL, node_thread, n) != 0) {
 		uv_loop_close(&n->n_loop);
 		free(n);

@@ -106,6 +106,8 @@ typedef enum node_op {
 	NODE_DELETE_RANGE,
 	NODE_TXN,
 	NODE_COMPACT,
+	NODE_LEASE_GRANT,
+	NODE_LEASE_REVOKE,
 } node_op;
 
 struct server_ctx;
@@ -137,6 +139,20 @@ void watch_hub_stop(watch_hub *h);
 void watch_hub_free(watch_hub *h);
 void watch_hub_stats(watch_hub *h, uint64_t *streams, uint64_t *watchers, uint64_t *slow);
 
+/* ---- lease.c ---- */
+
+typedef struct lessor lessor;
+/* Loads every lease from storage, each with its full TTL plus an election timeout. */
+int lessor_start(lessor **out, const config *cfg, storage *st);
+void lessor_free(lessor *l);
+/* The node loop reports committed grants and revokes. */
+void lessor_granted(lessor *l, int64_t id, int64_t ttl);
+void lessor_revoked(lessor *l, int64_t id);
+/* Up to max expired leases not yet being revoked; marks them as being revoked. */
+size_t lessor_expired(lessor *l, int64_t *ids, size_t max);
+/* An expiry revoke did not commit: the lease may be picked again. */
+void lessor_revoke_failed(lessor *l, int64_t id);
+
 /* ---- kv.c / maint.c: service registration ---- */
 
 typedef struct server_ctx {
@@ -144,6 +160,7 @@ typedef struct server_ctx {
 	storage *st;
 	node *nd;
 	watch_hub *hub;
+	lessor *lessor;
 	member_info mi;
 } server_ctx;
 
@@ -151,6 +168,7 @@ typedef struct server_ctx {
 void server_fill_header(server_ctx *sc, Etcdserverpb__ResponseHeader *h);
 int kv_register(api_server *as, server_ctx *sc);
 int maint_register(api_server *as, server_ctx *sc);
+int lease_register(api_server *as, server_ctx *sc);
 /* Ends call with the etcd error for a storage error code. */
 void server_fail_storage(api_call *call, int storage_err);
 /* Fills the headers of a txn response and of every response nested in it. */

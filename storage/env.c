@@ -30,6 +30,8 @@ static const char *const errtab[] = {
 	"storage: not found",
 	"storage: data directory is in use by another process",
 	"etcdserver: key not found",
+	"etcdserver: requested lease not found",
+	"etcdserver: lease already exists",
 };
 
 const char *storage_strerror(int err)
@@ -162,6 +164,10 @@ int storage_open(const char *dir, const storage_options *opts, storage **out)
 		rc = mdb_dbi_open(txn, "hist", MDB_CREATE, &s->s_hist);
 	if (rc == 0)
 		rc = mdb_dbi_open(txn, "revs", MDB_CREATE, &s->s_revs);
+	if (rc == 0)
+		rc = mdb_dbi_open(txn, "leases", MDB_CREATE, &s->s_leases);
+	if (rc == 0)
+		rc = mdb_dbi_open(txn, "lkeys", MDB_CREATE, &s->s_lkeys);
 	if (rc == 0) {
 		rc = mdb_txn_commit(txn);
 		txn = NULL;

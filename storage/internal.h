@@ -12,6 +12,8 @@
  *   "revs"  (main u64, sub u64) big-endian -> [flags u8][key id u64][mvccpb.KeyValue]. The
  *           revision table: compaction and history replay (watch) are range scans of it.
  *           Tombstones carry flag 1 and a KeyValue with key and mod_revision only.
+ *   "leases" lease id -> granted TTL; "lkeys" (lease id, key id) -> (): which live keys a
+ *           lease holds, so revoking it deletes them without a scan.
  * All integers on disk are big-endian.
  */
 #ifndef KEELSON_STORAGE_INTERNAL_H
@@ -44,6 +46,8 @@ typedef struct ki_state {
 struct storage {
 	MDB_env *s_env;
 	MDB_dbi s_meta, s_keys, s_hist, s_revs;
+	MDB_dbi s_leases; /* lease id (i64 BE) -> granted TTL in seconds (i64 BE) */
+	MDB_dbi s_lkeys;  /* (lease id, key id) BE -> nothing: the keys attached to a lease */
 	int s_lockfd;
 	storage_batch *s_batch; /* the open batch, if any */
 };

@@ -525,6 +525,32 @@ static int live_kv(storage_batch *b, MDB_txn *txn, const ProtobufCBinaryData *ke
 	return *out ? 0 : STORAGE_ERR_NOMEM;
 }
 
+/* ---- lease tables ---- */
+
+static int lease_exists(storage *s, MDB_txn *txn, int64_t id)
+{
+	uint8_t kb[8];
+	be64_put(kb, (uint64_t)id);
+	MDB_val k = {sizeof(kb), kb}, v;
+	int rc = mdb_get(txn, s->s_leases, &k, &v);
+	if (rc == MDB_NOTFOUND)
+		return STORAGE_ERR_LEASE_NOT_FOUND;
+	return storage__mdb_err(rc);
+}
+
+/* Attaches (on = 1) or detaches key id from lease. */
+static int lkey_set(storage *s, MDB_txn *txn, int64_t lease, uint64_t key_id, int on)
+{
+	uint8_t kb[16];
+	be64_put(kb, (uint64_t)lease);
+	be64_put(kb + 8, key_id);
+	MDB_val k = {sizeof(kb), kb}, v = {0, NULL};
+	int rc = on ? mdb_put(txn, s->s_lkeys, &k, &v, 0) : mdb_del(txn, s->s_lkeys, &k, NULL);
+	if (rc == MDB_NOTFOUND)
+		rc = 0;
+	return storage__mdb_err(rc);
+}
+
 static int do_put(storage_batch *b, MDB_txn *txn, const Etcdserverpb__PutRequest *req,
 		  storage_arena *a, Etcdserverpb__PutResponse *resp)
 {
@@ -563,6 +589,16 @@ static int do_put(storage_batch *b, MDB_txn *txn, const Etcdserverpb__PutRequest
 	if (req->ignore_value) {
 		r.val = prev->value.data;
 		r.vlen = prev->value.len;
+	}
+	/* Move the key between leases: etcd refuses a lease it does not know. */
+	int64_t old_lease = live ? st.ks_lease : 0;
+	if (old_lease != ns.ks_lease) {
+		if (ns.ks_lease != 0 && (err = lease_exists(s, txn, ns.ks_lease)))
+			return err;
+		if (old_lease != 0 && (err = lkey_set(s, txn, old_lease, ns.ks_id, 0)))
+			return err;
+		if (ns.ks_lease != 0 && (err = lkey_set(s, txn, ns.ks_lease, ns.ks_id, 1)))
+			return err;
 	}
 	if ((err = rev_write(s, txn, main, sub, ns.ks_id, 0, &r)))
 		return err;
@@ -646,6 +682,8 @@ static int do_delete(storage_batch *b, MDB_txn *txn, const Etcdserverpb__DeleteR
 		int64_t sub = b->b_changes;
 		kvrec r = {it->key, it->klen, 0, main, 0, 0, NULL, 0};
 		ki_state ns = {it->st.ks_id, main, sub, 0, 0, 0};
+		if (it->st.ks_lease != 0 && (err = lkey_set(s, txn, it->st.ks_lease, ns.ks_id, 0)))
+			return err;
 		if ((err = rev_write(s, txn, main, sub, ns.ks_id, 1, &r)))
 			return err;
 		if ((err = storage__hist_put(s, txn, ns.ks_id, main, sub, 1)))
@@ -1338,4 +1376,193 @@ int storage_read_events(storage_reader *r, int64_t from_rev, size_t max_events, 
 	if (from_rev > r->r_rev)
 		return 0;
 	return read_events(&v, from_rev, r->r_rev, max_events, a, events, n);
+}
+
+/* ---- leases ---- */
+
+int storage_batch_lease_grant(storage_batch *b, int64_t id, int64_t ttl)
+{
+	uint8_t kb[8], vb[8];
+	be64_put(kb, (uint64_t)id);
+	be64_put(vb, (uint64_t)ttl);
+	MDB_val k = {sizeof(kb), kb}, v = {sizeof(vb), vb};
+	int rc = mdb_put(b->b_txn, b->b_s->s_leases, &k, &v, MDB_NOOVERWRITE);
+	if (rc == MDB_KEYEXIST)
+		return STORAGE_ERR_LEASE_EXISTS;
+	return storage__mdb_err(rc);
+}
+
+/* The key bytes of key id: its newest revision's record names it. Points into the map of
+ * txn; copied into the arena. */
+static int key_of_id(storage *s, MDB_txn *txn, uint64_t id, storage_arena *a, ProtobufCBinaryData *out)
+{
+	int64_t main, sub;
+	int tomb;
+	int err = storage__hist_at(s, txn, id, INT64_MAX - 1, &main, &sub, &tomb);
+	if (err)
+		return err == STORAGE_ERR_NOT_FOUND ? STORAGE_ERR_CORRUPT : err;
+	kvrec r;
+	if ((err = rev_read(s, txn, main, sub, &r, NULL)))
+		return err;
+	out->len = r.klen;
+	out->data = storage_arena_dup(a, r.key, r.klen ? r.klen : 1);
+	return out->data ? 0 : STORAGE_ERR_NOMEM;
+}
+
+static int cmp_binary(const void *x, const void *y)
+{
+	const ProtobufCBinaryData *a = x, *b = y;
+	return storage__bytes_cmp(a->data, a->len, b->data, b->len);
+}
+
+/* The keys attached to lease id, in key order, in the arena. */
+static int lease_keys(storage *s, MDB_txn *txn, int64_t id, storage_arena *a, ProtobufCBinaryData **keys,
+		      size_t *nkeys)
+{
+	*keys = NULL;
+	*nkeys = 0;
+	MDB_cursor *cur;
+	int err = storage__mdb_err(mdb_cursor_open(txn, s->s_lkeys, &cur));
+	if (err)
+		return err;
+	uint8_t kb[16];
+	be64_put(kb, (uint64_t)id);
+	be64_put(kb + 8, 0);
+	MDB_val k = {sizeof(kb), kb}, v;
+	size_t n = 0, cap = 0;
+	ProtobufCBinaryData *out = NULL;
+	int rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+	for (; rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		if (k.mv_size != 16 || be64_get(k.mv_data) != (uint64_t)id)
+			break;
+		if (n == cap) {
+			size_t ncap = cap ? cap * 2 : 16;
+			ProtobufCBinaryData *nk = storage_arena_alloc(a, ncap * sizeof(*nk));
+			if (!nk) {
+				err = STORAGE_ERR_NOMEM;
+				break;
+			}
+			if (n)
+				memcpy(nk, out, n * sizeof(*nk));
+			out = nk;
+			cap = ncap;
+		}
+		uint64_t key_id = be64_get((uint8_t *)k.mv_data + 8);
+		/* The cursor stays valid: key_of_id only reads. */
+		if ((err = key_of_id(s, txn, key_id, a, &out[n])))
+			break;
+		n++;
+	}
+	if (!err && rc != 0 && rc != MDB_NOTFOUND)
+		err = storage__mdb_err(rc);
+	mdb_cursor_close(cur);
+	if (err)
+		return err;
+	if (n > 1)
+		qsort(out, n, sizeof(*out), cmp_binary);
+	*keys = out;
+	*nkeys = n;
+	return 0;
+}
+
+static int do_lease_revoke(storage_batch *b, MDB_txn *txn, int64_t id, storage_arena *a,
+			   Etcdserverpb__LeaseRevokeResponse *resp)
+{
+	storage *s = b->b_s;
+	int err = lease_exists(s, txn, id);
+	if (err)
+		return err;
+	ProtobufCBinaryData *keys;
+	size_t n;
+	if ((err = lease_keys(s, txn, id, a, &keys, &n)))
+		return err;
+	/* etcd deletes the lease's keys in key order in one txn: one revision, one event each. */
+	for (size_t i = 0; i < n; i++) {
+		Etcdserverpb__DeleteRangeRequest dr = ETCDSERVERPB__DELETE_RANGE_REQUEST__INIT;
+		Etcdserverpb__DeleteRangeResponse dresp;
+		dr.key = keys[i];
+		if ((err = do_delete(b, txn, &dr, a, &dresp)))
+			return err;
+	}
+	uint8_t kb[8];
+	be64_put(kb, (uint64_t)id);
+	MDB_val k = {sizeof(kb), kb};
+	if ((err = storage__mdb_err(mdb_del(txn, s->s_leases, &k, NULL))))
+		return err;
+	if (resp) {
+		Etcdserverpb__LeaseRevokeResponse init = ETCDSERVERPB__LEASE_REVOKE_RESPONSE__INIT;
+		*resp = init;
+		resp->header = header_new(a, b->b_rev + (b->b_changes > 0));
+		if (!resp->header)
+			return STORAGE_ERR_NOMEM;
+	}
+	return 0;
+}
+
+int storage_batch_lease_revoke(storage_batch *b, int64_t id, storage_arena *a,
+			       Etcdserverpb__LeaseRevokeResponse *resp)
+{
+	MDB_txn *txn;
+	saved sv;
+	int err = req_begin(b, &txn, &sv);
+	if (err)
+		return err;
+	return req_end(b, txn, &sv, do_lease_revoke(b, txn, id, a, resp));
+}
+
+int storage_read_lease(storage_reader *r, int64_t id, int64_t *ttl, storage_arena *a,
+		       ProtobufCBinaryData **keys, size_t *nkeys)
+{
+	uint8_t kb[8];
+	be64_put(kb, (uint64_t)id);
+	MDB_val k = {sizeof(kb), kb}, v;
+	int rc = mdb_get(r->r_txn, r->r_s->s_leases, &k, &v);
+	if (rc == MDB_NOTFOUND)
+		return STORAGE_ERR_LEASE_NOT_FOUND;
+	if (rc)
+		return storage__mdb_err(rc);
+	if (v.mv_size != 8)
+		return STORAGE_ERR_CORRUPT;
+	*ttl = (int64_t)be64_get(v.mv_data);
+	if (keys == NULL)
+		return 0;
+	return lease_keys(r->r_s, r->r_txn, id, a, keys, nkeys);
+}
+
+int storage_read_leases(storage_reader *r, storage_arena *a, int64_t **ids, int64_t **ttls, size_t *n)
+{
+	MDB_stat st;
+	int err = storage__mdb_err(mdb_stat(r->r_txn, r->r_s->s_leases, &st));
+	if (err)
+		return err;
+	size_t cap = st.ms_entries ? st.ms_entries : 1;
+	*ids = storage_arena_alloc(a, cap * sizeof(int64_t));
+	*ttls = storage_arena_alloc(a, cap * sizeof(int64_t));
+	*n = 0;
+	if (!*ids || !*ttls)
+		return STORAGE_ERR_NOMEM;
+	MDB_cursor *cur;
+	if ((err = storage__mdb_err(mdb_cursor_open(r->r_txn, r->r_s->s_leases, &cur))))
+		return err;
+	MDB_val k, v;
+	int rc;
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0 && *n < cap;
+	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		if (k.mv_size != 8 || v.mv_size != 8) {
+			err = STORAGE_ERR_CORRUPT;
+			break;
+		}
+		(*ids)[*n] = (int64_t)be64_get(k.mv_data);
+		(*ttls)[*n] = (int64_t)be64_get(v.mv_data);
+		(*n)++;
+	}
+	if (!err && rc != 0 && rc != MDB_NOTFOUND)
+		err = storage__mdb_err(rc);
+	mdb_cursor_close(cur);
+	return err;
+}
+
+int64_t storage_batch_revision(storage_batch *b)
+{
+	return b->b_rev;
 }

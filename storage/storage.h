@@ -35,6 +35,8 @@ enum {
 	STORAGE_ERR_BUSY = -1008,       /* the data dir is in use by another process */
 	STORAGE_ERR_KEY_NOT_FOUND = -1009, /* "etcdserver: key not found" (ignore_value/ignore_lease
 					    * on a key that does not exist) */
+	STORAGE_ERR_LEASE_NOT_FOUND = -1010, /* "etcdserver: requested lease not found" */
+	STORAGE_ERR_LEASE_EXISTS = -1011,    /* "etcdserver: lease already exists" */
 };
 
 /* Human-readable text for a storage error code; never NULL. */
@@ -132,6 +134,22 @@ int storage_batch_compact_continue(storage_batch *b, size_t max_revisions, int *
 int storage_batch_events(storage_batch *b, storage_arena *a, Mvccpb__Event ***events, size_t *n,
 			 int64_t *rev);
 
+/* The store revision as the batch sees it so far. */
+int64_t storage_batch_revision(storage_batch *b);
+
+/*
+ * Leases. A Put whose lease is not 0 (and not ignore_lease) fails with
+ * STORAGE_ERR_LEASE_NOT_FOUND unless the lease was granted; a Put or a delete moves the key
+ * between leases.
+ * Grant records lease id with ttl seconds: STORAGE_ERR_LEASE_EXISTS if it is there already.
+ * Revoke deletes every key attached to the lease, in key order, as one new revision (no
+ * revision if it holds none), then the lease: STORAGE_ERR_LEASE_NOT_FOUND if unknown.
+ * resp, if not NULL, gets the header revision.
+ */
+int storage_batch_lease_grant(storage_batch *b, int64_t id, int64_t ttl);
+int storage_batch_lease_revoke(storage_batch *b, int64_t id, storage_arena *a,
+			       Etcdserverpb__LeaseRevokeResponse *resp);
+
 /* Small persistent facts of the member (cluster id, member id, ...), binary-safe. */
 int storage_batch_meta_put(storage_batch *b, const char *name, const void *val, size_t len);
 
@@ -166,6 +184,13 @@ int storage_read_txn(storage_reader *r, const Etcdserverpb__TxnRequest *req, sto
 int storage_read_events(storage_reader *r, int64_t from_rev, size_t max_events, storage_arena *a,
 			Mvccpb__Event ***events, size_t *n, int64_t *reader_rev,
 			int64_t *compact_rev);
+/* The granted TTL of a lease and, if keys is not NULL, the keys attached to it (in the
+ * arena, in key order). STORAGE_ERR_LEASE_NOT_FOUND if there is no such lease. */
+int storage_read_lease(storage_reader *r, int64_t id, int64_t *ttl, storage_arena *a,
+		       ProtobufCBinaryData **keys, size_t *nkeys);
+/* Every lease: ids and granted TTLs, in id order, in the arena. */
+int storage_read_leases(storage_reader *r, storage_arena *a, int64_t **ids, int64_t **ttls,
+			size_t *n);
 /* Reads a meta value into the arena. STORAGE_ERR_NOT_FOUND if never written. */
 int storage_read_meta(storage_reader *r, const char *name, storage_arena *a, void **val,
 		      size_t *len);

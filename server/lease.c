@@ -1,0 +1,384 @@
+/*
+ * lease.c - etcd's Lease service and the lessor: which leases exist and when they expire.
+ *
+ * Grants and revokes are writes: they go through the node loop and storage, and the lessor
+ * learns of them once they commit. Keep-alives only move an expiry time in memory, as in
+ * etcd (without checkpoints a lease's remaining TTL is not persisted: after a restart every
+ * lease gets its full TTL again). The node loop asks the lessor every half second which
+ * leases have expired, and revokes them through the log like a client's revoke, in bounded
+ * batches.
+ */
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <openssl/rand.h>
+
+#include "server/server.h"
+
+/* etcd's MaxLeaseTTL */
+#define LEASE_MAX_TTL 9000000000LL
+
+typedef struct lease_entry {
+	int64_t le_id; /* 0: empty slot */
+	int64_t le_ttl;
+	uint64_t le_expiry_ms;
+	int le_revoking; /* an expiry revoke is queued */
+} lease_entry;
+
+struct lessor {
+	pthread_mutex_t l_mu;
+	lease_entry *l_tab; /* open addressing, linear probing; capacity a power of two */
+	size_t l_cap, l_n;
+	int64_t l_min_ttl;
+};
+
+static uint64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static size_t slot_of(int64_t id, size_t cap)
+{
+	uint64_t h = (uint64_t)id * 0x9E3779B97F4A7C15ULL;
+	return (size_t)(h >> 17) & (cap - 1);
+}
+
+static lease_entry *find(lessor *l, int64_t id)
+{
+	if (l->l_cap == 0)
+		return NULL;
+	for (size_t i = slot_of(id, l->l_cap);; i = (i + 1) & (l->l_cap - 1)) {
+		if (l->l_tab[i].le_id == id)
+			return &l->l_tab[i];
+		if (l->l_tab[i].le_id == 0)
+			return NULL;
+	}
+}
+
+static int insert(lessor *l, int64_t id, int64_t ttl, uint64_t expiry)
+{
+	if ((l->l_n + 1) * 2 > l->l_cap) {
+		size_t cap = l->l_cap ? l->l_cap * 2 : 1024;
+		lease_entry *tab = calloc(cap, sizeof(*tab));
+		if (tab == NULL)
+			return -1;
+		for (size_t i = 0; i < l->l_cap; i++) {
+			if (l->l_tab[i].le_id == 0)
+				continue;
+			size_t j = slot_of(l->l_tab[i].le_id, cap);
+			while (tab[j].le_id != 0)
+				j = (j + 1) & (cap - 1);
+			tab[j] = l->l_tab[i];
+		}
+		free(l->l_tab);
+		l->l_tab = tab;
+		l->l_cap = cap;
+	}
+	lease_entry *e = find(l, id);
+	if (e == NULL) {
+		size_t i = slot_of(id, l->l_cap);
+		while (l->l_tab[i].le_id != 0)
+			i = (i + 1) & (l->l_cap - 1);
+		e = &l->l_tab[i];
+		l->l_n++;
+	}
+	*e = (lease_entry){id, ttl, expiry, 0};
+	return 0;
+}
+
+/* Removes with backward shift, so probes never meet a hole that hides a later entry. */
+static void erase(lessor *l, int64_t id)
+{
+	lease_entry *e = find(l, id);
+	if (e == NULL)
+		return;
+	size_t i = (size_t)(e - l->l_tab), mask = l->l_cap - 1;
+	l->l_tab[i].le_id = 0;
+	l->l_n--;
+	for (size_t j = (i + 1) & mask; l->l_tab[j].le_id != 0; j = (j + 1) & mask) {
+		size_t home = slot_of(l->l_tab[j].le_id, l->l_cap);
+		/* Move j back to i if its home does not lie in (i, j]. */
+		if ((j > i && (home <= i || home > j)) || (j < i && (home <= i && home > j))) {
+			l->l_tab[i] = l->l_tab[j];
+			l->l_tab[j].le_id = 0;
+			i = j;
+		}
+	}
+}
+
+int lessor_start(lessor **out, const config *cfg, storage *st)
+{
+	lessor *l = calloc(1, sizeof(*l));
+	if (l == NULL)
+		return STORAGE_ERR_NOMEM;
+	pthread_mutex_init(&l->l_mu, NULL);
+	/* etcd: the minimum TTL is 1.5 election timeouts, so a lease outlives a leader change. */
+	uint64_t ticks = cfg->heartbeat_ms ? cfg->election_ms / cfg->heartbeat_ms : 10;
+	uint64_t min_ms = (3 * ticks / 2) * cfg->heartbeat_ms;
+	l->l_min_ttl = (int64_t)((min_ms + 999) / 1000);
+	if (l->l_min_ttl < 1)
+		l->l_min_ttl = 1;
+
+	storage_reader *r;
+	storage_arena a;
+	storage_arena_init(&a);
+	int rc = storage_read_begin(st, &r);
+	if (rc == 0) {
+		int64_t *ids, *ttls;
+		size_t n;
+		rc = storage_read_leases(r, &a, &ids, &ttls, &n);
+		/* A new leader (here: a starting member) gives every lease its full TTL plus an
+		 * election timeout, as etcd's lessor Promote does. */
+		uint64_t base = now_ms() + cfg->election_ms;
+		for (size_t i = 0; rc == 0 && i < n; i++)
+			if (insert(l, ids[i], ttls[i], base + (uint64_t)ttls[i] * 1000) != 0)
+				rc = STORAGE_ERR_NOMEM;
+		storage_read_end(r);
+	}
+	storage_arena_free(&a);
+	if (rc) {
+		lessor_free(l);
+		return rc;
+	}
+	*out = l;
+	return 0;
+}
+
+void lessor_free(lessor *l)
+{
+	if (l == NULL)
+		return;
+	pthread_mutex_destroy(&l->l_mu);
+	free(l->l_tab);
+	free(l);
+}
+
+void lessor_granted(lessor *l, int64_t id, int64_t ttl)
+{
+	pthread_mutex_lock(&l->l_mu);
+	insert(l, id, ttl, now_ms() + (uint64_t)ttl * 1000);
+	pthread_mutex_unlock(&l->l_mu);
+}
+
+void lessor_revoked(lessor *l, int64_t id)
+{
+	pthread_mutex_lock(&l->l_mu);
+	erase(l, id);
+	pthread_mutex_unlock(&l->l_mu);
+}
+
+/* Resets the expiry; the granted TTL, or 0 if the lease is unknown or already expired. */
+static int64_t lessor_renew(lessor *l, int64_t id)
+{
+	int64_t ttl = 0;
+	uint64_t now = now_ms();
+	pthread_mutex_lock(&l->l_mu);
+	lease_entry *e = find(l, id);
+	if (e && !e->le_revoking && e->le_expiry_ms > now) {
+		e->le_expiry_ms = now + (uint64_t)e->le_ttl * 1000;
+		ttl = e->le_ttl;
+	}
+	pthread_mutex_unlock(&l->l_mu);
+	return ttl;
+}
+
+size_t lessor_expired(lessor *l, int64_t *ids, size_t max)
+{
+	size_t n = 0;
+	uint64_t now = now_ms();
+	pthread_mutex_lock(&l->l_mu);
+	for (size_t i = 0; i < l->l_cap && n < max; i++) {
+		lease_entry *e = &l->l_tab[i];
+		if (e->le_id != 0 && !e->le_revoking && e->le_expiry_ms <= now) {
+			e->le_revoking = 1;
+			ids[n++] = e->le_id;
+		}
+	}
+	pthread_mutex_unlock(&l->l_mu);
+	return n;
+}
+
+void lessor_revoke_failed(lessor *l, int64_t id)
+{
+	pthread_mutex_lock(&l->l_mu);
+	lease_entry *e = find(l, id);
+	if (e)
+		e->le_revoking = 0;
+	pthread_mutex_unlock(&l->l_mu);
+}
+
+/* ---- the Lease service ---- */
+
+static int64_t current_revision(server_ctx *sc)
+{
+	storage_stats st;
+	return storage_stat(sc->st, &st) == 0 ? st.st_revision : 0;
+}
+
+static void lease_grant(void *ctx, api_call *call, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	/* The call owns its decoded request; the grant is settled here, before the log, so
+	 * that every member would apply the same id and TTL. */
+	Etcdserverpb__LeaseGrantRequest *req = (Etcdserverpb__LeaseGrantRequest *)msg;
+	if (req->ttl > LEASE_MAX_TTL) {
+		api_call_fail_msg(call, 11 /* OUT_OF_RANGE */, "etcdserver: too large lease TTL");
+		return;
+	}
+	if (req->ttl < sc->lessor->l_min_ttl)
+		req->ttl = sc->lessor->l_min_ttl;
+	if (req->id == 0) {
+		/* A random positive id not in use; etcd's ids are as opaque. */
+		do {
+			uint64_t v = 0;
+			if (RAND_bytes((unsigned char *)&v, sizeof(v)) != 1)
+				v = now_ms() * 6364136223846793005ULL;
+			req->id = (int64_t)(v >> 1);
+			pthread_mutex_lock(&sc->lessor->l_mu);
+			int used = find(sc->lessor, req->id) != NULL;
+			pthread_mutex_unlock(&sc->lessor->l_mu);
+			if (used)
+				req->id = 0;
+		} while (req->id == 0);
+	}
+	node_submit(sc->nd, NODE_LEASE_GRANT, call, msg);
+}
+
+static void lease_revoke(void *ctx, api_call *call, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	node_submit(sc->nd, NODE_LEASE_REVOKE, call, msg);
+}
+
+static void lease_time_to_live(void *ctx, api_call *call, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	const Etcdserverpb__LeaseTimeToLiveRequest *req = (const Etcdserverpb__LeaseTimeToLiveRequest *)msg;
+	Etcdserverpb__LeaseTimeToLiveResponse resp = ETCDSERVERPB__LEASE_TIME_TO_LIVE_RESPONSE__INIT;
+	Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+	storage_reader *r;
+	storage_arena a;
+	storage_arena_init(&a);
+	int rc = storage_read_begin(sc->st, &r);
+	if (rc) {
+		server_fail_storage(call, rc);
+		return;
+	}
+	int64_t ttl = 0;
+	ProtobufCBinaryData *keys = NULL;
+	size_t nkeys = 0;
+	rc = storage_read_lease(r, req->id, &ttl, &a, req->keys ? &keys : NULL, &nkeys);
+	server_fill_header(sc, &h);
+	h.revision = current_revision(sc);
+	resp.header = &h;
+	resp.id = req->id;
+	if (rc == STORAGE_ERR_LEASE_NOT_FOUND) {
+		resp.ttl = -1; /* etcd answers an unknown lease with TTL -1, not an error */
+		api_call_reply(call, &resp.base);
+	} else if (rc) {
+		server_fail_storage(call, rc);
+	} else {
+		uint64_t now = now_ms();
+		pthread_mutex_lock(&sc->lessor->l_mu);
+		lease_entry *e = find(sc->lessor, req->id);
+		int64_t remaining = e && e->le_expiry_ms > now ? (int64_t)((e->le_expiry_ms - now) / 1000) : 0;
+		pthread_mutex_unlock(&sc->lessor->l_mu);
+		resp.ttl = remaining;
+		resp.grantedttl = ttl;
+		resp.keys = keys;
+		resp.n_keys = nkeys;
+		api_call_reply(call, &resp.base);
+	}
+	storage_read_end(r);
+	storage_arena_free(&a);
+}
+
+static void lease_leases(void *ctx, api_call *call, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	storage_reader *r;
+	storage_arena a;
+	storage_arena_init(&a);
+	int rc = storage_read_begin(sc->st, &r);
+	if (rc) {
+		server_fail_storage(call, rc);
+		return;
+	}
+	int64_t *ids, *ttls;
+	size_t n;
+	rc = storage_read_leases(r, &a, &ids, &ttls, &n);
+	Etcdserverpb__LeaseStatus *sts = NULL;
+	Etcdserverpb__LeaseStatus **ptrs = NULL;
+	if (rc == 0 && n > 0) {
+		sts = storage_arena_alloc(&a, n * sizeof(*sts));
+		ptrs = storage_arena_alloc(&a, n * sizeof(*ptrs));
+		if (sts == NULL || ptrs == NULL)
+			rc = STORAGE_ERR_NOMEM;
+	}
+	if (rc == 0) {
+		Etcdserverpb__LeaseLeasesResponse resp = ETCDSERVERPB__LEASE_LEASES_RESPONSE__INIT;
+		Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+		server_fill_header(sc, &h);
+		h.revision = current_revision(sc);
+		resp.header = &h;
+		for (size_t i = 0; i < n; i++) {
+			Etcdserverpb__LeaseStatus init = ETCDSERVERPB__LEASE_STATUS__INIT;
+			sts[i] = init;
+			sts[i].id = ids[i];
+			ptrs[i] = &sts[i];
+		}
+		resp.leases = ptrs;
+		resp.n_leases = n;
+		api_call_reply(call, &resp.base);
+	} else {
+		server_fail_storage(call, rc);
+	}
+	storage_read_end(r);
+	storage_arena_free(&a);
+}
+
+static void keepalive_on_message(void *ctx, api_stream *st, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	const Etcdserverpb__LeaseKeepAliveRequest *req = (const Etcdserverpb__LeaseKeepAliveRequest *)msg;
+	Etcdserverpb__LeaseKeepAliveResponse resp = ETCDSERVERPB__LEASE_KEEP_ALIVE_RESPONSE__INIT;
+	Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+	server_fill_header(sc, &h);
+	h.revision = current_revision(sc);
+	resp.header = &h;
+	resp.id = req->id;
+	resp.ttl = lessor_renew(sc->lessor, req->id);
+	api_stream_send_msg(st, &resp.base);
+}
+
+static void keepalive_on_close(void *ctx, api_stream *st)
+{
+}
+
+static const api_stream_handlers keepalive_handlers = {
+	.on_message = keepalive_on_message,
+	.on_close = keepalive_on_close,
+};
+
+int lease_register(api_server *as, server_ctx *sc)
+{
+	static const struct {
+		const char *path;
+		api_unary_fn fn;
+	} routes[] = {
+		{"/etcdserverpb.Lease/LeaseGrant", lease_grant},
+		{"/etcdserverpb.Lease/LeaseRevoke", lease_revoke},
+		{"/etcdserverpb.Lease/LeaseTimeToLive", lease_time_to_live},
+		{"/etcdserverpb.Lease/LeaseLeases", lease_leases},
+	};
+	for (size_t i = 0; i < sizeof(routes) / sizeof(routes[0]); i++) {
+		int rc = api_server_route(as, routes[i].path, routes[i].fn, sc);
+		if (rc)
+			return rc;
+	}
+	return api_server_route_stream(as, "/etcdserverpb.Lease/LeaseKeepAlive", &keepalive_handlers, sc);
+}
