@@ -663,6 +663,9 @@ static void run(unsigned long long sd, long nops)
 		return;
 	}
 	begin();
+	/* The model's puts use leases 0..2; storage refuses leases never granted. */
+	if (storage_batch_lease_grant(B, 1, 60) || storage_batch_lease_grant(B, 2, 60))
+		FAIL("lease grant");
 	for (op_no = 0; op_no < nops && !failed; op_no++) {
 		storage_arena_free(&A);
 		int c = r32() % 100;

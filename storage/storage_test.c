@@ -28,6 +28,13 @@ static void fresh(const char *name)
 	free(DIR_);
 	DIR_ = t_tmpdir(name);
 	reopen();
+	/* The leases the tests attach keys to: storage refuses leases never granted. */
+	storage_batch *b;
+	CHECK_EQ(storage_batch_begin(S, &b), 0);
+	static const int64_t leases[] = {7, 8, 9, 42};
+	for (size_t i = 0; i < sizeof(leases) / sizeof(leases[0]); i++)
+		CHECK_EQ(storage_batch_lease_grant(b, leases[i], 60), 0);
+	CHECK_EQ(storage_batch_commit(b, 0), 0);
 }
 
 /* Each helper runs one request in its own batch. */
@@ -923,6 +930,101 @@ static void test_nospace(void)
 	S = NULL;
 }
 
+/* Leases: attach on put, move between leases, detach on delete, revoke deletes in one rev. */
+static void test_leases(void)
+{
+	fresh("leases");
+	Etcdserverpb__PutResponse pr;
+	CHECK_EQ(put_full("b", 1, "1", 1, 7, 0, &pr), 0); /* 2 */
+	CHECK_EQ(put_full("a", 1, "1", 1, 7, 0, &pr), 0); /* 3 */
+	CHECK_EQ(put_full("c", 1, "1", 1, 7, 0, &pr), 0); /* 4 */
+	CHECK_EQ(put_full("c", 1, "2", 1, 8, 0, &pr), 0); /* 5: c moves to lease 8 */
+	CHECK_EQ(put_full("x", 1, "1", 1, 1234, 0, &pr), STORAGE_ERR_LEASE_NOT_FOUND);
+	Etcdserverpb__DeleteRangeResponse dr;
+	CHECK_EQ(del("b", NULL, 0, &dr), 0); /* 6: b leaves lease 7 */
+
+	storage_reader *r;
+	ProtobufCBinaryData *keys;
+	size_t n;
+	int64_t ttl;
+	CHECK_EQ(storage_read_begin(S, &r), 0);
+	CHECK_EQ(storage_read_lease(r, 7, &ttl, &A, &keys, &n), 0);
+	CHECK(ttl == 60 && n == 1 && keys[0].len == 1 && keys[0].data[0] == 'a');
+	CHECK_EQ(storage_read_lease(r, 8, &ttl, &A, &keys, &n), 0);
+	CHECK(n == 1 && keys[0].data[0] == 'c');
+	CHECK_EQ(storage_read_lease(r, 99, &ttl, &A, NULL, NULL), STORAGE_ERR_LEASE_NOT_FOUND);
+	int64_t *ids, *ttls;
+	CHECK_EQ(storage_read_leases(r, &A, &ids, &ttls, &n), 0);
+	CHECK(n == 4 && ids[0] == 7 && ids[3] == 42);
+	storage_read_end(r);
+
+	storage_batch *b;
+	CHECK_EQ(storage_batch_begin(S, &b), 0);
+	CHECK_EQ(storage_batch_lease_grant(b, 7, 5), STORAGE_ERR_LEASE_EXISTS);
+	Etcdserverpb__LeaseRevokeResponse rr;
+	CHECK_EQ(storage_batch_lease_revoke(b, 7, &A, &rr), 0);
+	CHECK_EQ(rr.header->revision, 7);
+	CHECK_EQ(storage_batch_lease_revoke(b, 7, &A, &rr), STORAGE_ERR_LEASE_NOT_FOUND);
+	CHECK_EQ(storage_batch_lease_revoke(b, 42, &A, &rr), 0); /* no keys: no revision */
+	CHECK_EQ(rr.header->revision, 7);
+	Mvccpb__Event **ev;
+	int64_t rev;
+	CHECK_EQ(storage_batch_events(b, &A, &ev, &n, &rev), 0);
+	CHECK(n == 1 && rev == 7 && ev[0]->type == MVCCPB__EVENT__EVENT_TYPE__DELETE && ev[0]->kv->key.data[0] == 'a');
+	CHECK(ev[0]->prev_kv && ev[0]->prev_kv->lease == 7);
+	CHECK_EQ(storage_batch_commit(b, 0), 0);
+	CHECK(get("a", 0) == NULL && get("c", 0) != NULL);
+	reopen();
+	CHECK_EQ(storage_read_begin(S, &r), 0);
+	CHECK_EQ(storage_read_leases(r, &A, &ids, &ttls, &n), 0);
+	CHECK(n == 2 && ids[0] == 8 && ids[1] == 9);
+	storage_read_end(r);
+}
+
+/* History replay: events from a revision on, prev_kv, whole revisions, compaction. */
+static void test_events(void)
+{
+	fresh("events");
+	put("a", "1"); /* 2 */
+	put("a", "2"); /* 3 */
+	put("b", "1"); /* 4 */
+	Etcdserverpb__DeleteRangeResponse dr;
+	CHECK_EQ(del("a", "c", 0, &dr), 0); /* 5: two deletes */
+	put("a", "3"); /* 6: a create again */
+	storage_reader *r;
+	Mvccpb__Event **ev;
+	size_t n;
+	int64_t rrev, crev;
+	CHECK_EQ(storage_read_begin(S, &r), 0);
+	CHECK_EQ(storage_read_events(r, 2, 100, &A, &ev, &n, &rrev, &crev), 0);
+	CHECK(n == 6 && rrev == 6 && crev == 0);
+	CHECK(ev[0]->prev_kv == NULL && ev[1]->prev_kv && ev[1]->prev_kv->mod_revision == 2);
+	CHECK(ev[3]->type == MVCCPB__EVENT__EVENT_TYPE__DELETE && ev[3]->kv->mod_revision == 5 &&
+	      ev[3]->prev_kv && ev[3]->prev_kv->mod_revision == 3);
+	CHECK(ev[5]->prev_kv == NULL && ev[5]->kv->create_revision == 6);
+	/* max 3 stops after revision 4, and never inside revision 5 */
+	CHECK_EQ(storage_read_events(r, 2, 3, &A, &ev, &n, &rrev, &crev), 0);
+	CHECK_EQ(n, 3);
+	CHECK_EQ(storage_read_events(r, 5, 1, &A, &ev, &n, &rrev, &crev), 0);
+	CHECK_EQ(n, 2);
+	CHECK_EQ(storage_read_events(r, 7, 10, &A, &ev, &n, &rrev, &crev), 0);
+	CHECK_EQ(n, 0);
+	storage_read_end(r);
+	storage_batch *b;
+	CHECK_EQ(storage_batch_begin(S, &b), 0);
+	Etcdserverpb__CompactionRequest cq = ETCDSERVERPB__COMPACTION_REQUEST__INIT;
+	Etcdserverpb__CompactionResponse cr;
+	cq.revision = 4;
+	CHECK_EQ(storage_batch_compact(b, &cq, &A, &cr), 0);
+	CHECK_EQ(storage_batch_commit(b, 0), 0);
+	CHECK_EQ(storage_read_begin(S, &r), 0);
+	CHECK_EQ(storage_read_events(r, 3, 10, &A, &ev, &n, &rrev, &crev), STORAGE_ERR_COMPACTED);
+	CHECK_EQ(crev, 4);
+	CHECK_EQ(storage_read_events(r, 4, 10, &A, &ev, &n, &rrev, &crev), 0);
+	CHECK(n == 4 && ev[0]->kv->mod_revision == 4);
+	storage_read_end(r);
+}
+
 int main(void)
 {
 	storage_arena_init(&A);
@@ -935,6 +1037,8 @@ int main(void)
 	test_compact();
 	test_batch_isolation();
 	test_nospace();
+	test_leases();
+	test_events();
 	if (S)
 		storage_close(S);
 	storage_arena_free(&A);
