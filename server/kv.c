@@ -275,6 +275,21 @@ int kv_check_txn(const Etcdserverpb__TxnRequest *r, size_t max_ops)
 	return 0;
 }
 
+static int txn_takes_space(const Etcdserverpb__TxnRequest *r)
+{
+	for (int side = 0; side < 2; side++) {
+		Etcdserverpb__RequestOp **ops = side ? r->failure : r->success;
+		size_t n = side ? r->n_failure : r->n_success;
+		for (size_t i = 0; i < n; i++) {
+			if (ops[i]->request_case == ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_PUT ||
+			    (ops[i]->request_case == ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_TXN &&
+			     txn_takes_space(ops[i]->request_txn)))
+				return 1;
+		}
+	}
+	return 0;
+}
+
 static int txn_is_readonly(const Etcdserverpb__TxnRequest *r)
 {
 	for (int side = 0; side < 2; side++) {
@@ -377,6 +392,10 @@ static void kv_put(void *ctx, api_call *call, const ProtobufCMessage *msg)
 		api_call_fail(call, API_ERR_REQUEST_TOO_LARGE);
 		return;
 	}
+	if (alarm_quota_exceeded(sc, api_call_request_size(call))) {
+		api_call_fail(call, API_ERR_NO_SPACE);
+		return;
+	}
 	node_submit(sc->nd, NODE_PUT, call, msg);
 }
 
@@ -407,6 +426,11 @@ static void kv_txn(void *ctx, api_call *call, const ProtobufCMessage *msg)
 	if (!txn_is_readonly(req)) {
 		if (too_large(sc, call)) {
 			api_call_fail(call, API_ERR_REQUEST_TOO_LARGE);
+			return;
+		}
+		/* The quota counts only what takes space: a txn of deletes always passes. */
+		if (txn_takes_space(req) && alarm_quota_exceeded(sc, api_call_request_size(call))) {
+			api_call_fail(call, API_ERR_NO_SPACE);
 			return;
 		}
 		node_submit(sc->nd, NODE_TXN, call, msg);

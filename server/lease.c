@@ -215,8 +215,7 @@ void lessor_revoke_failed(lessor *l, int64_t id)
 
 static int64_t current_revision(server_ctx *sc)
 {
-	storage_stats st;
-	return storage_stat(sc->st, &st) == 0 ? st.st_revision : 0;
+	return storage_current_revision(sc->st);
 }
 
 static void lease_grant(void *ctx, api_call *call, const ProtobufCMessage *msg)
@@ -231,6 +230,10 @@ static void lease_grant(void *ctx, api_call *call, const ProtobufCMessage *msg)
 	}
 	if (req->ttl < sc->lessor->l_min_ttl)
 		req->ttl = sc->lessor->l_min_ttl;
+	if (alarm_quota_exceeded(sc, api_call_request_size(call))) {
+		api_call_fail(call, API_ERR_NO_SPACE);
+		return;
+	}
 	if (req->id == 0) {
 		/* A random positive id not in use; etcd's ids are as opaque. */
 		do {

@@ -134,7 +134,12 @@ static int run(config *cfgp)
 	server_ctx sc;
 	memset(&sc, 0, sizeof(sc));
 	sc.cfg = &cfg;
+	/* etcd's quota: 2 GiB unless set. The LMDB map must be larger than the quota, so a
+	 * write is refused with NOSPACE before LMDB itself runs out of room. */
+	sc.quota_bytes = cfg.quota_backend_bytes ? cfg.quota_backend_bytes : 2ULL << 30;
 	storage_options so = {0};
+	if (sc.quota_bytes + (1ULL << 30) > (8ULL << 30))
+		so.so_map_size = sc.quota_bytes + (1ULL << 30);
 	rc = storage_open(member_dir, &so, &sc.st);
 	if (rc) {
 		log_at(LOG_FATAL, "cannot open storage", "path", member_dir, "error", storage_strerror(rc), NULL);
@@ -144,6 +149,8 @@ static int run(config *cfgp)
 	rc = load_or_store_ids(sc.st, &sc.mi);
 	if (rc == 0)
 		rc = lessor_start(&sc.lessor, &cfg, sc.st);
+	if (rc == 0)
+		rc = alarm_start(&sc.alarms, sc.st);
 	if (rc == 0)
 		rc = node_start(&sc.nd, &sc);
 	if (rc) {
@@ -210,6 +217,7 @@ static int run(config *cfgp)
 	watch_hub_free(sc.hub);
 	node_free(sc.nd);
 	lessor_free(sc.lessor);
+	alarm_free(sc.alarms);
 	storage_close(sc.st);
 	log_at(LOG_INFO, "stopped", NULL);
 	return 0;

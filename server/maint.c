@@ -129,8 +129,11 @@ static void maint_status(void *ctx, api_call *call, const ProtobufCMessage *msg)
 	resp.raftindex = node_applied_index(sc->nd);
 	resp.raftappliedindex = node_applied_index(sc->nd);
 	resp.raftterm = node_term(sc->nd);
-	resp.dbsizequota = (int64_t)(sc->cfg->quota_backend_bytes ? sc->cfg->quota_backend_bytes
-								  : 2ULL * 1024 * 1024 * 1024);
+	resp.dbsizequota = (int64_t)sc->quota_bytes;
+	char *errs[16];
+	char errbuf[16][64];
+	resp.n_errors = alarm_status_errors(sc->alarms, errs, 16, errbuf);
+	resp.errors = errs;
 	api_call_reply(call, &resp.base);
 }
 
@@ -160,10 +163,75 @@ static void cluster_member_list(void *ctx, api_call *call, const ProtobufCMessag
 	api_call_reply(call, &resp.base);
 }
 
+static void maint_hash_kv(void *ctx, api_call *call, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	const Etcdserverpb__HashKVRequest *req = (const Etcdserverpb__HashKVRequest *)msg;
+	storage_reader *r;
+	int rc = storage_read_begin(sc->st, &r);
+	if (rc) {
+		server_fail_storage(call, rc);
+		return;
+	}
+	Etcdserverpb__HashKVResponse resp = ETCDSERVERPB__HASH_KVRESPONSE__INIT;
+	Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+	rc = storage_hash_kv(r, req->revision, &resp.hash, &resp.hash_revision, &resp.compact_revision);
+	storage_read_end(r);
+	if (rc) {
+		server_fail_storage(call, rc);
+		return;
+	}
+	server_fill_header(sc, &h);
+	h.revision = resp.hash_revision;
+	resp.header = &h;
+	api_call_reply(call, &resp.base);
+}
+
+static void maint_hash(void *ctx, api_call *call, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	storage_reader *r;
+	int rc = storage_read_begin(sc->st, &r);
+	if (rc) {
+		server_fail_storage(call, rc);
+		return;
+	}
+	Etcdserverpb__HashResponse resp = ETCDSERVERPB__HASH_RESPONSE__INIT;
+	Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+	rc = storage_hash(r, &resp.hash);
+	storage_read_end(r);
+	if (rc) {
+		server_fail_storage(call, rc);
+		return;
+	}
+	server_fill_header(sc, &h);
+	h.revision = storage_current_revision(sc->st);
+	resp.header = &h;
+	api_call_reply(call, &resp.base);
+}
+
+static void maint_defragment(void *ctx, api_call *call, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	node_submit(sc->nd, NODE_DEFRAG, call, msg);
+}
+
 int maint_register(api_server *as, server_ctx *sc)
 {
-	int rc = api_server_route(as, "/etcdserverpb.Maintenance/Status", maint_status, sc);
-	if (rc == 0)
-		rc = api_server_route(as, "/etcdserverpb.Cluster/MemberList", cluster_member_list, sc);
-	return rc;
+	static const struct {
+		const char *path;
+		api_unary_fn fn;
+	} routes[] = {
+		{"/etcdserverpb.Maintenance/Status", maint_status},
+		{"/etcdserverpb.Maintenance/Hash", maint_hash},
+		{"/etcdserverpb.Maintenance/HashKV", maint_hash_kv},
+		{"/etcdserverpb.Maintenance/Defragment", maint_defragment},
+		{"/etcdserverpb.Cluster/MemberList", cluster_member_list},
+	};
+	for (size_t i = 0; i < sizeof(routes) / sizeof(routes[0]); i++) {
+		int rc = api_server_route(as, routes[i].path, routes[i].fn, sc);
+		if (rc)
+			return rc;
+	}
+	return alarm_register(as, sc);
 }

@@ -36,6 +36,7 @@ struct node_req {
 	const ProtobufCMessage *nr_msg; /* owned by the call, or by the node when nr_call is NULL */
 	ProtobufCMessage *nr_resp;      /* in the batch arena */
 	int nr_err;                     /* storage error, 0 if applied */
+	alarm_change nr_alarm;          /* NODE_ALARM: what changed, made visible after commit */
 	node_req *nr_next;
 };
 
@@ -110,8 +111,42 @@ void node_submit(node *n, node_op op, api_call *call, const ProtobufCMessage *ms
 	uv_async_send(&n->n_wake);
 }
 
-static int apply_one(storage_batch *b, node_req *r, storage_arena *a)
+static int txn_has_put(const Etcdserverpb__TxnRequest *t)
 {
+	for (int side = 0; side < 2; side++) {
+		Etcdserverpb__RequestOp **ops = side ? t->failure : t->success;
+		size_t n = side ? t->n_failure : t->n_success;
+		for (size_t i = 0; i < n; i++) {
+			if (ops[i]->request_case == ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_PUT)
+				return 1;
+			if (ops[i]->request_case == ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_TXN &&
+			    txn_has_put(ops[i]->request_txn))
+				return 1;
+		}
+	}
+	return 0;
+}
+
+/* etcd's capped applier: with NOSPACE raised, only writes that take no space pass. */
+static int refused_for_space(node *n, const node_req *r)
+{
+	if (!alarm_nospace(n->n_sc->alarms))
+		return 0;
+	switch (r->nr_op) {
+	case NODE_PUT:
+	case NODE_LEASE_GRANT:
+		return 1;
+	case NODE_TXN:
+		return txn_has_put((const Etcdserverpb__TxnRequest *)r->nr_msg);
+	default:
+		return 0;
+	}
+}
+
+static int apply_one(node *n, storage_batch *b, node_req *r, storage_arena *a)
+{
+	if (refused_for_space(n, r))
+		return STORAGE_ERR_NOSPACE;
 	switch (r->nr_op) {
 	case NODE_PUT: {
 		Etcdserverpb__PutResponse *resp = storage_arena_alloc(a, sizeof(*resp));
@@ -169,6 +204,21 @@ static int apply_one(storage_batch *b, node_req *r, storage_arena *a)
 		r->nr_resp = &resp->base;
 		return storage_batch_lease_revoke(b, ((const Etcdserverpb__LeaseRevokeRequest *)r->nr_msg)->id, a, resp);
 	}
+	case NODE_ALARM: {
+		Etcdserverpb__AlarmResponse *resp = storage_arena_alloc(a, sizeof(*resp));
+		Etcdserverpb__ResponseHeader *h = storage_arena_alloc(a, sizeof(*h));
+		if (resp == NULL || h == NULL)
+			return STORAGE_ERR_NOMEM;
+		etcdserverpb__alarm_response__init(resp);
+		etcdserverpb__response_header__init(h);
+		h->revision = storage_batch_revision(b);
+		resp->header = h;
+		r->nr_resp = &resp->base;
+		return alarm_apply(n->n_sc->alarms, b, (const Etcdserverpb__AlarmRequest *)r->nr_msg, a, resp,
+				   &r->nr_alarm);
+	}
+	case NODE_DEFRAG:
+		break; /* never inside a batch: on_wake runs it alone */
 	}
 	return STORAGE_ERR_INVALID;
 }
@@ -194,7 +244,42 @@ static void fill_headers(server_ctx *sc, node_req *r)
 	case NODE_LEASE_REVOKE:
 		server_fill_header(sc, ((Etcdserverpb__LeaseRevokeResponse *)r->nr_resp)->header);
 		break;
+	case NODE_ALARM:
+		server_fill_header(sc, ((Etcdserverpb__AlarmResponse *)r->nr_resp)->header);
+		break;
+	case NODE_DEFRAG:
+		break;
 	}
+}
+
+/* Raises NOSPACE for this member (the map is full): an alarm is a write like any other. */
+static void raise_nospace(node *n)
+{
+	Etcdserverpb__AlarmRequest *req = malloc(sizeof(*req));
+	if (req == NULL)
+		return;
+	etcdserverpb__alarm_request__init(req);
+	req->action = ETCDSERVERPB__ALARM_REQUEST__ALARM_ACTION__ACTIVATE;
+	req->memberid = n->n_sc->mi.member_id;
+	req->alarm = ETCDSERVERPB__ALARM_TYPE__NOSPACE;
+	node_submit(n, NODE_ALARM, NULL, &req->base);
+}
+
+/* Defragment runs between batches, alone: it replaces the LMDB environment. */
+static void run_defrag(node *n, node_req *r)
+{
+	int rc = storage_defragment(n->n_sc->st);
+	if (rc) {
+		log_at(LOG_ERROR, "defragment failed", "error", storage_strerror(rc), NULL);
+		server_fail_storage(r->nr_call, rc);
+	} else {
+		Etcdserverpb__DefragmentResponse resp = ETCDSERVERPB__DEFRAGMENT_RESPONSE__INIT;
+		Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+		server_fill_header(n->n_sc, &h);
+		resp.header = &h;
+		api_call_reply(r->nr_call, &resp.base);
+	}
+	free(r);
 }
 
 /* After commit: the lessor learns of grants and revokes; expiry revokes have no caller. */
@@ -276,6 +361,41 @@ static void on_wake(uv_async_t *h)
 		n->n_head = rest;
 		if (rest == NULL)
 			n->n_tail = NULL;
+		/* A defragment ends the batch before it, and runs alone. */
+		if (head && head->nr_op == NODE_DEFRAG) {
+			node_req *d = head;
+			head = d->nr_next;
+			d->nr_next = NULL;
+			if (head) {
+				node_req *t = head;
+				while (t->nr_next)
+					t = t->nr_next;
+				t->nr_next = n->n_head;
+				if (n->n_head == NULL)
+					n->n_tail = t;
+				n->n_head = head;
+			}
+			pthread_mutex_unlock(&n->n_mu);
+			run_defrag(n, d);
+			continue;
+		}
+		for (node_req *t = head; t && t->nr_next; t = t->nr_next) {
+			if (t->nr_next->nr_op == NODE_DEFRAG) {
+				node_req *back = t->nr_next;
+				node_req *u = back;
+				while (u->nr_next)
+					u = u->nr_next;
+				u->nr_next = n->n_head;
+				if (n->n_head == NULL)
+					n->n_tail = u;
+				n->n_head = back;
+				t->nr_next = NULL;
+				count = 0;
+				for (node_req *c = head; c; c = c->nr_next)
+					count++;
+				break;
+			}
+		}
 		pthread_mutex_unlock(&n->n_mu);
 		if (head == NULL)
 			break;
@@ -290,7 +410,7 @@ static void on_wake(uv_async_t *h)
 		int64_t rev = 0;
 		if (rc == 0) {
 			for (node_req *r = head; r; r = r->nr_next) {
-				r->nr_err = apply_one(b, r, &a);
+				r->nr_err = apply_one(n, b, r, &a);
 				applied++;
 			}
 			rc = storage_batch_events(b, &a, &events, &nevents, &rev);
@@ -310,10 +430,15 @@ static void on_wake(uv_async_t *h)
 		} else {
 			log_at(LOG_ERROR, "batch commit failed", "error", storage_strerror(rc), NULL);
 		}
+		int nospace = rc == STORAGE_ERR_NOSPACE;
 		node_req *next;
 		for (node_req *r = head; r; r = next) {
 			next = r->nr_next;
 			finish_lease_op(n, r, rc == 0);
+			if (rc == 0 && r->nr_op == NODE_ALARM && r->nr_err == 0)
+				alarm_commit(sc->alarms, &r->nr_alarm);
+			if (r->nr_err == STORAGE_ERR_NOSPACE && r->nr_op != NODE_ALARM && !alarm_nospace(sc->alarms))
+				nospace = 1;
 			if (r->nr_call == NULL) {
 				/* An expiry revoke: nobody waits for it. */
 				if (rc == 0 && r->nr_err != 0 && r->nr_err != STORAGE_ERR_LEASE_NOT_FOUND)
@@ -343,6 +468,8 @@ static void on_wake(uv_async_t *h)
 			free(r);
 		}
 		storage_arena_free(&a);
+		if (nospace)
+			raise_nospace(n);
 	}
 	if (n->n_compacting)
 		compact_continue(n);

@@ -108,6 +108,8 @@ typedef enum node_op {
 	NODE_COMPACT,
 	NODE_LEASE_GRANT,
 	NODE_LEASE_REVOKE,
+	NODE_ALARM,
+	NODE_DEFRAG,
 } node_op;
 
 struct server_ctx;
@@ -153,6 +155,26 @@ size_t lessor_expired(lessor *l, int64_t *ids, size_t max);
 /* An expiry revoke did not commit: the lease may be picked again. */
 void lessor_revoke_failed(lessor *l, int64_t id);
 
+/* ---- alarm.c ---- */
+
+typedef struct alarm_set alarm_set;
+/* An alarm change applied in a batch, made visible by alarm_commit() once durable. */
+typedef struct alarm_change {
+	int ac_changed, ac_activate, ac_type;
+	uint64_t ac_member;
+} alarm_change;
+int alarm_start(alarm_set **out, storage *st);
+void alarm_free(alarm_set *a);
+/* Whether a NOSPACE alarm is active: writes that take space are refused. */
+int alarm_nospace(alarm_set *a);
+int alarm_apply(alarm_set *a, storage_batch *b, const Etcdserverpb__AlarmRequest *req,
+		storage_arena *ar, Etcdserverpb__AlarmResponse *resp, alarm_change *chg);
+void alarm_commit(alarm_set *a, const alarm_change *chg);
+size_t alarm_status_errors(alarm_set *a, char **out, size_t max, char buf[][64]);
+struct server_ctx;
+/* Refuses (1) a write of request_bytes that the quota cannot take, raising NOSPACE. */
+int alarm_quota_exceeded(struct server_ctx *sc, size_t request_bytes);
+
 /* ---- kv.c / maint.c: service registration ---- */
 
 typedef struct server_ctx {
@@ -161,6 +183,8 @@ typedef struct server_ctx {
 	node *nd;
 	watch_hub *hub;
 	lessor *lessor;
+	alarm_set *alarms;
+	uint64_t quota_bytes; /* --quota-backend-bytes, or etcd's 2 GiB default */
 	member_info mi;
 } server_ctx;
 
@@ -169,6 +193,7 @@ void server_fill_header(server_ctx *sc, Etcdserverpb__ResponseHeader *h);
 int kv_register(api_server *as, server_ctx *sc);
 int maint_register(api_server *as, server_ctx *sc);
 int lease_register(api_server *as, server_ctx *sc);
+int alarm_register(api_server *as, server_ctx *sc);
 /* Ends call with the etcd error for a storage error code. */
 void server_fail_storage(api_call *call, int storage_err);
 /* Fills the headers of a txn response and of every response nested in it. */

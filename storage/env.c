@@ -11,6 +11,7 @@
 #include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <stdatomic.h>
 
 #include "storage/internal.h"
 
@@ -113,43 +114,17 @@ static int mkdir_p(const char *dir)
 	return 0;
 }
 
-int storage_open(const char *dir, const storage_options *opts, storage **out)
+/* Creates the LMDB environment in dir and opens its tables. Returns an LMDB code. */
+static int env_open(storage *s, const char *dir)
 {
-	int err;
 	MDB_txn *txn = NULL;
-	storage *s = calloc(1, sizeof(*s));
-	if (!s)
-		return STORAGE_ERR_NOMEM;
-	s->s_lockfd = -1;
-
-	if ((err = mkdir_p(dir)))
-		goto fail;
-	char lock[PATH_MAX];
-	if (snprintf(lock, sizeof(lock), "%s/%s", dir, LOCK_NAME) >= (int)sizeof(lock)) {
-		err = STORAGE_ERR_INVALID;
-		goto fail;
-	}
-	/* LMDB's own lock file lets several processes share an env; a member's data dir must
-	 * have exactly one owner, hence flock on a file of our own (released by the kernel
-	 * when the process dies, so a kill -9 never leaves it stale). */
-	s->s_lockfd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-	if (s->s_lockfd < 0) {
-		err = STORAGE_ERR_IO;
-		goto fail;
-	}
-	if (flock(s->s_lockfd, LOCK_EX | LOCK_NB) != 0) {
-		err = errno == EWOULDBLOCK ? STORAGE_ERR_BUSY : STORAGE_ERR_IO;
-		goto fail;
-	}
-
 	int rc = mdb_env_create(&s->s_env);
 	if (rc == 0)
 		rc = mdb_env_set_maxdbs(s->s_env, MAX_DBS);
 	if (rc == 0)
 		rc = mdb_env_set_maxreaders(s->s_env, MAX_READERS);
 	if (rc == 0)
-		rc = mdb_env_set_mapsize(s->s_env, opts && opts->so_map_size ? opts->so_map_size
-									 : DEFAULT_MAP_SIZE);
+		rc = mdb_env_set_mapsize(s->s_env, s->s_map_size);
 	/* MDB_NOTLS: read txns belong to storage_reader objects, not threads.
 	 * MDB_NORDAHEAD: random access over a map much larger than the working set. */
 	if (rc == 0)
@@ -172,6 +147,68 @@ int storage_open(const char *dir, const storage_options *opts, storage **out)
 		rc = mdb_txn_commit(txn);
 		txn = NULL;
 	}
+	if (txn)
+		mdb_txn_abort(txn);
+	if (rc && s->s_env) {
+		mdb_env_close(s->s_env);
+		s->s_env = NULL;
+	}
+	return rc;
+}
+
+/* The committed revision, cached for callers that only need it (no read txn). */
+static int load_revision(storage *s)
+{
+	MDB_txn *txn;
+	int64_t rev = 1;
+	int rc = mdb_txn_begin(s->s_env, NULL, MDB_RDONLY, &txn);
+	if (rc)
+		return rc;
+	int err = storage__meta_get_i64(s, txn, META_REV, 1, &rev);
+	mdb_txn_abort(txn);
+	atomic_store(&s->s_rev, rev);
+	return err ? MDB_CORRUPTED : 0;
+}
+
+
+int storage_open(const char *dir, const storage_options *opts, storage **out)
+{
+	int err;
+	MDB_txn *txn = NULL;
+	storage *s = calloc(1, sizeof(*s));
+	if (!s)
+		return STORAGE_ERR_NOMEM;
+	s->s_lockfd = -1;
+	pthread_rwlock_init(&s->s_envlock, NULL);
+	if ((s->s_dir = strdup(dir)) == NULL) {
+		err = STORAGE_ERR_NOMEM;
+		goto fail;
+	}
+
+	if ((err = mkdir_p(dir)))
+		goto fail;
+	char lock[PATH_MAX];
+	if (snprintf(lock, sizeof(lock), "%s/%s", dir, LOCK_NAME) >= (int)sizeof(lock)) {
+		err = STORAGE_ERR_INVALID;
+		goto fail;
+	}
+	/* LMDB's own lock file lets several processes share an env; a member's data dir must
+	 * have exactly one owner, hence flock on a file of our own (released by the kernel
+	 * when the process dies, so a kill -9 never leaves it stale). */
+	s->s_lockfd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+	if (s->s_lockfd < 0) {
+		err = STORAGE_ERR_IO;
+		goto fail;
+	}
+	if (flock(s->s_lockfd, LOCK_EX | LOCK_NB) != 0) {
+		err = errno == EWOULDBLOCK ? STORAGE_ERR_BUSY : STORAGE_ERR_IO;
+		goto fail;
+	}
+
+	s->s_map_size = opts && opts->so_map_size ? opts->so_map_size : DEFAULT_MAP_SIZE;
+	int rc = env_open(s, dir);
+	if (rc == 0)
+		rc = load_revision(s);
 	if (rc) {
 		err = storage__mdb_err(rc);
 		goto fail;
@@ -185,6 +222,8 @@ fail:
 		mdb_env_close(s->s_env);
 	if (s->s_lockfd >= 0)
 		close(s->s_lockfd);
+	pthread_rwlock_destroy(&s->s_envlock);
+	free(s->s_dir);
 	free(s);
 	return err;
 }
@@ -197,7 +236,80 @@ void storage_close(storage *s)
 		storage_batch_abort(s->s_batch);
 	mdb_env_close(s->s_env);
 	close(s->s_lockfd);
+	pthread_rwlock_destroy(&s->s_envlock);
+	free(s->s_dir);
 	free(s);
+}
+
+uint64_t storage_db_size(storage *s)
+{
+	MDB_envinfo info;
+	MDB_stat st;
+	pthread_rwlock_rdlock(&s->s_envlock);
+	mdb_env_info(s->s_env, &info);
+	mdb_env_stat(s->s_env, &st);
+	pthread_rwlock_unlock(&s->s_envlock);
+	return ((uint64_t)info.me_last_pgno + 1) * st.ms_psize;
+}
+
+int64_t storage_current_revision(storage *s)
+{
+	return atomic_load(&s->s_rev);
+}
+
+/*
+ * A compacting copy of the environment replaces it: LMDB reuses freed pages but never
+ * shrinks its file. Readers and the writer wait meanwhile (as etcd's defragment blocks).
+ * The copy is written beside the data file, fsynced, and renamed over it, so a crash
+ * leaves either the old file or the new one.
+ */
+int storage_defragment(storage *s)
+{
+	char tmp[PATH_MAX], data[PATH_MAX];
+	if (snprintf(tmp, sizeof(tmp), "%s/data.mdb.defrag", s->s_dir) >= (int)sizeof(tmp) ||
+	    snprintf(data, sizeof(data), "%s/data.mdb", s->s_dir) >= (int)sizeof(data))
+		return STORAGE_ERR_INVALID;
+	pthread_rwlock_wrlock(&s->s_envlock);
+	int err = 0;
+	if (s->s_batch) {
+		err = STORAGE_ERR_INVALID;
+		goto out;
+	}
+	int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+	if (fd < 0) {
+		err = STORAGE_ERR_IO;
+		goto out;
+	}
+	int rc = mdb_env_copyfd2(s->s_env, fd, MDB_CP_COMPACT);
+	if (rc == 0 && fsync(fd) != 0)
+		rc = errno;
+	close(fd);
+	if (rc) {
+		unlink(tmp);
+		err = storage__mdb_err(rc);
+		goto out;
+	}
+	mdb_env_close(s->s_env);
+	s->s_env = NULL;
+	if (rename(tmp, data) != 0) {
+		err = STORAGE_ERR_IO;
+		unlink(tmp);
+	} else {
+		int dfd = open(s->s_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		if (dfd >= 0) {
+			fsync(dfd);
+			close(dfd);
+		}
+	}
+	/* Reopen whichever file is in place; a member cannot go on without it. */
+	rc = env_open(s, s->s_dir);
+	if (rc) {
+		fprintf(stderr, "keelson: storage: cannot reopen after defragment: %s\n", mdb_strerror(rc));
+		abort();
+	}
+out:
+	pthread_rwlock_unlock(&s->s_envlock);
+	return err;
 }
 
 /* ---- batches ---- */
@@ -209,6 +321,7 @@ int storage_batch_begin(storage *s, storage_batch **out)
 	storage_batch *b = calloc(1, sizeof(*b));
 	if (!b)
 		return STORAGE_ERR_NOMEM;
+	pthread_rwlock_rdlock(&s->s_envlock);
 	b->b_s = s;
 	int err = storage__mdb_err(mdb_txn_begin(s->s_env, NULL, 0, &b->b_txn));
 	if (!err)
@@ -228,6 +341,7 @@ int storage_batch_begin(storage *s, storage_batch **out)
 	if (err) {
 		if (b->b_txn)
 			mdb_txn_abort(b->b_txn);
+		pthread_rwlock_unlock(&s->s_envlock);
 		free(b);
 		return err;
 	}
@@ -271,8 +385,11 @@ int storage_batch_commit(storage_batch *b, uint64_t applied_index)
 	} else {
 		/* mdb_txn_commit frees the txn whatever it returns; with default flags it fsyncs. */
 		err = storage__mdb_err(mdb_txn_commit(txn));
+		if (!err)
+			atomic_store(&s->s_rev, b->b_rev);
 	}
 	s->s_batch = NULL;
+	pthread_rwlock_unlock(&s->s_envlock);
 	free(b);
 	return err;
 }
@@ -281,6 +398,7 @@ void storage_batch_abort(storage_batch *b)
 {
 	mdb_txn_abort(b->b_txn);
 	b->b_s->s_batch = NULL;
+	pthread_rwlock_unlock(&b->b_s->s_envlock);
 	free(b);
 }
 
@@ -292,6 +410,7 @@ int storage_read_begin(storage *s, storage_reader **out)
 	if (!r)
 		return STORAGE_ERR_NOMEM;
 	r->r_s = s;
+	pthread_rwlock_rdlock(&s->s_envlock);
 	int err = storage__mdb_err(mdb_txn_begin(s->s_env, NULL, MDB_RDONLY, &r->r_txn));
 	if (!err)
 		err = storage__meta_get_i64(s, r->r_txn, META_REV, 1, &r->r_rev);
@@ -300,6 +419,7 @@ int storage_read_begin(storage *s, storage_reader **out)
 	if (err) {
 		if (r->r_txn)
 			mdb_txn_abort(r->r_txn);
+		pthread_rwlock_unlock(&s->s_envlock);
 		free(r);
 		return err;
 	}
@@ -312,6 +432,7 @@ void storage_read_end(storage_reader *r)
 	if (!r)
 		return;
 	mdb_txn_abort(r->r_txn);
+	pthread_rwlock_unlock(&r->r_s->s_envlock);
 	free(r);
 }
 
@@ -344,9 +465,12 @@ int storage_stat(storage *s, storage_stats *out)
 	MDB_cursor *cur = NULL;
 	int64_t applied = 0;
 	memset(out, 0, sizeof(*out));
+	pthread_rwlock_rdlock(&s->s_envlock);
 	int err = storage__mdb_err(mdb_txn_begin(s->s_env, NULL, MDB_RDONLY, &txn));
-	if (err)
+	if (err) {
+		pthread_rwlock_unlock(&s->s_envlock);
 		return err;
+	}
 	err = storage__meta_get_i64(s, txn, META_REV, 1, &out->st_revision);
 	if (!err)
 		err = storage__meta_get_i64(s, txn, META_COMPACT, -1, &out->st_compact_revision);
@@ -388,5 +512,6 @@ int storage_stat(storage *s, storage_stats *out)
 	out->st_db_size_in_use = used * st.ms_psize;
 done:
 	mdb_txn_abort(txn);
+	pthread_rwlock_unlock(&s->s_envlock);
 	return err;
 }

@@ -20,6 +20,8 @@
 #define KEELSON_STORAGE_INTERNAL_H
 
 #include <lmdb.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -50,6 +52,12 @@ struct storage {
 	MDB_dbi s_lkeys;  /* (lease id, key id) BE -> nothing: the keys attached to a lease */
 	int s_lockfd;
 	storage_batch *s_batch; /* the open batch, if any */
+	uint64_t s_map_size;
+	char *s_dir;
+	_Atomic int64_t s_rev; /* committed revision, for storage_current_revision() */
+	/* Readers and the batch hold it shared; defragment, which replaces the environment,
+	 * holds it exclusively. */
+	pthread_rwlock_t s_envlock;
 };
 
 struct storage_batch {

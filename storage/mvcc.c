@@ -1566,3 +1566,119 @@ int64_t storage_batch_revision(storage_batch *b)
 {
 	return b->b_rev;
 }
+
+/* ---- hashes ---- */
+
+/* CRC-32C (Castagnoli), the checksum etcd's hashes use. */
+static uint32_t crc32c_update(uint32_t crc, const void *data, size_t n)
+{
+	static uint32_t table[256];
+	static _Atomic int ready;
+	if (!atomic_load(&ready)) {
+		for (uint32_t i = 0; i < 256; i++) {
+			uint32_t c = i;
+			for (int k = 0; k < 8; k++)
+				c = c & 1 ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+			table[i] = c;
+		}
+		atomic_store(&ready, 1);
+	}
+	const uint8_t *p = data;
+	crc = ~crc;
+	while (n--)
+		crc = table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
+	return ~crc;
+}
+
+int storage_hash_kv(storage_reader *r, int64_t rev, uint32_t *hash, int64_t *hash_rev,
+		    int64_t *compact_rev)
+{
+	storage *s = r->r_s;
+	int64_t compact = r->r_compact;
+	*compact_rev = compact < 0 ? 0 : compact;
+	if (rev <= 0)
+		rev = r->r_rev;
+	if (rev > r->r_rev)
+		return STORAGE_ERR_FUTURE_REV;
+	if (compact >= 0 && rev < compact)
+		return STORAGE_ERR_COMPACTED;
+	*hash_rev = rev;
+	uint32_t h = crc32c_update(0, "key", 3);
+	MDB_cursor *cur;
+	int err = storage__mdb_err(mdb_cursor_open(r->r_txn, s->s_revs, &cur));
+	if (err)
+		return err;
+	MDB_val k, v;
+	int rc;
+	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+		if (k.mv_size != REV_KEY_SIZE || v.mv_size < REV_HDR_SIZE) {
+			err = STORAGE_ERR_CORRUPT;
+			break;
+		}
+		int64_t main = (int64_t)be64_get(k.mv_data), sub = (int64_t)be64_get((uint8_t *)k.mv_data + 8);
+		if (main > rev)
+			break;
+		const uint8_t *p = v.mv_data;
+		int tomb = p[0] & REV_FLAG_TOMB;
+		if (compact >= 0 && main <= compact) {
+			/* Superseded revisions a compaction has yet to remove do not count, as
+			 * etcd skips what its keep set drops. */
+			int64_t km, ks;
+			int kt;
+			if (storage__hist_at(s, r->r_txn, be64_get(p + 1), compact, &km, &ks, &kt) != 0 ||
+			    km != main || ks != sub || kt)
+				continue;
+		}
+		uint8_t ek[18];
+		be64_put(ek, (uint64_t)main);
+		ek[8] = '_';
+		be64_put(ek + 9, (uint64_t)sub);
+		ek[17] = 't';
+		h = crc32c_update(h, ek, tomb ? 18 : 17);
+		if (tomb) {
+			/* etcd stores a tombstone's value as KeyValue{key} alone. */
+			kvrec kr;
+			if ((err = kv_decode(p + REV_HDR_SIZE, v.mv_size - REV_HDR_SIZE, &kr)))
+				break;
+			uint8_t hdr[11];
+			uint8_t *q = hdr;
+			*q++ = 0x0a;
+			q = varint_put(q, kr.klen);
+			h = crc32c_update(h, hdr, (size_t)(q - hdr));
+			h = crc32c_update(h, kr.key, kr.klen);
+		} else {
+			h = crc32c_update(h, p + REV_HDR_SIZE, v.mv_size - REV_HDR_SIZE);
+		}
+	}
+	if (!err && rc != 0 && rc != MDB_NOTFOUND)
+		err = storage__mdb_err(rc);
+	mdb_cursor_close(cur);
+	if (!err)
+		*hash = h;
+	return err;
+}
+
+int storage_hash(storage_reader *r, uint32_t *hash)
+{
+	storage *s = r->r_s;
+	const MDB_dbi dbis[] = {s->s_meta, s->s_keys, s->s_hist, s->s_revs, s->s_leases, s->s_lkeys};
+	uint32_t h = 0;
+	int err = 0;
+	for (size_t i = 0; i < sizeof(dbis) / sizeof(dbis[0]) && !err; i++) {
+		MDB_cursor *cur;
+		if ((err = storage__mdb_err(mdb_cursor_open(r->r_txn, dbis[i], &cur))))
+			break;
+		MDB_val k, v;
+		int rc;
+		for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
+			h = crc32c_update(h, k.mv_data, k.mv_size);
+			h = crc32c_update(h, v.mv_data, v.mv_size);
+		}
+		if (rc != MDB_NOTFOUND)
+			err = storage__mdb_err(rc);
+		mdb_cursor_close(cur);
+	}
+	if (!err)
+		*hash = h;
+	return err;
+}

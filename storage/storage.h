@@ -197,6 +197,31 @@ int storage_read_meta(storage_reader *r, const char *name, storage_arena *a, voi
 /* Ends the read transaction; byte fields pointing into the map become invalid. */
 void storage_read_end(storage_reader *r);
 
+/* Bytes the data file spans (LMDB's high-water mark), without a transaction: etcd's
+ * quota is checked against this. */
+uint64_t storage_db_size(storage *s);
+
+/* The committed store revision, without a transaction. */
+int64_t storage_current_revision(storage *s);
+
+/*
+ * Rewrites the environment as a compacting copy so the file shrinks to what is in use.
+ * Waits for readers to end and blocks new ones meanwhile; no batch may be open.
+ */
+int storage_defragment(storage *s);
+
+/*
+ * etcd's HashKV: CRC-32C over every revision record at or below rev (0: current) in etcd's
+ * key layout (8-byte main, '_', 8-byte sub, 't' for a tombstone) followed by the encoded
+ * KeyValue, in revision order. Members that applied the same history agree on it.
+ * *hash_rev is the revision hashed, *compact_rev the compacted revision.
+ * STORAGE_ERR_COMPACTED / STORAGE_ERR_FUTURE_REV as for Range.
+ */
+int storage_hash_kv(storage_reader *r, int64_t rev, uint32_t *hash, int64_t *hash_rev,
+		    int64_t *compact_rev);
+/* CRC-32C over every table of the environment (etcd's Hash, a test aid). */
+int storage_hash(storage_reader *r, uint32_t *hash);
+
 typedef struct storage_stats {
 	int64_t st_revision;         /* current main revision (1 on an empty store, as etcd) */
 	int64_t st_compact_revision; /* last compacted revision, 0 if none */
