@@ -1600,7 +1600,8 @@ int storage_hash_kv(storage_reader *r, int64_t rev, uint32_t *hash, int64_t *has
 		rev = r->r_rev;
 	if (rev > r->r_rev)
 		return STORAGE_ERR_FUTURE_REV;
-	if (compact >= 0 && rev < compact)
+	/* etcd refuses to hash at the compacted revision itself, unlike Range. */
+	if (compact >= 0 && rev <= compact)
 		return STORAGE_ERR_COMPACTED;
 	*hash_rev = rev;
 	uint32_t h = crc32c_update(0, "key", 3);
@@ -1621,11 +1622,11 @@ int storage_hash_kv(storage_reader *r, int64_t rev, uint32_t *hash, int64_t *has
 		const uint8_t *p = v.mv_data;
 		int tomb = p[0] & REV_FLAG_TOMB;
 		if (compact >= 0 && main <= compact) {
-			/* Superseded revisions a compaction has yet to remove do not count, as
-			 * etcd skips what its keep set drops. */
+			/* At or below the compacted revision etcd hashes only what a compaction at
+			 * the hash revision would keep: each key's newest revision, if not deleted. */
 			int64_t km, ks;
 			int kt;
-			if (storage__hist_at(s, r->r_txn, be64_get(p + 1), compact, &km, &ks, &kt) != 0 ||
+			if (storage__hist_at(s, r->r_txn, be64_get(p + 1), rev, &km, &ks, &kt) != 0 ||
 			    km != main || ks != sub || kt)
 				continue;
 		}
