@@ -1,0 +1,100 @@
+/*
+ * bench.h - the Keelson load generator (tools/benchmark), modeled on etcd's
+ * `benchmark` tool: same subcommands and flags where they exist there.
+ *
+ * The engine (runner.c) drives N concurrent unary calls ("clients") over M
+ * gRPC channels ("conns"), each channel its own TCP connection, from T threads
+ * each with its own completion queue. A workload (workload.c) encodes request
+ * number `seq` and checks a response. main.c parses flags and prints reports.
+ */
+#ifndef KEELSON_TOOLS_BENCHMARK_BENCH_H
+#define KEELSON_TOOLS_BENCHMARK_BENCH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <protobuf-c/protobuf-c.h>
+
+#define BENCH_MAX_ENDPOINTS 16
+#define BENCH_NSTATUS 18 /* gRPC codes 0..16, plus 17 = response did not decode */
+#define BENCH_STATUS_DECODE 17
+
+struct bench_opts {
+	/* connection */
+	const char *endpoints[BENCH_MAX_ENDPOINTS];
+	int n_endpoints;
+	int conns;
+	int clients;
+	int threads;
+	double dial_timeout; /* seconds to wait for every channel to be READY */
+	double timeout;	     /* per-request deadline, seconds */
+	/* amount */
+	uint64_t total;	 /* requests; 0 = unbounded (then duration must be set) */
+	double duration; /* seconds; 0 = until total */
+	/* put / txn-put */
+	int key_size;
+	int val_size;
+	uint64_t key_space;
+	int sequential;
+	int txn_ops;
+	/* range */
+	const char *range_key;
+	const char *range_end;
+	int serializable;
+	int64_t limit;
+	/* fsync */
+	const char *dir;
+	int count;
+	int block_size;
+	/* output */
+	const char *label;
+	int quiet; /* JSON line only */
+};
+
+struct bench_rng {
+	uint64_t s;
+};
+
+static inline uint64_t bench_rand(struct bench_rng *r)
+{
+	/* splitmix64: fast, good enough for picking keys */
+	uint64_t z = (r->s += 0x9e3779b97f4a7c15ULL);
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+	return z ^ (z >> 31);
+}
+
+/* A workload: one unary method, a request encoder and a response checker. */
+struct bench_workload {
+	const char *name;
+	const char *method; /* e.g. "/etcdserverpb.KV/Put" */
+	const ProtobufCMessageDescriptor *resp_desc;
+	/* Encode request number `seq` into *buf (grown with realloc as needed); returns its length. */
+	size_t (*encode)(const struct bench_opts *o, uint64_t seq, struct bench_rng *rng, uint8_t **buf,
+			 size_t *cap);
+	/* Returns 0 if the decoded response looks right. */
+	int (*check)(const struct bench_opts *o, const ProtobufCMessage *resp);
+};
+
+const struct bench_workload *bench_workload_find(const char *name);
+
+struct bench_result {
+	uint64_t ok;
+	uint64_t errors;
+	uint64_t by_status[BENCH_NSTATUS];
+	char first_error[BENCH_NSTATUS][200];
+	double elapsed; /* seconds from first request to last completion */
+	/* latencies of successful requests, microseconds, sorted ascending */
+	uint32_t *lat_us;
+	size_t n_lat;
+	double lat_sum_us;
+	int setup_failed; /* could not connect; message in setup_error */
+	char setup_error[256];
+};
+
+int bench_run(const struct bench_opts *o, const struct bench_workload *w, struct bench_result *res);
+int bench_fsync(const struct bench_opts *o, struct bench_result *res);
+const char *bench_status_name(int code);
+uint64_t bench_now_ns(void);
+
+#endif
