@@ -143,6 +143,8 @@ static int env_open(storage *s, const char *dir)
 		rc = mdb_dbi_open(txn, "leases", MDB_CREATE, &s->s_leases);
 	if (rc == 0)
 		rc = mdb_dbi_open(txn, "lkeys", MDB_CREATE, &s->s_lkeys);
+	if (rc == 0)
+		rc = mdb_dbi_open(txn, "rlog", MDB_CREATE, &s->s_rlog);
 	if (rc == 0) {
 		rc = mdb_txn_commit(txn);
 		txn = NULL;

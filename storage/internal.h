@@ -50,6 +50,7 @@ struct storage {
 	MDB_dbi s_meta, s_keys, s_hist, s_revs;
 	MDB_dbi s_leases; /* lease id (i64 BE) -> granted TTL in seconds (i64 BE) */
 	MDB_dbi s_lkeys;  /* (lease id, key id) BE -> nothing: the keys attached to a lease */
+	MDB_dbi s_rlog;   /* Raft log: index (u64 BE) -> [term u64 BE][type u8][data] */
 	int s_lockfd;
 	storage_batch *s_batch; /* the open batch, if any */
 	uint64_t s_map_size;
@@ -88,6 +89,12 @@ struct storage_reader {
 #define META_CPENDING "i:cpending"
 #define META_NEXT_ID "i:next_id"
 #define META_APPLIED "i:applied"
+#define META_RL_TERM "i:rl_term"
+#define META_RL_VOTE "i:rl_vote"
+#define META_RL_COMMIT "i:rl_commit"
+#define META_RL_SNAP_INDEX "i:rl_snap_index"
+#define META_RL_SNAP_TERM "i:rl_snap_term"
+#define META_RL_SNAP_CONF "i:rl_snap_conf"
 
 /* What one read or write pass sees. */
 typedef struct mv {

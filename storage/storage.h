@@ -201,6 +201,36 @@ void storage_read_end(storage_reader *r);
  * quota is checked against this. */
 uint64_t storage_db_size(storage *s);
 
+/* ---- The Raft log, hard state and snapshot metadata ---- */
+
+typedef struct storage_log_entry {
+	uint64_t le_index;
+	uint64_t le_term;
+	uint8_t le_type;
+	uint32_t le_len;
+	const uint8_t *le_data; /* from storage_read_log(): points into the map */
+} storage_log_entry;
+
+/* Appends entries (contiguous indexes); any stored entry at or after e[0].index is
+ * replaced first, as Raft's log matching requires. */
+int storage_batch_log_append(storage_batch *b, const storage_log_entry *e, size_t n);
+int storage_batch_log_hard_state(storage_batch *b, uint64_t term, uint64_t vote, uint64_t commit);
+/* Records a snapshot point (index, term, encoded configuration) and drops the entries it
+ * covers. The state machine itself is the LMDB keyspace as of the applied index. */
+int storage_batch_log_snapshot(storage_batch *b, uint64_t index, uint64_t term, const void *conf,
+			       size_t conf_len);
+
+typedef struct storage_log_state {
+	uint64_t ls_term, ls_vote, ls_commit;
+	uint64_t ls_snap_index, ls_snap_term;
+	const void *ls_snap_conf; /* NULL if no snapshot point */
+	size_t ls_snap_conf_len;
+	storage_log_entry *ls_entries; /* after the snapshot point, in order, in the arena */
+	size_t ls_n_entries;
+} storage_log_state;
+/* Everything Raft needs to restart. Byte fields point into the map. */
+int storage_read_log(storage_reader *r, storage_arena *a, storage_log_state *out);
+
 /* The committed store revision, without a transaction. */
 int64_t storage_current_revision(storage *s);
 

@@ -1025,6 +1025,49 @@ static void test_events(void)
 	storage_read_end(r);
 }
 
+/* The Raft log: append, suffix replacement, snapshot point, hard state, restart. */
+static void test_raft_log(void)
+{
+	fresh("raftlog");
+	storage_batch *b;
+	storage_log_entry e[10];
+	char data[10][8];
+	for (int i = 0; i < 10; i++) {
+		snprintf(data[i], sizeof(data[i]), "e%d", i + 1);
+		e[i] = (storage_log_entry){(uint64_t)i + 1, 1, 0, (uint32_t)strlen(data[i]), (const uint8_t *)data[i]};
+	}
+	CHECK_EQ(storage_batch_begin(S, &b), 0);
+	CHECK_EQ(storage_batch_log_append(b, e, 10), 0);
+	CHECK_EQ(storage_batch_log_hard_state(b, 1, 3, 7), 0);
+	CHECK_EQ(storage_batch_commit(b, 0), 0);
+	/* a new leader overwrites 6.. with entries of term 2 */
+	storage_log_entry f[2] = {{6, 2, 1, 1, (const uint8_t *)"x"}, {7, 2, 0, 0, NULL}};
+	CHECK_EQ(storage_batch_begin(S, &b), 0);
+	CHECK_EQ(storage_batch_log_append(b, f, 2), 0);
+	CHECK_EQ(storage_batch_log_snapshot(b, 3, 1, "conf", 4), 0);
+	CHECK_EQ(storage_batch_commit(b, 0), 0);
+	reopen();
+	storage_reader *r;
+	storage_log_state ls;
+	CHECK_EQ(storage_read_begin(S, &r), 0);
+	CHECK_EQ(storage_read_log(r, &A, &ls), 0);
+	CHECK(ls.ls_term == 1 && ls.ls_vote == 3 && ls.ls_commit == 7);
+	CHECK(ls.ls_snap_index == 3 && ls.ls_snap_term == 1 && ls.ls_snap_conf_len == 4 &&
+	      memcmp(ls.ls_snap_conf, "conf", 4) == 0);
+	CHECK_EQ(ls.ls_n_entries, 4); /* 4, 5, 6', 7' */
+	CHECK(ls.ls_entries[0].le_index == 4 && ls.ls_entries[0].le_term == 1 &&
+	      ls.ls_entries[0].le_len == 2 && memcmp(ls.ls_entries[0].le_data, "e4", 2) == 0);
+	CHECK(ls.ls_entries[2].le_index == 6 && ls.ls_entries[2].le_term == 2 &&
+	      ls.ls_entries[2].le_type == 1 && ls.ls_entries[2].le_len == 1);
+	CHECK(ls.ls_entries[3].le_index == 7 && ls.ls_entries[3].le_len == 0);
+	storage_read_end(r);
+	/* non-contiguous appends are refused */
+	storage_log_entry g[2] = {{8, 2, 0, 0, NULL}, {10, 2, 0, 0, NULL}};
+	CHECK_EQ(storage_batch_begin(S, &b), 0);
+	CHECK_EQ(storage_batch_log_append(b, g, 2), STORAGE_ERR_INVALID);
+	storage_batch_abort(b);
+}
+
 int main(void)
 {
 	storage_arena_init(&A);
@@ -1039,6 +1082,7 @@ int main(void)
 	test_nospace();
 	test_leases();
 	test_events();
+	test_raft_log();
 	if (S)
 		storage_close(S);
 	storage_arena_free(&A);
