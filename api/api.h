@@ -123,6 +123,14 @@ int api_server_route(api_server *s, const char *path, api_unary_fn fn, void *ctx
 int api_server_route_stream(api_server *s, const char *path, const api_stream_handlers *h, void *ctx);
 /* Listens on host:port (plaintext). Before start only. */
 int api_server_listen(api_server *s, const char *host_port);
+/*
+ * Listens on host:port with TLS: cert_pem and key_pem are the server's certificate chain and
+ * key (PEM text); ca_pem (may be NULL) the CAs that client certificates must chain to. With
+ * require_client_cert a client without a verified certificate is refused (etcd's
+ * --client-cert-auth). Before start only.
+ */
+int api_server_listen_tls(api_server *s, const char *host_port, const char *cert_pem,
+			  const char *key_pem, const char *ca_pem, int require_client_cert);
 int api_server_start(api_server *s);
 /* Stops accepting new calls; calls already accepted still run and must still be ended. */
 void api_server_shutdown(api_server *s);

@@ -200,6 +200,22 @@ int api_server_listen(api_server *s, const char *host_port)
 	return port > 0 ? 0 : API_ERR_BIND;
 }
 
+int api_server_listen_tls(api_server *s, const char *host_port, const char *cert_pem,
+			  const char *key_pem, const char *ca_pem, int require_client_cert)
+{
+	grpc_ssl_pem_key_cert_pair pair = {key_pem, cert_pem};
+	grpc_ssl_client_certificate_request_type req =
+		require_client_cert ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+		: ca_pem ? GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY
+			 : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE;
+	grpc_server_credentials *creds = grpc_ssl_server_credentials_create_ex(ca_pem, &pair, 1, req, NULL);
+	if (creds == NULL)
+		return API_ERR_BIND;
+	int port = grpc_server_add_http2_port(s->as_grpc, host_port, creds);
+	grpc_server_credentials_release(creds);
+	return port > 0 ? 0 : API_ERR_BIND;
+}
+
 static void request_next(api_pending *p)
 {
 	api_server *s = p->ap_server;

@@ -88,6 +88,87 @@ static int load_or_store_ids(storage *st, member_info *mi)
 	return rc ? (storage_batch_abort(b), rc) : storage_batch_commit(b, stats.st_applied_index);
 }
 
+/* Reads a whole (small) file into a NUL-terminated string; NULL on error. */
+static char *read_file(const char *path)
+{
+	FILE *f = fopen(path, "rb");
+	if (f == NULL)
+		return NULL;
+	char *buf = NULL;
+	size_t len = 0, cap = 0, n;
+	char chunk[4096];
+	while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0) {
+		if (len + n + 1 > cap) {
+			cap = (len + n + 1) * 2;
+			char *nb = realloc(buf, cap);
+			if (nb == NULL) {
+				free(buf);
+				fclose(f);
+				return NULL;
+			}
+			buf = nb;
+		}
+		memcpy(buf + len, chunk, n);
+		len += n;
+	}
+	fclose(f);
+	if (buf == NULL)
+		buf = calloc(1, 1);
+	else
+		buf[len] = '\0';
+	return buf;
+}
+
+/* Listens on every client URL: https ones with the --cert-file/--key-file pair. */
+static int listen_clients(api_server *as, const config *cfg)
+{
+	char *cert = NULL, *key = NULL, *ca = NULL;
+	int rc = 0;
+	for (int i = 0; rc == 0 && i < cfg->listen_client.n; i++) {
+		const char *url = cfg->listen_client.url[i];
+		char hp[256];
+		config_url_host_port(url, hp, sizeof(hp));
+		if (strncmp(url, "https://", 8) == 0) {
+			if (cfg->cert_file[0] == '\0' || cfg->key_file[0] == '\0') {
+				log_at(LOG_FATAL, "TLS key/cert (--cert-file, --key-file) must be provided for client url with HTTPS scheme",
+				       "url", url, NULL);
+				rc = -1;
+				break;
+			}
+			if (cert == NULL) {
+				cert = read_file(cfg->cert_file);
+				key = read_file(cfg->key_file);
+				if (cfg->trusted_ca_file[0])
+					ca = read_file(cfg->trusted_ca_file);
+				if (cert == NULL || key == NULL || (cfg->trusted_ca_file[0] && ca == NULL)) {
+					log_at(LOG_FATAL, "cannot read TLS files", "cert-file", cfg->cert_file,
+					       "key-file", cfg->key_file, "trusted-ca-file", cfg->trusted_ca_file, NULL);
+					rc = -1;
+					break;
+				}
+			}
+			rc = api_server_listen_tls(as, hp, cert, key, ca, cfg->client_cert_auth);
+			if (rc == 0)
+				log_at(LOG_INFO, "serving client traffic securely", "address", hp, NULL);
+		} else {
+			rc = api_server_listen(as, hp);
+			if (rc == 0)
+				log_at(LOG_INFO, "serving insecure client requests, this is strongly discouraged!",
+				       "address", hp, NULL);
+		}
+		if (rc)
+			log_at(LOG_FATAL, "cannot listen for clients", "url", url, "error", api_strerror(rc), NULL);
+	}
+	free(cert);
+	if (key) {
+		/* The private key should not linger in freed memory. */
+		memset(key, 0, strlen(key));
+		free(key);
+	}
+	free(ca);
+	return rc;
+}
+
 static int run(config *cfgp);
 
 int main(int argc, char **argv)
@@ -178,18 +259,8 @@ static int run(config *cfgp)
 		rc = lease_register(as, &sc);
 	if (rc == 0)
 		rc = watch_hub_start(&sc.hub, &sc, as);
-	for (int i = 0; rc == 0 && i < cfg.listen_client.n; i++) {
-		char hp[256];
-		config_url_host_port(cfg.listen_client.url[i], hp, sizeof(hp));
-		rc = api_server_listen(as, hp);
-		if (rc) {
-			log_at(LOG_FATAL, "cannot listen for clients", "url", cfg.listen_client.url[i],
-			       "error", api_strerror(rc), NULL);
-		} else {
-			log_at(LOG_INFO, "serving insecure client requests, this is strongly discouraged!",
-			       "address", hp, NULL);
-		}
-	}
+	if (rc == 0)
+		rc = listen_clients(as, &cfg);
 	if (rc == 0)
 		rc = api_server_start(as);
 	http_server *hs = NULL;

@@ -61,6 +61,8 @@ typedef struct config {
 	char *log_outputs;
 	char *etcd_version; /* the version Status and /version report */
 	uint64_t watch_progress_notify_ms;
+	char *cert_file, *key_file, *trusted_ca_file; /* client TLS */
+	int client_cert_auth;
 	int pre_vote;
 	int force_new_cluster;
 	int show_version;
