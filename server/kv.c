@@ -311,6 +311,24 @@ static int txn_is_readonly(const Etcdserverpb__TxnRequest *r)
 	return 1;
 }
 
+/* etcd's isTxnSerializable: every range in every branch asks for a serializable read. */
+static int txn_is_serializable(const Etcdserverpb__TxnRequest *r)
+{
+	for (int side = 0; side < 2; side++) {
+		Etcdserverpb__RequestOp **ops = side ? r->failure : r->success;
+		size_t n = side ? r->n_failure : r->n_success;
+		for (size_t i = 0; i < n; i++) {
+			if (ops[i]->request_case == ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_RANGE &&
+			    !ops[i]->request_range->serializable)
+				return 0;
+			if (ops[i]->request_case == ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_TXN &&
+			    !txn_is_serializable(ops[i]->request_txn))
+				return 0;
+		}
+	}
+	return 1;
+}
+
 /* Fills every header in a txn response tree (etcd fills nested ones from the same revision). */
 static void fill_txn_headers(server_ctx *sc, Etcdserverpb__TxnResponse *resp)
 {
@@ -353,8 +371,13 @@ static void kv_range(void *ctx, api_call *call, const ProtobufCMessage *msg)
 		api_call_fail(call, API_ERR_EMPTY_KEY);
 		return;
 	}
-	/* One member: every acknowledged write is committed and applied, so a read
-	 * transaction opened now is linearizable as well as serializable. */
+	/* With several voters a linearizable read waits for a read index. With one, every
+	 * acknowledged write is already applied, so a read transaction opened now is
+	 * linearizable as well as serializable. */
+	if (!req->serializable && node_reads_need_index(sc->nd)) {
+		node_submit(sc->nd, NODE_READ_RANGE, call, msg);
+		return;
+	}
 	storage_reader *r;
 	int rc = storage_read_begin(sc->st, &r);
 	if (rc) {
@@ -436,7 +459,12 @@ static void kv_txn(void *ctx, api_call *call, const ProtobufCMessage *msg)
 		node_submit(sc->nd, NODE_TXN, call, msg);
 		return;
 	}
-	/* Read-only txns never go through the log, as in etcd. */
+	/* Read-only txns never go through the log, as in etcd; unless every range in them is
+	 * serializable they wait for a read index. */
+	if (!txn_is_serializable(req) && node_reads_need_index(sc->nd)) {
+		node_submit(sc->nd, NODE_READ_TXN, call, msg);
+		return;
+	}
 	storage_reader *r;
 	int rc = storage_read_begin(sc->st, &r);
 	if (rc) {

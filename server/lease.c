@@ -171,8 +171,7 @@ void lessor_revoked(lessor *l, int64_t id)
 	pthread_mutex_unlock(&l->l_mu);
 }
 
-/* Resets the expiry; the granted TTL, or 0 if the lease is unknown or already expired. */
-static int64_t lessor_renew(lessor *l, int64_t id)
+int64_t lessor_renew(lessor *l, int64_t id)
 {
 	int64_t ttl = 0;
 	uint64_t now = now_ms();
@@ -184,6 +183,20 @@ static int64_t lessor_renew(lessor *l, int64_t id)
 	}
 	pthread_mutex_unlock(&l->l_mu);
 	return ttl;
+}
+
+void lessor_promote(lessor *l, uint64_t extend_ms)
+{
+	uint64_t base = now_ms() + extend_ms;
+	pthread_mutex_lock(&l->l_mu);
+	for (size_t i = 0; i < l->l_cap; i++) {
+		lease_entry *e = &l->l_tab[i];
+		if (e->le_id != 0) {
+			e->le_expiry_ms = base + (uint64_t)e->le_ttl * 1000;
+			e->le_revoking = 0;
+		}
+	}
+	pthread_mutex_unlock(&l->l_mu);
 }
 
 size_t lessor_expired(lessor *l, int64_t *ids, size_t max)
@@ -355,6 +368,8 @@ static void keepalive_on_message(void *ctx, api_stream *st, const ProtobufCMessa
 	resp.header = &h;
 	resp.id = req->id;
 	resp.ttl = lessor_renew(sc->lessor, req->id);
+	if (resp.ttl > 0 && node_leader(sc->nd) != sc->mi.member_id)
+		node_forward_keepalive(sc->nd, req->id);
 	api_stream_send_msg(st, &resp.base);
 }
 

@@ -233,6 +233,8 @@ static int run(config *cfgp)
 	if (rc == 0)
 		rc = alarm_start(&sc.alarms, sc.st);
 	if (rc == 0)
+		rc = members_start(&sc.members, &cfg, sc.st, sc.mi.member_id);
+	if (rc == 0)
 		rc = node_start(&sc.nd, &sc);
 	if (rc) {
 		log_at(LOG_FATAL, "cannot start member", "error", storage_strerror(rc), NULL);
@@ -257,6 +259,8 @@ static int run(config *cfgp)
 		rc = maint_register(as, &sc);
 	if (rc == 0)
 		rc = lease_register(as, &sc);
+	if (rc == 0)
+		rc = members_register(as, &sc);
 	if (rc == 0)
 		rc = watch_hub_start(&sc.hub, &sc, as);
 	if (rc == 0)
@@ -289,6 +293,7 @@ static int run(config *cfgp)
 	node_free(sc.nd);
 	lessor_free(sc.lessor);
 	alarm_free(sc.alarms);
+	members_free(sc.members);
 	storage_close(sc.st);
 	log_at(LOG_INFO, "stopped", NULL);
 	return 0;

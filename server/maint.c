@@ -48,36 +48,55 @@ static uint64_t member_id(char **urls, int n, const char *token)
 	return be64(d);
 }
 
-void member_compute_ids(const config *cfg, member_info *out)
+void member_compute_all(const config *cfg, member_id_list *out)
 {
 	/* Group --initial-cluster "name=url,..." by name. */
-	char *ic = strdup(cfg->initial_cluster);
-	char *names[64], *urls[64][CONFIG_MAX_URLS];
-	int nurls[64] = {0}, nm = 0;
+	memset(out, 0, sizeof(*out));
+	out->buf = strdup(cfg->initial_cluster);
+	if (out->buf == NULL)
+		return;
 	char *save = NULL;
-	for (char *tok = strtok_r(ic, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+	for (char *tok = strtok_r(out->buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
 		char *eq = strchr(tok, '=');
 		if (eq == NULL)
 			continue;
 		*eq = '\0';
 		int k;
-		for (k = 0; k < nm; k++)
-			if (strcmp(names[k], tok) == 0)
+		for (k = 0; k < out->n; k++)
+			if (strcmp(out->name[k], tok) == 0)
 				break;
-		if (k == nm) {
-			if (nm == 64)
+		if (k == out->n) {
+			if (out->n == MEMBER_LIST_MAX)
 				continue;
-			names[nm++] = tok;
+			out->name[out->n++] = tok;
 		}
-		if (nurls[k] < CONFIG_MAX_URLS)
-			urls[k][nurls[k]++] = eq + 1;
+		if (out->n_urls[k] < CONFIG_MAX_URLS)
+			out->urls[k][out->n_urls[k]++] = eq + 1;
 	}
-	uint64_t ids[64];
+	for (int k = 0; k < out->n; k++) {
+		char *sorted[CONFIG_MAX_URLS];
+		memcpy(sorted, out->urls[k], sizeof(sorted));
+		out->id[k] = member_id(sorted, out->n_urls[k], cfg->initial_cluster_token);
+	}
+}
+
+void member_id_list_free(member_id_list *l)
+{
+	free(l->buf);
+	l->buf = NULL;
+}
+
+void member_compute_ids(const config *cfg, member_info *out)
+{
+	member_id_list l;
+	member_compute_all(cfg, &l);
+	uint64_t ids[MEMBER_LIST_MAX + 1];
+	int n = l.n;
 	out->member_id = 0;
-	for (int k = 0; k < nm; k++) {
-		ids[k] = member_id(urls[k], nurls[k], cfg->initial_cluster_token);
-		if (strcmp(names[k], cfg->name) == 0)
-			out->member_id = ids[k];
+	for (int k = 0; k < l.n; k++) {
+		ids[k] = l.id[k];
+		if (strcmp(l.name[k], cfg->name) == 0)
+			out->member_id = l.id[k];
 	}
 	if (out->member_id == 0) {
 		/* Not in --initial-cluster: derive from our own peer URLs. */
@@ -85,18 +104,18 @@ void member_compute_ids(const config *cfg, member_info *out)
 		for (int u = 0; u < cfg->initial_advertise_peer.n; u++)
 			own[u] = cfg->initial_advertise_peer.url[u];
 		out->member_id = member_id(own, cfg->initial_advertise_peer.n, cfg->initial_cluster_token);
-		ids[nm++ < 64 ? nm - 1 : 63] = out->member_id;
+		ids[n++] = out->member_id;
 	}
 	/* etcd's cluster id: sha1 of the sorted member ids, big-endian. */
-	qsort(ids, (size_t)nm, sizeof(uint64_t), cmp_u64);
-	uint8_t buf[64 * 8], d[SHA_DIGEST_LENGTH];
-	for (int k = 0; k < nm; k++)
+	qsort(ids, (size_t)n, sizeof(uint64_t), cmp_u64);
+	uint8_t buf[(MEMBER_LIST_MAX + 1) * 8], d[SHA_DIGEST_LENGTH];
+	for (int k = 0; k < n; k++)
 		for (int i = 0; i < 8; i++)
 			buf[8 * k + i] = (uint8_t)(ids[k] >> (56 - 8 * i));
-	SHA1(buf, (size_t)nm * 8, d);
+	SHA1(buf, (size_t)n * 8, d);
 	out->cluster_id = be64(d);
 	out->name = cfg->name;
-	free(ic);
+	member_id_list_free(&l);
 }
 
 void server_fill_header(server_ctx *sc, Etcdserverpb__ResponseHeader *h)
@@ -125,8 +144,8 @@ static void maint_status(void *ctx, api_call *call, const ProtobufCMessage *msg)
 	resp.version = sc->cfg->etcd_version;
 	resp.dbsize = (int64_t)st.st_db_size;
 	resp.dbsizeinuse = (int64_t)st.st_db_size_in_use;
-	resp.leader = sc->mi.member_id;
-	resp.raftindex = node_applied_index(sc->nd);
+	resp.leader = node_leader(sc->nd);
+	resp.raftindex = node_last_index(sc->nd);
 	resp.raftappliedindex = node_applied_index(sc->nd);
 	resp.raftterm = node_term(sc->nd);
 	resp.dbsizequota = (int64_t)sc->quota_bytes;
@@ -134,32 +153,6 @@ static void maint_status(void *ctx, api_call *call, const ProtobufCMessage *msg)
 	char errbuf[16][64];
 	resp.n_errors = alarm_status_errors(sc->alarms, errs, 16, errbuf);
 	resp.errors = errs;
-	api_call_reply(call, &resp.base);
-}
-
-static void cluster_member_list(void *ctx, api_call *call, const ProtobufCMessage *msg)
-{
-	server_ctx *sc = ctx;
-	storage_stats st;
-	int rc = storage_stat(sc->st, &st);
-	if (rc) {
-		server_fail_storage(call, rc);
-		return;
-	}
-	Etcdserverpb__MemberListResponse resp = ETCDSERVERPB__MEMBER_LIST_RESPONSE__INIT;
-	Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
-	Etcdserverpb__Member m = ETCDSERVERPB__MEMBER__INIT;
-	Etcdserverpb__Member *members[1] = {&m};
-	server_fill_header(sc, &h);
-	resp.header = &h;
-	m.id = sc->mi.member_id;
-	m.name = sc->cfg->name;
-	m.n_peerurls = (size_t)sc->cfg->initial_advertise_peer.n;
-	m.peerurls = sc->cfg->initial_advertise_peer.url;
-	m.n_clienturls = (size_t)sc->cfg->advertise_client.n;
-	m.clienturls = sc->cfg->advertise_client.url;
-	resp.n_members = 1;
-	resp.members = members;
 	api_call_reply(call, &resp.base);
 }
 
@@ -226,7 +219,6 @@ int maint_register(api_server *as, server_ctx *sc)
 		{"/etcdserverpb.Maintenance/Hash", maint_hash},
 		{"/etcdserverpb.Maintenance/HashKV", maint_hash_kv},
 		{"/etcdserverpb.Maintenance/Defragment", maint_defragment},
-		{"/etcdserverpb.Cluster/MemberList", cluster_member_list},
 	};
 	for (size_t i = 0; i < sizeof(routes) / sizeof(routes[0]); i++) {
 		int rc = api_server_route(as, routes[i].path, routes[i].fn, sc);

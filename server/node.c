@@ -1,26 +1,34 @@
 /*
- * node.c - the node loop: the one thread that writes.
+ * node.c - the node loop: the one thread that drives Raft and writes.
  *
- * gRPC threads queue writes and wake the loop with uv_async_send(). Each turn the loop takes
- * everything queued, applies it in ONE storage batch (one LMDB write transaction), commits it
- * with ONE fsync, and only then replies: a write is durable before it is acknowledged.
- * Writes that arrive while a commit is in progress wait in the queue and share the next
- * batch: that is the group commit.
+ * gRPC threads queue requests and wake the loop with uv_async_send(). Each turn the loop
+ * proposes everything queued to Raft, then processes Raft's Ready as raft.h orders it:
+ * appends to followers go out first (the leader writes its log in parallel), then ONE storage
+ * batch holds the new entries, the hard state and the apply of every newly committed entry
+ * with the applied index, committed with one fsync (group commit), then the other messages
+ * go out, watchers hear of the batch, and the proposers answer their clients.
  *
- * A single member for now: each write is one log entry, and each start is a new term (the
- * election a lone member wins at boot). The replicated cluster puts Raft between the queue
- * and the batch.
+ * With a single voter an entry is committed as soon as it is durable, so the batch that
+ * appends it applies it too (one transaction per write batch, not two).
+ *
+ * Entries are applied from their bytes by apply.c on every member; the member that proposed
+ * an entry finds its waiting call by sequence number. Linearizable reads take a read index
+ * (one round for every read that arrived meanwhile) and are served once applied reaches it.
  */
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <uv.h>
 
+#include "raft/codec.h"
+#include "raft/raft.h"
+#include "server/peer.h"
 #include "server/server.h"
 
-/* Bounds a batch so one turn never holds replies back for long. */
+/* Bounds how many queued requests one turn proposes, so replies are never held long. */
 #define NODE_MAX_BATCH 4096
 /* Revisions removed per batch while a compaction is still being carried out. */
 #define NODE_COMPACT_STEP 10000
@@ -28,38 +36,81 @@
  * (etcd revokes at most 1000 leases a second, so expiry never floods the log). */
 #define NODE_LEASE_CHECK_MS 500
 #define NODE_LEASE_REVOKES_PER_CHECK 500
+/* Log entries kept in memory behind the applied index for followers that lag. */
+#define NODE_LOG_KEEP 5000
+/* Peer frame types: a Raft message, or a lease keep-alive forwarded to the leader. */
+#define FRAME_RAFT 0
+#define FRAME_KEEPALIVE 1
 
 typedef struct node_req node_req;
 struct node_req {
 	node_op nr_op;
-	api_call *nr_call;
-	const ProtobufCMessage *nr_msg; /* owned by the call, or by the node when nr_call is NULL */
-	ProtobufCMessage *nr_resp;      /* in the batch arena */
-	int nr_err;                     /* storage error, 0 if applied */
-	alarm_change nr_alarm;          /* NODE_ALARM: what changed, made visible after commit */
+	api_call *nr_call;              /* NULL: internal (expiry revoke, alarm) */
+	const ProtobufCMessage *nr_msg; /* owned by the call, or by the node if nr_owns_msg */
+	int nr_owns_msg;                /* internal requests: the node frees nr_msg */
+	uint64_t nr_seq;                /* proposal sequence: matches the applied entry */
+	uint64_t nr_deadline_ms;
+	uint64_t nr_member;             /* member changes */
+	int nr_learner;
+	char **nr_urls;
+	size_t nr_n_urls;
 	node_req *nr_next;
 };
+
+typedef struct read_round {
+	uint64_t rr_id;
+	uint64_t rr_index; /* 0 until the read index is known */
+	node_req *rr_reqs;
+	struct read_round *rr_next;
+} read_round;
 
 struct node {
 	server_ctx *n_sc;
 	uv_loop_t n_loop;
 	uv_async_t n_wake;
 	uv_async_t n_stop;
+	uv_timer_t n_tick;
 	uv_timer_t n_lease_timer;
+	uv_timer_t n_timeout_timer;
 	pthread_t n_thread;
 
 	pthread_mutex_t n_mu; /* guards the queue */
 	node_req *n_head, *n_tail;
 	int n_stopping;
 
+	struct raft *n_raft;
+	peer_transport *n_peers;
+	uint64_t n_next_seq;
+	node_req *n_waiters;          /* proposed, waiting for their entry to apply (seq order) */
+	node_req *n_waiters_tail;
+	node_req *n_conf_waiters;     /* member changes waiting for their configuration change */
+	node_req *n_reads;            /* linearizable reads not yet in a round */
+	read_round *n_rounds;
+	uint64_t n_next_round;
+	uint64_t n_log_snapshot;      /* index of the last log snapshot point */
+	uint64_t n_peer_ids[MEMBER_LIST_MAX]; /* the members the transport knows */
+	size_t n_npeers;
+	int n_role;                   /* enum raft_role */
+	uint64_t n_req_timeout_ms;
+
 	node_req *n_compact_waiters; /* physical compactions waiting for the removal to finish */
 	int n_compacting;
 
 	_Atomic uint64_t n_term;
 	_Atomic uint64_t n_applied;
+	_Atomic uint64_t n_last_index;
+	_Atomic uint64_t n_lead;
+	_Atomic int n_multi_voter;
 	_Atomic uint64_t n_stat_requests;
 	_Atomic uint64_t n_stat_commits;
 };
+
+static uint64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
 
 uint64_t node_term(node *n)
 {
@@ -71,25 +122,46 @@ uint64_t node_applied_index(node *n)
 	return atomic_load(&n->n_applied);
 }
 
+uint64_t node_last_index(node *n)
+{
+	return atomic_load(&n->n_last_index);
+}
+
+uint64_t node_leader(node *n)
+{
+	return atomic_load(&n->n_lead);
+}
+
+int node_reads_need_index(node *n)
+{
+	return atomic_load(&n->n_multi_voter);
+}
+
 void node_batch_stats(node *n, uint64_t *requests, uint64_t *commits)
 {
 	*requests = atomic_load(&n->n_stat_requests);
 	*commits = atomic_load(&n->n_stat_commits);
 }
 
-void node_submit(node *n, node_op op, api_call *call, const ProtobufCMessage *msg)
+static void req_free(node_req *r)
 {
-	node_req *r = calloc(1, sizeof(*r));
-	if (r == NULL) {
-		if (call)
-			api_call_fail_msg(call, 8 /* RESOURCE_EXHAUSTED */, "keelson: out of memory");
-		else
-			protobuf_c_message_free_unpacked((ProtobufCMessage *)msg, NULL);
-		return;
-	}
-	r->nr_op = op;
-	r->nr_call = call;
-	r->nr_msg = msg;
+	if (r->nr_owns_msg && r->nr_msg)
+		protobuf_c_message_free_unpacked((ProtobufCMessage *)r->nr_msg, NULL);
+	for (size_t i = 0; i < r->nr_n_urls; i++)
+		free(r->nr_urls[i]);
+	free(r->nr_urls);
+	free(r);
+}
+
+static void req_fail(node_req *r, api_error e)
+{
+	if (r->nr_call)
+		api_call_fail(r->nr_call, e);
+	req_free(r);
+}
+
+static void enqueue(node *n, node_req *r)
+{
 	pthread_mutex_lock(&n->n_mu);
 	int stopping = n->n_stopping;
 	if (!stopping) {
@@ -101,169 +173,618 @@ void node_submit(node *n, node_op op, api_call *call, const ProtobufCMessage *ms
 	}
 	pthread_mutex_unlock(&n->n_mu);
 	if (stopping) {
-		free(r);
-		if (call)
-			api_call_fail(call, API_ERR_STOPPED);
-		else
-			protobuf_c_message_free_unpacked((ProtobufCMessage *)msg, NULL);
+		req_fail(r, API_ERR_STOPPED);
 		return;
 	}
 	uv_async_send(&n->n_wake);
 }
 
-static int txn_has_put(const Etcdserverpb__TxnRequest *t)
+void node_submit(node *n, node_op op, api_call *call, const ProtobufCMessage *msg)
 {
-	for (int side = 0; side < 2; side++) {
-		Etcdserverpb__RequestOp **ops = side ? t->failure : t->success;
-		size_t n = side ? t->n_failure : t->n_success;
-		for (size_t i = 0; i < n; i++) {
-			if (ops[i]->request_case == ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_PUT)
-				return 1;
-			if (ops[i]->request_case == ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_TXN &&
-			    txn_has_put(ops[i]->request_txn))
-				return 1;
+	node_req *r = calloc(1, sizeof(*r));
+	if (r == NULL) {
+		if (call)
+			api_call_fail_msg(call, 8 /* RESOURCE_EXHAUSTED */, "keelson: out of memory");
+		else if (msg)
+			protobuf_c_message_free_unpacked((ProtobufCMessage *)msg, NULL);
+		return;
+	}
+	r->nr_op = op;
+	r->nr_call = call;
+	r->nr_msg = msg;
+	r->nr_owns_msg = call == NULL;
+	enqueue(n, r);
+}
+
+void node_member_change(node *n, node_op op, api_call *call, uint64_t id, int learner, char **urls,
+			size_t n_urls)
+{
+	node_req *r = calloc(1, sizeof(*r));
+	if (r == NULL) {
+		api_call_fail_msg(call, 8, "keelson: out of memory");
+		return;
+	}
+	r->nr_op = op;
+	r->nr_call = call;
+	r->nr_member = id;
+	r->nr_learner = learner;
+	if (n_urls) {
+		r->nr_urls = calloc(n_urls, sizeof(char *));
+		for (size_t i = 0; r->nr_urls && i < n_urls; i++)
+			if ((r->nr_urls[r->nr_n_urls] = strdup(urls[i])) != NULL)
+				r->nr_n_urls++;
+	}
+	enqueue(n, r);
+}
+
+/* ---- the peer transport's side ---- */
+
+static void send_raft_message(node *n, const struct raft_message *m)
+{
+	size_t len = raft_codec_size(m) + 1;
+	uint8_t stackbuf[4096];
+	uint8_t *buf = len <= sizeof(stackbuf) ? stackbuf : malloc(len);
+	if (buf == NULL)
+		return;
+	size_t used;
+	buf[0] = FRAME_RAFT;
+	if (raft_codec_encode(m, buf + 1, len - 1, &used) == 0) {
+		int rc = peer_send(n->n_peers, m->to, buf, used + 1);
+		if (rc == PEER_EFULL || rc == PEER_EUNKNOWN)
+			raft_report_unreachable(n->n_raft, m->to);
+	}
+	if (buf != stackbuf)
+		free(buf);
+}
+
+static void process_ready(node *n);
+
+static void on_peer_message(void *ctx, uint64_t from, const void *bytes, size_t len)
+{
+	node *n = ctx;
+	const uint8_t *p = bytes;
+	if (len < 1)
+		return;
+	if (p[0] == FRAME_RAFT) {
+		struct raft_message m;
+		if (raft_codec_decode(p + 1, len - 1, &m) != 0) {
+			log_at(LOG_WARN, "dropped a malformed raft message from a peer", NULL);
+			return;
+		}
+		raft_step(n->n_raft, &m);
+		raft_codec_free(&m);
+		process_ready(n);
+	} else if (p[0] == FRAME_KEEPALIVE && len == 9) {
+		int64_t id = 0;
+		for (int i = 0; i < 8; i++)
+			id = (int64_t)((uint64_t)id << 8 | p[1 + i]);
+		lessor_renew(n->n_sc->lessor, id);
+	}
+}
+
+static void on_peer_log(void *ctx, int level, const char *msg, const char *member, const char *addr,
+			const char *error)
+{
+	log_at(level >= PEER_LOG_ERROR ? LOG_ERROR : level >= PEER_LOG_WARN ? LOG_WARN
+		       : level >= PEER_LOG_INFO ? LOG_INFO : LOG_DEBUG,
+	       msg, "remote-peer-id", member, "address", addr, "error", error, NULL);
+}
+
+/* Dials every member we know and forgets those that left. */
+static void sync_peers(node *n)
+{
+	uint64_t ids[MEMBER_LIST_MAX];
+	char urls[MEMBER_LIST_MAX][256];
+	int learner[MEMBER_LIST_MAX];
+	size_t k = members_peers(n->n_sc->members, ids, urls, learner, MEMBER_LIST_MAX);
+	for (size_t i = 0; i < k; i++) {
+		if (ids[i] == n->n_sc->mi.member_id || urls[i][0] == '\0')
+			continue;
+		if (peer_add(n->n_peers, ids[i], urls[i]) == PEER_EEXIST)
+			peer_update(n->n_peers, ids[i], urls[i]);
+	}
+	/* Members no longer in the list: Raft removed them. */
+	for (size_t i = 0; i < n->n_npeers; i++) {
+		int kept = 0;
+		for (size_t j = 0; j < k; j++)
+			kept |= ids[j] == n->n_peer_ids[i];
+		if (!kept)
+			peer_remove(n->n_peers, n->n_peer_ids[i]);
+	}
+	n->n_npeers = 0;
+	for (size_t j = 0; j < k; j++)
+		if (ids[j] != n->n_sc->mi.member_id)
+			n->n_peer_ids[n->n_npeers++] = ids[j];
+}
+
+/* ---- applying ---- */
+
+/* The waiting request of an entry this member proposed, removed from the waiters. */
+static node_req *take_waiter(node *n, uint64_t seq)
+{
+	node_req *prev = NULL;
+	for (node_req *r = n->n_waiters; r; prev = r, r = r->nr_next) {
+		if (r->nr_seq != seq)
+			continue;
+		if (prev)
+			prev->nr_next = r->nr_next;
+		else
+			n->n_waiters = r->nr_next;
+		if (n->n_waiters_tail == r)
+			n->n_waiters_tail = prev;
+		r->nr_next = NULL;
+		return r;
+	}
+	return NULL;
+}
+
+static void add_waiter(node *n, node_req *r)
+{
+	r->nr_deadline_ms = now_ms() + n->n_req_timeout_ms;
+	r->nr_next = NULL;
+	if (n->n_waiters_tail)
+		n->n_waiters_tail->nr_next = r;
+	else
+		n->n_waiters = r;
+	n->n_waiters_tail = r;
+}
+
+/* What one batch applied, answered after it commits. */
+typedef struct applied_entry {
+	apply_result ae_res;
+	node_req *ae_req; /* the waiting call, if this member proposed it */
+	int ae_conf_op;   /* a configuration change: enum raft_conf_op, 0 otherwise */
+	uint64_t ae_conf_node;
+} applied_entry;
+
+typedef struct apply_batch {
+	applied_entry *ab_v;
+	size_t ab_n, ab_cap;
+} apply_batch;
+
+static applied_entry *batch_push(apply_batch *ab)
+{
+	if (ab->ab_n == ab->ab_cap) {
+		size_t cap = ab->ab_cap ? ab->ab_cap * 2 : 64;
+		applied_entry *v = realloc(ab->ab_v, cap * sizeof(*v));
+		if (v == NULL)
+			return NULL;
+		ab->ab_v = v;
+		ab->ab_cap = cap;
+	}
+	applied_entry *e = &ab->ab_v[ab->ab_n++];
+	memset(e, 0, sizeof(*e));
+	return e;
+}
+
+static void apply_one_entry(node *n, storage_batch *b, const struct raft_entry *e, storage_arena *a,
+			    apply_batch *ab)
+{
+	server_ctx *sc = n->n_sc;
+	applied_entry *ae = batch_push(ab);
+	if (ae == NULL) {
+		log_at(LOG_FATAL, "out of memory while applying", NULL);
+		abort();
+	}
+	if (e->type == RAFT_ENTRY_CONF_CHANGE) {
+		struct raft_conf_change cc;
+		if (raft_conf_change_decode(e, &cc) == 0) {
+			ae->ae_conf_op = cc.op;
+			ae->ae_conf_node = cc.node;
+			int learner = 0;
+			if (cc.op == RAFT_CONF_REMOVE)
+				members_conf_changed(sc->members, b, MEMBERS_REMOVE, cc.node);
+			else if (cc.op == RAFT_CONF_ADD_VOTER && members_exists(sc->members, cc.node, &learner) && learner)
+				members_conf_changed(sc->members, b, MEMBERS_PROMOTE, cc.node);
+		}
+		ae->ae_res.ar_op = NODE_NOOP;
+		return;
+	}
+	int rc = apply_entry(sc, b, e->data, e->len, a, &ae->ae_res);
+	if (rc) {
+		/* Every member decodes the same bytes: a bad entry is skipped everywhere alike. */
+		log_at(LOG_ERROR, "skipped an entry that cannot be decoded", NULL);
+		ae->ae_res.ar_op = NODE_NOOP;
+		return;
+	}
+	if (ae->ae_res.ar_proposer == sc->mi.member_id && ae->ae_res.ar_seq != 0)
+		ae->ae_req = take_waiter(n, ae->ae_res.ar_seq);
+}
+
+static void reply_conf_waiters(node *n, int op, uint64_t id)
+{
+	node_req *prev = NULL, *next;
+	for (node_req *r = n->n_conf_waiters; r; r = next) {
+		next = r->nr_next;
+		int match = r->nr_member == id &&
+			    ((op == RAFT_CONF_REMOVE && r->nr_op == NODE_MEMBER_REMOVE) ||
+			     (op == RAFT_CONF_ADD_VOTER && (r->nr_op == NODE_MEMBER_PROMOTE || r->nr_op == NODE_MEMBER_ADD)) ||
+			     (op == RAFT_CONF_ADD_LEARNER && r->nr_op == NODE_MEMBER_ADD));
+		if (!match) {
+			prev = r;
+			continue;
+		}
+		if (prev)
+			prev->nr_next = next;
+		else
+			n->n_conf_waiters = next;
+		/* The answers carry the member list after the change, as etcd's do. */
+		Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+		server_fill_header(n->n_sc, &h);
+		if (r->nr_op == NODE_MEMBER_ADD) {
+			Etcdserverpb__MemberAddResponse resp = ETCDSERVERPB__MEMBER_ADD_RESPONSE__INIT;
+			Etcdserverpb__Member m = ETCDSERVERPB__MEMBER__INIT;
+			m.id = r->nr_member;
+			m.peerurls = r->nr_urls;
+			m.n_peerurls = r->nr_n_urls;
+			m.islearner = r->nr_learner;
+			resp.header = &h;
+			resp.member = &m;
+			api_call_reply(r->nr_call, &resp.base);
+		} else if (r->nr_op == NODE_MEMBER_REMOVE) {
+			Etcdserverpb__MemberRemoveResponse resp = ETCDSERVERPB__MEMBER_REMOVE_RESPONSE__INIT;
+			resp.header = &h;
+			api_call_reply(r->nr_call, &resp.base);
+		} else {
+			Etcdserverpb__MemberPromoteResponse resp = ETCDSERVERPB__MEMBER_PROMOTE_RESPONSE__INIT;
+			resp.header = &h;
+			api_call_reply(r->nr_call, &resp.base);
+		}
+		r->nr_call = NULL;
+		req_free(r);
+	}
+}
+
+/* A member add was recorded: now Raft adds the member (the proposer asks for it). */
+static void propose_conf_for(node *n, node_req *r)
+{
+	enum raft_conf_op op = r->nr_op == NODE_MEMBER_REMOVE ? RAFT_CONF_REMOVE
+			       : r->nr_op == NODE_MEMBER_PROMOTE ? RAFT_CONF_ADD_VOTER
+			       : r->nr_learner ? RAFT_CONF_ADD_LEARNER
+			       : RAFT_CONF_ADD_VOTER;
+	int rc = raft_propose_conf_change(n->n_raft, op, r->nr_member, NULL);
+	if (rc == 0) {
+		r->nr_next = n->n_conf_waiters;
+		n->n_conf_waiters = r;
+		return;
+	}
+	if (rc == RAFT_EBUSY)
+		api_call_fail_msg(r->nr_call, 9, "etcdserver: unhealthy cluster");
+	else if (rc == RAFT_ENOTLEADER || rc == RAFT_EDROPPED)
+		api_call_fail(r->nr_call, API_ERR_NO_LEADER);
+	else
+		api_call_fail_msg(r->nr_call, 3, raft_strerror(rc));
+	r->nr_call = NULL;
+	req_free(r);
+}
+
+static void answer_applied(node *n, apply_batch *ab, int committed)
+{
+	server_ctx *sc = n->n_sc;
+	int leader = atomic_load(&n->n_lead) == sc->mi.member_id;
+	int membership = 0;
+	for (size_t i = 0; i < ab->ab_n; i++) {
+		applied_entry *ae = &ab->ab_v[i];
+		if (ae->ae_conf_op) {
+			membership = 1;
+			reply_conf_waiters(n, ae->ae_conf_op, ae->ae_conf_node);
+			continue;
+		}
+		apply_result *r = &ae->ae_res;
+		if (committed)
+			apply_committed(sc, r, leader);
+		if (r->ar_op == NODE_MEMBER_ADD || r->ar_op == NODE_MEMBER_UPDATE)
+			membership = 1;
+		node_req *w = ae->ae_req;
+		if (w == NULL)
+			continue;
+		if (!committed) {
+			req_fail(w, API_ERR_INTERNAL);
+		} else if (w->nr_op == NODE_MEMBER_ADD) {
+			/* Recorded on every member; now the configuration change. */
+			propose_conf_for(n, w);
+		} else if (w->nr_op == NODE_MEMBER_UPDATE) {
+			Etcdserverpb__MemberUpdateResponse resp = ETCDSERVERPB__MEMBER_UPDATE_RESPONSE__INIT;
+			Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+			server_fill_header(sc, &h);
+			resp.header = &h;
+			api_call_reply(w->nr_call, &resp.base);
+			w->nr_call = NULL;
+			req_free(w);
+		} else if (w->nr_call == NULL) {
+			req_free(w);
+		} else if (r->ar_err != 0) {
+			server_fail_storage(w->nr_call, r->ar_err);
+			w->nr_call = NULL;
+			req_free(w);
+		} else if (r->ar_op == NODE_COMPACT &&
+			   ((const Etcdserverpb__CompactionRequest *)r->ar_req)->physical) {
+			/* Reply once the compacted revisions are gone from disk. */
+			n->n_compacting = 1;
+			w->nr_next = n->n_compact_waiters;
+			n->n_compact_waiters = w;
+		} else {
+			if (r->ar_op == NODE_COMPACT)
+				n->n_compacting = 1;
+			apply_fill_headers(sc, r);
+			api_call_reply(w->nr_call, r->ar_resp);
+			w->nr_call = NULL;
+			req_free(w);
+		}
+		if (r->ar_op == NODE_COMPACT && r->ar_err == 0)
+			n->n_compacting = 1;
+		if (r->ar_err == STORAGE_ERR_NOSPACE && r->ar_op != NODE_ALARM && !alarm_nospace(sc->alarms) &&
+		    leader) {
+			/* The map is full: raise NOSPACE, a write like any other. */
+			Etcdserverpb__AlarmRequest *req = malloc(sizeof(*req));
+			if (req) {
+				etcdserverpb__alarm_request__init(req);
+				req->action = ETCDSERVERPB__ALARM_REQUEST__ALARM_ACTION__ACTIVATE;
+				req->memberid = sc->mi.member_id;
+				req->alarm = ETCDSERVERPB__ALARM_TYPE__NOSPACE;
+				node_submit(n, NODE_ALARM, NULL, &req->base);
+			}
 		}
 	}
-	return 0;
+	if (membership)
+		sync_peers(n);
 }
 
-/* etcd's capped applier: with NOSPACE raised, only writes that take no space pass. */
-static int refused_for_space(node *n, const node_req *r)
-{
-	if (!alarm_nospace(n->n_sc->alarms))
-		return 0;
-	switch (r->nr_op) {
-	case NODE_PUT:
-	case NODE_LEASE_GRANT:
-		return 1;
-	case NODE_TXN:
-		return txn_has_put((const Etcdserverpb__TxnRequest *)r->nr_msg);
-	default:
-		return 0;
-	}
-}
+/* ---- reads ---- */
 
-static int apply_one(node *n, storage_batch *b, node_req *r, storage_arena *a)
+static void serve_read(node *n, node_req *r)
 {
-	if (refused_for_space(n, r))
-		return STORAGE_ERR_NOSPACE;
-	switch (r->nr_op) {
-	case NODE_PUT: {
-		Etcdserverpb__PutResponse *resp = storage_arena_alloc(a, sizeof(*resp));
-		if (resp == NULL)
-			return STORAGE_ERR_NOMEM;
-		etcdserverpb__put_response__init(resp);
-		r->nr_resp = &resp->base;
-		return storage_batch_put(b, (const Etcdserverpb__PutRequest *)r->nr_msg, a, resp);
-	}
-	case NODE_DELETE_RANGE: {
-		Etcdserverpb__DeleteRangeResponse *resp = storage_arena_alloc(a, sizeof(*resp));
-		if (resp == NULL)
-			return STORAGE_ERR_NOMEM;
-		etcdserverpb__delete_range_response__init(resp);
-		r->nr_resp = &resp->base;
-		return storage_batch_delete_range(b, (const Etcdserverpb__DeleteRangeRequest *)r->nr_msg, a, resp);
-	}
-	case NODE_TXN: {
-		Etcdserverpb__TxnResponse *resp = storage_arena_alloc(a, sizeof(*resp));
-		if (resp == NULL)
-			return STORAGE_ERR_NOMEM;
-		etcdserverpb__txn_response__init(resp);
-		r->nr_resp = &resp->base;
-		return storage_batch_txn(b, (const Etcdserverpb__TxnRequest *)r->nr_msg, a, resp);
-	}
-	case NODE_COMPACT: {
-		Etcdserverpb__CompactionResponse *resp = storage_arena_alloc(a, sizeof(*resp));
-		if (resp == NULL)
-			return STORAGE_ERR_NOMEM;
-		etcdserverpb__compaction_response__init(resp);
-		r->nr_resp = &resp->base;
-		return storage_batch_compact(b, (const Etcdserverpb__CompactionRequest *)r->nr_msg, a, resp);
-	}
-	case NODE_LEASE_GRANT: {
-		const Etcdserverpb__LeaseGrantRequest *req = (const Etcdserverpb__LeaseGrantRequest *)r->nr_msg;
-		Etcdserverpb__LeaseGrantResponse *resp = storage_arena_alloc(a, sizeof(*resp));
-		Etcdserverpb__ResponseHeader *h = storage_arena_alloc(a, sizeof(*h));
-		if (resp == NULL || h == NULL)
-			return STORAGE_ERR_NOMEM;
-		etcdserverpb__lease_grant_response__init(resp);
-		etcdserverpb__response_header__init(h);
-		int rc = storage_batch_lease_grant(b, req->id, req->ttl);
-		h->revision = storage_batch_revision(b);
-		resp->header = h;
-		resp->id = req->id;
-		resp->ttl = req->ttl;
-		r->nr_resp = &resp->base;
-		return rc;
-	}
-	case NODE_LEASE_REVOKE: {
-		Etcdserverpb__LeaseRevokeResponse *resp = storage_arena_alloc(a, sizeof(*resp));
-		if (resp == NULL)
-			return STORAGE_ERR_NOMEM;
-		etcdserverpb__lease_revoke_response__init(resp);
-		r->nr_resp = &resp->base;
-		return storage_batch_lease_revoke(b, ((const Etcdserverpb__LeaseRevokeRequest *)r->nr_msg)->id, a, resp);
-	}
-	case NODE_ALARM: {
-		Etcdserverpb__AlarmResponse *resp = storage_arena_alloc(a, sizeof(*resp));
-		Etcdserverpb__ResponseHeader *h = storage_arena_alloc(a, sizeof(*h));
-		if (resp == NULL || h == NULL)
-			return STORAGE_ERR_NOMEM;
-		etcdserverpb__alarm_response__init(resp);
-		etcdserverpb__response_header__init(h);
-		h->revision = storage_batch_revision(b);
-		resp->header = h;
-		r->nr_resp = &resp->base;
-		return alarm_apply(n->n_sc->alarms, b, (const Etcdserverpb__AlarmRequest *)r->nr_msg, a, resp,
-				   &r->nr_alarm);
-	}
-	case NODE_DEFRAG:
-		break; /* never inside a batch: on_wake runs it alone */
-	}
-	return STORAGE_ERR_INVALID;
-}
-
-static void fill_headers(server_ctx *sc, node_req *r)
-{
-	switch (r->nr_op) {
-	case NODE_PUT:
-		server_fill_header(sc, ((Etcdserverpb__PutResponse *)r->nr_resp)->header);
-		break;
-	case NODE_DELETE_RANGE:
-		server_fill_header(sc, ((Etcdserverpb__DeleteRangeResponse *)r->nr_resp)->header);
-		break;
-	case NODE_TXN:
-		server_fill_txn_headers(sc, (Etcdserverpb__TxnResponse *)r->nr_resp);
-		break;
-	case NODE_COMPACT:
-		server_fill_header(sc, ((Etcdserverpb__CompactionResponse *)r->nr_resp)->header);
-		break;
-	case NODE_LEASE_GRANT:
-		server_fill_header(sc, ((Etcdserverpb__LeaseGrantResponse *)r->nr_resp)->header);
-		break;
-	case NODE_LEASE_REVOKE:
-		server_fill_header(sc, ((Etcdserverpb__LeaseRevokeResponse *)r->nr_resp)->header);
-		break;
-	case NODE_ALARM:
-		server_fill_header(sc, ((Etcdserverpb__AlarmResponse *)r->nr_resp)->header);
-		break;
-	case NODE_DEFRAG:
-		break;
-	}
-}
-
-/* Raises NOSPACE for this member (the map is full): an alarm is a write like any other. */
-static void raise_nospace(node *n)
-{
-	Etcdserverpb__AlarmRequest *req = malloc(sizeof(*req));
-	if (req == NULL)
+	server_ctx *sc = n->n_sc;
+	storage_reader *rd;
+	int rc = storage_read_begin(sc->st, &rd);
+	if (rc) {
+		server_fail_storage(r->nr_call, rc);
+		r->nr_call = NULL;
+		req_free(r);
 		return;
-	etcdserverpb__alarm_request__init(req);
-	req->action = ETCDSERVERPB__ALARM_REQUEST__ALARM_ACTION__ACTIVATE;
-	req->memberid = n->n_sc->mi.member_id;
-	req->alarm = ETCDSERVERPB__ALARM_TYPE__NOSPACE;
-	node_submit(n, NODE_ALARM, NULL, &req->base);
+	}
+	storage_arena a;
+	storage_arena_init(&a);
+	if (r->nr_op == NODE_READ_RANGE) {
+		Etcdserverpb__RangeResponse resp = ETCDSERVERPB__RANGE_RESPONSE__INIT;
+		rc = storage_range(rd, (const Etcdserverpb__RangeRequest *)r->nr_msg, &a, &resp);
+		if (rc == 0) {
+			server_fill_header(sc, resp.header);
+			api_call_reply(r->nr_call, &resp.base);
+		}
+	} else {
+		Etcdserverpb__TxnResponse resp = ETCDSERVERPB__TXN_RESPONSE__INIT;
+		rc = storage_read_txn(rd, (const Etcdserverpb__TxnRequest *)r->nr_msg, &a, &resp);
+		if (rc == 0) {
+			server_fill_txn_headers(sc, &resp);
+			api_call_reply(r->nr_call, &resp.base);
+		}
+	}
+	if (rc)
+		server_fail_storage(r->nr_call, rc);
+	storage_read_end(rd);
+	storage_arena_free(&a);
+	r->nr_call = NULL;
+	req_free(r);
 }
+
+/* Serves every read round whose read index has been applied. */
+static void serve_reads(node *n)
+{
+	uint64_t applied = atomic_load(&n->n_applied);
+	read_round **pp = &n->n_rounds;
+	while (*pp) {
+		read_round *rr = *pp;
+		if (rr->rr_index == 0 || rr->rr_index > applied) {
+			pp = &rr->rr_next;
+			continue;
+		}
+		*pp = rr->rr_next;
+		node_req *next;
+		for (node_req *r = rr->rr_reqs; r; r = next) {
+			next = r->nr_next;
+			serve_read(n, r);
+		}
+		free(rr);
+	}
+}
+
+/* Starts one read-index round for every read that arrived since the last one. */
+static void start_read_round(node *n)
+{
+	if (n->n_reads == NULL)
+		return;
+	read_round *rr = calloc(1, sizeof(*rr));
+	if (rr == NULL)
+		return;
+	rr->rr_id = ++n->n_next_round;
+	uint8_t ctx[8];
+	for (int i = 0; i < 8; i++)
+		ctx[i] = (uint8_t)(rr->rr_id >> (56 - 8 * i));
+	int rc = raft_read_index(n->n_raft, ctx, sizeof(ctx));
+	if (rc != 0) {
+		node_req *next;
+		for (node_req *r = n->n_reads; r; r = next) {
+			next = r->nr_next;
+			req_fail(r, API_ERR_NO_LEADER);
+		}
+		n->n_reads = NULL;
+		free(rr);
+		return;
+	}
+	rr->rr_reqs = n->n_reads;
+	n->n_reads = NULL;
+	rr->rr_next = n->n_rounds;
+	n->n_rounds = rr;
+}
+
+static void read_index_known(node *n, const struct raft_read_state *rs)
+{
+	if (rs->ctx_len != 8)
+		return;
+	uint64_t id = 0;
+	for (int i = 0; i < 8; i++)
+		id = id << 8 | rs->ctx[i];
+	for (read_round *rr = n->n_rounds; rr; rr = rr->rr_next)
+		if (rr->rr_id == id)
+			rr->rr_index = rs->index ? rs->index : 1;
+}
+
+/* ---- the Ready ---- */
+
+static void send_messages(node *n, const struct raft_ready *rd, int appends)
+{
+	for (size_t i = 0; i < rd->n_messages; i++) {
+		const struct raft_message *m = &rd->messages[i];
+		if ((m->type == RAFT_MSG_APPEND) == appends)
+			send_raft_message(n, m);
+	}
+}
+
+static void role_changed(node *n, const struct raft_soft_state *ss)
+{
+	server_ctx *sc = n->n_sc;
+	uint64_t old = atomic_exchange(&n->n_lead, ss->lead);
+	n->n_role = ss->role;
+	if (ss->role == RAFT_LEADER && old != sc->mi.member_id) {
+		/* etcd's Promote: every lease gets its full TTL plus an election timeout before
+		 * the new leader expires any. */
+		lessor_promote(sc->lessor, sc->cfg->election_ms);
+		char id[20];
+		snprintf(id, sizeof(id), "%llx", (unsigned long long)sc->mi.member_id);
+		log_at(LOG_INFO, "became leader", "member-id", id, NULL);
+	} else if (old != ss->lead) {
+		char id[20];
+		snprintf(id, sizeof(id), "%llx", (unsigned long long)ss->lead);
+		log_at(LOG_INFO, ss->lead ? "elected leader" : "lost leader", "leader-id", id, NULL);
+	}
+}
+
+/* Reports this member's configuration after a change. */
+static void conf_status(node *n)
+{
+	struct raft_status st;
+	raft_status(n->n_raft, &st);
+	atomic_store(&n->n_multi_voter, st.conf.n_voters > 1);
+	atomic_store(&n->n_last_index, st.last_index);
+}
+
+/* Keeps memory bounded: the log behind the applied index is cut to a snapshot point. */
+static void maybe_compact_log(node *n, storage_batch *b)
+{
+	uint64_t applied = atomic_load(&n->n_applied);
+	uint64_t every = n->n_sc->cfg->snapshot_count ? n->n_sc->cfg->snapshot_count : 100000;
+	if (applied < n->n_log_snapshot + every + NODE_LOG_KEEP)
+		return;
+	uint64_t index = applied - NODE_LOG_KEEP;
+	struct raft_status st;
+	raft_status(n->n_raft, &st);
+	/* A leader keeps what a follower still needs: no snapshots are shipped yet. */
+	for (uint32_t i = 0; i < st.n_progress; i++)
+		if (st.progress[i].id != st.id && st.progress[i].match < index)
+			index = st.progress[i].match;
+	if (index <= n->n_log_snapshot)
+		return;
+	const struct raft_entry *e;
+	if (raft_entry_at(n->n_raft, index, &e) != 0)
+		return;
+	uint64_t term = e->term;
+	if (raft_compact(n->n_raft, index, NULL, 0) != 0)
+		return;
+	if (storage_batch_log_snapshot(b, index, term, &st.conf, sizeof(st.conf)) == 0)
+		n->n_log_snapshot = index;
+}
+
+static void process_ready(node *n)
+{
+	server_ctx *sc = n->n_sc;
+	while (raft_has_ready(n->n_raft)) {
+		struct raft_ready rd;
+		if (raft_ready(n->n_raft, &rd) != 0) {
+			log_at(LOG_FATAL, "raft failed", NULL);
+			abort();
+		}
+		if (rd.soft_state_changed)
+			role_changed(n, &rd.soft_state);
+		/* The leader's appends go out while it writes its own log (thesis 10.2.1). */
+		send_messages(n, &rd, 1);
+
+		storage_arena a;
+		storage_arena_init(&a);
+		apply_batch ab = {0};
+		storage_batch *b;
+		int rc = storage_batch_begin(sc->st, &b);
+		uint64_t applied = atomic_load(&n->n_applied);
+		Mvccpb__Event **events = NULL;
+		size_t nevents = 0;
+		int64_t rev = 0;
+		if (rc == 0 && rd.snapshot)
+			log_at(LOG_ERROR, "a snapshot from the leader cannot be installed yet; this member needs a restart from a copy", NULL);
+		if (rc == 0 && rd.n_entries) {
+			storage_log_entry *le = storage_arena_alloc(&a, rd.n_entries * sizeof(*le));
+			if (le == NULL)
+				rc = STORAGE_ERR_NOMEM;
+			for (size_t i = 0; le && i < rd.n_entries; i++)
+				le[i] = (storage_log_entry){rd.entries[i].index, rd.entries[i].term, rd.entries[i].type,
+							    rd.entries[i].len, rd.entries[i].data};
+			if (rc == 0)
+				rc = storage_batch_log_append(b, le, rd.n_entries);
+		}
+		if (rc == 0 && rd.hard_state_changed) {
+			rc = storage_batch_log_hard_state(b, rd.hard_state.term, rd.hard_state.vote, rd.hard_state.commit);
+			atomic_store(&n->n_term, rd.hard_state.term);
+		}
+		/* A lone voter's entries are committed once durable: apply them in this batch. */
+		int lone = !atomic_load(&n->n_multi_voter) && n->n_role == RAFT_LEADER;
+		if (rc == 0 && lone) {
+			for (size_t i = 0; i < rd.n_entries; i++) {
+				if (rd.entries[i].index <= applied)
+					continue;
+				apply_one_entry(n, b, &rd.entries[i], &a, &ab);
+				applied = rd.entries[i].index;
+			}
+		}
+		for (size_t i = 0; rc == 0 && i < rd.n_committed; i++) {
+			if (rd.committed[i].index <= applied)
+				continue;
+			apply_one_entry(n, b, &rd.committed[i], &a, &ab);
+			applied = rd.committed[i].index;
+		}
+		if (rc == 0)
+			rc = storage_batch_events(b, &a, &events, &nevents, &rev);
+		if (rc == 0)
+			maybe_compact_log(n, b);
+		if (rc == 0)
+			rc = storage_batch_commit(b, applied);
+		else if (b)
+			storage_batch_abort(b);
+		if (rc != 0) {
+			/* The log cannot be written: going on would break Raft's promises. */
+			log_at(LOG_FATAL, "cannot persist the raft log", "error", storage_strerror(rc), NULL);
+			abort();
+		}
+		atomic_store(&n->n_applied, applied);
+		atomic_fetch_add(&n->n_stat_commits, 1);
+		atomic_fetch_add(&n->n_stat_requests, ab.ab_n);
+		send_messages(n, &rd, 0);
+		watch_hub_notify(sc->hub, events, nevents, rev);
+		for (size_t i = 0; i < rd.n_read_states; i++)
+			read_index_known(n, &rd.read_states[i]);
+		answer_applied(n, &ab, 1);
+		free(ab.ab_v);
+		storage_arena_free(&a);
+		if (raft_advance(n->n_raft, &rd) != 0) {
+			log_at(LOG_FATAL, "raft failed", NULL);
+			abort();
+		}
+		conf_status(n);
+		serve_reads(n);
+	}
+	if (n->n_compacting)
+		uv_async_send(&n->n_wake);
+}
+
+/* ---- the loop ---- */
 
 /* Defragment runs between batches, alone: it replaces the LMDB environment. */
 static void run_defrag(node *n, node_req *r)
@@ -279,27 +800,12 @@ static void run_defrag(node *n, node_req *r)
 		resp.header = &h;
 		api_call_reply(r->nr_call, &resp.base);
 	}
-	free(r);
-}
-
-/* After commit: the lessor learns of grants and revokes; expiry revokes have no caller. */
-static void finish_lease_op(node *n, node_req *r, int committed)
-{
-	lessor *l = n->n_sc->lessor;
-	if (r->nr_op == NODE_LEASE_GRANT && committed && r->nr_err == 0) {
-		const Etcdserverpb__LeaseGrantRequest *req = (const Etcdserverpb__LeaseGrantRequest *)r->nr_msg;
-		lessor_granted(l, req->id, req->ttl);
-	} else if (r->nr_op == NODE_LEASE_REVOKE) {
-		int64_t id = ((const Etcdserverpb__LeaseRevokeRequest *)r->nr_msg)->id;
-		if (committed && (r->nr_err == 0 || r->nr_err == STORAGE_ERR_LEASE_NOT_FOUND))
-			lessor_revoked(l, id);
-		else if (r->nr_call == NULL)
-			lessor_revoke_failed(l, id);
-	}
+	r->nr_call = NULL;
+	req_free(r);
 }
 
 /* Keeps removing compacted revisions, one bounded batch per loop turn, then releases the
- * physical compactions waiting for it. */
+ * physical compactions waiting for it. Local work: every member compacts its own copy. */
 static void compact_continue(node *n)
 {
 	storage_batch *b;
@@ -320,34 +826,89 @@ static void compact_continue(node *n)
 		return;
 	}
 	n->n_compacting = 0;
-	storage_arena a;
-	storage_arena_init(&a);
 	while (n->n_compact_waiters) {
 		node_req *r = n->n_compact_waiters;
 		n->n_compact_waiters = r->nr_next;
 		Etcdserverpb__CompactionResponse resp = ETCDSERVERPB__COMPACTION_RESPONSE__INIT;
 		Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
-		storage_stats st;
-		if (storage_stat(n->n_sc->st, &st) == 0)
-			h.revision = st.st_revision;
+		h.revision = storage_current_revision(n->n_sc->st);
 		server_fill_header(n->n_sc, &h);
 		resp.header = &h;
 		api_call_reply(r->nr_call, &resp.base);
-		free(r);
+		r->nr_call = NULL;
+		req_free(r);
 	}
-	storage_arena_free(&a);
+}
+
+/* Proposes one queued request. */
+static void propose(node *n, node_req *r)
+{
+	server_ctx *sc = n->n_sc;
+	switch (r->nr_op) {
+	case NODE_DEFRAG:
+		run_defrag(n, r);
+		return;
+	case NODE_READ_RANGE:
+	case NODE_READ_TXN:
+		r->nr_next = n->n_reads;
+		n->n_reads = r;
+		return;
+	case NODE_MEMBER_REMOVE:
+	case NODE_MEMBER_PROMOTE:
+		propose_conf_for(n, r);
+		return;
+	case NODE_KEEPALIVE_FWD: {
+		/* Keep-alives reach the leader's lessor, which alone expires leases. */
+		uint64_t lead = atomic_load(&n->n_lead);
+		if (lead != 0 && lead != sc->mi.member_id) {
+			uint8_t frame[9];
+			frame[0] = FRAME_KEEPALIVE;
+			for (int i = 0; i < 8; i++)
+				frame[1 + i] = (uint8_t)(r->nr_member >> (56 - 8 * i));
+			peer_send(n->n_peers, lead, frame, sizeof(frame));
+		}
+		req_free(r);
+		return;
+	}
+	default:
+		break;
+	}
+	uint8_t *data;
+	size_t len;
+	Etcdserverpb__Member m = ETCDSERVERPB__MEMBER__INIT;
+	const ProtobufCMessage *msg = r->nr_msg;
+	if (r->nr_op == NODE_MEMBER_ADD || r->nr_op == NODE_MEMBER_UPDATE) {
+		m.id = r->nr_member;
+		m.peerurls = r->nr_urls;
+		m.n_peerurls = r->nr_n_urls;
+		m.islearner = r->nr_learner;
+		msg = &m.base;
+	}
+	r->nr_seq = ++n->n_next_seq;
+	if (apply_encode(r->nr_op, sc->mi.member_id, r->nr_seq, msg, &data, &len) != 0) {
+		req_fail(r, API_ERR_INTERNAL);
+		return;
+	}
+	int rc = raft_propose(n->n_raft, data, (uint32_t)len, NULL);
+	free(data);
+	if (rc == 0) {
+		add_waiter(n, r);
+		return;
+	}
+	if (rc == RAFT_ETOOBIG)
+		req_fail(r, API_ERR_REQUEST_TOO_LARGE);
+	else if (rc == RAFT_EDROPPED || rc == RAFT_ENOTLEADER)
+		req_fail(r, API_ERR_NO_LEADER);
+	else
+		req_fail(r, API_ERR_INTERNAL);
 }
 
 static void on_wake(uv_async_t *h)
 {
 	node *n = h->data;
-	server_ctx *sc = n->n_sc;
-
 	for (;;) {
 		pthread_mutex_lock(&n->n_mu);
 		node_req *head = n->n_head;
-		node_req *rest = NULL;
-		/* Take at most NODE_MAX_BATCH; leave the rest queued for the next turn. */
 		node_req *last = head;
 		int count = head ? 1 : 0;
 		while (last && last->nr_next && count < NODE_MAX_BATCH) {
@@ -355,130 +916,41 @@ static void on_wake(uv_async_t *h)
 			count++;
 		}
 		if (last) {
-			rest = last->nr_next;
+			n->n_head = last->nr_next;
 			last->nr_next = NULL;
-		}
-		n->n_head = rest;
-		if (rest == NULL)
-			n->n_tail = NULL;
-		/* A defragment ends the batch before it, and runs alone. */
-		if (head && head->nr_op == NODE_DEFRAG) {
-			node_req *d = head;
-			head = d->nr_next;
-			d->nr_next = NULL;
-			if (head) {
-				node_req *t = head;
-				while (t->nr_next)
-					t = t->nr_next;
-				t->nr_next = n->n_head;
-				if (n->n_head == NULL)
-					n->n_tail = t;
-				n->n_head = head;
-			}
-			pthread_mutex_unlock(&n->n_mu);
-			run_defrag(n, d);
-			continue;
-		}
-		for (node_req *t = head; t && t->nr_next; t = t->nr_next) {
-			if (t->nr_next->nr_op == NODE_DEFRAG) {
-				node_req *back = t->nr_next;
-				node_req *u = back;
-				while (u->nr_next)
-					u = u->nr_next;
-				u->nr_next = n->n_head;
-				if (n->n_head == NULL)
-					n->n_tail = u;
-				n->n_head = back;
-				t->nr_next = NULL;
-				count = 0;
-				for (node_req *c = head; c; c = c->nr_next)
-					count++;
-				break;
-			}
+			if (n->n_head == NULL)
+				n->n_tail = NULL;
 		}
 		pthread_mutex_unlock(&n->n_mu);
 		if (head == NULL)
 			break;
-
-		storage_arena a;
-		storage_arena_init(&a);
-		storage_batch *b;
-		int rc = storage_batch_begin(sc->st, &b);
-		uint64_t applied = atomic_load(&n->n_applied);
-		Mvccpb__Event **events = NULL;
-		size_t nevents = 0;
-		int64_t rev = 0;
-		if (rc == 0) {
-			for (node_req *r = head; r; r = r->nr_next) {
-				r->nr_err = apply_one(n, b, r, &a);
-				applied++;
-			}
-			rc = storage_batch_events(b, &a, &events, &nevents, &rev);
-			if (rc == 0)
-				rc = storage_batch_commit(b, applied);
-			else
-				storage_batch_abort(b);
-		}
-		/* Watchers hear of a batch only once it is durable, and before its writers do:
-		 * a client that sees its put acknowledged may count on its watch having it. */
-		if (rc == 0)
-			watch_hub_notify(sc->hub, events, nevents, rev);
-		if (rc == 0) {
-			atomic_store(&n->n_applied, applied);
-			atomic_fetch_add(&n->n_stat_requests, (uint64_t)count);
-			atomic_fetch_add(&n->n_stat_commits, 1);
-		} else {
-			log_at(LOG_ERROR, "batch commit failed", "error", storage_strerror(rc), NULL);
-		}
-		int nospace = rc == STORAGE_ERR_NOSPACE;
 		node_req *next;
 		for (node_req *r = head; r; r = next) {
 			next = r->nr_next;
-			finish_lease_op(n, r, rc == 0);
-			if (rc == 0 && r->nr_op == NODE_ALARM && r->nr_err == 0)
-				alarm_commit(sc->alarms, &r->nr_alarm);
-			if (r->nr_err == STORAGE_ERR_NOSPACE && r->nr_op != NODE_ALARM && !alarm_nospace(sc->alarms))
-				nospace = 1;
-			if (r->nr_call == NULL) {
-				/* An expiry revoke: nobody waits for it. */
-				if (rc == 0 && r->nr_err != 0 && r->nr_err != STORAGE_ERR_LEASE_NOT_FOUND)
-					log_at(LOG_WARN, "failed to revoke expired lease", "error",
-					       storage_strerror(r->nr_err), NULL);
-				protobuf_c_message_free_unpacked((ProtobufCMessage *)r->nr_msg, NULL);
-				free(r);
-				continue;
-			}
-			if (rc != 0) {
-				server_fail_storage(r->nr_call, rc);
-			} else if (r->nr_err != 0) {
-				server_fail_storage(r->nr_call, r->nr_err);
-			} else if (r->nr_op == NODE_COMPACT &&
-				   ((const Etcdserverpb__CompactionRequest *)r->nr_msg)->physical) {
-				/* Reply once the compacted revisions are gone from disk. */
-				n->n_compacting = 1;
-				r->nr_next = n->n_compact_waiters;
-				n->n_compact_waiters = r;
-				continue;
-			} else {
-				if (r->nr_op == NODE_COMPACT)
-					n->n_compacting = 1;
-				fill_headers(sc, r);
-				api_call_reply(r->nr_call, r->nr_resp);
-			}
-			free(r);
+			r->nr_next = NULL;
+			propose(n, r);
 		}
-		storage_arena_free(&a);
-		if (nospace)
-			raise_nospace(n);
+		start_read_round(n);
+		/* Everything proposed this turn goes into one Ready: one batch, one fsync. */
+		process_ready(n);
 	}
 	if (n->n_compacting)
 		compact_continue(n);
 }
 
-/* Queues a revoke for each expired lease; they commit with the next batch. */
+static void on_tick(uv_timer_t *t)
+{
+	node *n = t->data;
+	raft_tick(n->n_raft);
+	process_ready(n);
+}
+
+/* Queues a revoke for each expired lease; only the leader expires leases. */
 static void on_lease_timer(uv_timer_t *t)
 {
 	node *n = t->data;
+	if (atomic_load(&n->n_lead) != n->n_sc->mi.member_id)
+		return;
 	int64_t ids[NODE_LEASE_REVOKES_PER_CHECK];
 	size_t k = lessor_expired(n->n_sc->lessor, ids, NODE_LEASE_REVOKES_PER_CHECK);
 	for (size_t i = 0; i < k; i++) {
@@ -489,25 +961,101 @@ static void on_lease_timer(uv_timer_t *t)
 		}
 		etcdserverpb__lease_revoke_request__init(req);
 		req->id = ids[i];
-		/* Freed with protobuf-c's free, like a decoded request (it is a flat message). */
-		node_submit(n, NODE_LEASE_REVOKE, NULL, &req->base);
+		node_req *r = calloc(1, sizeof(*r));
+		if (r == NULL) {
+			free(req);
+			lessor_revoke_failed(n->n_sc->lessor, ids[i]);
+			continue;
+		}
+		r->nr_op = NODE_LEASE_REVOKE;
+		r->nr_msg = &req->base;
+		r->nr_owns_msg = 1;
+		propose(n, r);
 	}
+	if (k)
+		process_ready(n);
+}
+
+/* Answers "request timed out" for proposals that never came back (lost in a leader change). */
+static void on_timeout_timer(uv_timer_t *t)
+{
+	node *n = t->data;
+	uint64_t now = now_ms();
+	node_req *prev = NULL, *next;
+	for (node_req *r = n->n_waiters; r; r = next) {
+		next = r->nr_next;
+		if (r->nr_deadline_ms > now) {
+			prev = r;
+			continue;
+		}
+		if (prev)
+			prev->nr_next = next;
+		else
+			n->n_waiters = next;
+		if (n->n_waiters_tail == r)
+			n->n_waiters_tail = prev;
+		if (r->nr_op == NODE_LEASE_REVOKE && r->nr_call == NULL)
+			lessor_revoke_failed(n->n_sc->lessor, ((const Etcdserverpb__LeaseRevokeRequest *)r->nr_msg)->id);
+		req_fail(r, API_ERR_TIMEOUT);
+	}
+}
+
+void node_forward_keepalive(node *n, int64_t id)
+{
+	node_req *r = calloc(1, sizeof(*r));
+	if (r == NULL)
+		return;
+	r->nr_op = NODE_KEEPALIVE_FWD;
+	r->nr_member = (uint64_t)id;
+	enqueue(n, r);
+}
+
+static void close_all(node *n)
+{
+	uv_close((uv_handle_t *)&n->n_tick, NULL);
+	uv_close((uv_handle_t *)&n->n_lease_timer, NULL);
+	uv_close((uv_handle_t *)&n->n_timeout_timer, NULL);
+	uv_close((uv_handle_t *)&n->n_wake, NULL);
+	uv_close((uv_handle_t *)&n->n_stop, NULL);
 }
 
 static void on_stop(uv_async_t *h)
 {
 	node *n = h->data;
-	/* Nothing is queued after n_stopping is set: apply what is, so every call gets its reply. */
+	/* Nothing is queued after n_stopping is set: propose what is, then end every call. */
 	on_wake(&n->n_wake);
-	while (n->n_compact_waiters) {
-		node_req *r = n->n_compact_waiters;
-		n->n_compact_waiters = r->nr_next;
-		api_call_fail(r->nr_call, API_ERR_STOPPED);
-		free(r);
+	node_req *next;
+	for (node_req *r = n->n_waiters; r; r = next) {
+		next = r->nr_next;
+		req_fail(r, API_ERR_STOPPED);
 	}
-	uv_close((uv_handle_t *)&n->n_lease_timer, NULL);
-	uv_close((uv_handle_t *)&n->n_wake, NULL);
-	uv_close((uv_handle_t *)&n->n_stop, NULL);
+	n->n_waiters = n->n_waiters_tail = NULL;
+	for (node_req *r = n->n_conf_waiters; r; r = next) {
+		next = r->nr_next;
+		req_fail(r, API_ERR_STOPPED);
+	}
+	n->n_conf_waiters = NULL;
+	for (node_req *r = n->n_reads; r; r = next) {
+		next = r->nr_next;
+		req_fail(r, API_ERR_STOPPED);
+	}
+	n->n_reads = NULL;
+	while (n->n_rounds) {
+		read_round *rr = n->n_rounds;
+		n->n_rounds = rr->rr_next;
+		for (node_req *r = rr->rr_reqs; r; r = next) {
+			next = r->nr_next;
+			req_fail(r, API_ERR_STOPPED);
+		}
+		free(rr);
+	}
+	for (node_req *r = n->n_compact_waiters; r; r = next) {
+		next = r->nr_next;
+		req_fail(r, API_ERR_STOPPED);
+	}
+	n->n_compact_waiters = NULL;
+	peer_transport_close(n->n_peers, NULL);
+	close_all(n);
 }
 
 static void *node_thread(void *arg)
@@ -517,54 +1065,102 @@ static void *node_thread(void *arg)
 	return NULL;
 }
 
-/* A lone member wins an election at every start: a new term, and its empty entry. */
-static int node_boot(node *n)
+/* Restores Raft from the log in storage, or starts it from the member list. */
+static int raft_boot(node *n)
 {
-	storage *st = n->n_sc->st;
+	server_ctx *sc = n->n_sc;
 	storage_reader *r;
 	storage_arena a;
-	uint64_t term = 0;
 	storage_arena_init(&a);
-	int rc = storage_read_begin(st, &r);
+	int rc = storage_read_begin(sc->st, &r);
 	if (rc)
 		return rc;
-	void *val;
-	size_t len;
-	rc = storage_read_meta(r, "term", &a, &val, &len);
-	if (rc == 0 && len == 8) {
-		for (int i = 0; i < 8; i++)
-			term = term << 8 | ((uint8_t *)val)[i];
-	} else if (rc != 0 && rc != STORAGE_ERR_NOT_FOUND) {
-		storage_read_end(r);
-		storage_arena_free(&a);
-		return rc;
+	storage_log_state ls;
+	storage_stats stats;
+	rc = storage_read_log(r, &a, &ls);
+	if (rc == 0)
+		rc = storage_stat(sc->st, &stats);
+	struct raft_config cfg;
+	memset(&cfg, 0, sizeof(cfg));
+	struct raft_snapshot snap;
+	memset(&snap, 0, sizeof(snap));
+	struct raft_entry *entries = NULL;
+	if (rc == 0) {
+		cfg.id = sc->mi.member_id;
+		uint64_t ids[MEMBER_LIST_MAX];
+		char urls[MEMBER_LIST_MAX][256];
+		int learner[MEMBER_LIST_MAX];
+		size_t k = members_peers(sc->members, ids, urls, learner, MEMBER_LIST_MAX);
+		for (size_t i = 0; i < k && i < RAFT_MAX_MEMBERS; i++) {
+			if (learner[i])
+				cfg.conf.learners[cfg.conf.n_learners++] = ids[i];
+			else
+				cfg.conf.voters[cfg.conf.n_voters++] = ids[i];
+		}
+		uint64_t hb = sc->cfg->heartbeat_ms ? sc->cfg->heartbeat_ms : 100;
+		cfg.election_tick = (unsigned)(sc->cfg->election_ms / hb);
+		if (cfg.election_tick < 2)
+			cfg.election_tick = 2;
+		cfg.heartbeat_tick = 1;
+		cfg.prevote = true; /* etcd 3.5's default */
+		cfg.check_quorum = true;
+		cfg.max_inflight_msgs = 256;
+		cfg.max_inflight_bytes = 64ULL << 20;
+		cfg.max_msg_bytes = 1ULL << 20;
+		cfg.seed = sc->mi.member_id ^ now_ms();
+		cfg.hard_state.term = ls.ls_term;
+		cfg.hard_state.vote = ls.ls_vote;
+		cfg.hard_state.commit = ls.ls_commit;
+		uint64_t applied = stats.st_applied_index;
+		if (ls.ls_snap_index == 0 && ls.ls_n_entries == 0 && applied > 0) {
+			/* A data dir written before the log was kept: its state is the snapshot. */
+			ls.ls_snap_index = applied;
+			ls.ls_snap_term = ls.ls_term ? ls.ls_term : 1;
+		}
+		if (ls.ls_snap_index > 0) {
+			snap.meta.index = ls.ls_snap_index;
+			snap.meta.term = ls.ls_snap_term;
+			if (ls.ls_snap_conf && ls.ls_snap_conf_len == sizeof(struct raft_conf))
+				memcpy(&snap.meta.conf, ls.ls_snap_conf, sizeof(struct raft_conf));
+			else
+				snap.meta.conf = cfg.conf;
+			cfg.snapshot = &snap;
+			n->n_log_snapshot = ls.ls_snap_index;
+			if (cfg.hard_state.commit < ls.ls_snap_index)
+				cfg.hard_state.commit = ls.ls_snap_index;
+			if (cfg.hard_state.term < ls.ls_snap_term)
+				cfg.hard_state.term = ls.ls_snap_term;
+		}
+		if (ls.ls_n_entries) {
+			entries = calloc(ls.ls_n_entries, sizeof(*entries));
+			if (entries == NULL)
+				rc = STORAGE_ERR_NOMEM;
+			for (size_t i = 0; entries && i < ls.ls_n_entries; i++)
+				entries[i] = (struct raft_entry){ls.ls_entries[i].le_term, ls.ls_entries[i].le_index,
+								 ls.ls_entries[i].le_type, ls.ls_entries[i].le_len,
+								 (uint8_t *)ls.ls_entries[i].le_data};
+			cfg.entries = entries;
+			cfg.n_entries = ls.ls_n_entries;
+		}
+		if (applied < ls.ls_snap_index)
+			applied = ls.ls_snap_index;
+		cfg.applied = applied;
+		atomic_store(&n->n_applied, applied);
+		atomic_store(&n->n_term, cfg.hard_state.term);
 	}
+	if (rc == 0) {
+		int err = raft_init(&n->n_raft, &cfg);
+		if (err) {
+			log_at(LOG_FATAL, "cannot start raft", "error", raft_strerror(err), NULL);
+			rc = STORAGE_ERR_CORRUPT;
+		}
+	}
+	free(entries);
 	storage_read_end(r);
 	storage_arena_free(&a);
-
-	storage_stats stats;
-	rc = storage_stat(st, &stats);
-	if (rc)
-		return rc;
-	term = term == 0 ? 2 : term + 1; /* etcd's lone member is at term 2 after its first start */
-	uint8_t be[8];
-	for (int i = 0; i < 8; i++)
-		be[i] = (uint8_t)(term >> (56 - 8 * i));
-	storage_batch *b;
-	rc = storage_batch_begin(st, &b);
-	if (rc)
-		return rc;
-	rc = storage_batch_meta_put(b, "term", be, sizeof(be));
-	if (rc) {
-		storage_batch_abort(b);
-		return rc;
-	}
-	rc = storage_batch_commit(b, stats.st_applied_index + 1);
-	if (rc)
-		return rc;
-	atomic_store(&n->n_term, term);
-	atomic_store(&n->n_applied, stats.st_applied_index + 1);
-	return 0;
+	if (rc == 0)
+		conf_status(n);
+	return rc;
 }
 
 int node_start(node **out, server_ctx *sc)
@@ -573,22 +1169,63 @@ int node_start(node **out, server_ctx *sc)
 	if (n == NULL)
 		return STORAGE_ERR_NOMEM;
 	n->n_sc = sc;
-	int rc = node_boot(n);
+	n->n_req_timeout_ms = 5000 + 2 * sc->cfg->election_ms;
+	int rc = raft_boot(n);
 	if (rc) {
 		free(n);
 		return rc;
 	}
 	pthread_mutex_init(&n->n_mu, NULL);
 	uv_loop_init(&n->n_loop);
+
+	const char *listen[PEER_LISTEN_MAX];
+	char hp[PEER_LISTEN_MAX][256];
+	int nl = 0;
+	for (int i = 0; i < sc->cfg->listen_peer.n && nl < PEER_LISTEN_MAX; i++)
+		if (config_url_host_port(sc->cfg->listen_peer.url[i], hp[nl], sizeof(hp[nl])) == 0) {
+			listen[nl] = hp[nl];
+			nl++;
+		}
+	peer_config pc;
+	memset(&pc, 0, sizeof(pc));
+	pc.pc_self_id = sc->mi.member_id;
+	pc.pc_cluster_id = sc->mi.cluster_id;
+	pc.pc_cluster_token = sc->cfg->initial_cluster_token;
+	pc.pc_listen = listen;
+	pc.pc_n_listen = nl;
+	peer_callbacks cb = {on_peer_message, NULL, on_peer_log};
+	int prc = peer_transport_init(&n->n_peers, &n->n_loop, &pc, cb, n);
+	if (prc != 0) {
+		log_at(LOG_FATAL, "cannot listen for peers", "error", peer_strerror(prc), NULL);
+		raft_close(n->n_raft);
+		uv_loop_close(&n->n_loop);
+		free(n);
+		return STORAGE_ERR_IO;
+	}
+	sync_peers(n);
+
 	uv_async_init(&n->n_loop, &n->n_wake, on_wake);
 	uv_async_init(&n->n_loop, &n->n_stop, on_stop);
 	n->n_wake.data = n;
 	n->n_stop.data = n;
+	uv_timer_init(&n->n_loop, &n->n_tick);
+	n->n_tick.data = n;
+	uint64_t hb = sc->cfg->heartbeat_ms ? sc->cfg->heartbeat_ms : 100;
+	uv_timer_start(&n->n_tick, on_tick, hb, hb);
 	uv_timer_init(&n->n_loop, &n->n_lease_timer);
 	n->n_lease_timer.data = n;
 	uv_timer_start(&n->n_lease_timer, on_lease_timer, NODE_LEASE_CHECK_MS, NODE_LEASE_CHECK_MS);
+	uv_timer_init(&n->n_loop, &n->n_timeout_timer);
+	n->n_timeout_timer.data = n;
+	uv_timer_start(&n->n_timeout_timer, on_timeout_timer, 500, 500);
+
+	/* A lone voter need not wait an election timeout to lead (etcd's tick advance). */
+	if (!atomic_load(&n->n_multi_voter)) {
+		raft_campaign(n->n_raft);
+		process_ready(n);
+	}
 	if (pthread_create(&n->n_thread, NULL, node_thread, n) != 0) {
-		uv_loop_close(&n->n_loop);
+		raft_close(n->n_raft);
 		free(n);
 		return STORAGE_ERR_NOMEM;
 	}
@@ -603,8 +1240,6 @@ void node_stop(node *n)
 	pthread_mutex_lock(&n->n_mu);
 	n->n_stopping = 1;
 	pthread_mutex_unlock(&n->n_mu);
-	/* Drain what is queued, then close. */
-	uv_async_send(&n->n_wake);
 	uv_async_send(&n->n_stop);
 	pthread_join(n->n_thread, NULL);
 	uv_loop_close(&n->n_loop);
@@ -614,6 +1249,7 @@ void node_free(node *n)
 {
 	if (n == NULL)
 		return;
+	raft_close(n->n_raft);
 	pthread_mutex_destroy(&n->n_mu);
 	free(n);
 }

@@ -99,11 +99,25 @@ typedef struct member_info {
 /* etcd's ids: member id = sha1(peer urls + token)[:8], cluster id = sha1(member ids)[:8]. */
 void member_compute_ids(const config *cfg, member_info *out);
 
+#define MEMBER_LIST_MAX 16
+/* --initial-cluster parsed: names, peer URLs and etcd's member ids. Strings point into buf. */
+typedef struct member_id_list {
+	int n;
+	uint64_t id[MEMBER_LIST_MAX];
+	char *name[MEMBER_LIST_MAX];
+	char *urls[MEMBER_LIST_MAX][CONFIG_MAX_URLS];
+	int n_urls[MEMBER_LIST_MAX];
+	char *buf;
+} member_id_list;
+void member_compute_all(const config *cfg, member_id_list *out);
+void member_id_list_free(member_id_list *l);
+
 /* ---- node.c ---- */
 
 typedef struct node node;
 
 typedef enum node_op {
+	NODE_NOOP, /* a new leader's empty entry */
 	NODE_PUT,
 	NODE_DELETE_RANGE,
 	NODE_TXN,
@@ -111,7 +125,14 @@ typedef enum node_op {
 	NODE_LEASE_GRANT,
 	NODE_LEASE_REVOKE,
 	NODE_ALARM,
-	NODE_DEFRAG,
+	NODE_DEFRAG,        /* local: never in the log */
+	NODE_MEMBER_ADD,    /* a Member: recorded, then Raft adds it */
+	NODE_MEMBER_UPDATE, /* a Member: new peer URLs, or a started member's attributes */
+	NODE_MEMBER_REMOVE, /* local request: Raft configuration change */
+	NODE_MEMBER_PROMOTE,
+	NODE_READ_RANGE,    /* local: a linearizable Range waiting for a read index */
+	NODE_READ_TXN,      /* local: a linearizable read-only Txn */
+	NODE_KEEPALIVE_FWD, /* local: a lease keep-alive a follower passes to the leader */
 } node_op;
 
 struct server_ctx;
@@ -123,6 +144,18 @@ void node_stop(node *n);
 void node_free(node *n);
 /* Queues a write; the node loop applies it in the next batch and replies to call. */
 void node_submit(node *n, node_op op, api_call *call, const ProtobufCMessage *req);
+/* Whether linearizable reads need a read index (more than one voter), or may be served
+ * straight from local storage. */
+int node_reads_need_index(node *n);
+/* A membership change from the Cluster service (peer URLs copied). */
+void node_member_change(node *n, node_op op, api_call *call, uint64_t id, int learner,
+			char **peer_urls, size_t n_urls);
+/* The current leader's member id, 0 if none. */
+uint64_t node_leader(node *n);
+/* Raft's last log index. */
+uint64_t node_last_index(node *n);
+/* Passes a lease keep-alive to the leader (from a follower). */
+void node_forward_keepalive(node *n, int64_t id);
 /* Term to report in headers. */
 uint64_t node_term(node *n);
 /* Raft index of the last applied entry. */
@@ -156,6 +189,10 @@ void lessor_revoked(lessor *l, int64_t id);
 size_t lessor_expired(lessor *l, int64_t *ids, size_t max);
 /* An expiry revoke did not commit: the lease may be picked again. */
 void lessor_revoke_failed(lessor *l, int64_t id);
+/* Resets a lease's expiry; its granted TTL, or 0 if unknown or already expired. */
+int64_t lessor_renew(lessor *l, int64_t id);
+/* A new leader gives every lease its full TTL plus extend_ms before expiring any. */
+void lessor_promote(lessor *l, uint64_t extend_ms);
 
 /* ---- alarm.c ---- */
 
@@ -177,6 +214,41 @@ struct server_ctx;
 /* Refuses (1) a write of request_bytes that the quota cannot take, raising NOSPACE. */
 int alarm_quota_exceeded(struct server_ctx *sc, size_t request_bytes);
 
+/* ---- apply.c ---- */
+
+typedef struct apply_result {
+	node_op ar_op;
+	uint64_t ar_proposer, ar_seq;
+	ProtobufCMessage *ar_req;  /* decoded, in the arena */
+	ProtobufCMessage *ar_resp; /* in the arena */
+	int ar_err;                /* the request's storage error, 0 if applied */
+	alarm_change ar_alarm;
+} apply_result;
+struct server_ctx;
+/* An entry's payload (malloc'd) for op and its request. */
+int apply_encode(node_op op, uint64_t proposer, uint64_t seq, const ProtobufCMessage *msg,
+		 uint8_t **out, size_t *len);
+/* Applies one entry into b; the request's own error is r->ar_err. Returns an error only for
+ * an entry that cannot be decoded. */
+int apply_entry(struct server_ctx *sc, storage_batch *b, const uint8_t *data, size_t len,
+		storage_arena *a, apply_result *r);
+void apply_fill_headers(struct server_ctx *sc, apply_result *r);
+/* Once the batch is durable: in-memory effects (lessor, alarms). */
+void apply_committed(struct server_ctx *sc, const apply_result *r, int is_leader);
+
+/* ---- members.c ---- */
+
+typedef struct members members;
+enum { MEMBERS_REMOVE = 1, MEMBERS_PROMOTE = 2 };
+/* Loads the member list, or starts it from --initial-cluster. */
+int members_start(members **out, const config *cfg, storage *st, uint64_t self);
+void members_free(members *ms);
+int members_apply(members *ms, storage_batch *b, node_op op, const Etcdserverpb__Member *m);
+int members_conf_changed(members *ms, storage_batch *b, int op, uint64_t id);
+int members_exists(members *ms, uint64_t id, int *learner);
+/* Up to max members: ids, first peer "host:port", learner flags. */
+size_t members_peers(members *ms, uint64_t *ids, char (*urls)[256], int *learner, size_t max);
+
 /* ---- kv.c / maint.c: service registration ---- */
 
 typedef struct server_ctx {
@@ -186,6 +258,7 @@ typedef struct server_ctx {
 	watch_hub *hub;
 	lessor *lessor;
 	alarm_set *alarms;
+	members *members;
 	uint64_t quota_bytes; /* --quota-backend-bytes, or etcd's 2 GiB default */
 	member_info mi;
 } server_ctx;
@@ -196,6 +269,7 @@ int kv_register(api_server *as, server_ctx *sc);
 int maint_register(api_server *as, server_ctx *sc);
 int lease_register(api_server *as, server_ctx *sc);
 int alarm_register(api_server *as, server_ctx *sc);
+int members_register(api_server *as, server_ctx *sc);
 /* Ends call with the etcd error for a storage error code. */
 void server_fail_storage(api_call *call, int storage_err);
 /* Fills the headers of a txn response and of every response nested in it. */

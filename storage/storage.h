@@ -262,4 +262,149 @@ typedef struct storage_stats {
 
 int storage_stat(storage *s, storage_stats *out);
 
+/* ==== etcd-format snapshots (etcdfmt.c; link //storage:etcdfmt) ========================
+ *
+ * etcd's backend file is a bbolt database (page size 4096 here) with etcd's buckets: "key"
+ * (17-byte revision main|'_'|sub, 18 with a trailing 't' for a tombstone -> encoded
+ * mvccpb.KeyValue, KeyValue{key} alone for a tombstone), "meta" (consistent_index, term,
+ * scheduledCompactRev, finishedCompactRev), "lease" (8-byte BE id -> leasepb.Lease{ID,TTL}),
+ * "members", "members_removed", "cluster", "auth", "authUsers", "authRoles", "alarm".
+ * `etcdctl snapshot save` stores the file followed by the SHA-256 of the file (32 bytes);
+ * a member's member/snap/db has no trailer. */
+
+/* A member as etcd 3.4 records it in bucket "members" (JSON keyed by the hex id). */
+typedef struct storage_etcd_member {
+	uint64_t em_id;
+	const char *em_name;                  /* NULL or "" if not yet published */
+	const char *const *em_peer_urls;
+	size_t em_n_peer_urls;
+	const char *const *em_client_urls;
+	size_t em_n_client_urls;
+	int em_is_learner;
+} storage_etcd_member;
+
+/* One raw entry of a bucket (for buckets storage does not hold: authUsers, authRoles,
+ * alarm, ...). Keys are bytes, compared as bbolt does (memcmp, shorter first). */
+typedef struct storage_etcd_entry {
+	const char *ee_bucket;
+	const void *ee_key;
+	size_t ee_klen;
+	const void *ee_val;
+	size_t ee_vlen;
+} storage_etcd_entry;
+
+/* What the member knows beyond the MVCC keyspace and leases, for storage_snapshot_etcd().
+ * Zero-initialise and fill what is known. The cluster id is not part of etcd's backend
+ * file (etcd keeps it in the WAL), so it has no field here. */
+typedef struct storage_snapshot_info {
+	uint64_t si_consistent_index;   /* meta/consistent_index: the applied raft index */
+	uint64_t si_term;               /* meta/term (etcd 3.5 writes it); 0: not written */
+	const char *si_cluster_version; /* cluster/clusterVersion; NULL: "3.4.0" */
+	const storage_etcd_member *si_members;
+	size_t si_n_members;
+	const uint64_t *si_removed;     /* members_removed: ids of removed members */
+	size_t si_n_removed;
+	int si_auth_enabled;            /* auth/authEnabled */
+	uint64_t si_auth_revision;      /* auth/authRevision; 0: 1 */
+	const storage_etcd_entry *si_extra; /* any further entries, any order; a key already
+					     * written (or twice here) is STORAGE_ERR_INVALID */
+	size_t si_n_extra;
+} storage_snapshot_info;
+
+/* Receives the snapshot bytes in order; returns 0, or non-zero to stop (that value is
+ * returned by the snapshot call). */
+typedef int (*storage_write_fn)(void *ctx, const void *buf, size_t len);
+
+/*
+ * Streams the state seen by reader r as an etcd 3.4/3.5 backend file (bbolt) to write, in
+ * order, in pieces of at most a few pages (one node: larger when a value is). Everything
+ * comes from r's one LMDB read transaction, so writers go on meanwhile. The "key" bucket
+ * holds what an etcd compaction at the compacted revision keeps (revisions a pending
+ * physical compaction has not removed yet are left out). *size (if not NULL) gets the
+ * file's length. Errors: STORAGE_ERR_INVALID (duplicate entries in info), NOMEM, CORRUPT,
+ * IO, or the non-zero value write returned.
+ */
+int storage_snapshot_etcd(storage_reader *r, const storage_snapshot_info *info,
+			  storage_write_fn write, void *ctx, uint64_t *size);
+/* As storage_snapshot_etcd(), followed by the file's SHA-256 (32 bytes): the stream etcd's
+ * Maintenance.Snapshot sends and `etcdctl snapshot save` stores. */
+int storage_snapshot_etcd_stream(storage_reader *r, const storage_snapshot_info *info,
+				 storage_write_fn write, void *ctx);
+/* An incremental SHA-256 (OpenSSL's EVP underneath); _init allocates, _final releases. */
+typedef struct storage_sha256 {
+	void *sh_ctx; /* EVP_MD_CTX */
+} storage_sha256;
+int storage_sha256_init(storage_sha256 *h);
+void storage_sha256_update(storage_sha256 *h, const void *p, size_t n);
+/* Writes the digest and releases h. */
+void storage_sha256_final(storage_sha256 *h, uint8_t out[32]);
+
+/* What a check or an import found in an etcd backend file. */
+typedef struct storage_etcd_file_info {
+	int64_t ef_revision;            /* main revision of the last "key" entry, as etcdctl
+					 * snapshot status reports it (0 if none) */
+	int64_t ef_store_revision;      /* the revision etcd would serve: max(1, that, compact) */
+	int64_t ef_compact_revision;    /* finishedCompactRev, -1 if none */
+	int64_t ef_scheduled_compact;   /* scheduledCompactRev, -1 if none */
+	uint64_t ef_consistent_index;
+	uint64_t ef_term;               /* 0 if none (etcd 3.4) */
+	uint64_t ef_revisions;          /* entries of bucket "key" */
+	uint64_t ef_tombstones;
+	uint64_t ef_leases;
+	uint64_t ef_total_keys;         /* entries of every bucket (etcdctl's totalKey) */
+	uint64_t ef_total_size;         /* pages * page size (etcdctl's totalSize) */
+	uint32_t ef_hash;               /* etcdctl snapshot status's CRC-32C hash */
+	uint32_t ef_page_size;
+	int ef_has_sha256;              /* the file ended with a (verified) SHA-256 trailer */
+} storage_etcd_file_info;
+
+/* Entries of buckets the import does not store itself ("members", "auth", "cluster", ...;
+ * meta keys other than the four above); 0 to go on, non-zero to stop (returned). */
+typedef int (*storage_etcd_visit_fn)(void *ctx, const char *bucket, const uint8_t *key,
+				     size_t klen, const uint8_t *val, size_t vlen);
+
+typedef struct storage_etcd_import_options {
+	const storage_options *ei_storage; /* for storage_open() of the new environment */
+	int ei_hash_check;                 /* STORAGE_ETCD_HASH_*: 0 requires the trailer;
+					    * a copied member/snap/db has none */
+	uint64_t ei_applied_index;         /* recorded as applied index; 0: consistent_index */
+	storage_etcd_visit_fn ei_visit;
+	void *ei_ctx;
+	char *ei_errbuf;                   /* if not NULL, why a file was refused */
+	size_t ei_errlen;
+} storage_etcd_import_options;
+
+/* How a check treats the SHA-256 trailer (the hash_check arguments below). */
+enum {
+	STORAGE_ETCD_HASH_REQUIRE = 0,    /* a trailer must be there and match (etcd's restore) */
+	STORAGE_ETCD_HASH_SKIP = 1,       /* never verified (etcd's --skip-hash-check) */
+	STORAGE_ETCD_HASH_IF_PRESENT = 2, /* verified when there, else fine (status) */
+};
+
+/*
+ * Validates every page of the etcd backend file at path (meta checksums, page bounds and
+ * ids, flags, overflow, element bounds, key order, freelist accounting, each page used
+ * once, etcd's key and value formats) without trusting any of it, and fills *info.
+ * A file whose size modulo 512 is 32 carries a SHA-256 trailer (etcd's rule), treated as
+ * hash_check says; past the pages the meta counts, other bytes are ignored. errbuf (may be NULL) gets a message.
+ * Errors: STORAGE_ERR_CORRUPT (refused: the message says where and why), STORAGE_ERR_IO,
+ * STORAGE_ERR_NOMEM.
+ */
+int storage_etcd_check(const char *path, int hash_check, storage_etcd_file_info *info,
+		       char *errbuf, size_t errlen);
+
+/*
+ * Imports the etcd backend file bbolt_path (checked first as storage_etcd_check() does;
+ * nothing is written if the check fails) into a new environment at lmdb_dir: every
+ * revision and tombstone with its revision, the compaction state (a scheduled compaction
+ * etcd had not finished is finished by storage_batch_compact_continue()), leases and which
+ * keys they hold, and the applied index. lmdb_dir must not hold any revision yet
+ * (STORAGE_ERR_INVALID). Large files are imported in several transactions: on an error the
+ * directory is partly written; import into a temporary directory and rename it.
+ * opts may be NULL; info may be NULL.
+ */
+int storage_import_etcd(const char *bbolt_path, const char *lmdb_dir,
+			const storage_etcd_import_options *opts, storage_etcd_file_info *info);
+/* ==== end of etcd-format snapshots ==== */
+
 #endif

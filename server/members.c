@@ -1,0 +1,446 @@
+/*
+ * members.c - the cluster's membership as etcd shows it (ids, names, peer and client URLs,
+ * learners) and the Cluster service.
+ *
+ * Raft owns who votes; this store owns what etcd reports about each member. It starts from
+ * --initial-cluster, changes only by applying log entries (member add/update, and Raft's
+ * configuration changes for removal and promotion), and is persisted in the member's
+ * metadata as an encoded MemberListResponse, so every member reports the same list.
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <openssl/sha.h>
+
+#include "server/server.h"
+
+#define MEMBERS_META "members"
+
+struct members {
+	pthread_mutex_t m_mu;
+	Etcdserverpb__MemberListResponse *m_list; /* protobuf-c owned (unpacked or built) */
+	uint64_t m_self;
+};
+
+static char *xstrdup(const char *s)
+{
+	return strdup(s ? s : "");
+}
+
+static void member_free(Etcdserverpb__Member *m)
+{
+	if (m == NULL)
+		return;
+	free(m->name);
+	for (size_t i = 0; i < m->n_peerurls; i++)
+		free(m->peerurls[i]);
+	for (size_t i = 0; i < m->n_clienturls; i++)
+		free(m->clienturls[i]);
+	free(m->peerurls);
+	free(m->clienturls);
+	free(m);
+}
+
+/* A deep copy with malloc'd strings, so the list can be freed field by field. */
+static Etcdserverpb__Member *member_dup(const Etcdserverpb__Member *src)
+{
+	Etcdserverpb__Member *m = malloc(sizeof(*m));
+	if (m == NULL)
+		return NULL;
+	etcdserverpb__member__init(m);
+	m->id = src->id;
+	m->islearner = src->islearner;
+	m->name = xstrdup(src->name);
+	m->peerurls = calloc(src->n_peerurls + 1, sizeof(char *));
+	m->clienturls = calloc(src->n_clienturls + 1, sizeof(char *));
+	if (m->name == NULL || m->peerurls == NULL || m->clienturls == NULL) {
+		member_free(m);
+		return NULL;
+	}
+	for (size_t i = 0; i < src->n_peerurls; i++)
+		if ((m->peerurls[m->n_peerurls++] = xstrdup(src->peerurls[i])) == NULL) {
+			member_free(m);
+			return NULL;
+		}
+	for (size_t i = 0; i < src->n_clienturls; i++)
+		if ((m->clienturls[m->n_clienturls++] = xstrdup(src->clienturls[i])) == NULL) {
+			member_free(m);
+			return NULL;
+		}
+	return m;
+}
+
+static void list_free(Etcdserverpb__MemberListResponse *l)
+{
+	if (l == NULL)
+		return;
+	for (size_t i = 0; i < l->n_members; i++)
+		member_free(l->members[i]);
+	free(l->members);
+	free(l);
+}
+
+static Etcdserverpb__MemberListResponse *list_new(void)
+{
+	Etcdserverpb__MemberListResponse *l = calloc(1, sizeof(*l));
+	if (l)
+		etcdserverpb__member_list_response__init(l);
+	return l;
+}
+
+static int list_add(Etcdserverpb__MemberListResponse *l, Etcdserverpb__Member *m)
+{
+	Etcdserverpb__Member **ms = realloc(l->members, (l->n_members + 1) * sizeof(*ms));
+	if (ms == NULL)
+		return -1;
+	l->members = ms;
+	l->members[l->n_members++] = m;
+	return 0;
+}
+
+static Etcdserverpb__Member *list_find(const Etcdserverpb__MemberListResponse *l, uint64_t id)
+{
+	for (size_t i = 0; i < l->n_members; i++)
+		if (l->members[i]->id == id)
+			return l->members[i];
+	return NULL;
+}
+
+/* Unpacked lists are owned by protobuf-c; copy into one we can edit field by field. */
+static Etcdserverpb__MemberListResponse *list_from_bytes(const void *buf, size_t len)
+{
+	Etcdserverpb__MemberListResponse *u = etcdserverpb__member_list_response__unpack(NULL, len, buf);
+	if (u == NULL)
+		return NULL;
+	Etcdserverpb__MemberListResponse *l = list_new();
+	for (size_t i = 0; l && i < u->n_members; i++) {
+		Etcdserverpb__Member *m = member_dup(u->members[i]);
+		if (m == NULL || list_add(l, m) != 0) {
+			member_free(m);
+			list_free(l);
+			l = NULL;
+		}
+	}
+	etcdserverpb__member_list_response__free_unpacked(u, NULL);
+	return l;
+}
+
+static int persist(members *ms, storage_batch *b)
+{
+	Etcdserverpb__ResponseHeader *h = ms->m_list->header;
+	ms->m_list->header = NULL;
+	size_t len = etcdserverpb__member_list_response__get_packed_size(ms->m_list);
+	uint8_t *buf = malloc(len ? len : 1);
+	if (buf == NULL) {
+		ms->m_list->header = h;
+		return STORAGE_ERR_NOMEM;
+	}
+	etcdserverpb__member_list_response__pack(ms->m_list, buf);
+	ms->m_list->header = h;
+	int rc = storage_batch_meta_put(b, MEMBERS_META, buf, len);
+	free(buf);
+	return rc;
+}
+
+int members_start(members **out, const config *cfg, storage *st, uint64_t self)
+{
+	members *ms = calloc(1, sizeof(*ms));
+	if (ms == NULL)
+		return STORAGE_ERR_NOMEM;
+	pthread_mutex_init(&ms->m_mu, NULL);
+	ms->m_self = self;
+	storage_reader *r;
+	storage_arena a;
+	storage_arena_init(&a);
+	int rc = storage_read_begin(st, &r);
+	if (rc == 0) {
+		void *val;
+		size_t len;
+		rc = storage_read_meta(r, MEMBERS_META, &a, &val, &len);
+		if (rc == 0 && (ms->m_list = list_from_bytes(val, len)) == NULL)
+			rc = STORAGE_ERR_CORRUPT;
+		storage_read_end(r);
+	}
+	storage_arena_free(&a);
+	if (rc == STORAGE_ERR_NOT_FOUND) {
+		/* A new member: the cluster is --initial-cluster. */
+		member_id_list ids;
+		member_compute_all(cfg, &ids);
+		ms->m_list = list_new();
+		rc = ms->m_list ? 0 : STORAGE_ERR_NOMEM;
+		for (int i = 0; rc == 0 && i < ids.n; i++) {
+			Etcdserverpb__Member tmpl = ETCDSERVERPB__MEMBER__INIT;
+			tmpl.id = ids.id[i];
+			tmpl.name = ids.name[i];
+			tmpl.n_peerurls = (size_t)ids.n_urls[i];
+			tmpl.peerurls = ids.urls[i];
+			if (ids.id[i] == self) {
+				tmpl.n_clienturls = (size_t)cfg->advertise_client.n;
+				tmpl.clienturls = (char **)cfg->advertise_client.url;
+			}
+			Etcdserverpb__Member *m = member_dup(&tmpl);
+			if (m == NULL || list_add(ms->m_list, m) != 0) {
+				member_free(m);
+				rc = STORAGE_ERR_NOMEM;
+			}
+		}
+		member_id_list_free(&ids);
+		storage_batch *b;
+		if (rc == 0 && (rc = storage_batch_begin(st, &b)) == 0) {
+			storage_stats stats;
+			rc = storage_stat(st, &stats);
+			if (rc == 0)
+				rc = persist(ms, b);
+			if (rc == 0)
+				rc = storage_batch_commit(b, stats.st_applied_index);
+			else
+				storage_batch_abort(b);
+		}
+	}
+	if (rc) {
+		members_free(ms);
+		return rc;
+	}
+	*out = ms;
+	return 0;
+}
+
+void members_free(members *ms)
+{
+	if (ms == NULL)
+		return;
+	list_free(ms->m_list);
+	pthread_mutex_destroy(&ms->m_mu);
+	free(ms);
+}
+
+size_t members_peers(members *ms, uint64_t *ids, char (*urls)[256], int *learner, size_t max)
+{
+	size_t n = 0;
+	pthread_mutex_lock(&ms->m_mu);
+	for (size_t i = 0; i < ms->m_list->n_members && n < max; i++) {
+		Etcdserverpb__Member *m = ms->m_list->members[i];
+		ids[n] = m->id;
+		learner[n] = m->islearner;
+		urls[n][0] = '\0';
+		if (m->n_peerurls > 0)
+			config_url_host_port(m->peerurls[0], urls[n], 256);
+		n++;
+	}
+	pthread_mutex_unlock(&ms->m_mu);
+	return n;
+}
+
+int members_apply(members *ms, storage_batch *b, node_op op, const Etcdserverpb__Member *req)
+{
+	pthread_mutex_lock(&ms->m_mu);
+	int rc = 0;
+	Etcdserverpb__Member *cur = list_find(ms->m_list, req->id);
+	if (op == NODE_MEMBER_ADD) {
+		if (cur == NULL) {
+			Etcdserverpb__Member *m = member_dup(req);
+			if (m == NULL || list_add(ms->m_list, m) != 0) {
+				member_free(m);
+				rc = STORAGE_ERR_NOMEM;
+			}
+		}
+	} else if (cur != NULL) {
+		/* An update carries what changed: peer URLs (MemberUpdate) or a started member's
+		 * name and client URLs (its publish). */
+		Etcdserverpb__Member merged = *cur;
+		if (req->n_peerurls) {
+			merged.n_peerurls = req->n_peerurls;
+			merged.peerurls = req->peerurls;
+		}
+		if (req->name && req->name[0])
+			merged.name = req->name;
+		if (req->n_clienturls) {
+			merged.n_clienturls = req->n_clienturls;
+			merged.clienturls = req->clienturls;
+		}
+		Etcdserverpb__Member *m = member_dup(&merged);
+		if (m == NULL) {
+			rc = STORAGE_ERR_NOMEM;
+		} else {
+			for (size_t i = 0; i < ms->m_list->n_members; i++)
+				if (ms->m_list->members[i] == cur)
+					ms->m_list->members[i] = m;
+			member_free(cur);
+		}
+	}
+	if (rc == 0)
+		rc = persist(ms, b);
+	pthread_mutex_unlock(&ms->m_mu);
+	return rc;
+}
+
+int members_conf_changed(members *ms, storage_batch *b, int op, uint64_t id)
+{
+	pthread_mutex_lock(&ms->m_mu);
+	Etcdserverpb__Member *cur = list_find(ms->m_list, id);
+	if (cur) {
+		if (op == MEMBERS_REMOVE) {
+			for (size_t i = 0; i < ms->m_list->n_members; i++) {
+				if (ms->m_list->members[i] == cur) {
+					memmove(&ms->m_list->members[i], &ms->m_list->members[i + 1],
+						(ms->m_list->n_members - i - 1) * sizeof(cur));
+					ms->m_list->n_members--;
+					break;
+				}
+			}
+			member_free(cur);
+		} else if (op == MEMBERS_PROMOTE) {
+			cur->islearner = 0;
+		}
+	}
+	int rc = persist(ms, b);
+	pthread_mutex_unlock(&ms->m_mu);
+	return rc;
+}
+
+int members_exists(members *ms, uint64_t id, int *learner)
+{
+	pthread_mutex_lock(&ms->m_mu);
+	Etcdserverpb__Member *m = list_find(ms->m_list, id);
+	if (m && learner)
+		*learner = m->islearner;
+	pthread_mutex_unlock(&ms->m_mu);
+	return m != NULL;
+}
+
+/* ---- the Cluster service ---- */
+
+static void cluster_member_list(void *ctx, api_call *call, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	members *ms = sc->members;
+	Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+	server_fill_header(sc, &h);
+	pthread_mutex_lock(&ms->m_mu);
+	Etcdserverpb__MemberListResponse resp = *ms->m_list;
+	resp.header = &h;
+	api_call_reply(call, &resp.base);
+	pthread_mutex_unlock(&ms->m_mu);
+}
+
+/* etcd's id for a new member: sha1 of its sorted peer URLs, the cluster token and now. */
+static uint64_t new_member_id(const config *cfg, char **urls, size_t n)
+{
+	char buf[4096];
+	size_t off = 0;
+	char *sorted[16];
+	size_t k = n < 16 ? n : 16;
+	memcpy(sorted, urls, k * sizeof(char *));
+	for (size_t i = 1; i < k; i++)
+		for (size_t j = i; j > 0 && strcmp(sorted[j - 1], sorted[j]) > 0; j--) {
+			char *t = sorted[j];
+			sorted[j] = sorted[j - 1];
+			sorted[j - 1] = t;
+		}
+	for (size_t i = 0; i < k; i++)
+		off += (size_t)snprintf(buf + off, off < sizeof(buf) ? sizeof(buf) - off : 0, "%s", sorted[i]);
+	if (off < sizeof(buf))
+		off += (size_t)snprintf(buf + off, sizeof(buf) - off, "%s%lld", cfg->initial_cluster_token,
+					(long long)time(NULL));
+	if (off > sizeof(buf))
+		off = sizeof(buf);
+	uint8_t d[SHA_DIGEST_LENGTH];
+	SHA1((const unsigned char *)buf, off, d);
+	uint64_t id = 0;
+	for (int i = 0; i < 8; i++)
+		id = id << 8 | d[i];
+	return id;
+}
+
+static void cluster_member_add(void *ctx, api_call *call, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	Etcdserverpb__MemberAddRequest *req = (Etcdserverpb__MemberAddRequest *)msg;
+	if (req->n_peerurls == 0) {
+		api_call_fail_msg(call, 3 /* INVALID_ARGUMENT */, "etcdserver: member peer urls not provided");
+		return;
+	}
+	for (size_t i = 0; i < req->n_peerurls; i++) {
+		char hp[256];
+		if (config_url_host_port(req->peerurls[i], hp, sizeof(hp)) != 0) {
+			api_call_fail_msg(call, 3, "etcdserver: member peer urls are invalid");
+			return;
+		}
+	}
+	/* etcd refuses a peer URL another member already has. */
+	members *ms = sc->members;
+	pthread_mutex_lock(&ms->m_mu);
+	for (size_t i = 0; i < ms->m_list->n_members; i++)
+		for (size_t j = 0; j < ms->m_list->members[i]->n_peerurls; j++)
+			for (size_t k = 0; k < req->n_peerurls; k++)
+				if (strcmp(ms->m_list->members[i]->peerurls[j], req->peerurls[k]) == 0) {
+					pthread_mutex_unlock(&ms->m_mu);
+					api_call_fail_msg(call, 9 /* FAILED_PRECONDITION */,
+							  "etcdserver: Peer URLs already exists");
+					return;
+				}
+	pthread_mutex_unlock(&ms->m_mu);
+	node_member_change(sc->nd, NODE_MEMBER_ADD, call, new_member_id(sc->cfg, req->peerurls, req->n_peerurls),
+			   req->islearner, req->peerurls, req->n_peerurls);
+}
+
+static void cluster_member_remove(void *ctx, api_call *call, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	const Etcdserverpb__MemberRemoveRequest *req = (const Etcdserverpb__MemberRemoveRequest *)msg;
+	if (!members_exists(sc->members, req->id, NULL)) {
+		api_call_fail_msg(call, 5 /* NOT_FOUND */, "etcdserver: member not found");
+		return;
+	}
+	node_member_change(sc->nd, NODE_MEMBER_REMOVE, call, req->id, 0, NULL, 0);
+}
+
+static void cluster_member_promote(void *ctx, api_call *call, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	const Etcdserverpb__MemberPromoteRequest *req = (const Etcdserverpb__MemberPromoteRequest *)msg;
+	int learner = 0;
+	if (!members_exists(sc->members, req->id, &learner)) {
+		api_call_fail_msg(call, 5, "etcdserver: member not found");
+		return;
+	}
+	if (!learner) {
+		api_call_fail_msg(call, 9, "etcdserver: can only promote a learner member");
+		return;
+	}
+	node_member_change(sc->nd, NODE_MEMBER_PROMOTE, call, req->id, 0, NULL, 0);
+}
+
+static void cluster_member_update(void *ctx, api_call *call, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	Etcdserverpb__MemberUpdateRequest *req = (Etcdserverpb__MemberUpdateRequest *)msg;
+	if (!members_exists(sc->members, req->id, NULL)) {
+		api_call_fail_msg(call, 5, "etcdserver: member not found");
+		return;
+	}
+	node_member_change(sc->nd, NODE_MEMBER_UPDATE, call, req->id, 0, req->peerurls, req->n_peerurls);
+}
+
+int members_register(api_server *as, server_ctx *sc)
+{
+	static const struct {
+		const char *path;
+		api_unary_fn fn;
+	} routes[] = {
+		{"/etcdserverpb.Cluster/MemberList", cluster_member_list},
+		{"/etcdserverpb.Cluster/MemberAdd", cluster_member_add},
+		{"/etcdserverpb.Cluster/MemberRemove", cluster_member_remove},
+		{"/etcdserverpb.Cluster/MemberPromote", cluster_member_promote},
+		{"/etcdserverpb.Cluster/MemberUpdate", cluster_member_update},
+	};
+	for (size_t i = 0; i < sizeof(routes) / sizeof(routes[0]); i++) {
+		int rc = api_server_route(as, routes[i].path, routes[i].fn, sc);
+		if (rc)
+			return rc;
+	}
+	return 0;
+}

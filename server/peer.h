@@ -1,0 +1,225 @@
+/*
+ * peer.h - the peer transport: moves opaque, already-encoded Raft messages between the
+ * members of one cluster over long-lived TCP connections.
+ *
+ * THREADS
+ *   A transport lives inside the caller's libuv loop (the node loop) and must only be used
+ *   from that loop's thread. It starts no threads and takes no locks. Callbacks run on that
+ *   thread, from inside uv_run(), never from inside a call of this header.
+ *
+ * CONNECTIONS (one per direction)
+ *   Every member dials every member it was told about (peer_add) and uses that connection
+ *   ONLY to send its own messages; connections it accepts are ONLY read from. A pair of
+ *   members therefore shares two TCP connections, one per direction. This needs no
+ *   tie-breaking between simultaneous dials, and a slow reader on one side never delays the
+ *   other direction.
+ *
+ * WIRE FORMAT (all integers big-endian)
+ *   Every frame is a u32 payload length followed by the payload.
+ *   1. The dialer sends a HELLO frame (34 + token_len bytes of payload):
+ *        "KLSN" | u16 version (1) | u16 flags (0; reserved, e.g. for a TLS upgrade)
+ *        | u64 cluster id | u64 sender member id | u64 receiver member id
+ *        | u16 token_len | token bytes (at most PEER_TOKEN_MAX)
+ *   2. The acceptor answers with an ACK frame (16 bytes of payload):
+ *        "KLSN" | u16 version | u16 status (PEER_HS_*) | u64 acceptor member id
+ *      A non-zero status refuses the connection: the acceptor logs why, writes the ACK and
+ *      closes. It refuses a different cluster id or token, a receiver id that is not its own,
+ *      a sender that is itself or that it does not know (peer_add), and unknown versions.
+ *      "A member from another cluster is refused."
+ *   3. After an OK ACK, the dialer sends message frames; the acceptor sends nothing more.
+ *   A length above the limit (2 KiB before the handshake, cfg.max_frame after it), a
+ *   malformed HELLO/ACK, or any byte from an acceptor after its ACK closes the connection.
+ *   Lengths are checked before any allocation; a large frame's buffer grows with the bytes
+ *   actually received, never with the announced length alone.
+ *
+ * DELIVERY
+ *   In order and at most once per (sender, receiver) pair. A message is lost if the
+ *   connection carrying it fails, or if it is still queued when a connection attempt or an
+ *   established connection fails: a failure discards the whole send queue of that peer
+ *   (Raft resends what matters; stale appends are useless after a reconnect). Messages
+ *   sent while a connection is being (re-)established wait in the queue.
+ *
+ * TLS
+ *   Not yet: the seam is the connection's uv_stream_t (every read and write goes through
+ *   conn_read_start/conn_write in peer.c) and the HELLO's flags field.
+ *
+ * ERRORS
+ *   Functions returning int return 0 or a negative PEER_E* code; peer_strerror() names it.
+ *   If a call fails, nothing it would have caused (callbacks, close_cb) happens.
+ */
+#ifndef KEELSON_SERVER_PEER_H
+#define KEELSON_SERVER_PEER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <uv.h>
+
+/* Error codes: the peer module owns -1400..-1499. */
+enum {
+	PEER_EINVAL = -1400,   /* bad argument or configuration */
+	PEER_ENOMEM = -1401,   /* allocation failed; nothing was changed */
+	PEER_EFULL = -1402,    /* the peer's send queue is over cfg.max_queue: drop the message */
+	PEER_EUNKNOWN = -1403, /* no peer with that member id (peer_add it first) */
+	PEER_EEXIST = -1404,   /* peer_add of a member id that is already a peer */
+	PEER_ETOOBIG = -1405,  /* a message larger than cfg.max_frame */
+	PEER_EADDR = -1406,    /* an address that is not "host:port" or does not resolve */
+	PEER_EBIND = -1407,    /* a listen address could not be bound or listened on */
+	PEER_ECLOSED = -1408,  /* peer_transport_close() was called */
+};
+
+/* Static text for a PEER_E* code (or "unknown error"); never NULL. */
+const char *peer_strerror(int err);
+
+/* Handshake statuses carried in the ACK frame (see WIRE FORMAT). */
+enum {
+	PEER_HS_OK = 0,
+	PEER_HS_BAD_VERSION = 1,    /* magic or version not understood */
+	PEER_HS_CLUSTER_ID = 2,     /* cluster id mismatch */
+	PEER_HS_TOKEN = 3,          /* cluster token mismatch */
+	PEER_HS_RECEIVER = 4,       /* receiver member id is not the acceptor's */
+	PEER_HS_UNKNOWN_SENDER = 5, /* the acceptor has no peer with the sender's id */
+	PEER_HS_SELF = 6,           /* sender id equals the acceptor's own id */
+};
+
+#define PEER_PROTOCOL_VERSION 1
+#define PEER_TOKEN_MAX 1024     /* longest cluster token */
+#define PEER_HANDSHAKE_MAX 2048 /* frame limit before the handshake completes */
+#define PEER_LISTEN_MAX 8       /* most listen addresses */
+
+/* Log levels handed to peer_callbacks.on_log: same order as server.h's log_level. */
+enum { PEER_LOG_DEBUG = 0, PEER_LOG_INFO = 1, PEER_LOG_WARN = 2, PEER_LOG_ERROR = 3 };
+
+/*
+ * Configuration. peer_transport_init() copies everything it needs; cfg and its strings
+ * may be freed when it returns. Zero fields take the documented defaults.
+ */
+typedef struct peer_config {
+	uint64_t pc_self_id;            /* this member's id; non-zero */
+	uint64_t pc_cluster_id;         /* checked on every connection */
+	const char *pc_cluster_token;   /* --initial-cluster-token; NULL means "" */
+	const char *const *pc_listen;   /* "host:port" (IPv6 as "[::1]:2380"); port 0 picks one */
+	int pc_n_listen;                /* 0..PEER_LISTEN_MAX; 0 = send only */
+	size_t pc_max_frame;            /* largest message; default 64 MiB, at most 2^31 */
+	size_t pc_max_queue;            /* send queue bytes per peer; default 16 MiB */
+	unsigned pc_backoff_min_ms;     /* first reconnect delay; default 100 */
+	unsigned pc_backoff_max_ms;     /* cap of the doubling delay; default 5000 */
+	unsigned pc_handshake_timeout_ms; /* connect + handshake deadline; default 5000 */
+	unsigned pc_dead_timeout_ms;    /* keepalive and TCP_USER_TIMEOUT; default 30000 */
+	uint64_t pc_seed;               /* reconnect jitter; 0 = from self id and the clock */
+} peer_config;
+
+/*
+ * Callbacks, all optional (NULL), all called with the ctx given to peer_transport_init().
+ * They may call any function of this header, including peer_transport_close().
+ */
+typedef struct peer_callbacks {
+	/*
+	 * A message from member `from`. bytes is valid during the call only (copy what you
+	 * keep); len may be 0. Messages from one sender arrive in the order it sent them.
+	 */
+	void (*on_message)(void *ctx, uint64_t from, const void *bytes, size_t len);
+	/*
+	 * The OUTGOING connection to member_id was established (connected=1: handshake
+	 * accepted) or lost (0). Not called for peers removed with peer_remove() nor after
+	 * peer_transport_close().
+	 */
+	void (*on_peer_state)(void *ctx, uint64_t member_id, int connected);
+	/*
+	 * A log line. member is the remote member id in hex (as etcd prints ids) or "",
+	 * addr the remote "host:port" or "", error the reason or "". Pointers are valid during
+	 * the call only. NULL: lines of level WARN and above go to stderr.
+	 * Connection errors are logged once per run of identical failures, not per attempt.
+	 */
+	void (*on_log)(void *ctx, int level, const char *msg, const char *member,
+		       const char *addr, const char *error);
+} peer_callbacks;
+
+typedef struct peer_transport peer_transport;
+
+/*
+ * Creates a transport on loop, binds and listens on every cfg->pc_listen address (host
+ * names are resolved here, blocking; use IP literals in the node loop). On success *out
+ * owns the transport until peer_transport_close(). Errors: PEER_EINVAL, PEER_EADDR,
+ * PEER_EBIND, PEER_ENOMEM; on error, listeners already opened are closed (libuv frees them
+ * on the next loop turn) and no callback fires.
+ */
+int peer_transport_init(peer_transport **out, uv_loop_t *loop, const peer_config *cfg,
+			peer_callbacks cb, void *ctx);
+
+/*
+ * The port the i-th listen address is bound to (useful with port 0), or PEER_EINVAL for
+ * an index that does not exist.
+ */
+int peer_listen_port(const peer_transport *t, int i);
+
+/*
+ * Adds member_id (non-zero, not self) reachable at addr ("host:port", copied). The
+ * transport starts dialing it on the next loop turn and accepts its inbound connections
+ * from now on. Errors: PEER_EINVAL, PEER_EADDR (syntax only; names resolve when dialing),
+ * PEER_EEXIST, PEER_ENOMEM, PEER_ECLOSED.
+ */
+int peer_add(peer_transport *t, uint64_t member_id, const char *addr);
+
+/*
+ * Changes the address of member_id. A different address closes the current outgoing
+ * connection (dropping its queue) and dials the new one at once. Same errors as peer_add,
+ * PEER_EUNKNOWN instead of PEER_EEXIST.
+ */
+int peer_update(peer_transport *t, uint64_t member_id, const char *addr);
+
+/*
+ * Forgets member_id: frees its queue, closes its outgoing and inbound connections and
+ * refuses its future connections. No callback fires for it afterwards.
+ * Errors: PEER_EUNKNOWN, PEER_ECLOSED.
+ */
+int peer_remove(peer_transport *t, uint64_t member_id);
+
+/*
+ * Queues one message for member `to`. The bytes are COPIED (the caller keeps ownership
+ * of its buffer, which may be freed on return), into one allocation holding the frame
+ * header too. Frames queued while a write is in progress leave together in one uv_write.
+ * A message into an empty queue is always accepted; otherwise PEER_EFULL when the queued
+ * plus in-flight bytes would exceed cfg.max_queue, and the caller drops the message (Raft
+ * tolerates loss). Errors: PEER_EFULL, PEER_EUNKNOWN, PEER_ETOOBIG, PEER_ENOMEM,
+ * PEER_ECLOSED, PEER_EINVAL (bytes NULL with len > 0).
+ */
+int peer_send(peer_transport *t, uint64_t to, const void *bytes, size_t len);
+
+/* Counters of one peer, for metrics and tests. */
+typedef struct peer_stats {
+	int ps_connected;        /* outgoing handshake done and connection up */
+	size_t ps_queued_bytes;  /* queued + in-flight bytes, frame headers included */
+	uint64_t ps_sent_msgs;   /* messages whose write completed */
+	uint64_t ps_sent_bytes;  /* their payload bytes */
+	uint64_t ps_writes;      /* uv_write calls (batches) that completed */
+	uint64_t ps_dropped_msgs; /* messages discarded by a failure or peer_update */
+	uint64_t ps_recv_msgs;   /* messages received from this member */
+	uint64_t ps_recv_bytes;  /* their payload bytes */
+	uint64_t ps_connects;    /* outgoing connections established */
+} peer_stats;
+
+/* Fills *st for member_id. Errors: PEER_EUNKNOWN. */
+int peer_get_stats(const peer_transport *t, uint64_t member_id, peer_stats *st);
+
+/* Transport-wide counters. */
+typedef struct peer_transport_stats {
+	uint64_t pts_accepted;   /* inbound connections accepted (before the handshake) */
+	uint64_t pts_refused;    /* handshakes refused */
+	uint64_t pts_proto_errs; /* inbound connections closed for a bad frame or timeout */
+	int pts_inbound;         /* inbound connections open now */
+} peer_transport_stats;
+
+void peer_transport_get_stats(const peer_transport *t, peer_transport_stats *st);
+
+/*
+ * Closes every listener and connection, drops every queue, and frees the transport once
+ * libuv has closed all its handles; then calls close_cb(ctx) (may be NULL), from inside
+ * uv_run(), never from this call. Between this call and close_cb, t may still be passed
+ * to the functions of this header, which return PEER_ECLOSED (a second close included),
+ * and no other callback fires. Once close_cb runs t is freed: do not touch it again.
+ */
+typedef void (*peer_close_cb)(void *ctx);
+int peer_transport_close(peer_transport *t, peer_close_cb close_cb);
+
+#endif /* KEELSON_SERVER_PEER_H */

@@ -1,0 +1,1075 @@
+/*
+ * peer_test.c - tests of the peer transport (peer.h), all in one process on one uv loop over
+ * 127.0.0.1 ephemeral ports. No sleeps: every wait is uv_run() until a condition holds, under
+ * a watchdog timer that fails the test instead of hanging.
+ */
+#include "server/peer.h"
+
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int failed;
+static const char *cur_test;
+
+#define CHECK(c)                                                                          \
+	do {                                                                              \
+		if (!(c)) {                                                               \
+			fprintf(stderr, "  %s:%d [%s]: CHECK failed: %s\n", __FILE__, __LINE__, \
+				cur_test, #c);                                            \
+			failed++;                                                         \
+		}                                                                         \
+	} while (0)
+
+#define CHECK_EQ(a, b)                                                                    \
+	do {                                                                              \
+		long long a_ = (long long)(a), b_ = (long long)(b);                       \
+		if (a_ != b_) {                                                           \
+			fprintf(stderr, "  %s:%d [%s]: CHECK_EQ failed: %s == %lld, %s == %lld\n", \
+				__FILE__, __LINE__, cur_test, #a, a_, #b, b_);            \
+			failed++;                                                         \
+		}                                                                         \
+	} while (0)
+
+static uv_loop_t loop;
+
+/* ---- waiting, with a watchdog ---- */
+
+static uv_timer_t watchdog;
+static int watchdog_fired;
+
+static void on_watchdog(uv_timer_t *tm)
+{
+	watchdog_fired = 1;
+}
+
+/* Runs the loop until cond(arg) holds or ms pass; returns whether cond holds. */
+static int run_until(int (*cond)(void *), void *arg, unsigned ms, const char *what)
+{
+	watchdog_fired = 0;
+	uv_timer_start(&watchdog, on_watchdog, ms, 0);
+	while (!cond(arg) && !watchdog_fired)
+		uv_run(&loop, UV_RUN_ONCE);
+	uv_timer_stop(&watchdog);
+	if (!cond(arg)) {
+		fprintf(stderr, "  [%s]: timed out after %u ms waiting for %s\n", cur_test, ms, what);
+		failed++;
+		return 0;
+	}
+	return 1;
+}
+
+/* Runs the loop for ms (a bounded observation window, for "nothing happens" checks). */
+static void run_for(unsigned ms)
+{
+	watchdog_fired = 0;
+	uv_timer_start(&watchdog, on_watchdog, ms, 0);
+	while (!watchdog_fired)
+		uv_run(&loop, UV_RUN_ONCE);
+}
+
+/* ---- a node: one transport plus what the test observes of it ---- */
+
+#define MAXN 4
+#define MSG_MAX (1u << 20)
+
+enum { MODE_PATTERN, MODE_TAGGED };
+
+typedef struct node {
+	peer_transport *t;
+	uint64_t id;
+	int port;
+	int closed;
+	int mode;
+	uint64_t raw_id;           /* messages from this id are only counted */
+	uint64_t recv_n[MAXN];     /* messages received, by sender index */
+	uint64_t recv_bad;         /* messages that did not match what was expected */
+	uint64_t recv_from_other;  /* messages from ids outside 1..MAXN */
+	uint64_t recv_gen1, recv_gen2; /* MODE_TAGGED */
+	uint64_t last_gen1_seq;
+	int connected[MAXN + 1];   /* last on_peer_state, by member id (1..MAXN) */
+	int state_changes;
+	char logs[64][160];
+	int n_logs;
+} node;
+
+static uint64_t mix(uint64_t x)
+{
+	/* splitmix64 */
+	x += 0x9E3779B97F4A7C15ULL;
+	x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL;
+	x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL;
+	return x ^ (x >> 31);
+}
+
+/* The size of message seq from -> to: sizes 0..1 MiB, mostly small so batching shows. */
+static size_t pattern_size(uint64_t from, uint64_t to, uint64_t seq)
+{
+	if (seq == 0)
+		return 0;
+	if (seq == 1)
+		return MSG_MAX;
+	uint64_t h = mix((from << 40) ^ (to << 32) ^ seq);
+	unsigned r = (unsigned)(h % 100);
+	h >>= 8;
+	if (r < 70)
+		return (size_t)(h % 257);
+	if (r < 95)
+		return (size_t)(h % 65537);
+	return (size_t)(h % (MSG_MAX + 1));
+}
+
+static void pattern_fill(uint8_t *b, size_t n, uint64_t from, uint64_t to, uint64_t seq)
+{
+	uint64_t h = mix((from << 40) ^ (to << 32) ^ seq ^ 0xABCDEF);
+	for (size_t i = 0; i < n; i++) {
+		if ((i & 7) == 0)
+			h = mix(h + i);
+		b[i] = (uint8_t)(h >> ((i & 7) * 8));
+	}
+}
+
+static uint8_t *scratch;
+
+static void on_message(void *ctx, uint64_t from, const void *bytes, size_t len)
+{
+	node *n = ctx;
+	if (from < 1 || from > MAXN) {
+		n->recv_from_other++;
+		return;
+	}
+	if (from == n->raw_id) {
+		n->recv_n[from - 1]++;
+		return;
+	}
+	if (n->mode == MODE_PATTERN) {
+		uint64_t seq = n->recv_n[from - 1]++;
+		size_t want = pattern_size(from, n->id, seq);
+		if (len != want) {
+			if (n->recv_bad++ < 3)
+				fprintf(stderr, "  %" PRIu64 "->%" PRIu64 " seq %" PRIu64 ": len %zu, want %zu\n",
+					from, n->id, seq, len, want);
+			return;
+		}
+		pattern_fill(scratch, len, from, n->id, seq);
+		if (len > 0 && memcmp(scratch, bytes, len) != 0)
+			n->recv_bad++;
+		return;
+	}
+	/* MODE_TAGGED: u32 generation, u32 seq; generation 2 must arrive whole and in order
+	 * after every generation-1 message; generation 1 may lose messages but not reorder. */
+	const uint8_t *b = bytes;
+	if (len < 8) {
+		n->recv_bad++;
+		return;
+	}
+	uint32_t gen, seq;
+	memcpy(&gen, b, 4);
+	memcpy(&seq, b + 4, 4);
+	if (gen == 1) {
+		if (n->recv_gen2 > 0 || (n->recv_gen1 > 0 && seq <= n->last_gen1_seq))
+			n->recv_bad++;
+		n->last_gen1_seq = seq;
+		n->recv_gen1++;
+	} else if (gen == 2) {
+		if (seq != n->recv_gen2)
+			n->recv_bad++;
+		n->recv_gen2++;
+	} else {
+		n->recv_bad++;
+	}
+}
+
+static void on_peer_state(void *ctx, uint64_t id, int connected)
+{
+	node *n = ctx;
+	if (id >= 1 && id <= MAXN)
+		n->connected[id] = connected;
+	n->state_changes++;
+}
+
+static void on_log(void *ctx, int level, const char *msg, const char *member, const char *addr,
+		   const char *error)
+{
+	node *n = ctx;
+	if (getenv("PEER_TEST_VERBOSE") != NULL)
+		fprintf(stderr, "    [node %" PRIu64 "] %d %s member=%s addr=%s error=%s\n", n->id, level,
+			msg, member, addr, error);
+	if (n->n_logs < 64)
+		snprintf(n->logs[n->n_logs++], sizeof(n->logs[0]), "%s: %s", msg, error);
+}
+
+static int count_logs(const node *n, const char *needle)
+{
+	int k = 0;
+	for (int i = 0; i < n->n_logs; i++)
+		if (strstr(n->logs[i], needle) != NULL)
+			k++;
+	return k;
+}
+
+typedef struct node_opts {
+	const char *token;
+	uint64_t cluster;
+	int port;          /* 0: ephemeral */
+	size_t max_frame;
+	size_t max_queue;
+	unsigned hs_ms;
+} node_opts;
+
+static int node_start(node *n, uint64_t id, const node_opts *o)
+{
+	char addr[32];
+	const char *listen[1] = {addr};
+	snprintf(addr, sizeof(addr), "127.0.0.1:%d", o ? o->port : 0);
+	memset(n, 0, sizeof(*n));
+	n->id = id;
+	peer_config cfg = {
+		.pc_self_id = id,
+		.pc_cluster_id = o && o->cluster ? o->cluster : 0xC1C1,
+		.pc_cluster_token = o && o->token ? o->token : "keelson-test",
+		.pc_listen = listen,
+		.pc_n_listen = 1,
+		.pc_max_frame = o && o->max_frame ? o->max_frame : 0,
+		.pc_max_queue = o && o->max_queue ? o->max_queue : 8u << 20,
+		.pc_backoff_min_ms = 5,
+		.pc_backoff_max_ms = 40,
+		.pc_handshake_timeout_ms = o && o->hs_ms ? o->hs_ms : 2000,
+		.pc_seed = id,
+	};
+	peer_callbacks cb = {on_message, on_peer_state, on_log};
+	int rc = peer_transport_init(&n->t, &loop, &cfg, cb, n);
+	CHECK_EQ(rc, 0);
+	if (rc != 0)
+		return rc;
+	n->port = peer_listen_port(n->t, 0);
+	CHECK(n->port > 0);
+	return 0;
+}
+
+static void on_node_closed(void *ctx)
+{
+	node *n = ctx;
+	n->closed = 1;
+	n->t = NULL;
+}
+
+static int node_is_closed(void *arg)
+{
+	return ((node *)arg)->closed;
+}
+
+static void node_close(node *n)
+{
+	if (n->t == NULL)
+		return;
+	CHECK_EQ(peer_transport_close(n->t, on_node_closed), 0);
+	CHECK(!n->closed); /* never synchronous */
+	run_until(node_is_closed, n, 5000, "transport close_cb");
+}
+
+static void node_add(node *n, uint64_t id, int port)
+{
+	char addr[32];
+	snprintf(addr, sizeof(addr), "127.0.0.1:%d", port);
+	CHECK_EQ(peer_add(n->t, id, addr), 0);
+}
+
+typedef struct link {
+	node *n;
+	uint64_t id;
+} link;
+
+static int is_connected(void *arg)
+{
+	link *l = arg;
+	return l->n->connected[l->id];
+}
+
+static int is_disconnected(void *arg)
+{
+	link *l = arg;
+	return !l->n->connected[l->id];
+}
+
+static void wait_connected(node *n, uint64_t id)
+{
+	link l = {n, id};
+	run_until(is_connected, &l, 5000, "peer connected");
+}
+
+/* ---- raw sockets: misbehaving clients and servers ---- */
+
+typedef struct raw {
+	uv_tcp_t tcp;
+	uv_connect_t creq;
+	uv_write_t wreq;
+	uint8_t *out;        /* bytes to send once connected */
+	size_t out_len;
+	int close_after_write;
+	uint8_t in[4096];
+	size_t in_len;
+	size_t in_total;
+	int eof;             /* the remote closed (EOF or reset) */
+	int closed;
+	/* raw server side */
+	int answer_hello;    /* reply with an OK ACK as member ack_id */
+	uint64_t ack_id;
+	int stop_reading;    /* after the handshake (or at once), never read again */
+	uint8_t ack[20];
+} raw;
+
+static void raw_on_close(uv_handle_t *h)
+{
+	((raw *)h->data)->closed = 1;
+}
+
+static void raw_close(raw *r)
+{
+	if (!uv_is_closing((uv_handle_t *)&r->tcp))
+		uv_close((uv_handle_t *)&r->tcp, raw_on_close);
+}
+
+static void raw_alloc(uv_handle_t *h, size_t sz, uv_buf_t *buf)
+{
+	raw *r = h->data;
+	*buf = uv_buf_init((char *)r->in + r->in_len, (unsigned)(sizeof(r->in) - r->in_len));
+}
+
+static void put32(uint8_t *p, uint32_t v)
+{
+	p[0] = v >> 24, p[1] = v >> 16, p[2] = v >> 8, p[3] = v;
+}
+
+static void put64(uint8_t *p, uint64_t v)
+{
+	put32(p, v >> 32);
+	put32(p + 4, (uint32_t)v);
+}
+
+static void raw_on_written(uv_write_t *w, int status)
+{
+	raw *r = w->data;
+	if (r->close_after_write)
+		raw_close(r);
+}
+
+static void raw_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+	raw *r = s->data;
+	if (nread < 0) {
+		r->eof = 1;
+		raw_close(r);
+		return;
+	}
+	r->in_len += (size_t)nread;
+	r->in_total += (size_t)nread;
+	if (r->answer_hello && r->in_len >= 4) {
+		uint32_t len = ((uint32_t)r->in[0] << 24) | (r->in[1] << 16) | (r->in[2] << 8) | r->in[3];
+		if (r->in_len >= 4 + len) {
+			r->answer_hello = 0;
+			put32(r->ack, 16);
+			memcpy(r->ack + 4, "KLSN", 4);
+			r->ack[8] = 0, r->ack[9] = PEER_PROTOCOL_VERSION;
+			r->ack[10] = 0, r->ack[11] = PEER_HS_OK;
+			put64(r->ack + 12, r->ack_id);
+			uv_buf_t b = uv_buf_init((char *)r->ack, sizeof(r->ack));
+			r->wreq.data = r;
+			uv_write(&r->wreq, s, &b, 1, NULL);
+			if (r->stop_reading)
+				uv_read_stop(s);
+		}
+	}
+	if (r->in_len == sizeof(r->in))
+		r->in_len = 0;
+}
+
+static void raw_on_connect(uv_connect_t *req, int status)
+{
+	raw *r = req->data;
+	if (status < 0) {
+		r->eof = 1;
+		raw_close(r);
+		return;
+	}
+	uv_read_start((uv_stream_t *)&r->tcp, raw_alloc, raw_on_read);
+	if (r->out_len > 0) {
+		uv_buf_t b = uv_buf_init((char *)r->out, (unsigned)r->out_len);
+		r->wreq.data = r;
+		uv_write(&r->wreq, (uv_stream_t *)&r->tcp, &b, 1, raw_on_written);
+	}
+}
+
+static void raw_connect(raw *r, int port)
+{
+	struct sockaddr_in sa;
+	uv_ip4_addr("127.0.0.1", port, &sa);
+	uv_tcp_init(&loop, &r->tcp);
+	r->tcp.data = r;
+	r->creq.data = r;
+	uv_tcp_connect(&r->creq, &r->tcp, (struct sockaddr *)&sa, raw_on_connect);
+}
+
+static int raw_is_closed(void *arg)
+{
+	return ((raw *)arg)->closed;
+}
+
+/* A HELLO frame into b; returns its length. */
+static size_t make_hello(uint8_t *b, uint64_t cluster, const char *token, uint64_t from, uint64_t to)
+{
+	size_t tl = strlen(token);
+	put32(b, (uint32_t)(34 + tl));
+	memcpy(b + 4, "KLSN", 4);
+	b[8] = 0, b[9] = PEER_PROTOCOL_VERSION, b[10] = 0, b[11] = 0;
+	put64(b + 12, cluster);
+	put64(b + 20, from);
+	put64(b + 28, to);
+	b[36] = (uint8_t)(tl >> 8), b[37] = (uint8_t)tl;
+	memcpy(b + 38, token, tl);
+	return 38 + tl;
+}
+
+/* A raw listening server whose connections are handled by the raw above. */
+typedef struct raw_server {
+	uv_tcp_t tcp;
+	int port;
+	raw conn;
+	int accepted;
+	int closed;
+	int answer_hello;
+	uint64_t ack_id;
+} raw_server;
+
+static void raw_server_on_conn(uv_stream_t *s, int status)
+{
+	raw_server *rs = s->data;
+	if (status < 0 || rs->accepted)
+		return;
+	rs->accepted = 1;
+	memset(&rs->conn, 0, sizeof(rs->conn));
+	uv_tcp_init(&loop, &rs->conn.tcp);
+	rs->conn.tcp.data = &rs->conn;
+	uv_accept(s, (uv_stream_t *)&rs->conn.tcp);
+	rs->conn.answer_hello = rs->answer_hello;
+	rs->conn.ack_id = rs->ack_id;
+	rs->conn.stop_reading = 1;
+	if (rs->answer_hello)
+		uv_read_start((uv_stream_t *)&rs->conn.tcp, raw_alloc, raw_on_read);
+	/* else: never read at all */
+}
+
+static void raw_server_on_close(uv_handle_t *h)
+{
+	((raw_server *)h->data)->closed = 1;
+}
+
+static void raw_server_start(raw_server *rs, int answer_hello, uint64_t ack_id)
+{
+	struct sockaddr_in sa;
+	struct sockaddr_storage ss;
+	int sl = sizeof(ss);
+	memset(rs, 0, sizeof(*rs));
+	rs->answer_hello = answer_hello;
+	rs->ack_id = ack_id;
+	uv_ip4_addr("127.0.0.1", 0, &sa);
+	uv_tcp_init(&loop, &rs->tcp);
+	rs->tcp.data = rs;
+	CHECK_EQ(uv_tcp_bind(&rs->tcp, (struct sockaddr *)&sa, 0), 0);
+	CHECK_EQ(uv_listen((uv_stream_t *)&rs->tcp, 8, raw_server_on_conn), 0);
+	uv_tcp_getsockname(&rs->tcp, (struct sockaddr *)&ss, &sl);
+	rs->port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+}
+
+static int raw_server_is_closed(void *arg)
+{
+	raw_server *rs = arg;
+	return rs->closed && (!rs->accepted || rs->conn.closed);
+}
+
+static void raw_server_stop(raw_server *rs)
+{
+	uv_close((uv_handle_t *)&rs->tcp, raw_server_on_close);
+	if (rs->accepted)
+		raw_close(&rs->conn);
+	run_until(raw_server_is_closed, rs, 2000, "raw server close");
+}
+
+/* ---- tests ---- */
+
+static void test_api_errors(void)
+{
+	peer_transport *t = NULL;
+	peer_callbacks cb = {0};
+	peer_config bad = {0};
+	CHECK_EQ(peer_transport_init(&t, &loop, &bad, cb, NULL), PEER_EINVAL); /* self id 0 */
+	const char *badaddr[] = {"no-port"};
+	peer_config cfg = {.pc_self_id = 1, .pc_listen = badaddr, .pc_n_listen = 1};
+	CHECK_EQ(peer_transport_init(&t, &loop, &cfg, cb, NULL), PEER_EADDR);
+	/* A port already bound: PEER_EBIND, nothing left behind (the loop check at the end). */
+	node a;
+	node_start(&a, 1, NULL);
+	char busy[32];
+	snprintf(busy, sizeof(busy), "127.0.0.1:%d", a.port);
+	const char *two[] = {"127.0.0.1:0", busy};
+	peer_config cfg2 = {.pc_self_id = 2, .pc_listen = two, .pc_n_listen = 2};
+	CHECK_EQ(peer_transport_init(&t, &loop, &cfg2, cb, &a), PEER_EBIND);
+	uv_run(&loop, UV_RUN_NOWAIT); /* lets the listener that did open finish closing */
+
+	CHECK_EQ(peer_listen_port(a.t, 1), PEER_EINVAL);
+	CHECK_EQ(peer_add(a.t, 1, "127.0.0.1:1"), PEER_EINVAL);  /* self */
+	CHECK_EQ(peer_add(a.t, 0, "127.0.0.1:1"), PEER_EINVAL);
+	CHECK_EQ(peer_add(a.t, 2, "127.0.0.1"), PEER_EADDR);
+	CHECK_EQ(peer_add(a.t, 2, "127.0.0.1:70000"), PEER_EADDR);
+	CHECK_EQ(peer_add(a.t, 2, "::1:80"), PEER_EADDR);
+	CHECK_EQ(peer_add(a.t, 2, "[::1]:80"), 0);
+	CHECK_EQ(peer_add(a.t, 2, "127.0.0.1:2"), PEER_EEXIST);
+	CHECK_EQ(peer_update(a.t, 3, "127.0.0.1:2"), PEER_EUNKNOWN);
+	CHECK_EQ(peer_send(a.t, 3, "x", 1), PEER_EUNKNOWN);
+	CHECK_EQ(peer_send(a.t, 2, NULL, 1), PEER_EINVAL);
+	CHECK_EQ(peer_send(a.t, 2, NULL, 0), 0);
+	static uint8_t big[(64u << 20) + 1];
+	CHECK_EQ(peer_send(a.t, 2, big, sizeof(big)), PEER_ETOOBIG);
+	CHECK_EQ(peer_remove(a.t, 2), 0);
+	CHECK_EQ(peer_remove(a.t, 2), PEER_EUNKNOWN);
+	CHECK(strcmp(peer_strerror(PEER_EFULL), "peer: send queue full") == 0);
+	CHECK(peer_strerror(12345) != NULL);
+
+	CHECK_EQ(peer_transport_close(a.t, on_node_closed), 0);
+	CHECK_EQ(peer_transport_close(a.t, on_node_closed), PEER_ECLOSED);
+	CHECK_EQ(peer_send(a.t, 2, "x", 1), PEER_ECLOSED);
+	CHECK_EQ(peer_add(a.t, 5, "127.0.0.1:5"), PEER_ECLOSED);
+	run_until(node_is_closed, &a, 2000, "close");
+}
+
+/* Three members, every pair exchanging NMSG messages of 0..1 MiB; per-pair order checked. */
+#define NMSG 600
+
+typedef struct pump {
+	node *nodes;
+	int n;
+	uint64_t sent[MAXN][MAXN];
+	uint64_t efull;
+	uv_idle_t idle;
+	uint8_t *buf;
+} pump;
+
+static void on_pump(uv_idle_t *h)
+{
+	pump *p = h->data;
+	int busy = 0;
+	for (int i = 0; i < p->n; i++) {
+		for (int j = 0; j < p->n; j++) {
+			if (i == j)
+				continue;
+			node *from = &p->nodes[i], *to = &p->nodes[j];
+			while (p->sent[i][j] < NMSG) {
+				uint64_t seq = p->sent[i][j];
+				size_t len = pattern_size(from->id, to->id, seq);
+				pattern_fill(p->buf, len, from->id, to->id, seq);
+				int rc = peer_send(from->t, to->id, p->buf, len);
+				if (rc == PEER_EFULL) {
+					p->efull++;
+					break;
+				}
+				CHECK_EQ(rc, 0);
+				if (rc != 0)
+					break;
+				p->sent[i][j]++;
+			}
+			busy |= p->sent[i][j] < NMSG;
+		}
+	}
+	if (!busy)
+		uv_idle_stop(h);
+}
+
+static int all_received(void *arg)
+{
+	pump *p = arg;
+	for (int i = 0; i < p->n; i++)
+		for (int j = 0; j < p->n; j++)
+			if (i != j && p->nodes[j].recv_n[p->nodes[i].id - 1] < NMSG)
+				return 0;
+	return 1;
+}
+
+static void test_exchange_three(void)
+{
+	node nodes[3];
+	for (int i = 0; i < 3; i++)
+		node_start(&nodes[i], (uint64_t)i + 1, NULL);
+	for (int i = 0; i < 3; i++) {
+		for (int j = 0; j < 3; j++) {
+			if (i == j)
+				continue;
+			if (i == 2) {
+				/* A host name: exercises uv_getaddrinfo (and the fallback from ::1). */
+				char addr[32];
+				snprintf(addr, sizeof(addr), "localhost:%d", nodes[j].port);
+				CHECK_EQ(peer_add(nodes[i].t, nodes[j].id, addr), 0);
+			} else {
+				node_add(&nodes[i], nodes[j].id, nodes[j].port);
+			}
+		}
+	}
+	/* Sending starts at once: messages queue until the handshakes complete. */
+	pump p = {.nodes = nodes, .n = 3};
+	p.buf = malloc(MSG_MAX);
+	uv_idle_init(&loop, &p.idle);
+	p.idle.data = &p;
+	uv_idle_start(&p.idle, on_pump);
+	run_until(all_received, &p, 60000, "all messages");
+	uv_close((uv_handle_t *)&p.idle, NULL);
+	uint64_t writes = 0, msgs = 0;
+	for (int i = 0; i < 3; i++) {
+		CHECK_EQ(nodes[i].recv_bad, 0);
+		CHECK_EQ(nodes[i].recv_from_other, 0);
+		for (int j = 0; j < 3; j++) {
+			if (i == j)
+				continue;
+			CHECK_EQ(nodes[j].recv_n[i], NMSG);
+			CHECK_EQ(nodes[i].connected[nodes[j].id], 1);
+			peer_stats st;
+			CHECK_EQ(peer_get_stats(nodes[i].t, nodes[j].id, &st), 0);
+			CHECK_EQ(st.ps_sent_msgs, NMSG);
+			CHECK_EQ(st.ps_dropped_msgs, 0);
+			CHECK_EQ(st.ps_queued_bytes, 0);
+			CHECK_EQ(st.ps_connects, 1);
+			CHECK_EQ(st.ps_recv_msgs, NMSG);
+			writes += st.ps_writes;
+			msgs += st.ps_sent_msgs;
+		}
+	}
+	/* Batching: frames queued behind a write left together. */
+	fprintf(stderr, "  exchange: %" PRIu64 " messages in %" PRIu64 " writes, %" PRIu64
+			" EFULL retries\n", msgs, writes, p.efull);
+	CHECK(writes < msgs / 2);
+	free(p.buf);
+	for (int i = 0; i < 3; i++)
+		node_close(&nodes[i]);
+}
+
+typedef struct count_arg {
+	node *n;
+	uint64_t from;
+	uint64_t want;
+	int gen2;
+} count_arg;
+
+static int received(void *arg)
+{
+	count_arg *c = arg;
+	return c->gen2 ? c->n->recv_gen2 >= c->want : c->n->recv_n[c->from - 1] >= c->want;
+}
+
+static int refused_at_least(void *arg)
+{
+	link *l = arg; /* n = acceptor, id = how many */
+	peer_transport_stats st;
+	peer_transport_get_stats(l->n->t, &st);
+	return st.pts_refused >= l->id;
+}
+
+/* A dialer configured wrongly (opts, dialing `to` at a's port) is refused by a, repeatedly,
+ * with the reason logged once on each side and no message delivered. */
+static void check_refused(node *a, const node_opts *o, uint64_t dialer_id, uint64_t to,
+			  const char *reason)
+{
+	node d;
+	peer_transport_stats before;
+	peer_transport_get_stats(a->t, &before);
+	node_start(&d, dialer_id, o);
+	node_add(&d, to, a->port);
+	CHECK_EQ(peer_send(d.t, to, "hello", 5), 0);
+	link l = {a, before.pts_refused + 4};
+	run_until(refused_at_least, &l, 5000, "4 refusals");
+	CHECK_EQ(count_logs(&d, reason), 1);
+	CHECK_EQ(d.connected[to < MAXN ? to : 0], 0);
+	CHECK_EQ(d.state_changes, 0);
+	CHECK_EQ(a->recv_n[dialer_id - 1], 0);
+	peer_stats st;
+	CHECK_EQ(peer_get_stats(d.t, to, &st), 0);
+	CHECK_EQ(st.ps_connects, 0);
+	CHECK_EQ(st.ps_sent_msgs, 0);
+	node_close(&d);
+}
+
+static void test_handshake_refusal(void)
+{
+	node a, b;
+	node_start(&a, 1, NULL);
+	node_start(&b, 2, NULL);
+	node_add(&a, 2, b.port);
+	node_add(&b, 1, a.port);
+
+	node_opts wrong_token = {.token = "another-cluster"};
+	check_refused(&a, &wrong_token, 2, 1, "cluster token mismatch");
+	CHECK_EQ(count_logs(&a, "cluster token mismatch"), 1); /* not once per attempt */
+
+	node_opts wrong_cluster = {.cluster = 0xBAD};
+	check_refused(&a, &wrong_cluster, 2, 1, "cluster ID mismatch");
+	CHECK_EQ(count_logs(&a, "cluster ID mismatch"), 1);
+
+	/* Right cluster, but a thinks it is 1 while the dialer wants member 4 there. */
+	check_refused(&a, NULL, 2, 4, "receiver member ID mismatch");
+	CHECK_EQ(count_logs(&a, "receiver member ID mismatch"), 1);
+
+	/* A sender a was never told about (peer_add) is refused too. */
+	check_refused(&a, NULL, 3, 1, "sender is not a known member");
+
+	/* Through all of it the real members kept talking. */
+	wait_connected(&a, 2);
+	wait_connected(&b, 1);
+	CHECK_EQ(peer_send(b.t, 1, "", 0), 0); /* pattern seq 0 is the empty message */
+	count_arg c = {&a, 2, 1, 0};
+	run_until(received, &c, 5000, "b's message");
+	CHECK_EQ(a.recv_bad, 0);
+	node_close(&a);
+	node_close(&b);
+}
+
+static int send_tagged(node *n, uint64_t to, uint32_t gen, uint32_t seq)
+{
+	uint8_t b[64];
+	memcpy(b, &gen, 4);
+	memcpy(b + 4, &seq, 4);
+	memset(b + 8, 0x5A, sizeof(b) - 8);
+	return peer_send(n->t, to, b, sizeof(b));
+}
+
+static void test_reconnect(void)
+{
+	node a, b;
+	node_start(&a, 1, NULL);
+	node_start(&b, 2, NULL);
+	a.mode = b.mode = MODE_TAGGED;
+	node_add(&a, 2, b.port);
+	node_add(&b, 1, a.port);
+	wait_connected(&a, 2);
+	wait_connected(&b, 1);
+	int bport = b.port;
+
+	/* b goes away: a notices, keeps accepting sends (they are dropped on failed dials). */
+	node_close(&b);
+	link l = {&a, 2};
+	run_until(is_disconnected, &l, 5000, "a sees b down");
+	uint32_t seq1 = 0;
+	for (int i = 0; i < 50; i++) {
+		int rc = send_tagged(&a, 2, 1, seq1++);
+		CHECK(rc == 0 || rc == PEER_EFULL);
+	}
+	run_for(60); /* a few failed dials with the 5..40 ms backoff */
+	CHECK_EQ(a.connected[2], 0);
+	peer_stats st;
+	peer_get_stats(a.t, 2, &st);
+	CHECK(st.ps_dropped_msgs > 0);
+	CHECK_EQ(count_logs(&a, "connection refused"), 1); /* one line for many failed dials */
+
+	/* b comes back on the same port, as a restarted member would. */
+	node_opts o = {.port = bport};
+	node_start(&b, 2, &o);
+	b.mode = MODE_TAGGED;
+	CHECK_EQ(b.port, bport);
+	node_add(&b, 1, a.port);
+	wait_connected(&a, 2);
+	wait_connected(&b, 1);
+	CHECK_EQ(count_logs(&a, "peer became active"), 2);
+	for (uint32_t i = 0; i < 200; i++) {
+		CHECK_EQ(send_tagged(&a, 2, 2, i), 0);
+		CHECK_EQ(send_tagged(&b, 1, 2, i), 0);
+	}
+	count_arg c1 = {&b, 1, 200, 1}, c2 = {&a, 2, 200, 1};
+	run_until(received, &c1, 5000, "b got generation 2");
+	run_until(received, &c2, 5000, "a got generation 2");
+	CHECK_EQ(b.recv_bad, 0);
+	CHECK_EQ(a.recv_bad, 0);
+	CHECK_EQ(b.recv_gen2, 200);
+
+	/* peer_update: point a's member 2 at a dead port, then back. */
+	CHECK_EQ(peer_update(a.t, 2, "127.0.0.1:1"), 0);
+	run_until(is_disconnected, &l, 5000, "a disconnected by update");
+	CHECK_EQ(peer_update(a.t, 2, "127.0.0.1:1"), 0); /* same address: no-op */
+	char addr[32];
+	snprintf(addr, sizeof(addr), "127.0.0.1:%d", bport);
+	CHECK_EQ(peer_update(a.t, 2, addr), 0);
+	wait_connected(&a, 2);
+
+	/* peer_remove on the acceptor side cuts a's connection and refuses its redials. */
+	CHECK_EQ(peer_remove(b.t, 1), 0);
+	run_until(is_disconnected, &l, 5000, "a cut off by b's peer_remove");
+	link r = {&b, 1};
+	run_until(refused_at_least, &r, 5000, "b refuses removed member");
+	CHECK_EQ(peer_add(b.t, 1, "127.0.0.1:1"), 0); /* b knows 1 again (address unused) */
+	wait_connected(&a, 2);
+
+	node_close(&a);
+	node_close(&b);
+}
+
+typedef struct bp {
+	node *n;
+	uint64_t to;
+	uint64_t accepted;
+	uint64_t accepted_at_last_change;
+	int ticks_since_change;
+	int last_rc;
+	uv_timer_t timer;
+	uint8_t *buf;
+} bp;
+
+static void on_bp_tick(uv_timer_t *tm)
+{
+	bp *b = tm->data;
+	int rc;
+	while ((rc = peer_send(b->n->t, b->to, b->buf, 64 * 1024)) == 0)
+		b->accepted++;
+	b->last_rc = rc;
+	if (b->accepted != b->accepted_at_last_change) {
+		b->accepted_at_last_change = b->accepted;
+		b->ticks_since_change = 0;
+	} else {
+		b->ticks_since_change++;
+	}
+}
+
+static int bp_stalled(void *arg)
+{
+	bp *b = arg;
+	return b->last_rc == PEER_EFULL && b->ticks_since_change >= 50;
+}
+
+static void test_backpressure(void)
+{
+	node a;
+	node_opts o = {.max_queue = 1u << 20};
+	node_start(&a, 1, &o);
+
+	/* 1. A server that accepts and never reads nor answers: the queue fills at once. */
+	raw_server mute;
+	raw_server_start(&mute, 0, 0);
+	node_add(&a, 2, mute.port);
+	static uint8_t chunk[64 * 1024];
+	int n = 0, rc;
+	while ((rc = peer_send(a.t, 2, chunk, sizeof(chunk))) == 0)
+		n++;
+	CHECK_EQ(rc, PEER_EFULL);
+	CHECK_EQ(n, (1 << 20) / (sizeof(chunk) + 4));
+	peer_stats st;
+	peer_get_stats(a.t, 2, &st);
+	CHECK(st.ps_queued_bytes <= (1u << 20));
+
+	/* 2. A server that completes the handshake, then never reads: writes stall in the
+	 * kernel, the queue fills, sends get PEER_EFULL, and the loop keeps running. */
+	raw_server slow;
+	raw_server_start(&slow, 1, 3);
+	node_add(&a, 3, slow.port);
+	wait_connected(&a, 3);
+	bp b = {.n = &a, .to = 3, .buf = chunk};
+	uv_timer_init(&loop, &b.timer);
+	b.timer.data = &b;
+	uv_timer_start(&b.timer, on_bp_tick, 1, 2);
+	run_until(bp_stalled, &b, 20000, "sends to stall");
+	uv_close((uv_handle_t *)&b.timer, NULL);
+	peer_get_stats(a.t, 3, &st);
+	fprintf(stderr, "  backpressure: %" PRIu64 " x 64 KiB accepted, %" PRIu64
+			" written to the kernel, %zu queued\n", b.accepted, st.ps_sent_bytes,
+		st.ps_queued_bytes);
+	CHECK(st.ps_queued_bytes <= (1u << 20));
+	CHECK(st.ps_queued_bytes > (1u << 19));
+	CHECK_EQ(st.ps_connected, 1);
+	CHECK(b.accepted * sizeof(chunk) < (256u << 20)); /* bounded by kernel buffers + queue */
+
+	/* Closing with frames queued and a write stuck in flight frees everything. */
+	node_close(&a);
+	raw_server_stop(&mute);
+	raw_server_stop(&slow);
+}
+
+static int inbound_back_to(void *arg)
+{
+	link *l = arg;
+	peer_transport_stats st;
+	peer_transport_get_stats(l->n->t, &st);
+	return st.pts_inbound == (int)l->id;
+}
+
+static void raw_run(raw *r, int port, const uint8_t *bytes, size_t len, int close_after)
+{
+	memset(r, 0, sizeof(*r));
+	r->out = (uint8_t *)bytes;
+	r->out_len = len;
+	r->close_after_write = close_after;
+	raw_connect(r, port);
+	run_until(raw_is_closed, r, 5000, "raw client closed");
+}
+
+static void test_garbage(void)
+{
+	node a, b;
+	node_opts o = {.max_frame = 1u << 20, .hs_ms = 300};
+	node_start(&a, 1, &o);
+	node_start(&b, 2, NULL);
+	a.raw_id = 3;
+	node_add(&a, 2, b.port);
+	node_add(&b, 1, a.port);
+	CHECK_EQ(peer_add(a.t, 3, "127.0.0.1:1"), 0); /* the raw client poses as member 3 */
+	wait_connected(&b, 1);
+	uint8_t m[8 + 2048];
+	raw r;
+
+	/* Not our protocol at all: the first four bytes as a length are far over 2 KiB. */
+	const char *http = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+	raw_run(&r, a.port, (const uint8_t *)http, strlen(http), 0);
+	CHECK(r.eof);
+	CHECK_EQ(r.in_total, 0);
+
+	/* Wrong magic in a well-sized frame. */
+	size_t hl = make_hello(m, 0xC1C1, "keelson-test", 3, 1);
+	memcpy(m + 4, "XXXX", 4);
+	raw_run(&r, a.port, m, hl, 0);
+	CHECK(r.eof);
+	CHECK_EQ(r.in_total, 0);
+
+	/* A HELLO whose token length runs past the frame. */
+	hl = make_hello(m, 0xC1C1, "keelson-test", 3, 1);
+	m[36] = 0x03;
+	raw_run(&r, a.port, m, hl, 0);
+	CHECK(r.eof);
+
+	/* Valid HELLO, then a length of 2^32-1. */
+	hl = make_hello(m, 0xC1C1, "keelson-test", 3, 1);
+	put32(m + hl, 0xFFFFFFFFu);
+	raw_run(&r, a.port, m, hl + 4, 0);
+	CHECK(r.eof);
+	CHECK_EQ(r.in_total, 20); /* the OK ACK, then the close */
+
+	/* Valid HELLO, then max_frame + 1. */
+	put32(m + hl, (1u << 20) + 1);
+	raw_run(&r, a.port, m, hl + 4, 0);
+	CHECK(r.eof);
+
+	/* Valid HELLO, one good frame, then half a 512 KiB frame and the client hangs up. */
+	put32(m + hl, 3);
+	memcpy(m + hl + 4, "abc", 3);
+	put32(m + hl + 7, 512u << 10);
+	memset(m + hl + 11, 0x77, 1000);
+	raw_run(&r, a.port, m, hl + 11 + 1000, 1);
+	link l = {&a, 1}; /* only b's connection left */
+	run_until(inbound_back_to, &l, 5000, "a drops the half-frame connection");
+	CHECK_EQ(a.recv_n[2], 1);
+
+	/* Silence after connecting: closed by the handshake deadline. */
+	raw_run(&r, a.port, NULL, 0, 0);
+	CHECK(r.eof);
+
+	/* Three bytes of a length, then hang up. */
+	raw_run(&r, a.port, m, 3, 1);
+	run_until(inbound_back_to, &l, 5000, "a drops the 3-byte connection");
+
+	peer_transport_stats ts;
+	peer_transport_get_stats(a.t, &ts);
+	CHECK(ts.pts_proto_errs >= 6);
+	CHECK_EQ(a.recv_bad, 0);
+
+	/* a is unharmed: b's messages still arrive. */
+	uint64_t before = a.recv_n[1];
+	for (int i = 0; i < 10; i++) {
+		size_t len = pattern_size(2, 1, before + i);
+		pattern_fill(scratch, len, 2, 1, before + i);
+		uint8_t *copy = malloc(len + 1);
+		memcpy(copy, scratch, len);
+		CHECK_EQ(peer_send(b.t, 1, copy, len), 0);
+		free(copy); /* peer_send copied it */
+	}
+	count_arg c = {&a, 2, before + 10, 0};
+	run_until(received, &c, 5000, "b's messages after the garbage");
+	CHECK_EQ(a.recv_bad, 0);
+	node_close(&a);
+	node_close(&b);
+}
+
+/* Closing a transport from inside its own on_message callback. */
+static void on_message_close(void *ctx, uint64_t from, const void *bytes, size_t len)
+{
+	node *n = ctx;
+	n->recv_n[0]++;
+	if (n->t != NULL && n->recv_n[0] == 1)
+		CHECK_EQ(peer_transport_close(n->t, on_node_closed), 0);
+}
+
+static void test_close_in_callback(void)
+{
+	node a, b;
+	node_start(&a, 1, NULL);
+	node_start(&b, 2, NULL);
+	/* Re-init a's callbacks: close on the first message. */
+	node_close(&a);
+	memset(&a, 0, sizeof(a));
+	a.id = 1;
+	const char *listen[] = {"127.0.0.1:0"};
+	peer_config cfg = {.pc_self_id = 1, .pc_cluster_id = 0xC1C1,
+			   .pc_cluster_token = "keelson-test", .pc_listen = listen, .pc_n_listen = 1};
+	peer_callbacks cb = {on_message_close, on_peer_state, on_log};
+	CHECK_EQ(peer_transport_init(&a.t, &loop, &cfg, cb, &a), 0);
+	a.port = peer_listen_port(a.t, 0);
+	CHECK_EQ(peer_add(a.t, 2, "127.0.0.1:1"), 0);
+	node_add(&b, 1, a.port);
+	for (int i = 0; i < 100; i++)
+		CHECK_EQ(peer_send(b.t, 1, "0123456789", 10), 0);
+	run_until(node_is_closed, &a, 5000, "a closed from on_message");
+	CHECK_EQ(a.recv_n[0], 1); /* nothing delivered after close */
+	node_close(&b);
+}
+
+static void count_handle(uv_handle_t *h, void *arg)
+{
+	if (h != (uv_handle_t *)&watchdog)
+		(*(int *)arg)++;
+}
+
+int main(void)
+{
+	static const struct {
+		const char *name;
+		void (*fn)(void);
+	} tests[] = {
+		{"api_errors", test_api_errors},
+		{"exchange_three", test_exchange_three},
+		{"handshake_refusal", test_handshake_refusal},
+		{"reconnect", test_reconnect},
+		{"backpressure", test_backpressure},
+		{"garbage", test_garbage},
+		{"close_in_callback", test_close_in_callback},
+	};
+	const char *only = getenv("PEER_TEST_ONLY");
+	scratch = malloc(MSG_MAX);
+	uv_loop_init(&loop);
+	uv_timer_init(&loop, &watchdog);
+	for (size_t i = 0; i < sizeof(tests) / sizeof(tests[0]); i++) {
+		if (only != NULL && strcmp(only, tests[i].name) != 0)
+			continue;
+		int before = failed;
+		cur_test = tests[i].name;
+		uint64_t t0 = uv_hrtime();
+		tests[i].fn();
+		/* Every test closes what it opened: only the watchdog may remain. */
+		uv_run(&loop, UV_RUN_NOWAIT);
+		int handles = 0;
+		uv_walk(&loop, count_handle, &handles);
+		CHECK_EQ(handles, 0);
+		fprintf(stderr, "%s %s (%.0f ms)\n", failed == before ? "PASS" : "FAIL", tests[i].name,
+			(uv_hrtime() - t0) / 1e6);
+	}
+	uv_close((uv_handle_t *)&watchdog, NULL);
+	uv_run(&loop, UV_RUN_DEFAULT);
+	CHECK_EQ(uv_loop_close(&loop), 0);
+	free(scratch);
+	if (failed) {
+		fprintf(stderr, "%d check(s) failed\n", failed);
+		return 1;
+	}
+	fprintf(stderr, "all peer tests passed\n");
+	return 0;
+}
