@@ -121,6 +121,8 @@ int api_server_create(const api_options *opts, api_server **out);
 int api_server_route(api_server *s, const char *path, api_unary_fn fn, void *ctx);
 /* Routes a streaming method path to handlers (which must outlive the server). */
 int api_server_route_stream(api_server *s, const char *path, const api_stream_handlers *h, void *ctx);
+/* Serves gRPC on an accepted, connected plaintext socket (taken over; after start). */
+void api_server_adopt_fd(api_server *s, int fd);
 /* Listens on host:port (plaintext). Before start only. */
 int api_server_listen(api_server *s, const char *host_port);
 /*

@@ -68,6 +68,7 @@ struct api_server {
 	int as_nthreads;
 	int as_started;
 	int as_shutting_down;
+	size_t as_max_recv; /* largest request body accepted, as etcd's grpc-go server */
 };
 
 /* stream.c: a streaming call arrived on a registered method. Takes ownership of the call

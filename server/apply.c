@@ -235,7 +235,7 @@ void apply_committed(server_ctx *sc, const apply_result *r, int is_leader)
 		int64_t id = ((const Etcdserverpb__LeaseRevokeRequest *)r->ar_req)->id;
 		if (r->ar_err == 0 || r->ar_err == STORAGE_ERR_LEASE_NOT_FOUND)
 			lessor_revoked(sc->lessor, id);
-		else if (r->ar_proposer == sc->mi.member_id && r->ar_seq == 0)
+		else if (r->ar_proposer == sc->mi.member_id)
 			lessor_revoke_failed(sc->lessor, id);
 		break;
 	}

@@ -1,11 +1,19 @@
 /*
  * http.c - the HTTP endpoints etcd serves beside gRPC: /health, /version and /metrics
- * (Prometheus text), on --listen-metrics-urls. gRPC core owns the client port, so these
- * live on their own listener, with their own libuv loop and thread.
+ * (Prometheus text), on --listen-metrics-urls and, as etcd's cmux does, on the plaintext
+ * client port too: this module accepts client connections itself, peeks at the first bytes,
+ * and hands HTTP/2 connections (gRPC) to gRPC core while it answers HTTP/1 itself.
+ * Its own libuv loop and thread.
  *
  * One request per connection: read until the end of the headers, answer, close.
  */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <pthread.h>
+#include <sys/socket.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,11 +25,31 @@
 #define HTTP_MAX_LISTENERS CONFIG_MAX_URLS
 #define HTTP_MAX_REQUEST 8192
 
+/* A client-port listener: a raw socket, so accepted fds can be handed to gRPC core. */
+typedef struct mux_listener {
+	uv_poll_t ml_poll;
+	int ml_fd;
+	struct http_server *ml_srv;
+} mux_listener;
+
+/* An accepted client connection whose first bytes decide who serves it. */
+typedef struct sniff_conn {
+	uv_poll_t sc_poll;
+	uv_timer_t sc_timer;
+	int sc_fd;
+	int sc_handles; /* handles still open */
+	int sc_keep_fd; /* the fd now belongs to gRPC core or a uv_tcp */
+	struct http_server *sc_srv;
+} sniff_conn;
+
 struct http_server {
 	server_ctx *h_sc;
+	api_server *h_api;
 	uv_loop_t h_loop;
 	uv_tcp_t h_listen[HTTP_MAX_LISTENERS];
 	int h_nlisten;
+	mux_listener h_mux[HTTP_MAX_LISTENERS];
+	int h_nmux;
 	uv_async_t h_stop;
 	pthread_t h_thread;
 };
@@ -210,10 +238,149 @@ static void on_connection(uv_stream_t *server, int status)
 		uv_close((uv_handle_t *)&c->hc_tcp, conn_closed);
 }
 
+/* ---- the client port: HTTP/2 to gRPC core, HTTP/1 here ---- */
+
+#define SNIFF_TIMEOUT_MS 10000
+
+static void sniff_closed(uv_handle_t *hd)
+{
+	sniff_conn *c = hd->data;
+	if (--c->sc_handles > 0)
+		return;
+	if (!c->sc_keep_fd)
+		close(c->sc_fd);
+	free(c);
+}
+
+static void sniff_end(sniff_conn *c, int keep_fd)
+{
+	c->sc_keep_fd = keep_fd;
+	if (!uv_is_closing((uv_handle_t *)&c->sc_poll))
+		uv_close((uv_handle_t *)&c->sc_poll, sniff_closed);
+	if (!uv_is_closing((uv_handle_t *)&c->sc_timer))
+		uv_close((uv_handle_t *)&c->sc_timer, sniff_closed);
+}
+
+static void on_sniff_timeout(uv_timer_t *t)
+{
+	sniff_end(t->data, 0);
+}
+
+static void on_sniff(uv_poll_t *p, int status, int events)
+{
+	sniff_conn *c = p->data;
+	if (status < 0) {
+		sniff_end(c, 0);
+		return;
+	}
+	char buf[16];
+	ssize_t n = recv(c->sc_fd, buf, sizeof(buf), MSG_PEEK);
+	if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+		return;
+	if (n <= 0) {
+		sniff_end(c, 0);
+		return;
+	}
+	/* HTTP/2 clients speak first, with "PRI * HTTP/2.0"; HTTP/1 with a method name. */
+	if (n < 3 && memcmp(buf, "PRI", (size_t)n) == 0)
+		return; /* wait for more */
+	http_server *h = c->sc_srv;
+	if (memcmp(buf, "PRI", 3) == 0) {
+		sniff_end(c, 1);
+		api_server_adopt_fd(h->h_api, c->sc_fd);
+		return;
+	}
+	http_conn *hc = calloc(1, sizeof(*hc));
+	if (hc == NULL) {
+		sniff_end(c, 0);
+		return;
+	}
+	hc->hc_srv = h;
+	uv_tcp_init(&h->h_loop, &hc->hc_tcp);
+	hc->hc_tcp.data = hc;
+	sniff_end(c, 1);
+	if (uv_tcp_open(&hc->hc_tcp, c->sc_fd) != 0 ||
+	    uv_read_start((uv_stream_t *)&hc->hc_tcp, on_alloc, on_read) != 0)
+		uv_close((uv_handle_t *)&hc->hc_tcp, conn_closed);
+}
+
+static void on_mux_accept(uv_poll_t *p, int status, int events)
+{
+	mux_listener *ml = p->data;
+	http_server *h = ml->ml_srv;
+	if (status < 0)
+		return;
+	for (;;) {
+		int fd = accept4(ml->ml_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		if (fd < 0)
+			return;
+		int one = 1;
+		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+		sniff_conn *c = calloc(1, sizeof(*c));
+		if (c == NULL) {
+			close(fd);
+			continue;
+		}
+		c->sc_fd = fd;
+		c->sc_srv = h;
+		if (uv_poll_init(&h->h_loop, &c->sc_poll, fd) != 0) {
+			close(fd);
+			free(c);
+			continue;
+		}
+		uv_timer_init(&h->h_loop, &c->sc_timer);
+		c->sc_poll.data = c;
+		c->sc_timer.data = c;
+		c->sc_handles = 2;
+		uv_poll_start(&c->sc_poll, UV_READABLE, on_sniff);
+		uv_timer_start(&c->sc_timer, on_sniff_timeout, SNIFF_TIMEOUT_MS, 0);
+	}
+}
+
+/* Binds host:port for the client port. */
+static int mux_listen(http_server *h, const struct sockaddr *addr)
+{
+	if (h->h_nmux == HTTP_MAX_LISTENERS)
+		return -1;
+	int fd = socket(addr->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return -1;
+	int one = 1;
+	setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	socklen_t len = addr->sa_family == AF_INET6 ? sizeof(struct sockaddr_in6) : sizeof(struct sockaddr_in);
+	if (bind(fd, addr, len) != 0 || listen(fd, 1024) != 0) {
+		close(fd);
+		return -1;
+	}
+	mux_listener *ml = &h->h_mux[h->h_nmux];
+	ml->ml_fd = fd;
+	ml->ml_srv = h;
+	if (uv_poll_init(&h->h_loop, &ml->ml_poll, fd) != 0) {
+		close(fd);
+		return -1;
+	}
+	ml->ml_poll.data = ml;
+	h->h_nmux++;
+	return uv_poll_start(&ml->ml_poll, UV_READABLE, on_mux_accept);
+}
+
+/* Closes every handle of the loop; arg is the http_server, which tells its handles apart:
+ * the stop async and the listeners carry it or a listener, connections their own state. */
 static void close_walk(uv_handle_t *h, void *arg)
 {
-	if (!uv_is_closing(h))
-		uv_close(h, h->type == UV_TCP && h->data != arg ? conn_closed : NULL);
+	http_server *srv = arg;
+	if (uv_is_closing(h))
+		return;
+	int is_listener = h->data == srv || ((char *)h->data >= (char *)srv->h_mux &&
+					     (char *)h->data < (char *)(srv->h_mux + HTTP_MAX_LISTENERS));
+	if (is_listener)
+		uv_close(h, NULL);
+	else if (h->type == UV_TCP)
+		uv_close(h, conn_closed);
+	else if (h->type == UV_POLL || h->type == UV_TIMER)
+		uv_close(h, sniff_closed); /* a connection still being sniffed */
+	else
+		uv_close(h, NULL);
 }
 
 static void on_stop(uv_async_t *a)
@@ -229,36 +396,46 @@ static void *http_thread(void *arg)
 	return NULL;
 }
 
-int http_start(http_server **out, server_ctx *sc, const config_urls *urls)
+/* "host:port" of url into a socket address; localhost means 127.0.0.1. */
+static int url_addr(const char *url, struct sockaddr_storage *addr)
+{
+	char hp[256], host[256];
+	if (config_url_host_port(url, hp, sizeof(hp)) != 0)
+		return -1;
+	char *colon = strrchr(hp, ':');
+	int port = atoi(colon + 1);
+	snprintf(host, sizeof(host), "%.*s", (int)(colon - hp), hp);
+	if (strcmp(host, "localhost") == 0)
+		strcpy(host, "127.0.0.1");
+	if (host[0] == '[') {
+		memmove(host, host + 1, strlen(host));
+		host[strlen(host) - 1] = '\0';
+		return uv_ip6_addr(host, port, (struct sockaddr_in6 *)addr) == 0 ? 0 : -1;
+	}
+	return uv_ip4_addr(host, port, (struct sockaddr_in *)addr) == 0 ? 0 : -1;
+}
+
+int http_start(http_server **out, server_ctx *sc, const config_urls *urls, const config_urls *client,
+	       api_server *as)
 {
 	*out = NULL;
-	if (urls->n == 0)
+	int nclient = 0;
+	for (int i = 0; i < client->n; i++)
+		nclient += strncmp(client->url[i], "http://", 7) == 0;
+	if (urls->n == 0 && nclient == 0)
 		return 0;
 	http_server *h = calloc(1, sizeof(*h));
 	if (h == NULL)
 		return -1;
 	h->h_sc = sc;
+	h->h_api = as;
 	uv_loop_init(&h->h_loop);
 	uv_async_init(&h->h_loop, &h->h_stop, on_stop);
 	h->h_stop.data = h;
 	for (int i = 0; i < urls->n; i++) {
-		char hp[256], host[256];
 		struct sockaddr_storage addr;
-		if (config_url_host_port(urls->url[i], hp, sizeof(hp)) != 0)
+		if (url_addr(urls->url[i], &addr) != 0)
 			goto fail;
-		char *colon = strrchr(hp, ':');
-		int port = atoi(colon + 1);
-		snprintf(host, sizeof(host), "%.*s", (int)(colon - hp), hp);
-		if (strcmp(host, "localhost") == 0)
-			strcpy(host, "127.0.0.1");
-		if (host[0] == '[') {
-			memmove(host, host + 1, strlen(host));
-			host[strlen(host) - 1] = '\0';
-			if (uv_ip6_addr(host, port, (struct sockaddr_in6 *)&addr) != 0)
-				goto fail;
-		} else if (uv_ip4_addr(host, port, (struct sockaddr_in *)&addr) != 0) {
-			goto fail;
-		}
 		uv_tcp_t *t = &h->h_listen[h->h_nlisten++];
 		uv_tcp_init(&h->h_loop, t);
 		t->data = h;
@@ -268,6 +445,17 @@ int http_start(http_server **out, server_ctx *sc, const config_urls *urls)
 			goto fail;
 		}
 	}
+	for (int i = 0; i < client->n; i++) {
+		struct sockaddr_storage addr;
+		if (strncmp(client->url[i], "http://", 7) != 0)
+			continue;
+		if (url_addr(client->url[i], &addr) != 0 || mux_listen(h, (struct sockaddr *)&addr) != 0) {
+			log_at(LOG_FATAL, "cannot listen for clients", "url", client->url[i], "error", strerror(errno), NULL);
+			goto fail;
+		}
+		log_at(LOG_INFO, "serving insecure client requests, this is strongly discouraged!",
+		       "url", client->url[i], NULL);
+	}
 	if (pthread_create(&h->h_thread, NULL, http_thread, h) != 0)
 		goto fail;
 	*out = h;
@@ -275,6 +463,8 @@ int http_start(http_server **out, server_ctx *sc, const config_urls *urls)
 fail:
 	uv_walk(&h->h_loop, close_walk, h);
 	uv_run(&h->h_loop, UV_RUN_DEFAULT);
+	for (int i = 0; i < h->h_nmux; i++)
+		close(h->h_mux[i].ml_fd);
 	uv_loop_close(&h->h_loop);
 	free(h);
 	return -1;
@@ -287,5 +477,7 @@ void http_stop(http_server *h)
 	uv_async_send(&h->h_stop);
 	pthread_join(h->h_thread, NULL);
 	uv_loop_close(&h->h_loop);
+	for (int i = 0; i < h->h_nmux; i++)
+		close(h->h_mux[i].ml_fd);
 	free(h);
 }

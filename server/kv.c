@@ -329,38 +329,10 @@ static int txn_is_serializable(const Etcdserverpb__TxnRequest *r)
 	return 1;
 }
 
-/* Fills every header in a txn response tree (etcd fills nested ones from the same revision). */
-static void fill_txn_headers(server_ctx *sc, Etcdserverpb__TxnResponse *resp)
-{
-	if (resp->header)
-		server_fill_header(sc, resp->header);
-	for (size_t i = 0; i < resp->n_responses; i++) {
-		Etcdserverpb__ResponseOp *op = resp->responses[i];
-		switch (op->response_case) {
-		case ETCDSERVERPB__RESPONSE_OP__RESPONSE_RESPONSE_RANGE:
-			if (op->response_range->header)
-				server_fill_header(sc, op->response_range->header);
-			break;
-		case ETCDSERVERPB__RESPONSE_OP__RESPONSE_RESPONSE_PUT:
-			if (op->response_put->header)
-				server_fill_header(sc, op->response_put->header);
-			break;
-		case ETCDSERVERPB__RESPONSE_OP__RESPONSE_RESPONSE_DELETE_RANGE:
-			if (op->response_delete_range->header)
-				server_fill_header(sc, op->response_delete_range->header);
-			break;
-		case ETCDSERVERPB__RESPONSE_OP__RESPONSE_RESPONSE_TXN:
-			fill_txn_headers(sc, op->response_txn);
-			break;
-		default:
-			break;
-		}
-	}
-}
-
+/* etcd fills the outer header only; nested responses carry just their revision. */
 void server_fill_txn_headers(server_ctx *sc, Etcdserverpb__TxnResponse *resp)
 {
-	fill_txn_headers(sc, resp);
+	server_fill_header(sc, resp->header);
 }
 
 static void kv_range(void *ctx, api_call *call, const ProtobufCMessage *msg)
@@ -476,7 +448,7 @@ static void kv_txn(void *ctx, api_call *call, const ProtobufCMessage *msg)
 	Etcdserverpb__TxnResponse resp = ETCDSERVERPB__TXN_RESPONSE__INIT;
 	rc = storage_read_txn(r, req, &a, &resp);
 	if (rc == 0) {
-		fill_txn_headers(sc, &resp);
+		server_fill_txn_headers(sc, &resp);
 		api_call_reply(call, &resp.base);
 	} else {
 		server_fail_storage(call, rc);

@@ -119,7 +119,7 @@ static char *read_file(const char *path)
 	return buf;
 }
 
-/* Listens on every client URL: https ones with the --cert-file/--key-file pair. */
+/* Listens on the https client URLs, with the --cert-file/--key-file pair. */
 static int listen_clients(api_server *as, const config *cfg)
 {
 	char *cert = NULL, *key = NULL, *ca = NULL;
@@ -150,12 +150,8 @@ static int listen_clients(api_server *as, const config *cfg)
 			rc = api_server_listen_tls(as, hp, cert, key, ca, cfg->client_cert_auth);
 			if (rc == 0)
 				log_at(LOG_INFO, "serving client traffic securely", "address", hp, NULL);
-		} else {
-			rc = api_server_listen(as, hp);
-			if (rc == 0)
-				log_at(LOG_INFO, "serving insecure client requests, this is strongly discouraged!",
-				       "address", hp, NULL);
 		}
+		/* Plaintext client URLs are served by http.c, which passes gRPC to the api. */
 		if (rc)
 			log_at(LOG_FATAL, "cannot listen for clients", "url", url, "error", api_strerror(rc), NULL);
 	}
@@ -268,7 +264,7 @@ static int run(config *cfgp)
 	if (rc == 0)
 		rc = api_server_start(as);
 	http_server *hs = NULL;
-	if (rc == 0 && http_start(&hs, &sc, &cfg.listen_metrics) != 0)
+	if (rc == 0 && http_start(&hs, &sc, &cfg.listen_metrics, &cfg.listen_client, as) != 0)
 		rc = -1;
 	if (rc) {
 		node_stop(sc.nd);

@@ -52,8 +52,9 @@ struct node_req {
 	uint64_t nr_deadline_ms;
 	uint64_t nr_member;             /* member changes */
 	int nr_learner;
-	char **nr_urls;
+	char **nr_urls;                 /* peer URLs; client URLs when nr_publish */
 	size_t nr_n_urls;
+	int nr_publish;                 /* NODE_MEMBER_UPDATE: this member's name and client URLs */
 	node_req *nr_next;
 };
 
@@ -91,6 +92,7 @@ struct node {
 	uint64_t n_peer_ids[MEMBER_LIST_MAX]; /* the members the transport knows */
 	size_t n_npeers;
 	int n_role;                   /* enum raft_role */
+	int n_published;              /* this start's name and client URLs were proposed */
 	uint64_t n_req_timeout_ms;
 
 	node_req *n_compact_waiters; /* physical compactions waiting for the removal to finish */
@@ -480,6 +482,8 @@ static void answer_applied(node *n, apply_batch *ab, int committed)
 			continue;
 		if (!committed) {
 			req_fail(w, API_ERR_INTERNAL);
+		} else if (w->nr_call == NULL) {
+			req_free(w); /* internal: nobody waits */
 		} else if (w->nr_op == NODE_MEMBER_ADD) {
 			/* Recorded on every member; now the configuration change. */
 			propose_conf_for(n, w);
@@ -490,8 +494,6 @@ static void answer_applied(node *n, apply_batch *ab, int committed)
 			resp.header = &h;
 			api_call_reply(w->nr_call, &resp.base);
 			w->nr_call = NULL;
-			req_free(w);
-		} else if (w->nr_call == NULL) {
 			req_free(w);
 		} else if (r->ar_err != 0) {
 			server_fail_storage(w->nr_call, r->ar_err);
@@ -641,9 +643,32 @@ static void send_messages(node *n, const struct raft_ready *rd, int appends)
 	}
 }
 
+/* Once a leader is known, a starting member tells the cluster its name and client URLs
+ * (etcd's publish), so every member lists them. */
+static void publish_attributes(node *n)
+{
+	server_ctx *sc = n->n_sc;
+	n->n_published = 1;
+	node_req *r = calloc(1, sizeof(*r));
+	if (r == NULL)
+		return;
+	r->nr_op = NODE_MEMBER_UPDATE;
+	r->nr_publish = 1;
+	r->nr_member = sc->mi.member_id;
+	size_t k = (size_t)sc->cfg->advertise_client.n;
+	r->nr_urls = calloc(k ? k : 1, sizeof(char *));
+	for (size_t i = 0; r->nr_urls && i < k; i++)
+		if ((r->nr_urls[r->nr_n_urls] = strdup(sc->cfg->advertise_client.url[i])) != NULL)
+			r->nr_n_urls++;
+	/* Not now: we are between raft_ready() and raft_advance(). */
+	enqueue(n, r);
+}
+
 static void role_changed(node *n, const struct raft_soft_state *ss)
 {
 	server_ctx *sc = n->n_sc;
+	if (ss->lead != 0 && !n->n_published)
+		publish_attributes(n);
 	uint64_t old = atomic_exchange(&n->n_lead, ss->lead);
 	n->n_role = ss->role;
 	if (ss->role == RAFT_LEADER && old != sc->mi.member_id) {
@@ -879,8 +904,14 @@ static void propose(node *n, node_req *r)
 	const ProtobufCMessage *msg = r->nr_msg;
 	if (r->nr_op == NODE_MEMBER_ADD || r->nr_op == NODE_MEMBER_UPDATE) {
 		m.id = r->nr_member;
-		m.peerurls = r->nr_urls;
-		m.n_peerurls = r->nr_n_urls;
+		if (r->nr_publish) {
+			m.name = (char *)sc->cfg->name;
+			m.clienturls = r->nr_urls;
+			m.n_clienturls = r->nr_n_urls;
+		} else {
+			m.peerurls = r->nr_urls;
+			m.n_peerurls = r->nr_n_urls;
+		}
 		m.islearner = r->nr_learner;
 		msg = &m.base;
 	}
@@ -1106,7 +1137,11 @@ static int raft_boot(node *n)
 		cfg.check_quorum = true;
 		cfg.max_inflight_msgs = 256;
 		cfg.max_inflight_bytes = 64ULL << 20;
-		cfg.max_msg_bytes = 1ULL << 20;
+		/* An entry is one request plus its 17-byte header: the largest request etcd
+		 * takes must fit (raft refuses entries above max_msg_bytes). */
+		cfg.max_msg_bytes = sc->cfg->max_request_bytes + 4096;
+		if (cfg.max_msg_bytes < (1ULL << 20))
+			cfg.max_msg_bytes = 1ULL << 20;
 		cfg.seed = sc->mi.member_id ^ now_ms();
 		cfg.hard_state.term = ls.ls_term;
 		cfg.hard_state.vote = ls.ls_vote;

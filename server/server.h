@@ -280,7 +280,9 @@ int kv_check_txn(const Etcdserverpb__TxnRequest *r, size_t max_ops);
 /* ---- http.c ---- */
 
 typedef struct http_server http_server;
-int http_start(http_server **out, server_ctx *sc, const config_urls *urls);
+/* Serves the metrics URLs, and the plaintext client URLs (whose gRPC connections go to as). */
+int http_start(http_server **out, server_ctx *sc, const config_urls *urls, const config_urls *client,
+	       api_server *as);
 void http_stop(http_server *h);
 
 #endif
