@@ -320,8 +320,9 @@ typedef int (*storage_write_fn)(void *ctx, const void *buf, size_t len);
  * order, in pieces of at most a few pages (one node: larger when a value is). Everything
  * comes from r's one LMDB read transaction, so writers go on meanwhile. The "key" bucket
  * holds what an etcd compaction at the compacted revision keeps (revisions a pending
- * physical compaction has not removed yet are left out). *size (if not NULL) gets the
- * file's length. Errors: STORAGE_ERR_INVALID (duplicate entries in info), NOMEM, CORRUPT,
+ * physical compaction has not removed yet are left out). info may be NULL (nothing but
+ * the keyspace, leases and default meta/cluster/auth entries). Memory: the first key of
+ * each page plus one node. *size (if not NULL) gets the file's length. Errors: STORAGE_ERR_INVALID (duplicate entries in info), NOMEM, CORRUPT,
  * IO, or the non-zero value write returned.
  */
 int storage_snapshot_etcd(storage_reader *r, const storage_snapshot_info *info,
@@ -401,7 +402,7 @@ int storage_etcd_check(const char *path, int hash_check, storage_etcd_file_info 
  * keys they hold, and the applied index. lmdb_dir must not hold any revision yet
  * (STORAGE_ERR_INVALID). Large files are imported in several transactions: on an error the
  * directory is partly written; import into a temporary directory and rename it.
- * opts may be NULL; info may be NULL.
+ * The file is mapped: it must not change while it is read. opts and info may be NULL.
  */
 int storage_import_etcd(const char *bbolt_path, const char *lmdb_dir,
 			const storage_etcd_import_options *opts, storage_etcd_file_info *info);

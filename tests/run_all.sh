@@ -108,6 +108,9 @@ else
         SERVER="$ROOT/bazel-bin/server/keelson.did-not-build"   # never a stale binary
     fi
 fi
+# The tools the integration tests drive beside the server.
+"${BAZEL[@]}" build "${BAZEL_FLAGS[@]}" //storage:etcdfmt_tool </dev/null ||
+    echo "//storage:etcdfmt_tool does not build: the snapshot format tests will fail"
 
 note "integration tests (tests/integration) against $SERVER"
 t0=$SECONDS
