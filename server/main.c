@@ -258,6 +258,8 @@ static int run(config *cfgp)
 	if (rc == 0)
 		rc = members_register(as, &sc);
 	if (rc == 0)
+		rc = snapshot_register(as, &sc);
+	if (rc == 0)
 		rc = watch_hub_start(&sc.hub, &sc, as);
 	if (rc == 0)
 		rc = listen_clients(as, &cfg);

@@ -444,3 +444,25 @@ int members_register(api_server *as, server_ctx *sc)
 	}
 	return 0;
 }
+
+size_t members_export(members *ms, storage_etcd_member *out, size_t max, storage_arena *a)
+{
+	size_t n = 0;
+	pthread_mutex_lock(&ms->m_mu);
+	for (size_t i = 0; i < ms->m_list->n_members && n < max; i++) {
+		Etcdserverpb__Member *m = ms->m_list->members[i];
+		const char **peers = storage_arena_alloc(a, (m->n_peerurls + 1) * sizeof(char *));
+		const char **clients = storage_arena_alloc(a, (m->n_clienturls + 1) * sizeof(char *));
+		char *name = storage_arena_dup(a, m->name, strlen(m->name) + 1);
+		if (peers == NULL || clients == NULL || name == NULL)
+			break;
+		for (size_t k = 0; k < m->n_peerurls; k++)
+			peers[k] = storage_arena_dup(a, m->peerurls[k], strlen(m->peerurls[k]) + 1);
+		for (size_t k = 0; k < m->n_clienturls; k++)
+			clients[k] = storage_arena_dup(a, m->clienturls[k], strlen(m->clienturls[k]) + 1);
+		out[n++] = (storage_etcd_member){m->id, name, peers, m->n_peerurls, clients, m->n_clienturls,
+						 m->islearner};
+	}
+	pthread_mutex_unlock(&ms->m_mu);
+	return n;
+}

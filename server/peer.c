@@ -544,7 +544,9 @@ static void conn_fail(conn *c, int why)
 		uint64_t id = c->c_remote;
 		if (why != UV_EOF && why != WHY_EOF && why != WHY_REPLACED)
 			t->t_st.pts_proto_errs++;
-		int lvl = (why == WHY_EOF || why == UV_ECONNRESET) ? PEER_LOG_INFO : PEER_LOG_WARN;
+		int lvl = (why == WHY_EOF || why == UV_ECONNRESET || why == WHY_REPLACED)
+				  ? PEER_LOG_INFO
+				  : PEER_LOG_WARN;
 		if (!maybe_quiet(t, why, id))
 			tlog(t, lvl, "closed inbound peer connection", id, c->c_addr, why_text(why));
 	}
@@ -700,8 +702,9 @@ static void inbound_on_hello(conn *c, const uint8_t *pl, size_t len)
 	c->c_rpeer = peer_find(t, sender);
 	c->c_state = CONN_OPEN;
 	tlog(t, PEER_LOG_DEBUG, "accepted peer connection", sender, c->c_addr, NULL);
-	if (conn_write_ctl(c, 4 + ACK_LEN) < 0)
-		conn_fail(c, WHY_NOMEM);
+	int r = conn_write_ctl(c, 4 + ACK_LEN);
+	if (r < 0)
+		conn_fail(c, r);
 }
 
 static void inbound_on_message(conn *c, const uint8_t *pl, size_t len)
@@ -806,6 +809,8 @@ static void conn_parse(conn *c)
 {
 	size_t off = 0;
 	while (c->c_state != CONN_CLOSING && c->c_rlen - off >= 4) {
+		if (c->c_outgoing && c->c_state == CONN_OPEN)
+			break; /* anything after the ACK: failed below */
 		uint32_t len = get_be32(c->c_rbuf + off);
 		if (len > conn_frame_limit(c)) {
 			conn_fail(c, WHY_TOO_LONG);

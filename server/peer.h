@@ -5,7 +5,8 @@
  * THREADS
  *   A transport lives inside the caller's libuv loop (the node loop) and must only be used
  *   from that loop's thread. It starts no threads and takes no locks. Callbacks run on that
- *   thread, from inside uv_run(), never from inside a call of this header.
+ *   thread, from inside uv_run(), never from inside a call of this header (one exception:
+ *   peer_transport_init() may call on_log to say why a listen address failed).
  *
  * CONNECTIONS (one per direction)
  *   Every member dials every member it was told about (peer_add) and uses that connection
@@ -39,9 +40,17 @@
  *   (Raft resends what matters; stale appends are useless after a reconnect). Messages
  *   sent while a connection is being (re-)established wait in the queue.
  *
+ * LIVENESS
+ *   TCP_NODELAY and keepalive on every connection, and TCP_USER_TIMEOUT (Linux) of
+ *   cfg.pc_dead_timeout_ms: a connection whose sent data stays unacknowledged that long
+ *   (a vanished host, or on recent kernels a reader that stopped reading) is closed and
+ *   redialed. Connect plus handshake must finish within cfg.pc_handshake_timeout_ms.
+ *   Reconnects back off exponentially with jitter; a connection that dies soon after its
+ *   handshake does not reset the backoff.
+ *
  * TLS
- *   Not yet: the seam is the connection's uv_stream_t (every read and write goes through
- *   conn_read_start/conn_write in peer.c) and the HELLO's flags field.
+ *   Not yet: the seam is the connection's uv_stream_t (all socket I/O is in
+ *   conn_read_start, conn_write_ctl and peer_flush in peer.c) and the HELLO's flags field.
  *
  * ERRORS
  *   Functions returning int return 0 or a negative PEER_E* code; peer_strerror() names it.

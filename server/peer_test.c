@@ -90,6 +90,7 @@ typedef struct node {
 	uint64_t last_gen1_seq;
 	int connected[MAXN + 1];   /* last on_peer_state, by member id (1..MAXN) */
 	int state_changes;
+	int remove_on_disconnect;  /* peer_remove from inside on_peer_state(.., 0) */
 	char logs[64][160];
 	int n_logs;
 } node;
@@ -187,6 +188,8 @@ static void on_peer_state(void *ctx, uint64_t id, int connected)
 	if (id >= 1 && id <= MAXN)
 		n->connected[id] = connected;
 	n->state_changes++;
+	if (!connected && n->remove_on_disconnect)
+		CHECK_EQ(peer_remove(n->t, id), 0);
 }
 
 static void on_log(void *ctx, int level, const char *msg, const char *member, const char *addr,
@@ -317,7 +320,8 @@ typedef struct raw {
 	int answer_hello;    /* reply with an OK ACK as member ack_id */
 	uint64_t ack_id;
 	int stop_reading;    /* after the handshake (or at once), never read again */
-	uint8_t ack[20];
+	int ack_extra;       /* bytes of junk after the ACK */
+	uint8_t ack[24];
 } raw;
 
 static void raw_on_close(uv_handle_t *h)
@@ -374,7 +378,8 @@ static void raw_on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 			r->ack[8] = 0, r->ack[9] = PEER_PROTOCOL_VERSION;
 			r->ack[10] = 0, r->ack[11] = PEER_HS_OK;
 			put64(r->ack + 12, r->ack_id);
-			uv_buf_t b = uv_buf_init((char *)r->ack, sizeof(r->ack));
+			memset(r->ack + 20, 0xEE, 4);
+			uv_buf_t b = uv_buf_init((char *)r->ack, 20 + (unsigned)r->ack_extra);
 			r->wreq.data = r;
 			uv_write(&r->wreq, s, &b, 1, NULL);
 			if (r->stop_reading)
@@ -411,6 +416,11 @@ static void raw_connect(raw *r, int port)
 	uv_tcp_connect(&r->creq, &r->tcp, (struct sockaddr *)&sa, raw_on_connect);
 }
 
+static int raw_got_ack(void *arg)
+{
+	return ((raw *)arg)->in_total >= 20;
+}
+
 static int raw_is_closed(void *arg)
 {
 	return ((raw *)arg)->closed;
@@ -440,6 +450,7 @@ typedef struct raw_server {
 	int closed;
 	int answer_hello;
 	uint64_t ack_id;
+	int ack_extra;
 } raw_server;
 
 static void raw_server_on_conn(uv_stream_t *s, int status)
@@ -455,6 +466,7 @@ static void raw_server_on_conn(uv_stream_t *s, int status)
 	rs->conn.answer_hello = rs->answer_hello;
 	rs->conn.ack_id = rs->ack_id;
 	rs->conn.stop_reading = 1;
+	rs->conn.ack_extra = rs->ack_extra;
 	if (rs->answer_hello)
 		uv_read_start((uv_stream_t *)&rs->conn.tcp, raw_alloc, raw_on_read);
 	/* else: never read at all */
@@ -895,6 +907,21 @@ static int inbound_back_to(void *arg)
 	return st.pts_inbound == (int)l->id;
 }
 
+typedef struct busy_arg {
+	raw *r;
+	int n;
+	int want;
+} busy_arg;
+
+static int some_closed(void *arg)
+{
+	busy_arg *b = arg;
+	int k = 0;
+	for (int i = 0; i < b->n; i++)
+		k += b->r[i].closed;
+	return k >= b->want;
+}
+
 static void raw_run(raw *r, int port, const uint8_t *bytes, size_t len, int close_after)
 {
 	memset(r, 0, sizeof(*r));
@@ -960,6 +987,49 @@ static void test_garbage(void)
 	run_until(inbound_back_to, &l, 5000, "a drops the half-frame connection");
 	CHECK_EQ(a.recv_n[2], 1);
 
+	/* A second HELLO from the same member replaces the first connection. */
+	raw r1, r2;
+	memset(&r1, 0, sizeof(r1));
+	memset(&r2, 0, sizeof(r2));
+	hl = make_hello(m, 0xC1C1, "keelson-test", 3, 1);
+	r1.out = r2.out = m;
+	r1.out_len = r2.out_len = hl;
+	raw_connect(&r1, a.port);
+	run_until(raw_got_ack, &r1, 5000, "first ACK");
+	raw_connect(&r2, a.port);
+	run_until(raw_is_closed, &r1, 5000, "first connection replaced");
+	CHECK(r1.eof);
+	CHECK_EQ(r2.closed, 0);
+	raw_close(&r2);
+	run_until(raw_is_closed, &r2, 5000, "raw close");
+	run_until(inbound_back_to, &l, 5000, "a drops the second connection");
+
+	/* An unknown version and a sender with a's own id get a refusing ACK. */
+	hl = make_hello(m, 0xC1C1, "keelson-test", 3, 1);
+	m[9] = 9;
+	raw_run(&r, a.port, m, hl, 0);
+	CHECK_EQ(r.in_total, 20);
+	CHECK_EQ(r.in[11], PEER_HS_BAD_VERSION);
+	hl = make_hello(m, 0xC1C1, "keelson-test", 1, 1);
+	raw_run(&r, a.port, m, hl, 0);
+	CHECK_EQ(r.in_total, 20);
+	CHECK_EQ(r.in[11], PEER_HS_SELF);
+
+	/* Many silent connections: beyond 64 in handshake, the extra ones are closed at once. */
+	enum { NSILENT = 70 };
+	static raw silent[NSILENT];
+	for (int i = 0; i < NSILENT; i++) {
+		memset(&silent[i], 0, sizeof(silent[i]));
+		raw_connect(&silent[i], a.port);
+	}
+	busy_arg ba = {silent, NSILENT, NSILENT - 64};
+	run_until(some_closed, &ba, 5000, "connections over the limit closed");
+	for (int i = 0; i < NSILENT; i++)
+		raw_close(&silent[i]);
+	ba.want = NSILENT;
+	run_until(some_closed, &ba, 5000, "silent connections closed");
+	run_until(inbound_back_to, &l, 5000, "a drops the silent connections");
+
 	/* Silence after connecting: closed by the handshake deadline. */
 	raw_run(&r, a.port, NULL, 0, 0);
 	CHECK(r.eof);
@@ -1023,6 +1093,143 @@ static void test_close_in_callback(void)
 	node_close(&b);
 }
 
+/* Seeded random byte streams, with and without a valid HELLO in front: a survives them all
+ * and keeps serving b. The seed is printed so a failure can be replayed. */
+static void test_random_streams(void)
+{
+	node a, b;
+	node_opts o = {.max_frame = 64u << 10, .hs_ms = 500};
+	node_start(&a, 1, &o);
+	node_start(&b, 2, NULL);
+	a.raw_id = 3;
+	node_add(&a, 2, b.port);
+	node_add(&b, 1, a.port);
+	CHECK_EQ(peer_add(a.t, 3, "127.0.0.1:1"), 0);
+	wait_connected(&b, 1);
+	uint64_t seed = getenv("PEER_TEST_SEED") ? strtoull(getenv("PEER_TEST_SEED"), NULL, 0) : 42;
+	fprintf(stderr, "  random_streams: seed %" PRIu64 "\n", seed);
+	size_t cap = 256u << 10;
+	uint8_t *buf = malloc(cap);
+	uint64_t h = seed;
+	for (int i = 0; i < 60; i++) {
+		size_t n = 0;
+		h = mix(h);
+		if (h & 1)
+			n = make_hello(buf, 0xC1C1, "keelson-test", 3, 1);
+		int frames = (int)((h >> 8) % 20);
+		for (int f = 0; f < frames && n + 8 < cap; f++) {
+			h = mix(h);
+			uint32_t len;
+			switch (h % 4) {
+			case 0: len = (uint32_t)(h >> 32); break;               /* any length */
+			case 1: len = (uint32_t)((h >> 16) % (70u << 10)); break; /* near the limit */
+			default: len = (uint32_t)((h >> 16) % 300); break;       /* small */
+			}
+			put32(buf + n, len);
+			n += 4;
+			size_t body = len < cap - n ? len : cap - n;
+			if ((h >> 40) % 3 == 0)
+				body /= 2; /* truncated */
+			for (size_t k = 0; k < body; k++)
+				buf[n + k] = (uint8_t)mix(h + k);
+			n += body;
+		}
+		if (n == 0) {
+			buf[0] = (uint8_t)h;
+			n = 1;
+		}
+		raw r;
+		raw_run(&r, a.port, buf, n, (h >> 20) & 1);
+	}
+	free(buf);
+	link l = {&a, 1};
+	run_until(inbound_back_to, &l, 5000, "a drops every random connection");
+	uint64_t before = a.recv_n[1];
+	for (int i = 0; i < 5; i++) {
+		size_t len = pattern_size(2, 1, before + i);
+		pattern_fill(scratch, len, 2, 1, before + i);
+		CHECK_EQ(peer_send(b.t, 1, scratch, len), 0);
+	}
+	count_arg c = {&a, 2, before + 5, 0};
+	run_until(received, &c, 5000, "b's messages after the random streams");
+	CHECK_EQ(a.recv_bad, 0);
+	node_close(&a);
+	node_close(&b);
+}
+
+static int has_log(void *arg)
+{
+	link *l = arg; /* id: index into wanted strings */
+	static const char *const wanted[] = {"a different member answers at this address",
+					     "unexpected data from the acceptor"};
+	return count_logs(l->n, wanted[l->id]) > 0;
+}
+
+/* What the dialer does when the acceptor misbehaves. */
+static void test_bad_acceptor(void)
+{
+	node a;
+	node_start(&a, 1, NULL);
+	raw_server wrong, chatty;
+	raw_server_start(&wrong, 1, 7); /* answers as member 7 */
+	raw_server_start(&chatty, 1, 3);
+	chatty.ack_extra = 4;           /* OK ACK, then bytes an acceptor never sends */
+	node_add(&a, 2, wrong.port);
+	node_add(&a, 3, chatty.port);
+	link l0 = {&a, 0}, l1 = {&a, 1};
+	run_until(has_log, &l0, 5000, "wrong member logged");
+	run_until(has_log, &l1, 5000, "unexpected data logged");
+	CHECK_EQ(a.connected[2], 0);
+	node_close(&a);
+	raw_server_stop(&wrong);
+	raw_server_stop(&chatty);
+}
+
+static int no_peer(void *arg)
+{
+	link *l = arg;
+	peer_stats st;
+	return peer_get_stats(l->n->t, l->id, &st) == PEER_EUNKNOWN;
+}
+
+/* Adds, updates and removes while resolving and connecting; removes from a callback;
+ * closes with a name resolution and a connect in flight. */
+static void test_churn(void)
+{
+	node a, b;
+	node_start(&a, 1, NULL);
+	node_start(&b, 2, NULL);
+	node_add(&b, 1, a.port);
+	char byname[32], bynum[32];
+	snprintf(byname, sizeof(byname), "localhost:%d", b.port);
+	snprintf(bynum, sizeof(bynum), "127.0.0.1:%d", b.port);
+	for (int i = 0; i < 20; i++) {
+		CHECK_EQ(peer_add(a.t, 2, (i & 1) ? byname : bynum), 0);
+		CHECK_EQ(peer_send(a.t, 2, "x", 1), 0);
+		for (int k = 0; k < i % 4; k++)
+			uv_run(&loop, UV_RUN_NOWAIT); /* dial timer fires: resolve or connect starts */
+		if (i % 3 == 0)
+			CHECK_EQ(peer_update(a.t, 2, (i & 1) ? bynum : byname), 0);
+		uv_run(&loop, UV_RUN_NOWAIT);
+		CHECK_EQ(peer_remove(a.t, 2), 0);
+	}
+	/* Connected, then b goes away; a removes b from inside on_peer_state. (Removed peers
+	 * get no callback, so a.connected[2] may be stale from the loop above.) */
+	a.connected[2] = 0;
+	node_add(&a, 2, b.port);
+	wait_connected(&a, 2);
+	a.remove_on_disconnect = 1;
+	node_close(&b);
+	link l = {&a, 2};
+	run_until(no_peer, &l, 5000, "a removed b from its callback");
+	a.remove_on_disconnect = 0;
+	/* Close with a resolution and a connect in flight. */
+	CHECK_EQ(peer_add(a.t, 3, "localhost:1"), 0);
+	CHECK_EQ(peer_add(a.t, 4, "127.0.0.1:1"), 0);
+	uv_run(&loop, UV_RUN_NOWAIT);
+	node_close(&a);
+}
+
 static void count_handle(uv_handle_t *h, void *arg)
 {
 	if (h != (uv_handle_t *)&watchdog)
@@ -1042,6 +1249,9 @@ int main(void)
 		{"backpressure", test_backpressure},
 		{"garbage", test_garbage},
 		{"close_in_callback", test_close_in_callback},
+		{"churn", test_churn},
+		{"bad_acceptor", test_bad_acceptor},
+		{"random_streams", test_random_streams},
 	};
 	const char *only = getenv("PEER_TEST_ONLY");
 	scratch = malloc(MSG_MAX);

@@ -246,6 +246,8 @@ void members_free(members *ms);
 int members_apply(members *ms, storage_batch *b, node_op op, const Etcdserverpb__Member *m);
 int members_conf_changed(members *ms, storage_batch *b, int op, uint64_t id);
 int members_exists(members *ms, uint64_t id, int *learner);
+/* The members as etcd's snapshot records them, strings copied into the arena. */
+size_t members_export(members *ms, storage_etcd_member *out, size_t max, storage_arena *a);
 /* Up to max members: ids, first peer "host:port", learner flags. */
 size_t members_peers(members *ms, uint64_t *ids, char (*urls)[256], int *learner, size_t max);
 
@@ -270,6 +272,7 @@ int maint_register(api_server *as, server_ctx *sc);
 int lease_register(api_server *as, server_ctx *sc);
 int alarm_register(api_server *as, server_ctx *sc);
 int members_register(api_server *as, server_ctx *sc);
+int snapshot_register(api_server *as, server_ctx *sc);
 /* Ends call with the etcd error for a storage error code. */
 void server_fail_storage(api_call *call, int storage_err);
 /* Fills the headers of a txn response and of every response nested in it. */

@@ -320,3 +320,40 @@ class EtcdSnapshotImported(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+@unittest.skipUnless(HAVE_ETCD, "real etcd/etcdctl not installed")
+class EtcdctlSnapshotSaveFromKeelson(unittest.TestCase):
+    """`etcdctl snapshot save` against a live Keelson member (Maintenance.Snapshot), then
+    the real `etcdctl snapshot status` / `restore` and the real etcd serving the result."""
+
+    def test_save_status_restore(self):
+        k = harness.Server(label="keelson-snapshot")
+        e = None
+        tmp = tempfile.mkdtemp(prefix="keelson-snapsave-")
+        try:
+            k.start()
+            for i in range(40):
+                self.assertEqual(k.ctl("put", "key%02d" % i, "value%d" % i).rc, 0)
+            self.assertEqual(k.ctl("del", "key05").rc, 0)
+            want = json.loads(k.ctl("get", "key", "--prefix", "-w", "json").out)
+            snap = os.path.join(tmp, "snap.db")
+            r = k.ctl("snapshot", "save", snap)
+            self.assertEqual(r.rc, 0, r)
+            st = ctl_offline("snapshot", "status", snap, "-w", "json")
+            self.assertEqual(st.returncode, 0, st.stderr)
+            self.assertEqual(json.loads(st.stdout)["revision"], want["header"]["revision"])
+            data = os.path.join(tmp, "restored")
+            rr = ctl_offline("snapshot", "restore", snap, "--data-dir", data)
+            self.assertEqual(rr.returncode, 0, rr.stderr)
+            e = harness.Server(binary=harness.ETCD_BIN, label="etcd-restored")
+            e.data_dir = data
+            e.start()
+            got = json.loads(e.ctl("get", "key", "--prefix", "-w", "json").out)
+            self.assertEqual(norm_kvs(got.get("kvs")), norm_kvs(want.get("kvs")))
+            self.assertEqual(got["header"]["revision"], want["header"]["revision"])
+        finally:
+            k.cleanup()
+            if e is not None:
+                e.cleanup()
+            shutil.rmtree(tmp, ignore_errors=True)
