@@ -205,6 +205,16 @@ void raft__read_check(struct raft *r);
 void raft__read_reset(struct raft *r);
 int raft__read_state_add(struct raft *r, uint64_t index, const uint8_t *ctx, uint32_t len);
 
+/* Entry check of calls that change state: sticky error, and no mutation
+ * while a Ready is out (its pointers must stay valid). */
+#define RAFT__ENTER(r)                  \
+    do {                                \
+        if ((r)->err)                   \
+            return (r)->err;            \
+        if ((r)->in_ready)              \
+            return RAFT_EBUSY;          \
+    } while (0)
+
 #define RAFT__MIN(a, b) ((a) < (b) ? (a) : (b))
 #define RAFT__MAX(a, b) ((a) > (b) ? (a) : (b))
 

@@ -146,8 +146,7 @@ void raft__campaign(struct raft *r, bool prevote, bool force)
 
 int raft_campaign(struct raft *r)
 {
-    if (r->err)
-        return r->err;
+    RAFT__ENTER(r);
     if (r->role == RAFT_LEADER)
         return 0;
     raft__campaign(r, r->prevote, false);
@@ -268,8 +267,7 @@ static void send_timeout_now(struct raft *r, uint64_t to)
 int raft_transfer_leader(struct raft *r, uint64_t to)
 {
     struct raft__progress *pr;
-    if (r->err)
-        return r->err;
+    RAFT__ENTER(r);
     if (r->role != RAFT_LEADER)
         return RAFT_ENOTLEADER;
     pr = raft__pr_find(r, to);

@@ -169,8 +169,7 @@ int raft_propose_conf_change(struct raft *r, enum raft_conf_op op, uint64_t node
     struct raft_conf c;
     struct raft_entry e;
     int rv;
-    if (r->err)
-        return r->err;
+    RAFT__ENTER(r);
     if (r->role != RAFT_LEADER)
         return RAFT_ENOTLEADER;
     if (node == RAFT_NONE)

@@ -241,8 +241,7 @@ void raft_close(struct raft *r)
 
 int raft_tick(struct raft *r)
 {
-    if (r->err)
-        return r->err;
+    RAFT__ENTER(r);
     if (r->role == RAFT_LEADER)
         raft__tick_heartbeat(r);
     else
@@ -382,8 +381,7 @@ static void step_follower(struct raft *r, const struct raft_message *m)
 
 int raft_step(struct raft *r, const struct raft_message *m)
 {
-    if (r->err)
-        return r->err;
+    RAFT__ENTER(r);
     if (!msg_valid(r, m))
         return RAFT_EINVAL;
     if (m->type == RAFT_MSG_PROPOSE || m->type == RAFT_MSG_READ_INDEX) {
@@ -456,8 +454,7 @@ int raft_propose(struct raft *r, const void *data, uint32_t len, uint64_t *index
 {
     struct raft_entry e;
     int rv;
-    if (r->err)
-        return r->err;
+    RAFT__ENTER(r);
     if (len > 0 && data == NULL)
         return RAFT_EINVAL;
     if (r->max_msg_bytes != 0 && len > r->max_msg_bytes)
@@ -664,8 +661,7 @@ int raft_compact(struct raft *r, uint64_t index, const void *data, uint32_t len)
 int raft_report_snapshot(struct raft *r, uint64_t to, bool ok)
 {
     struct raft__progress *pr;
-    if (r->err)
-        return r->err;
+    RAFT__ENTER(r);
     if (r->role != RAFT_LEADER || (pr = raft__pr_find(r, to)) == NULL)
         return RAFT_ENOTLEADER;
     if (pr->pr_state != RAFT_PROGRESS_SNAPSHOT)
@@ -681,8 +677,7 @@ int raft_report_snapshot(struct raft *r, uint64_t to, bool ok)
 int raft_report_unreachable(struct raft *r, uint64_t to)
 {
     struct raft__progress *pr;
-    if (r->err)
-        return r->err;
+    RAFT__ENTER(r);
     if (r->role != RAFT_LEADER || (pr = raft__pr_find(r, to)) == NULL)
         return RAFT_ENOTLEADER;
     if (pr->pr_state == RAFT_PROGRESS_REPLICATE)

@@ -36,7 +36,8 @@
  *   }
  *   Between raft_ready() and raft_advance() the caller must not call any
  *   function of this header on the same `struct raft` except raft_status(),
- *   raft_persisted() and raft_applied(). raft_advance() tells the library
+ *   raft_entry_at(), raft_persisted() and raft_applied(); the calls that
+ *   change state return RAFT_EBUSY meanwhile. raft_advance() tells the library
  *   that the entries in rd are persisted and rd.committed applied.
  *
  * MEMBERSHIP

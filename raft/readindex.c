@@ -150,8 +150,7 @@ void raft__read_reset(struct raft *r)
 
 int raft_read_index(struct raft *r, const void *ctx, uint32_t ctx_len)
 {
-    if (r->err)
-        return r->err;
+    RAFT__ENTER(r);
     if (ctx_len > 65536 || (ctx_len > 0 && ctx == NULL))
         return RAFT_EINVAL;
     if (r->role == RAFT_LEADER)

@@ -923,6 +923,26 @@ TEST(step_rejects_malformed_messages)
     tc_close(&tc);
 }
 
+TEST(no_mutation_while_ready_is_out)
+{
+    struct tcluster tc;
+    struct tc_config c = cfg3();
+    struct raft_ready rd;
+    tc_init(&tc, 1, 0, 1, &c);
+    raft_campaign(tc.nodes[1].r);
+    CHECK_EQ(raft_ready(tc.nodes[1].r, &rd), 0);
+    CHECK_EQ(raft_ready(tc.nodes[1].r, &rd), RAFT_EBUSY);
+    CHECK_EQ(raft_tick(tc.nodes[1].r), RAFT_EBUSY);
+    CHECK_EQ(raft_propose(tc.nodes[1].r, "x", 1, NULL), RAFT_EBUSY);
+    CHECK_EQ(raft_read_index(tc.nodes[1].r, "x", 1), RAFT_EBUSY);
+    CHECK_EQ(raft_compact(tc.nodes[1].r, 1, NULL, 0), RAFT_EBUSY);
+    CHECK(!raft_has_ready(tc.nodes[1].r));
+    CHECK_EQ(raft_advance(tc.nodes[1].r, &rd), 0);
+    CHECK_EQ(raft_advance(tc.nodes[1].r, &rd), RAFT_EINVAL);
+    CHECK_EQ(raft_propose(tc.nodes[1].r, "x", 1, NULL), 0);
+    tc_close(&tc);
+}
+
 TEST(init_rejects_bad_config)
 {
     struct raft_config rc;
