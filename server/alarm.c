@@ -249,6 +249,10 @@ int alarm_quota_exceeded(server_ctx *sc, size_t request_bytes)
 static void maint_alarm(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
+	size_t toklen = 0;
+	const char *tok = call_token(call, &toklen);
+	if (!permitted(sc, call, auth_check_admin(sc->auth, tok, toklen)))
+		return;
 	const Etcdserverpb__AlarmRequest *req = (const Etcdserverpb__AlarmRequest *)msg;
 	if (req->action != ETCDSERVERPB__ALARM_REQUEST__ALARM_ACTION__GET) {
 		node_submit(sc->nd, NODE_ALARM, call, msg);

@@ -62,6 +62,30 @@ static const ProtobufCMessageDescriptor *request_descriptor(node_op op)
 	case NODE_MEMBER_ADD:
 	case NODE_MEMBER_UPDATE:
 		return &etcdserverpb__member__descriptor;
+	case NODE_AUTH_ENABLE:
+		return &etcdserverpb__auth_enable_request__descriptor;
+	case NODE_AUTH_DISABLE:
+		return &etcdserverpb__auth_disable_request__descriptor;
+	case NODE_AUTH_AUTHENTICATE:
+		return &etcdserverpb__authenticate_request__descriptor;
+	case NODE_AUTH_USER_ADD:
+		return &etcdserverpb__auth_user_add_request__descriptor;
+	case NODE_AUTH_USER_DELETE:
+		return &etcdserverpb__auth_user_delete_request__descriptor;
+	case NODE_AUTH_USER_CHANGE_PW:
+		return &etcdserverpb__auth_user_change_password_request__descriptor;
+	case NODE_AUTH_USER_GRANT:
+		return &etcdserverpb__auth_user_grant_role_request__descriptor;
+	case NODE_AUTH_USER_REVOKE:
+		return &etcdserverpb__auth_user_revoke_role_request__descriptor;
+	case NODE_AUTH_ROLE_ADD:
+		return &etcdserverpb__auth_role_add_request__descriptor;
+	case NODE_AUTH_ROLE_DELETE:
+		return &etcdserverpb__auth_role_delete_request__descriptor;
+	case NODE_AUTH_ROLE_GRANT:
+		return &etcdserverpb__auth_role_grant_permission_request__descriptor;
+	case NODE_AUTH_ROLE_REVOKE:
+		return &etcdserverpb__auth_role_revoke_permission_request__descriptor;
 	default:
 		return NULL;
 	}
@@ -176,6 +200,8 @@ static int apply_request(server_ctx *sc, storage_batch *b, apply_result *r, stor
 	case NODE_MEMBER_UPDATE:
 		return members_apply(sc->members, b, r->ar_op, (const Etcdserverpb__Member *)r->ar_req);
 	default:
+		if (r->ar_op >= NODE_AUTH_ENABLE && r->ar_op <= NODE_AUTH_ROLE_REVOKE)
+			return auth_apply(sc->auth, b, r->ar_op, r->ar_req, a, &r->ar_resp);
 		return STORAGE_ERR_INVALID;
 	}
 }

@@ -85,7 +85,7 @@ static const flag_def flags[] = {
 	{"host-whitelist", F_IGNORED_STRING, "*", 0, "Acceptable hostnames from HTTP client requests."},
 	{"auth-token", F_IGNORED_STRING, "simple", 0, "Specify a v3 authentication token type and its options ('simple' or 'jwt')."},
 	{"bcrypt-cost", F_IGNORED_STRING, "10", 0, "Specify the cost / strength of the bcrypt algorithm for hashing auth passwords."},
-	{"auth-token-ttl", F_IGNORED_STRING, "300", 0, "The lifetime in seconds of the auth token."},
+	{"auth-token-ttl", F_UINT, "300", OFF(auth_token_ttl), "The lifetime in seconds of the auth token."},
 	{"enable-pprof", F_IGNORED_BOOL, "false", 0, "Enable runtime profiling data via HTTP server."},
 	{"metrics", F_IGNORED_STRING, "basic", 0, "Set level of detail for exported metrics, specify 'extensive' to include server side grpc histogram metrics."},
 	{"listen-metrics-urls", F_URLS, "", OFF(listen_metrics), "List of URLs to listen on for the metrics and health endpoints."},

@@ -32,9 +32,39 @@ static api_error storage_to_api(int err)
 	}
 }
 
+/* The request's auth token from its metadata: pointer and length. */
+#define TOKEN(call) call_token(call, &(size_t){0}), token_len(call)
+
+const char *call_token(api_call *call, size_t *len)
+{
+	return api_call_metadata(call, "token", len);
+}
+
+static size_t token_len(api_call *call)
+{
+	size_t len = 0;
+	api_call_metadata(call, "token", &len);
+	return len;
+}
+
+/* Ends call with the auth error if there is one; whether the request may go on. */
+int permitted(server_ctx *sc, api_call *call, int auth_err)
+{
+	if (auth_err == 0)
+		return 1;
+	server_fail_storage(call, auth_err);
+	return 0;
+}
+
 /* Fails call with the storage error, logging errors that are not the client's doing. */
 void server_fail_storage(api_call *call, int err)
 {
+	const char *msg;
+	int code = auth_error_status(err, &msg);
+	if (code >= 0) {
+		api_call_fail_msg(call, code, msg);
+		return;
+	}
 	api_error e = storage_to_api(err);
 	if (e == API_ERR_INTERNAL) {
 		log_at(LOG_ERROR, "storage error", "error", storage_strerror(err), NULL);
@@ -343,6 +373,8 @@ static void kv_range(void *ctx, api_call *call, const ProtobufCMessage *msg)
 		api_call_fail(call, API_ERR_EMPTY_KEY);
 		return;
 	}
+	if (!permitted(sc, call, auth_check_range(sc->auth, TOKEN(call), 0, &req->key, &req->range_end)))
+		return;
 	/* With several voters a linearizable read waits for a read index. With one, every
 	 * acknowledged write is already applied, so a read transaction opened now is
 	 * linearizable as well as serializable. */
@@ -378,11 +410,15 @@ static int too_large(server_ctx *sc, api_call *call)
 static void kv_put(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
-	int e = check_put((const Etcdserverpb__PutRequest *)msg);
+	const Etcdserverpb__PutRequest *req = (const Etcdserverpb__PutRequest *)msg;
+	static const ProtobufCBinaryData single = {0, NULL};
+	int e = check_put(req);
 	if (e) {
 		api_call_fail(call, (api_error)(e - 1));
 		return;
 	}
+	if (!permitted(sc, call, auth_check_range(sc->auth, TOKEN(call), 1, &req->key, &single)))
+		return;
 	if (too_large(sc, call)) {
 		api_call_fail(call, API_ERR_REQUEST_TOO_LARGE);
 		return;
@@ -402,6 +438,8 @@ static void kv_delete_range(void *ctx, api_call *call, const ProtobufCMessage *m
 		api_call_fail(call, API_ERR_EMPTY_KEY);
 		return;
 	}
+	if (!permitted(sc, call, auth_check_range(sc->auth, TOKEN(call), 1, &req->key, &req->range_end)))
+		return;
 	if (too_large(sc, call)) {
 		api_call_fail(call, API_ERR_REQUEST_TOO_LARGE);
 		return;
@@ -418,6 +456,8 @@ static void kv_txn(void *ctx, api_call *call, const ProtobufCMessage *msg)
 		api_call_fail(call, (api_error)(e - 1));
 		return;
 	}
+	if (!permitted(sc, call, auth_check_txn(sc->auth, TOKEN(call), req)))
+		return;
 	if (!txn_is_readonly(req)) {
 		if (too_large(sc, call)) {
 			api_call_fail(call, API_ERR_REQUEST_TOO_LARGE);
@@ -460,6 +500,8 @@ static void kv_txn(void *ctx, api_call *call, const ProtobufCMessage *msg)
 static void kv_compact(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
+	if (!permitted(sc, call, auth_check_user(sc->auth, TOKEN(call))))
+		return;
 	node_submit(sc->nd, NODE_COMPACT, call, msg);
 }
 

@@ -234,6 +234,10 @@ static int64_t current_revision(server_ctx *sc)
 static void lease_grant(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
+	size_t toklen = 0;
+	const char *tok = call_token(call, &toklen);
+	if (!permitted(sc, call, auth_check_user(sc->auth, tok, toklen)))
+		return;
 	/* The call owns its decoded request; the grant is settled here, before the log, so
 	 * that every member would apply the same id and TTL. */
 	Etcdserverpb__LeaseGrantRequest *req = (Etcdserverpb__LeaseGrantRequest *)msg;
@@ -267,12 +271,20 @@ static void lease_grant(void *ctx, api_call *call, const ProtobufCMessage *msg)
 static void lease_revoke(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
+	size_t toklen = 0;
+	const char *tok = call_token(call, &toklen);
+	if (!permitted(sc, call, auth_check_user(sc->auth, tok, toklen)))
+		return;
 	node_submit(sc->nd, NODE_LEASE_REVOKE, call, msg);
 }
 
 static void lease_time_to_live(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
+	size_t toklen = 0;
+	const char *tok = call_token(call, &toklen);
+	if (!permitted(sc, call, auth_check_user(sc->auth, tok, toklen)))
+		return;
 	const Etcdserverpb__LeaseTimeToLiveRequest *req = (const Etcdserverpb__LeaseTimeToLiveRequest *)msg;
 	Etcdserverpb__LeaseTimeToLiveResponse resp = ETCDSERVERPB__LEASE_TIME_TO_LIVE_RESPONSE__INIT;
 	Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
@@ -316,6 +328,10 @@ static void lease_time_to_live(void *ctx, api_call *call, const ProtobufCMessage
 static void lease_leases(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
+	size_t toklen = 0;
+	const char *tok = call_token(call, &toklen);
+	if (!permitted(sc, call, auth_check_user(sc->auth, tok, toklen)))
+		return;
 	storage_reader *r;
 	storage_arena a;
 	storage_arena_init(&a);
@@ -367,6 +383,15 @@ static void keepalive_on_message(void *ctx, api_stream *st, const ProtobufCMessa
 	h.revision = current_revision(sc);
 	resp.header = &h;
 	resp.id = req->id;
+	size_t toklen = 0;
+	const char *tok = api_stream_metadata(st, "token", &toklen);
+	int aerr = auth_check_user(sc->auth, tok, toklen);
+	if (aerr) {
+		const char *m;
+		int code = auth_error_status(aerr, &m);
+		api_stream_finish(st, code, m);
+		return;
+	}
 	resp.ttl = lessor_renew(sc->lessor, req->id);
 	if (resp.ttl > 0 && node_leader(sc->nd) != sc->mi.member_id)
 		node_forward_keepalive(sc->nd, req->id);

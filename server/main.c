@@ -231,6 +231,8 @@ static int run(config *cfgp)
 	if (rc == 0)
 		rc = members_start(&sc.members, &cfg, sc.st, sc.mi.member_id);
 	if (rc == 0)
+		rc = auth_start(&sc.auth, &cfg, sc.st);
+	if (rc == 0)
 		rc = node_start(&sc.nd, &sc);
 	if (rc) {
 		log_at(LOG_FATAL, "cannot start member", "error", storage_strerror(rc), NULL);
@@ -259,6 +261,8 @@ static int run(config *cfgp)
 		rc = members_register(as, &sc);
 	if (rc == 0)
 		rc = snapshot_register(as, &sc);
+	if (rc == 0)
+		rc = auth_register(as, &sc);
 	if (rc == 0)
 		rc = watch_hub_start(&sc.hub, &sc, as);
 	if (rc == 0)
@@ -292,6 +296,7 @@ static int run(config *cfgp)
 	lessor_free(sc.lessor);
 	alarm_free(sc.alarms);
 	members_free(sc.members);
+	auth_free(sc.auth);
 	storage_close(sc.st);
 	log_at(LOG_INFO, "stopped", NULL);
 	return 0;

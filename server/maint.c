@@ -159,6 +159,10 @@ static void maint_status(void *ctx, api_call *call, const ProtobufCMessage *msg)
 static void maint_hash_kv(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
+	size_t toklen = 0;
+	const char *tok = call_token(call, &toklen);
+	if (!permitted(sc, call, auth_check_admin(sc->auth, tok, toklen)))
+		return;
 	const Etcdserverpb__HashKVRequest *req = (const Etcdserverpb__HashKVRequest *)msg;
 	storage_reader *r;
 	int rc = storage_read_begin(sc->st, &r);
@@ -183,6 +187,10 @@ static void maint_hash_kv(void *ctx, api_call *call, const ProtobufCMessage *msg
 static void maint_hash(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
+	size_t toklen = 0;
+	const char *tok = call_token(call, &toklen);
+	if (!permitted(sc, call, auth_check_admin(sc->auth, tok, toklen)))
+		return;
 	storage_reader *r;
 	int rc = storage_read_begin(sc->st, &r);
 	if (rc) {
@@ -206,6 +214,10 @@ static void maint_hash(void *ctx, api_call *call, const ProtobufCMessage *msg)
 static void maint_defragment(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
+	size_t toklen = 0;
+	const char *tok = call_token(call, &toklen);
+	if (!permitted(sc, call, auth_check_admin(sc->auth, tok, toklen)))
+		return;
 	node_submit(sc->nd, NODE_DEFRAG, call, msg);
 }
 

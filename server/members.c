@@ -358,6 +358,10 @@ static uint64_t new_member_id(const config *cfg, char **urls, size_t n)
 static void cluster_member_add(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
+	size_t toklen = 0;
+	const char *tok = call_token(call, &toklen);
+	if (!permitted(sc, call, auth_check_admin(sc->auth, tok, toklen)))
+		return;
 	Etcdserverpb__MemberAddRequest *req = (Etcdserverpb__MemberAddRequest *)msg;
 	if (req->n_peerurls == 0) {
 		api_call_fail_msg(call, 3 /* INVALID_ARGUMENT */, "etcdserver: member peer urls not provided");
@@ -390,6 +394,10 @@ static void cluster_member_add(void *ctx, api_call *call, const ProtobufCMessage
 static void cluster_member_remove(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
+	size_t toklen = 0;
+	const char *tok = call_token(call, &toklen);
+	if (!permitted(sc, call, auth_check_admin(sc->auth, tok, toklen)))
+		return;
 	const Etcdserverpb__MemberRemoveRequest *req = (const Etcdserverpb__MemberRemoveRequest *)msg;
 	if (!members_exists(sc->members, req->id, NULL)) {
 		api_call_fail_msg(call, 5 /* NOT_FOUND */, "etcdserver: member not found");
@@ -401,6 +409,10 @@ static void cluster_member_remove(void *ctx, api_call *call, const ProtobufCMess
 static void cluster_member_promote(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
+	size_t toklen = 0;
+	const char *tok = call_token(call, &toklen);
+	if (!permitted(sc, call, auth_check_admin(sc->auth, tok, toklen)))
+		return;
 	const Etcdserverpb__MemberPromoteRequest *req = (const Etcdserverpb__MemberPromoteRequest *)msg;
 	int learner = 0;
 	if (!members_exists(sc->members, req->id, &learner)) {
@@ -417,6 +429,10 @@ static void cluster_member_promote(void *ctx, api_call *call, const ProtobufCMes
 static void cluster_member_update(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
+	size_t toklen = 0;
+	const char *tok = call_token(call, &toklen);
+	if (!permitted(sc, call, auth_check_admin(sc->auth, tok, toklen)))
+		return;
 	Etcdserverpb__MemberUpdateRequest *req = (Etcdserverpb__MemberUpdateRequest *)msg;
 	if (!members_exists(sc->members, req->id, NULL)) {
 		api_call_fail_msg(call, 5, "etcdserver: member not found");

@@ -384,8 +384,14 @@ static void apply_one_entry(node *n, storage_batch *b, const struct raft_entry *
 	}
 	int rc = apply_entry(sc, b, e->data, e->len, a, &ae->ae_res);
 	if (rc) {
-		/* Every member decodes the same bytes: a bad entry is skipped everywhere alike. */
+		/* Every member decodes the same bytes: a bad entry is skipped everywhere alike,
+		 * and its proposer answers at once rather than at the timeout. */
 		log_at(LOG_ERROR, "skipped an entry that cannot be decoded", NULL);
+		if (ae->ae_res.ar_proposer == sc->mi.member_id && ae->ae_res.ar_seq != 0) {
+			node_req *w = take_waiter(n, ae->ae_res.ar_seq);
+			if (w)
+				req_fail(w, API_ERR_INTERNAL);
+		}
 		ae->ae_res.ar_op = NODE_NOOP;
 		return;
 	}

@@ -62,6 +62,7 @@ typedef struct config {
 	char *etcd_version; /* the version Status and /version report */
 	uint64_t watch_progress_notify_ms;
 	char *cert_file, *key_file, *trusted_ca_file; /* client TLS */
+	uint64_t auth_token_ttl; /* seconds */
 	int client_cert_auth;
 	int pre_vote;
 	int force_new_cluster;
@@ -133,6 +134,18 @@ typedef enum node_op {
 	NODE_READ_RANGE,    /* local: a linearizable Range waiting for a read index */
 	NODE_READ_TXN,      /* local: a linearizable read-only Txn */
 	NODE_KEEPALIVE_FWD, /* local: a lease keep-alive a follower passes to the leader */
+	NODE_AUTH_ENABLE = 64, /* the Auth service's changes, in the log */
+	NODE_AUTH_DISABLE,
+	NODE_AUTH_AUTHENTICATE, /* carries the token the receiving member chose */
+	NODE_AUTH_USER_ADD,
+	NODE_AUTH_USER_DELETE,
+	NODE_AUTH_USER_CHANGE_PW,
+	NODE_AUTH_USER_GRANT,
+	NODE_AUTH_USER_REVOKE,
+	NODE_AUTH_ROLE_ADD,
+	NODE_AUTH_ROLE_DELETE,
+	NODE_AUTH_ROLE_GRANT,
+	NODE_AUTH_ROLE_REVOKE,
 } node_op;
 
 struct server_ctx;
@@ -251,6 +264,46 @@ size_t members_export(members *ms, storage_etcd_member *out, size_t max, storage
 /* Up to max members: ids, first peer "host:port", learner flags. */
 size_t members_peers(members *ms, uint64_t *ids, char (*urls)[256], int *learner, size_t max);
 
+/* ---- auth.c ---- */
+
+/* Auth errors (etcd's rpctypes), translated by server_fail_storage(). */
+enum {
+	AUTH_ERR_BASE = -1200,
+	AUTH_ERR_ROOT_USER_NOT_EXIST = -1200,
+	AUTH_ERR_ROOT_ROLE_NOT_EXIST = -1201,
+	AUTH_ERR_USER_EXISTS = -1202,
+	AUTH_ERR_USER_EMPTY = -1203,
+	AUTH_ERR_USER_NOT_FOUND = -1204,
+	AUTH_ERR_ROLE_EXISTS = -1205,
+	AUTH_ERR_ROLE_NOT_FOUND = -1206,
+	AUTH_ERR_ROLE_EMPTY = -1207,
+	AUTH_ERR_FAILED = -1208,
+	AUTH_ERR_PERMISSION_DENIED = -1209,
+	AUTH_ERR_ROLE_NOT_GRANTED = -1210,
+	AUTH_ERR_PERMISSION_NOT_GRANTED = -1211,
+	AUTH_ERR_NOT_ENABLED = -1212,
+	AUTH_ERR_INVALID_TOKEN = -1213,
+	AUTH_ERR_INVALID_MGMT = -1214,
+	AUTH_ERR_NO_PASSWORD = -1215,
+};
+/* The gRPC code and message of an AUTH_ERR_*, or -1 if err is not one. */
+int auth_error_status(int err, const char **msg);
+
+typedef struct auth_store auth_store;
+int auth_start(auth_store **out, const config *cfg, storage *st);
+void auth_free(auth_store *as);
+int auth_enabled(auth_store *as);
+/* Checks of a request's token (metadata "token", NULL if absent): 0 or an AUTH_ERR_*.
+ * All pass while auth is disabled. */
+int auth_check_range(auth_store *as, const char *tok, size_t toklen, int write,
+		     const ProtobufCBinaryData *key, const ProtobufCBinaryData *end);
+int auth_check_txn(auth_store *as, const char *tok, size_t toklen, const Etcdserverpb__TxnRequest *t);
+int auth_check_admin(auth_store *as, const char *tok, size_t toklen);
+int auth_check_user(auth_store *as, const char *tok, size_t toklen);
+/* The node loop applies an Auth change (persisted in b); *resp from the arena. */
+int auth_apply(auth_store *as, storage_batch *b, node_op op, const ProtobufCMessage *req, storage_arena *a,
+	       ProtobufCMessage **resp);
+
 /* ---- kv.c / maint.c: service registration ---- */
 
 typedef struct server_ctx {
@@ -261,6 +314,7 @@ typedef struct server_ctx {
 	lessor *lessor;
 	alarm_set *alarms;
 	members *members;
+	auth_store *auth;
 	uint64_t quota_bytes; /* --quota-backend-bytes, or etcd's 2 GiB default */
 	member_info mi;
 } server_ctx;
@@ -273,6 +327,11 @@ int lease_register(api_server *as, server_ctx *sc);
 int alarm_register(api_server *as, server_ctx *sc);
 int members_register(api_server *as, server_ctx *sc);
 int snapshot_register(api_server *as, server_ctx *sc);
+int auth_register(api_server *as, server_ctx *sc);
+/* Ends call with the auth error if there is one (auth_check_* result); whether to go on. */
+int permitted(server_ctx *sc, api_call *call, int auth_err);
+/* The request's auth token (metadata "token"), NULL if none. */
+const char *call_token(api_call *call, size_t *len);
 /* Ends call with the etcd error for a storage error code. */
 void server_fail_storage(api_call *call, int storage_err);
 /* Fills the headers of a txn response and of every response nested in it. */

@@ -608,6 +608,15 @@ static void watch_create(watch_hub *h, watch_stream *ws, const Etcdserverpb__Wat
 		kind = RANGE_ONE;
 	else if (end.len == 1 && end.data[0] == 0)
 		kind = RANGE_FROM;
+	size_t toklen = 0;
+	const char *tok = api_stream_metadata(ws->ws_api, "token", &toklen);
+	int aerr = auth_check_range(h->h_sc->auth, tok, toklen, 0, &key, &c->range_end);
+	if (aerr) {
+		const char *m;
+		auth_error_status(aerr, &m);
+		send_control(h, ws, WATCH_ID_NONE, 1, 1, 0, m);
+		return;
+	}
 	if (kind == RANGE_SPAN && bytes_cmp(key.data, key.len, end.data, end.len) >= 0) {
 		send_control(h, ws, WATCH_ID_NONE, 1, 1, 0, "mvcc: watcher range is empty");
 		return;

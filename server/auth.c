@@ -1,0 +1,1126 @@
+/*
+ * auth.c - etcd's authentication and role-based access control: users, roles, key-range
+ * permissions, the root rules, simple tokens, and the Auth service.
+ *
+ * Every change (user and role management, enable/disable, and the token an Authenticate
+ * hands out) is a log entry that every member applies, so every member accepts the same
+ * tokens. Passwords are checked by the member that receives the request, before anything is
+ * proposed, and stored as salted PBKDF2-HMAC-SHA256 (etcd uses bcrypt; both are slow salted
+ * hashes, and the hash never leaves the member's data).
+ *
+ * The state is small and read on every request: it lives in memory, under one mutex, and is
+ * persisted as one metadata value in the same batch as the entry that changed it.
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/rand.h>
+
+#include "server/server.h"
+
+#define AUTH_META "auth"
+#define AUTH_MAX_USERS 1024
+#define AUTH_MAX_ROLES 1024
+#define AUTH_MAX_TOKENS 65536
+#define PBKDF2_ITER 10000
+#define ROOT "root"
+
+static const struct {
+	int code;
+	const char *msg;
+} auth_errors[] = {
+	[-(AUTH_ERR_ROOT_USER_NOT_EXIST - AUTH_ERR_BASE)] = {9, "etcdserver: root user does not exist"},
+	[-(AUTH_ERR_ROOT_ROLE_NOT_EXIST - AUTH_ERR_BASE)] = {9, "etcdserver: root user does not have root role"},
+	[-(AUTH_ERR_USER_EXISTS - AUTH_ERR_BASE)] = {9, "etcdserver: user name already exists"},
+	[-(AUTH_ERR_USER_EMPTY - AUTH_ERR_BASE)] = {3, "etcdserver: user name is empty"},
+	[-(AUTH_ERR_USER_NOT_FOUND - AUTH_ERR_BASE)] = {9, "etcdserver: user name not found"},
+	[-(AUTH_ERR_ROLE_EXISTS - AUTH_ERR_BASE)] = {9, "etcdserver: role name already exists"},
+	[-(AUTH_ERR_ROLE_NOT_FOUND - AUTH_ERR_BASE)] = {9, "etcdserver: role name not found"},
+	[-(AUTH_ERR_ROLE_EMPTY - AUTH_ERR_BASE)] = {3, "etcdserver: role name is empty"},
+	[-(AUTH_ERR_FAILED - AUTH_ERR_BASE)] = {3, "etcdserver: authentication failed, invalid user ID or password"},
+	[-(AUTH_ERR_PERMISSION_DENIED - AUTH_ERR_BASE)] = {7, "etcdserver: permission denied"},
+	[-(AUTH_ERR_ROLE_NOT_GRANTED - AUTH_ERR_BASE)] = {9, "etcdserver: role is not granted to the user"},
+	[-(AUTH_ERR_PERMISSION_NOT_GRANTED - AUTH_ERR_BASE)] = {9, "etcdserver: permission is not granted to the role"},
+	[-(AUTH_ERR_NOT_ENABLED - AUTH_ERR_BASE)] = {9, "etcdserver: authentication is not enabled"},
+	[-(AUTH_ERR_INVALID_TOKEN - AUTH_ERR_BASE)] = {16, "etcdserver: invalid auth token"},
+	[-(AUTH_ERR_INVALID_MGMT - AUTH_ERR_BASE)] = {3, "etcdserver: invalid auth management"},
+	[-(AUTH_ERR_NO_PASSWORD - AUTH_ERR_BASE)] = {3, "etcdserver: password is empty"},
+};
+
+int auth_error_status(int err, const char **msg)
+{
+	int i = -(err - AUTH_ERR_BASE);
+	if (err > AUTH_ERR_BASE || i >= (int)(sizeof(auth_errors) / sizeof(auth_errors[0])) ||
+	    auth_errors[i].msg == NULL)
+		return -1;
+	*msg = auth_errors[i].msg;
+	return auth_errors[i].code;
+}
+
+typedef struct auth_token {
+	char t_token[40]; /* "" for a free slot */
+	char t_user[256];
+	uint64_t t_expiry_ms;
+} auth_token;
+
+struct auth_store {
+	pthread_mutex_t a_mu;
+	int a_enabled;
+	uint64_t a_revision;
+	Authpb__User *a_users[AUTH_MAX_USERS]; /* owned: protobuf-c unpacked */
+	size_t a_nusers;
+	Authpb__Role *a_roles[AUTH_MAX_ROLES];
+	size_t a_nroles;
+	auth_token *a_tokens; /* open addressing by hash of the token */
+	size_t a_token_ttl_ms;
+};
+
+static uint64_t now_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static int bin_eq(const ProtobufCBinaryData *b, const char *s)
+{
+	return b->len == strlen(s) && memcmp(b->data, s, b->len) == 0;
+}
+
+static Authpb__User *find_user(auth_store *as, const char *name, size_t *idx)
+{
+	for (size_t i = 0; i < as->a_nusers; i++)
+		if (bin_eq(&as->a_users[i]->name, name)) {
+			if (idx)
+				*idx = i;
+			return as->a_users[i];
+		}
+	return NULL;
+}
+
+static Authpb__Role *find_role(auth_store *as, const char *name, size_t *idx)
+{
+	for (size_t i = 0; i < as->a_nroles; i++)
+		if (bin_eq(&as->a_roles[i]->name, name)) {
+			if (idx)
+				*idx = i;
+			return as->a_roles[i];
+		}
+	return NULL;
+}
+
+static int has_role(const Authpb__User *u, const char *role)
+{
+	for (size_t i = 0; i < u->n_roles; i++)
+		if (strcmp(u->roles[i], role) == 0)
+			return 1;
+	return 0;
+}
+
+/* A deep copy owned by protobuf-c, through its own encoding. */
+static ProtobufCMessage *msg_copy(const ProtobufCMessage *m)
+{
+	size_t len = protobuf_c_message_get_packed_size(m);
+	uint8_t *buf = malloc(len ? len : 1);
+	if (buf == NULL)
+		return NULL;
+	protobuf_c_message_pack(m, buf);
+	ProtobufCMessage *c = protobuf_c_message_unpack(m->descriptor, NULL, len, buf);
+	free(buf);
+	return c;
+}
+
+/* ---- persistence: [enabled u8][revision u64][n u32]{len u32, User}[n u32]{len u32, Role} ---- */
+
+static void put32(uint8_t *p, uint32_t v)
+{
+	for (int i = 0; i < 4; i++)
+		p[i] = (uint8_t)(v >> (24 - 8 * i));
+}
+
+static uint32_t get32(const uint8_t *p)
+{
+	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static int persist(auth_store *as, storage_batch *b)
+{
+	size_t len = 1 + 8 + 4 + 4;
+	for (size_t i = 0; i < as->a_nusers; i++)
+		len += 4 + protobuf_c_message_get_packed_size(&as->a_users[i]->base);
+	for (size_t i = 0; i < as->a_nroles; i++)
+		len += 4 + protobuf_c_message_get_packed_size(&as->a_roles[i]->base);
+	uint8_t *buf = malloc(len), *p = buf;
+	if (buf == NULL)
+		return STORAGE_ERR_NOMEM;
+	*p++ = (uint8_t)as->a_enabled;
+	for (int i = 0; i < 8; i++)
+		*p++ = (uint8_t)(as->a_revision >> (56 - 8 * i));
+	put32(p, (uint32_t)as->a_nusers);
+	p += 4;
+	for (size_t i = 0; i < as->a_nusers; i++) {
+		size_t n = protobuf_c_message_pack(&as->a_users[i]->base, p + 4);
+		put32(p, (uint32_t)n);
+		p += 4 + n;
+	}
+	put32(p, (uint32_t)as->a_nroles);
+	p += 4;
+	for (size_t i = 0; i < as->a_nroles; i++) {
+		size_t n = protobuf_c_message_pack(&as->a_roles[i]->base, p + 4);
+		put32(p, (uint32_t)n);
+		p += 4 + n;
+	}
+	int rc = storage_batch_meta_put(b, AUTH_META, buf, (size_t)(p - buf));
+	free(buf);
+	return rc;
+}
+
+static int load(auth_store *as, const uint8_t *p, size_t len)
+{
+	const uint8_t *end = p + len;
+	if (len < 13)
+		return STORAGE_ERR_CORRUPT;
+	as->a_enabled = p[0];
+	as->a_revision = 0;
+	for (int i = 0; i < 8; i++)
+		as->a_revision = as->a_revision << 8 | p[1 + i];
+	p += 9;
+	for (int kind = 0; kind < 2; kind++) {
+		if (end - p < 4)
+			return STORAGE_ERR_CORRUPT;
+		uint32_t n = get32(p);
+		p += 4;
+		for (uint32_t i = 0; i < n; i++) {
+			if (end - p < 4 || (size_t)(end - p - 4) < get32(p))
+				return STORAGE_ERR_CORRUPT;
+			uint32_t l = get32(p);
+			if (kind == 0 && as->a_nusers < AUTH_MAX_USERS) {
+				Authpb__User *u = authpb__user__unpack(NULL, l, p + 4);
+				if (u == NULL)
+					return STORAGE_ERR_CORRUPT;
+				as->a_users[as->a_nusers++] = u;
+			} else if (kind == 1 && as->a_nroles < AUTH_MAX_ROLES) {
+				Authpb__Role *r = authpb__role__unpack(NULL, l, p + 4);
+				if (r == NULL)
+					return STORAGE_ERR_CORRUPT;
+				as->a_roles[as->a_nroles++] = r;
+			}
+			p += 4 + l;
+		}
+	}
+	return 0;
+}
+
+int auth_start(auth_store **out, const config *cfg, storage *st)
+{
+	auth_store *as = calloc(1, sizeof(*as));
+	if (as == NULL)
+		return STORAGE_ERR_NOMEM;
+	as->a_tokens = calloc(AUTH_MAX_TOKENS, sizeof(auth_token));
+	if (as->a_tokens == NULL) {
+		free(as);
+		return STORAGE_ERR_NOMEM;
+	}
+	pthread_mutex_init(&as->a_mu, NULL);
+	as->a_token_ttl_ms = (cfg->auth_token_ttl ? cfg->auth_token_ttl : 300) * 1000;
+	as->a_revision = 1;
+	storage_reader *r;
+	storage_arena a;
+	storage_arena_init(&a);
+	int rc = storage_read_begin(st, &r);
+	if (rc == 0) {
+		void *val;
+		size_t len;
+		rc = storage_read_meta(r, AUTH_META, &a, &val, &len);
+		if (rc == 0)
+			rc = load(as, val, len);
+		else if (rc == STORAGE_ERR_NOT_FOUND)
+			rc = 0;
+		storage_read_end(r);
+	}
+	storage_arena_free(&a);
+	if (rc) {
+		auth_free(as);
+		return rc;
+	}
+	*out = as;
+	return 0;
+}
+
+void auth_free(auth_store *as)
+{
+	if (as == NULL)
+		return;
+	for (size_t i = 0; i < as->a_nusers; i++)
+		authpb__user__free_unpacked(as->a_users[i], NULL);
+	for (size_t i = 0; i < as->a_nroles; i++)
+		authpb__role__free_unpacked(as->a_roles[i], NULL);
+	OPENSSL_cleanse(as->a_tokens, AUTH_MAX_TOKENS * sizeof(auth_token));
+	free(as->a_tokens);
+	pthread_mutex_destroy(&as->a_mu);
+	free(as);
+}
+
+/* ---- passwords ---- */
+
+static void hex(const uint8_t *p, size_t n, char *out)
+{
+	static const char d[] = "0123456789abcdef";
+	for (size_t i = 0; i < n; i++) {
+		out[2 * i] = d[p[i] >> 4];
+		out[2 * i + 1] = d[p[i] & 15];
+	}
+	out[2 * n] = '\0';
+}
+
+/* "pbkdf2-sha256$iterations$salt$hash", salt and hash in hex. */
+static int hash_password(const char *pw, const uint8_t salt[16], char *out, size_t outlen)
+{
+	uint8_t dk[32];
+	char shex[33], dhex[65];
+	if (PKCS5_PBKDF2_HMAC(pw, (int)strlen(pw), salt, 16, PBKDF2_ITER, EVP_sha256(), sizeof(dk), dk) != 1)
+		return -1;
+	hex(salt, 16, shex);
+	hex(dk, sizeof(dk), dhex);
+	OPENSSL_cleanse(dk, sizeof(dk));
+	snprintf(out, outlen, "pbkdf2-sha256$%d$%s$%s", PBKDF2_ITER, shex, dhex);
+	return 0;
+}
+
+static int check_password(const ProtobufCBinaryData *stored, const char *pw)
+{
+	char s[256], computed[256];
+	if (stored->len == 0 || stored->len >= sizeof(s))
+		return 0;
+	memcpy(s, stored->data, stored->len);
+	s[stored->len] = '\0';
+	char *salt = strchr(s, '$');
+	salt = salt ? strchr(salt + 1, '$') : NULL;
+	if (salt == NULL || strlen(salt + 1) < 32)
+		return 0;
+	uint8_t raw[16];
+	for (int i = 0; i < 16; i++) {
+		unsigned v;
+		if (sscanf(salt + 1 + 2 * i, "%2x", &v) != 1)
+			return 0;
+		raw[i] = (uint8_t)v;
+	}
+	if (hash_password(pw, raw, computed, sizeof(computed)) != 0)
+		return 0;
+	size_t n = strlen(computed);
+	int ok = n == stored->len && CRYPTO_memcmp(computed, stored->data, n) == 0;
+	OPENSSL_cleanse(computed, sizeof(computed));
+	return ok;
+}
+
+/* ---- tokens ---- */
+
+static size_t token_slot(const char *tok)
+{
+	uint64_t h = 1469598103934665603ULL;
+	for (const char *p = tok; *p; p++)
+		h = (h ^ (uint8_t)*p) * 1099511628211ULL;
+	return (size_t)(h % AUTH_MAX_TOKENS);
+}
+
+/* The user of a valid token (renewing it), copied into user; 0 or an AUTH_ERR_*. */
+static int token_user(auth_store *as, const char *tok, size_t len, char *user, size_t ulen)
+{
+	char t[40];
+	if (len == 0 || len >= sizeof(t))
+		return AUTH_ERR_INVALID_TOKEN;
+	memcpy(t, tok, len);
+	t[len] = '\0';
+	uint64_t now = now_ms();
+	size_t s = token_slot(t);
+	for (size_t k = 0; k < 8; k++) {
+		auth_token *e = &as->a_tokens[(s + k) % AUTH_MAX_TOKENS];
+		if (strcmp(e->t_token, t) == 0 && e->t_expiry_ms > now) {
+			e->t_expiry_ms = now + as->a_token_ttl_ms;
+			snprintf(user, ulen, "%s", e->t_user);
+			return 0;
+		}
+	}
+	return AUTH_ERR_INVALID_TOKEN;
+}
+
+static void token_add(auth_store *as, const char *tok, const char *user)
+{
+	uint64_t now = now_ms();
+	size_t s = token_slot(tok), pick = s;
+	for (size_t k = 0; k < 8; k++) {
+		auth_token *e = &as->a_tokens[(s + k) % AUTH_MAX_TOKENS];
+		if (e->t_token[0] == '\0' || e->t_expiry_ms <= now) {
+			pick = (s + k) % AUTH_MAX_TOKENS;
+			break;
+		}
+	}
+	auth_token *e = &as->a_tokens[pick];
+	snprintf(e->t_token, sizeof(e->t_token), "%s", tok);
+	snprintf(e->t_user, sizeof(e->t_user), "%s", user);
+	e->t_expiry_ms = now + as->a_token_ttl_ms;
+}
+
+/* ---- permissions ---- */
+
+typedef struct span {
+	const uint8_t *lo;
+	size_t lolen;
+	const uint8_t *hi; /* NULL: +infinity */
+	size_t hilen;
+} span;
+
+static int bcmp_(const uint8_t *a, size_t an, const uint8_t *b, size_t bn)
+{
+	size_t n = an < bn ? an : bn;
+	int c = n ? memcmp(a, b, n) : 0;
+	return c ? c : (an < bn ? -1 : an > bn);
+}
+
+/* A permission or request range as an interval: an empty end is the key alone
+ * ([key, key+"\0")), "\0" is from the key on. */
+static int key_in(const uint8_t *k, size_t kl, const span *s)
+{
+	if (bcmp_(k, kl, s->lo, s->lolen) < 0)
+		return 0;
+	return s->hi == NULL || bcmp_(k, kl, s->hi, s->hilen) < 0;
+}
+
+/* Is [key, end) covered by the user's permissions of this kind? Coverage by the union of
+ * intervals, as etcd merges a role's permissions. */
+static int user_permits(auth_store *as, const Authpb__User *u, int write, const ProtobufCBinaryData *key,
+			const ProtobufCBinaryData *end)
+{
+	if (has_role(u, ROOT))
+		return 1;
+	span spans[512];
+	const ProtobufCBinaryData *singles[512];
+	size_t n = 0, ns = 0;
+	for (size_t i = 0; i < u->n_roles; i++) {
+		Authpb__Role *r = find_role(as, u->roles[i], NULL);
+		for (size_t j = 0; r && j < r->n_keypermission; j++) {
+			Authpb__Permission *p = r->keypermission[j];
+			int ok = p->permtype == AUTHPB__PERMISSION__TYPE__READWRITE ||
+				 (write ? p->permtype == AUTHPB__PERMISSION__TYPE__WRITE
+					: p->permtype == AUTHPB__PERMISSION__TYPE__READ);
+			if (!ok)
+				continue;
+			if (p->range_end.len == 0) {
+				if (ns < 512)
+					singles[ns++] = &p->key;
+				continue;
+			}
+			if (n == 512)
+				continue;
+			span s = {p->key.data, p->key.len, NULL, 0};
+			if (!(p->range_end.len == 1 && p->range_end.data[0] == 0)) {
+				s.hi = p->range_end.data;
+				s.hilen = p->range_end.len;
+			}
+			spans[n++] = s;
+		}
+	}
+	if (end->len == 0) {
+		for (size_t i = 0; i < ns; i++)
+			if (bcmp_(singles[i]->data, singles[i]->len, key->data, key->len) == 0)
+				return 1;
+		for (size_t i = 0; i < n; i++)
+			if (key_in(key->data, key->len, &spans[i]))
+				return 1;
+		return 0;
+	}
+	/* A range: walk from key, jumping to the furthest end of a span containing the point;
+	 * covered when the walk passes the range's end. */
+	int from_key = end->len == 1 && end->data[0] == 0;
+	const uint8_t *pt = key->data;
+	size_t ptl = key->len;
+	for (size_t guard = 0; guard <= n; guard++) {
+		if (!from_key && bcmp_(pt, ptl, end->data, end->len) >= 0)
+			return 1;
+		const span *best = NULL;
+		for (size_t i = 0; i < n; i++) {
+			if (!key_in(pt, ptl, &spans[i]))
+				continue;
+			if (best == NULL || spans[i].hi == NULL ||
+			    (best->hi != NULL && bcmp_(spans[i].hi, spans[i].hilen, best->hi, best->hilen) > 0))
+				best = &spans[i];
+		}
+		if (best == NULL)
+			return 0;
+		if (best->hi == NULL)
+			return 1;
+		pt = best->hi;
+		ptl = best->hilen;
+	}
+	return !from_key && bcmp_(pt, ptl, end->data, end->len) >= 0;
+}
+
+/* The user a request acts for: 0 and *u (or u NULL with auth disabled), or an error. */
+static int request_user(auth_store *as, const char *tok, size_t toklen, Authpb__User **u)
+{
+	*u = NULL;
+	if (!as->a_enabled)
+		return 0;
+	if (tok == NULL)
+		return AUTH_ERR_USER_EMPTY;
+	char user[256];
+	int rc = token_user(as, tok, toklen, user, sizeof(user));
+	if (rc)
+		return rc;
+	*u = find_user(as, user, NULL);
+	return *u ? 0 : AUTH_ERR_INVALID_TOKEN;
+}
+
+int auth_check_range(auth_store *as, const char *tok, size_t toklen, int write,
+		     const ProtobufCBinaryData *key, const ProtobufCBinaryData *end)
+{
+	pthread_mutex_lock(&as->a_mu);
+	Authpb__User *u;
+	int rc = request_user(as, tok, toklen, &u);
+	if (rc == 0 && u && !user_permits(as, u, write, key, end))
+		rc = AUTH_ERR_PERMISSION_DENIED;
+	pthread_mutex_unlock(&as->a_mu);
+	return rc;
+}
+
+static int txn_permitted(auth_store *as, Authpb__User *u, const Etcdserverpb__TxnRequest *t)
+{
+	for (size_t i = 0; i < t->n_compare; i++)
+		if (!user_permits(as, u, 0, &t->compare[i]->key, &t->compare[i]->range_end))
+			return 0;
+	for (int side = 0; side < 2; side++) {
+		Etcdserverpb__RequestOp **ops = side ? t->failure : t->success;
+		size_t n = side ? t->n_failure : t->n_success;
+		for (size_t i = 0; i < n; i++) {
+			const Etcdserverpb__RequestOp *op = ops[i];
+			static const ProtobufCBinaryData none = {0, NULL};
+			switch (op->request_case) {
+			case ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_RANGE:
+				if (!user_permits(as, u, 0, &op->request_range->key, &op->request_range->range_end))
+					return 0;
+				break;
+			case ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_PUT:
+				if (!user_permits(as, u, 1, &op->request_put->key, &none))
+					return 0;
+				break;
+			case ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_DELETE_RANGE:
+				if (!user_permits(as, u, 1, &op->request_delete_range->key,
+						  &op->request_delete_range->range_end))
+					return 0;
+				break;
+			case ETCDSERVERPB__REQUEST_OP__REQUEST_REQUEST_TXN:
+				if (!txn_permitted(as, u, op->request_txn))
+					return 0;
+				break;
+			default:
+				break;
+			}
+		}
+	}
+	return 1;
+}
+
+int auth_check_txn(auth_store *as, const char *tok, size_t toklen, const Etcdserverpb__TxnRequest *t)
+{
+	pthread_mutex_lock(&as->a_mu);
+	Authpb__User *u;
+	int rc = request_user(as, tok, toklen, &u);
+	if (rc == 0 && u && !txn_permitted(as, u, t))
+		rc = AUTH_ERR_PERMISSION_DENIED;
+	pthread_mutex_unlock(&as->a_mu);
+	return rc;
+}
+
+int auth_check_admin(auth_store *as, const char *tok, size_t toklen)
+{
+	pthread_mutex_lock(&as->a_mu);
+	Authpb__User *u;
+	int rc = request_user(as, tok, toklen, &u);
+	if (rc == 0 && u && !has_role(u, ROOT))
+		rc = AUTH_ERR_PERMISSION_DENIED;
+	pthread_mutex_unlock(&as->a_mu);
+	return rc;
+}
+
+int auth_check_user(auth_store *as, const char *tok, size_t toklen)
+{
+	pthread_mutex_lock(&as->a_mu);
+	Authpb__User *u;
+	int rc = request_user(as, tok, toklen, &u);
+	pthread_mutex_unlock(&as->a_mu);
+	return rc;
+}
+
+int auth_enabled(auth_store *as)
+{
+	pthread_mutex_lock(&as->a_mu);
+	int v = as->a_enabled;
+	pthread_mutex_unlock(&as->a_mu);
+	return v;
+}
+
+/* ---- applying the log ---- */
+
+static Authpb__User *user_new(const char *name, const char *hashed, int no_password)
+{
+	Authpb__User u = AUTHPB__USER__INIT;
+	Authpb__UserAddOptions o = AUTHPB__USER_ADD_OPTIONS__INIT;
+	u.name.data = (uint8_t *)name;
+	u.name.len = strlen(name);
+	u.password.data = (uint8_t *)hashed;
+	u.password.len = hashed ? strlen(hashed) : 0;
+	o.no_password = no_password;
+	u.options = &o;
+	return (Authpb__User *)msg_copy(&u.base);
+}
+
+/* Replaces user i with a copy that has (add) or lacks role. */
+static int user_set_role(auth_store *as, size_t i, const char *role, int add)
+{
+	Authpb__User *old = as->a_users[i];
+	Authpb__User u = *old;
+	char *roles[256];
+	size_t n = 0;
+	for (size_t k = 0; k < old->n_roles && n < 255; k++)
+		if (strcmp(old->roles[k], role) != 0)
+			roles[n++] = old->roles[k];
+	if (add)
+		roles[n++] = (char *)role;
+	/* etcd keeps a user's roles sorted */
+	for (size_t a = 1; a < n; a++)
+		for (size_t b = a; b > 0 && strcmp(roles[b - 1], roles[b]) > 0; b--) {
+			char *t = roles[b];
+			roles[b] = roles[b - 1];
+			roles[b - 1] = t;
+		}
+	u.roles = roles;
+	u.n_roles = n;
+	Authpb__User *c = (Authpb__User *)msg_copy(&u.base);
+	if (c == NULL)
+		return STORAGE_ERR_NOMEM;
+	as->a_users[i] = c;
+	authpb__user__free_unpacked(old, NULL);
+	return 0;
+}
+
+static int role_set_perm(auth_store *as, size_t i, const Authpb__Permission *p,
+			 const ProtobufCBinaryData *key, const ProtobufCBinaryData *end)
+{
+	Authpb__Role *old = as->a_roles[i];
+	Authpb__Role r = *old;
+	Authpb__Permission *perms[1024];
+	size_t n = 0;
+	int found = 0;
+	for (size_t k = 0; k < old->n_keypermission && n < 1023; k++) {
+		Authpb__Permission *q = old->keypermission[k];
+		int same = bcmp_(q->key.data, q->key.len, key->data, key->len) == 0 &&
+			   bcmp_(q->range_end.data, q->range_end.len, end->data, end->len) == 0;
+		if (same) {
+			found = 1;
+			continue; /* replaced (grant) or dropped (revoke) */
+		}
+		perms[n++] = q;
+	}
+	if (p)
+		perms[n++] = (Authpb__Permission *)p;
+	else if (!found)
+		return AUTH_ERR_PERMISSION_NOT_GRANTED;
+	/* etcd keeps permissions sorted by key */
+	for (size_t a = 1; a < n; a++)
+		for (size_t b = a; b > 0 && bcmp_(perms[b - 1]->key.data, perms[b - 1]->key.len, perms[b]->key.data,
+						   perms[b]->key.len) > 0; b--) {
+			Authpb__Permission *t = perms[b];
+			perms[b] = perms[b - 1];
+			perms[b - 1] = t;
+		}
+	r.keypermission = perms;
+	r.n_keypermission = n;
+	Authpb__Role *c = (Authpb__Role *)msg_copy(&r.base);
+	if (c == NULL)
+		return STORAGE_ERR_NOMEM;
+	as->a_roles[i] = c;
+	authpb__role__free_unpacked(old, NULL);
+	return 0;
+}
+
+static int apply_locked(auth_store *as, node_op op, const ProtobufCMessage *req)
+{
+	size_t i;
+	switch (op) {
+	case NODE_AUTH_ENABLE: {
+		Authpb__User *root = find_user(as, ROOT, NULL);
+		if (root == NULL)
+			return AUTH_ERR_ROOT_USER_NOT_EXIST;
+		if (!has_role(root, ROOT))
+			return AUTH_ERR_ROOT_ROLE_NOT_EXIST;
+		as->a_enabled = 1;
+		return 0;
+	}
+	case NODE_AUTH_DISABLE:
+		as->a_enabled = 0;
+		return 0;
+	case NODE_AUTH_AUTHENTICATE: {
+		/* The password field carries the token the receiving member chose. */
+		const Etcdserverpb__AuthenticateRequest *r = (const Etcdserverpb__AuthenticateRequest *)req;
+		if (find_user(as, r->name, NULL) == NULL)
+			return AUTH_ERR_FAILED;
+		token_add(as, r->password, r->name);
+		return 0;
+	}
+	case NODE_AUTH_USER_ADD: {
+		const Etcdserverpb__AuthUserAddRequest *r = (const Etcdserverpb__AuthUserAddRequest *)req;
+		if (r->name[0] == '\0')
+			return AUTH_ERR_USER_EMPTY;
+		if (find_user(as, r->name, NULL))
+			return AUTH_ERR_USER_EXISTS;
+		if (as->a_nusers == AUTH_MAX_USERS)
+			return STORAGE_ERR_NOSPACE;
+		Authpb__User *u = user_new(r->name, r->hashedpassword, r->options && r->options->no_password);
+		if (u == NULL)
+			return STORAGE_ERR_NOMEM;
+		as->a_users[as->a_nusers++] = u;
+		return 0;
+	}
+	case NODE_AUTH_USER_DELETE: {
+		const Etcdserverpb__AuthUserDeleteRequest *r = (const Etcdserverpb__AuthUserDeleteRequest *)req;
+		if (as->a_enabled && strcmp(r->name, ROOT) == 0)
+			return AUTH_ERR_INVALID_MGMT;
+		if (find_user(as, r->name, &i) == NULL)
+			return AUTH_ERR_USER_NOT_FOUND;
+		authpb__user__free_unpacked(as->a_users[i], NULL);
+		memmove(&as->a_users[i], &as->a_users[i + 1], (as->a_nusers - i - 1) * sizeof(as->a_users[0]));
+		as->a_nusers--;
+		return 0;
+	}
+	case NODE_AUTH_USER_CHANGE_PW: {
+		const Etcdserverpb__AuthUserChangePasswordRequest *r = (const Etcdserverpb__AuthUserChangePasswordRequest *)req;
+		Authpb__User *old = find_user(as, r->name, &i);
+		if (old == NULL)
+			return AUTH_ERR_USER_NOT_FOUND;
+		Authpb__User u = *old;
+		u.password.data = (uint8_t *)r->hashedpassword;
+		u.password.len = strlen(r->hashedpassword);
+		Authpb__User *c = (Authpb__User *)msg_copy(&u.base);
+		if (c == NULL)
+			return STORAGE_ERR_NOMEM;
+		as->a_users[i] = c;
+		authpb__user__free_unpacked(old, NULL);
+		return 0;
+	}
+	case NODE_AUTH_USER_GRANT: {
+		const Etcdserverpb__AuthUserGrantRoleRequest *r = (const Etcdserverpb__AuthUserGrantRoleRequest *)req;
+		if (find_user(as, r->user, &i) == NULL)
+			return AUTH_ERR_USER_NOT_FOUND;
+		if (strcmp(r->role, ROOT) != 0 && find_role(as, r->role, NULL) == NULL)
+			return AUTH_ERR_ROLE_NOT_FOUND;
+		return user_set_role(as, i, r->role, 1);
+	}
+	case NODE_AUTH_USER_REVOKE: {
+		const Etcdserverpb__AuthUserRevokeRoleRequest *r = (const Etcdserverpb__AuthUserRevokeRoleRequest *)req;
+		if (as->a_enabled && strcmp(r->name, ROOT) == 0 && strcmp(r->role, ROOT) == 0)
+			return AUTH_ERR_INVALID_MGMT;
+		Authpb__User *u = find_user(as, r->name, &i);
+		if (u == NULL)
+			return AUTH_ERR_USER_NOT_FOUND;
+		if (!has_role(u, r->role))
+			return AUTH_ERR_ROLE_NOT_GRANTED;
+		return user_set_role(as, i, r->role, 0);
+	}
+	case NODE_AUTH_ROLE_ADD: {
+		const Etcdserverpb__AuthRoleAddRequest *r = (const Etcdserverpb__AuthRoleAddRequest *)req;
+		if (r->name[0] == '\0')
+			return AUTH_ERR_ROLE_EMPTY;
+		if (find_role(as, r->name, NULL))
+			return AUTH_ERR_ROLE_EXISTS;
+		if (as->a_nroles == AUTH_MAX_ROLES)
+			return STORAGE_ERR_NOSPACE;
+		Authpb__Role role = AUTHPB__ROLE__INIT;
+		role.name.data = (uint8_t *)r->name;
+		role.name.len = strlen(r->name);
+		Authpb__Role *c = (Authpb__Role *)msg_copy(&role.base);
+		if (c == NULL)
+			return STORAGE_ERR_NOMEM;
+		as->a_roles[as->a_nroles++] = c;
+		return 0;
+	}
+	case NODE_AUTH_ROLE_DELETE: {
+		const Etcdserverpb__AuthRoleDeleteRequest *r = (const Etcdserverpb__AuthRoleDeleteRequest *)req;
+		if (as->a_enabled && strcmp(r->role, ROOT) == 0)
+			return AUTH_ERR_INVALID_MGMT;
+		if (find_role(as, r->role, &i) == NULL)
+			return AUTH_ERR_ROLE_NOT_FOUND;
+		authpb__role__free_unpacked(as->a_roles[i], NULL);
+		memmove(&as->a_roles[i], &as->a_roles[i + 1], (as->a_nroles - i - 1) * sizeof(as->a_roles[0]));
+		as->a_nroles--;
+		/* etcd also takes the role away from every user that had it */
+		for (size_t k = 0; k < as->a_nusers; k++)
+			if (has_role(as->a_users[k], r->role))
+				user_set_role(as, k, r->role, 0);
+		return 0;
+	}
+	case NODE_AUTH_ROLE_GRANT: {
+		const Etcdserverpb__AuthRoleGrantPermissionRequest *r = (const Etcdserverpb__AuthRoleGrantPermissionRequest *)req;
+		if (find_role(as, r->name, &i) == NULL)
+			return AUTH_ERR_ROLE_NOT_FOUND;
+		if (r->perm == NULL)
+			return AUTH_ERR_PERMISSION_NOT_GRANTED;
+		return role_set_perm(as, i, r->perm, &r->perm->key, &r->perm->range_end);
+	}
+	case NODE_AUTH_ROLE_REVOKE: {
+		const Etcdserverpb__AuthRoleRevokePermissionRequest *r = (const Etcdserverpb__AuthRoleRevokePermissionRequest *)req;
+		if (find_role(as, r->role, &i) == NULL)
+			return AUTH_ERR_ROLE_NOT_FOUND;
+		return role_set_perm(as, i, NULL, &r->key, &r->range_end);
+	}
+	default:
+		return STORAGE_ERR_INVALID;
+	}
+}
+
+int auth_apply(auth_store *as, storage_batch *b, node_op op, const ProtobufCMessage *req, storage_arena *a,
+	       ProtobufCMessage **resp)
+{
+	pthread_mutex_lock(&as->a_mu);
+	int rc = apply_locked(as, op, req);
+	if (rc == 0 && op != NODE_AUTH_AUTHENTICATE) {
+		as->a_revision++;
+		rc = persist(as, b);
+	}
+	pthread_mutex_unlock(&as->a_mu);
+	/* Every Auth response is a header alone, except Authenticate's token (filled by the
+	 * proposer when it answers). */
+	static const ProtobufCMessageDescriptor *const descs[] = {
+		[NODE_AUTH_ENABLE - NODE_AUTH_ENABLE] = &etcdserverpb__auth_enable_response__descriptor,
+		[NODE_AUTH_DISABLE - NODE_AUTH_ENABLE] = &etcdserverpb__auth_disable_response__descriptor,
+		[NODE_AUTH_AUTHENTICATE - NODE_AUTH_ENABLE] = &etcdserverpb__authenticate_response__descriptor,
+		[NODE_AUTH_USER_ADD - NODE_AUTH_ENABLE] = &etcdserverpb__auth_user_add_response__descriptor,
+		[NODE_AUTH_USER_DELETE - NODE_AUTH_ENABLE] = &etcdserverpb__auth_user_delete_response__descriptor,
+		[NODE_AUTH_USER_CHANGE_PW - NODE_AUTH_ENABLE] = &etcdserverpb__auth_user_change_password_response__descriptor,
+		[NODE_AUTH_USER_GRANT - NODE_AUTH_ENABLE] = &etcdserverpb__auth_user_grant_role_response__descriptor,
+		[NODE_AUTH_USER_REVOKE - NODE_AUTH_ENABLE] = &etcdserverpb__auth_user_revoke_role_response__descriptor,
+		[NODE_AUTH_ROLE_ADD - NODE_AUTH_ENABLE] = &etcdserverpb__auth_role_add_response__descriptor,
+		[NODE_AUTH_ROLE_DELETE - NODE_AUTH_ENABLE] = &etcdserverpb__auth_role_delete_response__descriptor,
+		[NODE_AUTH_ROLE_GRANT - NODE_AUTH_ENABLE] = &etcdserverpb__auth_role_grant_permission_response__descriptor,
+		[NODE_AUTH_ROLE_REVOKE - NODE_AUTH_ENABLE] = &etcdserverpb__auth_role_revoke_permission_response__descriptor,
+	};
+	const ProtobufCMessageDescriptor *d = descs[op - NODE_AUTH_ENABLE];
+	ProtobufCMessage *m = storage_arena_alloc(a, d->sizeof_message);
+	Etcdserverpb__ResponseHeader *h = storage_arena_alloc(a, sizeof(*h));
+	if (m == NULL || h == NULL)
+		return rc ? rc : STORAGE_ERR_NOMEM;
+	d->message_init(m);
+	etcdserverpb__response_header__init(h);
+	h->revision = storage_batch_revision(b);
+	((struct {
+		ProtobufCMessage base;
+		Etcdserverpb__ResponseHeader *header;
+	} *)m)->header = h;
+	if (op == NODE_AUTH_AUTHENTICATE)
+		((Etcdserverpb__AuthenticateResponse *)m)->token =
+			storage_arena_dup(a, ((const Etcdserverpb__AuthenticateRequest *)req)->password,
+					  strlen(((const Etcdserverpb__AuthenticateRequest *)req)->password) + 1);
+	*resp = m;
+	return rc;
+}
+
+/* ---- the Auth service ---- */
+
+/* Auth management needs root once auth is on. */
+static int admin_ok(server_ctx *sc, api_call *call)
+{
+	size_t len = 0;
+	const char *tok = call_token(call, &len);
+	int rc = auth_check_admin(sc->auth, tok, len);
+	if (rc) {
+		server_fail_storage(call, rc);
+		return 0;
+	}
+	return 1;
+}
+
+static void submit(server_ctx *sc, node_op op, api_call *call, const ProtobufCMessage *msg)
+{
+	if (op != NODE_AUTH_AUTHENTICATE && !admin_ok(sc, call))
+		return;
+	node_submit(sc->nd, op, call, msg);
+}
+
+#define ROUTE(fn, op)                                                                               \
+	static void fn(void *ctx, api_call *call, const ProtobufCMessage *msg)                     \
+	{                                                                                           \
+		submit(ctx, op, call, msg);                                                         \
+	}
+ROUTE(auth_enable_rpc, NODE_AUTH_ENABLE)
+ROUTE(auth_disable_rpc, NODE_AUTH_DISABLE)
+ROUTE(user_delete_rpc, NODE_AUTH_USER_DELETE)
+ROUTE(user_grant_rpc, NODE_AUTH_USER_GRANT)
+ROUTE(user_revoke_rpc, NODE_AUTH_USER_REVOKE)
+ROUTE(role_add_rpc, NODE_AUTH_ROLE_ADD)
+ROUTE(role_delete_rpc, NODE_AUTH_ROLE_DELETE)
+ROUTE(role_grant_rpc, NODE_AUTH_ROLE_GRANT)
+ROUTE(role_revoke_rpc, NODE_AUTH_ROLE_REVOKE)
+
+/* Passwords are hashed here, before the log: every member stores the same hash. */
+static int set_hash(const char *password, char **hashed)
+{
+	uint8_t salt[16];
+	char buf[256];
+	if (RAND_bytes(salt, sizeof(salt)) != 1 || hash_password(password, salt, buf, sizeof(buf)) != 0)
+		return -1;
+	*hashed = strdup(buf); /* freed with the request (protobuf-c frees its strings) */
+	return *hashed ? 0 : -1;
+}
+
+static void user_add_rpc(void *ctx, api_call *call, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	Etcdserverpb__AuthUserAddRequest *r = (Etcdserverpb__AuthUserAddRequest *)msg;
+	if (r->name[0] == '\0') {
+		server_fail_storage(call, AUTH_ERR_USER_EMPTY);
+		return;
+	}
+	int no_password = r->options && r->options->no_password;
+	if (!no_password && r->password[0] == '\0' && r->hashedpassword[0] == '\0') {
+		server_fail_storage(call, AUTH_ERR_NO_PASSWORD);
+		return;
+	}
+	if (!no_password && r->password[0] != '\0') {
+		char *h;
+		if (r->hashedpassword != protobuf_c_empty_string)
+			free(r->hashedpassword);
+		if (set_hash(r->password, &h) != 0) {
+			api_call_fail(call, API_ERR_INTERNAL);
+			return;
+		}
+		r->hashedpassword = h;
+		OPENSSL_cleanse(r->password, strlen(r->password));
+		r->password[0] = '\0';
+	}
+	submit(sc, NODE_AUTH_USER_ADD, call, msg);
+}
+
+static void user_change_pw_rpc(void *ctx, api_call *call, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	Etcdserverpb__AuthUserChangePasswordRequest *r = (Etcdserverpb__AuthUserChangePasswordRequest *)msg;
+	if (r->password[0] != '\0') {
+		char *h;
+		if (r->hashedpassword != protobuf_c_empty_string)
+			free(r->hashedpassword);
+		if (set_hash(r->password, &h) != 0) {
+			api_call_fail(call, API_ERR_INTERNAL);
+			return;
+		}
+		r->hashedpassword = h;
+		OPENSSL_cleanse(r->password, strlen(r->password));
+		r->password[0] = '\0';
+	}
+	submit(sc, NODE_AUTH_USER_CHANGE_PW, call, msg);
+}
+
+static void authenticate_rpc(void *ctx, api_call *call, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	Etcdserverpb__AuthenticateRequest *r = (Etcdserverpb__AuthenticateRequest *)msg;
+	auth_store *as = sc->auth;
+	pthread_mutex_lock(&as->a_mu);
+	int enabled = as->a_enabled;
+	Authpb__User *u = find_user(as, r->name, NULL);
+	int ok = u && !(u->options && u->options->no_password) && check_password(&u->password, r->password);
+	pthread_mutex_unlock(&as->a_mu);
+	if (!enabled) {
+		server_fail_storage(call, AUTH_ERR_NOT_ENABLED);
+		return;
+	}
+	if (!ok) {
+		server_fail_storage(call, AUTH_ERR_FAILED);
+		return;
+	}
+	/* etcd's simple token: 16 random letters, a dot, and a counter. */
+	static const char letters[] = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+	uint8_t rnd[16];
+	char tok[40];
+	if (RAND_bytes(rnd, sizeof(rnd)) != 1) {
+		api_call_fail(call, API_ERR_INTERNAL);
+		return;
+	}
+	for (int i = 0; i < 16; i++)
+		tok[i] = letters[rnd[i] % 52];
+	static _Atomic uint64_t counter;
+	snprintf(tok + 16, sizeof(tok) - 16, ".%llu", (unsigned long long)++counter);
+	OPENSSL_cleanse(r->password, strlen(r->password));
+	char *t = strdup(tok);
+	if (t == NULL) {
+		api_call_fail(call, API_ERR_INTERNAL);
+		return;
+	}
+	free(r->password);
+	r->password = t; /* the entry carries the token, never the password */
+	submit(sc, NODE_AUTH_AUTHENTICATE, call, msg);
+}
+
+static void auth_status_rpc(void *ctx, api_call *call, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	Etcdserverpb__AuthStatusResponse resp = ETCDSERVERPB__AUTH_STATUS_RESPONSE__INIT;
+	Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+	server_fill_header(sc, &h);
+	h.revision = storage_current_revision(sc->st);
+	pthread_mutex_lock(&sc->auth->a_mu);
+	resp.enabled = sc->auth->a_enabled;
+	resp.authrevision = sc->auth->a_revision;
+	pthread_mutex_unlock(&sc->auth->a_mu);
+	resp.header = &h;
+	api_call_reply(call, &resp.base);
+}
+
+static void user_get_rpc(void *ctx, api_call *call, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	const Etcdserverpb__AuthUserGetRequest *r = (const Etcdserverpb__AuthUserGetRequest *)msg;
+	if (!admin_ok(sc, call))
+		return;
+	Etcdserverpb__AuthUserGetResponse resp = ETCDSERVERPB__AUTH_USER_GET_RESPONSE__INIT;
+	Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+	server_fill_header(sc, &h);
+	h.revision = storage_current_revision(sc->st);
+	resp.header = &h;
+	pthread_mutex_lock(&sc->auth->a_mu);
+	Authpb__User *u = find_user(sc->auth, r->name, NULL);
+	if (u) {
+		resp.roles = u->roles;
+		resp.n_roles = u->n_roles;
+		api_call_reply(call, &resp.base);
+	}
+	pthread_mutex_unlock(&sc->auth->a_mu);
+	if (!u)
+		server_fail_storage(call, AUTH_ERR_USER_NOT_FOUND);
+}
+
+static void user_list_rpc(void *ctx, api_call *call, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	if (!admin_ok(sc, call))
+		return;
+	Etcdserverpb__AuthUserListResponse resp = ETCDSERVERPB__AUTH_USER_LIST_RESPONSE__INIT;
+	Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+	server_fill_header(sc, &h);
+	h.revision = storage_current_revision(sc->st);
+	resp.header = &h;
+	char *names[AUTH_MAX_USERS];
+	pthread_mutex_lock(&sc->auth->a_mu);
+	for (size_t i = 0; i < sc->auth->a_nusers; i++) {
+		names[i] = malloc(sc->auth->a_users[i]->name.len + 1);
+		if (names[i]) {
+			memcpy(names[i], sc->auth->a_users[i]->name.data, sc->auth->a_users[i]->name.len);
+			names[i][sc->auth->a_users[i]->name.len] = '\0';
+		}
+		resp.n_users = i + 1;
+	}
+	pthread_mutex_unlock(&sc->auth->a_mu);
+	for (size_t a = 1; a < resp.n_users; a++)
+		for (size_t b = a; b > 0 && strcmp(names[b - 1], names[b]) > 0; b--) {
+			char *t = names[b];
+			names[b] = names[b - 1];
+			names[b - 1] = t;
+		}
+	resp.users = names;
+	api_call_reply(call, &resp.base);
+	for (size_t i = 0; i < resp.n_users; i++)
+		free(names[i]);
+}
+
+static void role_get_rpc(void *ctx, api_call *call, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	const Etcdserverpb__AuthRoleGetRequest *r = (const Etcdserverpb__AuthRoleGetRequest *)msg;
+	if (!admin_ok(sc, call))
+		return;
+	Etcdserverpb__AuthRoleGetResponse resp = ETCDSERVERPB__AUTH_ROLE_GET_RESPONSE__INIT;
+	Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+	server_fill_header(sc, &h);
+	h.revision = storage_current_revision(sc->st);
+	resp.header = &h;
+	pthread_mutex_lock(&sc->auth->a_mu);
+	Authpb__Role *role = find_role(sc->auth, r->role, NULL);
+	int found = role != NULL || strcmp(r->role, ROOT) == 0;
+	if (role) {
+		resp.perm = role->keypermission;
+		resp.n_perm = role->n_keypermission;
+	}
+	if (found)
+		api_call_reply(call, &resp.base);
+	pthread_mutex_unlock(&sc->auth->a_mu);
+	if (!found)
+		server_fail_storage(call, AUTH_ERR_ROLE_NOT_FOUND);
+}
+
+static void role_list_rpc(void *ctx, api_call *call, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	if (!admin_ok(sc, call))
+		return;
+	Etcdserverpb__AuthRoleListResponse resp = ETCDSERVERPB__AUTH_ROLE_LIST_RESPONSE__INIT;
+	Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+	server_fill_header(sc, &h);
+	h.revision = storage_current_revision(sc->st);
+	resp.header = &h;
+	char *names[AUTH_MAX_ROLES];
+	pthread_mutex_lock(&sc->auth->a_mu);
+	for (size_t i = 0; i < sc->auth->a_nroles; i++) {
+		names[i] = malloc(sc->auth->a_roles[i]->name.len + 1);
+		if (names[i]) {
+			memcpy(names[i], sc->auth->a_roles[i]->name.data, sc->auth->a_roles[i]->name.len);
+			names[i][sc->auth->a_roles[i]->name.len] = '\0';
+		}
+		resp.n_roles = i + 1;
+	}
+	pthread_mutex_unlock(&sc->auth->a_mu);
+	for (size_t a = 1; a < resp.n_roles; a++)
+		for (size_t b = a; b > 0 && strcmp(names[b - 1], names[b]) > 0; b--) {
+			char *t = names[b];
+			names[b] = names[b - 1];
+			names[b - 1] = t;
+		}
+	resp.roles = names;
+	api_call_reply(call, &resp.base);
+	for (size_t i = 0; i < resp.n_roles; i++)
+		free(names[i]);
+}
+
+int auth_register(api_server *as, server_ctx *sc)
+{
+	static const struct {
+		const char *path;
+		api_unary_fn fn;
+	} routes[] = {
+		{"/etcdserverpb.Auth/AuthEnable", auth_enable_rpc},
+		{"/etcdserverpb.Auth/AuthDisable", auth_disable_rpc},
+		{"/etcdserverpb.Auth/AuthStatus", auth_status_rpc},
+		{"/etcdserverpb.Auth/Authenticate", authenticate_rpc},
+		{"/etcdserverpb.Auth/UserAdd", user_add_rpc},
+		{"/etcdserverpb.Auth/UserGet", user_get_rpc},
+		{"/etcdserverpb.Auth/UserList", user_list_rpc},
+		{"/etcdserverpb.Auth/UserDelete", user_delete_rpc},
+		{"/etcdserverpb.Auth/UserChangePassword", user_change_pw_rpc},
+		{"/etcdserverpb.Auth/UserGrantRole", user_grant_rpc},
+		{"/etcdserverpb.Auth/UserRevokeRole", user_revoke_rpc},
+		{"/etcdserverpb.Auth/RoleAdd", role_add_rpc},
+		{"/etcdserverpb.Auth/RoleGet", role_get_rpc},
+		{"/etcdserverpb.Auth/RoleList", role_list_rpc},
+		{"/etcdserverpb.Auth/RoleDelete", role_delete_rpc},
+		{"/etcdserverpb.Auth/RoleGrantPermission", role_grant_rpc},
+		{"/etcdserverpb.Auth/RoleRevokePermission", role_revoke_rpc},
+	};
+	for (size_t i = 0; i < sizeof(routes) / sizeof(routes[0]); i++) {
+		int rc = api_server_route(as, routes[i].path, routes[i].fn, sc);
+		if (rc)
+			return rc;
+	}
+	return 0;
+}
