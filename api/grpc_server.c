@@ -396,6 +396,44 @@ static int txn_depth_ok(const uint8_t *p, const uint8_t *end, int is_txn, int de
 	return 0;
 }
 
+/* protobuf-c keeps a field numbered 0 as an unknown field, though the wire format forbids
+ * it (grpc-go refuses it: "illegal tag 0"), and then cannot read back its own re-encoding.
+ * Refuse such messages at the door, as etcd does. */
+static int has_illegal_field(const ProtobufCMessage *m, int depth)
+{
+	if (m == NULL || depth > 200)
+		return 0;
+	for (unsigned i = 0; i < m->n_unknown_fields; i++)
+		if (m->unknown_fields[i].tag == 0)
+			return 1;
+	const ProtobufCMessageDescriptor *d = m->descriptor;
+	for (unsigned i = 0; i < d->n_fields; i++) {
+		const ProtobufCFieldDescriptor *f = &d->fields[i];
+		if (f->type != PROTOBUF_C_TYPE_MESSAGE)
+			continue;
+		const char *base = (const char *)m + f->offset;
+		if (f->label == PROTOBUF_C_LABEL_REPEATED) {
+			size_t n = *(const size_t *)((const char *)m + f->quantifier_offset);
+			ProtobufCMessage *const *v = *(ProtobufCMessage *const *const *)base;
+			for (size_t k = 0; k < n; k++)
+				if (has_illegal_field(v[k], depth + 1))
+					return 1;
+		} else if (f->flags & PROTOBUF_C_FIELD_FLAG_ONEOF) {
+			uint32_t which = *(const uint32_t *)((const char *)m + f->quantifier_offset);
+			if (which == f->id && has_illegal_field(*(ProtobufCMessage *const *)base, depth + 1))
+				return 1;
+		} else if (has_illegal_field(*(ProtobufCMessage *const *)base, depth + 1)) {
+			return 1;
+		}
+	}
+	return 0;
+}
+
+int api_message_is_valid(const ProtobufCMessage *m)
+{
+	return !has_illegal_field(m, 0);
+}
+
 /* A registered method's call arrived: decode and dispatch, then ask for the next one. */
 static void on_registered(api_pending *p, int ok)
 {
@@ -476,6 +514,11 @@ static void on_registered(api_pending *p, int ok)
 	if (c->ac_req == NULL) {
 		api_call_fail_msg(c, GRPC_STATUS_INTERNAL,
 				  "grpc: error unmarshalling request: unexpected EOF");
+		return;
+	}
+	if (!api_message_is_valid(c->ac_req)) {
+		api_call_fail_msg(c, GRPC_STATUS_INTERNAL,
+				  "grpc: error unmarshalling request: proto: illegal tag 0");
 		return;
 	}
 	m->am_fn(m->am_ctx, c, c->ac_req);

@@ -71,6 +71,8 @@ struct api_server {
 	size_t as_max_recv; /* largest request body accepted, as etcd's grpc-go server */
 };
 
+/* grpc_server.c: whether a decoded message is one etcd would accept (no field numbered 0). */
+int api_message_is_valid(const ProtobufCMessage *m);
 /* stream.c: a streaming call arrived on a registered method. Takes ownership of the call
  * and metadata. */
 void api__stream_start(api_server *s, api_method *m, grpc_call *call, grpc_metadata_array *md);

@@ -344,7 +344,9 @@ static void on_recv(api_stream *st, int ok)
 		grpc_slice_unref(body);
 	}
 	grpc_byte_buffer_destroy(bb);
-	if (msg == NULL) {
+	if (msg == NULL || !api_message_is_valid(msg)) {
+		if (msg)
+			protobuf_c_message_free_unpacked(msg, NULL);
 		api_stream_finish(st, GRPC_STATUS_INTERNAL, "grpc: error unmarshalling request: unexpected EOF");
 		return;
 	}

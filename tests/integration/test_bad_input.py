@@ -52,6 +52,8 @@ CASES = [
     ("truncated varint", KV + "Put", b"\x0a\x01a\x18\xff", True),
     ("wrong wire type for key", KV + "Range", b"\x08\x01", True),
     ("field number 0", KV + "Range", b"\x0a\x01a\x07", True),
+    # field 0 in a two-byte tag: protobuf-c keeps it as an unknown field (found by fuzzing)
+    ("field number 0, long tag", KV + "Put", b"\x0a\x01k\x82\x00\x00", True),
     ("bad wire type 6", KV + "Put", b"\x0a\x01a\x16", True),
     ("garbage txn", KV + "Txn", b"\x0a\xff\xff\xff\xff\x0f", True),
     ("garbage compact", KV + "Compact", b"\x08", True),
