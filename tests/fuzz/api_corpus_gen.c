@@ -691,14 +691,14 @@ static void gen_storage(void)
 	rec_msg(&b, OP_ABORT, NULL);
 	st_seed("compact-errors", &b);
 
-	/* Fill the 16 MiB map (storage_apply_fuzz's default): NOSPACE inside a batch, which
+	/* Fill the 4 MiB map (storage_apply_fuzz's default): NOSPACE inside a batch, which
 	 * stays usable; then a store left nearly full by a committed fill. */
-	rec_raw(&b, OP_FILL, "\x20\x0f", 2); /* 32 x 1 MiB */
+	rec_raw(&b, OP_FILL, "\x08\x0f", 2); /* 8 x 1 MiB */
 	p = put("after", "nospace");
 	rec_msg(&b, OP_PUT, &p);
 	rec_msg(&b, OP_ABORT, NULL);
 	st_seed("fill-nospace", &b);
-	rec_raw(&b, OP_FILL, "\x0d\x0f", 2); /* 13 MiB */
+	rec_raw(&b, OP_FILL, "\x03\x0f", 2); /* 3 MiB */
 	rec_msg(&b, OP_COMMIT, NULL);
 	for (int i = 0; i < 4; i++) {
 		p = put("full", "x");

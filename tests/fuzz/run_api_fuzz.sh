@@ -143,7 +143,7 @@ run() {
 	local cov execs
 	cov=$(grep -Eo 'cov: [0-9]+ ft: [0-9]+' "$log" | tail -1)
 	execs=$(grep -Eo 'stat::number_of_executed_units: *[0-9]+' "$log" | grep -Eo '[0-9]+$')
-	echo "run_api_fuzz: $t: exit $rc, ${execs:-?} runs in ${secs}s (${cov:-no coverage line}), corpus $(ls "$corpus" | wc -l) files"
+	echo "run_api_fuzz: $t: exit $rc, ${execs:-?} runs (limit ${secs}s, ${cov:-no coverage line}), corpus $(ls "$corpus" | wc -l) files"
 	if [ "$rc" -ne 0 ] || [ -n "$(ls -A "$art")" ]; then
 		mkdir -p "$out"
 		for f in "$art"*; do
