@@ -8,7 +8,8 @@
 # 3. builds //server:keelson and runs the Python integration tests against it
 #    (tests/integration: etcdctl, differential against a real etcd 3.4, bad input),
 # 4. builds //server:keelson with ASan/UBSan and runs the bad-input and differential
-#    tests against that build as well.
+#    tests against that build as well,
+# 5. short smoke runs of the fuzzers and of the benchmark against etcd.
 # Exit status is non-zero if anything failed.
 #
 # Environment:
@@ -17,6 +18,7 @@
 #   KEELSON_SKIP_ASAN=1 skip step 4
 #   KEELSON_SKIP_BAZEL_TEST=1 skip step 2
 #   KEELSON_PY_TIMEOUT  seconds allowed for each Python run (default 900)
+#   KEELSON_SKIP_SMOKE=1 skip the fuzz and benchmark smoke runs
 
 set -uo pipefail
 
@@ -140,6 +142,26 @@ if [ "${KEELSON_SKIP_ASAN:-0}" != 1 ]; then
     UBSAN_OPTIONS="${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}" \
         run_python asan "$ASAN_SERVER" test_bad_input test_differential
     echo "sanitizer pass took $((SECONDS - t0))s"
+fi
+
+# ---------------------------------------------------------------------------------------
+# Short smoke runs of the long campaigns: fuzzing (libFuzzer) and the benchmark against etcd.
+smoke() {
+    local what="$1"; shift
+    note "$what"
+    t0=$SECONDS
+    if "$@" </dev/null; then
+        PASSED=$((PASSED + 1))
+        echo "$what: ok ($((SECONDS - t0))s)"
+    else
+        fail_item "$what"
+        echo "$what: FAILED ($((SECONDS - t0))s)"
+    fi
+}
+if [ "${KEELSON_SKIP_SMOKE:-0}" != 1 ]; then
+    smoke "fuzz smoke: api and storage decoders" bash "$ROOT/tests/fuzz/run_api_fuzz.sh" 15
+    smoke "fuzz smoke: raft decoder and step" bash "$ROOT/tests/fuzz/run_raft_fuzz.sh" 15
+    smoke "benchmark smoke: keelson and etcd" bash "$ROOT/tools/bench.sh" --smoke
 fi
 
 # ---------------------------------------------------------------------------------------
