@@ -211,6 +211,16 @@ static void maint_hash(void *ctx, api_call *call, const ProtobufCMessage *msg)
 	api_call_reply(call, &resp.base);
 }
 
+static void maint_move_leader(void *ctx, api_call *call, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	size_t toklen = 0;
+	const char *tok = call_token(call, &toklen);
+	if (!permitted(sc, call, auth_check_admin(sc->auth, tok, toklen)))
+		return;
+	node_submit(sc->nd, NODE_MOVE_LEADER, call, msg);
+}
+
 static void maint_defragment(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
@@ -231,6 +241,7 @@ int maint_register(api_server *as, server_ctx *sc)
 		{"/etcdserverpb.Maintenance/Hash", maint_hash},
 		{"/etcdserverpb.Maintenance/HashKV", maint_hash_kv},
 		{"/etcdserverpb.Maintenance/Defragment", maint_defragment},
+		{"/etcdserverpb.Maintenance/MoveLeader", maint_move_leader},
 	};
 	for (size_t i = 0; i < sizeof(routes) / sizeof(routes[0]); i++) {
 		int rc = api_server_route(as, routes[i].path, routes[i].fn, sc);

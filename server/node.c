@@ -85,6 +85,7 @@ struct node {
 	node_req *n_waiters;          /* proposed, waiting for their entry to apply (seq order) */
 	node_req *n_waiters_tail;
 	node_req *n_conf_waiters;     /* member changes waiting for their configuration change */
+	node_req *n_transfer;         /* a MoveLeader waiting for the new leader */
 	node_req *n_reads;            /* linearizable reads not yet in a round */
 	read_round *n_rounds;
 	uint64_t n_next_round;
@@ -677,6 +678,16 @@ static void role_changed(node *n, const struct raft_soft_state *ss)
 		publish_attributes(n);
 	uint64_t old = atomic_exchange(&n->n_lead, ss->lead);
 	n->n_role = ss->role;
+	if (n->n_transfer && ss->lead == ((const Etcdserverpb__MoveLeaderRequest *)n->n_transfer->nr_msg)->targetid) {
+		Etcdserverpb__MoveLeaderResponse resp = ETCDSERVERPB__MOVE_LEADER_RESPONSE__INIT;
+		Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+		server_fill_header(sc, &h);
+		resp.header = &h;
+		api_call_reply(n->n_transfer->nr_call, &resp.base);
+		n->n_transfer->nr_call = NULL;
+		req_free(n->n_transfer);
+		n->n_transfer = NULL;
+	}
 	if (ss->role == RAFT_LEADER && old != sc->mi.member_id) {
 		/* etcd's Promote: every lease gets its full TTL plus an election timeout before
 		 * the new leader expires any. */
@@ -888,6 +899,42 @@ static void propose(node *n, node_req *r)
 	case NODE_MEMBER_PROMOTE:
 		propose_conf_for(n, r);
 		return;
+	case NODE_MOVE_LEADER: {
+		/* etcd: only the leader moves leadership, to a voting member. */
+		const Etcdserverpb__MoveLeaderRequest *req = (const Etcdserverpb__MoveLeaderRequest *)r->nr_msg;
+		if (n->n_role != RAFT_LEADER) {
+			api_call_fail_msg(r->nr_call, 14 /* UNAVAILABLE */, "etcdserver: not leader");
+			r->nr_call = NULL;
+			req_free(r);
+			return;
+		}
+		int learner = 0;
+		if (!members_exists(sc->members, req->targetid, &learner) || learner || n->n_transfer) {
+			api_call_fail_msg(r->nr_call, 9 /* FAILED_PRECONDITION */, "etcdserver: bad leader transferee");
+			r->nr_call = NULL;
+			req_free(r);
+			return;
+		}
+		if (req->targetid == sc->mi.member_id) {
+			Etcdserverpb__MoveLeaderResponse resp = ETCDSERVERPB__MOVE_LEADER_RESPONSE__INIT;
+			Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+			server_fill_header(sc, &h);
+			resp.header = &h;
+			api_call_reply(r->nr_call, &resp.base);
+			r->nr_call = NULL;
+			req_free(r);
+			return;
+		}
+		if (raft_transfer_leader(n->n_raft, req->targetid) != 0) {
+			api_call_fail_msg(r->nr_call, 9, "etcdserver: bad leader transferee");
+			r->nr_call = NULL;
+			req_free(r);
+			return;
+		}
+		r->nr_deadline_ms = now_ms() + 2 * sc->cfg->election_ms + 1000;
+		n->n_transfer = r;
+		return;
+	}
 	case NODE_KEEPALIVE_FWD: {
 		/* Keep-alives reach the leader's lessor, which alone expires leases. */
 		uint64_t lead = atomic_load(&n->n_lead);
@@ -1018,6 +1065,13 @@ static void on_timeout_timer(uv_timer_t *t)
 {
 	node *n = t->data;
 	uint64_t now = now_ms();
+	if (n->n_transfer && n->n_transfer->nr_deadline_ms <= now) {
+		/* etcd: the transfer did not finish within the election timeout. */
+		api_call_fail_msg(n->n_transfer->nr_call, 14, "etcdserver: request timed out, leader transfer took too long");
+		n->n_transfer->nr_call = NULL;
+		req_free(n->n_transfer);
+		n->n_transfer = NULL;
+	}
 	node_req *prev = NULL, *next;
 	for (node_req *r = n->n_waiters; r; r = next) {
 		next = r->nr_next;
@@ -1072,6 +1126,10 @@ static void on_stop(uv_async_t *h)
 		req_fail(r, API_ERR_STOPPED);
 	}
 	n->n_conf_waiters = NULL;
+	if (n->n_transfer) {
+		req_fail(n->n_transfer, API_ERR_STOPPED);
+		n->n_transfer = NULL;
+	}
 	for (node_req *r = n->n_reads; r; r = next) {
 		next = r->nr_next;
 		req_fail(r, API_ERR_STOPPED);
@@ -1154,9 +1212,21 @@ static int raft_boot(node *n)
 		cfg.hard_state.commit = ls.ls_commit;
 		uint64_t applied = stats.st_applied_index;
 		if (ls.ls_snap_index == 0 && ls.ls_n_entries == 0 && applied > 0) {
-			/* A data dir written before the log was kept: its state is the snapshot. */
+			/* A data dir with state but no log (written before the log was kept, or
+			 * restored or imported): its state is the snapshot point, and is recorded
+			 * as such, or the next start would find a log that begins mid-air. */
 			ls.ls_snap_index = applied;
 			ls.ls_snap_term = ls.ls_term ? ls.ls_term : 1;
+			storage_batch *b;
+			rc = storage_batch_begin(sc->st, &b);
+			if (rc == 0) {
+				rc = storage_batch_log_snapshot(b, ls.ls_snap_index, ls.ls_snap_term, &cfg.conf,
+								sizeof(cfg.conf));
+				if (rc == 0)
+					rc = storage_batch_commit(b, applied);
+				else
+					storage_batch_abort(b);
+			}
 		}
 		if (ls.ls_snap_index > 0) {
 			snap.meta.index = ls.ls_snap_index;

@@ -134,6 +134,7 @@ typedef enum node_op {
 	NODE_READ_RANGE,    /* local: a linearizable Range waiting for a read index */
 	NODE_READ_TXN,      /* local: a linearizable read-only Txn */
 	NODE_KEEPALIVE_FWD, /* local: a lease keep-alive a follower passes to the leader */
+	NODE_MOVE_LEADER,   /* local: Maintenance.MoveLeader, a Raft leadership transfer */
 	NODE_AUTH_ENABLE = 64, /* the Auth service's changes, in the log */
 	NODE_AUTH_DISABLE,
 	NODE_AUTH_AUTHENTICATE, /* carries the token the receiving member chose */

@@ -1,0 +1,232 @@
+/*
+ * main.c - keelsonutl's command line: dispatch, etcd-style flags, `snapshot save`.
+ *
+ * Exit status: 0 success, 1 failure (the message on stderr starts with "Error: " as
+ * etcdctl's do), 2 usage.
+ */
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tools/keelsonutl/keelsonutl.h"
+
+static void usage(FILE *f)
+{
+	fprintf(f,
+		"usage: keelsonutl snapshot save FILE [--endpoints=127.0.0.1:2379[,...]] [--dial-timeout=2s]\n"
+		"                  [--command-timeout=0s] [--cacert=CA] [--cert=CERT --key=KEY]\n"
+		"       keelsonutl snapshot status FILE [-w simple|table|json|fields] [--skip-hash-check]\n"
+		"       keelsonutl snapshot restore FILE [--data-dir=NAME.etcd] [--name=default]\n"
+		"                  [--initial-cluster=default=http://localhost:2380]\n"
+		"                  [--initial-cluster-token=etcd-cluster]\n"
+		"                  [--initial-advertise-peer-urls=http://localhost:2380]\n"
+		"                  [--skip-hash-check] [--bump-revision=N --mark-compacted]\n"
+		"       keelsonutl backup --dir=DIR [--interval=1h] [--retain=N] [--verify] [--once]\n"
+		"                  [connection flags as for snapshot save]\n");
+}
+
+int ku_errf(char *errbuf, size_t errlen, int code, const char *fmt, ...)
+{
+	if (errbuf && errlen) {
+		va_list ap;
+		va_start(ap, fmt);
+		vsnprintf(errbuf, errlen, fmt, ap);
+		va_end(ap);
+	}
+	return code;
+}
+
+int ku_flags_parse(int argc, char **argv, const ku_flag *flags, char **pos, int maxpos,
+		   int *npos, char *errbuf, size_t errlen)
+{
+	*npos = 0;
+	for (int i = 0; i < argc; i++) {
+		char *a = argv[i];
+		if (a[0] != '-' || a[1] == '\0') {
+			if (*npos >= maxpos)
+				return ku_errf(errbuf, errlen, KU_ERR_USAGE, "unexpected argument %s", a);
+			pos[(*npos)++] = a;
+			continue;
+		}
+		const char *name = a + 1 + (a[1] == '-');
+		const char *eq = strchr(name, '=');
+		size_t nl = eq ? (size_t)(eq - name) : strlen(name);
+		const ku_flag *f = NULL;
+		for (const ku_flag *g = flags; g->kf_name; g++)
+			if (strlen(g->kf_name) == nl && strncmp(g->kf_name, name, nl) == 0)
+				f = g;
+		if (f == NULL)
+			return ku_errf(errbuf, errlen, KU_ERR_USAGE, "unknown flag: %.*s", (int)(nl + (name - a)),
+				       a);
+		if (f->kf_kind == KU_FLAG_BOOL) {
+			if (eq == NULL || strcmp(eq + 1, "true") == 0)
+				*f->kf_bool = 1;
+			else if (strcmp(eq + 1, "false") == 0)
+				*f->kf_bool = 0;
+			else
+				return ku_errf(errbuf, errlen, KU_ERR_USAGE, "invalid value for --%s: %s",
+					       f->kf_name, eq + 1);
+			continue;
+		}
+		if (eq) {
+			*f->kf_str = eq + 1;
+		} else if (i + 1 < argc) {
+			*f->kf_str = argv[++i];
+		} else {
+			return ku_errf(errbuf, errlen, KU_ERR_USAGE, "flag needs an argument: --%s",
+				       f->kf_name);
+		}
+	}
+	return 0;
+}
+
+int ku_parse_duration(const char *s, double *seconds)
+{
+	double total = 0;
+	const char *p = s;
+	if (*p == '\0')
+		return -1;
+	char *e;
+	double v = strtod(p, &e);
+	if (e != p && *e == '\0') { /* a bare number: seconds */
+		if (v < 0)
+			return -1;
+		*seconds = v;
+		return 0;
+	}
+	while (*p) {
+		v = strtod(p, &e);
+		if (e == p || v < 0)
+			return -1;
+		p = e;
+		double unit;
+		if (strncmp(p, "ms", 2) == 0) {
+			unit = 1e-3;
+			p += 2;
+		} else if (strncmp(p, "us", 2) == 0) {
+			unit = 1e-6;
+			p += 2;
+		} else if (strncmp(p, "ns", 2) == 0) {
+			unit = 1e-9;
+			p += 2;
+		} else if (*p == 'h') {
+			unit = 3600;
+			p++;
+		} else if (*p == 'm') {
+			unit = 60;
+			p++;
+		} else if (*p == 's') {
+			unit = 1;
+			p++;
+		} else {
+			return -1;
+		}
+		total += v * unit;
+	}
+	*seconds = total;
+	return 0;
+}
+
+int ku_parse_endpoints(ku_conn_opts *o, char *s, char *errbuf, size_t errlen)
+{
+	o->co_n_endpoints = 0;
+	char *save = NULL;
+	for (char *t = strtok_r(s, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
+		if (*t == '\0')
+			continue;
+		if (o->co_n_endpoints == KU_MAX_ENDPOINTS)
+			return ku_errf(errbuf, errlen, KU_ERR_USAGE, "too many endpoints (at most %d)",
+				       KU_MAX_ENDPOINTS);
+		o->co_endpoints[o->co_n_endpoints++] = t;
+	}
+	if (o->co_n_endpoints == 0)
+		return ku_errf(errbuf, errlen, KU_ERR_USAGE, "no endpoints given");
+	return 0;
+}
+
+int ku_conn_opts_from_flags(ku_conn_opts *o, const ku_conn_flags *f, char **buf,
+			    char *errbuf, size_t errlen)
+{
+	memset(o, 0, sizeof(*o));
+	*buf = strdup(f->endpoints ? f->endpoints : "127.0.0.1:2379");
+	if (*buf == NULL)
+		return ku_errf(errbuf, errlen, KU_ERR_NOMEM, "out of memory");
+	int rc = ku_parse_endpoints(o, *buf, errbuf, errlen);
+	if (rc)
+		return rc;
+	o->co_dial_timeout = 2;
+	if (f->dial_timeout && (ku_parse_duration(f->dial_timeout, &o->co_dial_timeout) ||
+				o->co_dial_timeout <= 0))
+		return ku_errf(errbuf, errlen, KU_ERR_USAGE, "invalid --dial-timeout: %s", f->dial_timeout);
+	if (f->command_timeout && ku_parse_duration(f->command_timeout, &o->co_command_timeout))
+		return ku_errf(errbuf, errlen, KU_ERR_USAGE, "invalid --command-timeout: %s",
+			       f->command_timeout);
+	o->co_cacert = f->cacert;
+	o->co_cert = f->cert;
+	o->co_key = f->key;
+	o->co_user = f->user;
+	o->co_password = f->password;
+	if ((o->co_cert == NULL) != (o->co_key == NULL))
+		return ku_errf(errbuf, errlen, KU_ERR_USAGE, "--cert and --key must be given together");
+	if (o->co_user || o->co_password)
+		return ku_errf(errbuf, errlen, KU_ERR_UNSUPPORTED,
+			       "--user/--password: authentication is not supported yet "
+			       "(Keelson has no auth; use TLS client certificates)");
+	return 0;
+}
+
+static int fail(int rc, const char *msg)
+{
+	fprintf(stderr, "Error: %s\n", msg);
+	return rc == KU_ERR_USAGE ? 2 : 1;
+}
+
+static int cmd_snapshot_save(int argc, char **argv)
+{
+	ku_conn_flags cf = {0};
+	ku_flag flags[] = {KU_CONN_FLAGS(cf), {NULL, 0, NULL, NULL}};
+	char *pos[2];
+	int npos;
+	char eb[KU_ERRLEN];
+	int rc = ku_flags_parse(argc, argv, flags, pos, 2, &npos, eb, sizeof(eb));
+	if (rc == 0 && npos != 1)
+		rc = ku_errf(eb, sizeof(eb), KU_ERR_USAGE, "snapshot save expects one argument");
+	ku_conn_opts o;
+	char *buf = NULL;
+	if (rc == 0)
+		rc = ku_conn_opts_from_flags(&o, &cf, &buf, eb, sizeof(eb));
+	if (rc) {
+		free(buf);
+		return fail(rc, eb);
+	}
+	ku_save_result res;
+	rc = ku_snapshot_save(&o, pos[0], &res, eb, sizeof(eb));
+	free(buf);
+	if (rc)
+		return fail(rc, eb);
+	printf("Snapshot saved at %s\n", pos[0]);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc < 2 || strcmp(argv[1], "help") == 0 || strcmp(argv[1], "--help") == 0 ||
+	    strcmp(argv[1], "-h") == 0) {
+		usage(argc < 2 ? stderr : stdout);
+		return argc < 2 ? 2 : 0;
+	}
+	if (strcmp(argv[1], "snapshot") == 0 && argc >= 3) {
+		if (strcmp(argv[2], "save") == 0)
+			return cmd_snapshot_save(argc - 3, argv + 3);
+		if (strcmp(argv[2], "status") == 0)
+			return ku_cmd_snapshot_status(argc - 3, argv + 3);
+		if (strcmp(argv[2], "restore") == 0)
+			return ku_cmd_snapshot_restore(argc - 3, argv + 3);
+	}
+	if (strcmp(argv[1], "backup") == 0)
+		return ku_cmd_backup(argc - 2, argv + 2);
+	usage(stderr);
+	return 2;
+}
