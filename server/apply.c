@@ -61,6 +61,8 @@ static const ProtobufCMessageDescriptor *request_descriptor(node_op op)
 		return &etcdserverpb__alarm_request__descriptor;
 	case NODE_MEMBER_ADD:
 	case NODE_MEMBER_UPDATE:
+	case NODE_MEMBER_REMOVE:
+	case NODE_MEMBER_PROMOTE:
 		return &etcdserverpb__member__descriptor;
 	case NODE_AUTH_ENABLE:
 		return &etcdserverpb__auth_enable_request__descriptor;
@@ -199,6 +201,9 @@ static int apply_request(server_ctx *sc, storage_batch *b, apply_result *r, stor
 	case NODE_MEMBER_ADD:
 	case NODE_MEMBER_UPDATE:
 		return members_apply(sc->members, b, r->ar_op, (const Etcdserverpb__Member *)r->ar_req);
+	case NODE_MEMBER_REMOVE:
+	case NODE_MEMBER_PROMOTE:
+		return 0; /* the configuration change that follows does the work */
 	default:
 		if (r->ar_op >= NODE_AUTH_ENABLE && r->ar_op <= NODE_AUTH_ROLE_REVOKE)
 			return auth_apply(sc->auth, b, r->ar_op, r->ar_req, a, &r->ar_resp);

@@ -47,6 +47,14 @@ static size_t token_len(api_call *call)
 	return len;
 }
 
+int learner_refuses(server_ctx *sc, api_call *call)
+{
+	if (!node_is_learner(sc->nd))
+		return 0;
+	api_call_fail_msg(call, 9 /* FAILED_PRECONDITION */, "etcdserver: rpc not supported for learner");
+	return 1;
+}
+
 /* Ends call with the auth error if there is one; whether the request may go on. */
 int permitted(server_ctx *sc, api_call *call, int auth_err)
 {
@@ -375,6 +383,8 @@ static void kv_range(void *ctx, api_call *call, const ProtobufCMessage *msg)
 	}
 	if (!permitted(sc, call, auth_check_range(sc->auth, TOKEN(call), 0, &req->key, &req->range_end)))
 		return;
+	if (!req->serializable && learner_refuses(sc, call))
+		return;
 	/* With several voters a linearizable read waits for a read index. With one, every
 	 * acknowledged write is already applied, so a read transaction opened now is
 	 * linearizable as well as serializable. */
@@ -410,6 +420,8 @@ static int too_large(server_ctx *sc, api_call *call)
 static void kv_put(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
+	if (learner_refuses(sc, call))
+		return;
 	const Etcdserverpb__PutRequest *req = (const Etcdserverpb__PutRequest *)msg;
 	static const ProtobufCBinaryData single = {0, NULL};
 	int e = check_put(req);
@@ -433,6 +445,8 @@ static void kv_put(void *ctx, api_call *call, const ProtobufCMessage *msg)
 static void kv_delete_range(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
+	if (learner_refuses(sc, call))
+		return;
 	const Etcdserverpb__DeleteRangeRequest *req = (const Etcdserverpb__DeleteRangeRequest *)msg;
 	if (req->key.len == 0) {
 		api_call_fail(call, API_ERR_EMPTY_KEY);
@@ -450,6 +464,8 @@ static void kv_delete_range(void *ctx, api_call *call, const ProtobufCMessage *m
 static void kv_txn(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
+	if (learner_refuses(sc, call))
+		return;
 	const Etcdserverpb__TxnRequest *req = (const Etcdserverpb__TxnRequest *)msg;
 	int e = kv_check_txn(req, sc->cfg->max_txn_ops);
 	if (e) {
@@ -500,6 +516,8 @@ static void kv_txn(void *ctx, api_call *call, const ProtobufCMessage *msg)
 static void kv_compact(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
+	if (learner_refuses(sc, call))
+		return;
 	if (!permitted(sc, call, auth_check_user(sc->auth, TOKEN(call))))
 		return;
 	node_submit(sc->nd, NODE_COMPACT, call, msg);

@@ -234,6 +234,8 @@ static int64_t current_revision(server_ctx *sc)
 static void lease_grant(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
+	if (learner_refuses(sc, call))
+		return;
 	size_t toklen = 0;
 	const char *tok = call_token(call, &toklen);
 	if (!permitted(sc, call, auth_check_user(sc->auth, tok, toklen)))
@@ -271,6 +273,8 @@ static void lease_grant(void *ctx, api_call *call, const ProtobufCMessage *msg)
 static void lease_revoke(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
+	if (learner_refuses(sc, call))
+		return;
 	size_t toklen = 0;
 	const char *tok = call_token(call, &toklen);
 	if (!permitted(sc, call, auth_check_user(sc->auth, tok, toklen)))
@@ -281,6 +285,8 @@ static void lease_revoke(void *ctx, api_call *call, const ProtobufCMessage *msg)
 static void lease_time_to_live(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
+	if (learner_refuses(sc, call))
+		return;
 	size_t toklen = 0;
 	const char *tok = call_token(call, &toklen);
 	if (!permitted(sc, call, auth_check_user(sc->auth, tok, toklen)))
@@ -328,6 +334,8 @@ static void lease_time_to_live(void *ctx, api_call *call, const ProtobufCMessage
 static void lease_leases(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
+	if (learner_refuses(sc, call))
+		return;
 	size_t toklen = 0;
 	const char *tok = call_token(call, &toklen);
 	if (!permitted(sc, call, auth_check_user(sc->auth, tok, toklen)))

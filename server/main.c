@@ -46,7 +46,7 @@ static uint64_t get_be64(const uint8_t *p)
 }
 
 /* The ids are fixed when the data dir is made: a restart keeps them whatever the flags say. */
-static int load_or_store_ids(storage *st, member_info *mi)
+static int load_or_store_ids(storage *st, member_info *mi, int joining)
 {
 	storage_reader *r;
 	storage_arena a;
@@ -58,27 +58,34 @@ static int load_or_store_ids(storage *st, member_info *mi)
 		return rc;
 	int rc1 = storage_read_meta(r, "cluster_id", &a, &cid, &clen);
 	int rc2 = storage_read_meta(r, "member_id", &a, &mid, &mlen);
-	if (rc1 == 0 && rc2 == 0 && clen == 8 && mlen == 8) {
-		mi->cluster_id = get_be64(cid);
+	if (rc2 == 0 && mlen == 8)
 		mi->member_id = get_be64(mid);
-	}
+	if (rc1 == 0 && clen == 8)
+		mi->cluster_id = get_be64(cid);
+	else if (rc2 == 0 && joining)
+		mi->cluster_id = 0; /* joined, and still to learn the cluster id from a peer */
 	storage_read_end(r);
 	storage_arena_free(&a);
-	if (rc1 == 0 && rc2 == 0)
+	if (rc2 == 0)
 		return 0;
-	if (rc1 != STORAGE_ERR_NOT_FOUND && rc1 != 0)
-		return rc1;
+	if (rc2 != STORAGE_ERR_NOT_FOUND)
+		return rc2;
 
+	/* A new data dir. A member joining an existing cluster cannot compute the cluster id
+	 * from --initial-cluster (it lists members added since): it learns it from its peers. */
+	if (joining)
+		mi->cluster_id = 0;
 	storage_batch *b;
 	uint8_t buf[8];
 	rc = storage_batch_begin(st, &b);
 	if (rc)
 		return rc;
-	put_be64(buf, mi->cluster_id);
-	rc = storage_batch_meta_put(b, "cluster_id", buf, 8);
 	put_be64(buf, mi->member_id);
-	if (rc == 0)
-		rc = storage_batch_meta_put(b, "member_id", buf, 8);
+	rc = storage_batch_meta_put(b, "member_id", buf, 8);
+	if (rc == 0 && mi->cluster_id != 0) {
+		put_be64(buf, mi->cluster_id);
+		rc = storage_batch_meta_put(b, "cluster_id", buf, 8);
+	}
 	if (rc) {
 		storage_batch_abort(b);
 		return rc;
@@ -223,7 +230,7 @@ static int run(config *cfgp)
 		return 1;
 	}
 	member_compute_ids(&cfg, &sc.mi);
-	rc = load_or_store_ids(sc.st, &sc.mi);
+	rc = load_or_store_ids(sc.st, &sc.mi, strcmp(cfg.initial_cluster_state, "existing") == 0);
 	if (rc == 0)
 		rc = lessor_start(&sc.lessor, &cfg, sc.st);
 	if (rc == 0)

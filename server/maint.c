@@ -28,7 +28,7 @@ static int cmp_u64(const void *a, const void *b)
 }
 
 /* etcd's member id: sha1 of the member's sorted peer URLs and the cluster token. */
-static uint64_t member_id(char **urls, int n, const char *token)
+uint64_t member_id_of(char **urls, int n, const char *token)
 {
 	uint8_t d[SHA_DIGEST_LENGTH];
 	size_t len = strlen(token), off = 0;
@@ -76,7 +76,7 @@ void member_compute_all(const config *cfg, member_id_list *out)
 	for (int k = 0; k < out->n; k++) {
 		char *sorted[CONFIG_MAX_URLS];
 		memcpy(sorted, out->urls[k], sizeof(sorted));
-		out->id[k] = member_id(sorted, out->n_urls[k], cfg->initial_cluster_token);
+		out->id[k] = member_id_of(sorted, out->n_urls[k], cfg->initial_cluster_token);
 	}
 }
 
@@ -103,7 +103,7 @@ void member_compute_ids(const config *cfg, member_info *out)
 		char *own[CONFIG_MAX_URLS];
 		for (int u = 0; u < cfg->initial_advertise_peer.n; u++)
 			own[u] = cfg->initial_advertise_peer.url[u];
-		out->member_id = member_id(own, cfg->initial_advertise_peer.n, cfg->initial_cluster_token);
+		out->member_id = member_id_of(own, cfg->initial_advertise_peer.n, cfg->initial_cluster_token);
 		ids[n++] = out->member_id;
 	}
 	/* etcd's cluster id: sha1 of the sorted member ids, big-endian. */
@@ -149,6 +149,7 @@ static void maint_status(void *ctx, api_call *call, const ProtobufCMessage *msg)
 	resp.raftappliedindex = node_applied_index(sc->nd);
 	resp.raftterm = node_term(sc->nd);
 	resp.dbsizequota = (int64_t)sc->quota_bytes;
+	resp.islearner = node_is_learner(sc->nd);
 	char *errs[16];
 	char errbuf[16][64];
 	resp.n_errors = alarm_status_errors(sc->alarms, errs, 16, errbuf);

@@ -239,14 +239,16 @@ int members_apply(members *ms, storage_batch *b, node_op op, const Etcdserverpb_
 	pthread_mutex_lock(&ms->m_mu);
 	int rc = 0;
 	Etcdserverpb__Member *cur = list_find(ms->m_list, req->id);
-	if (op == NODE_MEMBER_ADD) {
-		if (cur == NULL) {
-			Etcdserverpb__Member *m = member_dup(req);
-			if (m == NULL || list_add(ms->m_list, m) != 0) {
-				member_free(m);
-				rc = STORAGE_ERR_NOMEM;
-			}
+	if (op == NODE_MEMBER_ADD && cur == NULL) {
+		Etcdserverpb__Member *m = member_dup(req);
+		if (m == NULL || list_add(ms->m_list, m) != 0) {
+			member_free(m);
+			rc = STORAGE_ERR_NOMEM;
 		}
+	} else if (op == NODE_MEMBER_ADD) {
+		/* Known already (a joining member starts from --initial-cluster): the cluster's
+		 * record wins, learner flag included. */
+		cur->islearner = req->islearner;
 	} else if (cur != NULL) {
 		/* An update carries what changed: peer URLs (MemberUpdate) or a started member's
 		 * name and client URLs (its publish). */
@@ -326,33 +328,16 @@ static void cluster_member_list(void *ctx, api_call *call, const ProtobufCMessag
 	pthread_mutex_unlock(&ms->m_mu);
 }
 
-/* etcd's id for a new member: sha1 of its sorted peer URLs, the cluster token and now. */
+/* A new member's id: sha1 of its sorted peer URLs and the cluster token, the same id the
+ * member computes for itself from --initial-cluster when it starts with
+ * --initial-cluster-state existing (etcd adds the time and the joiner asks its peers; we
+ * have the joiner derive it, so a member re-added at the same URLs gets the same id). */
 static uint64_t new_member_id(const config *cfg, char **urls, size_t n)
 {
-	char buf[4096];
-	size_t off = 0;
-	char *sorted[16];
-	size_t k = n < 16 ? n : 16;
-	memcpy(sorted, urls, k * sizeof(char *));
-	for (size_t i = 1; i < k; i++)
-		for (size_t j = i; j > 0 && strcmp(sorted[j - 1], sorted[j]) > 0; j--) {
-			char *t = sorted[j];
-			sorted[j] = sorted[j - 1];
-			sorted[j - 1] = t;
-		}
-	for (size_t i = 0; i < k; i++)
-		off += (size_t)snprintf(buf + off, off < sizeof(buf) ? sizeof(buf) - off : 0, "%s", sorted[i]);
-	if (off < sizeof(buf))
-		off += (size_t)snprintf(buf + off, sizeof(buf) - off, "%s%lld", cfg->initial_cluster_token,
-					(long long)time(NULL));
-	if (off > sizeof(buf))
-		off = sizeof(buf);
-	uint8_t d[SHA_DIGEST_LENGTH];
-	SHA1((const unsigned char *)buf, off, d);
-	uint64_t id = 0;
-	for (int i = 0; i < 8; i++)
-		id = id << 8 | d[i];
-	return id;
+	char *copy[CONFIG_MAX_URLS];
+	size_t k = n < CONFIG_MAX_URLS ? n : CONFIG_MAX_URLS;
+	memcpy(copy, urls, k * sizeof(char *));
+	return member_id_of(copy, (int)k, cfg->initial_cluster_token);
 }
 
 static void cluster_member_add(void *ctx, api_call *call, const ProtobufCMessage *msg)
@@ -481,4 +466,38 @@ size_t members_export(members *ms, storage_etcd_member *out, size_t max, storage
 	}
 	pthread_mutex_unlock(&ms->m_mu);
 	return n;
+}
+
+void members_reply(members *ms, api_call *call, node_op op, Etcdserverpb__ResponseHeader *h,
+		   Etcdserverpb__Member *added)
+{
+	/* etcd's answers carry the member list after the change (etcdctl prints it). */
+	pthread_mutex_lock(&ms->m_mu);
+	if (op == NODE_MEMBER_ADD) {
+		Etcdserverpb__MemberAddResponse resp = ETCDSERVERPB__MEMBER_ADD_RESPONSE__INIT;
+		resp.header = h;
+		resp.member = added;
+		resp.members = ms->m_list->members;
+		resp.n_members = ms->m_list->n_members;
+		api_call_reply(call, &resp.base);
+	} else if (op == NODE_MEMBER_REMOVE) {
+		Etcdserverpb__MemberRemoveResponse resp = ETCDSERVERPB__MEMBER_REMOVE_RESPONSE__INIT;
+		resp.header = h;
+		resp.members = ms->m_list->members;
+		resp.n_members = ms->m_list->n_members;
+		api_call_reply(call, &resp.base);
+	} else if (op == NODE_MEMBER_PROMOTE) {
+		Etcdserverpb__MemberPromoteResponse resp = ETCDSERVERPB__MEMBER_PROMOTE_RESPONSE__INIT;
+		resp.header = h;
+		resp.members = ms->m_list->members;
+		resp.n_members = ms->m_list->n_members;
+		api_call_reply(call, &resp.base);
+	} else {
+		Etcdserverpb__MemberUpdateResponse resp = ETCDSERVERPB__MEMBER_UPDATE_RESPONSE__INIT;
+		resp.header = h;
+		resp.members = ms->m_list->members;
+		resp.n_members = ms->m_list->n_members;
+		api_call_reply(call, &resp.base);
+	}
+	pthread_mutex_unlock(&ms->m_mu);
 }

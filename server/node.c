@@ -16,6 +16,8 @@
  * (one round for every read that arrived meanwhile) and are served once applied reaches it.
  */
 #include <pthread.h>
+#include <signal.h>
+#include <unistd.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,6 +43,7 @@
 /* Peer frame types: a Raft message, or a lease keep-alive forwarded to the leader. */
 #define FRAME_RAFT 0
 #define FRAME_KEEPALIVE 1
+#define FRAME_CLUSTER_ID 2 /* a member tells a peer the cluster id once connected */
 
 typedef struct node_req node_req;
 struct node_req {
@@ -57,6 +60,15 @@ struct node_req {
 	int nr_publish;                 /* NODE_MEMBER_UPDATE: this member's name and client URLs */
 	node_req *nr_next;
 };
+
+/* A configuration change the leader will propose once Raft takes calls again. */
+typedef struct pending_conf {
+	int pc_op; /* enum raft_conf_op */
+	uint64_t pc_node;
+	uint64_t pc_deadline_ms;
+} pending_conf;
+
+#define NODE_MAX_PENDING_CONF 16
 
 typedef struct read_round {
 	uint64_t rr_id;
@@ -86,6 +98,8 @@ struct node {
 	node_req *n_waiters_tail;
 	node_req *n_conf_waiters;     /* member changes waiting for their configuration change */
 	node_req *n_transfer;         /* a MoveLeader waiting for the new leader */
+	pending_conf n_pending_conf[NODE_MAX_PENDING_CONF];
+	size_t n_npending_conf;
 	node_req *n_reads;            /* linearizable reads not yet in a round */
 	read_round *n_rounds;
 	uint64_t n_next_round;
@@ -94,6 +108,9 @@ struct node {
 	size_t n_npeers;
 	int n_role;                   /* enum raft_role */
 	int n_published;              /* this start's name and client URLs were proposed */
+	uint64_t n_refusing[MEMBER_LIST_MAX]; /* peers refusing us as an unknown member */
+	size_t n_nrefusing;
+	int n_removed;
 	uint64_t n_req_timeout_ms;
 
 	node_req *n_compact_waiters; /* physical compactions waiting for the removal to finish */
@@ -104,6 +121,7 @@ struct node {
 	_Atomic uint64_t n_last_index;
 	_Atomic uint64_t n_lead;
 	_Atomic int n_multi_voter;
+	_Atomic int n_learner; /* this member is a learner */
 	_Atomic uint64_t n_stat_requests;
 	_Atomic uint64_t n_stat_commits;
 };
@@ -133,6 +151,11 @@ uint64_t node_last_index(node *n)
 uint64_t node_leader(node *n)
 {
 	return atomic_load(&n->n_lead);
+}
+
+int node_is_learner(node *n)
+{
+	return atomic_load(&n->n_learner);
 }
 
 int node_reads_need_index(node *n)
@@ -242,6 +265,24 @@ static void send_raft_message(node *n, const struct raft_message *m)
 
 static void process_ready(node *n);
 
+/* A joining member learns the cluster id from a peer and keeps it. */
+static void adopt_cluster_id(node *n, uint64_t cid)
+{
+	storage_batch *b;
+	uint8_t buf[8];
+	for (int i = 0; i < 8; i++)
+		buf[i] = (uint8_t)(cid >> (56 - 8 * i));
+	if (storage_batch_begin(n->n_sc->st, &b) != 0)
+		return;
+	if (storage_batch_meta_put(b, "cluster_id", buf, 8) != 0 ||
+	    storage_batch_commit(b, atomic_load(&n->n_applied)) != 0)
+		return;
+	n->n_sc->mi.cluster_id = cid;
+	char id[20];
+	snprintf(id, sizeof(id), "%llx", (unsigned long long)cid);
+	log_at(LOG_INFO, "joined the cluster", "cluster-id", id, NULL);
+}
+
 static void on_peer_message(void *ctx, uint64_t from, const void *bytes, size_t len)
 {
 	node *n = ctx;
@@ -257,6 +298,12 @@ static void on_peer_message(void *ctx, uint64_t from, const void *bytes, size_t 
 		raft_step(n->n_raft, &m);
 		raft_codec_free(&m);
 		process_ready(n);
+	} else if (p[0] == FRAME_CLUSTER_ID && len == 9) {
+		uint64_t cid = 0;
+		for (int i = 0; i < 8; i++)
+			cid = cid << 8 | p[1 + i];
+		if (n->n_sc->mi.cluster_id == 0 && cid != 0)
+			adopt_cluster_id(n, cid);
 	} else if (p[0] == FRAME_KEEPALIVE && len == 9) {
 		int64_t id = 0;
 		for (int i = 0; i < 8; i++)
@@ -265,9 +312,60 @@ static void on_peer_message(void *ctx, uint64_t from, const void *bytes, size_t 
 	}
 }
 
+static void note_refusal(node *n, const char *member, int refused);
+
+/* Once connected to a peer, tell it the cluster id: a member that joined learns it so. */
+static void on_peer_state(void *ctx, uint64_t member, int connected)
+{
+	node *n = ctx;
+	uint64_t cid = n->n_sc->mi.cluster_id;
+	if (connected) {
+		char id[20];
+		snprintf(id, sizeof(id), "%016llx", (unsigned long long)member);
+		note_refusal(n, id, 0);
+	}
+	if (!connected || cid == 0)
+		return;
+	uint8_t frame[9];
+	frame[0] = FRAME_CLUSTER_ID;
+	for (int i = 0; i < 8; i++)
+		frame[1 + i] = (uint8_t)(cid >> (56 - 8 * i));
+	peer_send(n->n_peers, member, frame, sizeof(frame));
+}
+
+/*
+ * A removed member rarely hears of its own removal: the leader stops sending to it as soon
+ * as the change is appended. Its peers then refuse it as an unknown sender; when most of
+ * them do, after it had been part of the cluster, it has been removed, and stops as etcd's
+ * member does.
+ */
+static void note_refusal(node *n, const char *member, int refused)
+{
+	uint64_t id = strtoull(member, NULL, 16);
+	size_t i;
+	for (i = 0; i < n->n_nrefusing; i++)
+		if (n->n_refusing[i] == id)
+			break;
+	if (!refused) {
+		if (i < n->n_nrefusing)
+			n->n_refusing[i] = n->n_refusing[--n->n_nrefusing];
+		return;
+	}
+	if (i == n->n_nrefusing && n->n_nrefusing < MEMBER_LIST_MAX)
+		n->n_refusing[n->n_nrefusing++] = id;
+	if (n->n_published && n->n_npeers > 0 && n->n_nrefusing * 2 > n->n_npeers && !n->n_removed) {
+		n->n_removed = 1;
+		log_at(LOG_WARN, "the member has been permanently removed from the cluster", NULL);
+		kill(getpid(), SIGTERM);
+	}
+}
+
 static void on_peer_log(void *ctx, int level, const char *msg, const char *member, const char *addr,
 			const char *error)
 {
+	node *n = ctx;
+	if (error && member && member[0] && strcmp(error, "sender is not a known member") == 0)
+		note_refusal(n, member, 1);
 	log_at(level >= PEER_LOG_ERROR ? LOG_ERROR : level >= PEER_LOG_WARN ? LOG_WARN
 		       : level >= PEER_LOG_INFO ? LOG_INFO : LOG_DEBUG,
 	       msg, "remote-peer-id", member, "address", addr, "error", error, NULL);
@@ -375,8 +473,15 @@ static void apply_one_entry(node *n, storage_batch *b, const struct raft_entry *
 			ae->ae_conf_op = cc.op;
 			ae->ae_conf_node = cc.node;
 			int learner = 0;
-			if (cc.op == RAFT_CONF_REMOVE)
+			if (cc.op == RAFT_CONF_REMOVE) {
 				members_conf_changed(sc->members, b, MEMBERS_REMOVE, cc.node);
+				if (cc.node == sc->mi.member_id) {
+					/* etcd: a removed member stops, once this batch is durable (main
+					 * takes the signal and shuts down in order). */
+					log_at(LOG_WARN, "the member has been permanently removed from the cluster", NULL);
+					kill(getpid(), SIGTERM);
+				}
+			}
 			else if (cc.op == RAFT_CONF_ADD_VOTER && members_exists(sc->members, cc.node, &learner) && learner)
 				members_conf_changed(sc->members, b, MEMBERS_PROMOTE, cc.node);
 		}
@@ -420,51 +525,59 @@ static void reply_conf_waiters(node *n, int op, uint64_t id)
 		/* The answers carry the member list after the change, as etcd's do. */
 		Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
 		server_fill_header(n->n_sc, &h);
-		if (r->nr_op == NODE_MEMBER_ADD) {
-			Etcdserverpb__MemberAddResponse resp = ETCDSERVERPB__MEMBER_ADD_RESPONSE__INIT;
-			Etcdserverpb__Member m = ETCDSERVERPB__MEMBER__INIT;
-			m.id = r->nr_member;
-			m.peerurls = r->nr_urls;
-			m.n_peerurls = r->nr_n_urls;
-			m.islearner = r->nr_learner;
-			resp.header = &h;
-			resp.member = &m;
-			api_call_reply(r->nr_call, &resp.base);
-		} else if (r->nr_op == NODE_MEMBER_REMOVE) {
-			Etcdserverpb__MemberRemoveResponse resp = ETCDSERVERPB__MEMBER_REMOVE_RESPONSE__INIT;
-			resp.header = &h;
-			api_call_reply(r->nr_call, &resp.base);
-		} else {
-			Etcdserverpb__MemberPromoteResponse resp = ETCDSERVERPB__MEMBER_PROMOTE_RESPONSE__INIT;
-			resp.header = &h;
-			api_call_reply(r->nr_call, &resp.base);
-		}
+		Etcdserverpb__Member m = ETCDSERVERPB__MEMBER__INIT;
+		m.id = r->nr_member;
+		m.peerurls = r->nr_urls;
+		m.n_peerurls = r->nr_n_urls;
+		m.islearner = r->nr_learner;
+		members_reply(n->n_sc->members, r->nr_call, r->nr_op, &h, &m);
 		r->nr_call = NULL;
 		req_free(r);
 	}
 }
 
-/* A member add was recorded: now Raft adds the member (the proposer asks for it). */
-static void propose_conf_for(node *n, node_req *r)
+/*
+ * Membership changes travel as normal entries first (so that a follower can ask, and every
+ * member records a new member's URLs before it joins); the member that leads when such an
+ * entry applies then proposes Raft's configuration change. Raft refuses calls between
+ * raft_ready() and raft_advance(), so the change waits in n_pending_conf until then, and is
+ * retried while Raft is busy with an earlier one.
+ */
+static void queue_conf_change(node *n, const apply_result *r)
 {
-	enum raft_conf_op op = r->nr_op == NODE_MEMBER_REMOVE ? RAFT_CONF_REMOVE
-			       : r->nr_op == NODE_MEMBER_PROMOTE ? RAFT_CONF_ADD_VOTER
-			       : r->nr_learner ? RAFT_CONF_ADD_LEARNER
-			       : RAFT_CONF_ADD_VOTER;
-	int rc = raft_propose_conf_change(n->n_raft, op, r->nr_member, NULL);
-	if (rc == 0) {
-		r->nr_next = n->n_conf_waiters;
-		n->n_conf_waiters = r;
+	if (n->n_role != RAFT_LEADER || n->n_npending_conf == NODE_MAX_PENDING_CONF)
 		return;
+	const Etcdserverpb__Member *m = (const Etcdserverpb__Member *)r->ar_req;
+	enum raft_conf_op op = r->ar_op == NODE_MEMBER_REMOVE ? RAFT_CONF_REMOVE
+			       : r->ar_op == NODE_MEMBER_PROMOTE ? RAFT_CONF_ADD_VOTER
+			       : m->islearner ? RAFT_CONF_ADD_LEARNER
+			       : RAFT_CONF_ADD_VOTER;
+	n->n_pending_conf[n->n_npending_conf].pc_op = op;
+	n->n_pending_conf[n->n_npending_conf].pc_node = m->id;
+	n->n_pending_conf[n->n_npending_conf].pc_deadline_ms = now_ms() + n->n_req_timeout_ms;
+	n->n_npending_conf++;
+}
+
+/* Proposes the queued configuration changes Raft will take now; called outside a Ready. */
+static void propose_pending_conf(node *n)
+{
+	size_t keep = 0;
+	uint64_t now = now_ms();
+	for (size_t i = 0; i < n->n_npending_conf; i++) {
+		pending_conf *pc = &n->n_pending_conf[i];
+		int rc = n->n_role == RAFT_LEADER ? raft_propose_conf_change(n->n_raft, pc->pc_op, pc->pc_node, NULL)
+						  : RAFT_ENOTLEADER;
+		if (rc == RAFT_EBUSY && pc->pc_deadline_ms > now) {
+			n->n_pending_conf[keep++] = *pc; /* an earlier change is still in flight */
+			continue;
+		}
+		if (rc != 0) {
+			char id[20];
+			snprintf(id, sizeof(id), "%llx", (unsigned long long)pc->pc_node);
+			log_at(LOG_WARN, "membership change not proposed", "member-id", id, "error", raft_strerror(rc), NULL);
+		}
 	}
-	if (rc == RAFT_EBUSY)
-		api_call_fail_msg(r->nr_call, 9, "etcdserver: unhealthy cluster");
-	else if (rc == RAFT_ENOTLEADER || rc == RAFT_EDROPPED)
-		api_call_fail(r->nr_call, API_ERR_NO_LEADER);
-	else
-		api_call_fail_msg(r->nr_call, 3, raft_strerror(rc));
-	r->nr_call = NULL;
-	req_free(r);
+	n->n_npending_conf = keep;
 }
 
 static void answer_applied(node *n, apply_batch *ab, int committed)
@@ -484,6 +597,9 @@ static void answer_applied(node *n, apply_batch *ab, int committed)
 			apply_committed(sc, r, leader);
 		if (r->ar_op == NODE_MEMBER_ADD || r->ar_op == NODE_MEMBER_UPDATE)
 			membership = 1;
+		if ((r->ar_op == NODE_MEMBER_ADD || r->ar_op == NODE_MEMBER_REMOVE ||
+		     r->ar_op == NODE_MEMBER_PROMOTE) && r->ar_err == 0 && committed)
+			queue_conf_change(n, r);
 		node_req *w = ae->ae_req;
 		if (w == NULL)
 			continue;
@@ -491,15 +607,15 @@ static void answer_applied(node *n, apply_batch *ab, int committed)
 			req_fail(w, API_ERR_INTERNAL);
 		} else if (w->nr_call == NULL) {
 			req_free(w); /* internal: nobody waits */
-		} else if (w->nr_op == NODE_MEMBER_ADD) {
-			/* Recorded on every member; now the configuration change. */
-			propose_conf_for(n, w);
+		} else if (w->nr_op == NODE_MEMBER_ADD || w->nr_op == NODE_MEMBER_REMOVE ||
+			   w->nr_op == NODE_MEMBER_PROMOTE) {
+			/* The leader proposes the configuration change; answer when it commits. */
+			w->nr_next = n->n_conf_waiters;
+			n->n_conf_waiters = w;
 		} else if (w->nr_op == NODE_MEMBER_UPDATE) {
-			Etcdserverpb__MemberUpdateResponse resp = ETCDSERVERPB__MEMBER_UPDATE_RESPONSE__INIT;
 			Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
 			server_fill_header(sc, &h);
-			resp.header = &h;
-			api_call_reply(w->nr_call, &resp.base);
+			members_reply(sc->members, w->nr_call, NODE_MEMBER_UPDATE, &h, NULL);
 			w->nr_call = NULL;
 			req_free(w);
 		} else if (r->ar_err != 0) {
@@ -708,6 +824,10 @@ static void conf_status(node *n)
 	struct raft_status st;
 	raft_status(n->n_raft, &st);
 	atomic_store(&n->n_multi_voter, st.conf.n_voters > 1);
+	int learner = 0;
+	for (uint32_t i = 0; i < st.conf.n_learners; i++)
+		learner |= st.conf.learners[i] == st.id;
+	atomic_store(&n->n_learner, learner);
 	atomic_store(&n->n_last_index, st.last_index);
 }
 
@@ -821,6 +941,8 @@ static void process_ready(node *n)
 		}
 		conf_status(n);
 		serve_reads(n);
+		if (n->n_npending_conf)
+			propose_pending_conf(n);
 	}
 	if (n->n_compacting)
 		uv_async_send(&n->n_wake);
@@ -895,10 +1017,6 @@ static void propose(node *n, node_req *r)
 		r->nr_next = n->n_reads;
 		n->n_reads = r;
 		return;
-	case NODE_MEMBER_REMOVE:
-	case NODE_MEMBER_PROMOTE:
-		propose_conf_for(n, r);
-		return;
 	case NODE_MOVE_LEADER: {
 		/* etcd: only the leader moves leadership, to a voting member. */
 		const Etcdserverpb__MoveLeaderRequest *req = (const Etcdserverpb__MoveLeaderRequest *)r->nr_msg;
@@ -955,7 +1073,8 @@ static void propose(node *n, node_req *r)
 	size_t len;
 	Etcdserverpb__Member m = ETCDSERVERPB__MEMBER__INIT;
 	const ProtobufCMessage *msg = r->nr_msg;
-	if (r->nr_op == NODE_MEMBER_ADD || r->nr_op == NODE_MEMBER_UPDATE) {
+	if (r->nr_op == NODE_MEMBER_ADD || r->nr_op == NODE_MEMBER_UPDATE || r->nr_op == NODE_MEMBER_REMOVE ||
+	    r->nr_op == NODE_MEMBER_PROMOTE) {
 		m.id = r->nr_member;
 		if (r->nr_publish) {
 			m.name = (char *)sc->cfg->name;
@@ -1027,6 +1146,10 @@ static void on_tick(uv_timer_t *t)
 	node *n = t->data;
 	raft_tick(n->n_raft);
 	process_ready(n);
+	if (n->n_npending_conf) {
+		propose_pending_conf(n);
+		process_ready(n);
+	}
 }
 
 /* Queues a revoke for each expired lease; only the leader expires leases. */
@@ -1192,6 +1315,13 @@ static int raft_boot(node *n)
 			else
 				cfg.conf.voters[cfg.conf.n_voters++] = ids[i];
 		}
+		/* A member joining an existing cluster learns the configuration from the leader's
+		 * log (its configuration entries carry the whole configuration). */
+		if (strcmp(sc->cfg->initial_cluster_state, "existing") == 0 && ls.ls_snap_index == 0 &&
+		    ls.ls_n_entries == 0 && stats.st_applied_index == 0) {
+			cfg.conf.n_voters = 0;
+			cfg.conf.n_learners = 0;
+		}
 		uint64_t hb = sc->cfg->heartbeat_ms ? sc->cfg->heartbeat_ms : 100;
 		cfg.election_tick = (unsigned)(sc->cfg->election_ms / hb);
 		if (cfg.election_tick < 2)
@@ -1304,7 +1434,7 @@ int node_start(node **out, server_ctx *sc)
 	pc.pc_cluster_token = sc->cfg->initial_cluster_token;
 	pc.pc_listen = listen;
 	pc.pc_n_listen = nl;
-	peer_callbacks cb = {on_peer_message, NULL, on_peer_log};
+	peer_callbacks cb = {on_peer_message, on_peer_state, on_peer_log};
 	int prc = peer_transport_init(&n->n_peers, &n->n_loop, &pc, cb, n);
 	if (prc != 0) {
 		log_at(LOG_FATAL, "cannot listen for peers", "error", peer_strerror(prc), NULL);

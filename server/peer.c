@@ -542,7 +542,7 @@ static void conn_fail(conn *c, int why)
 			dial_failed_log(p, why);
 	} else {
 		uint64_t id = c->c_remote;
-		if (why != UV_EOF && why != WHY_EOF && why != WHY_REPLACED)
+		if (why != WHY_EOF && why != UV_ECONNRESET && why != WHY_REPLACED)
 			t->t_st.pts_proto_errs++;
 		int lvl = (why == WHY_EOF || why == UV_ECONNRESET || why == WHY_REPLACED)
 				  ? PEER_LOG_INFO
@@ -647,7 +647,9 @@ static int hello_check(conn *c, const uint8_t *pl, size_t len, uint64_t *sender)
 	if (tlen > PEER_TOKEN_MAX || len != HELLO_FIXED + tlen)
 		return -WHY_BAD_HELLO;
 	*sender = get_be64(pl + 16);
-	if (get_be64(pl + 8) != t->t_cluster)
+	/* 0 is a member joining an existing cluster that has yet to learn the cluster id
+	 * (etcd's --initial-cluster-state existing); the token must still match. */
+	if (get_be64(pl + 8) != t->t_cluster && get_be64(pl + 8) != 0 && t->t_cluster != 0)
 		return PEER_HS_CLUSTER_ID;
 	if (tlen != t->t_token_len || memcmp(pl + HELLO_FIXED, t->t_token, tlen) != 0)
 		return PEER_HS_TOKEN;
@@ -730,7 +732,10 @@ static void outgoing_on_ack(conn *c, const uint8_t *pl, size_t len)
 	}
 	int st = get_be16(pl + 6);
 	if (st != PEER_HS_OK) {
+		uint64_t id = p != NULL ? p->p_id : 0;
 		conn_fail(c, WHY_REFUSED + st);
+		if (id != 0 && !t->t_closing && t->t_cb.on_refused != NULL)
+			t->t_cb.on_refused(t->t_ctx, id, st);
 		return;
 	}
 	if (get_be16(pl + 4) != PEER_PROTOCOL_VERSION) {
@@ -1439,6 +1444,14 @@ int peer_send(peer_transport *t, uint64_t to, const void *bytes, size_t len)
 	p->p_queued += flen;
 	if (p->p_conn != NULL && p->p_conn->c_state == CONN_OPEN && !p->p_conn->c_writing)
 		schedule_flush(t);
+	return 0;
+}
+
+int peer_set_cluster_id(peer_transport *t, uint64_t cluster_id)
+{
+	if (t->t_closing)
+		return PEER_ECLOSED;
+	t->t_cluster = cluster_id;
 	return 0;
 }
 

@@ -26,12 +26,17 @@
  *      A non-zero status refuses the connection: the acceptor logs why, writes the ACK and
  *      closes. It refuses a different cluster id or token, a receiver id that is not its own,
  *      a sender that is itself or that it does not know (peer_add), and unknown versions.
- *      "A member from another cluster is refused."
+ *      "A member from another cluster is refused." A cluster id of 0 on either side stands
+ *      for "not known yet" (a member joining with --initial-cluster-state existing) and
+ *      matches any id; the token must match regardless.
  *   3. After an OK ACK, the dialer sends message frames; the acceptor sends nothing more.
  *   A length above the limit (2 KiB before the handshake, cfg.max_frame after it), a
  *   malformed HELLO/ACK, or any byte from an acceptor after its ACK closes the connection.
  *   Lengths are checked before any allocation; a large frame's buffer grows with the bytes
- *   actually received, never with the announced length alone.
+ *   actually received, never with the announced length alone. Give every member the same
+ *   cfg.max_frame: a frame over the receiver's limit costs the sender its connection.
+ *   Host names are resolved on every dial (libuv's threadpool); each address is tried in
+ *   turn before the attempt counts as failed.
  *
  * DELIVERY
  *   In order and at most once per (sender, receiver) pair. A message is lost if the
@@ -142,6 +147,14 @@ typedef struct peer_callbacks {
 	 */
 	void (*on_log)(void *ctx, int level, const char *msg, const char *member,
 		       const char *addr, const char *error);
+	/*
+	 * The member at member_id's address refused OUR handshake with status (PEER_HS_*).
+	 * Called on every refusal (at most once per reconnect backoff), unlike on_log. A
+	 * member that most of its peers refuse with PEER_HS_UNKNOWN_SENDER has most likely
+	 * been removed from the cluster. Refusals of other members' handshakes by this
+	 * transport are only logged.
+	 */
+	void (*on_refused)(void *ctx, uint64_t member_id, int status);
 } peer_callbacks;
 
 typedef struct peer_transport peer_transport;
@@ -194,6 +207,13 @@ int peer_remove(peer_transport *t, uint64_t member_id);
  * PEER_ECLOSED, PEER_EINVAL (bytes NULL with len > 0).
  */
 int peer_send(peer_transport *t, uint64_t to, const void *bytes, size_t len);
+
+/*
+ * Sets the cluster id this transport sends in its HELLOs and checks in others' from now on
+ * (a joining member that started with 0 and learned the id). Connections already open are
+ * kept. Errors: PEER_ECLOSED.
+ */
+int peer_set_cluster_id(peer_transport *t, uint64_t cluster_id);
 
 /* Counters of one peer, for metrics and tests. */
 typedef struct peer_stats {

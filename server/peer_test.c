@@ -91,6 +91,8 @@ typedef struct node {
 	int connected[MAXN + 1];   /* last on_peer_state, by member id (1..MAXN) */
 	int state_changes;
 	int remove_on_disconnect;  /* peer_remove from inside on_peer_state(.., 0) */
+	int refused_n;             /* on_refused calls */
+	int refused_status;        /* the last one's status */
 	char logs[64][160];
 	int n_logs;
 } node;
@@ -203,6 +205,13 @@ static void on_log(void *ctx, int level, const char *msg, const char *member, co
 		snprintf(n->logs[n->n_logs++], sizeof(n->logs[0]), "%s: %s", msg, error);
 }
 
+static void on_refused(void *ctx, uint64_t id, int status)
+{
+	node *n = ctx;
+	n->refused_n++;
+	n->refused_status = status;
+}
+
 static int count_logs(const node *n, const char *needle)
 {
 	int k = 0;
@@ -215,6 +224,7 @@ static int count_logs(const node *n, const char *needle)
 typedef struct node_opts {
 	const char *token;
 	uint64_t cluster;
+	int zero_cluster;  /* cluster id 0: "not known yet" */
 	int port;          /* 0: ephemeral */
 	size_t max_frame;
 	size_t max_queue;
@@ -230,7 +240,7 @@ static int node_start(node *n, uint64_t id, const node_opts *o)
 	n->id = id;
 	peer_config cfg = {
 		.pc_self_id = id,
-		.pc_cluster_id = o && o->cluster ? o->cluster : 0xC1C1,
+		.pc_cluster_id = o && o->zero_cluster ? 0 : o && o->cluster ? o->cluster : 0xC1C1,
 		.pc_cluster_token = o && o->token ? o->token : "keelson-test",
 		.pc_listen = listen,
 		.pc_n_listen = 1,
@@ -241,7 +251,7 @@ static int node_start(node *n, uint64_t id, const node_opts *o)
 		.pc_handshake_timeout_ms = o && o->hs_ms ? o->hs_ms : 2000,
 		.pc_seed = id,
 	};
-	peer_callbacks cb = {on_message, on_peer_state, on_log};
+	peer_callbacks cb = {on_message, on_peer_state, on_log, on_refused};
 	int rc = peer_transport_init(&n->t, &loop, &cfg, cb, n);
 	CHECK_EQ(rc, 0);
 	if (rc != 0)
@@ -698,6 +708,7 @@ static void check_refused(node *a, const node_opts *o, uint64_t dialer_id, uint6
 	link l = {a, before.pts_refused + 4};
 	run_until(refused_at_least, &l, 5000, "4 refusals");
 	CHECK_EQ(count_logs(&d, reason), 1);
+	CHECK(d.refused_n >= 3); /* on_refused: every time, unlike the log */
 	CHECK_EQ(d.connected[to < MAXN ? to : 0], 0);
 	CHECK_EQ(d.state_changes, 0);
 	CHECK_EQ(a->recv_n[dialer_id - 1], 0);
@@ -706,6 +717,17 @@ static void check_refused(node *a, const node_opts *o, uint64_t dialer_id, uint6
 	CHECK_EQ(st.ps_connects, 0);
 	CHECK_EQ(st.ps_sent_msgs, 0);
 	node_close(&d);
+}
+
+typedef struct refused_wait {
+	node *n;
+	int before;
+} refused_wait;
+
+static int refused_n_grew(void *arg)
+{
+	refused_wait *w = arg;
+	return w->n->refused_n > w->before;
 }
 
 static void test_handshake_refusal(void)
@@ -730,6 +752,32 @@ static void test_handshake_refusal(void)
 
 	/* A sender a was never told about (peer_add) is refused too. */
 	check_refused(&a, NULL, 3, 1, "sender is not a known member");
+
+	/* A joining member that does not know the cluster id yet (0) is accepted on the token;
+	 * once it sets a wrong id, its next handshake is refused. */
+	node j;
+	node_opts joining = {.zero_cluster = 1};
+	node_start(&j, 3, &joining);
+	node_add(&j, 1, a.port);
+	CHECK_EQ(peer_add(a.t, 3, "127.0.0.1:1"), 0);
+	j.mode = MODE_TAGGED;
+	wait_connected(&j, 1);
+	CHECK_EQ(j.refused_n, 0);
+	CHECK_EQ(peer_set_cluster_id(j.t, 0xBAD), 0);
+	CHECK_EQ(peer_remove(a.t, 3), 0); /* cuts j's connection: j redials with 0xBAD */
+	CHECK_EQ(peer_add(a.t, 3, "127.0.0.1:1"), 0);
+	link jl = {&j, 1};
+	run_until(is_disconnected, &jl, 5000, "j cut off");
+	int refused_before = j.refused_n;
+	link al = {&a, 0};
+	peer_transport_stats ast;
+	peer_transport_get_stats(a.t, &ast);
+	al.id = ast.pts_refused + 1;
+	run_until(refused_at_least, &al, 5000, "a refuses j's new cluster id");
+	run_until(refused_n_grew, &(refused_wait){&j, refused_before}, 5000, "j told of refusal");
+	CHECK_EQ(j.refused_status, PEER_HS_CLUSTER_ID);
+	node_close(&j);
+	CHECK_EQ(peer_remove(a.t, 3), 0);
 
 	/* Through all of it the real members kept talking. */
 	wait_connected(&a, 2);
@@ -1115,7 +1163,8 @@ static void test_random_streams(void)
 	for (int i = 0; i < 60; i++) {
 		size_t n = 0;
 		h = mix(h);
-		if (h & 1)
+		int hello = (int)(h & 1);
+		if (hello)
 			n = make_hello(buf, 0xC1C1, "keelson-test", 3, 1);
 		int frames = (int)((h >> 8) % 20);
 		for (int f = 0; f < frames && n + 8 < cap; f++) {
@@ -1142,7 +1191,7 @@ static void test_random_streams(void)
 		raw r;
 		/* After a valid HELLO, a waits for the rest of a frame as long as the sender
 		 * lives (no idle timeout on members), so those clients hang up themselves. */
-		raw_run(&r, a.port, buf, n, (h & 1) || ((h >> 20) & 1));
+		raw_run(&r, a.port, buf, n, hello || ((h >> 20) & 1));
 	}
 	free(buf);
 	link l = {&a, 1};

@@ -111,6 +111,8 @@ typedef struct member_id_list {
 	char *buf;
 } member_id_list;
 void member_compute_all(const config *cfg, member_id_list *out);
+/* etcd's member id of peer URLs (sorted in place) and a cluster token. */
+uint64_t member_id_of(char **urls, int n, const char *token);
 void member_id_list_free(member_id_list *l);
 
 /* ---- node.c ---- */
@@ -129,8 +131,8 @@ typedef enum node_op {
 	NODE_DEFRAG,        /* local: never in the log */
 	NODE_MEMBER_ADD,    /* a Member: recorded, then Raft adds it */
 	NODE_MEMBER_UPDATE, /* a Member: new peer URLs, or a started member's attributes */
-	NODE_MEMBER_REMOVE, /* local request: Raft configuration change */
-	NODE_MEMBER_PROMOTE,
+	NODE_MEMBER_REMOVE, /* a Member (id): the leader then proposes Raft's removal */
+	NODE_MEMBER_PROMOTE, /* a Member (id): the leader then proposes Raft's promotion */
 	NODE_READ_RANGE,    /* local: a linearizable Range waiting for a read index */
 	NODE_READ_TXN,      /* local: a linearizable read-only Txn */
 	NODE_KEEPALIVE_FWD, /* local: a lease keep-alive a follower passes to the leader */
@@ -166,6 +168,8 @@ void node_member_change(node *n, node_op op, api_call *call, uint64_t id, int le
 			char **peer_urls, size_t n_urls);
 /* The current leader's member id, 0 if none. */
 uint64_t node_leader(node *n);
+/* Whether this member is a learner (it serves only serializable reads, as etcd's). */
+int node_is_learner(node *n);
 /* Raft's last log index. */
 uint64_t node_last_index(node *n);
 /* Passes a lease keep-alive to the leader (from a follower). */
@@ -260,6 +264,9 @@ void members_free(members *ms);
 int members_apply(members *ms, storage_batch *b, node_op op, const Etcdserverpb__Member *m);
 int members_conf_changed(members *ms, storage_batch *b, int op, uint64_t id);
 int members_exists(members *ms, uint64_t id, int *learner);
+/* Answers a Cluster change (op: NODE_MEMBER_*) with the member list after it. */
+void members_reply(members *ms, api_call *call, node_op op, Etcdserverpb__ResponseHeader *h,
+		   Etcdserverpb__Member *added);
 /* The members as etcd's snapshot records them, strings copied into the arena. */
 size_t members_export(members *ms, storage_etcd_member *out, size_t max, storage_arena *a);
 /* Up to max members: ids, first peer "host:port", learner flags. */
@@ -329,6 +336,9 @@ int alarm_register(api_server *as, server_ctx *sc);
 int members_register(api_server *as, server_ctx *sc);
 int snapshot_register(api_server *as, server_ctx *sc);
 int auth_register(api_server *as, server_ctx *sc);
+/* etcd: a learner refuses every request but serializable reads, Status and MemberList.
+ * Ends call with etcd's error and returns 1 if this member must refuse. */
+int learner_refuses(server_ctx *sc, api_call *call);
 /* Ends call with the auth error if there is one (auth_check_* result); whether to go on. */
 int permitted(server_ctx *sc, api_call *call, int auth_err);
 /* The request's auth token (metadata "token"), NULL if none. */
