@@ -278,6 +278,7 @@ static void adopt_cluster_id(node *n, uint64_t cid)
 	    storage_batch_commit(b, atomic_load(&n->n_applied)) != 0)
 		return;
 	n->n_sc->mi.cluster_id = cid;
+	peer_set_cluster_id(n->n_peers, cid);
 	char id[20];
 	snprintf(id, sizeof(id), "%llx", (unsigned long long)cid);
 	log_at(LOG_INFO, "joined the cluster", "cluster-id", id, NULL);
@@ -312,18 +313,15 @@ static void on_peer_message(void *ctx, uint64_t from, const void *bytes, size_t 
 	}
 }
 
-static void note_refusal(node *n, const char *member, int refused);
+static void note_refusal(node *n, uint64_t id, int refused);
 
 /* Once connected to a peer, tell it the cluster id: a member that joined learns it so. */
 static void on_peer_state(void *ctx, uint64_t member, int connected)
 {
 	node *n = ctx;
 	uint64_t cid = n->n_sc->mi.cluster_id;
-	if (connected) {
-		char id[20];
-		snprintf(id, sizeof(id), "%016llx", (unsigned long long)member);
-		note_refusal(n, id, 0);
-	}
+	if (connected)
+		note_refusal(n, member, 0);
 	if (!connected || cid == 0)
 		return;
 	uint8_t frame[9];
@@ -339,9 +337,8 @@ static void on_peer_state(void *ctx, uint64_t member, int connected)
  * them do, after it had been part of the cluster, it has been removed, and stops as etcd's
  * member does.
  */
-static void note_refusal(node *n, const char *member, int refused)
+static void note_refusal(node *n, uint64_t id, int refused)
 {
-	uint64_t id = strtoull(member, NULL, 16);
 	size_t i;
 	for (i = 0; i < n->n_nrefusing; i++)
 		if (n->n_refusing[i] == id)
@@ -360,12 +357,16 @@ static void note_refusal(node *n, const char *member, int refused)
 	}
 }
 
+/* A peer refused our connection: as an unknown sender, it no longer counts us a member. */
+static void on_peer_refused(void *ctx, uint64_t member, int status)
+{
+	note_refusal(ctx, member, status == PEER_HS_UNKNOWN_SENDER);
+}
+
 static void on_peer_log(void *ctx, int level, const char *msg, const char *member, const char *addr,
 			const char *error)
 {
-	node *n = ctx;
-	if (error && member && member[0] && strcmp(error, "sender is not a known member") == 0)
-		note_refusal(n, member, 1);
+	(void)ctx;
 	log_at(level >= PEER_LOG_ERROR ? LOG_ERROR : level >= PEER_LOG_WARN ? LOG_WARN
 		       : level >= PEER_LOG_INFO ? LOG_INFO : LOG_DEBUG,
 	       msg, "remote-peer-id", member, "address", addr, "error", error, NULL);
@@ -1434,7 +1435,7 @@ int node_start(node **out, server_ctx *sc)
 	pc.pc_cluster_token = sc->cfg->initial_cluster_token;
 	pc.pc_listen = listen;
 	pc.pc_n_listen = nl;
-	peer_callbacks cb = {on_peer_message, on_peer_state, on_peer_log};
+	peer_callbacks cb = {on_peer_message, on_peer_state, on_peer_log, on_peer_refused};
 	int prc = peer_transport_init(&n->n_peers, &n->n_loop, &pc, cb, n);
 	if (prc != 0) {
 		log_at(LOG_FATAL, "cannot listen for peers", "error", peer_strerror(prc), NULL);
