@@ -70,18 +70,18 @@
 extern "C" {
 #endif
 
-/* Error codes: Keelson's raft module owns -1000 .. -1099. */
-#define RAFT_ENOMEM       (-1001) /* allocation failed; instance is unusable */
-#define RAFT_EINVAL       (-1002) /* invalid argument or malformed message */
-#define RAFT_ENOTLEADER   (-1003) /* this call needs the leader */
-#define RAFT_EBUSY        (-1004) /* a conf change or leader transfer is pending */
-#define RAFT_ECOMPACTED   (-1005) /* index is below the first index in memory */
-#define RAFT_EUNAVAILABLE (-1006) /* index is beyond the log */
-#define RAFT_ETOOBIG      (-1007) /* data exceeds a configured limit */
-#define RAFT_EDROPPED     (-1008) /* proposal dropped (no leader, transferring) */
-#define RAFT_ECORRUPT     (-1009) /* checksum mismatch (codec) */
-#define RAFT_EMALFORMED   (-1010) /* malformed encoding (codec) */
-#define RAFT_ESTALE       (-1011) /* argument refers to a superseded state */
+/* Error codes: Keelson's raft module owns -1300 .. -1399. */
+#define RAFT_ENOMEM       (-1301) /* allocation failed; instance is unusable */
+#define RAFT_EINVAL       (-1302) /* invalid argument or malformed message */
+#define RAFT_ENOTLEADER   (-1303) /* this call needs the leader */
+#define RAFT_EBUSY        (-1304) /* a conf change or leader transfer is pending */
+#define RAFT_ECOMPACTED   (-1305) /* index is below the first index in memory */
+#define RAFT_EUNAVAILABLE (-1306) /* index is beyond the log */
+#define RAFT_ETOOBIG      (-1307) /* data exceeds a configured limit */
+#define RAFT_EDROPPED     (-1308) /* proposal dropped (no leader, transferring) */
+#define RAFT_ECORRUPT     (-1309) /* checksum mismatch (codec) */
+#define RAFT_EMALFORMED   (-1310) /* malformed encoding (codec) */
+#define RAFT_ESTALE       (-1311) /* argument refers to a superseded state */
 
 /* Returns a static string describing err (never NULL). */
 const char *raft_strerror(int err);
