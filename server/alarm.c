@@ -249,9 +249,7 @@ int alarm_quota_exceeded(server_ctx *sc, size_t request_bytes)
 static void maint_alarm(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
-	size_t toklen = 0;
-	const char *tok = call_token(call, &toklen);
-	if (!permitted(sc, call, auth_check_admin(sc->auth, tok, toklen)))
+	if (!call_admitted(sc, call, 1, 1))
 		return;
 	const Etcdserverpb__AlarmRequest *req = (const Etcdserverpb__AlarmRequest *)msg;
 	if (req->action != ETCDSERVERPB__ALARM_REQUEST__ALARM_ACTION__GET) {

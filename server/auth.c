@@ -1002,6 +1002,39 @@ static void user_get_rpc(void *ctx, api_call *call, const ProtobufCMessage *msg)
 		server_fail_storage(call, AUTH_ERR_USER_NOT_FOUND);
 }
 
+/* Sorted copies of the names of users (roles == 0) or roles; *n of them, malloc'd. */
+static char **sorted_names(auth_store *as, int roles, size_t *n)
+{
+	pthread_mutex_lock(&as->a_mu);
+	size_t count = roles ? as->a_nroles : as->a_nusers;
+	char **names = calloc(count ? count : 1, sizeof(char *));
+	*n = 0;
+	for (size_t i = 0; names && i < count; i++) {
+		const ProtobufCBinaryData *nm = roles ? &as->a_roles[i]->name : &as->a_users[i]->name;
+		char *c = malloc(nm->len + 1);
+		if (c == NULL)
+			break;
+		memcpy(c, nm->data, nm->len);
+		c[nm->len] = '\0';
+		names[(*n)++] = c;
+	}
+	pthread_mutex_unlock(&as->a_mu);
+	for (size_t a = 1; names && a < *n; a++)
+		for (size_t b = a; b > 0 && strcmp(names[b - 1], names[b]) > 0; b--) {
+			char *t = names[b];
+			names[b] = names[b - 1];
+			names[b - 1] = t;
+		}
+	return names;
+}
+
+static void free_names(char **names, size_t n)
+{
+	for (size_t i = 0; i < n; i++)
+		free(names[i]);
+	free(names);
+}
+
 static void user_list_rpc(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
@@ -1012,27 +1045,9 @@ static void user_list_rpc(void *ctx, api_call *call, const ProtobufCMessage *msg
 	server_fill_header(sc, &h);
 	h.revision = storage_current_revision(sc->st);
 	resp.header = &h;
-	char *names[AUTH_MAX_USERS];
-	pthread_mutex_lock(&sc->auth->a_mu);
-	for (size_t i = 0; i < sc->auth->a_nusers; i++) {
-		names[i] = malloc(sc->auth->a_users[i]->name.len + 1);
-		if (names[i]) {
-			memcpy(names[i], sc->auth->a_users[i]->name.data, sc->auth->a_users[i]->name.len);
-			names[i][sc->auth->a_users[i]->name.len] = '\0';
-		}
-		resp.n_users = i + 1;
-	}
-	pthread_mutex_unlock(&sc->auth->a_mu);
-	for (size_t a = 1; a < resp.n_users; a++)
-		for (size_t b = a; b > 0 && strcmp(names[b - 1], names[b]) > 0; b--) {
-			char *t = names[b];
-			names[b] = names[b - 1];
-			names[b - 1] = t;
-		}
-	resp.users = names;
+	resp.users = sorted_names(sc->auth, 0, &resp.n_users);
 	api_call_reply(call, &resp.base);
-	for (size_t i = 0; i < resp.n_users; i++)
-		free(names[i]);
+	free_names(resp.users, resp.n_users);
 }
 
 static void role_get_rpc(void *ctx, api_call *call, const ProtobufCMessage *msg)
@@ -1070,27 +1085,9 @@ static void role_list_rpc(void *ctx, api_call *call, const ProtobufCMessage *msg
 	server_fill_header(sc, &h);
 	h.revision = storage_current_revision(sc->st);
 	resp.header = &h;
-	char *names[AUTH_MAX_ROLES];
-	pthread_mutex_lock(&sc->auth->a_mu);
-	for (size_t i = 0; i < sc->auth->a_nroles; i++) {
-		names[i] = malloc(sc->auth->a_roles[i]->name.len + 1);
-		if (names[i]) {
-			memcpy(names[i], sc->auth->a_roles[i]->name.data, sc->auth->a_roles[i]->name.len);
-			names[i][sc->auth->a_roles[i]->name.len] = '\0';
-		}
-		resp.n_roles = i + 1;
-	}
-	pthread_mutex_unlock(&sc->auth->a_mu);
-	for (size_t a = 1; a < resp.n_roles; a++)
-		for (size_t b = a; b > 0 && strcmp(names[b - 1], names[b]) > 0; b--) {
-			char *t = names[b];
-			names[b] = names[b - 1];
-			names[b - 1] = t;
-		}
-	resp.roles = names;
+	resp.roles = sorted_names(sc->auth, 1, &resp.n_roles);
 	api_call_reply(call, &resp.base);
-	for (size_t i = 0; i < resp.n_roles; i++)
-		free(names[i]);
+	free_names(resp.roles, resp.n_roles);
 }
 
 int auth_register(api_server *as, server_ctx *sc)

@@ -55,6 +55,16 @@ int learner_refuses(server_ctx *sc, api_call *call)
 	return 1;
 }
 
+int call_admitted(server_ctx *sc, api_call *call, int learner_ok, int admin)
+{
+	if (!learner_ok && learner_refuses(sc, call))
+		return 0;
+	size_t toklen = 0;
+	const char *tok = call_token(call, &toklen);
+	return permitted(sc, call, admin ? auth_check_admin(sc->auth, tok, toklen)
+					 : auth_check_user(sc->auth, tok, toklen));
+}
+
 /* Ends call with the auth error if there is one; whether the request may go on. */
 int permitted(server_ctx *sc, api_call *call, int auth_err)
 {

@@ -234,11 +234,7 @@ static int64_t current_revision(server_ctx *sc)
 static void lease_grant(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
-	if (learner_refuses(sc, call))
-		return;
-	size_t toklen = 0;
-	const char *tok = call_token(call, &toklen);
-	if (!permitted(sc, call, auth_check_user(sc->auth, tok, toklen)))
+	if (!call_admitted(sc, call, 0, 0))
 		return;
 	/* The call owns its decoded request; the grant is settled here, before the log, so
 	 * that every member would apply the same id and TTL. */
@@ -273,11 +269,7 @@ static void lease_grant(void *ctx, api_call *call, const ProtobufCMessage *msg)
 static void lease_revoke(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
-	if (learner_refuses(sc, call))
-		return;
-	size_t toklen = 0;
-	const char *tok = call_token(call, &toklen);
-	if (!permitted(sc, call, auth_check_user(sc->auth, tok, toklen)))
+	if (!call_admitted(sc, call, 0, 0))
 		return;
 	node_submit(sc->nd, NODE_LEASE_REVOKE, call, msg);
 }
@@ -285,11 +277,7 @@ static void lease_revoke(void *ctx, api_call *call, const ProtobufCMessage *msg)
 static void lease_time_to_live(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
-	if (learner_refuses(sc, call))
-		return;
-	size_t toklen = 0;
-	const char *tok = call_token(call, &toklen);
-	if (!permitted(sc, call, auth_check_user(sc->auth, tok, toklen)))
+	if (!call_admitted(sc, call, 0, 0))
 		return;
 	const Etcdserverpb__LeaseTimeToLiveRequest *req = (const Etcdserverpb__LeaseTimeToLiveRequest *)msg;
 	Etcdserverpb__LeaseTimeToLiveResponse resp = ETCDSERVERPB__LEASE_TIME_TO_LIVE_RESPONSE__INIT;
@@ -334,11 +322,7 @@ static void lease_time_to_live(void *ctx, api_call *call, const ProtobufCMessage
 static void lease_leases(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
-	if (learner_refuses(sc, call))
-		return;
-	size_t toklen = 0;
-	const char *tok = call_token(call, &toklen);
-	if (!permitted(sc, call, auth_check_user(sc->auth, tok, toklen)))
+	if (!call_admitted(sc, call, 0, 0))
 		return;
 	storage_reader *r;
 	storage_arena a;

@@ -160,9 +160,7 @@ static void maint_status(void *ctx, api_call *call, const ProtobufCMessage *msg)
 static void maint_hash_kv(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
-	size_t toklen = 0;
-	const char *tok = call_token(call, &toklen);
-	if (!permitted(sc, call, auth_check_admin(sc->auth, tok, toklen)))
+	if (!call_admitted(sc, call, 1, 1))
 		return;
 	const Etcdserverpb__HashKVRequest *req = (const Etcdserverpb__HashKVRequest *)msg;
 	storage_reader *r;
@@ -188,9 +186,7 @@ static void maint_hash_kv(void *ctx, api_call *call, const ProtobufCMessage *msg
 static void maint_hash(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
-	size_t toklen = 0;
-	const char *tok = call_token(call, &toklen);
-	if (!permitted(sc, call, auth_check_admin(sc->auth, tok, toklen)))
+	if (!call_admitted(sc, call, 1, 1))
 		return;
 	storage_reader *r;
 	int rc = storage_read_begin(sc->st, &r);
@@ -215,9 +211,7 @@ static void maint_hash(void *ctx, api_call *call, const ProtobufCMessage *msg)
 static void maint_move_leader(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
-	size_t toklen = 0;
-	const char *tok = call_token(call, &toklen);
-	if (!permitted(sc, call, auth_check_admin(sc->auth, tok, toklen)))
+	if (!call_admitted(sc, call, 1, 1))
 		return;
 	node_submit(sc->nd, NODE_MOVE_LEADER, call, msg);
 }
@@ -225,9 +219,7 @@ static void maint_move_leader(void *ctx, api_call *call, const ProtobufCMessage 
 static void maint_defragment(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
-	size_t toklen = 0;
-	const char *tok = call_token(call, &toklen);
-	if (!permitted(sc, call, auth_check_admin(sc->auth, tok, toklen)))
+	if (!call_admitted(sc, call, 1, 1))
 		return;
 	node_submit(sc->nd, NODE_DEFRAG, call, msg);
 }

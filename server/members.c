@@ -343,9 +343,7 @@ static uint64_t new_member_id(const config *cfg, char **urls, size_t n)
 static void cluster_member_add(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
-	size_t toklen = 0;
-	const char *tok = call_token(call, &toklen);
-	if (!permitted(sc, call, auth_check_admin(sc->auth, tok, toklen)))
+	if (!call_admitted(sc, call, 1, 1))
 		return;
 	Etcdserverpb__MemberAddRequest *req = (Etcdserverpb__MemberAddRequest *)msg;
 	if (req->n_peerurls == 0) {
@@ -379,9 +377,7 @@ static void cluster_member_add(void *ctx, api_call *call, const ProtobufCMessage
 static void cluster_member_remove(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
-	size_t toklen = 0;
-	const char *tok = call_token(call, &toklen);
-	if (!permitted(sc, call, auth_check_admin(sc->auth, tok, toklen)))
+	if (!call_admitted(sc, call, 1, 1))
 		return;
 	const Etcdserverpb__MemberRemoveRequest *req = (const Etcdserverpb__MemberRemoveRequest *)msg;
 	if (!members_exists(sc->members, req->id, NULL)) {
@@ -394,9 +390,7 @@ static void cluster_member_remove(void *ctx, api_call *call, const ProtobufCMess
 static void cluster_member_promote(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
-	size_t toklen = 0;
-	const char *tok = call_token(call, &toklen);
-	if (!permitted(sc, call, auth_check_admin(sc->auth, tok, toklen)))
+	if (!call_admitted(sc, call, 1, 1))
 		return;
 	const Etcdserverpb__MemberPromoteRequest *req = (const Etcdserverpb__MemberPromoteRequest *)msg;
 	int learner = 0;
@@ -414,9 +408,7 @@ static void cluster_member_promote(void *ctx, api_call *call, const ProtobufCMes
 static void cluster_member_update(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
-	size_t toklen = 0;
-	const char *tok = call_token(call, &toklen);
-	if (!permitted(sc, call, auth_check_admin(sc->auth, tok, toklen)))
+	if (!call_admitted(sc, call, 1, 1))
 		return;
 	Etcdserverpb__MemberUpdateRequest *req = (Etcdserverpb__MemberUpdateRequest *)msg;
 	if (!members_exists(sc->members, req->id, NULL)) {

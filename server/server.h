@@ -339,6 +339,10 @@ int auth_register(api_server *as, server_ctx *sc);
 /* etcd: a learner refuses every request but serializable reads, Status and MemberList.
  * Ends call with etcd's error and returns 1 if this member must refuse. */
 int learner_refuses(server_ctx *sc, api_call *call);
+/* The gate of the Lease, Maintenance and Cluster calls: a learner refuses them (unless
+ * learner_ok), then auth wants a valid user (root if admin). Ends the call and returns 0
+ * when it may not go on. */
+int call_admitted(server_ctx *sc, api_call *call, int learner_ok, int admin);
 /* Ends call with the auth error if there is one (auth_check_* result); whether to go on. */
 int permitted(server_ctx *sc, api_call *call, int auth_err);
 /* The request's auth token (metadata "token"), NULL if none. */
