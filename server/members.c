@@ -91,14 +91,43 @@ static Etcdserverpb__MemberListResponse *list_new(void)
 	return l;
 }
 
+/* Adds m keeping the list in id order, the order etcd lists members in. */
 static int list_add(Etcdserverpb__MemberListResponse *l, Etcdserverpb__Member *m)
 {
 	Etcdserverpb__Member **ms = realloc(l->members, (l->n_members + 1) * sizeof(*ms));
 	if (ms == NULL)
 		return -1;
 	l->members = ms;
-	l->members[l->n_members++] = m;
+	size_t i = l->n_members;
+	while (i > 0 && ms[i - 1]->id > m->id) {
+		ms[i] = ms[i - 1];
+		i--;
+	}
+	ms[i] = m;
+	l->n_members++;
 	return 0;
+}
+
+/* etcd's --strict-reconfig-check: would the voters after a change still have a quorum among
+ * the members this one reaches? delta_add: a new voter (not reachable yet); remove: a voter
+ * leaving. */
+static int reconfig_keeps_quorum(server_ctx *sc, uint64_t adding, uint64_t removing)
+{
+	members *ms = sc->members;
+	size_t voters = 0, active = 0;
+	pthread_mutex_lock(&ms->m_mu);
+	for (size_t i = 0; i < ms->m_list->n_members; i++) {
+		Etcdserverpb__Member *m = ms->m_list->members[i];
+		if (m->islearner || m->id == removing)
+			continue;
+		voters++;
+		if (m->id == sc->mi.member_id || node_peer_active(sc->nd, m->id))
+			active++;
+	}
+	pthread_mutex_unlock(&ms->m_mu);
+	if (adding)
+		voters++;
+	return active >= voters / 2 + 1;
 }
 
 static Etcdserverpb__Member *list_find(const Etcdserverpb__MemberListResponse *l, uint64_t id)
@@ -370,7 +399,12 @@ static void cluster_member_add(void *ctx, api_call *call, const ProtobufCMessage
 					return;
 				}
 	pthread_mutex_unlock(&ms->m_mu);
-	node_member_change(sc->nd, NODE_MEMBER_ADD, call, new_member_id(sc->cfg, req->peerurls, req->n_peerurls),
+	uint64_t id = new_member_id(sc->cfg, req->peerurls, req->n_peerurls);
+	if (!req->islearner && !reconfig_keeps_quorum(sc, id, 0)) {
+		api_call_fail_msg(call, 14 /* UNAVAILABLE */, "etcdserver: unhealthy cluster");
+		return;
+	}
+	node_member_change(sc->nd, NODE_MEMBER_ADD, call, id,
 			   req->islearner, req->peerurls, req->n_peerurls);
 }
 
@@ -382,6 +416,12 @@ static void cluster_member_remove(void *ctx, api_call *call, const ProtobufCMess
 	const Etcdserverpb__MemberRemoveRequest *req = (const Etcdserverpb__MemberRemoveRequest *)msg;
 	if (!members_exists(sc->members, req->id, NULL)) {
 		api_call_fail_msg(call, 5 /* NOT_FOUND */, "etcdserver: member not found");
+		return;
+	}
+	int learner = 0;
+	members_exists(sc->members, req->id, &learner);
+	if (!learner && !reconfig_keeps_quorum(sc, 0, req->id)) {
+		api_call_fail_msg(call, 14, "etcdserver: unhealthy cluster");
 		return;
 	}
 	node_member_change(sc->nd, NODE_MEMBER_REMOVE, call, req->id, 0, NULL, 0);
@@ -400,6 +440,10 @@ static void cluster_member_promote(void *ctx, api_call *call, const ProtobufCMes
 	}
 	if (!learner) {
 		api_call_fail_msg(call, 9, "etcdserver: can only promote a learner member");
+		return;
+	}
+	if (!reconfig_keeps_quorum(sc, req->id, 0)) {
+		api_call_fail_msg(call, 14, "etcdserver: unhealthy cluster");
 		return;
 	}
 	node_member_change(sc->nd, NODE_MEMBER_PROMOTE, call, req->id, 0, NULL, 0);

@@ -105,6 +105,7 @@ struct node {
 	uint64_t n_next_round;
 	uint64_t n_log_snapshot;      /* index of the last log snapshot point */
 	uint64_t n_peer_ids[MEMBER_LIST_MAX]; /* the members the transport knows */
+	_Atomic uint64_t n_active[MEMBER_LIST_MAX]; /* peers whose connection is up, 0: free */
 	size_t n_npeers;
 	int n_role;                   /* enum raft_role */
 	int n_published;              /* this start's name and client URLs were proposed */
@@ -151,6 +152,14 @@ uint64_t node_last_index(node *n)
 uint64_t node_leader(node *n)
 {
 	return atomic_load(&n->n_lead);
+}
+
+int node_peer_active(node *n, uint64_t id)
+{
+	for (size_t i = 0; i < MEMBER_LIST_MAX; i++)
+		if (atomic_load(&n->n_active[i]) == id)
+			return 1;
+	return 0;
 }
 
 int node_is_learner(node *n)
@@ -322,6 +331,19 @@ static void on_peer_state(void *ctx, uint64_t member, int connected)
 	uint64_t cid = n->n_sc->mi.cluster_id;
 	if (connected)
 		note_refusal(n, member, 0);
+	/* Which peers this member reaches, for the reconfiguration check on gRPC threads. */
+	for (size_t i = 0; i < MEMBER_LIST_MAX; i++) {
+		uint64_t cur = atomic_load(&n->n_active[i]);
+		if (!connected && cur == member)
+			atomic_store(&n->n_active[i], 0);
+		if (connected && cur == member)
+			break;
+		if (connected && cur == 0) {
+			uint64_t zero = 0;
+			if (atomic_compare_exchange_strong(&n->n_active[i], &zero, member))
+				break;
+		}
+	}
 	if (!connected || cid == 0)
 		return;
 	uint8_t frame[9];

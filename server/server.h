@@ -168,6 +168,8 @@ void node_member_change(node *n, node_op op, api_call *call, uint64_t id, int le
 			char **peer_urls, size_t n_urls);
 /* The current leader's member id, 0 if none. */
 uint64_t node_leader(node *n);
+/* Whether this member's connection to peer id is up. */
+int node_peer_active(node *n, uint64_t id);
 /* Whether this member is a learner (it serves only serializable reads, as etcd's). */
 int node_is_learner(node *n);
 /* Raft's last log index. */
