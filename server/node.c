@@ -897,9 +897,20 @@ static void process_ready(node *n)
 		storage_arena a;
 		storage_arena_init(&a);
 		apply_batch ab = {0};
-		storage_batch *b;
-		int rc = storage_batch_begin(sc->st, &b);
+		storage_batch *b = NULL;
 		uint64_t applied = atomic_load(&n->n_applied);
+		/* A lone voter's entries are committed once durable: apply them in this batch. */
+		int lone = !atomic_load(&n->n_multi_voter) && n->n_role == RAFT_LEADER;
+		int to_apply = 0;
+		for (size_t i = 0; lone && i < rd.n_entries; i++)
+			to_apply |= rd.entries[i].index > applied;
+		for (size_t i = 0; i < rd.n_committed; i++)
+			to_apply |= rd.committed[i].index > applied;
+		/* A Ready that only moves the commit index needs no transaction (etcd-io/raft's
+		 * MustSync: the commit index need not be durable); one that only applies entries
+		 * already durable in the log needs no second sync. */
+		int durable = rd.n_entries || rd.snapshot || (rd.hard_state_changed && rd.must_sync);
+		int rc = durable || to_apply ? storage_batch_begin(sc->st, &b) : 0;
 		Mvccpb__Event **events = NULL;
 		size_t nevents = 0;
 		int64_t rev = 0;
@@ -916,12 +927,12 @@ static void process_ready(node *n)
 				rc = storage_batch_log_append(b, le, rd.n_entries);
 		}
 		if (rc == 0 && rd.hard_state_changed) {
-			rc = storage_batch_log_hard_state(b, rd.hard_state.term, rd.hard_state.vote, rd.hard_state.commit);
+			if (b)
+				rc = storage_batch_log_hard_state(b, rd.hard_state.term, rd.hard_state.vote,
+								  rd.hard_state.commit);
 			atomic_store(&n->n_term, rd.hard_state.term);
 		}
-		/* A lone voter's entries are committed once durable: apply them in this batch. */
-		int lone = !atomic_load(&n->n_multi_voter) && n->n_role == RAFT_LEADER;
-		if (rc == 0 && lone) {
+		if (rc == 0 && lone && b) {
 			for (size_t i = 0; i < rd.n_entries; i++) {
 				if (rd.entries[i].index <= applied)
 					continue;
@@ -929,18 +940,18 @@ static void process_ready(node *n)
 				applied = rd.entries[i].index;
 			}
 		}
-		for (size_t i = 0; rc == 0 && i < rd.n_committed; i++) {
+		for (size_t i = 0; rc == 0 && b && i < rd.n_committed; i++) {
 			if (rd.committed[i].index <= applied)
 				continue;
 			apply_one_entry(n, b, &rd.committed[i], &a, &ab);
 			applied = rd.committed[i].index;
 		}
-		if (rc == 0)
+		if (rc == 0 && b)
 			rc = storage_batch_events(b, &a, &events, &nevents, &rev);
-		if (rc == 0)
+		if (rc == 0 && b)
 			maybe_compact_log(n, b);
-		if (rc == 0)
-			rc = storage_batch_commit(b, applied);
+		if (rc == 0 && b)
+			rc = durable ? storage_batch_commit(b, applied) : storage_batch_commit_lazy(b, applied);
 		else if (b)
 			storage_batch_abort(b);
 		if (rc != 0) {
@@ -949,7 +960,8 @@ static void process_ready(node *n)
 			abort();
 		}
 		atomic_store(&n->n_applied, applied);
-		atomic_fetch_add(&n->n_stat_commits, 1);
+		if (b)
+			atomic_fetch_add(&n->n_stat_commits, 1);
 		atomic_fetch_add(&n->n_stat_requests, ab.ab_n);
 		send_messages(n, &rd, 0);
 		watch_hub_notify(sc->hub, events, nevents, rev);
@@ -1408,6 +1420,10 @@ static int raft_boot(node *n)
 		}
 		if (applied < ls.ls_snap_index)
 			applied = ls.ls_snap_index;
+		/* The commit index is not always persisted (see process_ready); what was applied
+		 * was committed. */
+		if (cfg.hard_state.commit < applied)
+			cfg.hard_state.commit = applied;
 		cfg.applied = applied;
 		atomic_store(&n->n_applied, applied);
 		atomic_store(&n->n_term, cfg.hard_state.term);

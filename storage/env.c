@@ -365,7 +365,19 @@ int storage_batch_meta_put(storage_batch *b, const char *name, const void *val, 
 	return storage__mdb_err(mdb_put(b->b_txn, b->b_s->s_meta, &k, &v, 0));
 }
 
+static int batch_commit(storage_batch *b, uint64_t applied_index, int lazy);
+
 int storage_batch_commit(storage_batch *b, uint64_t applied_index)
+{
+	return batch_commit(b, applied_index, 0);
+}
+
+int storage_batch_commit_lazy(storage_batch *b, uint64_t applied_index)
+{
+	return batch_commit(b, applied_index, 1);
+}
+
+static int batch_commit(storage_batch *b, uint64_t applied_index, int lazy)
 {
 	storage *s = b->b_s;
 	MDB_txn *txn = b->b_txn;
@@ -385,8 +397,16 @@ int storage_batch_commit(storage_batch *b, uint64_t applied_index)
 	if (err) {
 		mdb_txn_abort(txn);
 	} else {
-		/* mdb_txn_commit frees the txn whatever it returns; with default flags it fsyncs. */
+		/* mdb_txn_commit frees the txn whatever it returns; with default flags it fsyncs
+		 * the data and then the meta page. A lazy commit syncs the data only (LMDB's
+		 * MDB_NOMETASYNC): the database stays intact through a crash, which may undo
+		 * this commit until the next one syncs. The writer is the only committer, so
+		 * the flag can be set around this call. */
+		if (lazy)
+			mdb_env_set_flags(s->s_env, MDB_NOMETASYNC, 1);
 		err = storage__mdb_err(mdb_txn_commit(txn));
+		if (lazy)
+			mdb_env_set_flags(s->s_env, MDB_NOMETASYNC, 0);
 		if (!err)
 			atomic_store(&s->s_rev, b->b_rev);
 	}

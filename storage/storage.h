@@ -159,6 +159,12 @@ int storage_batch_meta_put(storage_batch *b, const char *name, const void *val, 
  * On error the batch is aborted and nothing of it is on disk.
  */
 int storage_batch_commit(storage_batch *b, uint64_t applied_index);
+/*
+ * Commits the batch with one sync instead of two: a crash may undo it (never corrupt the
+ * environment) until the next commit syncs. For batches whose effects the caller can redo,
+ * such as applying Raft entries already durable in the log.
+ */
+int storage_batch_commit_lazy(storage_batch *b, uint64_t applied_index);
 /* Discards the batch. */
 void storage_batch_abort(storage_batch *b);
 
