@@ -129,152 +129,7 @@ static int errf(char *buf, size_t len, int err, const char *fmt, ...)
 
 /* ---- protobuf bits: mvccpb.KeyValue and leasepb.Lease ---- */
 
-static size_t varint_size(uint64_t v)
-{
-	size_t n = 1;
-	while (v >= 0x80) {
-		v >>= 7;
-		n++;
-	}
-	return n;
-}
-
-static uint8_t *varint_put(uint8_t *p, uint64_t v)
-{
-	while (v >= 0x80) {
-		*p++ = (uint8_t)(v | 0x80);
-		v >>= 7;
-	}
-	*p++ = (uint8_t)v;
-	return p;
-}
-
-static int varint_get(const uint8_t **pp, const uint8_t *e, uint64_t *out)
-{
-	const uint8_t *p = *pp;
-	uint64_t v = 0;
-	for (int shift = 0; shift < 64; shift += 7) {
-		if (p >= e)
-			return -1;
-		uint8_t c = *p++;
-		v |= (uint64_t)(c & 0x7f) << shift;
-		if (!(c & 0x80)) {
-			*pp = p;
-			*out = v;
-			return 0;
-		}
-	}
-	return -1;
-}
-
-typedef struct ekv {
-	const uint8_t *key;
-	size_t klen;
-	int64_t create, mod, version, lease;
-	const uint8_t *val;
-	size_t vlen;
-} ekv;
-
-/* Decodes a KeyValue; byte fields point into p. Unknown fields are skipped as proto3 does. */
-static int ekv_decode(const uint8_t *p, size_t n, ekv *r)
-{
-	const uint8_t *e = p + n;
-	memset(r, 0, sizeof(*r));
-	while (p < e) {
-		uint64_t tag, v;
-		if (varint_get(&p, e, &tag))
-			return -1;
-		switch (tag & 7) {
-		case 0:
-			if (varint_get(&p, e, &v))
-				return -1;
-			switch (tag >> 3) {
-			case 2: r->create = (int64_t)v; break;
-			case 3: r->mod = (int64_t)v; break;
-			case 4: r->version = (int64_t)v; break;
-			case 6: r->lease = (int64_t)v; break;
-			}
-			break;
-		case 2:
-			if (varint_get(&p, e, &v) || v > (uint64_t)(e - p))
-				return -1;
-			if (tag >> 3 == 1) {
-				r->key = p;
-				r->klen = v;
-			} else if (tag >> 3 == 5) {
-				r->val = p;
-				r->vlen = v;
-			}
-			p += v;
-			break;
-		case 1:
-			if (e - p < 8)
-				return -1;
-			p += 8;
-			break;
-		case 5:
-			if (e - p < 4)
-				return -1;
-			p += 4;
-			break;
-		default:
-			return -1;
-		}
-	}
-	return 0;
-}
-
-static size_t ekv_size(const ekv *r)
-{
-	size_t n = 0;
-	if (r->klen)
-		n += 1 + varint_size(r->klen) + r->klen;
-	if (r->create)
-		n += 1 + varint_size((uint64_t)r->create);
-	if (r->mod)
-		n += 1 + varint_size((uint64_t)r->mod);
-	if (r->version)
-		n += 1 + varint_size((uint64_t)r->version);
-	if (r->vlen)
-		n += 1 + varint_size(r->vlen) + r->vlen;
-	if (r->lease)
-		n += 1 + varint_size((uint64_t)r->lease);
-	return n;
-}
-
-/* proto3 encoding in field order, zero fields left out: the bytes etcd (gogo) writes. */
-static uint8_t *ekv_encode(uint8_t *p, const ekv *r)
-{
-	if (r->klen) {
-		*p++ = 0x0a;
-		p = varint_put(p, r->klen);
-		memcpy(p, r->key, r->klen);
-		p += r->klen;
-	}
-	if (r->create) {
-		*p++ = 0x10;
-		p = varint_put(p, (uint64_t)r->create);
-	}
-	if (r->mod) {
-		*p++ = 0x18;
-		p = varint_put(p, (uint64_t)r->mod);
-	}
-	if (r->version) {
-		*p++ = 0x20;
-		p = varint_put(p, (uint64_t)r->version);
-	}
-	if (r->vlen) {
-		*p++ = 0x2a;
-		p = varint_put(p, r->vlen);
-		memcpy(p, r->val, r->vlen);
-		p += r->vlen;
-	}
-	if (r->lease) {
-		*p++ = 0x30;
-		p = varint_put(p, (uint64_t)r->lease);
-	}
-	return p;
-}
+typedef kvrec ekv;
 
 /* leasepb.Lease: ID = 1, TTL = 2 (RemainingTTL = 3 in 3.5, ignored). */
 static int lease_decode(const uint8_t *p, size_t n, int64_t *id, int64_t *ttl)
@@ -283,11 +138,11 @@ static int lease_decode(const uint8_t *p, size_t n, int64_t *id, int64_t *ttl)
 	*id = *ttl = 0;
 	while (p < e) {
 		uint64_t tag, v;
-		if (varint_get(&p, e, &tag))
+		if (storage__varint_get(&p, e, &tag))
 			return -1;
 		switch (tag & 7) {
 		case 0:
-			if (varint_get(&p, e, &v))
+			if (storage__varint_get(&p, e, &v))
 				return -1;
 			if (tag >> 3 == 1)
 				*id = (int64_t)v;
@@ -295,7 +150,7 @@ static int lease_decode(const uint8_t *p, size_t n, int64_t *id, int64_t *ttl)
 				*ttl = (int64_t)v;
 			break;
 		case 2:
-			if (varint_get(&p, e, &v) || v > (uint64_t)(e - p))
+			if (storage__varint_get(&p, e, &v) || v > (uint64_t)(e - p))
 				return -1;
 			p += v;
 			break;
@@ -321,11 +176,11 @@ static size_t lease_encode(uint8_t *buf, int64_t id, int64_t ttl)
 	uint8_t *p = buf;
 	if (id) {
 		*p++ = 0x08;
-		p = varint_put(p, (uint64_t)id);
+		p = storage__varint_put(p, (uint64_t)id);
 	}
 	if (ttl) {
 		*p++ = 0x10;
-		p = varint_put(p, (uint64_t)ttl);
+		p = storage__varint_put(p, (uint64_t)ttl);
 	}
 	return (size_t)(p - buf);
 }
@@ -478,12 +333,12 @@ static int wsrc_next(wsrc *s, bb_ent *e)
 		s->ws_key[ETCD_REV_LEN] = 't';
 		e->kl = ETCD_REV_LEN + 1;
 		ekv r;
-		if (ekv_decode(p + REV_HDR_SIZE, v.mv_size - REV_HDR_SIZE, &r))
+		if (storage__kv_decode(p + REV_HDR_SIZE, v.mv_size - REV_HDR_SIZE, &r))
 			return STORAGE_ERR_CORRUPT;
 		ekv t = {0};
 		t.key = r.key;
 		t.klen = r.klen;
-		size_t n = ekv_size(&t);
+		size_t n = storage__kv_size(&t);
 		if (n > s->ws_tcap) {
 			uint8_t *nb = realloc(s->ws_tbuf, n);
 			if (!nb)
@@ -491,7 +346,7 @@ static int wsrc_next(wsrc *s, bb_ent *e)
 			s->ws_tbuf = nb;
 			s->ws_tcap = n;
 		}
-		ekv_encode(s->ws_tbuf, &t);
+		storage__kv_encode(s->ws_tbuf, &t);
 		e->v = s->ws_tbuf;
 		e->vl = n;
 		return 1;
@@ -1693,7 +1548,7 @@ static int etcd_check_entry(etcd_walk *x, const uint8_t *k, size_t kl, const uin
 				    "bucket key: revision %lld_%lld appears twice", (long long)main,
 				    (long long)sub);
 		ekv r;
-		if (ekv_decode(v, vl, &r) || r.klen == 0)
+		if (storage__kv_decode(v, vl, &r) || r.klen == 0)
 			return errf(f->err, f->errlen, STORAGE_ERR_CORRUPT,
 				    "bucket key: revision %lld_%lld: bad mvccpb.KeyValue",
 				    (long long)main, (long long)sub);
@@ -1861,7 +1716,7 @@ static int import_rev(etcd_walk *x, const uint8_t *k, size_t kl, const uint8_t *
 	int64_t main = (int64_t)be64_get(k), sub = (int64_t)be64_get(k + 9);
 	int tomb = kl == ETCD_REV_LEN + 1;
 	ekv r;
-	if (ekv_decode(v, vl, &r))
+	if (storage__kv_decode(v, vl, &r))
 		return STORAGE_ERR_CORRUPT; /* the check pass refused it already */
 	ki_state st;
 	int err = storage__ki_get(s, txn, r.key, r.klen, &st);
@@ -1895,7 +1750,7 @@ static int import_rev(etcd_walk *x, const uint8_t *k, size_t kl, const uint8_t *
 	}
 	uint8_t kb[REV_KEY_SIZE];
 	rev_key(kb, main, sub);
-	MDB_val mk = {sizeof(kb), kb}, mv_ = {REV_HDR_SIZE + ekv_size(&rec), NULL};
+	MDB_val mk = {sizeof(kb), kb}, mv_ = {REV_HDR_SIZE + storage__kv_size(&rec), NULL};
 	int rc = mdb_put(txn, s->s_revs, &mk, &mv_, MDB_RESERVE | MDB_APPEND);
 	if (rc == MDB_KEYEXIST)
 		return STORAGE_ERR_CORRUPT;
@@ -1904,7 +1759,7 @@ static int import_rev(etcd_walk *x, const uint8_t *k, size_t kl, const uint8_t *
 	uint8_t *p = mv_.mv_data;
 	p[0] = tomb ? REV_FLAG_TOMB : 0;
 	be64_put(p + 1, ns.ks_id);
-	ekv_encode(p + REV_HDR_SIZE, &rec);
+	storage__kv_encode(p + REV_HDR_SIZE, &rec);
 	if ((err = storage__hist_put(s, txn, ns.ks_id, main, sub, tomb)))
 		return err;
 	return storage__ki_set(s, txn, r.key, r.klen, &ns);

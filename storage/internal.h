@@ -136,6 +136,23 @@ static inline int storage__bytes_cmp(const void *a, size_t an, const void *b, si
 	return an < bn ? -1 : an > bn;
 }
 
+/* ---- kvcodec.c: mvccpb.KeyValue as etcd encodes it ---- */
+typedef struct kvrec {
+	const uint8_t *key;
+	size_t klen;
+	int64_t create, mod, version, lease;
+	const uint8_t *val;
+	size_t vlen;
+} kvrec;
+size_t storage__varint_size(uint64_t v);
+uint8_t *storage__varint_put(uint8_t *p, uint64_t v);
+/* 0, or STORAGE_ERR_CORRUPT for a truncated or overlong varint. */
+int storage__varint_get(const uint8_t **pp, const uint8_t *e, uint64_t *out);
+size_t storage__kv_size(const kvrec *r);
+uint8_t *storage__kv_encode(uint8_t *p, const kvrec *r);
+/* Decodes a KeyValue; byte fields point into p; unknown fields are skipped. */
+int storage__kv_decode(const uint8_t *p, size_t n, kvrec *r);
+
 /* Translates an LMDB or errno code into a storage code. */
 int storage__mdb_err(int rc);
 

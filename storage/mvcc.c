@@ -13,157 +13,6 @@
 
 #define COMPACT_CHUNK 10000 /* revisions examined by storage_batch_compact itself */
 
-/* ---- mvccpb.KeyValue encoding (proto3: zero fields omitted, fields in order) ---- */
-
-static size_t varint_size(uint64_t v)
-{
-	size_t n = 1;
-	while (v >= 0x80) {
-		v >>= 7;
-		n++;
-	}
-	return n;
-}
-
-static uint8_t *varint_put(uint8_t *p, uint64_t v)
-{
-	while (v >= 0x80) {
-		*p++ = (uint8_t)(v | 0x80);
-		v >>= 7;
-	}
-	*p++ = (uint8_t)v;
-	return p;
-}
-
-static int varint_get(const uint8_t **pp, const uint8_t *e, uint64_t *out)
-{
-	const uint8_t *p = *pp;
-	uint64_t v = 0;
-	for (int shift = 0; shift < 64; shift += 7) {
-		if (p >= e)
-			return STORAGE_ERR_CORRUPT;
-		uint8_t c = *p++;
-		v |= (uint64_t)(c & 0x7f) << shift;
-		if (!(c & 0x80)) {
-			*pp = p;
-			*out = v;
-			return 0;
-		}
-	}
-	return STORAGE_ERR_CORRUPT;
-}
-
-typedef struct kvrec {
-	const uint8_t *key;
-	size_t klen;
-	int64_t create, mod, version, lease;
-	const uint8_t *val;
-	size_t vlen;
-} kvrec;
-
-static size_t kv_size(const kvrec *r)
-{
-	size_t n = 0;
-	if (r->klen)
-		n += 1 + varint_size(r->klen) + r->klen;
-	if (r->create)
-		n += 1 + varint_size((uint64_t)r->create);
-	if (r->mod)
-		n += 1 + varint_size((uint64_t)r->mod);
-	if (r->version)
-		n += 1 + varint_size((uint64_t)r->version);
-	if (r->vlen)
-		n += 1 + varint_size(r->vlen) + r->vlen;
-	if (r->lease)
-		n += 1 + varint_size((uint64_t)r->lease);
-	return n;
-}
-
-static uint8_t *kv_encode(uint8_t *p, const kvrec *r)
-{
-	if (r->klen) {
-		*p++ = 0x0a;
-		p = varint_put(p, r->klen);
-		memcpy(p, r->key, r->klen);
-		p += r->klen;
-	}
-	if (r->create) {
-		*p++ = 0x10;
-		p = varint_put(p, (uint64_t)r->create);
-	}
-	if (r->mod) {
-		*p++ = 0x18;
-		p = varint_put(p, (uint64_t)r->mod);
-	}
-	if (r->version) {
-		*p++ = 0x20;
-		p = varint_put(p, (uint64_t)r->version);
-	}
-	if (r->vlen) {
-		*p++ = 0x2a;
-		p = varint_put(p, r->vlen);
-		memcpy(p, r->val, r->vlen);
-		p += r->vlen;
-	}
-	if (r->lease) {
-		*p++ = 0x30;
-		p = varint_put(p, (uint64_t)r->lease);
-	}
-	return p;
-}
-
-/* Decodes a KeyValue; byte fields point into p. */
-static int kv_decode(const uint8_t *p, size_t n, kvrec *r)
-{
-	const uint8_t *e = p + n;
-	memset(r, 0, sizeof(*r));
-	while (p < e) {
-		uint64_t tag, v;
-		int err = varint_get(&p, e, &tag);
-		if (err)
-			return err;
-		switch (tag & 7) {
-		case 0:
-			if ((err = varint_get(&p, e, &v)))
-				return err;
-			switch (tag >> 3) {
-			case 2: r->create = (int64_t)v; break;
-			case 3: r->mod = (int64_t)v; break;
-			case 4: r->version = (int64_t)v; break;
-			case 6: r->lease = (int64_t)v; break;
-			}
-			break;
-		case 2:
-			if ((err = varint_get(&p, e, &v)))
-				return err;
-			if (v > (uint64_t)(e - p))
-				return STORAGE_ERR_CORRUPT;
-			if (tag >> 3 == 1) {
-				r->key = p;
-				r->klen = v;
-			} else if (tag >> 3 == 5) {
-				r->val = p;
-				r->vlen = v;
-			}
-			p += v;
-			break;
-		case 1:
-			if (e - p < 8)
-				return STORAGE_ERR_CORRUPT;
-			p += 8;
-			break;
-		case 5:
-			if (e - p < 4)
-				return STORAGE_ERR_CORRUPT;
-			p += 4;
-			break;
-		default:
-			return STORAGE_ERR_CORRUPT;
-		}
-	}
-	return 0;
-}
-
 /* ---- revision table ---- */
 
 static int rev_write(storage *s, MDB_txn *txn, int64_t main, int64_t sub, uint64_t id, int tomb,
@@ -171,7 +20,7 @@ static int rev_write(storage *s, MDB_txn *txn, int64_t main, int64_t sub, uint64
 {
 	uint8_t kb[REV_KEY_SIZE];
 	rev_key(kb, main, sub);
-	MDB_val k = {sizeof(kb), kb}, v = {REV_HDR_SIZE + kv_size(r), NULL};
+	MDB_val k = {sizeof(kb), kb}, v = {REV_HDR_SIZE + storage__kv_size(r), NULL};
 	/* Revisions only grow: MDB_APPEND skips the search and fills pages completely. */
 	int rc = mdb_put(txn, s->s_revs, &k, &v, MDB_RESERVE | MDB_APPEND);
 	if (rc)
@@ -179,7 +28,7 @@ static int rev_write(storage *s, MDB_txn *txn, int64_t main, int64_t sub, uint64
 	uint8_t *p = v.mv_data;
 	p[0] = tomb ? REV_FLAG_TOMB : 0;
 	be64_put(p + 1, id);
-	kv_encode(p + REV_HDR_SIZE, r);
+	storage__kv_encode(p + REV_HDR_SIZE, r);
 	return 0;
 }
 
@@ -196,7 +45,7 @@ static int rev_read(storage *s, MDB_txn *txn, int64_t main, int64_t sub, kvrec *
 		return STORAGE_ERR_CORRUPT;
 	if (tomb)
 		*tomb = ((uint8_t *)v.mv_data)[0] & REV_FLAG_TOMB;
-	return kv_decode((uint8_t *)v.mv_data + REV_HDR_SIZE, v.mv_size - REV_HDR_SIZE, r);
+	return storage__kv_decode((uint8_t *)v.mv_data + REV_HDR_SIZE, v.mv_size - REV_HDR_SIZE, r);
 }
 
 /* ---- response building ---- */
@@ -1172,7 +1021,7 @@ static int compact_step(storage_batch *b, MDB_txn *txn, size_t max, int *done)
 		kvrec r = {0};
 		uint8_t *keycopy = NULL;
 		if (tomb) {
-			if ((err = kv_decode(val + REV_HDR_SIZE, v.mv_size - REV_HDR_SIZE, &r)))
+			if ((err = storage__kv_decode(val + REV_HDR_SIZE, v.mv_size - REV_HDR_SIZE, &r)))
 				break;
 			keycopy = malloc(r.klen ? r.klen : 1);
 			if (!keycopy) {
@@ -1289,7 +1138,7 @@ static int read_events(mv *v, int64_t from, int64_t to, size_t max, storage_aren
 		last_main = main;
 		const uint8_t *p = d.mv_data;
 		kvrec r;
-		if ((err = kv_decode(p + REV_HDR_SIZE, d.mv_size - REV_HDR_SIZE, &r)))
+		if ((err = storage__kv_decode(p + REV_HDR_SIZE, d.mv_size - REV_HDR_SIZE, &r)))
 			break;
 		Mvccpb__Event *ev = storage_arena_alloc(a, sizeof(*ev));
 		if (!ev) {
@@ -1639,12 +1488,12 @@ int storage_hash_kv(storage_reader *r, int64_t rev, uint32_t *hash, int64_t *has
 		if (tomb) {
 			/* etcd stores a tombstone's value as KeyValue{key} alone. */
 			kvrec kr;
-			if ((err = kv_decode(p + REV_HDR_SIZE, v.mv_size - REV_HDR_SIZE, &kr)))
+			if ((err = storage__kv_decode(p + REV_HDR_SIZE, v.mv_size - REV_HDR_SIZE, &kr)))
 				break;
 			uint8_t hdr[11];
 			uint8_t *q = hdr;
 			*q++ = 0x0a;
-			q = varint_put(q, kr.klen);
+			q = storage__varint_put(q, kr.klen);
 			h = crc32c_update(h, hdr, (size_t)(q - hdr));
 			h = crc32c_update(h, kr.key, kr.klen);
 		} else {
