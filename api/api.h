@@ -71,6 +71,9 @@ typedef struct api_stream_handlers {
 	/* The call is over (finished by the server, cancelled or broken). Called exactly once,
 	 * after every on_message; api_stream_send() fails from then on. */
 	void (*on_close)(void *ctx, api_stream *st);
+	/* The client closed its sending side (may be NULL: the stream goes on, as etcd's Watch
+	 * does; Lease keep-alives end the call then). Called after its last on_message. */
+	void (*on_half_close)(void *ctx, api_stream *st);
 } api_stream_handlers;
 
 /* Immutable, reference-counted encoded bytes that many streams can send without copies. */

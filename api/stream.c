@@ -328,9 +328,11 @@ static void on_recv(api_stream *st, int ok)
 	st->st_recv_bb = NULL;
 	if (!ok || bb == NULL) {
 		/* Half-close or a dead call: stop reading. As in etcd, a half-closed watch
-		 * stream keeps delivering until the call ends. */
+		 * stream keeps delivering until the call ends; other streams may end here. */
 		if (bb)
 			grpc_byte_buffer_destroy(bb);
+		if (ok && st->st_method->am_stream->on_half_close)
+			st->st_method->am_stream->on_half_close(st->st_method->am_ctx, st);
 		return;
 	}
 	grpc_byte_buffer_reader reader;

@@ -394,9 +394,16 @@ static void keepalive_on_close(void *ctx, api_stream *st)
 {
 }
 
+/* etcd ends the keep-alive call with OK when the client stops sending. */
+static void keepalive_on_half_close(void *ctx, api_stream *st)
+{
+	api_stream_finish(st, 0, NULL);
+}
+
 static const api_stream_handlers keepalive_handlers = {
 	.on_message = keepalive_on_message,
 	.on_close = keepalive_on_close,
+	.on_half_close = keepalive_on_half_close,
 };
 
 int lease_register(api_server *as, server_ctx *sc)

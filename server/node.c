@@ -964,7 +964,8 @@ static void process_ready(node *n)
 			atomic_fetch_add(&n->n_stat_commits, 1);
 		atomic_fetch_add(&n->n_stat_requests, ab.ab_n);
 		send_messages(n, &rd, 0);
-		watch_hub_notify(sc->hub, events, nevents, rev);
+		if (b)
+			watch_hub_notify(sc->hub, events, nevents, rev);
 		for (size_t i = 0; i < rd.n_read_states; i++)
 			read_index_known(n, &rd.read_states[i]);
 		answer_applied(n, &ab, 1);

@@ -195,7 +195,8 @@ static long send_control(watch_hub *h, watch_stream *ws, int64_t id, int created
 {
 	Etcdserverpb__WatchResponse resp = ETCDSERVERPB__WATCH_RESPONSE__INIT;
 	Etcdserverpb__ResponseHeader hdr = ETCDSERVERPB__RESPONSE_HEADER__INIT;
-	fill_header(h, &hdr, h->h_rev);
+	/* etcd's compaction cancel carries no revision in its header. */
+	fill_header(h, &hdr, compact_rev != 0 ? 0 : h->h_rev);
 	resp.header = &hdr;
 	resp.watch_id = id;
 	resp.created = created;
@@ -213,7 +214,8 @@ static long send_control(watch_hub *h, watch_stream *ws, int64_t id, int created
 static long send_fragmented(watch_hub *h, watcher *w, Mvccpb__Event **evs, const size_t *sel,
 			    size_t n, int64_t rev)
 {
-	size_t limit = h->h_sc->cfg->max_request_bytes;
+	/* etcd splits at the request limit plus gRPC's overhead allowance (512 KiB). */
+	size_t limit = h->h_sc->cfg->max_request_bytes + 512 * 1024;
 	long queued = 0;
 	size_t i = 0;
 	while (i < n) {
@@ -591,11 +593,8 @@ static void *hub_thread(void *arg)
 
 static void watch_create(watch_hub *h, watch_stream *ws, const Etcdserverpb__WatchCreateRequest *c)
 {
-	if (c->start_revision < 0) {
-		send_control(h, ws, WATCH_ID_NONE, 1, 1, 0,
-			     "etcdserver: mvcc: required revision has been compacted");
-		return;
-	}
+	/* etcd 3.4 takes a negative start revision like a past one: it is cancelled as
+	 * compacted below the compacted revision (-1 when none), else replays from there. */
 	/* etcd's normalisation: an empty key is "\0", a range end of "\0" means every key >= key. */
 	static const uint8_t zero = 0;
 	ProtobufCBinaryData key = c->key, end = c->range_end;
@@ -667,6 +666,7 @@ static void watch_create(watch_hub *h, watch_stream *ws, const Etcdserverpb__Wat
 	/* The created response goes first: everything for this watcher is queued after it. */
 	send_control(h, ws, id, 1, 0, 0, NULL);
 	if (c->start_revision == 0 || c->start_revision > h->h_rev) {
+		/* from now on (0), or from a future revision */
 		w->w_next_rev = c->start_revision ? c->start_revision : h->h_rev + 1;
 		group_link(w);
 	} else {

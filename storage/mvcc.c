@@ -1217,13 +1217,15 @@ int storage_read_events(storage_reader *r, int64_t from_rev, size_t max_events, 
 {
 	mv v = reader_view(r);
 	*reader_rev = r->r_rev;
-	*compact_rev = r->r_compact < 0 ? 0 : r->r_compact;
+	*compact_rev = r->r_compact; /* -1 if never compacted, as etcd reports it */
 	*events = NULL;
 	*n = 0;
 	if (from_rev < r->r_compact)
 		return STORAGE_ERR_COMPACTED;
 	if (from_rev > r->r_rev)
 		return 0;
+	if (from_rev < 1)
+		return 0; /* etcd 3.4: a negative start that is not compacted away replays nothing */
 	return read_events(&v, from_rev, r->r_rev, max_events, a, events, n);
 }
 

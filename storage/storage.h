@@ -184,7 +184,7 @@ int storage_read_txn(storage_reader *r, const Etcdserverpb__TxnRequest *req, sto
  * History replay for watches: the events with revision >= from_rev, in revision order,
  * prev_kv filled as in storage_batch_events(). Stops after max_events, but never inside a
  * revision (a revision's events always come together). *reader_rev is the revision this
- * reader sees, *compact_rev the compacted one. STORAGE_ERR_COMPACTED if from_rev is below
+ * reader sees, *compact_rev the compacted one (-1 if none). STORAGE_ERR_COMPACTED if from_rev is below
  * the compacted revision. Byte fields point into the map: valid until storage_read_end().
  */
 int storage_read_events(storage_reader *r, int64_t from_rev, size_t max_events, storage_arena *a,

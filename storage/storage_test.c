@@ -997,7 +997,7 @@ static void test_events(void)
 	int64_t rrev, crev;
 	CHECK_EQ(storage_read_begin(S, &r), 0);
 	CHECK_EQ(storage_read_events(r, 2, 100, &A, &ev, &n, &rrev, &crev), 0);
-	CHECK(n == 6 && rrev == 6 && crev == 0);
+	CHECK(n == 6 && rrev == 6 && crev == -1);
 	CHECK(ev[0]->prev_kv == NULL && ev[1]->prev_kv && ev[1]->prev_kv->mod_revision == 2);
 	CHECK(ev[3]->type == MVCCPB__EVENT__EVENT_TYPE__DELETE && ev[3]->kv->mod_revision == 5 &&
 	      ev[3]->prev_kv && ev[3]->prev_kv->mod_revision == 3);

@@ -2,7 +2,7 @@
 # tools/bench.sh - side-by-side benchmark of Keelson and a real etcd 3.4, single member each,
 # data on disk, both running during the same run on free 127.0.0.1 ports.
 #
-#   tools/bench.sh            full run (~2.5 min): writes bench/results/<date>-<commit>.txt and prints it
+#   tools/bench.sh            full run (~4 min; adds watch and lease keep-alive runs): writes bench/results/<date>-<commit>.txt and prints it
 #   tools/bench.sh --smoke    CI smoke (~20 s, tiny totals): exits non-zero if the benchmark tool
 #                             reports any error against Keelson or Keelson dies; writes no file
 #   options: --duration S (seconds per workload, full mode; default 12), --no-etcd,
@@ -159,7 +159,31 @@ run_one() {
 	c0=$(cpu_ticks "$pid"); r0=$(metric "$mport" $req_name); f0=$(metric "$mport" $com_name)
 	local limit=120
 	[ "$mode" = full ] && limit=$((${dur%.*} + 60))
-	js="$(timeout "$limit" "$B" --endpoints "127.0.0.1:$port" --label "$server/$id" --json "$@" 2>"$work/bench.err")" || rc=$?
+	local rss_before=0 rss_ready=0
+	if [ "$1" = watch ]; then
+		# watch: the tool creates $rf once every watcher exists and waits for its removal before
+		# writing; RSS is sampled in that idle window (1 s after creation) and before the run.
+		local rf="$work/ready.$server.$id" bp
+		rm -f "$rf"
+		rss_before=$(rss_kb "$pid")
+		timeout "$limit" "$B" --endpoints "127.0.0.1:$port" --label "$server/$id" --json --ready-file "$rf" "$@" \
+			>"$work/bench.out" 2>"$work/bench.err" &
+		bp=$!
+		for _ in $(seq 2400); do
+			if [ -e "$rf" ]; then
+				sleep 1
+				rss_ready=$(rss_kb "$pid")
+				rm -f "$rf"
+				break
+			fi
+			kill -0 "$bp" 2>/dev/null || break
+			sleep 0.05
+		done
+		wait "$bp" || rc=$?
+		js="$(cat "$work/bench.out")"
+	else
+		js="$(timeout "$limit" "$B" --endpoints "127.0.0.1:$port" --label "$server/$id" --json "$@" 2>"$work/bench.err")" || rc=$?
+	fi
 	js="$(printf '%s\n' "$js" | grep '^{' | tail -1 || true)"
 	local alive=1
 	kill -0 "$pid" 2>/dev/null || alive=0
@@ -170,10 +194,10 @@ run_one() {
 		c1=$c0; r1=$r0; f1=$f0; hwm=0; rss=0; anon=0
 	fi
 	[ -n "$js" ] || js='null'
-	printf '{"server":"%s","id":"%s","rc":%d,"alive":%d,"cpu_s":%s,"d_req":%s,"d_commit":%s,"hwm_kb":%s,"rss_kb":%s,"anon_kb":%s,"bench":%s}\n' \
+	printf '{"server":"%s","id":"%s","rc":%d,"alive":%d,"cpu_s":%s,"d_req":%s,"d_commit":%s,"hwm_kb":%s,"rss_kb":%s,"anon_kb":%s,"rss_before_kb":%s,"rss_ready_kb":%s,"bench":%s}\n' \
 		"$server" "$id" "$rc" "$alive" "$(awk -v a="$c0" -v b="$c1" -v t="$clk_tck" 'BEGIN{printf "%.3f", (b-a)/t}')" \
 		"$(awk -v a="$r0" -v b="$r1" 'BEGIN{printf "%.0f", b-a}')" "$(awk -v a="$f0" -v b="$f1" 'BEGIN{printf "%.0f", b-a}')" \
-		"${hwm:-0}" "${rss:-0}" "${anon:-0}" "$js" >>"$runs"
+		"${hwm:-0}" "${rss:-0}" "${anon:-0}" "${rss_before:-0}" "${rss_ready:-0}" "$js" >>"$runs"
 	local summary
 	summary="$(printf '%s' "$js" | python3 -c 'import json,sys
 try:
@@ -223,6 +247,16 @@ log "bench.sh: keelson pid $kpid on :$kc, etcd pid ${epid:-none} on :$ec; data u
 	[ "$mode" = smoke ] && both txn-put-64c txn-put --conns 8 --clients 64 $put --total 500
 	both range-s-64c range bench-key --consistency s --conns 8 --clients 64 $amt
 	both range-l-64c range bench-key --consistency l --conns 8 --clients 64 $amt
+	if [ "$mode" = smoke ]; then
+		both watch-smoke watch --watchers 100 --watch-streams 10 --prefixes 10 --rate 100 --duration 1 --val-size 64 --drain 5
+		both lease-keepalive-smoke lease-keepalive --leases 100 --conns 2 --clients 16 --total 2000
+	else
+		# issue 5's load runs: idle-watcher memory, then a steady write rate for 10 s
+		both watch-10k-1p watch --watchers 10000 --watch-streams 100 --conns 4 --prefixes 1 --rate 50 --duration 10 --val-size 64 --drain 15
+		both watch-1k-100p watch --watchers 1000 --watch-streams 10 --conns 2 --prefixes 100 --rate 500 --duration 10 --val-size 64 --drain 15
+		# issue 6's keep-alive throughput: 1,000 leases, 64 streams over 8 connections
+		both lease-keepalive-64s lease-keepalive --leases 1000 --conns 8 --clients 64 $amt
+	fi
 }
 
 # --- report ----------------------------------------------------------------------------------
@@ -257,6 +291,11 @@ desc = {
     "txn-put-64c": "txn-put, 64 clients / 8 conns",
     "range-s-64c": "range serializable, 1 key, 64 clients / 8 conns",
     "range-l-64c": "range linearizable, 1 key, 64 clients / 8 conns",
+    "watch-smoke": "watch, 100 watchers / 10 streams / 10 prefixes, 100 puts/s for 1 s",
+    "watch-10k-1p": "watch, 10,000 watchers / 100 streams / 4 conns on 1 prefix, 50 puts/s (64 B values) for 10 s",
+    "watch-1k-100p": "watch, 1,000 watchers / 10 streams / 2 conns over 100 prefixes, 500 puts/s (64 B values) for 10 s",
+    "lease-keepalive-smoke": "lease keep-alive, 100 leases, 16 streams / 2 conns",
+    "lease-keepalive-64s": "lease keep-alive, 1,000 leases, 64 streams / 8 conns (ping-pong per stream)",
 }
 def figs(r):
     if r is None:
@@ -264,8 +303,29 @@ def figs(r):
     b = r["bench"] or {}
     lat = b.get("lat_ms", {})
     ok = b.get("ok", 0)
+    if b.get("workload") == "watch":
+        nw = b.get("watchers") or 0
+        drss = (r["rss_ready_kb"] - r["rss_before_kb"]) * 1024 if r.get("rss_ready_kb") else None
+        return {
+            "events delivered/s": b.get("rps"),
+            "events expected": b.get("expected"),
+            "events received": b.get("events"),
+            "delivery p50 ms": lat.get("p50"),
+            "delivery p90 ms": lat.get("p90"),
+            "delivery p99 ms": lat.get("p99"),
+            "delivery max ms": lat.get("max"),
+            "missing": b.get("missing"),
+            "duplicates": b.get("duplicates"),
+            "out of order": b.get("out_of_order"),
+            "errors": b.get("errors"),
+            "watch create s": b.get("create_s"),
+            "put p99 ms (writer)": b.get("put_p99_ms"),
+            "RSS/idle watcher B": (drss / nw) if (drss is not None and nw) else None,
+            "CPU s / 1k events": (r["cpu_s"] / ok * 1000) if ok else None,
+            "RSS peak (VmHWM) MiB": r["hwm_kb"] / 1024 if r["hwm_kb"] else None,
+        }
     f = {
-        "throughput req/s": b.get("rps"),
+        ("keep-alives/s" if b.get("workload") == "lease-keepalive" else "throughput req/s"): b.get("rps"),
         "latency p50 ms": lat.get("p50"),
         "latency p90 ms": lat.get("p90"),
         "latency p99 ms": lat.get("p99"),
@@ -317,6 +377,12 @@ for wid in order:
     if k and wid.startswith("put"):
         out.append("  %-22s %14s" % ("vs fsync floor (p50)", fmt(k["bench"]["lat_ms"]["p50"] / fl["p50"]) + "x" if k["bench"] and fl["p50"] else "-"))
 out.append("")
+out.append("watch: events delivered/s = events received by all watchers / (first put .. last event); delivery")
+out.append("  latency = receive time - send time stamped in the value (same host, CLOCK_MONOTONIC); missing =")
+out.append("  acknowledged puts of a watcher's prefix it never received (after up to --drain s of quiet);")
+out.append("  RSS/idle watcher = (server VmRSS 1 s after all watchers were created, before any write -")
+out.append("  VmRSS before the run) / watchers (includes the streams' and connections' own memory).")
+out.append("lease keep-alive: each stream has one LeaseKeepAlive request in flight; latency = request to response.")
 out.append("entries per fsync: keelson = d(keelson_batch_requests_total)/d(keelson_batch_commits_total);")
 out.append("  etcd = d(etcd_server_proposals_committed_total)/d(etcd_disk_wal_fsync_duration_seconds_count).")
 out.append("CPU s / 1k req = server utime+stime delta over the workload / successful requests * 1000.")

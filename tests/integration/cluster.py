@@ -236,10 +236,6 @@ class Cluster:
         """Poll until the live members (or members) agree on a leader not in exclude."""
         deadline = time.monotonic() + timeout
         while True:
-            for m in self.members:
-                if m.proc is not None and not m.alive() and m not in exclude \
-                        and m.proc.returncode not in (-9, 0, None) and m.state != "removed":
-                    pass  # an unexpected exit shows up in the error below
             ldr = self.find_leader(members)
             if ldr is not None and ldr not in exclude:
                 return ldr
@@ -314,8 +310,7 @@ class Cluster:
         if m.alive():
             m.kill9()
         m._wait_ports_free()
-        if m.state == "new" and os.path.isdir(m.data_dir):
-            pass  # etcd ignores --initial-cluster-state once the data dir exists
+        # (etcd ignores --initial-cluster-state once the data dir exists)
         m.spawn()
         if wait:
             self.wait_healthy([m], timeout=timeout)

@@ -46,6 +46,14 @@ struct bench_opts {
 	const char *dir;
 	int count;
 	int block_size;
+	/* watch / lease-keepalive (streaming workloads, runner.c) */
+	int watchers;
+	int watch_streams;
+	int prefixes;
+	double rate;  /* puts/s of the watch workload's writer */
+	double drain; /* seconds without a new event before giving up on missing ones */
+	const char *ready_file; /* created when all watchers exist; writes start once it is removed */
+	int leases;
 	/* output */
 	const char *label;
 	int quiet; /* JSON line only */
@@ -93,6 +101,15 @@ struct bench_result {
 };
 
 int bench_run(const struct bench_opts *o, const struct bench_workload *w, struct bench_result *res);
+struct bench_stream_stats {
+	int created;
+	double create_s, write_s;
+	uint64_t expected, events, missing, duplicates, out_of_order, unexpected, canceled;
+	uint64_t puts, puts_ok, put_errors;
+	double put_p50_ms, put_p99_ms;
+};
+/* The streaming workloads: is_watch 1 = watch, 0 = lease-keepalive. */
+int bench_run_stream(const struct bench_opts *o, int is_watch, struct bench_result *res, struct bench_stream_stats *ss);
 int bench_fsync(const struct bench_opts *o, struct bench_result *res);
 const char *bench_status_name(int code);
 uint64_t bench_now_ns(void);

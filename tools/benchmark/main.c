@@ -6,6 +6,9 @@
  *   benchmark [global flags] range   KEY [END] [--consistency l|s] [--limit N]
  *   benchmark [global flags] txn-put [--key-size N] [--val-size N] [--key-space-size N] [--txn-ops N]
  *   benchmark fsync [--dir D] [--count 200] [--block-size 4096]
+ *   benchmark [global flags] watch [--watchers W] [--watch-streams S] [--prefixes P] [--rate R]
+ *             [--val-size N] [--drain SECONDS] [--ready-file PATH]   (--duration = writing time)
+ *   benchmark [global flags] lease-keepalive [--leases L]  (--clients streams over --conns)
  *
  * Global flags: --endpoints a:p[,b:p] --conns N --clients N (requests in flight in total)
  *   --total N | --duration SECONDS, --threads N, --timeout SECONDS, --dial-timeout SECONDS,
@@ -33,6 +36,9 @@ static void usage(FILE *f)
 		"  put/txn-put: --key-size=8 --val-size=8 --key-space-size=1 --sequential-keys --txn-ops=1\n"
 		"  range:       --consistency=l|s --limit=0\n"
 		"  fsync:       --dir=. --count=200 --block-size=4096\n"
+		"  watch:       --watchers=100 --watch-streams=10 --prefixes=1 --rate=100 --val-size --drain=10\n"
+		"               --ready-file=PATH (created once all watchers exist; puts start when it is removed)\n"
+		"  lease-keepalive: --leases=100 (--clients streams over --conns connections)\n"
 		"  output:      --label=NAME --json (JSON line only)\n");
 }
 
@@ -101,6 +107,8 @@ static void json_str(const char *s)
 	putchar('"');
 }
 
+static const struct bench_stream_stats *g_ss;
+
 static void report(const struct bench_opts *o, const char *cmd, const struct bench_result *r)
 {
 	double rps = r->elapsed > 0 ? (double)r->ok / r->elapsed : 0;
@@ -116,7 +124,19 @@ static void report(const struct bench_opts *o, const char *cmd, const struct ben
 		printf("  Total:       %.4f s\n", r->elapsed);
 		printf("  Requests:    %llu ok, %llu errors\n", (unsigned long long)r->ok,
 		       (unsigned long long)r->errors);
-		printf("  Throughput:  %.1f %s/s\n", rps, is_fsync ? "fdatasync" : "req");
+		printf("  Throughput:  %.1f %s/s\n", rps,
+		       is_fsync ? "fdatasync" : !strcmp(cmd, "watch") ? "events delivered" : "req");
+		if (g_ss && !strcmp(cmd, "watch"))
+			printf("  Watch:       %d watchers on %d streams, %d prefixes, created in %.3f s; %llu puts "
+			       "(%llu ok, put p50 %.3f ms p99 %.3f ms) in %.3f s\n"
+			       "               events expected %llu, received %llu, missing %llu, duplicates %llu, "
+			       "out of order %llu, unexpected %llu, canceled watches %llu\n",
+			       o->watchers, o->watch_streams, o->prefixes, g_ss->create_s, (unsigned long long)g_ss->puts,
+			       (unsigned long long)g_ss->puts_ok, g_ss->put_p50_ms, g_ss->put_p99_ms, g_ss->write_s,
+			       (unsigned long long)g_ss->expected, (unsigned long long)g_ss->events,
+			       (unsigned long long)g_ss->missing, (unsigned long long)g_ss->duplicates,
+			       (unsigned long long)g_ss->out_of_order, (unsigned long long)g_ss->unexpected,
+			       (unsigned long long)g_ss->canceled);
 		printf("  Latency ms:  avg %.3f  p50 %.3f  p90 %.3f  p99 %.3f  p99.9 %.3f  max %.3f\n", avg, p50,
 		       p90, p99, p999, max);
 		if (r->errors) {
@@ -137,7 +157,20 @@ static void report(const struct bench_opts *o, const char *cmd, const struct ben
 		printf(",\"endpoints\":");
 		json_str(o->endpoints[0]);
 		printf(",\"conns\":%d,\"clients\":%d,\"threads\":%d", o->conns, o->clients, o->threads);
-		if (!strcmp(cmd, "range"))
+		if (g_ss && !strcmp(cmd, "watch"))
+			printf(",\"watchers\":%d,\"watch_streams\":%d,\"prefixes\":%d,\"rate\":%.1f,\"val_size\":%d"
+			       ",\"created\":%d,\"create_s\":%.4f,\"write_s\":%.4f,\"puts\":%llu,\"puts_ok\":%llu"
+			       ",\"put_p50_ms\":%.4f,\"put_p99_ms\":%.4f,\"expected\":%llu,\"events\":%llu,\"missing\":%llu"
+			       ",\"duplicates\":%llu,\"out_of_order\":%llu,\"unexpected\":%llu,\"canceled\":%llu",
+			       o->watchers, o->watch_streams, o->prefixes, o->rate, o->val_size, g_ss->created, g_ss->create_s,
+			       g_ss->write_s, (unsigned long long)g_ss->puts, (unsigned long long)g_ss->puts_ok,
+			       g_ss->put_p50_ms, g_ss->put_p99_ms, (unsigned long long)g_ss->expected,
+			       (unsigned long long)g_ss->events, (unsigned long long)g_ss->missing,
+			       (unsigned long long)g_ss->duplicates, (unsigned long long)g_ss->out_of_order,
+			       (unsigned long long)g_ss->unexpected, (unsigned long long)g_ss->canceled);
+		else if (!strcmp(cmd, "lease-keepalive"))
+			printf(",\"leases\":%d", o->leases);
+		else if (!strcmp(cmd, "range"))
 			printf(",\"consistency\":\"%s\",\"limit\":%lld", o->serializable ? "s" : "l",
 			       (long long)o->limit);
 		else
@@ -186,6 +219,12 @@ int main(int argc, char **argv)
 		.dir = ".",
 		.count = 200,
 		.block_size = 4096,
+		.watchers = 100,
+		.watch_streams = 10,
+		.prefixes = 1,
+		.rate = 100,
+		.drain = 10,
+		.leases = 100,
 	};
 	char endpoints_buf[1024] = "127.0.0.1:2379";
 	const char *cmd = NULL;
@@ -273,6 +312,22 @@ int main(int argc, char **argv)
 			ok = !parse_int(val, 1, 1000000, &o.count);
 		} else if (!strcmp(name, "--block-size")) {
 			ok = !parse_int(val, 1, 64 << 20, &o.block_size);
+		} else if (!strcmp(name, "--watchers")) {
+			ok = !parse_int(val, 1, 10000000, &o.watchers);
+		} else if (!strcmp(name, "--watch-streams")) {
+			ok = !parse_int(val, 1, 100000, &o.watch_streams);
+		} else if (!strcmp(name, "--prefixes")) {
+			ok = !parse_int(val, 1, 99999, &o.prefixes);
+		} else if (!strcmp(name, "--rate")) {
+			o.rate = strtod(val, NULL);
+			ok = o.rate > 0;
+		} else if (!strcmp(name, "--drain")) {
+			ok = !parse_dur(val, &o.drain);
+		} else if (!strcmp(name, "--ready-file")) {
+			o.ready_file = val;
+			ok = 1;
+		} else if (!strcmp(name, "--leases")) {
+			ok = !parse_int(val, 1, 10000000, &o.leases);
 		} else if (!strcmp(name, "--label")) {
 			o.label = val;
 			ok = 1;
@@ -303,6 +358,40 @@ int main(int argc, char **argv)
 		report(&o, cmd, &res);
 		free(res.lat_us);
 		return rc == 0 ? 0 : 1;
+	}
+
+	int is_watch = !strcmp(cmd, "watch");
+	if (is_watch || !strcmp(cmd, "lease-keepalive")) {
+		if (npos)
+			goto bad;
+		for (char *p = endpoints_buf, *save = NULL, *tok; (tok = strtok_r(p, ",", &save)); p = NULL) {
+			if (o.n_endpoints == BENCH_MAX_ENDPOINTS)
+				goto bad;
+			o.endpoints[o.n_endpoints++] = tok;
+		}
+		if (!o.n_endpoints)
+			goto bad;
+		if (is_watch && o.duration <= 0) {
+			fprintf(stderr, "benchmark: watch needs --duration (writing time)\n");
+			goto bad;
+		}
+		if (o.watch_streams > o.watchers)
+			o.watch_streams = o.watchers;
+		if (o.threads == 0) {
+			long n = sysconf(_SC_NPROCESSORS_ONLN);
+			o.threads = n > 0 ? (int)n : 1;
+		}
+		static struct bench_stream_stats ss;
+		if (bench_run_stream(&o, is_watch, &res, &ss) != 0) {
+			fprintf(stderr, "benchmark: %s\n", res.setup_error);
+			return 1;
+		}
+		g_ss = is_watch ? &ss : NULL;
+		report(&o, cmd, &res);
+		free(res.lat_us);
+		if (is_watch && (ss.missing || ss.duplicates || ss.out_of_order || ss.unexpected || ss.canceled))
+			return 1;
+		return res.errors ? 1 : 0;
 	}
 
 	const struct bench_workload *w = bench_workload_find(cmd);

@@ -418,3 +418,896 @@ int bench_run(const struct bench_opts *o, const struct bench_workload *w, struct
 	grpc_shutdown();
 	return 0;
 }
+
+/* ============================================================================================
+ * Streaming workloads: `watch` and `lease-keepalive` (bidirectional streams on gRPC core).
+ *
+ * watch: `watchers` watchers on `prefixes` prefixes (watcher i watches prefix i % prefixes),
+ *   carried by `watch_streams` Watch streams (stream s on channel s % conns, served by thread
+ *   s % threads; watcher i on stream i % watch_streams). Each stream sends its create requests
+ *   (pipelined, one SEND_MESSAGE at a time) and keeps one RECV_MESSAGE outstanding. When every
+ *   watcher is created (and, with --ready-file, after the file has been created and then removed
+ *   by the caller: the idle-memory window), a writer on its own channel puts key
+ *   "bw/PPPPP/SSSSSSSS" (prefix P, per-prefix sequence S) at --rate puts/s for --duration, value =
+ *   send time (CLOCK_MONOTONIC ns, decimal) padded to --val-size. Each event is checked against a
+ *   per-watcher bitmap (duplicates), its mod_revision against the watcher's last (order), and at
+ *   the end against the successful puts of its prefix (missing); delivery latency = receive time
+ *   minus the value's timestamp. Throughput = events received / (first put .. last event).
+ *
+ * lease-keepalive: `leases` leases granted up front (TTL 600), then `clients` LeaseKeepAlive
+ *   streams over `conns` channels, each ping-ponging keep-alive requests for leases in turn
+ *   until --duration (or --total) is reached.
+ * ============================================================================================ */
+#include <errno.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "api/proto/rpc.pb-c.h"
+
+enum { OP_SEND = 0, OP_RECV = 1, OP_STATUS = 2 };
+
+struct sstream;
+struct optag {
+	struct sstream *s;
+	int kind;
+};
+
+struct wwatcher {
+	int prefix;
+	int64_t last_rev;
+	uint64_t *bits;
+};
+
+struct sstream {
+	int idx;
+	int thread;
+	grpc_channel *ch;
+	grpc_call *call;
+	struct optag tags[3];
+	int pending; /* ops outstanding */
+	int closed;  /* status received */
+	grpc_byte_buffer *send, *recv;
+	grpc_metadata_array md_init, md_trail;
+	grpc_status_code status;
+	grpc_slice details;
+	int started_init_md;
+	/* watch */
+	int *watchers; /* global watcher indexes on this stream, creation order */
+	int nw, n_sent, n_created;
+	int64_t *ht_key; /* watch_id -> position, open addressing */
+	int *ht_val;
+	int ht_mask;
+	/* keepalive */
+	int send_done, recv_done;
+	uint64_t t0;
+	uint64_t ka_next;
+};
+
+struct sshared {
+	const struct bench_opts *o;
+	int is_watch;
+	struct sstream *streams;
+	int nstreams;
+	struct wwatcher *w;
+	int nbits_words;
+	atomic_int created;
+	atomic_int stop;
+	atomic_uint_fast64_t events, dups, ooo, unexpected, bad, canceled;
+	atomic_uint_fast64_t last_event_ns;
+	int64_t *lease_ids;
+	int nleases;
+	uint64_t stop_ns;
+	atomic_uint_fast64_t issued;
+};
+
+struct sthr {
+	struct sshared *sh;
+	pthread_t tid;
+	int idx;
+	grpc_completion_queue *cq;
+	uint32_t *lat;
+	size_t nlat, caplat;
+	double lat_sum;
+	uint64_t ok, by_status[BENCH_NSTATUS];
+	char first_error[BENCH_NSTATUS][200];
+	uint64_t last_done_ns;
+};
+
+static void snote_error(struct sthr *t, int code, const char *msg)
+{
+	if (code < 0 || code >= BENCH_NSTATUS)
+		code = 2;
+	if (t->by_status[code]++ == 0)
+		snprintf(t->first_error[code], sizeof t->first_error[code], "%s", msg);
+}
+
+static void srecord(struct sthr *t, uint64_t ns)
+{
+	struct thr tmp = {0};
+	tmp.lat = t->lat;
+	tmp.nlat = t->nlat;
+	tmp.caplat = t->caplat;
+	tmp.lat_sum = t->lat_sum;
+	record_latency(&tmp, ns);
+	t->lat = tmp.lat;
+	t->nlat = tmp.nlat;
+	t->caplat = tmp.caplat;
+	t->lat_sum = tmp.lat_sum;
+}
+
+static grpc_byte_buffer *pack_msg(const ProtobufCMessage *m)
+{
+	size_t n = protobuf_c_message_get_packed_size(m);
+	uint8_t *b = malloc(n ? n : 1);
+	protobuf_c_message_pack(m, b);
+	grpc_slice sl = grpc_slice_from_copied_buffer((const char *)b, n);
+	free(b);
+	grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(&sl, 1);
+	grpc_slice_unref(sl);
+	return bb;
+}
+
+static ProtobufCMessage *unpack_bb(const ProtobufCMessageDescriptor *d, grpc_byte_buffer *bb)
+{
+	grpc_byte_buffer_reader rd;
+	if (!grpc_byte_buffer_reader_init(&rd, bb))
+		return NULL;
+	grpc_slice all = grpc_byte_buffer_reader_readall(&rd);
+	grpc_byte_buffer_reader_destroy(&rd);
+	ProtobufCMessage *m = protobuf_c_message_unpack(d, NULL, GRPC_SLICE_LENGTH(all), GRPC_SLICE_START_PTR(all));
+	grpc_slice_unref(all);
+	return m;
+}
+
+static char prefix_buf_unused;
+
+static void prefix_key(int p, char *out) /* "bw/PPPPP/" */
+{
+	sprintf(out, "bw/%05d/", p);
+}
+
+static int stream_send(struct sstream *s, grpc_byte_buffer *bb, int with_init)
+{
+	grpc_op ops[2];
+	memset(ops, 0, sizeof ops);
+	int n = 0;
+	if (with_init)
+		ops[n++].op = GRPC_OP_SEND_INITIAL_METADATA;
+	ops[n].op = GRPC_OP_SEND_MESSAGE;
+	ops[n++].data.send_message.send_message = bb;
+	s->send = bb;
+	if (grpc_call_start_batch(s->call, ops, (size_t)n, &s->tags[OP_SEND], NULL) != GRPC_CALL_OK) {
+		grpc_byte_buffer_destroy(bb);
+		s->send = NULL;
+		return -1;
+	}
+	s->pending++;
+	return 0;
+}
+
+static int stream_recv(struct sstream *s)
+{
+	grpc_op ops[2];
+	memset(ops, 0, sizeof ops);
+	int n = 0;
+	if (!s->started_init_md) {
+		ops[n].op = GRPC_OP_RECV_INITIAL_METADATA;
+		ops[n++].data.recv_initial_metadata.recv_initial_metadata = &s->md_init;
+		s->started_init_md = 1;
+	}
+	ops[n].op = GRPC_OP_RECV_MESSAGE;
+	ops[n++].data.recv_message.recv_message = &s->recv;
+	s->recv = NULL;
+	if (grpc_call_start_batch(s->call, ops, (size_t)n, &s->tags[OP_RECV], NULL) != GRPC_CALL_OK)
+		return -1;
+	s->pending++;
+	return 0;
+}
+
+static int stream_open(struct sstream *s, grpc_completion_queue *cq, const char *method)
+{
+	for (int k = 0; k < 3; k++) {
+		s->tags[k].s = s;
+		s->tags[k].kind = k;
+	}
+	grpc_metadata_array_init(&s->md_init);
+	grpc_metadata_array_init(&s->md_trail);
+	s->details = grpc_empty_slice();
+	s->call = grpc_channel_create_call(s->ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, grpc_slice_from_static_string(method),
+					   NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+	grpc_op op;
+	memset(&op, 0, sizeof op);
+	op.op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+	op.data.recv_status_on_client.trailing_metadata = &s->md_trail;
+	op.data.recv_status_on_client.status = &s->status;
+	op.data.recv_status_on_client.status_details = &s->details;
+	if (grpc_call_start_batch(s->call, &op, 1, &s->tags[OP_STATUS], NULL) != GRPC_CALL_OK)
+		return -1;
+	s->pending++;
+	return 0;
+}
+
+static grpc_byte_buffer *watch_create_msg(struct sshared *sh, int wi)
+{
+	char pk[32], pe[32];
+	prefix_key(sh->w[wi].prefix, pk);
+	strcpy(pe, pk);
+	pe[strlen(pe) - 1]++; /* '/' -> '0': the prefix's range end */
+	Etcdserverpb__WatchCreateRequest cr = ETCDSERVERPB__WATCH_CREATE_REQUEST__INIT;
+	cr.key.data = (uint8_t *)pk;
+	cr.key.len = strlen(pk);
+	cr.range_end.data = (uint8_t *)pe;
+	cr.range_end.len = strlen(pe);
+	Etcdserverpb__WatchRequest rq = ETCDSERVERPB__WATCH_REQUEST__INIT;
+	rq.request_union_case = ETCDSERVERPB__WATCH_REQUEST__REQUEST_UNION_CREATE_REQUEST;
+	rq.create_request = &cr;
+	return pack_msg(&rq.base);
+}
+
+static grpc_byte_buffer *keepalive_msg(int64_t id)
+{
+	Etcdserverpb__LeaseKeepAliveRequest rq = ETCDSERVERPB__LEASE_KEEP_ALIVE_REQUEST__INIT;
+	rq.id = id;
+	return pack_msg(&rq.base);
+}
+
+static void ht_put(struct sstream *s, int64_t key, int val)
+{
+	unsigned h = (unsigned)((uint64_t)key * 0x9e3779b97f4a7c15ULL >> 32) & (unsigned)s->ht_mask;
+	while (s->ht_val[h] >= 0 && s->ht_key[h] != key)
+		h = (h + 1) & (unsigned)s->ht_mask;
+	s->ht_key[h] = key;
+	s->ht_val[h] = val;
+}
+
+static int ht_get(struct sstream *s, int64_t key)
+{
+	unsigned h = (unsigned)((uint64_t)key * 0x9e3779b97f4a7c15ULL >> 32) & (unsigned)s->ht_mask;
+	while (s->ht_val[h] >= 0) {
+		if (s->ht_key[h] == key)
+			return s->ht_val[h];
+		h = (h + 1) & (unsigned)s->ht_mask;
+	}
+	return -1;
+}
+
+static void watch_on_msg(struct sthr *t, struct sstream *s, Etcdserverpb__WatchResponse *r, uint64_t now)
+{
+	struct sshared *sh = t->sh;
+	if (r->created) {
+		if (s->n_created < s->nw) {
+			ht_put(s, r->watch_id, s->watchers[s->n_created]);
+			s->n_created++;
+			atomic_fetch_add(&sh->created, 1);
+		} else {
+			atomic_fetch_add(&sh->bad, 1);
+		}
+	}
+	if (r->canceled) {
+		atomic_fetch_add(&sh->canceled, 1);
+		char m[200];
+		snprintf(m, sizeof m, "watch %lld canceled: %s (compact_revision %lld)", (long long)r->watch_id,
+			 r->cancel_reason ? r->cancel_reason : "", (long long)r->compact_revision);
+		snote_error(t, 9, m);
+	}
+	if (!r->n_events)
+		return;
+	int wi = ht_get(s, r->watch_id);
+	if (wi < 0) {
+		atomic_fetch_add(&sh->unexpected, r->n_events);
+		return;
+	}
+	struct wwatcher *w = &sh->w[wi];
+	uint64_t dups = 0, ooo = 0, unexp = 0;
+	for (size_t i = 0; i < r->n_events; i++) {
+		Mvccpb__Event *ev = r->events[i];
+		Mvccpb__KeyValue *kv = ev->kv;
+		if (!kv || kv->key.len != 17) {
+			unexp++;
+			continue;
+		}
+		char kb[18];
+		memcpy(kb, kv->key.data, 17);
+		kb[17] = 0;
+		int p = atoi(kb + 3);
+		uint64_t seq = strtoull(kb + 9, NULL, 10);
+		if (p != w->prefix || seq >= (uint64_t)sh->nbits_words * 64) {
+			unexp++;
+			continue;
+		}
+		if (kv->mod_revision <= w->last_rev)
+			ooo++;
+		else
+			w->last_rev = kv->mod_revision;
+		uint64_t bit = 1ULL << (seq & 63);
+		if (w->bits[seq >> 6] & bit)
+			dups++;
+		w->bits[seq >> 6] |= bit;
+		char vb[24];
+		size_t vl = kv->value.len < 23 ? kv->value.len : 23;
+		memcpy(vb, kv->value.data, vl);
+		vb[vl] = 0;
+		uint64_t ts = strtoull(vb, NULL, 10);
+		if (ts && ts <= now)
+			srecord(t, now - ts);
+		t->ok++;
+	}
+	atomic_fetch_add(&sh->events, r->n_events - unexp);
+	if (dups)
+		atomic_fetch_add(&sh->dups, dups);
+	if (ooo)
+		atomic_fetch_add(&sh->ooo, ooo);
+	if (unexp)
+		atomic_fetch_add(&sh->unexpected, unexp);
+	atomic_store(&sh->last_event_ns, now);
+	t->last_done_ns = now;
+}
+
+static void ka_issue(struct sshared *sh, struct sstream *s)
+{
+	uint64_t n = atomic_fetch_add(&sh->issued, 1);
+	if ((sh->o->total && n >= sh->o->total) || (sh->stop_ns && bench_now_ns() >= sh->stop_ns)) {
+		grpc_call_cancel(s->call, NULL);
+		return;
+	}
+	s->send_done = s->recv_done = 0;
+	s->t0 = bench_now_ns();
+	int64_t id = sh->lease_ids[n % (uint64_t)sh->nleases];
+	if (stream_send(s, keepalive_msg(id), 0) != 0 || stream_recv(s) != 0)
+		grpc_call_cancel(s->call, NULL);
+}
+
+static void *sthr_main(void *arg)
+{
+	struct sthr *t = arg;
+	struct sshared *sh = t->sh;
+	const char *method = sh->is_watch ? "/etcdserverpb.Watch/Watch" : "/etcdserverpb.Lease/LeaseKeepAlive";
+	int open = 0;
+	for (int i = 0; i < sh->nstreams; i++) {
+		struct sstream *s = &sh->streams[i];
+		if (s->thread != t->idx)
+			continue;
+		if (stream_open(s, t->cq, method) != 0) {
+			snote_error(t, 13, "could not start stream");
+			s->closed = 1;
+			continue;
+		}
+		open++;
+		if (sh->is_watch) {
+			if (s->nw) {
+				stream_send(s, watch_create_msg(sh, s->watchers[0]), 1);
+				s->n_sent = 1;
+			} else {
+				grpc_op op;
+				memset(&op, 0, sizeof op);
+				op.op = GRPC_OP_SEND_INITIAL_METADATA;
+				grpc_call_start_batch(s->call, &op, 1, &s->tags[OP_SEND], NULL);
+				s->pending++;
+			}
+			stream_recv(s);
+		} else {
+			grpc_op op;
+			memset(&op, 0, sizeof op);
+			op.op = GRPC_OP_SEND_INITIAL_METADATA;
+			grpc_call_start_batch(s->call, &op, 1, &s->tags[OP_SEND], NULL);
+			s->pending++;
+			s->send_done = 0;
+			s->recv_done = 1; /* first send completion starts the ping-pong */
+			s->t0 = 0;
+		}
+	}
+	int cancelled = 0;
+	while (open > 0) {
+		grpc_event ev = grpc_completion_queue_next(
+			t->cq, gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_millis(100, GPR_TIMESPAN)), NULL);
+		if (!cancelled && atomic_load(&sh->stop)) {
+			for (int i = 0; i < sh->nstreams; i++)
+				if (sh->streams[i].thread == t->idx && sh->streams[i].call)
+					grpc_call_cancel(sh->streams[i].call, NULL);
+			cancelled = 1;
+		}
+		if (ev.type != GRPC_OP_COMPLETE)
+			continue;
+		struct optag *tag = ev.tag;
+		struct sstream *s = tag->s;
+		uint64_t now = bench_now_ns();
+		s->pending--;
+		if (tag->kind == OP_STATUS) {
+			s->closed = 1;
+			if (s->status != GRPC_STATUS_OK && s->status != GRPC_STATUS_CANCELLED) {
+				char *d = grpc_slice_to_c_string(s->details);
+				snote_error(t, (int)s->status, d);
+				gpr_free(d);
+			} else if (s->status == GRPC_STATUS_OK && !atomic_load(&sh->stop)) {
+				snote_error(t, 2, "stream closed by server with OK before the end");
+			}
+		} else if (tag->kind == OP_SEND) {
+			if (s->send)
+				grpc_byte_buffer_destroy(s->send);
+			s->send = NULL;
+			if (ev.success && sh->is_watch && s->n_sent < s->nw && !atomic_load(&sh->stop)) {
+				stream_send(s, watch_create_msg(sh, s->watchers[s->n_sent]), 0);
+				s->n_sent++;
+			} else if (!sh->is_watch && ev.success) {
+				s->send_done = 1;
+				if (s->recv_done && !atomic_load(&sh->stop))
+					ka_issue(sh, s);
+			}
+		} else { /* OP_RECV */
+			if (ev.success && s->recv) {
+				if (sh->is_watch) {
+					Etcdserverpb__WatchResponse *r = (Etcdserverpb__WatchResponse *)unpack_bb(
+						&etcdserverpb__watch_response__descriptor, s->recv);
+					if (r) {
+						watch_on_msg(t, s, r, now);
+						protobuf_c_message_free_unpacked(&r->base, NULL);
+					} else {
+						snote_error(t, BENCH_STATUS_DECODE, "WatchResponse did not decode");
+					}
+					grpc_byte_buffer_destroy(s->recv);
+					s->recv = NULL;
+					if (!atomic_load(&sh->stop))
+						stream_recv(s);
+				} else {
+					Etcdserverpb__LeaseKeepAliveResponse *r = (Etcdserverpb__LeaseKeepAliveResponse *)unpack_bb(
+						&etcdserverpb__lease_keep_alive_response__descriptor, s->recv);
+					if (r && r->ttl > 0) {
+						t->ok++;
+						srecord(t, now - s->t0);
+					} else {
+						char m[100];
+						snprintf(m, sizeof m, "keep-alive response %s (ttl %lld)", r ? "bad" : "undecodable",
+							 r ? (long long)r->ttl : 0LL);
+						snote_error(t, BENCH_STATUS_DECODE, m);
+					}
+					if (r)
+						protobuf_c_message_free_unpacked(&r->base, NULL);
+					grpc_byte_buffer_destroy(s->recv);
+					s->recv = NULL;
+					t->last_done_ns = now;
+					s->recv_done = 1;
+					if (s->send_done && !atomic_load(&sh->stop))
+						ka_issue(sh, s);
+				}
+			} else if (s->recv) {
+				grpc_byte_buffer_destroy(s->recv);
+				s->recv = NULL;
+			}
+		}
+		if (s->pending == 0 && s->call) {
+			grpc_call_unref(s->call);
+			s->call = NULL;
+			grpc_slice_unref(s->details);
+			grpc_metadata_array_destroy(&s->md_init);
+			grpc_metadata_array_destroy(&s->md_trail);
+			open--;
+		}
+	}
+	return NULL;
+}
+
+/* One unary call, synchronously on its own completion queue. Returns the grpc status or -1. */
+static int unary(grpc_channel *ch, const char *method, const ProtobufCMessage *req,
+		 const ProtobufCMessageDescriptor *rd, ProtobufCMessage **resp, double timeout, char *err, size_t errlen)
+{
+	grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
+	gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+					     gpr_time_from_millis((int64_t)(timeout * 1000), GPR_TIMESPAN));
+	grpc_call *c = grpc_channel_create_call(ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, grpc_slice_from_static_string(method),
+						NULL, deadline, NULL);
+	grpc_metadata_array mi, mt;
+	grpc_metadata_array_init(&mi);
+	grpc_metadata_array_init(&mt);
+	grpc_byte_buffer *send = pack_msg(req), *recv = NULL;
+	grpc_status_code st = GRPC_STATUS_UNKNOWN;
+	grpc_slice det = grpc_empty_slice();
+	grpc_op ops[6];
+	memset(ops, 0, sizeof ops);
+	ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+	ops[1].op = GRPC_OP_SEND_MESSAGE;
+	ops[1].data.send_message.send_message = send;
+	ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+	ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+	ops[3].data.recv_initial_metadata.recv_initial_metadata = &mi;
+	ops[4].op = GRPC_OP_RECV_MESSAGE;
+	ops[4].data.recv_message.recv_message = &recv;
+	ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+	ops[5].data.recv_status_on_client.trailing_metadata = &mt;
+	ops[5].data.recv_status_on_client.status = &st;
+	ops[5].data.recv_status_on_client.status_details = &det;
+	int rc = -1;
+	if (grpc_call_start_batch(c, ops, 6, (void *)1, NULL) == GRPC_CALL_OK) {
+		grpc_event ev = grpc_completion_queue_pluck(cq, (void *)1, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+		rc = ev.success ? (int)st : -1;
+		if (rc == 0) {
+			*resp = recv ? unpack_bb(rd, recv) : NULL;
+			if (!*resp)
+				rc = BENCH_STATUS_DECODE;
+		} else if (err) {
+			char *d = grpc_slice_to_c_string(det);
+			snprintf(err, errlen, "%s: status %d: %s", method, rc, d);
+			gpr_free(d);
+		}
+	}
+	if (recv)
+		grpc_byte_buffer_destroy(recv);
+	grpc_byte_buffer_destroy(send);
+	grpc_slice_unref(det);
+	grpc_metadata_array_destroy(&mi);
+	grpc_metadata_array_destroy(&mt);
+	grpc_call_unref(c);
+	grpc_completion_queue_shutdown(cq);
+	while (grpc_completion_queue_pluck(cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type != GRPC_QUEUE_SHUTDOWN)
+		;
+	grpc_completion_queue_destroy(cq);
+	return rc;
+}
+
+/* The paced writer: puts at o->rate for o->duration with up to 256 in flight. */
+struct wslot {
+	grpc_call *call;
+	grpc_byte_buffer *send, *recv;
+	grpc_metadata_array mi, mt;
+	grpc_status_code st;
+	grpc_slice det;
+	uint64_t t0;
+	int prefix;
+	uint64_t seq;
+};
+
+struct writer {
+	struct sshared *sh;
+	grpc_channel *ch;
+	uint64_t nputs, ok, err, *ok_bits; /* ok_bits: per prefix, nbits_words words */
+	uint64_t start_ns, end_ns;
+	char first_error[200];
+	uint32_t *lat;
+	size_t nlat, caplat;
+	double lat_sum;
+};
+
+static void *writer_main(void *arg)
+{
+	struct writer *wr = arg;
+	struct sshared *sh = wr->sh;
+	const struct bench_opts *o = sh->o;
+	enum { MAXF = 256 };
+	struct wslot *sl = calloc(MAXF, sizeof *sl);
+	int freelist[MAXF], nfree = MAXF, inflight = 0;
+	for (int i = 0; i < MAXF; i++)
+		freelist[i] = MAXF - 1 - i;
+	grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
+	uint64_t total = (uint64_t)(o->rate * o->duration);
+	uint64_t max_per_prefix = (uint64_t)sh->nbits_words * 64;
+	if (total > max_per_prefix * (uint64_t)o->prefixes)
+		total = max_per_prefix * (uint64_t)o->prefixes;
+	double interval = 1e9 / o->rate;
+	uint64_t start = bench_now_ns();
+	wr->start_ns = start;
+	uint64_t i = 0;
+	uint8_t *val = malloc((size_t)o->val_size + 32);
+	while (i < total || inflight > 0) {
+		uint64_t now = bench_now_ns();
+		while (i < total && nfree > 0 && now >= start + (uint64_t)((double)i * interval)) {
+			int k = freelist[--nfree];
+			struct wslot *w = &sl[k];
+			w->prefix = (int)(i % (uint64_t)o->prefixes);
+			w->seq = i / (uint64_t)o->prefixes;
+			char key[32];
+			snprintf(key, sizeof key, "bw/%05d/%08llu", w->prefix, (unsigned long long)w->seq);
+			w->t0 = bench_now_ns();
+			int vl = snprintf((char *)val, 32, "%llu", (unsigned long long)w->t0);
+			int vs = o->val_size > vl ? o->val_size : vl;
+			memset(val + vl, 'x', (size_t)(vs - vl));
+			Etcdserverpb__PutRequest rq = ETCDSERVERPB__PUT_REQUEST__INIT;
+			rq.key.data = (uint8_t *)key;
+			rq.key.len = strlen(key);
+			rq.value.data = val;
+			rq.value.len = (size_t)vs;
+			w->send = pack_msg(&rq.base);
+			w->recv = NULL;
+			w->det = grpc_empty_slice();
+			grpc_metadata_array_init(&w->mi);
+			grpc_metadata_array_init(&w->mt);
+			gpr_timespec dl = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+						       gpr_time_from_millis((int64_t)(o->timeout * 1000), GPR_TIMESPAN));
+			w->call = grpc_channel_create_call(wr->ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq,
+							   grpc_slice_from_static_string("/etcdserverpb.KV/Put"), NULL, dl, NULL);
+			grpc_op ops[6];
+			memset(ops, 0, sizeof ops);
+			ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+			ops[1].op = GRPC_OP_SEND_MESSAGE;
+			ops[1].data.send_message.send_message = w->send;
+			ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+			ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+			ops[3].data.recv_initial_metadata.recv_initial_metadata = &w->mi;
+			ops[4].op = GRPC_OP_RECV_MESSAGE;
+			ops[4].data.recv_message.recv_message = &w->recv;
+			ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+			ops[5].data.recv_status_on_client.trailing_metadata = &w->mt;
+			ops[5].data.recv_status_on_client.status = &w->st;
+			ops[5].data.recv_status_on_client.status_details = &w->det;
+			grpc_call_start_batch(w->call, ops, 6, (void *)(intptr_t)(k + 1), NULL);
+			inflight++;
+			wr->nputs++;
+			i++;
+		}
+		uint64_t next = i < total ? start + (uint64_t)((double)i * interval) : now + 100000000ULL;
+		int64_t wait_ns = nfree > 0 ? (int64_t)(next - bench_now_ns()) : 100000000LL;
+		if (wait_ns < 0)
+			wait_ns = 0;
+		grpc_event ev = grpc_completion_queue_next(
+			cq, gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC), gpr_time_from_nanos(wait_ns, GPR_TIMESPAN)), NULL);
+		if (ev.type != GRPC_OP_COMPLETE)
+			continue;
+		int k = (int)(intptr_t)ev.tag - 1;
+		struct wslot *w = &sl[k];
+		uint64_t t1 = bench_now_ns();
+		if (ev.success && w->st == GRPC_STATUS_OK && w->recv) {
+			wr->ok++;
+			wr->ok_bits[(size_t)w->prefix * (size_t)sh->nbits_words + (w->seq >> 6)] |= 1ULL << (w->seq & 63);
+			struct thr tmp = {.lat = wr->lat, .nlat = wr->nlat, .caplat = wr->caplat, .lat_sum = wr->lat_sum};
+			record_latency(&tmp, t1 - w->t0);
+			wr->lat = tmp.lat;
+			wr->nlat = tmp.nlat;
+			wr->caplat = tmp.caplat;
+			wr->lat_sum = tmp.lat_sum;
+		} else {
+			if (wr->err++ == 0) {
+				char *d = grpc_slice_to_c_string(w->det);
+				snprintf(wr->first_error, sizeof wr->first_error, "put: status %d: %s", (int)w->st, d);
+				gpr_free(d);
+			}
+		}
+		if (w->recv)
+			grpc_byte_buffer_destroy(w->recv);
+		grpc_byte_buffer_destroy(w->send);
+		grpc_slice_unref(w->det);
+		grpc_metadata_array_destroy(&w->mi);
+		grpc_metadata_array_destroy(&w->mt);
+		grpc_call_unref(w->call);
+		freelist[nfree++] = k;
+		inflight--;
+	}
+	wr->end_ns = bench_now_ns();
+	free(val);
+	free(sl);
+	grpc_completion_queue_shutdown(cq);
+	while (grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type != GRPC_QUEUE_SHUTDOWN)
+		;
+	grpc_completion_queue_destroy(cq);
+	return NULL;
+}
+
+static void merge_sthr(struct bench_result *res, struct sthr *ts, int nt)
+{
+	size_t n = 0;
+	for (int i = 0; i < nt; i++)
+		n += ts[i].nlat;
+	res->lat_us = malloc((n ? n : 1) * sizeof(uint32_t));
+	for (int i = 0; i < nt; i++) {
+		struct sthr *t = &ts[i];
+		if (t->nlat)
+			memcpy(res->lat_us + res->n_lat, t->lat, t->nlat * sizeof(uint32_t));
+		res->n_lat += t->nlat;
+		res->lat_sum_us += t->lat_sum;
+		res->ok += t->ok;
+		for (int c = 1; c < BENCH_NSTATUS; c++) {
+			if (t->by_status[c] && !res->by_status[c])
+				memcpy(res->first_error[c], t->first_error[c], sizeof res->first_error[c]);
+			res->by_status[c] += t->by_status[c];
+			res->errors += t->by_status[c];
+		}
+		free(t->lat);
+	}
+	qsort(res->lat_us, res->n_lat, sizeof(uint32_t), cmp_u32);
+}
+
+static void wait_file_gone(const char *path, double max_s)
+{
+	uint64_t until = bench_now_ns() + (uint64_t)(max_s * 1e9);
+	struct stat st;
+	while (stat(path, &st) == 0 && bench_now_ns() < until)
+		usleep(20000);
+}
+
+int bench_run_stream(const struct bench_opts *o, int is_watch, struct bench_result *res, struct bench_stream_stats *ss)
+{
+	memset(res, 0, sizeof *res);
+	memset(ss, 0, sizeof *ss);
+	struct sshared *sh = calloc(1, sizeof *sh);
+	sh->o = o;
+	sh->is_watch = is_watch;
+	grpc_init();
+	int nch = o->conns + (is_watch ? 1 : 0);
+	grpc_channel **chs = calloc((size_t)nch, sizeof *chs);
+	for (int i = 0; i < nch; i++)
+		chs[i] = make_channel(o->endpoints[i % o->n_endpoints]);
+	int rc = -1;
+	if (wait_ready(chs, nch, o->dial_timeout, res->setup_error, sizeof res->setup_error) != 0) {
+		res->setup_failed = 1;
+		goto out;
+	}
+	if (is_watch) {
+		sh->nstreams = o->watch_streams;
+		sh->w = calloc((size_t)o->watchers, sizeof *sh->w);
+		uint64_t per_prefix = (uint64_t)(o->rate * o->duration) / (uint64_t)o->prefixes + 1;
+		sh->nbits_words = (int)((per_prefix + 63) / 64);
+		for (int i = 0; i < o->watchers; i++) {
+			sh->w[i].prefix = i % o->prefixes;
+			sh->w[i].bits = calloc((size_t)sh->nbits_words, 8);
+		}
+	} else {
+		sh->nstreams = o->clients;
+		sh->nleases = o->leases;
+		sh->lease_ids = calloc((size_t)o->leases, sizeof(int64_t));
+		for (int i = 0; i < o->leases; i++) {
+			Etcdserverpb__LeaseGrantRequest rq = ETCDSERVERPB__LEASE_GRANT_REQUEST__INIT;
+			rq.ttl = 600;
+			ProtobufCMessage *m = NULL;
+			int st = unary(chs[i % o->conns], "/etcdserverpb.Lease/LeaseGrant", &rq.base,
+				       &etcdserverpb__lease_grant_response__descriptor, &m, o->timeout, res->setup_error,
+				       sizeof res->setup_error);
+			if (st != 0) {
+				res->setup_failed = 1;
+				goto out;
+			}
+			sh->lease_ids[i] = ((Etcdserverpb__LeaseGrantResponse *)m)->id;
+			protobuf_c_message_free_unpacked(m, NULL);
+		}
+	}
+	int nt = o->threads < sh->nstreams ? o->threads : sh->nstreams;
+	if (nt < 1)
+		nt = 1;
+	sh->streams = calloc((size_t)sh->nstreams, sizeof *sh->streams);
+	for (int s = 0; s < sh->nstreams; s++) {
+		struct sstream *st = &sh->streams[s];
+		st->idx = s;
+		st->thread = s % nt;
+		st->ch = chs[s % o->conns];
+		if (is_watch) {
+			st->nw = o->watchers / sh->nstreams + (s < o->watchers % sh->nstreams);
+			st->watchers = calloc((size_t)st->nw + 1, sizeof(int));
+			int k = 0;
+			for (int i = s; i < o->watchers; i += sh->nstreams)
+				st->watchers[k++] = i;
+			int sz = 4;
+			while (sz < 2 * st->nw + 2)
+				sz <<= 1;
+			st->ht_mask = sz - 1;
+			st->ht_key = calloc((size_t)sz, sizeof(int64_t));
+			st->ht_val = malloc((size_t)sz * sizeof(int));
+			for (int j = 0; j < sz; j++)
+				st->ht_val[j] = -1;
+		}
+	}
+	struct sthr *ts = calloc((size_t)nt, sizeof *ts);
+	uint64_t t_start = bench_now_ns();
+	if (!is_watch && o->duration > 0)
+		sh->stop_ns = t_start + (uint64_t)(o->duration * 1e9);
+	for (int i = 0; i < nt; i++) {
+		ts[i].sh = sh;
+		ts[i].idx = i;
+		ts[i].cq = grpc_completion_queue_create_for_next(NULL);
+		pthread_create(&ts[i].tid, NULL, sthr_main, &ts[i]);
+	}
+	struct writer wr = {0};
+	if (is_watch) {
+		/* wait for every watcher to be created */
+		uint64_t until = bench_now_ns() + (uint64_t)((o->dial_timeout + o->timeout + o->watchers / 2000.0) * 1e9);
+		while (atomic_load(&sh->created) < o->watchers && bench_now_ns() < until)
+			usleep(2000);
+		ss->create_s = (double)(bench_now_ns() - t_start) / 1e9;
+		ss->created = atomic_load(&sh->created);
+		if (ss->created == o->watchers && o->ready_file) {
+			FILE *f = fopen(o->ready_file, "w");
+			if (f) {
+				fprintf(f, "%d\n", ss->created);
+				fclose(f);
+			}
+			wait_file_gone(o->ready_file, 60);
+		}
+		if (ss->created == o->watchers) {
+			wr.sh = sh;
+			wr.ch = chs[o->conns];
+			wr.ok_bits = calloc((size_t)o->prefixes * (size_t)sh->nbits_words, 8);
+			pthread_t wt;
+			pthread_create(&wt, NULL, writer_main, &wr);
+			pthread_join(wt, NULL);
+			/* drain: until every expected event arrived or no progress for --drain seconds */
+			uint64_t expected = 0;
+			for (int p = 0; p < o->prefixes; p++) {
+				uint64_t cnt = 0;
+				for (int k = 0; k < sh->nbits_words; k++)
+					cnt += (uint64_t)__builtin_popcountll(wr.ok_bits[(size_t)p * (size_t)sh->nbits_words + (size_t)k]);
+				expected += cnt * (uint64_t)(o->watchers / o->prefixes + (p < o->watchers % o->prefixes));
+			}
+			ss->expected = expected;
+			uint64_t last = atomic_load(&sh->events), last_change = bench_now_ns();
+			while (atomic_load(&sh->events) < expected) {
+				usleep(10000);
+				uint64_t e = atomic_load(&sh->events);
+				if (e != last) {
+					last = e;
+					last_change = bench_now_ns();
+				} else if (bench_now_ns() - last_change > (uint64_t)(o->drain * 1e9)) {
+					break;
+				}
+			}
+		} else {
+			snprintf(res->first_error[4], sizeof res->first_error[4], "only %d of %d watchers created", ss->created,
+				 o->watchers);
+			res->by_status[4]++;
+			res->errors++;
+		}
+		atomic_store(&sh->stop, 1);
+	}
+	for (int i = 0; i < nt; i++)
+		pthread_join(ts[i].tid, NULL);
+	merge_sthr(res, ts, nt);
+	if (is_watch) {
+		uint64_t end = atomic_load(&sh->last_event_ns);
+		res->elapsed = wr.start_ns && end > wr.start_ns ? (double)(end - wr.start_ns) / 1e9 : 0;
+		ss->events = atomic_load(&sh->events);
+		ss->duplicates = atomic_load(&sh->dups);
+		ss->out_of_order = atomic_load(&sh->ooo);
+		ss->unexpected = atomic_load(&sh->unexpected);
+		ss->canceled = atomic_load(&sh->canceled);
+		ss->puts = wr.nputs;
+		ss->puts_ok = wr.ok;
+		ss->put_errors = wr.err;
+		ss->write_s = wr.end_ns > wr.start_ns ? (double)(wr.end_ns - wr.start_ns) / 1e9 : 0;
+		if (wr.nlat) {
+			qsort(wr.lat, wr.nlat, sizeof(uint32_t), cmp_u32);
+			ss->put_p50_ms = wr.lat[(wr.nlat - 1) / 2] / 1000.0;
+			ss->put_p99_ms = wr.lat[(size_t)((double)(wr.nlat - 1) * 0.99)] / 1000.0;
+		}
+		if (wr.err) {
+			res->by_status[2] += wr.err;
+			res->errors += wr.err;
+			snprintf(res->first_error[2], sizeof res->first_error[2], "%s", wr.first_error);
+		}
+		/* missing: successful puts of the watcher's prefix not received */
+		if (wr.ok_bits)
+			for (int i = 0; i < o->watchers; i++) {
+				const uint64_t *ob = wr.ok_bits + (size_t)sh->w[i].prefix * (size_t)sh->nbits_words;
+				for (int k = 0; k < sh->nbits_words; k++)
+					ss->missing += (uint64_t)__builtin_popcountll(ob[k] & ~sh->w[i].bits[k]);
+			}
+		free(wr.lat);
+		free(wr.ok_bits);
+		for (int i = 0; i < o->watchers; i++)
+			free(sh->w[i].bits);
+		for (int s = 0; s < sh->nstreams; s++) {
+			free(sh->streams[s].watchers);
+			free(sh->streams[s].ht_key);
+			free(sh->streams[s].ht_val);
+		}
+		free(sh->w);
+	} else {
+		uint64_t end = t_start;
+		for (int i = 0; i < nt; i++)
+			if (ts[i].last_done_ns > end)
+				end = ts[i].last_done_ns;
+		res->elapsed = (double)(end - t_start) / 1e9;
+	}
+	for (int i = 0; i < nt; i++) {
+		grpc_completion_queue_shutdown(ts[i].cq);
+		while (grpc_completion_queue_next(ts[i].cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
+		       GRPC_QUEUE_SHUTDOWN)
+			;
+		grpc_completion_queue_destroy(ts[i].cq);
+	}
+	free(ts);
+	free(sh->streams);
+	rc = 0;
+out:
+	free(sh->lease_ids);
+	free(sh);
+	for (int i = 0; i < nch; i++)
+		grpc_channel_destroy(chs[i]);
+	free(chs);
+	grpc_shutdown();
+	(void)prefix_buf_unused;
+	return rc;
+}
