@@ -98,6 +98,7 @@ struct node {
 	node_req *n_waiters_tail;
 	node_req *n_conf_waiters;     /* member changes waiting for their configuration change */
 	node_req *n_transfer;         /* a MoveLeader waiting for the new leader */
+	node_req *n_leaderless;       /* proposals waiting for a leader to be known */
 	pending_conf n_pending_conf[NODE_MAX_PENDING_CONF];
 	size_t n_npending_conf;
 	node_req *n_reads;            /* linearizable reads not yet in a round */
@@ -817,6 +818,16 @@ static void role_changed(node *n, const struct raft_soft_state *ss)
 		publish_attributes(n);
 	uint64_t old = atomic_exchange(&n->n_lead, ss->lead);
 	n->n_role = ss->role;
+	if (ss->lead != 0 && n->n_leaderless) {
+		/* Propose them again next turn (not now: we are inside a Ready). */
+		node_req *next;
+		for (node_req *r = n->n_leaderless; r; r = next) {
+			next = r->nr_next;
+			r->nr_next = NULL;
+			enqueue(n, r);
+		}
+		n->n_leaderless = NULL;
+	}
 	if (n->n_transfer && ss->lead == ((const Etcdserverpb__MoveLeaderRequest *)n->n_transfer->nr_msg)->targetid) {
 		Etcdserverpb__MoveLeaderResponse resp = ETCDSERVERPB__MOVE_LEADER_RESPONSE__INIT;
 		Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
@@ -1134,12 +1145,18 @@ static void propose(node *n, node_req *r)
 		add_waiter(n, r);
 		return;
 	}
-	if (rc == RAFT_ETOOBIG)
+	if (rc == RAFT_ETOOBIG) {
 		req_fail(r, API_ERR_REQUEST_TOO_LARGE);
-	else if (rc == RAFT_EDROPPED || rc == RAFT_ENOTLEADER)
-		req_fail(r, API_ERR_NO_LEADER);
-	else
+	} else if (rc == RAFT_EDROPPED || rc == RAFT_ENOTLEADER) {
+		/* No leader (an election, a transfer): like etcd, wait for one rather than fail
+		 * at once; the request is proposed again when a leader is known, or times out. */
+		if (r->nr_deadline_ms == 0)
+			r->nr_deadline_ms = now_ms() + n->n_req_timeout_ms;
+		r->nr_next = n->n_leaderless;
+		n->n_leaderless = r;
+	} else {
 		req_fail(r, API_ERR_INTERNAL);
+	}
 }
 
 static void on_wake(uv_async_t *h)
@@ -1224,6 +1241,18 @@ static void on_timeout_timer(uv_timer_t *t)
 {
 	node *n = t->data;
 	uint64_t now = now_ms();
+	node_req **pp = &n->n_leaderless;
+	while (*pp) {
+		node_req *r = *pp;
+		if (r->nr_deadline_ms > now) {
+			pp = &r->nr_next;
+			continue;
+		}
+		*pp = r->nr_next;
+		if (r->nr_op == NODE_LEASE_REVOKE && r->nr_call == NULL)
+			lessor_revoke_failed(n->n_sc->lessor, ((const Etcdserverpb__LeaseRevokeRequest *)r->nr_msg)->id);
+		req_fail(r, API_ERR_TIMEOUT);
+	}
 	if (n->n_transfer && n->n_transfer->nr_deadline_ms <= now) {
 		/* etcd: the transfer did not finish within the election timeout. */
 		api_call_fail_msg(n->n_transfer->nr_call, 14, "etcdserver: request timed out, leader transfer took too long");
@@ -1289,6 +1318,11 @@ static void on_stop(uv_async_t *h)
 		req_fail(n->n_transfer, API_ERR_STOPPED);
 		n->n_transfer = NULL;
 	}
+	for (node_req *r = n->n_leaderless; r; r = next) {
+		next = r->nr_next;
+		req_fail(r, API_ERR_STOPPED);
+	}
+	n->n_leaderless = NULL;
 	for (node_req *r = n->n_reads; r; r = next) {
 		next = r->nr_next;
 		req_fail(r, API_ERR_STOPPED);

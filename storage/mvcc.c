@@ -1446,7 +1446,7 @@ int storage_hash_kv(storage_reader *r, int64_t rev, uint32_t *hash, int64_t *has
 {
 	storage *s = r->r_s;
 	int64_t compact = r->r_compact;
-	*compact_rev = compact < 0 ? 0 : compact;
+	*compact_rev = compact; /* -1 before any compaction, as etcd reports */
 	if (rev <= 0)
 		rev = r->r_rev;
 	if (rev > r->r_rev)
