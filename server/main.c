@@ -229,7 +229,13 @@ static int run(config *cfgp)
 		log_at(LOG_FATAL, "cannot open storage", "path", member_dir, "error", storage_strerror(rc), NULL);
 		return 1;
 	}
-	member_compute_ids(&cfg, &sc.mi);
+	char why[256];
+	rc = member_compute_ids(&cfg, &sc.mi, why, sizeof(why));
+	if (rc) {
+		log_at(LOG_FATAL, "invalid --initial-cluster", "error", why, NULL);
+		storage_close(sc.st);
+		return 1;
+	}
 	rc = load_or_store_ids(sc.st, &sc.mi, strcmp(cfg.initial_cluster_state, "existing") == 0);
 	if (rc == 0)
 		rc = lessor_start(&sc.lessor, &cfg, sc.st);

@@ -4,118 +4,32 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <openssl/sha.h>
 
 #include "server/server.h"
 
-static uint64_t be64(const uint8_t *p)
+int member_compute_ids(const config *cfg, member_info *out, char *errbuf, size_t errlen)
 {
-	uint64_t v = 0;
-	for (int i = 0; i < 8; i++)
-		v = v << 8 | p[i];
-	return v;
-}
-
-static int cmp_str(const void *a, const void *b)
-{
-	return strcmp(*(char *const *)a, *(char *const *)b);
-}
-
-static int cmp_u64(const void *a, const void *b)
-{
-	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
-	return x < y ? -1 : x > y;
-}
-
-/* etcd's member id: sha1 of the member's sorted peer URLs and the cluster token. */
-uint64_t member_id_of(char **urls, int n, const char *token)
-{
-	uint8_t d[SHA_DIGEST_LENGTH];
-	size_t len = strlen(token), off = 0;
-	qsort(urls, (size_t)n, sizeof(char *), cmp_str);
-	for (int i = 0; i < n; i++)
-		len += strlen(urls[i]);
-	uint8_t *buf = malloc(len + 1);
-	if (buf == NULL)
-		return 0;
-	for (int i = 0; i < n; i++) {
-		memcpy(buf + off, urls[i], strlen(urls[i]));
-		off += strlen(urls[i]);
-	}
-	memcpy(buf + off, token, strlen(token));
-	SHA1(buf, len, d);
-	free(buf);
-	return be64(d);
-}
-
-void member_compute_all(const config *cfg, member_id_list *out)
-{
-	/* Group --initial-cluster "name=url,..." by name. */
-	memset(out, 0, sizeof(*out));
-	out->buf = strdup(cfg->initial_cluster);
-	if (out->buf == NULL)
-		return;
-	char *save = NULL;
-	for (char *tok = strtok_r(out->buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
-		char *eq = strchr(tok, '=');
-		if (eq == NULL)
-			continue;
-		*eq = '\0';
-		int k;
-		for (k = 0; k < out->n; k++)
-			if (strcmp(out->name[k], tok) == 0)
-				break;
-		if (k == out->n) {
-			if (out->n == MEMBER_LIST_MAX)
-				continue;
-			out->name[out->n++] = tok;
-		}
-		if (out->n_urls[k] < CONFIG_MAX_URLS)
-			out->urls[k][out->n_urls[k]++] = eq + 1;
-	}
-	for (int k = 0; k < out->n; k++) {
-		char *sorted[CONFIG_MAX_URLS];
-		memcpy(sorted, out->urls[k], sizeof(sorted));
-		out->id[k] = member_id_of(sorted, out->n_urls[k], cfg->initial_cluster_token);
-	}
-}
-
-void member_id_list_free(member_id_list *l)
-{
-	free(l->buf);
-	l->buf = NULL;
-}
-
-void member_compute_ids(const config *cfg, member_info *out)
-{
-	member_id_list l;
-	member_compute_all(cfg, &l);
-	uint64_t ids[MEMBER_LIST_MAX + 1];
-	int n = l.n;
-	out->member_id = 0;
-	for (int k = 0; k < l.n; k++) {
-		ids[k] = l.id[k];
-		if (strcmp(l.name[k], cfg->name) == 0)
-			out->member_id = l.id[k];
-	}
-	if (out->member_id == 0) {
+	identity_cluster c;
+	int rc = identity_parse(&c, cfg->initial_cluster, cfg->initial_cluster_token, errbuf, errlen);
+	if (rc)
+		return rc;
+	uint64_t ids[IDENTITY_MAX_MEMBERS + 1];
+	int n = c.ic_n;
+	memcpy(ids, c.ic_id, (size_t)n * sizeof(uint64_t));
+	int self = identity_find(&c, cfg->name);
+	if (self >= 0) {
+		out->member_id = c.ic_id[self];
+		out->cluster_id = c.ic_cluster_id;
+	} else {
 		/* Not in --initial-cluster: derive from our own peer URLs. */
-		char *own[CONFIG_MAX_URLS];
-		for (int u = 0; u < cfg->initial_advertise_peer.n; u++)
-			own[u] = cfg->initial_advertise_peer.url[u];
-		out->member_id = member_id_of(own, cfg->initial_advertise_peer.n, cfg->initial_cluster_token);
+		out->member_id = identity_member_id(cfg->initial_advertise_peer.url, cfg->initial_advertise_peer.n,
+						    cfg->initial_cluster_token);
 		ids[n++] = out->member_id;
+		out->cluster_id = identity_cluster_id(ids, n);
 	}
-	/* etcd's cluster id: sha1 of the sorted member ids, big-endian. */
-	qsort(ids, (size_t)n, sizeof(uint64_t), cmp_u64);
-	uint8_t buf[(MEMBER_LIST_MAX + 1) * 8], d[SHA_DIGEST_LENGTH];
-	for (int k = 0; k < n; k++)
-		for (int i = 0; i < 8; i++)
-			buf[8 * k + i] = (uint8_t)(ids[k] >> (56 - 8 * i));
-	SHA1(buf, (size_t)n * 8, d);
-	out->cluster_id = be64(d);
 	out->name = cfg->name;
-	member_id_list_free(&l);
+	identity_free(&c);
+	return 0;
 }
 
 void server_fill_header(server_ctx *sc, Etcdserverpb__ResponseHeader *h)

@@ -196,17 +196,19 @@ int members_start(members **out, const config *cfg, storage *st, uint64_t self)
 	storage_arena_free(&a);
 	if (rc == STORAGE_ERR_NOT_FOUND) {
 		/* A new member: the cluster is --initial-cluster. */
-		member_id_list ids;
-		member_compute_all(cfg, &ids);
-		ms->m_list = list_new();
-		rc = ms->m_list ? 0 : STORAGE_ERR_NOMEM;
-		for (int i = 0; rc == 0 && i < ids.n; i++) {
+		identity_cluster ids;
+		rc = identity_parse(&ids, cfg->initial_cluster, cfg->initial_cluster_token, NULL, 0);
+		if (rc == 0) {
+			ms->m_list = list_new();
+			rc = ms->m_list ? 0 : STORAGE_ERR_NOMEM;
+		}
+		for (int i = 0; rc == 0 && i < ids.ic_n; i++) {
 			Etcdserverpb__Member tmpl = ETCDSERVERPB__MEMBER__INIT;
-			tmpl.id = ids.id[i];
-			tmpl.name = ids.name[i];
-			tmpl.n_peerurls = (size_t)ids.n_urls[i];
-			tmpl.peerurls = ids.urls[i];
-			if (ids.id[i] == self) {
+			tmpl.id = ids.ic_id[i];
+			tmpl.name = ids.ic_name[i];
+			tmpl.n_peerurls = (size_t)ids.ic_n_urls[i];
+			tmpl.peerurls = ids.ic_urls[i];
+			if (ids.ic_id[i] == self) {
 				tmpl.n_clienturls = (size_t)cfg->advertise_client.n;
 				tmpl.clienturls = (char **)cfg->advertise_client.url;
 			}
@@ -216,7 +218,7 @@ int members_start(members **out, const config *cfg, storage *st, uint64_t self)
 				rc = STORAGE_ERR_NOMEM;
 			}
 		}
-		member_id_list_free(&ids);
+		identity_free(&ids);
 		storage_batch *b;
 		if (rc == 0 && (rc = storage_batch_begin(st, &b)) == 0) {
 			storage_stats stats;
@@ -363,10 +365,8 @@ static void cluster_member_list(void *ctx, api_call *call, const ProtobufCMessag
  * have the joiner derive it, so a member re-added at the same URLs gets the same id). */
 static uint64_t new_member_id(const config *cfg, char **urls, size_t n)
 {
-	char *copy[CONFIG_MAX_URLS];
-	size_t k = n < CONFIG_MAX_URLS ? n : CONFIG_MAX_URLS;
-	memcpy(copy, urls, k * sizeof(char *));
-	return member_id_of(copy, (int)k, cfg->initial_cluster_token);
+	return identity_member_id(urls, (int)(n < IDENTITY_MAX_URLS ? n : IDENTITY_MAX_URLS),
+				  cfg->initial_cluster_token);
 }
 
 static void cluster_member_add(void *ctx, api_call *call, const ProtobufCMessage *msg)

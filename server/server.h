@@ -17,6 +17,7 @@
 #include <stdint.h>
 
 #include "api/api.h"
+#include "server/identity.h"
 #include "storage/storage.h"
 
 #define KEELSON_VERSION "0.1.0"
@@ -97,23 +98,11 @@ typedef struct member_info {
 	const char *name;
 } member_info;
 
-/* etcd's ids: member id = sha1(peer urls + token)[:8], cluster id = sha1(member ids)[:8]. */
-void member_compute_ids(const config *cfg, member_info *out);
+/* This member's etcd ids from --initial-cluster (server/identity.h); 0 or an IDENTITY_ERR_*
+ * with the reason in errbuf. */
+int member_compute_ids(const config *cfg, member_info *out, char *errbuf, size_t errlen);
 
-#define MEMBER_LIST_MAX 16
-/* --initial-cluster parsed: names, peer URLs and etcd's member ids. Strings point into buf. */
-typedef struct member_id_list {
-	int n;
-	uint64_t id[MEMBER_LIST_MAX];
-	char *name[MEMBER_LIST_MAX];
-	char *urls[MEMBER_LIST_MAX][CONFIG_MAX_URLS];
-	int n_urls[MEMBER_LIST_MAX];
-	char *buf;
-} member_id_list;
-void member_compute_all(const config *cfg, member_id_list *out);
-/* etcd's member id of peer URLs (sorted in place) and a cluster token. */
-uint64_t member_id_of(char **urls, int n, const char *token);
-void member_id_list_free(member_id_list *l);
+#define MEMBER_LIST_MAX IDENTITY_MAX_MEMBERS
 
 /* ---- node.c ---- */
 

@@ -16,6 +16,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "server/identity.h"
+
 #include "storage/storage.h"
 
 /* Error codes: 0 is success; keelsonutl owns -2000..-2099. Every failing call also writes
@@ -100,32 +102,9 @@ int ku_remove_tree(const char *path);
 void ku_human_bytes(uint64_t n, char *out, size_t len);
 int ku_cmd_snapshot_status(int argc, char **argv);
 
-/* ---- member identity (identity.c): etcd's and the server's member and cluster ids ---- */
+/* ---- member identity: server/identity.h, shared with the server ---- */
 
-#define KU_MAX_MEMBERS 16
-#define KU_MAX_URLS 8
-
-typedef struct ku_cluster {
-	int kc_n;
-	char *kc_name[KU_MAX_MEMBERS];
-	char *kc_urls[KU_MAX_MEMBERS][KU_MAX_URLS];
-	int kc_n_urls[KU_MAX_MEMBERS];
-	uint64_t kc_id[KU_MAX_MEMBERS];
-	uint64_t kc_cluster_id;
-	char *kc_buf; /* owns the strings */
-} ku_cluster;
-
-/*
- * Parses --initial-cluster "name=url,name=url,..." (a name may repeat for several URLs)
- * and computes every member id (sha1 of the sorted peer URLs followed by the token, first
- * 8 bytes big-endian) and the cluster id (sha1 of the sorted ids, big-endian), exactly as
- * server/maint.c member_compute_all/member_compute_ids do. Free with ku_cluster_free().
- */
-int ku_cluster_parse(ku_cluster *c, const char *initial_cluster, const char *token,
-		     char *errbuf, size_t errlen);
-void ku_cluster_free(ku_cluster *c);
-/* Index of name in c, or -1. */
-int ku_cluster_find(const ku_cluster *c, const char *name);
+#define KU_MAX_MEMBERS IDENTITY_MAX_MEMBERS
 
 /* ---- restore (restore.c) ---- */
 

@@ -192,21 +192,21 @@ static void put_be64(uint8_t *p, uint64_t v)
 }
 
 /* The meta a new member of cluster c, as member self, would write at its first start. */
-static int write_member_meta(storage *st, const ku_cluster *c, int self, uint64_t applied,
+static int write_member_meta(storage *st, const identity_cluster *c, int self, uint64_t applied,
 			     char *errbuf, size_t errlen)
 {
 	Etcdserverpb__Member ms[KU_MAX_MEMBERS], *mp[KU_MAX_MEMBERS];
 	Etcdserverpb__MemberListResponse list = ETCDSERVERPB__MEMBER_LIST_RESPONSE__INIT;
-	for (int k = 0; k < c->kc_n; k++) {
+	for (int k = 0; k < c->ic_n; k++) {
 		Etcdserverpb__Member init = ETCDSERVERPB__MEMBER__INIT;
 		ms[k] = init;
-		ms[k].id = c->kc_id[k];
-		ms[k].name = c->kc_name[k];
-		ms[k].n_peerurls = (size_t)c->kc_n_urls[k];
-		ms[k].peerurls = (char **)c->kc_urls[k];
+		ms[k].id = c->ic_id[k];
+		ms[k].name = c->ic_name[k];
+		ms[k].n_peerurls = (size_t)c->ic_n_urls[k];
+		ms[k].peerurls = (char **)c->ic_urls[k];
 		mp[k] = &ms[k];
 	}
-	list.n_members = (size_t)c->kc_n;
+	list.n_members = (size_t)c->ic_n;
 	list.members = mp;
 	size_t len = etcdserverpb__member_list_response__get_packed_size(&list);
 	uint8_t *buf = malloc(len ? len : 1);
@@ -217,9 +217,9 @@ static int write_member_meta(storage *st, const ku_cluster *c, int self, uint64_
 	uint8_t id[8];
 	int err = storage_batch_begin(st, &b);
 	if (err == 0) {
-		put_be64(id, c->kc_cluster_id);
+		put_be64(id, c->ic_cluster_id);
 		err = storage_batch_meta_put(b, "cluster_id", id, 8);
-		put_be64(id, c->kc_id[self]);
+		put_be64(id, c->ic_id[self]);
 		if (err == 0)
 			err = storage_batch_meta_put(b, "member_id", id, 8);
 		if (err == 0)
@@ -243,7 +243,7 @@ static int write_member_meta(storage *st, const ku_cluster *c, int self, uint64_
 }
 
 /* Checks that --initial-advertise-peer-urls are the URLs --initial-cluster gives name. */
-static int check_advertise(const ku_cluster *c, int self, const char *adv, char *errbuf,
+static int check_advertise(const identity_cluster *c, int self, const char *adv, char *errbuf,
 			   size_t errlen)
 {
 	char *copy = strdup(adv), *save = NULL;
@@ -252,30 +252,30 @@ static int check_advertise(const ku_cluster *c, int self, const char *adv, char 
 	int n = 0, ok = 1;
 	for (char *t = strtok_r(copy, ",", &save); t; t = strtok_r(NULL, ",", &save)) {
 		int found = 0;
-		for (int u = 0; u < c->kc_n_urls[self]; u++)
-			found |= strcmp(c->kc_urls[self][u], t) == 0;
+		for (int u = 0; u < c->ic_n_urls[self]; u++)
+			found |= strcmp(c->ic_urls[self][u], t) == 0;
 		ok &= found;
 		n++;
 	}
 	free(copy);
-	if (!ok || n != c->kc_n_urls[self])
+	if (!ok || n != c->ic_n_urls[self])
 		return ku_errf(errbuf, errlen, KU_ERR_USAGE,
 			       "--initial-cluster has %s=%s but --initial-advertise-peer-urls is %s "
-			       "(they must match)", c->kc_name[self], c->kc_urls[self][0], adv);
+			       "(they must match)", c->ic_name[self], c->ic_urls[self][0], adv);
 	return 0;
 }
 
 int ku_restore(const ku_restore_opts *o, ku_restore_result *res, char *errbuf, size_t errlen)
 {
 	memset(res, 0, sizeof(*res));
-	ku_cluster c;
+	identity_cluster c;
 	char tmp[PATH_MAX], member[PATH_MAX], eb[512] = "";
-	int rc = ku_cluster_parse(&c, o->ro_initial_cluster, o->ro_token, errbuf, errlen);
+	int rc = identity_parse(&c, o->ro_initial_cluster, o->ro_token, errbuf, errlen);
 	if (rc)
-		return rc;
-	int self = ku_cluster_find(&c, o->ro_name);
+		return rc == IDENTITY_ERR_NOMEM ? KU_ERR_NOMEM : KU_ERR_USAGE;
+	int self = identity_find(&c, o->ro_name);
 	if (self < 0) {
-		ku_cluster_free(&c);
+		identity_free(&c);
 		return ku_errf(errbuf, errlen, KU_ERR_USAGE,
 			       "couldn't find local name \"%s\" in the initial cluster configuration",
 			       o->ro_name);
@@ -343,8 +343,8 @@ int ku_restore(const ku_restore_opts *o, ku_restore_result *res, char *errbuf, s
 		goto fail;
 	res->rr_revision = stats.st_revision;
 	res->rr_applied = stats.st_applied_index;
-	res->rr_member_id = c.kc_id[self];
-	res->rr_cluster_id = c.kc_cluster_id;
+	res->rr_member_id = c.ic_id[self];
+	res->rr_cluster_id = c.ic_cluster_id;
 
 	if ((rc = ku_fsync_dir(member, errbuf, errlen)) || (rc = ku_fsync_dir(tmp, errbuf, errlen)))
 		goto fail;
@@ -368,7 +368,7 @@ int ku_restore(const ku_restore_opts *o, ku_restore_result *res, char *errbuf, s
 fail:
 	ku_remove_tree(tmp);
 out:
-	ku_cluster_free(&c);
+	identity_free(&c);
 	return rc;
 }
 
