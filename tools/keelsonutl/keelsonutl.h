@@ -3,7 +3,7 @@
  *
  *   keelsonutl snapshot save FILE --endpoints=host:port[,...]   (client.c, save.c)
  *   keelsonutl snapshot status FILE [-w simple|table|json|fields] (status.c)
- *   keelsonutl snapshot restore FILE --data-dir DIR --name ...    (restore.c, identity.c)
+ *   keelsonutl snapshot restore FILE --data-dir DIR --name ...    (restore.c; ids from server/identity.h)
  *   keelsonutl backup --endpoints=... --dir DIR --interval D --retain N [--verify] [--once]
  *                                                                 (backup.c)
  *
