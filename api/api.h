@@ -69,7 +69,7 @@ typedef struct api_stream_handlers {
 	 * during this call only. Messages of one stream are delivered one at a time, in order. */
 	void (*on_message)(void *ctx, api_stream *st, const ProtobufCMessage *msg);
 	/* The call is over (finished by the server, cancelled or broken). Called exactly once,
-	 * after every on_message; api_stream_send() fails from then on. */
+	 * after every on_message; api_stream_send() fails from then on. May be NULL. */
 	void (*on_close)(void *ctx, api_stream *st);
 	/* The client closed its sending side (may be NULL: the stream goes on, as etcd's Watch
 	 * does; Lease keep-alives end the call then). Called after its last on_message. */

@@ -366,10 +366,10 @@ static void on_recv(api_stream *st, int ok)
 	st->st_in_message = 0;
 	int close_now = st->st_close_pending;
 	pthread_mutex_unlock(&st->st_mu);
-	if (close_now)
-		st->st_method->am_stream->on_close(st->st_method->am_ctx, st);
-	else
+	if (!close_now)
 		start_recv(st);
+	else if (st->st_method->am_stream->on_close)
+		st->st_method->am_stream->on_close(st->st_method->am_ctx, st);
 }
 
 static void on_send(api_stream *st, int ok)
@@ -409,7 +409,7 @@ static void on_close(api_stream *st)
 	int defer = st->st_in_message;
 	st->st_close_pending = defer;
 	pthread_mutex_unlock(&st->st_mu);
-	if (!defer)
+	if (!defer && st->st_method->am_stream->on_close)
 		st->st_method->am_stream->on_close(st->st_method->am_ctx, st);
 }
 

@@ -390,10 +390,6 @@ static void keepalive_on_message(void *ctx, api_stream *st, const ProtobufCMessa
 	api_stream_send_msg(st, &resp.base);
 }
 
-static void keepalive_on_close(void *ctx, api_stream *st)
-{
-}
-
 /* etcd ends the keep-alive call with OK when the client stops sending. */
 static void keepalive_on_half_close(void *ctx, api_stream *st)
 {
@@ -402,7 +398,6 @@ static void keepalive_on_half_close(void *ctx, api_stream *st)
 
 static const api_stream_handlers keepalive_handlers = {
 	.on_message = keepalive_on_message,
-	.on_close = keepalive_on_close,
 	.on_half_close = keepalive_on_half_close,
 };
 

@@ -164,13 +164,8 @@ static void snapshot_on_message(void *ctx, api_stream *st, const ProtobufCMessag
 	pthread_attr_destroy(&attr);
 }
 
-static void snapshot_on_close(void *ctx, api_stream *st)
-{
-}
-
 static const api_stream_handlers snapshot_handlers = {
 	.on_message = snapshot_on_message,
-	.on_close = snapshot_on_close,
 };
 
 int snapshot_register(api_server *as, server_ctx *sc)
