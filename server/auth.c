@@ -876,6 +876,21 @@ static int set_hash(const char *password, char **hashed)
 	return *hashed ? 0 : -1;
 }
 
+/* Replaces a request's clear password by its hash (in *hashed); the clear text is wiped and
+ * never reaches the log. */
+static int hash_into(char **password, char **hashed)
+{
+	char *h;
+	if (set_hash(*password, &h) != 0)
+		return -1;
+	if (*hashed != protobuf_c_empty_string)
+		free(*hashed);
+	*hashed = h;
+	OPENSSL_cleanse(*password, strlen(*password));
+	(*password)[0] = '\0';
+	return 0;
+}
+
 static void user_add_rpc(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
@@ -889,17 +904,9 @@ static void user_add_rpc(void *ctx, api_call *call, const ProtobufCMessage *msg)
 		server_fail_storage(call, AUTH_ERR_NO_PASSWORD);
 		return;
 	}
-	if (!no_password && r->password[0] != '\0') {
-		char *h;
-		if (r->hashedpassword != protobuf_c_empty_string)
-			free(r->hashedpassword);
-		if (set_hash(r->password, &h) != 0) {
-			api_call_fail(call, API_ERR_INTERNAL);
-			return;
-		}
-		r->hashedpassword = h;
-		OPENSSL_cleanse(r->password, strlen(r->password));
-		r->password[0] = '\0';
+	if (!no_password && r->password[0] != '\0' && hash_into(&r->password, &r->hashedpassword) != 0) {
+		api_call_fail(call, API_ERR_INTERNAL);
+		return;
 	}
 	submit(sc, NODE_AUTH_USER_ADD, call, msg);
 }
@@ -908,17 +915,9 @@ static void user_change_pw_rpc(void *ctx, api_call *call, const ProtobufCMessage
 {
 	server_ctx *sc = ctx;
 	Etcdserverpb__AuthUserChangePasswordRequest *r = (Etcdserverpb__AuthUserChangePasswordRequest *)msg;
-	if (r->password[0] != '\0') {
-		char *h;
-		if (r->hashedpassword != protobuf_c_empty_string)
-			free(r->hashedpassword);
-		if (set_hash(r->password, &h) != 0) {
-			api_call_fail(call, API_ERR_INTERNAL);
-			return;
-		}
-		r->hashedpassword = h;
-		OPENSSL_cleanse(r->password, strlen(r->password));
-		r->password[0] = '\0';
+	if (r->password[0] != '\0' && hash_into(&r->password, &r->hashedpassword) != 0) {
+		api_call_fail(call, API_ERR_INTERNAL);
+		return;
 	}
 	submit(sc, NODE_AUTH_USER_CHANGE_PW, call, msg);
 }

@@ -93,26 +93,7 @@ static uint64_t fnv1a64(const uint8_t *p, size_t n)
 	return h;
 }
 
-/* CRC-32C, as etcdctl snapshot status hashes the file's buckets. */
-static uint32_t crc32c(uint32_t crc, const void *data, size_t n)
-{
-	static uint32_t table[256];
-	static _Atomic int ready;
-	if (!atomic_load(&ready)) {
-		for (uint32_t i = 0; i < 256; i++) {
-			uint32_t c = i;
-			for (int k = 0; k < 8; k++)
-				c = c & 1 ? (c >> 1) ^ 0x82F63B78u : c >> 1;
-			table[i] = c;
-		}
-		atomic_store(&ready, 1);
-	}
-	const uint8_t *p = data;
-	crc = ~crc;
-	while (n--)
-		crc = table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
-	return ~crc;
-}
+/* etcdctl snapshot status hashes the buckets with CRC-32C (storage__crc32c). */
 
 static int errf(char *buf, size_t len, int err, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));
@@ -1528,8 +1509,8 @@ static int etcd_check_entry(etcd_walk *x, const uint8_t *k, size_t kl, const uin
 	bbf *f = x->f;
 	storage_etcd_file_info *in = x->info;
 	in->ef_total_keys++;
-	x->hash = crc32c(x->hash, k, kl);
-	x->hash = crc32c(x->hash, v, vl);
+	x->hash = storage__crc32c(x->hash, k, kl);
+	x->hash = storage__crc32c(x->hash, v, vl);
 	switch (x->bucket) {
 	case B_KEY: {
 		if ((kl != ETCD_REV_LEN && kl != ETCD_REV_LEN + 1) || k[8] != '_' ||
@@ -1623,7 +1604,7 @@ static int etcd_check_fn(void *ctx, int depth, const uint8_t *k, size_t kl, cons
 		x->bucket = strcmp(x->name, "key") == 0 ? B_KEY
 			    : strcmp(x->name, "meta") == 0 ? B_META
 			    : strcmp(x->name, "lease") == 0 ? B_LEASE : B_OTHER;
-		x->hash = crc32c(x->hash, k, kl);
+		x->hash = storage__crc32c(x->hash, k, kl);
 		return 0;
 	}
 	if (flags & BB_BUCKET_FLAG)

@@ -1,8 +1,10 @@
 /*
  * kvcodec.c - mvccpb.KeyValue and varints on the wire, written exactly as etcd (gogoproto)
- * writes them: fields in order, zero fields left out. Shared by the revision table (mvcc.c)
- * and etcd's backend format (etcdfmt.c), so both hold byte-identical values.
+ * writes them: fields in order, zero fields left out; and CRC-32C, etcd's hash. Shared by
+ * the revision table (mvcc.c) and etcd's backend format (etcdfmt.c), so both hold
+ * byte-identical values and hashes.
  */
+#include <stdatomic.h>
 #include <string.h>
 
 #include "storage/internal.h"
@@ -150,3 +152,24 @@ int storage__kv_decode(const uint8_t *p, size_t n, kvrec *r)
 	return 0;
 }
 
+
+/* CRC-32C (Castagnoli), the checksum etcd's hashes use. */
+uint32_t storage__crc32c(uint32_t crc, const void *data, size_t n)
+{
+	static uint32_t table[256];
+	static _Atomic int ready;
+	if (!atomic_load(&ready)) {
+		for (uint32_t i = 0; i < 256; i++) {
+			uint32_t c = i;
+			for (int k = 0; k < 8; k++)
+				c = c & 1 ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+			table[i] = c;
+		}
+		atomic_store(&ready, 1);
+	}
+	const uint8_t *p = data;
+	crc = ~crc;
+	while (n--)
+		crc = table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
+	return ~crc;
+}

@@ -1420,26 +1420,6 @@ int64_t storage_batch_revision(storage_batch *b)
 
 /* ---- hashes ---- */
 
-/* CRC-32C (Castagnoli), the checksum etcd's hashes use. */
-static uint32_t crc32c_update(uint32_t crc, const void *data, size_t n)
-{
-	static uint32_t table[256];
-	static _Atomic int ready;
-	if (!atomic_load(&ready)) {
-		for (uint32_t i = 0; i < 256; i++) {
-			uint32_t c = i;
-			for (int k = 0; k < 8; k++)
-				c = c & 1 ? (c >> 1) ^ 0x82F63B78u : c >> 1;
-			table[i] = c;
-		}
-		atomic_store(&ready, 1);
-	}
-	const uint8_t *p = data;
-	crc = ~crc;
-	while (n--)
-		crc = table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
-	return ~crc;
-}
 
 int storage_hash_kv(storage_reader *r, int64_t rev, uint32_t *hash, int64_t *hash_rev,
 		    int64_t *compact_rev)
@@ -1455,7 +1435,7 @@ int storage_hash_kv(storage_reader *r, int64_t rev, uint32_t *hash, int64_t *has
 	if (compact >= 0 && rev <= compact)
 		return STORAGE_ERR_COMPACTED;
 	*hash_rev = rev;
-	uint32_t h = crc32c_update(0, "key", 3);
+	uint32_t h = storage__crc32c(0, "key", 3);
 	MDB_cursor *cur;
 	int err = storage__mdb_err(mdb_cursor_open(r->r_txn, s->s_revs, &cur));
 	if (err)
@@ -1486,7 +1466,7 @@ int storage_hash_kv(storage_reader *r, int64_t rev, uint32_t *hash, int64_t *has
 		ek[8] = '_';
 		be64_put(ek + 9, (uint64_t)sub);
 		ek[17] = 't';
-		h = crc32c_update(h, ek, tomb ? 18 : 17);
+		h = storage__crc32c(h, ek, tomb ? 18 : 17);
 		if (tomb) {
 			/* etcd stores a tombstone's value as KeyValue{key} alone. */
 			kvrec kr;
@@ -1496,10 +1476,10 @@ int storage_hash_kv(storage_reader *r, int64_t rev, uint32_t *hash, int64_t *has
 			uint8_t *q = hdr;
 			*q++ = 0x0a;
 			q = storage__varint_put(q, kr.klen);
-			h = crc32c_update(h, hdr, (size_t)(q - hdr));
-			h = crc32c_update(h, kr.key, kr.klen);
+			h = storage__crc32c(h, hdr, (size_t)(q - hdr));
+			h = storage__crc32c(h, kr.key, kr.klen);
 		} else {
-			h = crc32c_update(h, p + REV_HDR_SIZE, v.mv_size - REV_HDR_SIZE);
+			h = storage__crc32c(h, p + REV_HDR_SIZE, v.mv_size - REV_HDR_SIZE);
 		}
 	}
 	if (!err && rc != 0 && rc != MDB_NOTFOUND)
@@ -1523,8 +1503,8 @@ int storage_hash(storage_reader *r, uint32_t *hash)
 		MDB_val k, v;
 		int rc;
 		for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-			h = crc32c_update(h, k.mv_data, k.mv_size);
-			h = crc32c_update(h, v.mv_data, v.mv_size);
+			h = storage__crc32c(h, k.mv_data, k.mv_size);
+			h = storage__crc32c(h, v.mv_data, v.mv_size);
 		}
 		if (rc != MDB_NOTFOUND)
 			err = storage__mdb_err(rc);
