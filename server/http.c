@@ -136,9 +136,15 @@ static void metrics_body(server_ctx *sc, sbuf *b)
 	sb_printf(b, "# HELP etcd_debugging_mvcc_compact_revision The revision of the last compaction in store.\n"
 		     "# TYPE etcd_debugging_mvcc_compact_revision gauge\netcd_debugging_mvcc_compact_revision %lld\n",
 		  (long long)(st.st_compact_revision ? st.st_compact_revision : -1));
-	uint64_t streams = 0, watchers = 0, slow = 0;
+	uint64_t streams = 0, watchers = 0, slow = 0, unsynced = 0, pending = 0;
 	if (sc->hub)
-		watch_hub_stats(sc->hub, &streams, &watchers, &slow);
+		watch_hub_stats(sc->hub, &streams, &watchers, &slow, &unsynced, &pending);
+	sb_printf(b, "# HELP etcd_debugging_mvcc_slow_watcher_total Total number of unsynced slow watchers.\n"
+		     "# TYPE etcd_debugging_mvcc_slow_watcher_total gauge\netcd_debugging_mvcc_slow_watcher_total %llu\n",
+		  (unsigned long long)unsynced);
+	sb_printf(b, "# HELP keelson_watch_pending_bytes Watch responses queued on streams and not yet sent, in bytes.\n"
+		     "# TYPE keelson_watch_pending_bytes gauge\nkeelson_watch_pending_bytes %llu\n",
+		  (unsigned long long)pending);
 	sb_printf(b, "# HELP etcd_debugging_mvcc_watch_stream_total Total number of watch streams.\n"
 		     "# TYPE etcd_debugging_mvcc_watch_stream_total gauge\netcd_debugging_mvcc_watch_stream_total %llu\n",
 		  (unsigned long long)streams);

@@ -183,7 +183,10 @@ int watch_hub_start(watch_hub **out, struct server_ctx *sc, api_server *as);
 void watch_hub_notify(watch_hub *h, Mvccpb__Event **events, size_t n, int64_t rev);
 void watch_hub_stop(watch_hub *h);
 void watch_hub_free(watch_hub *h);
-void watch_hub_stats(watch_hub *h, uint64_t *streams, uint64_t *watchers, uint64_t *slow);
+/* Streams, watchers, times a watcher fell behind, watchers catching up, and bytes of
+ * responses queued on streams and not yet sent. */
+void watch_hub_stats(watch_hub *h, uint64_t *streams, uint64_t *watchers, uint64_t *slow,
+		     uint64_t *unsynced, uint64_t *pending_bytes);
 
 /* ---- lease.c ---- */
 

@@ -678,6 +678,14 @@ static void watch_create(watch_hub *h, watch_stream *ws, const Etcdserverpb__Wat
 static void watch_on_open(void *ctx, api_stream *st)
 {
 	watch_hub *h = ctx;
+	/* etcd's clients mark watch streams "hasleader": such a stream is refused while the
+	 * member knows no leader, so the client moves to another member. */
+	size_t hl = 0;
+	const char *has_leader = api_stream_metadata(st, "hasleader", &hl);
+	if (has_leader && hl == 4 && memcmp(has_leader, "true", 4) == 0 && node_leader(h->h_sc->nd) == 0) {
+		api_stream_finish(st, 14 /* UNAVAILABLE */, "etcdserver: no leader");
+		return;
+	}
 	watch_stream *ws = calloc(1, sizeof(*ws));
 	if (ws == NULL) {
 		api_stream_finish(st, 8 /* RESOURCE_EXHAUSTED */, "keelson: out of memory");
@@ -803,11 +811,18 @@ void watch_hub_free(watch_hub *h)
 	free(h);
 }
 
-void watch_hub_stats(watch_hub *h, uint64_t *streams, uint64_t *watchers, uint64_t *slow)
+void watch_hub_stats(watch_hub *h, uint64_t *streams, uint64_t *watchers, uint64_t *slow,
+		     uint64_t *unsynced, uint64_t *pending_bytes)
 {
 	pthread_mutex_lock(&h->h_mu);
 	*streams = h->h_nstreams;
 	*watchers = h->h_nwatchers;
 	*slow = h->h_nslow;
+	*unsynced = 0;
+	for (watcher *w = h->h_unsynced; w; w = w->w_unext)
+		(*unsynced)++;
+	*pending_bytes = 0;
+	for (watch_stream *ws = h->h_streams; ws; ws = ws->ws_next)
+		*pending_bytes += api_stream_queued_bytes(ws->ws_api);
 	pthread_mutex_unlock(&h->h_mu);
 }
