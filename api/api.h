@@ -95,6 +95,8 @@ const char *api_stream_metadata(api_stream *st, const char *key, size_t *len);
  * and not yet sent, after this one, or -1 if the stream is over.
  */
 long api_stream_send(api_stream *st, const uint8_t *prefix, size_t plen, api_bytes *shared);
+/* Whether the call is over (no more sends will go out). */
+int api_stream_closed(api_stream *st);
 /* Bytes queued on the stream and not yet sent. */
 size_t api_stream_queued_bytes(api_stream *st);
 /* Encodes msg and queues it, as api_stream_send(). */

@@ -237,6 +237,14 @@ long api_stream_send(api_stream *st, const uint8_t *prefix, size_t plen, api_byt
 	return queued;
 }
 
+int api_stream_closed(api_stream *st)
+{
+	pthread_mutex_lock(&st->st_mu);
+	int closed = st->st_closed || st->st_finishing;
+	pthread_mutex_unlock(&st->st_mu);
+	return closed;
+}
+
 size_t api_stream_queued_bytes(api_stream *st)
 {
 	pthread_mutex_lock(&st->st_mu);

@@ -49,7 +49,7 @@ static int wait_for_room(api_stream *st)
 {
 	struct timespec ms = {0, 1000000};
 	while (api_stream_queued_bytes(st) > SNAPSHOT_QUEUE_MAX) {
-		if (api_stream_send(st, NULL, 0, NULL) < 0)
+		if (api_stream_closed(st))
 			return -1;
 		nanosleep(&ms, NULL);
 	}
