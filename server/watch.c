@@ -182,12 +182,16 @@ static void fill_header(watch_hub *h, Etcdserverpb__ResponseHeader *hdr, int64_t
 /* Queues resp (without events) followed by the shared events; returns queued bytes or -1. */
 static long send_response(watch_stream *ws, Etcdserverpb__WatchResponse *resp, api_bytes *events)
 {
-	uint8_t buf[256];
+	uint8_t stackbuf[256];
 	size_t len = etcdserverpb__watch_response__get_packed_size(resp);
-	if (len > sizeof(buf))
-		return api_stream_send_msg(ws->ws_api, &resp->base);
+	uint8_t *buf = len <= sizeof(stackbuf) ? stackbuf : malloc(len);
+	if (buf == NULL)
+		return -1;
 	etcdserverpb__watch_response__pack(resp, buf);
-	return api_stream_send(ws->ws_api, buf, len, events);
+	long q = api_stream_send(ws->ws_api, buf, len, events);
+	if (buf != stackbuf)
+		free(buf);
+	return q;
 }
 
 static long send_control(watch_hub *h, watch_stream *ws, int64_t id, int created, int canceled,
