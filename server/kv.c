@@ -32,20 +32,12 @@ static api_error storage_to_api(int err)
 	}
 }
 
-/* The request's auth token from its metadata: pointer and length. */
-#define TOKEN(call) call_token(call, &(size_t){0}), token_len(call)
 
 const char *call_token(api_call *call, size_t *len)
 {
 	return api_call_metadata(call, "token", len);
 }
 
-static size_t token_len(api_call *call)
-{
-	size_t len = 0;
-	api_call_metadata(call, "token", &len);
-	return len;
-}
 
 int learner_refuses(server_ctx *sc, api_call *call)
 {
@@ -53,6 +45,22 @@ int learner_refuses(server_ctx *sc, api_call *call)
 		return 0;
 	api_call_fail_msg(call, 9 /* FAILED_PRECONDITION */, "etcdserver: rpc not supported for learner");
 	return 1;
+}
+
+/* Auth checks of KV requests, the token read once: whether the request may go on. */
+static int range_permitted(server_ctx *sc, api_call *call, int write, const ProtobufCBinaryData *key,
+			   const ProtobufCBinaryData *end)
+{
+	size_t len = 0;
+	const char *tok = call_token(call, &len);
+	return permitted(sc, call, auth_check_range(sc->auth, tok, len, write, key, end));
+}
+
+static int txn_permitted(server_ctx *sc, api_call *call, const Etcdserverpb__TxnRequest *req)
+{
+	size_t len = 0;
+	const char *tok = call_token(call, &len);
+	return permitted(sc, call, auth_check_txn(sc->auth, tok, len, req));
 }
 
 int call_admitted(server_ctx *sc, api_call *call, int learner_ok, int admin)
@@ -391,7 +399,7 @@ static void kv_range(void *ctx, api_call *call, const ProtobufCMessage *msg)
 		api_call_fail(call, API_ERR_EMPTY_KEY);
 		return;
 	}
-	if (!permitted(sc, call, auth_check_range(sc->auth, TOKEN(call), 0, &req->key, &req->range_end)))
+	if (!range_permitted(sc, call, 0, &req->key, &req->range_end))
 		return;
 	if (!req->serializable && learner_refuses(sc, call))
 		return;
@@ -439,7 +447,7 @@ static void kv_put(void *ctx, api_call *call, const ProtobufCMessage *msg)
 		api_call_fail(call, (api_error)(e - 1));
 		return;
 	}
-	if (!permitted(sc, call, auth_check_range(sc->auth, TOKEN(call), 1, &req->key, &single)))
+	if (!range_permitted(sc, call, 1, &req->key, &single))
 		return;
 	if (too_large(sc, call)) {
 		api_call_fail(call, API_ERR_REQUEST_TOO_LARGE);
@@ -462,7 +470,7 @@ static void kv_delete_range(void *ctx, api_call *call, const ProtobufCMessage *m
 		api_call_fail(call, API_ERR_EMPTY_KEY);
 		return;
 	}
-	if (!permitted(sc, call, auth_check_range(sc->auth, TOKEN(call), 1, &req->key, &req->range_end)))
+	if (!range_permitted(sc, call, 1, &req->key, &req->range_end))
 		return;
 	if (too_large(sc, call)) {
 		api_call_fail(call, API_ERR_REQUEST_TOO_LARGE);
@@ -482,7 +490,7 @@ static void kv_txn(void *ctx, api_call *call, const ProtobufCMessage *msg)
 		api_call_fail(call, (api_error)(e - 1));
 		return;
 	}
-	if (!permitted(sc, call, auth_check_txn(sc->auth, TOKEN(call), req)))
+	if (!txn_permitted(sc, call, req))
 		return;
 	if (!txn_is_readonly(req)) {
 		if (too_large(sc, call)) {
@@ -526,9 +534,7 @@ static void kv_txn(void *ctx, api_call *call, const ProtobufCMessage *msg)
 static void kv_compact(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
-	if (learner_refuses(sc, call))
-		return;
-	if (!permitted(sc, call, auth_check_user(sc->auth, TOKEN(call))))
+	if (!call_admitted(sc, call, 0, 0))
 		return;
 	node_submit(sc->nd, NODE_COMPACT, call, msg);
 }
