@@ -84,6 +84,22 @@ void alarm_free(alarm_set *a)
 	free(a);
 }
 
+int alarm_reload(alarm_set *a, storage *st)
+{
+	alarm_set *fresh;
+	int rc = alarm_start(&fresh, st);
+	if (rc)
+		return rc;
+	pthread_mutex_lock(&a->as_mu);
+	a->as_n = fresh->as_n;
+	memcpy(a->as_member, fresh->as_member, sizeof(a->as_member));
+	memcpy(a->as_type, fresh->as_type, sizeof(a->as_type));
+	recount(a);
+	pthread_mutex_unlock(&a->as_mu);
+	alarm_free(fresh);
+	return 0;
+}
+
 int alarm_nospace(alarm_set *a)
 {
 	pthread_mutex_lock(&a->as_mu);

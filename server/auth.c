@@ -267,6 +267,34 @@ void auth_free(auth_store *as)
 	free(as);
 }
 
+int auth_reload(auth_store *as, const config *cfg, storage *st)
+{
+	auth_store *fresh;
+	int rc = auth_start(&fresh, cfg, st);
+	if (rc)
+		return rc;
+	/* Users, roles and the switch come from the store; tokens already handed out stay. */
+	pthread_mutex_lock(&as->a_mu);
+	Authpb__User *users[AUTH_MAX_USERS];
+	Authpb__Role *roles[AUTH_MAX_ROLES];
+	size_t nusers = as->a_nusers, nroles = as->a_nroles;
+	memcpy(users, as->a_users, sizeof(users));
+	memcpy(roles, as->a_roles, sizeof(roles));
+	memcpy(as->a_users, fresh->a_users, sizeof(users));
+	memcpy(as->a_roles, fresh->a_roles, sizeof(roles));
+	as->a_nusers = fresh->a_nusers;
+	as->a_nroles = fresh->a_nroles;
+	as->a_revision = fresh->a_revision;
+	atomic_store(&as->a_enabled, atomic_load(&fresh->a_enabled));
+	pthread_mutex_unlock(&as->a_mu);
+	memcpy(fresh->a_users, users, sizeof(users));
+	memcpy(fresh->a_roles, roles, sizeof(roles));
+	fresh->a_nusers = nusers;
+	fresh->a_nroles = nroles;
+	auth_free(fresh);
+	return 0;
+}
+
 /* ---- passwords ---- */
 
 static void hex(const uint8_t *p, size_t n, char *out)

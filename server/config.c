@@ -34,6 +34,7 @@ static const flag_def flags[] = {
 	{"data-dir", F_STRING, "", OFF(data_dir), "Path to the data directory (default '${name}.etcd')."},
 	{"wal-dir", F_STRING, "", OFF(wal_dir), "Path to the dedicated wal directory."},
 	{"snapshot-count", F_UINT, "100000", OFF(snapshot_count), "Number of committed transactions to trigger a snapshot to disk."},
+	{"experimental-snapshot-catchup-entries", F_UINT, "5000", OFF(snapshot_catchup_entries), "Number of entries for a slow follower to catch-up after compacting the raft storage entries (etcd 3.5)."},
 	{"heartbeat-interval", F_UINT, "100", OFF(heartbeat_ms), "Time (in milliseconds) of a heartbeat interval."},
 	{"election-timeout", F_UINT, "1000", OFF(election_ms), "Time (in milliseconds) for an election to timeout."},
 	{"initial-election-tick-advance", F_IGNORED_BOOL, "true", 0, "Whether to fast-forward initial election ticks on boot for faster election."},

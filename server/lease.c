@@ -157,6 +157,26 @@ void lessor_free(lessor *l)
 	free(l);
 }
 
+int lessor_reload(lessor *l, const config *cfg, storage *st)
+{
+	lessor *fresh;
+	int rc = lessor_start(&fresh, cfg, st);
+	if (rc)
+		return rc;
+	pthread_mutex_lock(&l->l_mu);
+	lease_entry *tab = l->l_tab;
+	size_t cap = l->l_cap, cnt = l->l_n;
+	l->l_tab = fresh->l_tab;
+	l->l_cap = fresh->l_cap;
+	l->l_n = fresh->l_n;
+	pthread_mutex_unlock(&l->l_mu);
+	fresh->l_tab = tab;
+	fresh->l_cap = cap;
+	fresh->l_n = cnt;
+	lessor_free(fresh);
+	return 0;
+}
+
 void lessor_granted(lessor *l, int64_t id, int64_t ttl)
 {
 	pthread_mutex_lock(&l->l_mu);

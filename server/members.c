@@ -248,6 +248,21 @@ void members_free(members *ms)
 	free(ms);
 }
 
+int members_reload(members *ms, const config *cfg, storage *st)
+{
+	members *fresh;
+	int rc = members_start(&fresh, cfg, st, ms->m_self);
+	if (rc)
+		return rc;
+	pthread_mutex_lock(&ms->m_mu);
+	Etcdserverpb__MemberListResponse *old = ms->m_list;
+	ms->m_list = fresh->m_list;
+	pthread_mutex_unlock(&ms->m_mu);
+	fresh->m_list = old;
+	members_free(fresh);
+	return 0;
+}
+
 size_t members_peers(members *ms, uint64_t *ids, char (*urls)[256], int *learner, size_t max)
 {
 	size_t n = 0;

@@ -27,106 +27,7 @@
 
 #include "raft/codec.h"
 #include "raft/raft.h"
-#include "server/peer.h"
-#include "server/server.h"
-
-/* Bounds how many queued requests one turn proposes, so replies are never held long. */
-#define NODE_MAX_BATCH 4096
-/* Revisions removed per batch while a compaction is still being carried out. */
-#define NODE_COMPACT_STEP 10000
-/* How often expired leases are looked for, and at most how many are revoked per look
- * (etcd revokes at most 1000 leases a second, so expiry never floods the log). */
-#define NODE_LEASE_CHECK_MS 500
-#define NODE_LEASE_REVOKES_PER_CHECK 500
-/* Log entries kept in memory behind the applied index for followers that lag. */
-#define NODE_LOG_KEEP 5000
-/* Peer frame types: a Raft message, or a lease keep-alive forwarded to the leader. */
-#define FRAME_RAFT 0
-#define FRAME_KEEPALIVE 1
-#define FRAME_CLUSTER_ID 2 /* a member tells a peer the cluster id once connected */
-
-typedef struct node_req node_req;
-struct node_req {
-	node_op nr_op;
-	api_call *nr_call;              /* NULL: internal (expiry revoke, alarm) */
-	const ProtobufCMessage *nr_msg; /* owned by the call, or by the node if nr_owns_msg */
-	int nr_owns_msg;                /* internal requests: the node frees nr_msg */
-	uint64_t nr_seq;                /* proposal sequence: matches the applied entry */
-	uint64_t nr_deadline_ms;
-	uint64_t nr_member;             /* member changes */
-	int nr_learner;
-	char **nr_urls;                 /* peer URLs; client URLs when nr_publish */
-	size_t nr_n_urls;
-	int nr_publish;                 /* NODE_MEMBER_UPDATE: this member's name and client URLs */
-	node_req *nr_next;
-};
-
-/* A configuration change the leader will propose once Raft takes calls again. */
-typedef struct pending_conf {
-	int pc_op; /* enum raft_conf_op */
-	uint64_t pc_node;
-	uint64_t pc_deadline_ms;
-} pending_conf;
-
-#define NODE_MAX_PENDING_CONF 16
-
-typedef struct read_round {
-	uint64_t rr_id;
-	uint64_t rr_index; /* 0 until the read index is known */
-	node_req *rr_reqs;
-	struct read_round *rr_next;
-} read_round;
-
-struct node {
-	server_ctx *n_sc;
-	uv_loop_t n_loop;
-	uv_async_t n_wake;
-	uv_async_t n_stop;
-	uv_timer_t n_tick;
-	uv_timer_t n_lease_timer;
-	uv_timer_t n_timeout_timer;
-	pthread_t n_thread;
-
-	pthread_mutex_t n_mu; /* guards the queue */
-	node_req *n_head, *n_tail;
-	int n_stopping;
-
-	struct raft *n_raft;
-	peer_transport *n_peers;
-	uint64_t n_next_seq;
-	node_req *n_waiters;          /* proposed, waiting for their entry to apply (seq order) */
-	node_req *n_waiters_tail;
-	node_req *n_conf_waiters;     /* member changes waiting for their configuration change */
-	node_req *n_transfer;         /* a MoveLeader waiting for the new leader */
-	node_req *n_leaderless;       /* proposals waiting for a leader to be known */
-	pending_conf n_pending_conf[NODE_MAX_PENDING_CONF];
-	size_t n_npending_conf;
-	node_req *n_reads;            /* linearizable reads not yet in a round */
-	read_round *n_rounds;
-	uint64_t n_next_round;
-	uint64_t n_log_snapshot;      /* index of the last log snapshot point */
-	uint64_t n_peer_ids[MEMBER_LIST_MAX]; /* the members the transport knows */
-	_Atomic uint64_t n_active[MEMBER_LIST_MAX]; /* peers whose connection is up, 0: free */
-	size_t n_npeers;
-	int n_role;                   /* enum raft_role */
-	int n_published;              /* this start's name and client URLs were proposed */
-	uint64_t n_refusing[MEMBER_LIST_MAX]; /* peers refusing us as an unknown member */
-	size_t n_nrefusing;
-	int n_removed;
-	uint64_t n_req_timeout_ms;
-
-	node_req *n_compact_waiters; /* physical compactions waiting for the removal to finish */
-	int n_compacting;
-
-	_Atomic uint64_t n_term;
-	_Atomic uint64_t n_applied;
-	_Atomic uint64_t n_last_index;
-	_Atomic uint64_t n_lead;
-	_Atomic int n_multi_voter;
-	_Atomic int n_learner; /* this member is a learner */
-	_Atomic uint64_t n_stat_requests;
-	_Atomic uint64_t n_stat_commits;
-};
+#include "server/node_internal.h"
 
 static uint64_t now_ms(void)
 {
@@ -309,6 +210,13 @@ static void on_peer_message(void *ctx, uint64_t from, const void *bytes, size_t 
 		raft_step(n->n_raft, &m);
 		raft_codec_free(&m);
 		process_ready(n);
+	} else if (p[0] == FRAME_SNAP_CHUNK || p[0] == FRAME_SNAP_DONE) {
+		struct raft_message m;
+		if (node_snap_on_frame(n, from, p, len, &m)) {
+			raft_step(n->n_raft, &m);
+			raft_codec_free(&m);
+			process_ready(n);
+		}
 	} else if (p[0] == FRAME_CLUSTER_ID && len == 9) {
 		uint64_t cid = 0;
 		for (int i = 0; i < 8; i++)
@@ -332,6 +240,8 @@ static void on_peer_state(void *ctx, uint64_t member, int connected)
 	uint64_t cid = n->n_sc->mi.cluster_id;
 	if (connected)
 		note_refusal(n, member, 0);
+	else
+		node_snap_peer_down(n, member);
 	/* Which peers this member reaches, for the reconfiguration check on gRPC threads. */
 	for (size_t i = 0; i < MEMBER_LIST_MAX; i++) {
 		uint64_t cur = atomic_load(&n->n_active[i]);
@@ -785,7 +695,11 @@ static void send_messages(node *n, const struct raft_ready *rd, int appends)
 {
 	for (size_t i = 0; i < rd->n_messages; i++) {
 		const struct raft_message *m = &rd->messages[i];
-		if ((m->type == RAFT_MSG_APPEND) == appends)
+		if ((m->type == RAFT_MSG_APPEND) != appends)
+			continue;
+		if (m->type == RAFT_MSG_SNAPSHOT)
+			node_snap_send(n, m); /* the state goes first, the message after it */
+		else
 			send_raft_message(n, m);
 	}
 }
@@ -865,29 +779,45 @@ static void conf_status(node *n)
 	atomic_store(&n->n_last_index, st.last_index);
 }
 
-/* Keeps memory bounded: the log behind the applied index is cut to a snapshot point. */
-static void maybe_compact_log(node *n, storage_batch *b)
+/*
+ * Keeps memory bounded: every --snapshot-count applied entries the log is cut to a snapshot
+ * point --experimental-snapshot-catchup-entries behind the applied index, as etcd does. A
+ * follower that needs an entry before it gets a copy of the state instead (node_snap.c).
+ * Called between Readies (Raft refuses to compact inside one); the cut is recorded in a
+ * transaction of its own that need not be synced: a crash before it only keeps more log.
+ */
+static void maybe_compact_log(node *n)
 {
+	const config *cfg = n->n_sc->cfg;
 	uint64_t applied = atomic_load(&n->n_applied);
-	uint64_t every = n->n_sc->cfg->snapshot_count ? n->n_sc->cfg->snapshot_count : 100000;
-	if (applied < n->n_log_snapshot + every + NODE_LOG_KEEP)
+	uint64_t every = cfg->snapshot_count ? cfg->snapshot_count : 100000;
+	uint64_t keep = cfg->snapshot_catchup_entries;
+	if (applied < n->n_log_snapshot + every + keep)
 		return;
-	uint64_t index = applied - NODE_LOG_KEEP;
+	uint64_t index = applied - keep;
 	struct raft_status st;
 	raft_status(n->n_raft, &st);
-	/* A leader keeps what a follower still needs: no snapshots are shipped yet. */
-	for (uint32_t i = 0; i < st.n_progress; i++)
-		if (st.progress[i].id != st.id && st.progress[i].match < index)
-			index = st.progress[i].match;
-	if (index <= n->n_log_snapshot)
-		return;
+	/* The snapshot point records the configuration as of index: with a change after it the
+	 * current one is not that, so wait until the change is behind the cut. */
 	const struct raft_entry *e;
+	for (uint64_t i = index + 1; i <= st.last_index; i++)
+		if (raft_entry_at(n->n_raft, i, &e) == 0 && e->type == RAFT_ENTRY_CONF_CHANGE)
+			return;
 	if (raft_entry_at(n->n_raft, index, &e) != 0)
 		return;
 	uint64_t term = e->term;
-	if (raft_compact(n->n_raft, index, NULL, 0) != 0)
+	storage_batch *b;
+	if (storage_batch_begin(n->n_sc->st, &b) != 0)
 		return;
-	if (storage_batch_log_snapshot(b, index, term, &st.conf, sizeof(st.conf)) == 0)
+	if (storage_batch_log_snapshot(b, index, term, &st.conf, sizeof(st.conf)) != 0) {
+		storage_batch_abort(b);
+		return;
+	}
+	if (storage_batch_commit_lazy(b, applied) != 0)
+		return;
+	/* Raft drops its copy only once the cut is on disk: a restart always finds the log
+	 * that follows the recorded snapshot point. */
+	if (raft_compact(n->n_raft, index, NULL, 0) == 0)
 		n->n_log_snapshot = index;
 }
 
@@ -905,6 +835,11 @@ static void process_ready(node *n)
 		/* The leader's appends go out while it writes its own log (thesis 10.2.1). */
 		send_messages(n, &rd, 1);
 
+		/* A snapshot replaces the store before anything else of this Ready is written. */
+		if (rd.snapshot) {
+			atomic_store(&n->n_applied, node_snap_install(n, rd.snapshot, &rd.hard_state));
+			n->n_log_snapshot = rd.snapshot->meta.index;
+		}
 		storage_arena a;
 		storage_arena_init(&a);
 		apply_batch ab = {0};
@@ -925,8 +860,6 @@ static void process_ready(node *n)
 		Mvccpb__Event **events = NULL;
 		size_t nevents = 0;
 		int64_t rev = 0;
-		if (rc == 0 && rd.snapshot)
-			log_at(LOG_ERROR, "a snapshot from the leader cannot be installed yet; this member needs a restart from a copy", NULL);
 		if (rc == 0 && rd.n_entries) {
 			storage_log_entry *le = storage_arena_alloc(&a, rd.n_entries * sizeof(*le));
 			if (le == NULL)
@@ -960,8 +893,6 @@ static void process_ready(node *n)
 		if (rc == 0 && b)
 			rc = storage_batch_events(b, &a, &events, &nevents, &rev);
 		if (rc == 0 && b)
-			maybe_compact_log(n, b);
-		if (rc == 0 && b)
 			rc = durable ? storage_batch_commit(b, applied) : storage_batch_commit_lazy(b, applied);
 		else if (b)
 			storage_batch_abort(b);
@@ -987,6 +918,9 @@ static void process_ready(node *n)
 			abort();
 		}
 		conf_status(n);
+		if (rd.snapshot)
+			sync_peers(n); /* the installed member list */
+		maybe_compact_log(n);
 		serve_reads(n);
 		if (n->n_npending_conf)
 			propose_pending_conf(n);
@@ -1296,6 +1230,7 @@ static void close_all(node *n)
 	uv_close((uv_handle_t *)&n->n_timeout_timer, NULL);
 	uv_close((uv_handle_t *)&n->n_wake, NULL);
 	uv_close((uv_handle_t *)&n->n_stop, NULL);
+	node_snap_close(n);
 }
 
 static void on_stop(uv_async_t *h)
@@ -1518,6 +1453,14 @@ int node_start(node **out, server_ctx *sc)
 		return STORAGE_ERR_IO;
 	}
 	sync_peers(n);
+	if ((rc = node_snap_init(n)) != 0) {
+		peer_transport_close(n->n_peers, NULL);
+		uv_run(&n->n_loop, UV_RUN_DEFAULT);
+		raft_close(n->n_raft);
+		uv_loop_close(&n->n_loop);
+		free(n);
+		return rc;
+	}
 
 	uv_async_init(&n->n_loop, &n->n_wake, on_wake);
 	uv_async_init(&n->n_loop, &n->n_stop, on_stop);

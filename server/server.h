@@ -38,6 +38,7 @@ typedef struct config {
 	char *data_dir;
 	char *wal_dir;
 	uint64_t snapshot_count;
+	uint64_t snapshot_catchup_entries; /* log entries kept behind a snapshot point */
 	uint64_t heartbeat_ms;
 	uint64_t election_ms;
 	config_urls listen_client;
@@ -181,6 +182,9 @@ int watch_hub_start(watch_hub **out, struct server_ctx *sc, api_server *as);
 /* Called by the node loop after each commit with the batch's events, in revision order,
  * and the store revision after the batch. Events are read during the call only. */
 void watch_hub_notify(watch_hub *h, Mvccpb__Event **events, size_t n, int64_t rev);
+/* The store was replaced (an installed snapshot) at revision rev: every watcher catches up
+ * from storage (or is cancelled as compacted), as after falling behind. */
+void watch_hub_resync(watch_hub *h, int64_t rev);
 void watch_hub_stop(watch_hub *h);
 void watch_hub_free(watch_hub *h);
 /* Streams, watchers, times a watcher fell behind, watchers catching up, and bytes of
@@ -194,6 +198,8 @@ typedef struct lessor lessor;
 /* Loads every lease from storage, each with its full TTL plus an election timeout. */
 int lessor_start(lessor **out, const config *cfg, storage *st);
 void lessor_free(lessor *l);
+/* The store was replaced (an installed snapshot): the leases are loaded again from it. */
+int lessor_reload(lessor *l, const config *cfg, storage *st);
 /* The node loop reports committed grants and revokes. */
 void lessor_granted(lessor *l, int64_t id, int64_t ttl);
 void lessor_revoked(lessor *l, int64_t id);
@@ -216,6 +222,8 @@ typedef struct alarm_change {
 } alarm_change;
 int alarm_start(alarm_set **out, storage *st);
 void alarm_free(alarm_set *a);
+/* The store was replaced (an installed snapshot): the alarms are loaded again from it. */
+int alarm_reload(alarm_set *a, storage *st);
 /* Whether a NOSPACE alarm is active: writes that take space are refused. */
 int alarm_nospace(alarm_set *a);
 int alarm_apply(alarm_set *a, storage_batch *b, const Etcdserverpb__AlarmRequest *req,
@@ -255,6 +263,8 @@ enum { MEMBERS_REMOVE = 1, MEMBERS_PROMOTE = 2 };
 /* Loads the member list, or starts it from --initial-cluster. */
 int members_start(members **out, const config *cfg, storage *st, uint64_t self);
 void members_free(members *ms);
+/* The store was replaced (an installed snapshot): the member list is loaded again. */
+int members_reload(members *ms, const config *cfg, storage *st);
 int members_apply(members *ms, storage_batch *b, node_op op, const Etcdserverpb__Member *m);
 int members_conf_changed(members *ms, storage_batch *b, int op, uint64_t id);
 int members_exists(members *ms, uint64_t id, int *learner);
@@ -294,6 +304,9 @@ int auth_error_status(int err, const char **msg);
 typedef struct auth_store auth_store;
 int auth_start(auth_store **out, const config *cfg, storage *st);
 void auth_free(auth_store *as);
+/* The store was replaced (an installed snapshot): users, roles and the switch are loaded
+ * again; tokens handed out stay valid. */
+int auth_reload(auth_store *as, const config *cfg, storage *st);
 int auth_enabled(auth_store *as);
 /* Checks of a request's token (metadata "token", NULL if absent): 0 or an AUTH_ERR_*.
  * All pass while auth is disabled. */

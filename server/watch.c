@@ -473,6 +473,18 @@ void watch_hub_notify(watch_hub *h, Mvccpb__Event **evs, size_t n, int64_t rev)
 	pthread_mutex_unlock(&h->h_mu);
 }
 
+void watch_hub_resync(watch_hub *h, int64_t rev)
+{
+	if (h == NULL)
+		return;
+	pthread_mutex_lock(&h->h_mu);
+	h->h_rev = rev;
+	for (watch_stream *ws = h->h_streams; ws; ws = ws->ws_next)
+		stream_mark_slow(h, ws);
+	pthread_cond_signal(&h->h_cond);
+	pthread_mutex_unlock(&h->h_mu);
+}
+
 /* ---- catch-up and progress: the hub's own thread ---- */
 
 /* One bounded catch-up step for w. Called with h_mu held. Returns 1 if w was removed. */

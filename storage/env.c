@@ -260,16 +260,56 @@ int64_t storage_current_revision(storage *s)
 }
 
 /*
+ * Puts the environment file at path in place of the current one and reopens it. Called
+ * with s_envlock held exclusively and no batch open. The file is renamed over the data
+ * file and the directory fsynced, so a crash leaves either the old file or the new one.
+ */
+static int replace_env(storage *s, const char *path)
+{
+	char data[PATH_MAX];
+	if (snprintf(data, sizeof(data), "%s/data.mdb", s->s_dir) >= (int)sizeof(data))
+		return STORAGE_ERR_INVALID;
+	int err = 0;
+	mdb_env_close(s->s_env);
+	s->s_env = NULL;
+	if (rename(path, data) != 0) {
+		err = STORAGE_ERR_IO;
+		unlink(path);
+	} else {
+		int dfd = open(s->s_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+		if (dfd >= 0) {
+			fsync(dfd);
+			close(dfd);
+		}
+	}
+	/* Reopen whichever file is in place; a member cannot go on without it. */
+	int rc = env_open(s, s->s_dir);
+	if (rc == 0)
+		rc = load_revision(s);
+	if (rc) {
+		fprintf(stderr, "keelson: storage: cannot reopen the environment: %s\n", mdb_strerror(rc));
+		abort();
+	}
+	return err;
+}
+
+/* A compacting copy of the environment into fd, fsynced. Returns an LMDB/errno code. */
+static int copy_env(storage *s, int fd)
+{
+	int rc = mdb_env_copyfd2(s->s_env, fd, MDB_CP_COMPACT);
+	if (rc == 0 && fsync(fd) != 0)
+		rc = errno;
+	return rc;
+}
+
+/*
  * A compacting copy of the environment replaces it: LMDB reuses freed pages but never
  * shrinks its file. Readers and the writer wait meanwhile (as etcd's defragment blocks).
- * The copy is written beside the data file, fsynced, and renamed over it, so a crash
- * leaves either the old file or the new one.
  */
 int storage_defragment(storage *s)
 {
-	char tmp[PATH_MAX], data[PATH_MAX];
-	if (snprintf(tmp, sizeof(tmp), "%s/data.mdb.defrag", s->s_dir) >= (int)sizeof(tmp) ||
-	    snprintf(data, sizeof(data), "%s/data.mdb", s->s_dir) >= (int)sizeof(data))
+	char tmp[PATH_MAX];
+	if (snprintf(tmp, sizeof(tmp), "%s/data.mdb.defrag", s->s_dir) >= (int)sizeof(tmp))
 		return STORAGE_ERR_INVALID;
 	pthread_rwlock_wrlock(&s->s_envlock);
 	int err = 0;
@@ -282,34 +322,45 @@ int storage_defragment(storage *s)
 		err = STORAGE_ERR_IO;
 		goto out;
 	}
-	int rc = mdb_env_copyfd2(s->s_env, fd, MDB_CP_COMPACT);
-	if (rc == 0 && fsync(fd) != 0)
-		rc = errno;
+	int rc = copy_env(s, fd);
 	close(fd);
 	if (rc) {
 		unlink(tmp);
 		err = storage__mdb_err(rc);
 		goto out;
 	}
-	mdb_env_close(s->s_env);
-	s->s_env = NULL;
-	if (rename(tmp, data) != 0) {
-		err = STORAGE_ERR_IO;
-		unlink(tmp);
-	} else {
-		int dfd = open(s->s_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-		if (dfd >= 0) {
-			fsync(dfd);
-			close(dfd);
-		}
-	}
-	/* Reopen whichever file is in place; a member cannot go on without it. */
-	rc = env_open(s, s->s_dir);
-	if (rc) {
-		fprintf(stderr, "keelson: storage: cannot reopen after defragment: %s\n", mdb_strerror(rc));
-		abort();
-	}
+	err = replace_env(s, tmp);
 out:
+	pthread_rwlock_unlock(&s->s_envlock);
+	return err;
+}
+
+int storage_copy(storage *s, int fd)
+{
+	/* Shared: the copy reads in its own LMDB read txn while batches go on. */
+	pthread_rwlock_rdlock(&s->s_envlock);
+	int rc = copy_env(s, fd);
+	pthread_rwlock_unlock(&s->s_envlock);
+	return rc ? storage__mdb_err(rc) : 0;
+}
+
+int storage_install(storage *s, const char *path)
+{
+	MDB_env *env;
+	int rc = mdb_env_create(&env);
+	if (rc == 0) {
+		/* Refuse a file that is not an LMDB environment before touching ours. */
+		rc = mdb_env_set_maxdbs(env, MAX_DBS);
+		if (rc == 0)
+			rc = mdb_env_set_mapsize(env, s->s_map_size);
+		if (rc == 0)
+			rc = mdb_env_open(env, path, MDB_NOSUBDIR | MDB_RDONLY | MDB_NOLOCK | MDB_NOTLS, 0600);
+		mdb_env_close(env);
+	}
+	if (rc)
+		return STORAGE_ERR_CORRUPT;
+	pthread_rwlock_wrlock(&s->s_envlock);
+	int err = s->s_batch ? STORAGE_ERR_INVALID : replace_env(s, path);
 	pthread_rwlock_unlock(&s->s_envlock);
 	return err;
 }

@@ -160,3 +160,8 @@ int storage_read_log(storage_reader *r, storage_arena *a, storage_log_state *out
 	out->ls_n_entries = n;
 	return 0;
 }
+
+int storage_batch_log_clear(storage_batch *b)
+{
+	return storage__mdb_err(mdb_drop(b->b_txn, b->b_s->s_rlog, 0));
+}

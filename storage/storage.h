@@ -225,6 +225,8 @@ int storage_batch_log_hard_state(storage_batch *b, uint64_t term, uint64_t vote,
  * covers. The state machine itself is the LMDB keyspace as of the applied index. */
 int storage_batch_log_snapshot(storage_batch *b, uint64_t index, uint64_t term, const void *conf,
 			       size_t conf_len);
+/* Drops every stored log entry: an installed snapshot replaces the whole log. */
+int storage_batch_log_clear(storage_batch *b);
 
 typedef struct storage_log_state {
 	uint64_t ls_term, ls_vote, ls_commit;
@@ -245,6 +247,17 @@ int64_t storage_current_revision(storage *s);
  * Waits for readers to end and blocks new ones meanwhile; no batch may be open.
  */
 int storage_defragment(storage *s);
+
+/* A consistent, compacting copy of the environment written to fd (fsynced), taken in a read
+ * transaction: batches go on meanwhile. Can run on any thread; may take long. */
+int storage_copy(storage *s, int fd);
+
+/*
+ * Replaces the environment by the file at path (a storage_copy() of another member's) and
+ * reopens it: the file is moved into place. Waits for readers to end; no batch may be open.
+ * STORAGE_ERR_CORRUPT, leaving everything as it was, if path is not an LMDB environment.
+ */
+int storage_install(storage *s, const char *path);
 
 /*
  * etcd's HashKV: CRC-32C over every revision record at or below rev (0: current) in etcd's

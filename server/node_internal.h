@@ -1,0 +1,141 @@
+/*
+ * node_internal.h - the node loop's state, shared by the files that make up the node
+ * (node.c: the loop, proposals and the Ready; node_snap.c: state snapshots for followers
+ * behind the leader's compacted log). Used only from the node loop's thread unless a field
+ * says otherwise.
+ */
+#ifndef KEELSON_SERVER_NODE_INTERNAL_H
+#define KEELSON_SERVER_NODE_INTERNAL_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdint.h>
+
+#include <uv.h>
+
+#include "raft/raft.h"
+#include "server/peer.h"
+#include "server/server.h"
+
+/* Bounds how many queued requests one turn proposes, so replies are never held long. */
+#define NODE_MAX_BATCH 4096
+/* Revisions removed per batch while a compaction is still being carried out. */
+#define NODE_COMPACT_STEP 10000
+/* How often expired leases are looked for, and at most how many are revoked per look
+ * (etcd revokes at most 1000 leases a second, so expiry never floods the log). */
+#define NODE_LEASE_CHECK_MS 500
+#define NODE_LEASE_REVOKES_PER_CHECK 500
+/* Log entries kept in memory behind the applied index for followers that lag. */
+#define NODE_LOG_KEEP 5000
+/* Peer frame types: a Raft message, or a lease keep-alive forwarded to the leader. */
+#define FRAME_RAFT 0
+#define FRAME_KEEPALIVE 1
+#define FRAME_CLUSTER_ID 2 /* a member tells a peer the cluster id once connected */
+#define FRAME_SNAP_CHUNK 3 /* a piece of a state snapshot (node_snap.c) */
+#define FRAME_SNAP_DONE 4  /* its end: size, SHA-256 and the Raft snapshot message */
+
+typedef struct node_snap node_snap;
+typedef struct node_req node_req;
+struct node_req {
+	node_op nr_op;
+	api_call *nr_call;              /* NULL: internal (expiry revoke, alarm) */
+	const ProtobufCMessage *nr_msg; /* owned by the call, or by the node if nr_owns_msg */
+	int nr_owns_msg;                /* internal requests: the node frees nr_msg */
+	uint64_t nr_seq;                /* proposal sequence: matches the applied entry */
+	uint64_t nr_deadline_ms;
+	uint64_t nr_member;             /* member changes */
+	int nr_learner;
+	char **nr_urls;                 /* peer URLs; client URLs when nr_publish */
+	size_t nr_n_urls;
+	int nr_publish;                 /* NODE_MEMBER_UPDATE: this member's name and client URLs */
+	node_req *nr_next;
+};
+
+/* A configuration change the leader will propose once Raft takes calls again. */
+typedef struct pending_conf {
+	int pc_op; /* enum raft_conf_op */
+	uint64_t pc_node;
+	uint64_t pc_deadline_ms;
+} pending_conf;
+
+#define NODE_MAX_PENDING_CONF 16
+
+typedef struct read_round {
+	uint64_t rr_id;
+	uint64_t rr_index; /* 0 until the read index is known */
+	node_req *rr_reqs;
+	struct read_round *rr_next;
+} read_round;
+
+struct node {
+	server_ctx *n_sc;
+	uv_loop_t n_loop;
+	uv_async_t n_wake;
+	uv_async_t n_stop;
+	uv_timer_t n_tick;
+	uv_timer_t n_lease_timer;
+	uv_timer_t n_timeout_timer;
+	pthread_t n_thread;
+
+	pthread_mutex_t n_mu; /* guards the queue */
+	node_req *n_head, *n_tail;
+	int n_stopping;
+
+	struct raft *n_raft;
+	peer_transport *n_peers;
+	uint64_t n_next_seq;
+	node_req *n_waiters;          /* proposed, waiting for their entry to apply (seq order) */
+	node_req *n_waiters_tail;
+	node_req *n_conf_waiters;     /* member changes waiting for their configuration change */
+	node_req *n_transfer;         /* a MoveLeader waiting for the new leader */
+	node_req *n_leaderless;       /* proposals waiting for a leader to be known */
+	pending_conf n_pending_conf[NODE_MAX_PENDING_CONF];
+	size_t n_npending_conf;
+	node_req *n_reads;            /* linearizable reads not yet in a round */
+	read_round *n_rounds;
+	uint64_t n_next_round;
+	uint64_t n_log_snapshot;      /* index of the last log snapshot point */
+	node_snap *n_snap;            /* snapshot transfers (node_snap.c) */
+	uint64_t n_peer_ids[MEMBER_LIST_MAX]; /* the members the transport knows */
+	_Atomic uint64_t n_active[MEMBER_LIST_MAX]; /* peers whose connection is up, 0: free */
+	size_t n_npeers;
+	int n_role;                   /* enum raft_role */
+	int n_published;              /* this start's name and client URLs were proposed */
+	uint64_t n_refusing[MEMBER_LIST_MAX]; /* peers refusing us as an unknown member */
+	size_t n_nrefusing;
+	int n_removed;
+	uint64_t n_req_timeout_ms;
+
+	node_req *n_compact_waiters; /* physical compactions waiting for the removal to finish */
+	int n_compacting;
+
+	_Atomic uint64_t n_term;
+	_Atomic uint64_t n_applied;
+	_Atomic uint64_t n_last_index;
+	_Atomic uint64_t n_lead;
+	_Atomic int n_multi_voter;
+	_Atomic int n_learner; /* this member is a learner */
+	_Atomic uint64_t n_stat_requests;
+	_Atomic uint64_t n_stat_commits;
+};
+
+/* ---- node_snap.c ---- */
+
+/* Sets up snapshot shipping on the node's loop; 0 or a STORAGE_ERR_*. */
+int node_snap_init(node *n);
+/* Closes its handles (the loop then ends) and drops transfers in progress. */
+void node_snap_close(node *n);
+/* Leader: Raft wants the state snapshot m sent to m->to. Starts a transfer: a copy of the
+ * state is taken on a thread and streamed in chunks, then m follows. */
+void node_snap_send(node *n, const struct raft_message *m);
+/* The connection to member id went down: its transfer (if any) fails. */
+void node_snap_peer_down(node *n, uint64_t id);
+/* A FRAME_SNAP_* frame from a peer. Returns 1 with *m filled (free with raft_codec_free)
+ * when a complete, verified snapshot arrived and its Raft message is to be stepped. */
+int node_snap_on_frame(node *n, uint64_t from, const uint8_t *p, size_t len, struct raft_message *m);
+/* Follower: installs the received state for Raft's snapshot s, replacing the store, the
+ * Raft log (its hard state hs kept) and every in-memory view of the store. Fatal if none
+ * was received: Raft has already moved its log to s. Returns the applied index installed. */
+uint64_t node_snap_install(node *n, const struct raft_snapshot *s, const struct raft_hard_state *hs);
+
+#endif
