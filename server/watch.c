@@ -58,8 +58,10 @@ struct watch_group {
 	ProtobufCBinaryData g_key, g_end; /* owned */
 	int g_prev_kv, g_noput, g_nodelete;
 	watcher *g_watchers;
-	watch_group *g_next;
+	watch_group *g_next; /* RANGE_ONE: the next group on the same key; else the next range */
 	int g_refs; /* watchers, synced or not, that use this group */
+	size_t *g_sel; /* this batch's matching events (indexes, revision order) */
+	size_t g_nsel, g_selcap;
 };
 
 struct watch_stream {
@@ -77,7 +79,15 @@ struct watch_hub {
 	pthread_t h_thread;
 	int h_stop;
 	int64_t h_rev; /* revision of the last batch notified */
-	watch_group *h_groups;
+	/* The group index: single-key groups by key (open addressing; a slot holds the first
+	 * group on its key, the others follow by g_next), and the key-range groups in a list. An
+	 * event then costs one lookup plus the range groups, not one test per group. */
+	watch_group **h_keyed;
+	size_t h_keyed_cap, h_keyed_n;
+	watch_group *h_ranges;
+	size_t h_nranges;
+	watch_group **h_touched; /* groups with events in the current batch */
+	size_t h_ntouched, h_touched_cap;
 	watcher *h_unsynced;
 	watch_stream *h_streams;
 	uint64_t h_progress_ms;
@@ -95,11 +105,92 @@ static int bytes_cmp(const uint8_t *a, size_t alen, const uint8_t *b, size_t ble
 	return alen < blen ? -1 : alen > blen;
 }
 
-static int group_matches(const watch_group *g, const Mvccpb__Event *ev)
+
+static uint64_t key_hash(const uint8_t *p, size_t len)
+{
+	uint64_t h = 1469598103934665603ULL; /* FNV-1a */
+	for (size_t i = 0; i < len; i++)
+		h = (h ^ p[i]) * 1099511628211ULL;
+	return h;
+}
+
+/* The slot of key in the keyed table: its group list, or the empty slot it would take. */
+static size_t keyed_slot(const watch_hub *h, const uint8_t *key, size_t len)
+{
+	size_t mask = h->h_keyed_cap - 1, i = (size_t)key_hash(key, len) & mask;
+	while (h->h_keyed[i] &&
+	       bytes_cmp(h->h_keyed[i]->g_key.data, h->h_keyed[i]->g_key.len, key, len) != 0)
+		i = (i + 1) & mask;
+	return i;
+}
+
+static watch_group *keyed_find(const watch_hub *h, const uint8_t *key, size_t len)
+{
+	return h->h_keyed_n ? h->h_keyed[keyed_slot(h, key, len)] : NULL;
+}
+
+static int keyed_grow(watch_hub *h)
+{
+	size_t cap = h->h_keyed_cap ? h->h_keyed_cap * 2 : 64;
+	watch_group **old = h->h_keyed, **tab = calloc(cap, sizeof(*tab));
+	size_t oldcap = h->h_keyed_cap;
+	if (tab == NULL)
+		return -1;
+	h->h_keyed = tab;
+	h->h_keyed_cap = cap;
+	for (size_t i = 0; i < oldcap; i++)
+		if (old[i])
+			tab[keyed_slot(h, old[i]->g_key.data, old[i]->g_key.len)] = old[i];
+	free(old);
+	return 0;
+}
+
+/* Adds a single-key group in front of the others on its key. */
+static int keyed_add(watch_hub *h, watch_group *g)
+{
+	if ((h->h_keyed_n + 1) * 4 > h->h_keyed_cap * 3 && keyed_grow(h) != 0)
+		return -1;
+	size_t i = keyed_slot(h, g->g_key.data, g->g_key.len);
+	if (h->h_keyed[i] == NULL)
+		h->h_keyed_n++;
+	g->g_next = h->h_keyed[i];
+	h->h_keyed[i] = g;
+	return 0;
+}
+
+static void keyed_remove(watch_hub *h, watch_group *g)
+{
+	size_t mask = h->h_keyed_cap - 1, i = keyed_slot(h, g->g_key.data, g->g_key.len);
+	watch_group **pp = &h->h_keyed[i];
+	while (*pp && *pp != g)
+		pp = &(*pp)->g_next;
+	if (*pp)
+		*pp = g->g_next;
+	if (h->h_keyed[i])
+		return;
+	/* The key's last group left: close the gap (backward shift, no tombstones). */
+	h->h_keyed_n--;
+	for (size_t j = (i + 1) & mask; h->h_keyed[j]; j = (j + 1) & mask) {
+		watch_group *e = h->h_keyed[j];
+		size_t home = (size_t)key_hash(e->g_key.data, e->g_key.len) & mask;
+		if ((j > i && (home <= i || home > j)) || (j < i && (home <= i && home > j))) {
+			h->h_keyed[i] = e;
+			h->h_keyed[j] = NULL;
+			i = j;
+		}
+	}
+}
+
+static int filters_pass(const watch_group *g, const Mvccpb__Event *ev)
 {
 	if (g->g_noput && ev->type == MVCCPB__EVENT__EVENT_TYPE__PUT)
 		return 0;
-	if (g->g_nodelete && ev->type == MVCCPB__EVENT__EVENT_TYPE__DELETE)
+	return !(g->g_nodelete && ev->type == MVCCPB__EVENT__EVENT_TYPE__DELETE);
+}
+
+static int group_matches(const watch_group *g, const Mvccpb__Event *ev)
+{
+	if (!filters_pass(g, ev))
 		return 0;
 	const ProtobufCBinaryData *k = &ev->kv->key;
 	int lo = bytes_cmp(k->data, k->len, g->g_key.data, g->g_key.len);
@@ -322,30 +413,42 @@ static void group_release(watch_hub *h, watch_group *g)
 {
 	if (--g->g_refs > 0)
 		return;
-	for (watch_group **pp = &h->h_groups; *pp; pp = &(*pp)->g_next) {
-		if (*pp == g) {
-			*pp = g->g_next;
-			break;
+	if (g->g_kind == RANGE_ONE) {
+		keyed_remove(h, g);
+	} else {
+		for (watch_group **pp = &h->h_ranges; *pp; pp = &(*pp)->g_next) {
+			if (*pp == g) {
+				*pp = g->g_next;
+				h->h_nranges--;
+				break;
+			}
 		}
 	}
 	free(g->g_key.data);
 	free(g->g_end.data);
+	free(g->g_sel);
 	free(g);
+}
+
+static int group_same(const watch_group *g, range_kind kind, const ProtobufCBinaryData *key,
+		      const ProtobufCBinaryData *end, int prev_kv, int noput, int nodelete)
+{
+	return g->g_kind == kind && g->g_prev_kv == prev_kv && g->g_noput == noput &&
+	       g->g_nodelete == nodelete && bytes_cmp(g->g_key.data, g->g_key.len, key->data, key->len) == 0 &&
+	       (kind != RANGE_SPAN || bytes_cmp(g->g_end.data, g->g_end.len, end->data, end->len) == 0);
 }
 
 static watch_group *group_get(watch_hub *h, range_kind kind, const ProtobufCBinaryData *key,
 			      const ProtobufCBinaryData *end, int prev_kv, int noput, int nodelete)
 {
-	for (watch_group *g = h->h_groups; g; g = g->g_next) {
-		if (g->g_kind == kind && g->g_prev_kv == prev_kv && g->g_noput == noput &&
-		    g->g_nodelete == nodelete &&
-		    bytes_cmp(g->g_key.data, g->g_key.len, key->data, key->len) == 0 &&
-		    (kind != RANGE_SPAN || bytes_cmp(g->g_end.data, g->g_end.len, end->data, end->len) == 0)) {
+	watch_group *g = kind == RANGE_ONE ? keyed_find(h, key->data, key->len) : h->h_ranges;
+	for (; g; g = g->g_next) {
+		if (group_same(g, kind, key, end, prev_kv, noput, nodelete)) {
 			g->g_refs++;
 			return g;
 		}
 	}
-	watch_group *g = calloc(1, sizeof(*g));
+	g = calloc(1, sizeof(*g));
 	if (g == NULL)
 		return NULL;
 	g->g_kind = kind;
@@ -367,8 +470,18 @@ static watch_group *group_get(watch_hub *h, range_kind kind, const ProtobufCBina
 	g->g_noput = noput;
 	g->g_nodelete = nodelete;
 	g->g_refs = 1;
-	g->g_next = h->h_groups;
-	h->h_groups = g;
+	if (kind == RANGE_ONE) {
+		if (keyed_add(h, g) != 0) {
+			free(g->g_key.data);
+			free(g->g_end.data);
+			free(g);
+			return NULL;
+		}
+	} else {
+		g->g_next = h->h_ranges;
+		h->h_ranges = g;
+		h->h_nranges++;
+	}
 	return g;
 }
 
@@ -411,64 +524,164 @@ static int stream_all_synced(watch_stream *ws)
 
 /* ---- the node loop's side ---- */
 
+/* Notes event i for group g in this batch. Returns -1 when out of memory. */
+static int sel_push(watch_hub *h, watch_group *g, size_t i)
+{
+	if (g->g_nsel == 0) {
+		if (h->h_ntouched == h->h_touched_cap) {
+			size_t cap = h->h_touched_cap ? h->h_touched_cap * 2 : 64;
+			watch_group **t = realloc(h->h_touched, cap * sizeof(*t));
+			if (t == NULL)
+				return -1;
+			h->h_touched = t;
+			h->h_touched_cap = cap;
+		}
+		h->h_touched[h->h_ntouched++] = g;
+	}
+	if (g->g_nsel == g->g_selcap) {
+		size_t cap = g->g_selcap ? g->g_selcap * 2 : 16;
+		size_t *v = realloc(g->g_sel, cap * sizeof(*v));
+		if (v == NULL)
+			return -1;
+		g->g_sel = v;
+		g->g_selcap = cap;
+	}
+	g->g_sel[g->g_nsel++] = i;
+	return 0;
+}
+
+static Mvccpb__Event **sort_evs; /* qsort has no context argument; used under h_mu only */
+
+static int cmp_event_key(const void *a, const void *b)
+{
+	const ProtobufCBinaryData *x = &sort_evs[*(const size_t *)a]->kv->key;
+	const ProtobufCBinaryData *y = &sort_evs[*(const size_t *)b]->kv->key;
+	int c = bytes_cmp(x->data, x->len, y->data, y->len);
+	return c ? c : (*(const size_t *)a > *(const size_t *)b) - (*(const size_t *)a < *(const size_t *)b);
+}
+
+static int cmp_index(const void *a, const void *b)
+{
+	size_t x = *(const size_t *)a, y = *(const size_t *)b;
+	return (x > y) - (x < y);
+}
+
+/* Up to this many range groups, testing each event against each beats sorting the batch. */
+#define WATCH_DIRECT_RANGES 8
+
+/* Finds every group's events in the batch: a lookup per event for single-key groups, and
+ * for key ranges either a test per pair or, for many, a binary search in the batch sorted
+ * by key. Each touched group ends with its events in revision order. */
+static int match_batch(watch_hub *h, Mvccpb__Event **evs, size_t n)
+{
+	for (size_t i = 0; i < n; i++) {
+		const ProtobufCBinaryData *k = &evs[i]->kv->key;
+		for (watch_group *g = keyed_find(h, k->data, k->len); g; g = g->g_next)
+			if (g->g_watchers && filters_pass(g, evs[i]) && sel_push(h, g, i) != 0)
+				return -1;
+	}
+	if (h->h_nranges == 0)
+		return 0;
+	if (h->h_nranges <= WATCH_DIRECT_RANGES) {
+		for (watch_group *g = h->h_ranges; g; g = g->g_next)
+			for (size_t i = 0; g->g_watchers && i < n; i++)
+				if (group_matches(g, evs[i]) && sel_push(h, g, i) != 0)
+					return -1;
+		return 0;
+	}
+	size_t *order = malloc(n * sizeof(*order));
+	if (order == NULL)
+		return -1;
+	for (size_t i = 0; i < n; i++)
+		order[i] = i;
+	sort_evs = evs;
+	qsort(order, n, sizeof(*order), cmp_event_key);
+	int rc = 0;
+	for (watch_group *g = h->h_ranges; g && rc == 0; g = g->g_next) {
+		if (g->g_watchers == NULL)
+			continue;
+		size_t lo = 0, hi = n;
+		while (lo < hi) {
+			size_t mid = lo + (hi - lo) / 2;
+			const ProtobufCBinaryData *k = &evs[order[mid]]->kv->key;
+			if (bytes_cmp(k->data, k->len, g->g_key.data, g->g_key.len) < 0)
+				lo = mid + 1;
+			else
+				hi = mid;
+		}
+		size_t before = g->g_nsel;
+		for (size_t j = lo; j < n && rc == 0; j++) {
+			const Mvccpb__Event *ev = evs[order[j]];
+			if (g->g_kind == RANGE_SPAN &&
+			    bytes_cmp(ev->kv->key.data, ev->kv->key.len, g->g_end.data, g->g_end.len) >= 0)
+				break;
+			if (filters_pass(g, ev))
+				rc = sel_push(h, g, order[j]);
+		}
+		if (g->g_nsel - before > 1)
+			qsort(g->g_sel + before, g->g_nsel - before, sizeof(size_t), cmp_index);
+	}
+	free(order);
+	return rc;
+}
+
+/* Sends group g its events of this batch (g->g_sel), encoded once for all its watchers. */
+static void deliver(watch_hub *h, watch_group *g, Mvccpb__Event **evs, int64_t rev, size_t *sub,
+		    watch_stream **slow, size_t *nslow)
+{
+	size_t *sel = g->g_sel, m = g->g_nsel;
+	api_bytes *shared = encode_events(evs, sel, m, g->g_prev_kv);
+	watcher *next;
+	for (watcher *w = g->g_watchers; w; w = next) {
+		next = w->w_gnext;
+		/* A watcher that just caught up may already have the first revisions. */
+		size_t k = 0;
+		while (k < m && evs[sel[k]]->kv->mod_revision < w->w_next_rev)
+			k++;
+		long q;
+		if (k == m)
+			continue;
+		if (k == 0) {
+			q = send_events(h, w, evs, sel, m, shared, rev);
+		} else {
+			memcpy(sub, sel + k, (m - k) * sizeof(size_t));
+			q = send_events(h, w, evs, sub, m - k, NULL, rev);
+		}
+		w->w_next_rev = rev + 1;
+		if ((q < 0 || (size_t)q > WATCH_STREAM_MAX_QUEUED) && *nslow < 64)
+			slow[(*nslow)++] = w->w_stream;
+	}
+	api_bytes_unref(shared);
+}
+
 void watch_hub_notify(watch_hub *h, Mvccpb__Event **evs, size_t n, int64_t rev)
 {
 	if (h == NULL)
 		return;
 	pthread_mutex_lock(&h->h_mu);
 	h->h_rev = rev;
-	if (n == 0 || h->h_groups == NULL) {
+	if (n == 0 || (h->h_keyed_n == 0 && h->h_ranges == NULL)) {
 		pthread_mutex_unlock(&h->h_mu);
 		return;
 	}
-	size_t *sel = malloc(n * sizeof(size_t));
 	size_t *sub = malloc(n * sizeof(size_t));
-	if (sel == NULL || sub == NULL) {
-		free(sel);
-		free(sub);
+	int rc = sub ? match_batch(h, evs, n) : -1;
+	watch_stream *slow[64];
+	size_t nslow = 0;
+	for (size_t i = 0; i < h->h_ntouched; i++) {
+		watch_group *g = h->h_touched[i];
+		if (rc == 0)
+			deliver(h, g, evs, rev, sub, slow, &nslow);
+		g->g_nsel = 0;
+	}
+	h->h_ntouched = 0;
+	if (rc != 0) {
 		/* Out of memory: every watcher catches up from LMDB instead. */
 		for (watch_stream *ws = h->h_streams; ws; ws = ws->ws_next)
 			stream_mark_slow(h, ws);
-		pthread_mutex_unlock(&h->h_mu);
-		return;
-	}
-	watch_stream *slow[64];
-	size_t nslow = 0;
-	for (watch_group *g = h->h_groups; g; g = g->g_next) {
-		if (g->g_watchers == NULL)
-			continue;
-		size_t m = 0;
-		for (size_t i = 0; i < n; i++)
-			if (group_matches(g, evs[i]))
-				sel[m++] = i;
-		if (m == 0)
-			continue;
-		api_bytes *shared = encode_events(evs, sel, m, g->g_prev_kv);
-		watcher *next;
-		for (watcher *w = g->g_watchers; w; w = next) {
-			next = w->w_gnext;
-			/* A watcher that just caught up may already have the first revisions. */
-			size_t k = 0;
-			while (k < m && evs[sel[k]]->kv->mod_revision < w->w_next_rev)
-				k++;
-			long q;
-			if (k == m)
-				continue;
-			if (k == 0) {
-				q = send_events(h, w, evs, sel, m, shared, rev);
-			} else {
-				memcpy(sub, sel + k, (m - k) * sizeof(size_t));
-				q = send_events(h, w, evs, sub, m - k, NULL, rev);
-			}
-			w->w_next_rev = rev + 1;
-			if ((q < 0 || (size_t)q > WATCH_STREAM_MAX_QUEUED) && nslow < 64)
-				slow[nslow++] = w->w_stream;
-		}
-		api_bytes_unref(shared);
 	}
 	for (size_t i = 0; i < nslow; i++)
 		stream_mark_slow(h, slow[i]);
-	free(sel);
 	free(sub);
 	pthread_mutex_unlock(&h->h_mu);
 }
@@ -822,6 +1035,8 @@ void watch_hub_free(watch_hub *h)
 {
 	if (h == NULL)
 		return;
+	free(h->h_keyed);
+	free(h->h_touched);
 	pthread_mutex_destroy(&h->h_mu);
 	pthread_cond_destroy(&h->h_cond);
 	free(h);

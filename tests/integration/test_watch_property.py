@@ -40,10 +40,36 @@ def in_range(key, p):
     return key >= p and key < prefix_end(p)
 
 
+def in_watch(key, w):
+    """Whether key is in watcher w's range as etcd reads (key, range_end)."""
+    if w.end == b"":
+        return key == w.key
+    if w.end == b"\0":
+        return key >= w.key
+    return w.key <= key < w.end
+
+
+def random_range(rnd):
+    """A prefix, a single key, a [from, to) span or a from-key range: the server indexes
+    single keys and ranges apart, and sorts a batch's events once it has many ranges."""
+    r = rnd.random()
+    if r < 0.4:
+        p = rnd.choice(PREFIXES)
+        return p, prefix_end(p)
+    if r < 0.65:
+        return rnd.choice(KEYS), b""
+    if r < 0.9:
+        a, b = sorted(rnd.sample(KEYS + [b"a", b"b/2z", b"d"], 2))
+        return a, b
+    return rnd.choice(KEYS), b"\0"
+
+
 class Watcher:
-    def __init__(self, wid, prefix, start_rev):
+    def __init__(self, wid, key, end, start_rev):
         self.wid = wid
-        self.prefix = prefix
+        self.key = key
+        self.end = end
+        self.prefix = (key, end)  # for messages
         self.start_rev = start_rev
         self.events = []  # (mod_revision, type, key, value)
         self.lock = threading.Lock()
@@ -62,7 +88,7 @@ class Watcher:
         self.q = queue.Queue()
         self.created = threading.Event()
         self.q.put(pb.WatchRequest(create_request=pb.WatchCreateRequest(
-            key=self.prefix, range_end=prefix_end(self.prefix), start_revision=start_rev)))
+            key=self.key, range_end=self.end, start_revision=start_rev)))
         q = self.q
 
         def reqs():
@@ -142,7 +168,7 @@ class WatchPropertyTest(unittest.TestCase):
                     history.append((rev, 1, k, b""))
                     del live[k]
             elif r < 0.95:
-                ks = rnd.sample(KEYS, rnd.randint(2, 4))
+                ks = rnd.sample(KEYS, rnd.randint(2, 4) if rnd.random() < 0.8 else len(KEYS))
                 ops, evs = [], []
                 for k in ks:
                     v = b"t%d" % rnd.randrange(1 << 30)
@@ -164,16 +190,16 @@ class WatchPropertyTest(unittest.TestCase):
             state["rev"] = rev
 
         def add_watcher():
-            p = rnd.choice(PREFIXES)
+            key, end = random_range(rnd)
             lo = state["compacted"] + 1
             start = rnd.randint(lo, state["rev"] + 1)
-            w = Watcher(len(watchers), p, start)
+            w = Watcher(len(watchers), key, end, start)
             watchers.append(w)
             w.open(ch, start)
 
         def phase(nwrites):
             for _ in range(nwrites):
-                if rnd.random() < 0.08:
+                if rnd.random() < 0.12:
                     add_watcher()
                 write_one()
 
@@ -198,7 +224,7 @@ class WatchPropertyTest(unittest.TestCase):
 
         problems = []
         for w in watchers:
-            exp = [e for e in history if e[0] >= w.start_rev and in_range(e[2], w.prefix)]
+            exp = [e for e in history if e[0] >= w.start_rev and in_watch(e[2], w)]
             with w.lock:
                 got = list(w.events)
             if w.canceled:
@@ -219,7 +245,7 @@ class WatchPropertyTest(unittest.TestCase):
         while time.monotonic() < deadline:
             lagging = 0
             for w in watchers:
-                exp = sum(1 for e in history if e[0] >= w.start_rev and in_range(e[2], w.prefix))
+                exp = sum(1 for e in history if e[0] >= w.start_rev and in_watch(e[2], w))
                 with w.lock:
                     if len(w.events) < exp:
                         lagging += 1
