@@ -291,7 +291,9 @@ int corrupt_check_initial(server_ctx *sc)
 	int64_t rev, crev;
 	int rc = local_hash(sc, &h, &rev, &crev);
 	if (rc) {
-		log_at(LOG_FATAL, "discovery failed", "error", storage_strerror(rc), NULL);
+		char err[160];
+		snprintf(err, sizeof(err), "%s failed to fetch hash (%s)", local, storage_strerror(rc));
+		log_at(LOG_FATAL, "discovery failed", "error", err, NULL);
 		return -1;
 	}
 	peer_hash peers[MEMBER_LIST_MAX];
@@ -453,6 +455,8 @@ static int check_hash_kv(corrupt_monitor *m)
 		peer_hash *p = &peers[i];
 		if (!p->ph_ok)
 			continue;
+		if (p->ph_member == 0) /* an answer without a header: the member we asked */
+			p->ph_member = p->ph_id;
 		snprintf(id, sizeof(id), "%" PRIx64, p->ph_member);
 		if (p->ph_revision > rev2) {
 			/* A follower cannot be ahead of what the leader has applied. */

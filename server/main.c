@@ -247,6 +247,10 @@ static int run(config *cfgp)
 		rc = auth_start(&sc.auth, &cfg, sc.st);
 	/* etcd checks against its peers before serving anything, Raft included. */
 	if (rc == 0 && cfg.initial_corrupt_check && corrupt_check_initial(&sc) != 0) {
+		lessor_free(sc.lessor);
+		alarm_free(sc.alarms);
+		members_free(sc.members);
+		auth_free(sc.auth);
 		storage_close(sc.st);
 		return 1;
 	}
