@@ -114,16 +114,18 @@ static grpc_channel_credentials *peer_credentials(const config *cfg, int tls)
 static void hash_kv_call(const config *cfg, const char *url, int64_t rev, uint64_t timeout_ms, peer_hash *p)
 {
 	const char *target = url;
+	char unix_target[300];
 	int tls = 0;
-	if (strncmp(target, "http://", 7) == 0) {
-		target += 7;
-	} else if (strncmp(target, "https://", 8) == 0) {
-		target += 8;
+	if (strncmp(url, "http://", 7) == 0) {
+		target = url + 7;
+	} else if (strncmp(url, "https://", 8) == 0) {
+		target = url + 8;
 		tls = 1;
-	} else if (strncmp(target, "unix://", 7) == 0 || strncmp(target, "unixs://", 8) == 0) {
-		/* etcd's unix client URLs: gRPC names them "unix:path". */
-		tls = target[4] == 's';
-		target += tls ? 8 : 7;
+	} else if (strncmp(url, "unix://", 7) == 0 || strncmp(url, "unixs://", 8) == 0) {
+		/* etcd's unix client URLs: gRPC names the socket "unix:path". */
+		tls = url[4] == 's';
+		snprintf(unix_target, sizeof(unix_target), "unix:%s", url + (tls ? 8 : 7));
+		target = unix_target;
 	}
 	snprintf(p->ph_url, sizeof(p->ph_url), "%s", url);
 	p->ph_ok = 0;
@@ -227,9 +229,8 @@ static void hash_kv_call(const config *cfg, const char *url, int64_t rev, uint64
 	grpc_metadata_array_destroy(&md_trail);
 	if (call)
 		grpc_call_unref(call);
+	/* The one batch has been collected above, so the queue is empty. */
 	grpc_completion_queue_shutdown(cq);
-	while (grpc_completion_queue_pluck(cq, NULL, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type != GRPC_QUEUE_SHUTDOWN)
-		;
 	grpc_completion_queue_destroy(cq);
 	grpc_channel_destroy(ch);
 }
