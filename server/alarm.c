@@ -108,6 +108,14 @@ int alarm_nospace(alarm_set *a)
 	return v;
 }
 
+int alarm_corrupt(alarm_set *a)
+{
+	pthread_mutex_lock(&a->as_mu);
+	int v = a->as_corrupt;
+	pthread_mutex_unlock(&a->as_mu);
+	return v;
+}
+
 /* etcd's AlarmStore.Get: every alarm of the type, or all for NONE. Fills resp from arena. */
 static int alarm_list(alarm_set *a, int type, storage_arena *ar, Etcdserverpb__AlarmResponse *resp)
 {

@@ -134,8 +134,26 @@ static void *response_new(storage_arena *a, const ProtobufCMessageDescriptor *d)
 	return m;
 }
 
+/* etcd's applierV3Corrupt: with CORRUPT raised, no write changes the store. */
+static int refused_for_corruption(server_ctx *sc, node_op op)
+{
+	switch (op) {
+	case NODE_PUT:
+	case NODE_DELETE_RANGE:
+	case NODE_TXN:
+	case NODE_COMPACT:
+	case NODE_LEASE_GRANT:
+	case NODE_LEASE_REVOKE:
+		return alarm_corrupt(sc->alarms);
+	default:
+		return 0;
+	}
+}
+
 static int apply_request(server_ctx *sc, storage_batch *b, apply_result *r, storage_arena *a)
 {
+	if (refused_for_corruption(sc, r->ar_op))
+		return ALARM_ERR_CORRUPT;
 	if (refused_for_space(sc, r->ar_op, r->ar_req))
 		return STORAGE_ERR_NOSPACE;
 	switch (r->ar_op) {

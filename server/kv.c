@@ -27,6 +27,8 @@ static api_error storage_to_api(int err)
 		return API_ERR_LEASE_NOT_FOUND;
 	case STORAGE_ERR_LEASE_EXISTS:
 		return API_ERR_LEASE_EXIST;
+	case ALARM_ERR_CORRUPT:
+		return API_ERR_CORRUPT;
 	default:
 		return API_ERR_INTERNAL;
 	}

@@ -245,6 +245,15 @@ static int run(config *cfgp)
 		rc = members_start(&sc.members, &cfg, sc.st, sc.mi.member_id);
 	if (rc == 0)
 		rc = auth_start(&sc.auth, &cfg, sc.st);
+	/* etcd checks against its peers before serving anything, Raft included. */
+	if (rc == 0 && cfg.initial_corrupt_check && corrupt_check_initial(&sc) != 0) {
+		lessor_free(sc.lessor);
+		alarm_free(sc.alarms);
+		members_free(sc.members);
+		auth_free(sc.auth);
+		storage_close(sc.st);
+		return 1;
+	}
 	if (rc == 0)
 		rc = node_start(&sc.nd, &sc);
 	if (rc) {
@@ -285,6 +294,11 @@ static int run(config *cfgp)
 	http_server *hs = NULL;
 	if (rc == 0 && http_start(&hs, &sc, &cfg.listen_metrics, &cfg.listen_client, as) != 0)
 		rc = -1;
+	corrupt_monitor *cm = NULL;
+	if (rc == 0 && corrupt_monitor_start(&cm, &sc) != 0) {
+		log_at(LOG_FATAL, "cannot start the corruption check", NULL);
+		rc = -1;
+	}
 	if (rc) {
 		node_stop(sc.nd);
 		node_free(sc.nd);
@@ -299,6 +313,7 @@ static int run(config *cfgp)
 	sigwait(&sigs, &sig);
 	log_at(LOG_INFO, "received signal; shutting down", "signal", sig == SIGINT ? "SIGINT" : "SIGTERM", NULL);
 	/* Stop taking calls, answer every write already queued, then end what is left. */
+	corrupt_monitor_stop(cm); /* it proposes alarms: stop it before the node */
 	http_stop(hs);
 	api_server_shutdown(as);
 	node_stop(sc.nd);

@@ -6,6 +6,7 @@
  * node.c     the node loop: owns writes, group-commits every batch in one LMDB txn
  * kv.c       the KV service: validation as etcd's v3rpc, reads on gRPC threads
  * maint.c    the Maintenance service (Status) and the response header
+ * corrupt.c  the initial and periodic corruption checks (HashKV against peers)
  * http.c     /health, /version and /metrics on --listen-metrics-urls
  * main.c     start-up and shut-down
  */
@@ -66,6 +67,9 @@ typedef struct config {
 	char *cert_file, *key_file, *trusted_ca_file; /* client TLS */
 	uint64_t auth_token_ttl; /* seconds */
 	int client_cert_auth;
+	/* corruption checks (corrupt.c) */
+	int initial_corrupt_check; /* --experimental-initial-corrupt-check */
+	uint64_t corrupt_check_ms; /* --experimental-corrupt-check-time, 0 = off */
 	int pre_vote;
 	int force_new_cluster;
 	int show_version;
@@ -226,6 +230,11 @@ void alarm_free(alarm_set *a);
 int alarm_reload(alarm_set *a, storage *st);
 /* Whether a NOSPACE alarm is active: writes that take space are refused. */
 int alarm_nospace(alarm_set *a);
+/* etcd's "etcdserver: corrupt cluster" (DataLoss): while a CORRUPT alarm is active every
+ * write is refused with it (etcd's applierV3Corrupt). Translated by server_fail_storage(). */
+enum { ALARM_ERR_CORRUPT = -1600 }; /* the alarm module owns -1600..-1699 */
+/* Whether a CORRUPT alarm is active. */
+int alarm_corrupt(alarm_set *a);
 int alarm_apply(alarm_set *a, storage_batch *b, const Etcdserverpb__AlarmRequest *req,
 		storage_arena *ar, Etcdserverpb__AlarmResponse *resp, alarm_change *chg);
 void alarm_commit(alarm_set *a, const alarm_change *chg);
@@ -233,6 +242,23 @@ size_t alarm_status_errors(alarm_set *a, char **out, size_t max, char buf[][64])
 struct server_ctx;
 /* Refuses (1) a write of request_bytes that the quota cannot take, raising NOSPACE. */
 int alarm_quota_exceeded(struct server_ctx *sc, size_t request_bytes);
+
+/* ---- corrupt.c: etcd's corruption checks ---- */
+
+struct server_ctx;
+/* --experimental-initial-corrupt-check, before the member serves anything: HashKV from
+ * every peer at this member's revision. Returns 0 (also when peers cannot be reached,
+ * logged), or -1 on a mismatch after logging etcd's "<id> found data inconsistency with
+ * peers" as a fatal error; the caller then exits. */
+int corrupt_check_initial(struct server_ctx *sc);
+typedef struct corrupt_monitor corrupt_monitor;
+/* --experimental-corrupt-check-time: starts the thread that, while this member leads,
+ * compares every follower's HashKV with its own each interval and raises CORRUPT for a
+ * member that differs. *out is NULL (and 0 returned) when the check is off. */
+int corrupt_monitor_start(corrupt_monitor **out, struct server_ctx *sc);
+/* Stops the thread (a check in progress finishes first) and frees m; NULL is a no-op.
+ * Call before node_stop(). */
+void corrupt_monitor_stop(corrupt_monitor *m);
 
 /* ---- apply.c ---- */
 

@@ -113,6 +113,8 @@ fi
 # The tools the integration tests drive beside the server.
 "${BAZEL[@]}" build "${BAZEL_FLAGS[@]}" //storage:etcdfmt_tool </dev/null ||
     echo "//storage:etcdfmt_tool does not build: the snapshot format tests will fail"
+"${BAZEL[@]}" build "${BAZEL_FLAGS[@]}" //tests/tools:kv_corrupt </dev/null ||
+    echo "//tests/tools:kv_corrupt does not build: the corruption check tests will fail"
 
 note "integration tests (tests/integration) against $SERVER"
 t0=$SECONDS
