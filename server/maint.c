@@ -85,14 +85,17 @@ static void maint_hash_kv(void *ctx, api_call *call, const ProtobufCMessage *msg
 	}
 	Etcdserverpb__HashKVResponse resp = ETCDSERVERPB__HASH_KVRESPONSE__INIT;
 	Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+	/* The hash covers the revision asked for (0: the current one); the header carries the
+	 * store's current revision, as etcd's HashByRev returns it. */
 	rc = storage_hash_kv(r, req->revision, &resp.hash, &resp.hash_revision, &resp.compact_revision);
+	int64_t current = storage_current_revision(sc->st);
 	storage_read_end(r);
 	if (rc) {
 		server_fail_storage(call, rc);
 		return;
 	}
 	server_fill_header(sc, &h);
-	h.revision = resp.hash_revision;
+	h.revision = req->revision == 0 || current < resp.hash_revision ? resp.hash_revision : current;
 	resp.header = &h;
 	api_call_reply(call, &resp.base);
 }

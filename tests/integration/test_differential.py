@@ -312,6 +312,13 @@ class Differential(unittest.TestCase):
         for fmt in ("simple", "json", "fields", "table", "protobuf"):
             p.run("endpoint", "status", "-w", fmt)
             p.run("endpoint", "health", "-w", fmt)
+        p.run("put", "b", "2")
+        p.run("put", "a", "3")
+        # the hash is etcd's bit for bit; the header carries the current revision
+        for rev in ("0", "2", "3", "4"):
+            p.run("endpoint", "hashkv", "--rev=" + rev, "-w", "json")
+            p.run("endpoint", "hashkv", "--rev=" + rev)
+        p.run("endpoint", "hashkv", "--rev=9")
         self.check()
 
     def test_limits_and_long_keys(self):
