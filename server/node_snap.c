@@ -72,6 +72,7 @@ struct node_snap {
 	uv_timer_t ns_pump;
 	uv_async_t ns_copied;
 	int ns_pumping;
+	int ns_open_handles; /* freed once both handles have closed */
 	snap_send *ns_sends[SNAP_MAX_SENDS];
 	uint64_t ns_next_id;
 	char ns_dir[PATH_MAX];
@@ -495,7 +496,7 @@ static void free_on_close(uv_handle_t *h)
 {
 	node *n = h->data;
 	node_snap *ns = n->n_snap;
-	if (h != (uv_handle_t *)&ns->ns_copied)
+	if (--ns->ns_open_handles > 0)
 		return;
 	for (size_t i = 0; i < SNAP_MAX_SENDS; i++)
 		if (ns->ns_sends[i])
@@ -516,6 +517,7 @@ void node_snap_close(node *n)
 			ss->ss_joined = 1;
 		}
 	}
-	uv_close((uv_handle_t *)&n->n_snap->ns_pump, NULL);
+	n->n_snap->ns_open_handles = 2;
+	uv_close((uv_handle_t *)&n->n_snap->ns_pump, free_on_close);
 	uv_close((uv_handle_t *)&n->n_snap->ns_copied, free_on_close);
 }
