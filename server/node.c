@@ -80,7 +80,7 @@ void node_batch_stats(node *n, uint64_t *requests, uint64_t *commits)
 	*commits = atomic_load(&n->n_stat_commits);
 }
 
-static void req_free(node_req *r)
+void node_req_free(node_req *r)
 {
 	if (r->nr_owns_msg && r->nr_msg)
 		protobuf_c_message_free_unpacked((ProtobufCMessage *)r->nr_msg, NULL);
@@ -90,11 +90,11 @@ static void req_free(node_req *r)
 	free(r);
 }
 
-static void req_fail(node_req *r, api_error e)
+void node_req_fail(node_req *r, api_error e)
 {
 	if (r->nr_call)
 		api_call_fail(r->nr_call, e);
-	req_free(r);
+	node_req_free(r);
 }
 
 static void enqueue(node *n, node_req *r)
@@ -110,7 +110,7 @@ static void enqueue(node *n, node_req *r)
 	}
 	pthread_mutex_unlock(&n->n_mu);
 	if (stopping) {
-		req_fail(r, API_ERR_STOPPED);
+		node_req_fail(r, API_ERR_STOPPED);
 		return;
 	}
 	uv_async_send(&n->n_wake);
@@ -430,7 +430,7 @@ static void apply_one_entry(node *n, storage_batch *b, const struct raft_entry *
 		if (ae->ae_res.ar_proposer == sc->mi.member_id && ae->ae_res.ar_seq != 0) {
 			node_req *w = take_waiter(n, ae->ae_res.ar_seq);
 			if (w)
-				req_fail(w, API_ERR_INTERNAL);
+				node_req_fail(w, API_ERR_INTERNAL);
 		}
 		ae->ae_res.ar_op = NODE_NOOP;
 		return;
@@ -466,7 +466,7 @@ static void reply_conf_waiters(node *n, int op, uint64_t id)
 		m.islearner = r->nr_learner;
 		members_reply(n->n_sc->members, r->nr_call, r->nr_op, &h, &m);
 		r->nr_call = NULL;
-		req_free(r);
+		node_req_free(r);
 	}
 }
 
@@ -538,9 +538,9 @@ static void answer_applied(node *n, apply_batch *ab, int committed)
 		if (w == NULL)
 			continue;
 		if (!committed) {
-			req_fail(w, API_ERR_INTERNAL);
+			node_req_fail(w, API_ERR_INTERNAL);
 		} else if (w->nr_call == NULL) {
-			req_free(w); /* internal: nobody waits */
+			node_req_free(w); /* internal: nobody waits */
 		} else if (w->nr_op == NODE_MEMBER_ADD || w->nr_op == NODE_MEMBER_REMOVE ||
 			   w->nr_op == NODE_MEMBER_PROMOTE) {
 			/* The leader proposes the configuration change; answer when it commits. */
@@ -551,11 +551,11 @@ static void answer_applied(node *n, apply_batch *ab, int committed)
 			server_fill_header(sc, &h);
 			members_reply(sc->members, w->nr_call, NODE_MEMBER_UPDATE, &h, NULL);
 			w->nr_call = NULL;
-			req_free(w);
+			node_req_free(w);
 		} else if (r->ar_err != 0) {
 			server_fail_storage(w->nr_call, r->ar_err);
 			w->nr_call = NULL;
-			req_free(w);
+			node_req_free(w);
 		} else if (r->ar_op == NODE_COMPACT &&
 			   ((const Etcdserverpb__CompactionRequest *)r->ar_req)->physical) {
 			/* Reply once the compacted revisions are gone from disk. */
@@ -568,7 +568,7 @@ static void answer_applied(node *n, apply_batch *ab, int committed)
 			apply_fill_headers(sc, r);
 			api_call_reply(w->nr_call, r->ar_resp);
 			w->nr_call = NULL;
-			req_free(w);
+			node_req_free(w);
 		}
 		if (r->ar_op == NODE_COMPACT && r->ar_err == 0)
 			n->n_compacting = 1;
@@ -587,106 +587,6 @@ static void answer_applied(node *n, apply_batch *ab, int committed)
 	}
 	if (membership)
 		sync_peers(n);
-}
-
-/* ---- reads ---- */
-
-static void serve_read(node *n, node_req *r)
-{
-	server_ctx *sc = n->n_sc;
-	storage_reader *rd;
-	int rc = storage_read_begin(sc->st, &rd);
-	if (rc) {
-		server_fail_storage(r->nr_call, rc);
-		r->nr_call = NULL;
-		req_free(r);
-		return;
-	}
-	storage_arena a;
-	storage_arena_init(&a);
-	if (r->nr_op == NODE_READ_RANGE) {
-		Etcdserverpb__RangeResponse resp = ETCDSERVERPB__RANGE_RESPONSE__INIT;
-		rc = storage_range(rd, (const Etcdserverpb__RangeRequest *)r->nr_msg, &a, &resp);
-		if (rc == 0) {
-			server_fill_header(sc, resp.header);
-			api_call_reply(r->nr_call, &resp.base);
-		}
-	} else {
-		Etcdserverpb__TxnResponse resp = ETCDSERVERPB__TXN_RESPONSE__INIT;
-		rc = storage_read_txn(rd, (const Etcdserverpb__TxnRequest *)r->nr_msg, &a, &resp);
-		if (rc == 0) {
-			server_fill_txn_headers(sc, &resp);
-			api_call_reply(r->nr_call, &resp.base);
-		}
-	}
-	if (rc)
-		server_fail_storage(r->nr_call, rc);
-	storage_read_end(rd);
-	storage_arena_free(&a);
-	r->nr_call = NULL;
-	req_free(r);
-}
-
-/* Serves every read round whose read index has been applied. */
-static void serve_reads(node *n)
-{
-	uint64_t applied = atomic_load(&n->n_applied);
-	read_round **pp = &n->n_rounds;
-	while (*pp) {
-		read_round *rr = *pp;
-		if (rr->rr_index == 0 || rr->rr_index > applied) {
-			pp = &rr->rr_next;
-			continue;
-		}
-		*pp = rr->rr_next;
-		node_req *next;
-		for (node_req *r = rr->rr_reqs; r; r = next) {
-			next = r->nr_next;
-			serve_read(n, r);
-		}
-		free(rr);
-	}
-}
-
-/* Starts one read-index round for every read that arrived since the last one. */
-static void start_read_round(node *n)
-{
-	if (n->n_reads == NULL)
-		return;
-	read_round *rr = calloc(1, sizeof(*rr));
-	if (rr == NULL)
-		return;
-	rr->rr_id = ++n->n_next_round;
-	uint8_t ctx[8];
-	for (int i = 0; i < 8; i++)
-		ctx[i] = (uint8_t)(rr->rr_id >> (56 - 8 * i));
-	int rc = raft_read_index(n->n_raft, ctx, sizeof(ctx));
-	if (rc != 0) {
-		node_req *next;
-		for (node_req *r = n->n_reads; r; r = next) {
-			next = r->nr_next;
-			req_fail(r, API_ERR_NO_LEADER);
-		}
-		n->n_reads = NULL;
-		free(rr);
-		return;
-	}
-	rr->rr_reqs = n->n_reads;
-	n->n_reads = NULL;
-	rr->rr_next = n->n_rounds;
-	n->n_rounds = rr;
-}
-
-static void read_index_known(node *n, const struct raft_read_state *rs)
-{
-	if (rs->ctx_len != 8)
-		return;
-	uint64_t id = 0;
-	for (int i = 0; i < 8; i++)
-		id = id << 8 | rs->ctx[i];
-	for (read_round *rr = n->n_rounds; rr; rr = rr->rr_next)
-		if (rr->rr_id == id)
-			rr->rr_index = rs->index ? rs->index : 1;
 }
 
 /* ---- the Ready ---- */
@@ -749,7 +649,7 @@ static void role_changed(node *n, const struct raft_soft_state *ss)
 		resp.header = &h;
 		api_call_reply(n->n_transfer->nr_call, &resp.base);
 		n->n_transfer->nr_call = NULL;
-		req_free(n->n_transfer);
+		node_req_free(n->n_transfer);
 		n->n_transfer = NULL;
 	}
 	if (ss->role == RAFT_LEADER && old != sc->mi.member_id) {
@@ -767,7 +667,7 @@ static void role_changed(node *n, const struct raft_soft_state *ss)
 }
 
 /* Reports this member's configuration after a change. */
-static void conf_status(node *n)
+void node_conf_status(node *n)
 {
 	struct raft_status st;
 	raft_status(n->n_raft, &st);
@@ -909,7 +809,7 @@ static void process_ready(node *n)
 		if (b)
 			watch_hub_notify(sc->hub, events, nevents, rev);
 		for (size_t i = 0; i < rd.n_read_states; i++)
-			read_index_known(n, &rd.read_states[i]);
+			node_read_index_known(n, &rd.read_states[i]);
 		answer_applied(n, &ab, 1);
 		free(ab.ab_v);
 		storage_arena_free(&a);
@@ -917,11 +817,11 @@ static void process_ready(node *n)
 			log_at(LOG_FATAL, "raft failed", NULL);
 			abort();
 		}
-		conf_status(n);
+		node_conf_status(n);
 		if (rd.snapshot)
 			sync_peers(n); /* the installed member list */
 		maybe_compact_log(n);
-		serve_reads(n);
+		node_read_serve(n);
 		if (n->n_npending_conf)
 			propose_pending_conf(n);
 	}
@@ -946,7 +846,7 @@ static void run_defrag(node *n, node_req *r)
 		api_call_reply(r->nr_call, &resp.base);
 	}
 	r->nr_call = NULL;
-	req_free(r);
+	node_req_free(r);
 }
 
 /* Keeps removing compacted revisions, one bounded batch per loop turn, then releases the
@@ -981,7 +881,7 @@ static void compact_continue(node *n)
 		resp.header = &h;
 		api_call_reply(r->nr_call, &resp.base);
 		r->nr_call = NULL;
-		req_free(r);
+		node_req_free(r);
 	}
 }
 
@@ -1004,14 +904,14 @@ static void propose(node *n, node_req *r)
 		if (n->n_role != RAFT_LEADER) {
 			api_call_fail_msg(r->nr_call, 14 /* UNAVAILABLE */, "etcdserver: not leader");
 			r->nr_call = NULL;
-			req_free(r);
+			node_req_free(r);
 			return;
 		}
 		int learner = 0;
 		if (!members_exists(sc->members, req->targetid, &learner) || learner || n->n_transfer) {
 			api_call_fail_msg(r->nr_call, 9 /* FAILED_PRECONDITION */, "etcdserver: bad leader transferee");
 			r->nr_call = NULL;
-			req_free(r);
+			node_req_free(r);
 			return;
 		}
 		if (req->targetid == sc->mi.member_id) {
@@ -1021,13 +921,13 @@ static void propose(node *n, node_req *r)
 			resp.header = &h;
 			api_call_reply(r->nr_call, &resp.base);
 			r->nr_call = NULL;
-			req_free(r);
+			node_req_free(r);
 			return;
 		}
 		if (raft_transfer_leader(n->n_raft, req->targetid) != 0) {
 			api_call_fail_msg(r->nr_call, 9, "etcdserver: bad leader transferee");
 			r->nr_call = NULL;
-			req_free(r);
+			node_req_free(r);
 			return;
 		}
 		r->nr_deadline_ms = now_ms() + 2 * sc->cfg->election_ms + 1000;
@@ -1044,7 +944,7 @@ static void propose(node *n, node_req *r)
 				frame[1 + i] = (uint8_t)(r->nr_member >> (56 - 8 * i));
 			peer_send(n->n_peers, lead, frame, sizeof(frame));
 		}
-		req_free(r);
+		node_req_free(r);
 		return;
 	}
 	default:
@@ -1070,7 +970,7 @@ static void propose(node *n, node_req *r)
 	}
 	r->nr_seq = ++n->n_next_seq;
 	if (apply_encode(r->nr_op, sc->mi.member_id, r->nr_seq, msg, &data, &len) != 0) {
-		req_fail(r, API_ERR_INTERNAL);
+		node_req_fail(r, API_ERR_INTERNAL);
 		return;
 	}
 	int rc = raft_propose(n->n_raft, data, (uint32_t)len, NULL);
@@ -1080,7 +980,7 @@ static void propose(node *n, node_req *r)
 		return;
 	}
 	if (rc == RAFT_ETOOBIG) {
-		req_fail(r, API_ERR_REQUEST_TOO_LARGE);
+		node_req_fail(r, API_ERR_REQUEST_TOO_LARGE);
 	} else if (rc == RAFT_EDROPPED || rc == RAFT_ENOTLEADER) {
 		/* No leader (an election, a transfer): like etcd, wait for one rather than fail
 		 * at once; the request is proposed again when a leader is known, or times out. */
@@ -1089,7 +989,7 @@ static void propose(node *n, node_req *r)
 		r->nr_next = n->n_leaderless;
 		n->n_leaderless = r;
 	} else {
-		req_fail(r, API_ERR_INTERNAL);
+		node_req_fail(r, API_ERR_INTERNAL);
 	}
 }
 
@@ -1120,7 +1020,7 @@ static void on_wake(uv_async_t *h)
 			r->nr_next = NULL;
 			propose(n, r);
 		}
-		start_read_round(n);
+		node_read_start_round(n);
 		/* Everything proposed this turn goes into one Ready: one batch, one fsync. */
 		process_ready(n);
 	}
@@ -1185,13 +1085,13 @@ static void on_timeout_timer(uv_timer_t *t)
 		*pp = r->nr_next;
 		if (r->nr_op == NODE_LEASE_REVOKE && r->nr_call == NULL)
 			lessor_revoke_failed(n->n_sc->lessor, ((const Etcdserverpb__LeaseRevokeRequest *)r->nr_msg)->id);
-		req_fail(r, API_ERR_TIMEOUT);
+		node_req_fail(r, API_ERR_TIMEOUT);
 	}
 	if (n->n_transfer && n->n_transfer->nr_deadline_ms <= now) {
 		/* etcd: the transfer did not finish within the election timeout. */
 		api_call_fail_msg(n->n_transfer->nr_call, 14, "etcdserver: request timed out, leader transfer took too long");
 		n->n_transfer->nr_call = NULL;
-		req_free(n->n_transfer);
+		node_req_free(n->n_transfer);
 		n->n_transfer = NULL;
 	}
 	node_req *prev = NULL, *next;
@@ -1209,7 +1109,7 @@ static void on_timeout_timer(uv_timer_t *t)
 			n->n_waiters_tail = prev;
 		if (r->nr_op == NODE_LEASE_REVOKE && r->nr_call == NULL)
 			lessor_revoke_failed(n->n_sc->lessor, ((const Etcdserverpb__LeaseRevokeRequest *)r->nr_msg)->id);
-		req_fail(r, API_ERR_TIMEOUT);
+		node_req_fail(r, API_ERR_TIMEOUT);
 	}
 }
 
@@ -1241,26 +1141,26 @@ static void on_stop(uv_async_t *h)
 	node_req *next;
 	for (node_req *r = n->n_waiters; r; r = next) {
 		next = r->nr_next;
-		req_fail(r, API_ERR_STOPPED);
+		node_req_fail(r, API_ERR_STOPPED);
 	}
 	n->n_waiters = n->n_waiters_tail = NULL;
 	for (node_req *r = n->n_conf_waiters; r; r = next) {
 		next = r->nr_next;
-		req_fail(r, API_ERR_STOPPED);
+		node_req_fail(r, API_ERR_STOPPED);
 	}
 	n->n_conf_waiters = NULL;
 	if (n->n_transfer) {
-		req_fail(n->n_transfer, API_ERR_STOPPED);
+		node_req_fail(n->n_transfer, API_ERR_STOPPED);
 		n->n_transfer = NULL;
 	}
 	for (node_req *r = n->n_leaderless; r; r = next) {
 		next = r->nr_next;
-		req_fail(r, API_ERR_STOPPED);
+		node_req_fail(r, API_ERR_STOPPED);
 	}
 	n->n_leaderless = NULL;
 	for (node_req *r = n->n_reads; r; r = next) {
 		next = r->nr_next;
-		req_fail(r, API_ERR_STOPPED);
+		node_req_fail(r, API_ERR_STOPPED);
 	}
 	n->n_reads = NULL;
 	while (n->n_rounds) {
@@ -1268,13 +1168,13 @@ static void on_stop(uv_async_t *h)
 		n->n_rounds = rr->rr_next;
 		for (node_req *r = rr->rr_reqs; r; r = next) {
 			next = r->nr_next;
-			req_fail(r, API_ERR_STOPPED);
+			node_req_fail(r, API_ERR_STOPPED);
 		}
 		free(rr);
 	}
 	for (node_req *r = n->n_compact_waiters; r; r = next) {
 		next = r->nr_next;
-		req_fail(r, API_ERR_STOPPED);
+		node_req_fail(r, API_ERR_STOPPED);
 	}
 	n->n_compact_waiters = NULL;
 	peer_transport_close(n->n_peers, NULL);
@@ -1288,131 +1188,6 @@ static void *node_thread(void *arg)
 	return NULL;
 }
 
-/* Restores Raft from the log in storage, or starts it from the member list. */
-static int raft_boot(node *n)
-{
-	server_ctx *sc = n->n_sc;
-	storage_reader *r;
-	storage_arena a;
-	storage_arena_init(&a);
-	int rc = storage_read_begin(sc->st, &r);
-	if (rc)
-		return rc;
-	storage_log_state ls;
-	storage_stats stats;
-	rc = storage_read_log(r, &a, &ls);
-	if (rc == 0)
-		rc = storage_stat(sc->st, &stats);
-	struct raft_config cfg;
-	memset(&cfg, 0, sizeof(cfg));
-	struct raft_snapshot snap;
-	memset(&snap, 0, sizeof(snap));
-	struct raft_entry *entries = NULL;
-	if (rc == 0) {
-		cfg.id = sc->mi.member_id;
-		uint64_t ids[MEMBER_LIST_MAX];
-		char urls[MEMBER_LIST_MAX][256];
-		int learner[MEMBER_LIST_MAX];
-		size_t k = members_peers(sc->members, ids, urls, learner, MEMBER_LIST_MAX);
-		for (size_t i = 0; i < k && i < RAFT_MAX_MEMBERS; i++) {
-			if (learner[i])
-				cfg.conf.learners[cfg.conf.n_learners++] = ids[i];
-			else
-				cfg.conf.voters[cfg.conf.n_voters++] = ids[i];
-		}
-		/* A member joining an existing cluster learns the configuration from the leader's
-		 * log (its configuration entries carry the whole configuration). */
-		if (strcmp(sc->cfg->initial_cluster_state, "existing") == 0 && ls.ls_snap_index == 0 &&
-		    ls.ls_n_entries == 0 && stats.st_applied_index == 0) {
-			cfg.conf.n_voters = 0;
-			cfg.conf.n_learners = 0;
-		}
-		uint64_t hb = sc->cfg->heartbeat_ms ? sc->cfg->heartbeat_ms : 100;
-		cfg.election_tick = (unsigned)(sc->cfg->election_ms / hb);
-		if (cfg.election_tick < 2)
-			cfg.election_tick = 2;
-		cfg.heartbeat_tick = 1;
-		cfg.prevote = true; /* etcd 3.5's default */
-		cfg.check_quorum = true;
-		cfg.max_inflight_msgs = 256;
-		cfg.max_inflight_bytes = 64ULL << 20;
-		/* An entry is one request plus its 17-byte header: the largest request etcd
-		 * takes must fit (raft refuses entries above max_msg_bytes). */
-		cfg.max_msg_bytes = sc->cfg->max_request_bytes + 4096;
-		if (cfg.max_msg_bytes < (1ULL << 20))
-			cfg.max_msg_bytes = 1ULL << 20;
-		cfg.seed = sc->mi.member_id ^ now_ms();
-		cfg.hard_state.term = ls.ls_term;
-		cfg.hard_state.vote = ls.ls_vote;
-		cfg.hard_state.commit = ls.ls_commit;
-		uint64_t applied = stats.st_applied_index;
-		if (ls.ls_snap_index == 0 && ls.ls_n_entries == 0 && applied > 0) {
-			/* A data dir with state but no log (written before the log was kept, or
-			 * restored or imported): its state is the snapshot point, and is recorded
-			 * as such, or the next start would find a log that begins mid-air. */
-			ls.ls_snap_index = applied;
-			ls.ls_snap_term = ls.ls_term ? ls.ls_term : 1;
-			storage_batch *b;
-			rc = storage_batch_begin(sc->st, &b);
-			if (rc == 0) {
-				rc = storage_batch_log_snapshot(b, ls.ls_snap_index, ls.ls_snap_term, &cfg.conf,
-								sizeof(cfg.conf));
-				if (rc == 0)
-					rc = storage_batch_commit(b, applied);
-				else
-					storage_batch_abort(b);
-			}
-		}
-		if (ls.ls_snap_index > 0) {
-			snap.meta.index = ls.ls_snap_index;
-			snap.meta.term = ls.ls_snap_term;
-			if (ls.ls_snap_conf && ls.ls_snap_conf_len == sizeof(struct raft_conf))
-				memcpy(&snap.meta.conf, ls.ls_snap_conf, sizeof(struct raft_conf));
-			else
-				snap.meta.conf = cfg.conf;
-			cfg.snapshot = &snap;
-			n->n_log_snapshot = ls.ls_snap_index;
-			if (cfg.hard_state.commit < ls.ls_snap_index)
-				cfg.hard_state.commit = ls.ls_snap_index;
-			if (cfg.hard_state.term < ls.ls_snap_term)
-				cfg.hard_state.term = ls.ls_snap_term;
-		}
-		if (ls.ls_n_entries) {
-			entries = calloc(ls.ls_n_entries, sizeof(*entries));
-			if (entries == NULL)
-				rc = STORAGE_ERR_NOMEM;
-			for (size_t i = 0; entries && i < ls.ls_n_entries; i++)
-				entries[i] = (struct raft_entry){ls.ls_entries[i].le_term, ls.ls_entries[i].le_index,
-								 ls.ls_entries[i].le_type, ls.ls_entries[i].le_len,
-								 (uint8_t *)ls.ls_entries[i].le_data};
-			cfg.entries = entries;
-			cfg.n_entries = ls.ls_n_entries;
-		}
-		if (applied < ls.ls_snap_index)
-			applied = ls.ls_snap_index;
-		/* The commit index is not always persisted (see process_ready); what was applied
-		 * was committed. */
-		if (cfg.hard_state.commit < applied)
-			cfg.hard_state.commit = applied;
-		cfg.applied = applied;
-		atomic_store(&n->n_applied, applied);
-		atomic_store(&n->n_term, cfg.hard_state.term);
-	}
-	if (rc == 0) {
-		int err = raft_init(&n->n_raft, &cfg);
-		if (err) {
-			log_at(LOG_FATAL, "cannot start raft", "error", raft_strerror(err), NULL);
-			rc = STORAGE_ERR_CORRUPT;
-		}
-	}
-	free(entries);
-	storage_read_end(r);
-	storage_arena_free(&a);
-	if (rc == 0)
-		conf_status(n);
-	return rc;
-}
-
 int node_start(node **out, server_ctx *sc)
 {
 	node *n = calloc(1, sizeof(*n));
@@ -1420,7 +1195,7 @@ int node_start(node **out, server_ctx *sc)
 		return STORAGE_ERR_NOMEM;
 	n->n_sc = sc;
 	n->n_req_timeout_ms = 5000 + 2 * sc->cfg->election_ms;
-	int rc = raft_boot(n);
+	int rc = node_raft_boot(n);
 	if (rc) {
 		free(n);
 		return rc;

@@ -119,6 +119,29 @@ struct node {
 	_Atomic uint64_t n_stat_commits;
 };
 
+/* ---- node.c ---- */
+
+void node_req_free(node_req *r);
+/* Ends r's call (if any) with e and frees r. */
+void node_req_fail(node_req *r, api_error e);
+
+/* Publishes Raft's configuration and log end to the gRPC threads' atomics. */
+void node_conf_status(node *n);
+
+/* ---- node_boot.c ---- */
+
+/* Restores Raft from the log in storage, or starts it from the member list. */
+int node_raft_boot(node *n);
+
+/* ---- node_read.c ---- */
+
+/* Starts one read-index round for every read that arrived since the last one. */
+void node_read_start_round(node *n);
+/* Raft confirmed the read index of a round. */
+void node_read_index_known(node *n, const struct raft_read_state *rs);
+/* Serves every read round whose read index has been applied. */
+void node_read_serve(node *n);
+
 /* ---- node_snap.c ---- */
 
 /* Sets up snapshot shipping on the node's loop; 0 or a STORAGE_ERR_*. */

@@ -4,6 +4,8 @@
  * config.c   flags and ETCD_* environment, etcd's defaults and usage errors
  * log.c      etcd-style log lines (zap JSON or capnslog text)
  * node.c     the node loop: owns writes, group-commits every batch in one LMDB txn
+ *            (node_internal.h: its state; node_boot.c: Raft's start; node_read.c: read-index
+ *            reads; node_snap.c: state snapshots for followers behind the compacted log)
  * kv.c       the KV service: validation as etcd's v3rpc, reads on gRPC threads
  * maint.c    the Maintenance service (Status) and the response header
  * corrupt.c  the initial and periodic corruption checks (HashKV against peers)

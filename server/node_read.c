@@ -1,0 +1,106 @@
+/*
+ * node_read.c - linearizable reads by read index (Raft thesis 6.4).
+ *
+ * Every read that arrives while a round is out waits for the next one: one ReadIndex round
+ * (one heartbeat exchange) serves them all. A round's reads are served from local storage,
+ * on the node loop, once the applied index reaches the index the leader confirmed.
+ */
+#include <stdlib.h>
+
+#include "server/node_internal.h"
+
+static void serve_one(node *n, node_req *r)
+{
+	server_ctx *sc = n->n_sc;
+	storage_reader *rd;
+	int rc = storage_read_begin(sc->st, &rd);
+	if (rc) {
+		server_fail_storage(r->nr_call, rc);
+		r->nr_call = NULL;
+		node_req_free(r);
+		return;
+	}
+	storage_arena a;
+	storage_arena_init(&a);
+	if (r->nr_op == NODE_READ_RANGE) {
+		Etcdserverpb__RangeResponse resp = ETCDSERVERPB__RANGE_RESPONSE__INIT;
+		rc = storage_range(rd, (const Etcdserverpb__RangeRequest *)r->nr_msg, &a, &resp);
+		if (rc == 0) {
+			server_fill_header(sc, resp.header);
+			api_call_reply(r->nr_call, &resp.base);
+		}
+	} else {
+		Etcdserverpb__TxnResponse resp = ETCDSERVERPB__TXN_RESPONSE__INIT;
+		rc = storage_read_txn(rd, (const Etcdserverpb__TxnRequest *)r->nr_msg, &a, &resp);
+		if (rc == 0) {
+			server_fill_txn_headers(sc, &resp);
+			api_call_reply(r->nr_call, &resp.base);
+		}
+	}
+	if (rc)
+		server_fail_storage(r->nr_call, rc);
+	storage_read_end(rd);
+	storage_arena_free(&a);
+	r->nr_call = NULL;
+	node_req_free(r);
+}
+
+void node_read_serve(node *n)
+{
+	uint64_t applied = atomic_load(&n->n_applied);
+	read_round **pp = &n->n_rounds;
+	while (*pp) {
+		read_round *rr = *pp;
+		if (rr->rr_index == 0 || rr->rr_index > applied) {
+			pp = &rr->rr_next;
+			continue;
+		}
+		*pp = rr->rr_next;
+		node_req *next;
+		for (node_req *r = rr->rr_reqs; r; r = next) {
+			next = r->nr_next;
+			serve_one(n, r);
+		}
+		free(rr);
+	}
+}
+
+void node_read_start_round(node *n)
+{
+	if (n->n_reads == NULL)
+		return;
+	read_round *rr = calloc(1, sizeof(*rr));
+	if (rr == NULL)
+		return;
+	rr->rr_id = ++n->n_next_round;
+	uint8_t ctx[8];
+	for (int i = 0; i < 8; i++)
+		ctx[i] = (uint8_t)(rr->rr_id >> (56 - 8 * i));
+	int rc = raft_read_index(n->n_raft, ctx, sizeof(ctx));
+	if (rc != 0) {
+		node_req *next;
+		for (node_req *r = n->n_reads; r; r = next) {
+			next = r->nr_next;
+			node_req_fail(r, API_ERR_NO_LEADER);
+		}
+		n->n_reads = NULL;
+		free(rr);
+		return;
+	}
+	rr->rr_reqs = n->n_reads;
+	n->n_reads = NULL;
+	rr->rr_next = n->n_rounds;
+	n->n_rounds = rr;
+}
+
+void node_read_index_known(node *n, const struct raft_read_state *rs)
+{
+	if (rs->ctx_len != 8)
+		return;
+	uint64_t id = 0;
+	for (int i = 0; i < 8; i++)
+		id = id << 8 | rs->ctx[i];
+	for (read_round *rr = n->n_rounds; rr; rr = rr->rr_next)
+		if (rr->rr_id == id)
+			rr->rr_index = rs->index ? rs->index : 1;
+}
