@@ -355,6 +355,12 @@ class TestThreeMembers(Base):
                "--initial-cluster", c.initial_cluster(), "--initial-cluster-token", c.token,
                "--initial-advertise-peer-urls", m.peer_url)
         c.start()
+        c.wait_converged()
+        # every key, value and revision (each revision from the compacted one up), HashKV,
+        # leases with their TTLs and keys, asked of every member
+        for m in c.members:
+            got = read_state(m, compact)
+            self.assertEqual(got, want, m.name)
         ldr = c.leader()
         put = json.loads(ok(ldr.ctl("put", "after/restore", "3", "-w", "json")).stdout)
         self.assertEqual(put["header"]["revision"], want["rev"] + 1)

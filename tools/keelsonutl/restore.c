@@ -17,8 +17,9 @@
  *      point at the applied index (term 1, no stored configuration, so server/node.c
  *      raft_boot takes the voters from "members"): every member restored from the same
  *      file and flags agrees on it.
- * Buckets Keelson does not keep (auth, authUsers, authRoles, alarm) are counted and
- * reported, not restored; the snapshot's own membership is replaced, as etcd's restore does.
+ * Buckets Keelson does not import (auth, authUsers, authRoles, alarm) are counted and
+ * reported, not restored (etcd's users carry bcrypt hashes, Keelson's PBKDF2, and Keelson's
+ * own snapshots do not carry its auth state yet); the snapshot's own membership is replaced, as etcd's restore does.
  */
 #define _GNU_SOURCE /* nftw, mkdtemp, %m */
 #include <dirent.h>
@@ -426,7 +427,8 @@ int ku_restore(const ku_restore_opts *o, ku_restore_result *res, char *errbuf, s
 	if (!o->ro_quiet) {
 		if (vc.vc_auth || vc.vc_auth_enabled)
 			fprintf(stderr, "warning: auth state (%" PRIu64 " users and roles%s) not restored: "
-				"Keelson has no auth yet\n",
+				"keelsonutl cannot carry auth state yet (etcd keeps bcrypt hashes, Keelson "
+				"PBKDF2); add users, roles and `auth enable` again after the restore\n",
 				vc.vc_auth, vc.vc_auth_enabled ? ", auth enabled" : "");
 		if (vc.vc_alarm)
 			fprintf(stderr, "warning: %" PRIu64 " alarms not restored\n", vc.vc_alarm);
