@@ -251,7 +251,7 @@ static int write_metrics(const char *path, const backup_stats *bs, char *errbuf,
 		"# HELP keelson_backup_last_attempt_timestamp_seconds When the last backup attempt finished.\n"
 		"# TYPE keelson_backup_last_attempt_timestamp_seconds gauge\n"
 		"keelson_backup_last_attempt_timestamp_seconds %.3f\n"
-		"# HELP keelson_backup_last_success gauge 1 if the last attempt succeeded.\n"
+		"# HELP keelson_backup_last_success 1 if the last attempt succeeded, else 0.\n"
 		"# TYPE keelson_backup_last_success gauge\n"
 		"keelson_backup_last_success %d\n"
 		"# HELP keelson_backup_last_duration_seconds How long the last successful backup took.\n"

@@ -92,9 +92,11 @@ int ku_gzip_file(const char *src, const char *dst, uint64_t *out_bytes, char *er
 	return rc;
 }
 
-int ku_gunzip_to_temp(const char *src, char *tmp, size_t tmplen, char *errbuf, size_t errlen)
+int ku_gunzip_to_temp(const char *src, const char *dir, char *tmp, size_t tmplen, char *errbuf,
+		      size_t errlen)
 {
-	const char *dir = getenv("TMPDIR");
+	if (dir == NULL)
+		dir = getenv("TMPDIR");
 	if (dir == NULL || *dir == '\0')
 		dir = "/tmp";
 	if (snprintf(tmp, tmplen, "%s/keelsonutl-gunzip-XXXXXX", dir) >= (int)tmplen)
@@ -166,14 +168,14 @@ int ku_gunzip_to_temp(const char *src, char *tmp, size_t tmplen, char *errbuf, s
 	return rc;
 }
 
-int ku_open_snapshot(const char *path, char *tmp, size_t tmplen, const char **plain,
-		     char *errbuf, size_t errlen)
+int ku_open_snapshot(const char *path, const char *dir, char *tmp, size_t tmplen,
+		     const char **plain, char *errbuf, size_t errlen)
 {
 	tmp[0] = '\0';
 	*plain = path;
 	if (!ku_is_gzip(path))
 		return 0;
-	int rc = ku_gunzip_to_temp(path, tmp, tmplen, errbuf, errlen);
+	int rc = ku_gunzip_to_temp(path, dir, tmp, tmplen, errbuf, errlen);
 	if (rc) {
 		tmp[0] = '\0';
 		return rc;

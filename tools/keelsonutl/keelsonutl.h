@@ -134,18 +134,20 @@ int ku_is_gzip(const char *path);
  * removed on an error. *out_bytes (if not NULL) gets the compressed size. */
 int ku_gzip_file(const char *src, const char *dst, uint64_t *out_bytes, char *errbuf,
 		 size_t errlen);
-/* Decompresses src into a new temporary file ($TMPDIR or /tmp); its path goes to tmp and
- * the caller unlinks it. A truncated or damaged stream is KU_ERR_CORRUPT (nothing left). */
-int ku_gunzip_to_temp(const char *src, char *tmp, size_t tmplen, char *errbuf, size_t errlen);
+/* Decompresses src into a new temporary file in dir (NULL: $TMPDIR or /tmp); its path goes
+ * to tmp and the caller unlinks it. A truncated or damaged stream is KU_ERR_CORRUPT
+ * (nothing left). */
+int ku_gunzip_to_temp(const char *src, const char *dir, char *tmp, size_t tmplen, char *errbuf,
+		      size_t errlen);
 
 /* ---- snapshot status (status.c) ---- */
 /* etcdctl's humanize.Bytes ("33 kB"). */
 void ku_human_bytes(uint64_t n, char *out, size_t len);
 int ku_cmd_snapshot_status(int argc, char **argv);
-/* An uncompressed path for a snapshot file: path itself, or (gzip) a temporary copy whose
- * path goes to tmp (tmp[0] != 0 then: the caller unlinks it). */
-int ku_open_snapshot(const char *path, char *tmp, size_t tmplen, const char **plain,
-		     char *errbuf, size_t errlen);
+/* An uncompressed path for a snapshot file: path itself, or (gzip) a temporary copy in dir
+ * (as ku_gunzip_to_temp) whose path goes to tmp (tmp[0] != 0 then: the caller unlinks it). */
+int ku_open_snapshot(const char *path, const char *dir, char *tmp, size_t tmplen,
+		     const char **plain, char *errbuf, size_t errlen);
 
 /* ---- member identity: server/identity.h, shared with the server ---- */
 

@@ -370,8 +370,9 @@ int ku_restore(const ku_restore_opts *o, ku_restore_result *res, char *errbuf, s
 		goto out;
 	}
 
+	/* A gzip file is expanded inside DIR.tmp: the target's file system, removed with it. */
 	const char *plain;
-	if ((rc = ku_open_snapshot(o->ro_snapshot, gztmp, sizeof(gztmp), &plain, errbuf, errlen)))
+	if ((rc = ku_open_snapshot(o->ro_snapshot, tmp, gztmp, sizeof(gztmp), &plain, errbuf, errlen)))
 		goto fail;
 	visit_ctx vc = {0};
 	storage_etcd_import_options io = {0};
@@ -384,6 +385,10 @@ int ku_restore(const ku_restore_opts *o, ku_restore_result *res, char *errbuf, s
 	import_watch_start(&iw, member, o->ro_quiet);
 	int err = storage_import_etcd(plain, member, &io, &res->rr_info);
 	import_watch_stop(&iw);
+	if (gztmp[0]) {
+		unlink(gztmp);
+		gztmp[0] = '\0';
+	}
 	if (err) {
 		rc = ku_errf(errbuf, errlen, err == STORAGE_ERR_CORRUPT ? KU_ERR_CORRUPT : KU_ERR_STORAGE,
 			     "snapshot %s refused: %s", o->ro_snapshot, eb[0] ? eb : storage_strerror(err));

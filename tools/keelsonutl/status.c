@@ -84,7 +84,7 @@ int ku_cmd_snapshot_status(int argc, char **argv)
 	}
 	char tmp[4096];
 	const char *plain;
-	if ((rc = ku_open_snapshot(pos[0], tmp, sizeof(tmp), &plain, eb, sizeof(eb)))) {
+	if ((rc = ku_open_snapshot(pos[0], NULL, tmp, sizeof(tmp), &plain, eb, sizeof(eb)))) {
 		fprintf(stderr, "Error: %s\n", eb);
 		return 1;
 	}
