@@ -515,34 +515,50 @@ class TestCompress(Base):
         self.assertEqual([n for n in os.listdir(tempfile.gettempdir())
                           if n.startswith("keelsonutl-gunzip-")], [])
 
-    def test_progress_on_a_terminal(self):
-        s = harness.fresh_server(self)
-        big_dataset(s, mb=4)
-        f = self.path("snap.db")
+    def run_on_pty(self, *args):
+        """Runs keelsonutl with stderr on a pseudo-terminal; returns (rc, what it drew)."""
         master, slave = pty.openpty()
-        p = subprocess.Popen([TOOL, "snapshot", "save", f, "--endpoints=" + s.endpoint],
-                             stdout=subprocess.PIPE, stderr=slave, env=harness.clean_env())
+        p = subprocess.Popen([TOOL] + list(args), stdout=subprocess.PIPE, stderr=slave,
+                             env=harness.clean_env())
         os.close(slave)
         out = b""
         while True:
-            r, _, _ = select.select([master], [], [], 30)
+            r, _, _ = select.select([master], [], [], 60)
             if not r:
                 break
             try:
                 chunk = os.read(master, 4096)
-            except OSError:
+            except OSError:  # EIO: the child closed the terminal
                 break
             if not chunk:
                 break
             out += chunk
-        p.wait(timeout=30)
+        p.communicate(timeout=60)
         os.close(master)
-        self.assertEqual(p.returncode, 0, out)
-        text = out.decode(errors="replace")
+        return p.returncode, out.decode(errors="replace")
+
+    def test_progress_on_a_terminal(self):
+        s = harness.fresh_server(self)
+        big_dataset(s, mb=4)
+        f = self.path("snap.db")
+        rc, text = self.run_on_pty("snapshot", "save", f, "--endpoints=" + s.endpoint)
+        self.assertEqual(rc, 0, text)
         self.assertIn("receiving snapshot: ", text)
         self.assertIn("100%", text)
         self.assertRegex(text, r"\d B/s|[kMG]B/s")
         self.assertIn("\r", text)
+        # not on a terminal: nothing
+        r = ku("snapshot", "save", self.path("quiet.db"), "--endpoints=" + s.endpoint)
+        self.assertEqual(r.stderr, b"")
+        if SUT_IS_KEELSON:
+            gz = self.path("snap.db.gz")
+            ku("snapshot", "save", gz, "--compress", "--endpoints=" + s.endpoint)
+            rc, text = self.run_on_pty("snapshot", "restore", gz, "--data-dir", self.path("r"))
+            self.assertEqual(rc, 0, text)
+            self.assertIn("decompressing: ", text)
+            self.assertRegex(text, r"restoring \(written to the new data dir\): [\d.]+ [kM]B")
+            r = ku("snapshot", "restore", gz, "--data-dir", self.path("r2"))
+            self.assertEqual(r.stderr, b"")
 
 
 class TestBackupMore(Base):

@@ -68,7 +68,7 @@ void ku_progress_end(ku_progress *p)
 {
 	if (!p->pg_on)
 		return;
-	if (p->pg_drawn) {
+	if (p->pg_drawn || p->pg_done) { /* a fast run still gets its one summary line */
 		draw(p, now_mono());
 		fputc('\n', stderr);
 		fflush(stderr);
