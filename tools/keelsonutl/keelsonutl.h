@@ -1,11 +1,14 @@
 /*
  * keelsonutl.h - the backup and restore tool (after etcd's etcdutl/etcdctl snapshot):
  *
- *   keelsonutl snapshot save FILE --endpoints=host:port[,...]   (client.c, save.c)
+ *   keelsonutl snapshot save FILE --endpoints=host:port[,...] [--compress] (client.c, save.c)
  *   keelsonutl snapshot status FILE [-w simple|table|json|fields] (status.c)
  *   keelsonutl snapshot restore FILE --data-dir DIR --name ...    (restore.c; ids from server/identity.h)
- *   keelsonutl backup --endpoints=... --dir DIR --interval D --retain N [--verify] [--once]
- *                                                                 (backup.c)
+ *   keelsonutl backup --endpoints=... --dir DIR (--interval D | --schedule CRON) [--retain N]
+ *                     [--max-age D] [--thin] [--compress] [--verify] [--metrics-file F] [--once]
+ *                                                                 (backup.c; schedule.h decides
+ *                                                                 when and what to keep)
+ * gzip reading and writing in compress.c, the terminal progress line in progress.c.
  *
  * Private to tools/keelsonutl: one header for the program's files. Errors are the module's
  * own negative codes with a message written into the caller's errbuf (ku_err*).

@@ -6,7 +6,10 @@
  * seen so far; at the end those 32 bytes must equal the digest. The file is then checked
  * page by page (storage_etcd_check), fsynced, renamed to FILE, and the directory fsynced.
  * The trailer is kept in FILE, as etcdctl keeps it, so `etcdctl snapshot restore` (which
- * verifies it) and `keelsonutl snapshot restore` both take the file.
+ * verifies it) and `keelsonutl snapshot restore` both take the file. With --compress the
+ * checked FILE.part is gzipped into FILE.gz.part (fsynced), which is renamed to FILE: the
+ * plain file is checked before compression, so a compressed FILE is as sound as a plain one.
+ * On a terminal a progress line shows the bytes received of the total the server announces.
  */
 #define _GNU_SOURCE /* nftw, mkdtemp, %m */
 #include <dirent.h>

@@ -1,7 +1,7 @@
 /*
  * schedule.c - cron expressions and backup retention (see schedule.h for the rules).
  */
-#define _GNU_SOURCE /* timegm */
+#define _GNU_SOURCE /* timegm, qsort_r */
 #include <ctype.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -243,11 +243,10 @@ static int64_t thin_bucket(int64_t t, int64_t now)
 	return ((int64_t)tier << 56) ^ (b & ((1LL << 56) - 1));
 }
 
-static const int64_t *sort_times; /* for the comparator: qsort has no context argument */
-
-static int cmp_newest_first(const void *a, const void *b)
+static int cmp_newest_first(const void *a, const void *b, void *times)
 {
-	int64_t ta = sort_times[*(const size_t *)a], tb = sort_times[*(const size_t *)b];
+	const int64_t *t = times;
+	int64_t ta = t[*(const size_t *)a], tb = t[*(const size_t *)b];
 	return ta < tb ? 1 : ta > tb ? -1 : 0;
 }
 
@@ -267,9 +266,7 @@ int ku_retention_select(const int64_t *times, size_t n, const ku_retention_polic
 		order[i] = i;
 		keep[i] = 1;
 	}
-	sort_times = times;
-	qsort(order, n, sizeof(size_t), cmp_newest_first);
-	sort_times = NULL;
+	qsort_r(order, n, sizeof(size_t), cmp_newest_first, (void *)times);
 
 	if (p->rp_thin) {
 		/* Oldest first, so the first backup seen in a bucket is the one it keeps. */
