@@ -54,6 +54,23 @@ static char *read_pem(const char *path, char *errbuf, size_t errlen)
 	return buf;
 }
 
+/* Shuts cq down and destroys it once empty. Bounded: if an event never comes (a gRPC bug),
+ * the queue is leaked rather than the process hung. */
+static void drain_queue(grpc_completion_queue *cq)
+{
+	grpc_completion_queue_shutdown(cq);
+	for (;;) {
+		gpr_timespec limit = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+						  gpr_time_from_millis(2000, GPR_TIMESPAN));
+		grpc_event ev = grpc_completion_queue_next(cq, limit, NULL);
+		if (ev.type == GRPC_QUEUE_SHUTDOWN)
+			break;
+		if (ev.type == GRPC_QUEUE_TIMEOUT)
+			return;
+	}
+	grpc_completion_queue_destroy(cq);
+}
+
 /* A channel to endpoint i, connected (READY) within the dial timeout. */
 static int conn_open(const ku_conn_opts *o, int i, grpc_channel **out, char *errbuf, size_t errlen)
 {
@@ -100,24 +117,31 @@ static int conn_open(const ku_conn_opts *o, int i, grpc_channel **out, char *err
 	grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
 	gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
 					     gpr_time_from_millis((int64_t)(o->co_dial_timeout * 1000), GPR_TIMESPAN));
+	/* gRPC may deliver a connectivity watch late (grpc/grpc#16128): never wait on the queue
+	 * past the dial deadline and a second, so a stuck watch cannot hang the tool. */
+	gpr_timespec wait_limit = gpr_time_add(deadline, gpr_time_from_millis(1000, GPR_TIMESPAN));
+	int stuck = 0;
 	grpc_connectivity_state st = grpc_channel_check_connectivity_state(ch, 1);
 	while (st != GRPC_CHANNEL_READY) {
 		grpc_channel_watch_connectivity_state(ch, st, deadline, cq, NULL);
-		grpc_event ev = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+		grpc_event ev = grpc_completion_queue_next(cq, wait_limit, NULL);
+		if (ev.type == GRPC_QUEUE_TIMEOUT) {
+			stuck = 1; /* the watch is still pending */
+			break;
+		}
 		st = grpc_channel_check_connectivity_state(ch, 1);
 		if (ev.type != GRPC_OP_COMPLETE || !ev.success)
 			break; /* the dial deadline passed */
 	}
-	grpc_completion_queue_shutdown(cq);
-	while (grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type != GRPC_QUEUE_SHUTDOWN)
-		;
-	grpc_completion_queue_destroy(cq);
-	if (st != GRPC_CHANNEL_READY) {
+	if (st != GRPC_CHANNEL_READY || stuck) {
+		/* Destroying the channel completes a pending watch; then the queue drains. */
 		grpc_channel_destroy(ch);
+		drain_queue(cq);
 		return ku_errf(errbuf, errlen, KU_ERR_CONNECT, "%s: no connection within %.1fs (%s)",
 			       o->co_endpoints[i], o->co_dial_timeout,
 			       tls ? "TLS handshake or connect failed" : "connect failed");
 	}
+	drain_queue(cq);
 	*out = ch;
 	return 0;
 }
