@@ -96,6 +96,24 @@ def load_dataset(s):
     return sorted(leases), compact
 
 
+def load_more(s):
+    """On top of load_dataset: more keys, large values, overwrites, a range delete, a lease
+    revoked, and a second compaction. Returns the new compact revision."""
+    for i in range(40):
+        ok(s.ctl("put", "more/%03d" % i, "v%d" % i))
+    for i in range(4):
+        ok(s.ctl("put", "large/%d" % i, stdin=os.urandom(150 * 1000).hex().encode()))
+    ok(s.ctl("del", "more/010", "more/020"))
+    r = ok(s.ctl("lease", "grant", "600"))
+    lid = int(r.stdout.split()[1], 16)
+    ok(s.ctl("put", "--lease=%x" % lid, "more/leased", "x"))
+    ok(s.ctl("lease", "revoke", "%x" % lid))
+    rev = json.loads(ok(s.ctl("get", "more/000", "-w", "json")).stdout)["header"]["revision"]
+    ok(s.ctl("compact", str(rev - 3)))
+    ok(s.ctl("put", "more/000", "after-second-compaction"))
+    return rev - 3
+
+
 def read_state(s, compact):
     """Everything a client can read: kvs at every revision from compact up, HashKV, leases
     and their keys, the current revision."""
@@ -254,6 +272,18 @@ class TestRestore(Base):
         e.start()
         self.assertEqual(ids(e), kids)
 
+    @unittest.skipUnless(SUT_IS_KEELSON, "the source must be Keelson")
+    def test_restore_etcdctl_saved_snapshot(self):
+        """`etcdctl snapshot save` against Keelson, restored by keelsonutl."""
+        src, leases, compact = self.source(harness.KEELSON_BIN)
+        want = read_state(src, compact)
+        f = self.path("etcdctl.db")
+        ok(src.ctl("snapshot", "save", f))
+        src.cleanup()
+        dst = self.restored_server(f)
+        dst.start()
+        self.assertEqual(read_state(dst, compact), want)
+
     def test_restore_copied_db_without_trailer(self):
         src, _, compact = self.source(harness.KEELSON_BIN)
         f = self.path("snap.db")
@@ -343,10 +373,11 @@ class TestRestore(Base):
 @unittest.skipUnless(SUT_IS_KEELSON, "restore makes Keelson data dirs")
 class TestThreeMembers(Base):
     def test_restore_three_member_cluster(self):
-        src, leases, compact = self.source(harness.KEELSON_BIN)
+        src, leases, _ = self.source(harness.KEELSON_BIN)
+        compact = load_more(src)
         want = read_state(src, compact)
-        f = self.path("snap.db")
-        ku("snapshot", "save", f, "--endpoints=" + src.endpoint)
+        f = self.path("snap.db.gz")
+        ku("snapshot", "save", f, "--compress", "--endpoints=" + src.endpoint)
         src.cleanup()
         c = cluster.Cluster(3, label="ku3", token="restored-3")
         self.addCleanup(c.cleanup)
