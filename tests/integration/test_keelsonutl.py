@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 import unittest
+import urllib.error
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -627,6 +629,42 @@ class TestBackupMore(Base):
         self.assertEqual(metrics["keelson_backup_failures_total"], "1")
         self.assertEqual(metrics["keelson_backup_last_success"], "0")
         self.assertEqual(backups_in(d), dbs)
+
+    def test_listen_metrics(self):
+        s = harness.fresh_server(self)
+        d = self.path("backups")
+        port = harness.free_port()
+        r = ku("backup", "--dir", d, "--once", "--listen-metrics", "nohost:1", check=False)
+        self.assertEqual(r.returncode, 2, r.stderr)
+        p = subprocess.Popen([TOOL, "backup", "--endpoints=" + s.endpoint, "--dir", d,
+                              "--interval", "200ms", "--retain", "2",
+                              "--listen-metrics", "127.0.0.1:%d" % port],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=harness.clean_env())
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no env proxy
+        try:
+            def scrape():
+                try:
+                    with direct.open("http://127.0.0.1:%d/metrics" % port,
+                                                timeout=5) as resp:
+                        text = resp.read().decode()
+                        self.assertIn("text/plain", resp.headers["Content-Type"])
+                except OSError:
+                    return None
+                m = dict(l.split() for l in text.splitlines() if not l.startswith("#"))
+                return m if int(m["keelson_backup_successes_total"]) >= 2 else None
+            m = wait_for(scrape, 20, "two backups in the served metrics", step=0.05)
+            self.assertEqual(m["keelson_backup_failures_total"], "0")
+            self.assertEqual(m["keelson_backup_last_success"], "1")
+            self.assertGreater(float(m["keelson_backup_last_success_timestamp_seconds"]),
+                               time.time() - 60)
+            with self.assertRaises(urllib.error.HTTPError) as cm:
+                direct.open("http://127.0.0.1:%d/" % port, timeout=5)
+            self.assertEqual(cm.exception.code, 404)
+        finally:
+            p.terminate()
+            out, err = p.communicate(timeout=10)
+        self.assertEqual(p.returncode, 0, err)
 
     def test_schedule_flags(self):
         d = self.path("backups")

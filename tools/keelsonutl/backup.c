@@ -3,7 +3,7 @@
  *
  *   keelsonutl backup --endpoints=... --dir DIR (--interval 1h | --schedule 'CRON' [--utc])
  *                     [--retain N] [--max-age D] [--thin] [--compress] [--verify]
- *                     [--metrics-file PATH] [--once]
+ *                     [--metrics-file PATH] [--listen-metrics HOST:PORT] [--once]
  *
  * When: --interval measures from the start of the previous backup (ticks missed while a
  * backup ran long are skipped, not bunched); --schedule takes a cron expression
@@ -27,22 +27,28 @@
  * backup that fails is deleted and never gets a backup name.
  *
  * One line per backup on stdout. --metrics-file is rewritten atomically after every
- * attempt in Prometheus' text format (node_exporter's textfile collector reads it). A lock
+ * attempt in Prometheus' text format (node_exporter's textfile collector reads it), and
+ * --listen-metrics HOST:PORT serves the same text at GET /metrics. A lock
  * file (DIR/.backup.lock) keeps a second scheduler out of the same DIR. SIGINT/SIGTERM stop
  * the scheduler between backups.
  */
 #define _GNU_SOURCE /* nftw, mkdtemp, %m */
+#include <arpa/inet.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -235,16 +241,11 @@ static double now_wall(void)
 	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
-/* Writes the metrics file atomically (PATH.tmp, fsync, rename, directory fsync). */
-static int write_metrics(const char *path, const backup_stats *bs, char *errbuf, size_t errlen)
+/* The metrics in Prometheus' text exposition format; returns the length (truncated to
+ * len - 1 if longer, which the fixed set of lines never is with the callers' buffers). */
+static size_t format_metrics(const backup_stats *bs, char *buf, size_t len)
 {
-	char tmp[PATH_MAX];
-	if (snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= (int)sizeof(tmp))
-		return ku_errf(errbuf, errlen, KU_ERR_USAGE, "--metrics-file path too long");
-	FILE *f = fopen(tmp, "w");
-	if (f == NULL)
-		return ku_errf(errbuf, errlen, KU_ERR_IO, "open %s: %m", tmp);
-	fprintf(f,
+	int n = snprintf(buf, len,
 		"# HELP keelson_backup_last_success_timestamp_seconds When the last successful backup finished (0: none yet).\n"
 		"# TYPE keelson_backup_last_success_timestamp_seconds gauge\n"
 		"keelson_backup_last_success_timestamp_seconds %.3f\n"
@@ -275,6 +276,20 @@ static int write_metrics(const char *path, const backup_stats *bs, char *errbuf,
 		bs->bs_last_success, bs->bs_last_attempt, bs->bs_last_ok, bs->bs_last_duration,
 		(unsigned long long)bs->bs_last_size, (long long)bs->bs_last_revision,
 		(unsigned long long)bs->bs_successes, (unsigned long long)bs->bs_failures, bs->bs_kept);
+	return n < 0 ? 0 : (size_t)n >= len ? len - 1 : (size_t)n;
+}
+
+/* Writes the metrics file atomically (PATH.tmp, fsync, rename, directory fsync). */
+static int write_metrics(const char *path, const backup_stats *bs, char *errbuf, size_t errlen)
+{
+	char tmp[PATH_MAX], text[4096];
+	if (snprintf(tmp, sizeof(tmp), "%s.tmp", path) >= (int)sizeof(tmp))
+		return ku_errf(errbuf, errlen, KU_ERR_USAGE, "--metrics-file path too long");
+	size_t tl = format_metrics(bs, text, sizeof(text));
+	FILE *f = fopen(tmp, "w");
+	if (f == NULL)
+		return ku_errf(errbuf, errlen, KU_ERR_IO, "open %s: %m", tmp);
+	fwrite(text, 1, tl, f);
 	int rc = 0;
 	if (fflush(f) != 0 || ferror(f) || fsync(fileno(f)) != 0)
 		rc = ku_errf(errbuf, errlen, KU_ERR_IO, "write %s: %m", tmp);
@@ -290,6 +305,153 @@ static int write_metrics(const char *path, const backup_stats *bs, char *errbuf,
 }
 
 /* One backup; logs its line. */
+/* ---- --listen-metrics: the same metrics over HTTP (GET /metrics), for Prometheus to
+ * scrape. One thread answers one request at a time; the stats it reads are a copy taken
+ * under mu after each backup. */
+typedef struct metrics_server {
+	int ms_fd;           /* listening socket */
+	int ms_stop[2];      /* a pipe: writing to it ends the thread */
+	pthread_t ms_thread;
+	pthread_mutex_t ms_mu;
+	backup_stats ms_stats; /* under ms_mu */
+} metrics_server;
+
+static void serve_one(metrics_server *m, int c)
+{
+	struct timeval tv = {2, 0}; /* a client that sends nothing cannot hold the thread */
+	setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+	char req[2048];
+	size_t got = 0;
+	while (got < sizeof(req) - 1) { /* up to the end of the request line */
+		ssize_t n = read(c, req + got, sizeof(req) - 1 - got);
+		if (n <= 0)
+			break;
+		got += (size_t)n;
+		req[got] = '\0';
+		if (strstr(req, "\r\n") || strchr(req, '\n'))
+			break;
+	}
+	req[got] = '\0';
+	char body[4096], head[256];
+	size_t bl;
+	const char *status;
+	if (strncmp(req, "GET /metrics ", 13) == 0 || strncmp(req, "GET /metrics?", 13) == 0) {
+		backup_stats snap;
+		pthread_mutex_lock(&m->ms_mu);
+		snap = m->ms_stats;
+		pthread_mutex_unlock(&m->ms_mu);
+		bl = format_metrics(&snap, body, sizeof(body));
+		status = "200 OK";
+	} else {
+		bl = (size_t)snprintf(body, sizeof(body), "only GET /metrics is served here\n");
+		status = "404 Not Found";
+	}
+	int hl = snprintf(head, sizeof(head),
+			  "HTTP/1.0 %s\r\nContent-Type: text/plain; version=0.0.4\r\n"
+			  "Content-Length: %zu\r\nConnection: close\r\n\r\n",
+			  status, bl);
+	if (write(c, head, (size_t)hl) == hl && write(c, body, bl) == (ssize_t)bl)
+		shutdown(c, SHUT_WR);
+}
+
+static void *metrics_thread(void *arg)
+{
+	metrics_server *m = arg;
+	for (;;) {
+		struct pollfd p[2] = {{m->ms_fd, POLLIN, 0}, {m->ms_stop[0], POLLIN, 0}};
+		if (poll(p, 2, -1) < 0) {
+			if (errno == EINTR)
+				continue;
+			break;
+		}
+		if (p[1].revents)
+			break;
+		int c = accept4(m->ms_fd, NULL, NULL, SOCK_CLOEXEC);
+		if (c < 0)
+			continue;
+		serve_one(m, c);
+		close(c);
+	}
+	return NULL;
+}
+
+/* Binds host:port (numeric IPv4, or "" / "*" for all) and starts the thread. */
+static int metrics_server_start(metrics_server *m, const char *addr, char *errbuf, size_t errlen)
+{
+	memset(m, 0, sizeof(*m));
+	m->ms_fd = -1;
+	char host[64];
+	const char *colon = strrchr(addr, ':');
+	char *e;
+	long port = colon ? strtol(colon + 1, &e, 10) : -1;
+	if (colon == NULL || (size_t)(colon - addr) >= sizeof(host) || colon[1] == '\0' || *e ||
+	    port < 0 || port > 65535)
+		return ku_errf(errbuf, errlen, KU_ERR_USAGE, "invalid --listen-metrics %s (HOST:PORT)",
+			       addr);
+	memcpy(host, addr, (size_t)(colon - addr));
+	host[colon - addr] = '\0';
+	struct sockaddr_in sa;
+	memset(&sa, 0, sizeof(sa));
+	sa.sin_family = AF_INET;
+	sa.sin_port = htons((uint16_t)port);
+	if (host[0] == '\0' || strcmp(host, "*") == 0)
+		sa.sin_addr.s_addr = htonl(INADDR_ANY);
+	else if (strcmp(host, "localhost") == 0)
+		sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	else if (inet_pton(AF_INET, host, &sa.sin_addr) != 1)
+		return ku_errf(errbuf, errlen, KU_ERR_USAGE,
+			       "invalid --listen-metrics host %s (an IPv4 address)", host);
+	int one = 1;
+	m->ms_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+	if (m->ms_fd < 0)
+		return ku_errf(errbuf, errlen, KU_ERR_IO, "socket: %m");
+	setsockopt(m->ms_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+	if (bind(m->ms_fd, (struct sockaddr *)&sa, sizeof(sa)) != 0 || listen(m->ms_fd, 16) != 0) {
+		int rc = ku_errf(errbuf, errlen, KU_ERR_IO, "--listen-metrics %s: %m", addr);
+		close(m->ms_fd);
+		m->ms_fd = -1;
+		return rc;
+	}
+	if (pipe2(m->ms_stop, O_CLOEXEC) != 0) {
+		close(m->ms_fd);
+		m->ms_fd = -1;
+		return ku_errf(errbuf, errlen, KU_ERR_IO, "pipe: %m");
+	}
+	pthread_mutex_init(&m->ms_mu, NULL);
+	if (pthread_create(&m->ms_thread, NULL, metrics_thread, m) != 0) {
+		close(m->ms_fd);
+		close(m->ms_stop[0]);
+		close(m->ms_stop[1]);
+		m->ms_fd = -1;
+		return ku_errf(errbuf, errlen, KU_ERR_IO, "cannot start the metrics thread");
+	}
+	return 0;
+}
+
+static void metrics_server_publish(metrics_server *m, const backup_stats *bs)
+{
+	if (m->ms_fd < 0)
+		return;
+	pthread_mutex_lock(&m->ms_mu);
+	m->ms_stats = *bs;
+	pthread_mutex_unlock(&m->ms_mu);
+}
+
+static void metrics_server_stop(metrics_server *m)
+{
+	if (m->ms_fd < 0)
+		return;
+	char x = 1;
+	if (write(m->ms_stop[1], &x, 1) == 1)
+		pthread_join(m->ms_thread, NULL);
+	close(m->ms_fd);
+	close(m->ms_stop[0]);
+	close(m->ms_stop[1]);
+	pthread_mutex_destroy(&m->ms_mu);
+	m->ms_fd = -1;
+}
+
 /* One backup attempt; logs its line and updates bs. */
 static int backup_once(const backup_cfg *bc, backup_stats *bs)
 {
@@ -393,7 +555,7 @@ static int backup_once(const backup_cfg *bc, backup_stats *bs)
 		snprintf(hf, sizeof(hf), ", %s compressed", h);
 	}
 	log_line("backup saved %s from %s: revision %" PRId64 ", %" PRIu64 " bytes (%s%s), hash %x, "
-		 "took %.2fs%s; %d kept, %d removed",
+		"took %.2fs%s; %d kept, %d removed",
 		 final, bc->bc_conn.co_endpoints[sr.sr_endpoint], in->ef_store_revision, sr.sr_bytes, hb,
 		 hf, in->ef_hash, took, verified, kept, removed < 0 ? 0 : removed);
 	return 0;
@@ -438,7 +600,7 @@ int ku_cmd_backup(int argc, char **argv)
 {
 	ku_conn_flags cf = {0};
 	const char *dir = NULL, *interval = NULL, *retain = "0", *schedule = NULL, *max_age = NULL,
-		   *metrics = NULL;
+		   *metrics = NULL, *listen_metrics = NULL;
 	int verify = 0, once = 0, utc = 0, thin = 0, compress = 0;
 	ku_flag flags[] = {
 		KU_CONN_FLAGS(cf),
@@ -451,6 +613,7 @@ int ku_cmd_backup(int argc, char **argv)
 		{"thin", KU_FLAG_BOOL, NULL, &thin},
 		{"compress", KU_FLAG_BOOL, NULL, &compress},
 		{"metrics-file", KU_FLAG_STR, &metrics, NULL},
+		{"listen-metrics", KU_FLAG_STR, &listen_metrics, NULL},
 		{"verify", KU_FLAG_BOOL, NULL, &verify},
 		{"once", KU_FLAG_BOOL, NULL, &once},
 		{NULL, 0, NULL, NULL},
@@ -506,6 +669,7 @@ int ku_cmd_backup(int argc, char **argv)
 	bc.bc_metrics = metrics;
 
 	int lockfd = -1;
+	metrics_server ms = {.ms_fd = -1};
 	if (mkdir(dir, 0700) != 0 && errno != EEXIST) {
 		fprintf(stderr, "Error: mkdir %s: %m\n", dir);
 		goto fail;
@@ -519,6 +683,13 @@ int ku_cmd_backup(int argc, char **argv)
 		goto fail;
 	}
 	remove_leftovers(dir);
+	if (listen_metrics && (rc = metrics_server_start(&ms, listen_metrics, eb, sizeof(eb)))) {
+		fprintf(stderr, "Error: %s\n", eb);
+		close(lockfd);
+		ku_conn_opts_free(&bc.bc_conn);
+		free(buf);
+		return rc == KU_ERR_USAGE ? 2 : 1;
+	}
 
 	struct sigaction sa;
 	memset(&sa, 0, sizeof(sa));
@@ -553,6 +724,7 @@ int ku_cmd_backup(int argc, char **argv)
 		bs.bs_last_attempt = now_wall();
 		if (metrics && write_metrics(metrics, &bs, eb, sizeof(eb)) != 0)
 			log_line("metrics not written: %s", eb);
+		metrics_server_publish(&ms, &bs);
 		if (once)
 			break;
 		if (schedule) {
@@ -570,6 +742,7 @@ int ku_cmd_backup(int argc, char **argv)
 	}
 	if (!once)
 		log_line("backup scheduler stopped");
+	metrics_server_stop(&ms);
 	close(lockfd);
 	ku_conn_opts_free(&bc.bc_conn);
 	free(buf);

@@ -26,7 +26,8 @@ static void usage(FILE *f)
 		"                  [--skip-hash-check] [--bump-revision=N --mark-compacted]\n"
 		"       keelsonutl backup --dir=DIR [--interval=1h | --schedule='CRON' [--utc]]\n"
 		"                  [--retain=N] [--max-age=DURATION] [--thin] [--compress] [--verify]\n"
-		"                  [--metrics-file=PATH] [--once] [connection flags as for snapshot save]\n"
+		"                  [--metrics-file=PATH] [--listen-metrics=HOST:PORT] [--once]\n"
+		"                  [connection flags as for snapshot save]\n"
 		"  status and restore read gzip-compressed snapshots (--compress) as they read plain ones.\n");
 }
 
