@@ -292,11 +292,50 @@ static void test_thinning(void)
 	free(keep2);
 }
 
+/* Random expressions from cron's alphabet: every one is parsed or refused with a message,
+ * and a parsed one has a next run or says it has none, without crashing or spinning. */
+static void test_cron_random(void)
+{
+	static const char *const atoms[] = {"*", "0", "1", "5", "7", "12", "23", "31", "59", "60",
+					    "-", "/", ",", "*/2", "jan", "dec", "sun", "sat",
+					    "mon-fri", " ", "@", "x", "999", "2-1"};
+	static const char *const fields[] = {"*", "*/2", "1", "5", "7", "1-5", "1,5", "3/7",
+					     "2-1", "60", "x", "*/0"};
+	unsigned seed = 12345;
+	time_t base = utc("2026-11-27 12:00");
+	int parsed = 0;
+	for (int i = 0; i < 20000; i++) {
+		char expr[128] = "";
+		/* odd rounds: any sequence of atoms; even rounds: five whole fields */
+		int parts = i % 2 ? 1 + (int)((seed = seed * 1103515245 + 12345) >> 16) % 14 : 5;
+		for (int k = 0; k < parts; k++) {
+			seed = seed * 1103515245 + 12345;
+			const char *atom = i % 2 ? atoms[(seed >> 16) % (sizeof(atoms) / sizeof(atoms[0]))]
+						 : fields[(seed >> 16) % (sizeof(fields) / sizeof(fields[0]))];
+			strncat(expr, atom, sizeof(expr) - strlen(expr) - 1);
+			if (i % 2 == 0 && k < 4)
+				strncat(expr, " ", sizeof(expr) - strlen(expr) - 1);
+		}
+		ku_cron c;
+		char eb[256] = "";
+		if (ku_cron_parse(expr, &c, eb, sizeof(eb)) != 0) {
+			CHECK(eb[0] != '\0');
+			continue;
+		}
+		parsed++;
+		time_t n;
+		if (ku_cron_next(&c, base, 1, &n) == 0)
+			CHECK(n > base && n % 60 == 0);
+	}
+	CHECK(parsed > 500); /* the generator does reach the valid side */
+}
+
 int main(void)
 {
 	test_cron_parse();
 	test_cron_next_utc();
 	test_cron_next_local();
+	test_cron_random();
 	test_retention();
 	test_thinning();
 	if (failed) {
