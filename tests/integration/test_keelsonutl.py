@@ -11,7 +11,22 @@
   that serves the data and takes writes;
 - --bump-revision N --mark-compacted: the next write gets old+N+1, old revisions are compacted;
 - `backup --once` twice with --retain 1: exactly one backup, `latest` names it;
-- truncated and corrupted snapshots are refused with a clear message, leaving no data dir.
+- truncated and corrupted snapshots are refused with a clear message, leaving no data dir;
+- --compress: gzip files that status and restore read as the plain ones (a damaged or cut
+  gzip is refused); the restored state equals the source's;
+- progress lines on a pseudo-terminal for save and restore, nothing on a pipe;
+- scheduled runs: --interval with --retain/--max-age/--thin keeps exactly what the rule says;
+  --schedule (cron) flag checks and its first wait; --metrics-file and --listen-metrics;
+- kill -9 of the server mid-snapshot and of keelsonutl mid-write: no half file under a backup
+  name, leftovers removed at the next start, the scheduler goes on;
+- TLS with client certificates (made by `openssl`) and auth: save and backup --verify with
+  --user/--password, refusals for a wrong password and for missing certificates;
+- --bump-revision --mark-compacted: a watcher resuming past the snapshot is told "compacted"
+  and new events have higher revisions than any it saw;
+- a compressed snapshot of a larger dataset (two compactions, large values, a revoked lease)
+  restored into a new 3-member cluster: every key, value, revision, HashKV and lease compared
+  on every member; a snapshot saved by `etcdctl snapshot save` from Keelson restores too.
+Cron parsing and retention decisions are unit-tested in C (//tools:keelsonutl_schedule_test).
 
 Needs `bazel build //server:keelson //tools:keelsonutl` (KEELSONUTL overrides the tool's path).
 The etcd parts are skipped when /usr/bin/etcd is missing; the restore tests when KEELSON_BIN
