@@ -11,21 +11,44 @@
   that serves the data and takes writes;
 - --bump-revision N --mark-compacted: the next write gets old+N+1, old revisions are compacted;
 - `backup --once` twice with --retain 1: exactly one backup, `latest` names it;
-- truncated and corrupted snapshots are refused with a clear message, leaving no data dir.
+- truncated and corrupted snapshots are refused with a clear message, leaving no data dir;
+- --compress: gzip files that status and restore read as the plain ones (a damaged or cut
+  gzip is refused); the restored state equals the source's;
+- progress lines on a pseudo-terminal for save and restore, nothing on a pipe;
+- scheduled runs: --interval with --retain/--max-age/--thin keeps exactly what the rule says;
+  --schedule (cron) flag checks and its first wait; --metrics-file and --listen-metrics;
+- kill -9 of the server mid-snapshot and of keelsonutl mid-write: no half file under a backup
+  name, leftovers removed at the next start, the scheduler goes on;
+- TLS with client certificates (made by `openssl`) and auth: save and backup --verify with
+  --user/--password, refusals for a wrong password and for missing certificates;
+- --bump-revision --mark-compacted: a watcher resuming past the snapshot is told "compacted"
+  and new events have higher revisions than any it saw;
+- a compressed snapshot of a larger dataset (two compactions, large values, a revoked lease)
+  restored into a new 3-member cluster: every key, value, revision, HashKV and lease compared
+  on every member; a snapshot saved by `etcdctl snapshot save` from Keelson restores too.
+Cron parsing and retention decisions are unit-tested in C (//tools:keelsonutl_schedule_test).
 
 Needs `bazel build //server:keelson //tools:keelsonutl` (KEELSONUTL overrides the tool's path).
 The etcd parts are skipped when /usr/bin/etcd is missing; the restore tests when KEELSON_BIN
 is not Keelson (restore writes Keelson's data dir format).
 """
 
+import calendar
+import gzip
 import json
 import os
+import pty
+import re
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import unittest
+import urllib.error
+import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -88,6 +111,24 @@ def load_dataset(s):
     ok(s.ctl("del", "key/txn1"))
     ok(s.ctl("put", "x" * 600, "a long key"))
     return sorted(leases), compact
+
+
+def load_more(s):
+    """On top of load_dataset: more keys, large values, overwrites, a range delete, a lease
+    revoked, and a second compaction. Returns the new compact revision."""
+    for i in range(40):
+        ok(s.ctl("put", "more/%03d" % i, "v%d" % i))
+    for i in range(4):
+        ok(s.ctl("put", "large/%d" % i, stdin=os.urandom(150 * 1000).hex().encode()))
+    ok(s.ctl("del", "more/010", "more/020"))
+    r = ok(s.ctl("lease", "grant", "600"))
+    lid = int(r.stdout.split()[1], 16)
+    ok(s.ctl("put", "--lease=%x" % lid, "more/leased", "x"))
+    ok(s.ctl("lease", "revoke", "%x" % lid))
+    rev = json.loads(ok(s.ctl("get", "more/000", "-w", "json")).stdout)["header"]["revision"]
+    ok(s.ctl("compact", str(rev - 3)))
+    ok(s.ctl("put", "more/000", "after-second-compaction"))
+    return rev - 3
 
 
 def read_state(s, compact):
@@ -183,9 +224,12 @@ class TestSaveStatus(Base):
         self.assertEqual(r.returncode, 1)
         self.assertIn("no connection within", r.stderr.decode())
         self.assertFalse(os.path.exists(f) or os.path.exists(f + ".part"))
-        r = ku("snapshot", "save", f, "--user=root:x", check=False)
-        self.assertNotEqual(r.returncode, 0)
-        self.assertIn("not supported yet", r.stderr.decode())
+        r = ku("snapshot", "save", f, "--user=root", check=False)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("--user needs a password", r.stderr.decode())
+        r = ku("snapshot", "save", f, "--password=x", check=False)
+        self.assertEqual(r.returncode, 2)
+        self.assertIn("--password needs --user", r.stderr.decode())
 
 
 @unittest.skipUnless(HAVE_ETCD, "needs the real etcd and etcdctl")
@@ -244,6 +288,18 @@ class TestRestore(Base):
         self.assertEqual(r.returncode, 0, r.stderr)
         e.start()
         self.assertEqual(ids(e), kids)
+
+    @unittest.skipUnless(SUT_IS_KEELSON, "the source must be Keelson")
+    def test_restore_etcdctl_saved_snapshot(self):
+        """`etcdctl snapshot save` against Keelson, restored by keelsonutl."""
+        src, leases, compact = self.source(harness.KEELSON_BIN)
+        want = read_state(src, compact)
+        f = self.path("etcdctl.db")
+        ok(src.ctl("snapshot", "save", f))
+        src.cleanup()
+        dst = self.restored_server(f)
+        dst.start()
+        self.assertEqual(read_state(dst, compact), want)
 
     def test_restore_copied_db_without_trailer(self):
         src, _, compact = self.source(harness.KEELSON_BIN)
@@ -334,10 +390,11 @@ class TestRestore(Base):
 @unittest.skipUnless(SUT_IS_KEELSON, "restore makes Keelson data dirs")
 class TestThreeMembers(Base):
     def test_restore_three_member_cluster(self):
-        src, leases, compact = self.source(harness.KEELSON_BIN)
+        src, leases, _ = self.source(harness.KEELSON_BIN)
+        compact = load_more(src)
         want = read_state(src, compact)
-        f = self.path("snap.db")
-        ku("snapshot", "save", f, "--endpoints=" + src.endpoint)
+        f = self.path("snap.db.gz")
+        ku("snapshot", "save", f, "--compress", "--endpoints=" + src.endpoint)
         src.cleanup()
         c = cluster.Cluster(3, label="ku3", token="restored-3")
         self.addCleanup(c.cleanup)
@@ -346,6 +403,12 @@ class TestThreeMembers(Base):
                "--initial-cluster", c.initial_cluster(), "--initial-cluster-token", c.token,
                "--initial-advertise-peer-urls", m.peer_url)
         c.start()
+        c.wait_converged()
+        # every key, value and revision (each revision from the compacted one up), HashKV,
+        # leases with their TTLs and keys, asked of every member
+        for m in c.members:
+            got = read_state(m, compact)
+            self.assertEqual(got, want, m.name)
         ldr = c.leader()
         put = json.loads(ok(ldr.ctl("put", "after/restore", "3", "-w", "json")).stdout)
         self.assertEqual(put["header"]["revision"], want["rev"] + 1)
@@ -433,6 +496,466 @@ class TestBackup(Base):
         self.assertEqual(r.returncode, 1)
         self.assertIn("backup FAILED", r.stdout.decode())
         self.assertEqual([n for n in os.listdir(d) if n != ".backup.lock"], [])
+
+
+def big_dataset(s, mb=24):
+    """mb MB of incompressible values in 1 MB puts (a snapshot that takes a while)."""
+    for i in range(mb):
+        ok(s.ctl("put", "big/%03d" % i, stdin=os.urandom(500 * 1000).hex().encode()))
+
+
+def wait_for(cond, timeout, what, step=0.005):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError("timed out waiting for " + what)
+
+
+def backups_in(d):
+    return sorted(n for n in os.listdir(d) if re.match(r"^\d{8}T\d{6}\.\d{3}Z-rev\d+\.db(\.gz)?$", n))
+
+
+class TestCompress(Base):
+    @unittest.skipUnless(SUT_IS_KEELSON, "restore makes Keelson data dirs")
+    def test_compressed_round_trip(self):
+        src, leases, compact = self.source(harness.KEELSON_BIN)
+        want = read_state(src, compact)
+        f = self.path("snap.db.gz")
+        r = ku("snapshot", "save", f, "--compress", "--endpoints=" + src.endpoint)
+        self.assertEqual(r.stderr, b"")  # no progress when stderr is not a terminal
+        with open(f, "rb") as fh:
+            self.assertEqual(fh.read(2), b"\x1f\x8b")
+        self.assertFalse(os.path.exists(f + ".part") or os.path.exists(f + ".gz.part"))
+        plain = self.path("plain.db")
+        with gzip.open(f, "rb") as zin, open(plain, "wb") as out:
+            shutil.copyfileobj(zin, out)
+        # status reads the .gz as it reads the plain file, and as etcdctl reads the plain one
+        for w in ("simple", "json"):
+            self.assertEqual(ku("snapshot", "status", f, "-w", w).stdout,
+                             ku("snapshot", "status", plain, "-w", w).stdout)
+            if HAVE_ETCD:
+                self.assertEqual(ku("snapshot", "status", f, "-w", w).stdout,
+                                 ctl_offline("snapshot", "status", plain, "-w", w).stdout)
+        src.cleanup()
+        dst = self.restored_server(f)
+        dst.start()
+        got = read_state(dst, compact)
+        self.assertEqual(got, want)
+        # damaged and cut-off gzip files are refused with a clear message, nothing left
+        data = open(f, "rb").read()
+        for name, bad in (("cut.db.gz", data[:len(data) // 2]),
+                          ("flipped.db.gz", data[:len(data) // 2] + bytes([data[len(data) // 2] ^ 0xff])
+                           + data[len(data) // 2 + 1:])):
+            bf = self.path(name)
+            with open(bf, "wb") as fh:
+                fh.write(bad)
+            dd = self.path("dd-" + name)
+            r = ku("snapshot", "restore", bf, "--data-dir", dd, check=False)
+            self.assertEqual(r.returncode, 1, r.stderr)
+            self.assertRegex(r.stderr.decode(), "gzip|SHA-256|refused")
+            self.assertFalse(os.path.exists(dd) or os.path.exists(dd + ".tmp"))
+            r = ku("snapshot", "status", bf, check=False)
+            self.assertEqual(r.returncode, 1)
+            self.assertTrue(r.stderr.decode().startswith("Error: "), r.stderr)
+        self.assertEqual([n for n in os.listdir(tempfile.gettempdir())
+                          if n.startswith("keelsonutl-gunzip-")], [])
+
+    def run_on_pty(self, *args):
+        """Runs keelsonutl with stderr on a pseudo-terminal; returns (rc, what it drew)."""
+        master, slave = pty.openpty()
+        p = subprocess.Popen([TOOL] + list(args), stdout=subprocess.PIPE, stderr=slave,
+                             env=harness.clean_env())
+        os.close(slave)
+        out = b""
+        while True:
+            r, _, _ = select.select([master], [], [], 60)
+            if not r:
+                break
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            out += chunk
+        p.communicate(timeout=60)
+        os.close(master)
+        return p.returncode, out.decode(errors="replace")
+
+    def test_progress_on_a_terminal(self):
+        s = harness.fresh_server(self)
+        big_dataset(s, mb=4)
+        f = self.path("snap.db")
+        rc, text = self.run_on_pty("snapshot", "save", f, "--endpoints=" + s.endpoint)
+        self.assertEqual(rc, 0, text)
+        self.assertIn("receiving snapshot: ", text)
+        self.assertIn("100%", text)
+        self.assertRegex(text, r"\d B/s|[kMG]B/s")
+        self.assertIn("\r", text)
+        # not on a terminal: nothing
+        r = ku("snapshot", "save", self.path("quiet.db"), "--endpoints=" + s.endpoint)
+        self.assertEqual(r.stderr, b"")
+        if SUT_IS_KEELSON:
+            gz = self.path("snap.db.gz")
+            ku("snapshot", "save", gz, "--compress", "--endpoints=" + s.endpoint)
+            rc, text = self.run_on_pty("snapshot", "restore", gz, "--data-dir", self.path("r"))
+            self.assertEqual(rc, 0, text)
+            self.assertIn("decompressing: ", text)
+            self.assertRegex(text, r"restoring \(written to the new data dir\): [\d.]+ [kM]B")
+            r = ku("snapshot", "restore", gz, "--data-dir", self.path("r2"))
+            self.assertEqual(r.stderr, b"")
+
+
+class TestBackupMore(Base):
+    def test_compress_metrics_latest(self):
+        s = harness.fresh_server(self)
+        ok(s.ctl("put", "a", "1"))
+        d = self.path("backups")
+        m = self.path("backup.prom")
+        r = ku("backup", "--endpoints=" + s.endpoint, "--dir", d, "--once", "--compress",
+               "--verify", "--metrics-file", m)
+        self.assertIn("verified (restored HashKV", r.stdout.decode())
+        self.assertIn("compressed", r.stdout.decode())
+        dbs = backups_in(d)
+        self.assertEqual(len(dbs), 1, os.listdir(d))
+        self.assertTrue(dbs[0].endswith(".db.gz"))
+        self.assertEqual(os.readlink(os.path.join(d, "latest")), dbs[0])
+        st = json.loads(ku("snapshot", "status", os.path.join(d, "latest"), "-w", "json").stdout)
+        rev = json.loads(ok(s.ctl("get", "a", "-w", "json")).stdout)["header"]["revision"]
+        self.assertEqual(st["revision"], rev)
+        metrics = dict(l.split() for l in open(m).read().splitlines() if not l.startswith("#"))
+        self.assertGreater(float(metrics["keelson_backup_last_success_timestamp_seconds"]),
+                           time.time() - 60)
+        self.assertEqual(int(metrics["keelson_backup_last_size_bytes"]),
+                         os.path.getsize(os.path.join(d, dbs[0])))
+        self.assertEqual(int(metrics["keelson_backup_last_revision"]), rev)
+        self.assertEqual(metrics["keelson_backup_failures_total"], "0")
+        self.assertEqual(metrics["keelson_backup_last_success"], "1")
+        self.assertGreater(float(metrics["keelson_backup_last_duration_seconds"]), 0)
+        self.assertFalse(os.path.exists(m + ".tmp"))
+        # a failed run says so in the metrics
+        r = ku("backup", "--endpoints=127.0.0.1:%d" % harness.free_port(), "--dir", d,
+               "--once", "--dial-timeout=300ms", "--metrics-file", m, check=False)
+        self.assertEqual(r.returncode, 1)
+        metrics = dict(l.split() for l in open(m).read().splitlines() if not l.startswith("#"))
+        self.assertEqual(metrics["keelson_backup_failures_total"], "1")
+        self.assertEqual(metrics["keelson_backup_last_success"], "0")
+        self.assertEqual(backups_in(d), dbs)
+
+    def test_listen_metrics(self):
+        s = harness.fresh_server(self)
+        d = self.path("backups")
+        port = harness.free_port()
+        r = ku("backup", "--dir", d, "--once", "--listen-metrics", "nohost:1", check=False)
+        self.assertEqual(r.returncode, 2, r.stderr)
+        p = subprocess.Popen([TOOL, "backup", "--endpoints=" + s.endpoint, "--dir", d,
+                              "--interval", "200ms", "--retain", "2",
+                              "--listen-metrics", "127.0.0.1:%d" % port],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=harness.clean_env())
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # no env proxy
+        try:
+            def scrape():
+                try:
+                    with direct.open("http://127.0.0.1:%d/metrics" % port,
+                                                timeout=5) as resp:
+                        text = resp.read().decode()
+                        self.assertIn("text/plain", resp.headers["Content-Type"])
+                except OSError:
+                    return None
+                m = dict(l.split() for l in text.splitlines() if not l.startswith("#"))
+                return m if int(m["keelson_backup_successes_total"]) >= 2 else None
+            m = wait_for(scrape, 20, "two backups in the served metrics", step=0.05)
+            self.assertEqual(m["keelson_backup_failures_total"], "0")
+            self.assertEqual(m["keelson_backup_last_success"], "1")
+            self.assertGreater(float(m["keelson_backup_last_success_timestamp_seconds"]),
+                               time.time() - 60)
+            with self.assertRaises(urllib.error.HTTPError) as cm:
+                direct.open("http://127.0.0.1:%d/" % port, timeout=5)
+            self.assertEqual(cm.exception.code, 404)
+        finally:
+            p.terminate()
+            out, err = p.communicate(timeout=10)
+        self.assertEqual(p.returncode, 0, err)
+
+    def test_schedule_flags(self):
+        d = self.path("backups")
+        for bad, msg in ((["--schedule", "61 * * * *"], "field 1 (minute)"),
+                         (["--schedule", "* * *"], "5 fields"),
+                         (["--schedule", "0 0 30 feb *"], "never matches"),
+                         (["--schedule", "* * * * *", "--interval", "1m"], "exclusive"),
+                         (["--utc"], "--schedule only"),
+                         (["--max-age", "soon"], "invalid --max-age"),
+                         (["--retain", "-1"], "invalid --retain")):
+            r = ku("backup", "--dir", d, *bad, check=False)
+            self.assertEqual(r.returncode, 2, (bad, r.stderr))
+            self.assertIn(msg, r.stderr.decode(), bad)
+        # a valid schedule waits for its first minute (and stops at once on SIGTERM)
+        p = subprocess.Popen([TOOL, "backup", "--endpoints=127.0.0.1:1", "--dir", d,
+                              "--schedule", "*/5 * * * mon-fri,sun", "--utc"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=harness.clean_env())
+        try:
+            line1 = p.stdout.readline().decode()
+            line2 = p.stdout.readline().decode()
+        finally:
+            p.terminate()
+            out, err = p.communicate(timeout=10)
+        self.assertIn('on "*/5 * * * mon-fri,sun" (UTC)', line1)
+        m = re.search(r"next backup at \d{4}-\d\d-\d\dT\d\d:(\d\d):00Z", line2)
+        self.assertTrue(m, line2)
+        self.assertEqual(int(m.group(1)) % 5, 0)
+        self.assertEqual(p.returncode, 0, err)
+        self.assertEqual(backups_in(d), [])
+
+    def test_scheduled_run_with_age_and_count_retention(self):
+        """A short-interval run with --retain and --max-age keeps exactly the set the rule
+        says: the newest N, none older than the age, never none."""
+        s = harness.fresh_server(self)
+        d = self.path("backups")
+        p = subprocess.Popen([TOOL, "backup", "--endpoints=" + s.endpoint, "--dir", d,
+                              "--interval", "150ms", "--retain", "3", "--max-age", "1s",
+                              "--thin", "--compress"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=harness.clean_env())
+        try:
+            for i in range(10):
+                ok(s.ctl("put", "k", str(i)))
+            wait_for(lambda: len(backups_in(d)) >= 3, 20, "three backups")
+            # stop writes and let the age limit work: the set shrinks to what is < 1s old
+            time.sleep(1.2)
+            wait_for(lambda: len(backups_in(d)) >= 1, 5, "backups")
+        finally:
+            p.terminate()
+            out, err = p.communicate(timeout=10)
+        self.assertEqual(p.returncode, 0, err)
+        dbs = backups_in(d)
+        self.assertTrue(1 <= len(dbs) <= 3, dbs)
+        # every kept one is whole and the newest is what latest names
+        self.assertEqual(os.readlink(os.path.join(d, "latest")), dbs[-1])
+        for n in dbs:
+            ku("snapshot", "status", os.path.join(d, n))
+        # the age rule: at the last backup, none older than 1s stayed (names carry the time)
+        def ms(n):
+            t = time.strptime(n[:15], "%Y%m%dT%H%M%S")
+            return (calendar.timegm(t) * 1000) + int(n[16:19])
+        self.assertLessEqual(ms(dbs[-1]) - ms(dbs[0]), 1000 + 500, dbs)
+        lines = out.decode().splitlines()
+        self.assertGreaterEqual(sum("backup saved" in l for l in lines), 5, out)
+        self.assertTrue(all("backup FAILED" not in l for l in lines), out)
+
+    def test_server_killed_mid_snapshot(self):
+        s = harness.fresh_server(self)
+        big_dataset(s)
+        d = self.path("backups")
+        log = self.path("backup.log")
+        with open(log, "wb") as lf:
+            p = subprocess.Popen([TOOL, "backup", "--endpoints=" + s.endpoint, "--dir", d,
+                                  "--interval", "100ms", "--retain", "3",
+                                  "--dial-timeout=500ms"],
+                                 stdout=lf, stderr=subprocess.STDOUT, env=harness.clean_env())
+        try:
+            def part_growing():
+                for n in os.listdir(d) if os.path.isdir(d) else []:
+                    if n.endswith(".snapshot.part"):
+                        try:
+                            return os.path.getsize(os.path.join(d, n)) > 0
+                        except OSError:
+                            pass
+                return False
+            wait_for(part_growing, 30, "a snapshot being received")
+            s.kill9()
+            wait_for(lambda: "backup FAILED" in open(log).read(), 30, "a failed backup")
+            # nothing that looks like a backup is half: every backup name is a whole file
+            for n in backups_in(d):
+                ku("snapshot", "status", os.path.join(d, n))
+            before = len([l for l in open(log).read().splitlines() if "backup saved" in l])
+            s.start()
+            wait_for(lambda: len([l for l in open(log).read().splitlines()
+                                  if "backup saved" in l]) > before, 60,
+                     "a backup after the restart", step=0.05)
+        finally:
+            p.terminate()
+            p.wait(timeout=30)
+        self.assertEqual(p.returncode, 0, open(log).read())
+        dbs = backups_in(d)
+        self.assertTrue(1 <= len(dbs) <= 3, dbs)
+        for n in dbs:
+            ku("snapshot", "status", os.path.join(d, n))
+        self.assertEqual(os.readlink(os.path.join(d, "latest")), dbs[-1])
+
+    def test_tool_killed_mid_write(self):
+        s = harness.fresh_server(self)
+        big_dataset(s)
+        d = self.path("backups")
+        os.mkdir(d)
+        p = subprocess.Popen([TOOL, "backup", "--endpoints=" + s.endpoint, "--dir", d, "--once",
+                              "--compress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=harness.clean_env())
+        try:
+            wait_for(lambda: any(n.endswith(".part") for n in os.listdir(d)), 30,
+                     "a backup being written")
+        finally:
+            p.kill()
+            p.communicate(timeout=10)
+        self.assertEqual(p.returncode, -signal.SIGKILL)
+        left = os.listdir(d)
+        self.assertEqual(backups_in(d), [], left)  # no half file under a backup's name
+        self.assertFalse(os.path.exists(os.path.join(d, "latest")))
+        self.assertTrue(any(n.endswith(".part") for n in left), left)
+        # the next run removes the leftovers and makes one whole backup
+        r = ku("backup", "--endpoints=" + s.endpoint, "--dir", d, "--once", "--compress")
+        self.assertIn("backup saved", r.stdout.decode())
+        dbs = backups_in(d)
+        self.assertEqual(len(dbs), 1)
+        self.assertEqual(sorted(os.listdir(d)), sorted([".backup.lock", "latest", dbs[0]]))
+        ku("snapshot", "status", os.path.join(d, dbs[0]))
+
+
+class TLSServer(harness.Server):
+    """A Keelson serving clients over TLS with client certificates required."""
+
+    def __init__(self, certs, **kw):
+        self.certs = certs
+        super().__init__(**kw)
+        self.extra_args += ["--cert-file", certs["server.crt"], "--key-file", certs["server.key"],
+                            "--trusted-ca-file", certs["ca.crt"], "--client-cert-auth"]
+
+    @property
+    def client_url(self):
+        return "https://127.0.0.1:%d" % self.client_port
+
+    def tls_flags(self):
+        return ["--cacert", self.certs["ca.crt"], "--cert", self.certs["client.crt"],
+                "--key", self.certs["client.key"]]
+
+    def ctl(self, *args, **kw):
+        return harness.etcdctl(self.client_url, *(self.tls_flags() + list(args)), **kw)
+
+    def wait_healthy(self, timeout=harness.START_TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise harness.ServerError("exited during start-up\n" + self.log_tail())
+            if self.ctl("--dial-timeout=1s", "endpoint", "health", timeout=10).rc == 0:
+                return
+            if time.monotonic() > deadline:
+                raise harness.ServerTimeout("not healthy\n" + self.log_tail())
+            time.sleep(0.05)
+
+
+def make_certs(d):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, by openssl."""
+    def run(*args):
+        subprocess.run(["openssl"] + list(args), check=True, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, cwd=d)
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+        "-days", "2", "-subj", "/CN=keelson-test-ca")
+    with open(os.path.join(d, "san.ext"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth,clientAuth\n")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", name + ".key", "-out", name + ".csr",
+            "-subj", "/CN=" + ("127.0.0.1" if name == "server" else "root"))
+        run("x509", "-req", "-in", name + ".csr", "-CA", "ca.crt", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", name + ".crt", "-days", "2", "-extfile", "san.ext")
+    return {n: os.path.join(d, n) for n in ("ca.crt", "server.crt", "server.key", "client.crt",
+                                             "client.key")}
+
+
+@unittest.skipUnless(shutil.which("openssl"), "needs the openssl command")
+class TestAuthTLS(Base):
+    def test_save_and_backup_with_tls_and_auth(self):
+        certs = make_certs(self.tmp)
+        s = TLSServer(certs, label="tls")
+        self.addCleanup(s.cleanup)
+        s.start()
+        ok(s.ctl("user", "add", "root:rootpw"))
+        ok(s.ctl("user", "add", "alice:alicepw"))
+        ok(s.ctl("auth", "enable"))
+        ok(s.ctl("--user=root:rootpw", "put", "secret", "s3cr3t"))
+        rev = json.loads(ok(s.ctl("--user=root:rootpw", "get", "secret", "-w", "json")).stdout)[
+            "header"]["revision"]
+        ep = "--endpoints=" + s.client_url
+        f = self.path("snap.db")
+        ku("snapshot", "save", f, ep, *s.tls_flags(), "--user", "root", "--password", "rootpw")
+        st = json.loads(ku("snapshot", "status", f, "-w", "json").stdout)
+        self.assertEqual(st["revision"], rev)
+        # --user NAME:PASSWORD, etcdctl's form, and https:// in the endpoint
+        ku("snapshot", "save", self.path("snap2.db"), ep, *s.tls_flags(), "--user=root:rootpw")
+        # a wrong password is the server's authentication error; no file is left
+        r = ku("snapshot", "save", self.path("bad.db"), ep, *s.tls_flags(),
+               "--user=root:wrong", check=False)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("authentication failed", r.stderr.decode())
+        self.assertFalse(os.path.exists(self.path("bad.db")) or
+                         os.path.exists(self.path("bad.db.part")))
+        # without the CA (or the client certificate) the TLS handshake fails
+        r = ku("snapshot", "save", self.path("bad.db"), ep, "--user=root:rootpw",
+               "--dial-timeout=1s", check=False)
+        self.assertEqual(r.returncode, 1)
+        self.assertIn("no connection within", r.stderr.decode())
+        r = ku("snapshot", "save", self.path("bad.db"), ep, "--cacert", certs["ca.crt"],
+               "--user=root:rootpw", "--dial-timeout=1s", check=False)
+        self.assertEqual(r.returncode, 1)
+        # a plain-text client cannot talk to it either
+        r = ku("snapshot", "save", self.path("bad.db"), "--endpoints=127.0.0.1:%d" % s.client_port,
+               "--user=root:rootpw", "--dial-timeout=1s", check=False)
+        self.assertEqual(r.returncode, 1)
+        # backup --verify: HashKV goes out with the token as well
+        d = self.path("backups")
+        r = ku("backup", ep, *s.tls_flags(), "--user=root:rootpw", "--dir", d, "--once",
+               "--verify", "--compress")
+        self.assertIn("verified (restored HashKV", r.stdout.decode())
+        self.assertEqual(len(backups_in(d)), 1)
+
+
+@unittest.skipUnless(SUT_IS_KEELSON, "restore makes Keelson data dirs")
+class TestBumpRevisionWatch(Base):
+    def test_watchers_never_see_revisions_go_back(self):
+        """Clients of the old cluster saw revisions past the snapshot. After a restore with
+        --bump-revision (larger than what they saw) and --mark-compacted, a watch resumed
+        from the last revision seen is told it was compacted (so it re-syncs) instead of
+        getting nothing or old events, and every new event has a higher revision."""
+        src = harness.fresh_server(self)
+        ok(src.ctl("put", "w/a", "1"))
+        f = self.path("snap.db")
+        ku("snapshot", "save", f, "--endpoints=" + src.endpoint)
+        snap_rev = json.loads(ku("snapshot", "status", f, "-w", "json").stdout)["revision"]
+        for i in range(5):  # written after the snapshot: lost, but watchers saw them
+            ok(src.ctl("put", "w/b", str(i)))
+        seen = json.loads(ok(src.ctl("get", "w/b", "-w", "json")).stdout)["header"]["revision"]
+        self.assertEqual(seen, snap_rev + 5)
+        src.cleanup()
+        dst = self.restored_server(f, name="bumped", extra=("--bump-revision", "100",
+                                                            "--mark-compacted"))
+        dst.start()
+        r = dst.ctl("watch", "--prefix", "w/", "--rev=%d" % (seen + 1), timeout=20)
+        self.assertIn("compacted", r.stdout + r.stderr)
+        put = json.loads(ok(dst.ctl("put", "w/c", "x", "-w", "json")).stdout)
+        self.assertEqual(put["header"]["revision"], snap_rev + 101)
+        self.assertGreater(put["header"]["revision"], seen)
+        # a watcher that re-syncs from the current revision gets only newer revisions
+        p = subprocess.Popen([harness.ETCDCTL_BIN, "--endpoints=" + dst.endpoint, "watch",
+                              "--prefix", "w/", "-w", "json", "--rev=%d" % put["header"]["revision"]],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=harness.clean_env({"ETCDCTL_API": "3"}))
+        try:
+            ok(dst.ctl("put", "w/d", "y"))
+            revs = []
+            while len(revs) < 2:
+                line = p.stdout.readline()
+                if not line:
+                    break
+                ev = json.loads(line)
+                revs += [e["kv"]["mod_revision"] for e in ev.get("Events") or []]
+        finally:
+            p.kill()
+            p.communicate(timeout=10)
+        self.assertEqual(revs, [snap_rev + 101, snap_rev + 102])
+        self.assertTrue(all(r > seen for r in revs))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@
 
 #define METHOD_SNAPSHOT "/etcdserverpb.Maintenance/Snapshot"
 #define METHOD_HASHKV "/etcdserverpb.Maintenance/HashKV"
+#define METHOD_AUTHENTICATE "/etcdserverpb.Auth/Authenticate"
 
 static char *read_pem(const char *path, char *errbuf, size_t errlen)
 {
@@ -51,6 +52,23 @@ static char *read_pem(const char *path, char *errbuf, size_t errlen)
 	}
 	buf[len] = '\0';
 	return buf;
+}
+
+/* Shuts cq down and destroys it once empty. Bounded: if an event never comes (a gRPC bug),
+ * the queue is leaked rather than the process hung. */
+static void drain_queue(grpc_completion_queue *cq)
+{
+	grpc_completion_queue_shutdown(cq);
+	for (;;) {
+		gpr_timespec limit = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+						  gpr_time_from_millis(2000, GPR_TIMESPAN));
+		grpc_event ev = grpc_completion_queue_next(cq, limit, NULL);
+		if (ev.type == GRPC_QUEUE_SHUTDOWN)
+			break;
+		if (ev.type == GRPC_QUEUE_TIMEOUT)
+			return;
+	}
+	grpc_completion_queue_destroy(cq);
 }
 
 /* A channel to endpoint i, connected (READY) within the dial timeout. */
@@ -99,24 +117,31 @@ static int conn_open(const ku_conn_opts *o, int i, grpc_channel **out, char *err
 	grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
 	gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
 					     gpr_time_from_millis((int64_t)(o->co_dial_timeout * 1000), GPR_TIMESPAN));
+	/* gRPC may deliver a connectivity watch late (grpc/grpc#16128): never wait on the queue
+	 * past the dial deadline and a second, so a stuck watch cannot hang the tool. */
+	gpr_timespec wait_limit = gpr_time_add(deadline, gpr_time_from_millis(1000, GPR_TIMESPAN));
+	int stuck = 0;
 	grpc_connectivity_state st = grpc_channel_check_connectivity_state(ch, 1);
 	while (st != GRPC_CHANNEL_READY) {
 		grpc_channel_watch_connectivity_state(ch, st, deadline, cq, NULL);
-		grpc_event ev = grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+		grpc_event ev = grpc_completion_queue_next(cq, wait_limit, NULL);
+		if (ev.type == GRPC_QUEUE_TIMEOUT) {
+			stuck = 1; /* the watch is still pending */
+			break;
+		}
 		st = grpc_channel_check_connectivity_state(ch, 1);
 		if (ev.type != GRPC_OP_COMPLETE || !ev.success)
 			break; /* the dial deadline passed */
 	}
-	grpc_completion_queue_shutdown(cq);
-	while (grpc_completion_queue_next(cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type != GRPC_QUEUE_SHUTDOWN)
-		;
-	grpc_completion_queue_destroy(cq);
-	if (st != GRPC_CHANNEL_READY) {
+	if (st != GRPC_CHANNEL_READY || stuck) {
+		/* Destroying the channel completes a pending watch; then the queue drains. */
 		grpc_channel_destroy(ch);
+		drain_queue(cq);
 		return ku_errf(errbuf, errlen, KU_ERR_CONNECT, "%s: no connection within %.1fs (%s)",
 			       o->co_endpoints[i], o->co_dial_timeout,
 			       tls ? "TLS handshake or connect failed" : "connect failed");
 	}
+	drain_queue(cq);
 	*out = ch;
 	return 0;
 }
@@ -158,6 +183,105 @@ static int status_error(grpc_status_code code, grpc_slice details, const char *e
 	return rc;
 }
 
+/* One unary call: req (packed) out, the response's bytes into *resp (caller unrefs).
+ * token (may be NULL) goes out as the "token" metadata etcd's servers read. */
+static int unary_call(grpc_channel *ch, const ku_conn_opts *o, int ep, const char *method,
+		      const uint8_t *req, size_t reqlen, const char *token, grpc_slice *resp,
+		      char *errbuf, size_t errlen)
+{
+	grpc_slice sl = grpc_slice_from_copied_buffer((const char *)req, reqlen);
+	grpc_byte_buffer *send = grpc_raw_byte_buffer_create(&sl, 1), *recv = NULL;
+	grpc_slice_unref(sl);
+	grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
+	ku_conn_opts o2 = *o;
+	if (o2.co_command_timeout <= 0)
+		o2.co_command_timeout = 60;
+	grpc_call *call = grpc_channel_create_call(ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq,
+						   grpc_slice_from_static_string(method), NULL,
+						   call_deadline(&o2), NULL);
+	grpc_metadata_array md_init, md_trail;
+	grpc_metadata_array_init(&md_init);
+	grpc_metadata_array_init(&md_trail);
+	grpc_status_code code = GRPC_STATUS_UNKNOWN;
+	grpc_slice details = grpc_empty_slice();
+	grpc_metadata md;
+	memset(&md, 0, sizeof(md));
+	if (token) {
+		md.key = grpc_slice_from_static_string("token");
+		md.value = grpc_slice_from_copied_string(token);
+	}
+	grpc_op ops[6];
+	memset(ops, 0, sizeof(ops));
+	ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+	ops[0].data.send_initial_metadata.count = token ? 1 : 0;
+	ops[0].data.send_initial_metadata.metadata = token ? &md : NULL;
+	ops[1].op = GRPC_OP_SEND_MESSAGE;
+	ops[1].data.send_message.send_message = send;
+	ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+	ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+	ops[3].data.recv_initial_metadata.recv_initial_metadata = &md_init;
+	ops[4].op = GRPC_OP_RECV_MESSAGE;
+	ops[4].data.recv_message.recv_message = &recv;
+	ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+	ops[5].data.recv_status_on_client.trailing_metadata = &md_trail;
+	ops[5].data.recv_status_on_client.status = &code;
+	ops[5].data.recv_status_on_client.status_details = &details;
+	int ok = run_batch(call, cq, ops, 6, (void *)1);
+	int rc = 0;
+	if (ok != 1)
+		rc = ku_errf(errbuf, errlen, KU_ERR_RPC, "%s: %s failed", o->co_endpoints[ep], method);
+	else if (code != GRPC_STATUS_OK)
+		rc = status_error(code, details, o->co_endpoints[ep], errbuf, errlen);
+	else
+		*resp = recv ? buffer_slice(recv) : grpc_empty_slice();
+	if (token)
+		grpc_slice_unref(md.value);
+	if (recv)
+		grpc_byte_buffer_destroy(recv);
+	grpc_byte_buffer_destroy(send);
+	grpc_slice_unref(details);
+	grpc_metadata_array_destroy(&md_init);
+	grpc_metadata_array_destroy(&md_trail);
+	grpc_call_unref(call);
+	grpc_completion_queue_shutdown(cq);
+	grpc_completion_queue_destroy(cq);
+	return rc;
+}
+
+/* Auth.Authenticate with --user/--password; *token (gpr_free) is NULL without a user. */
+static int authenticate(grpc_channel *ch, const ku_conn_opts *o, int ep, char **token,
+			char *errbuf, size_t errlen)
+{
+	*token = NULL;
+	if (o->co_user == NULL)
+		return 0;
+	Etcdserverpb__AuthenticateRequest req = ETCDSERVERPB__AUTHENTICATE_REQUEST__INIT;
+	req.name = (char *)o->co_user;
+	req.password = (char *)(o->co_password ? o->co_password : "");
+	size_t n = etcdserverpb__authenticate_request__get_packed_size(&req);
+	uint8_t *buf = malloc(n ? n : 1);
+	if (buf == NULL)
+		return ku_errf(errbuf, errlen, KU_ERR_NOMEM, "out of memory");
+	etcdserverpb__authenticate_request__pack(&req, buf);
+	grpc_slice s;
+	int rc = unary_call(ch, o, ep, METHOD_AUTHENTICATE, buf, n, NULL, &s, errbuf, errlen);
+	free(buf);
+	if (rc)
+		return rc;
+	Etcdserverpb__AuthenticateResponse *m = etcdserverpb__authenticate_response__unpack(
+		NULL, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
+	grpc_slice_unref(s);
+	if (m == NULL || m->token == NULL || m->token[0] == '\0') {
+		if (m)
+			etcdserverpb__authenticate_response__free_unpacked(m, NULL);
+		return ku_errf(errbuf, errlen, KU_ERR_RPC, "%s: Authenticate gave no token",
+			       o->co_endpoints[ep]);
+	}
+	*token = strdup(m->token);
+	etcdserverpb__authenticate_response__free_unpacked(m, NULL);
+	return 0;
+}
+
 int ku_snapshot_stream(const ku_conn_opts *o, ku_sink_fn sink, void *ctx, int *endpoint_used,
 		       char *errbuf, size_t errlen)
 {
@@ -180,6 +304,12 @@ int ku_snapshot_stream(const ku_conn_opts *o, ku_sink_fn sink, void *ctx, int *e
 	}
 	if (endpoint_used)
 		*endpoint_used = ep;
+	char *token = NULL;
+	if ((rc = authenticate(ch, o, ep, &token, errbuf, errlen))) {
+		grpc_channel_destroy(ch);
+		grpc_shutdown();
+		return rc;
+	}
 
 	grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
 	grpc_slice method = grpc_slice_from_static_string(METHOD_SNAPSHOT);
@@ -190,9 +320,17 @@ int ku_snapshot_stream(const ku_conn_opts *o, ku_sink_fn sink, void *ctx, int *e
 	grpc_metadata_array_init(&md_trail);
 	grpc_slice empty = grpc_empty_slice();
 	grpc_byte_buffer *req = grpc_raw_byte_buffer_create(&empty, 1); /* SnapshotRequest{} */
+	grpc_metadata md;
+	memset(&md, 0, sizeof(md));
+	if (token) {
+		md.key = grpc_slice_from_static_string("token");
+		md.value = grpc_slice_from_copied_string(token);
+	}
 	grpc_op ops[4];
 	memset(ops, 0, sizeof(ops));
 	ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+	ops[0].data.send_initial_metadata.count = token ? 1 : 0;
+	ops[0].data.send_initial_metadata.metadata = token ? &md : NULL;
 	ops[1].op = GRPC_OP_SEND_MESSAGE;
 	ops[1].data.send_message.send_message = req;
 	ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
@@ -221,7 +359,7 @@ int ku_snapshot_stream(const ku_conn_opts *o, ku_sink_fn sink, void *ctx, int *e
 			break;
 		}
 		if (m->blob.len)
-			rc = sink(ctx, m->blob.data, m->blob.len);
+			rc = sink(ctx, m->blob.data, m->blob.len, m->remaining_bytes);
 		etcdserverpb__snapshot_response__free_unpacked(m, NULL);
 	}
 	if (rc || bad_msg)
@@ -245,6 +383,10 @@ int ku_snapshot_stream(const ku_conn_opts *o, ku_sink_fn sink, void *ctx, int *e
 			rc = status_error(code, details, o->co_endpoints[ep], errbuf, errlen);
 	}
 	grpc_slice_unref(details);
+	if (token) {
+		grpc_slice_unref(md.value);
+		free(token);
+	}
 	grpc_metadata_array_destroy(&md_init);
 	grpc_metadata_array_destroy(&md_trail);
 	grpc_call_unref(call);
@@ -265,46 +407,16 @@ int ku_hash_kv(const ku_conn_opts *o, int ep, int64_t rev, uint32_t *hash, int64
 		grpc_shutdown();
 		return rc;
 	}
+	char *token = NULL;
+	rc = authenticate(ch, o, ep, &token, errbuf, errlen);
 	Etcdserverpb__HashKVRequest req = ETCDSERVERPB__HASH_KVREQUEST__INIT;
 	req.revision = rev;
 	uint8_t buf[32];
 	size_t n = etcdserverpb__hash_kvrequest__pack(&req, buf);
-	grpc_slice sl = grpc_slice_from_copied_buffer((const char *)buf, n);
-	grpc_byte_buffer *send = grpc_raw_byte_buffer_create(&sl, 1), *recv = NULL;
-	grpc_slice_unref(sl);
-	grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
-	ku_conn_opts o2 = *o;
-	if (o2.co_command_timeout <= 0)
-		o2.co_command_timeout = 60;
-	grpc_call *call = grpc_channel_create_call(ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq,
-						   grpc_slice_from_static_string(METHOD_HASHKV), NULL,
-						   call_deadline(&o2), NULL);
-	grpc_metadata_array md_init, md_trail;
-	grpc_metadata_array_init(&md_init);
-	grpc_metadata_array_init(&md_trail);
-	grpc_status_code code = GRPC_STATUS_UNKNOWN;
-	grpc_slice details = grpc_empty_slice();
-	grpc_op ops[6];
-	memset(ops, 0, sizeof(ops));
-	ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-	ops[1].op = GRPC_OP_SEND_MESSAGE;
-	ops[1].data.send_message.send_message = send;
-	ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-	ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-	ops[3].data.recv_initial_metadata.recv_initial_metadata = &md_init;
-	ops[4].op = GRPC_OP_RECV_MESSAGE;
-	ops[4].data.recv_message.recv_message = &recv;
-	ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-	ops[5].data.recv_status_on_client.trailing_metadata = &md_trail;
-	ops[5].data.recv_status_on_client.status = &code;
-	ops[5].data.recv_status_on_client.status_details = &details;
-	int ok = run_batch(call, cq, ops, 6, (void *)1);
-	if (ok != 1) {
-		rc = ku_errf(errbuf, errlen, KU_ERR_RPC, "%s: HashKV failed", o->co_endpoints[ep]);
-	} else if (code != GRPC_STATUS_OK) {
-		rc = status_error(code, details, o->co_endpoints[ep], errbuf, errlen);
-	} else {
-		grpc_slice s = recv ? buffer_slice(recv) : grpc_empty_slice();
+	grpc_slice s;
+	if (rc == 0)
+		rc = unary_call(ch, o, ep, METHOD_HASHKV, buf, n, token, &s, errbuf, errlen);
+	if (rc == 0) {
 		Etcdserverpb__HashKVResponse *m = etcdserverpb__hash_kvresponse__unpack(
 			NULL, GRPC_SLICE_LENGTH(s), GRPC_SLICE_START_PTR(s));
 		grpc_slice_unref(s);
@@ -317,15 +429,7 @@ int ku_hash_kv(const ku_conn_opts *o, int ep, int64_t rev, uint32_t *hash, int64
 			etcdserverpb__hash_kvresponse__free_unpacked(m, NULL);
 		}
 	}
-	if (recv)
-		grpc_byte_buffer_destroy(recv);
-	grpc_byte_buffer_destroy(send);
-	grpc_slice_unref(details);
-	grpc_metadata_array_destroy(&md_init);
-	grpc_metadata_array_destroy(&md_trail);
-	grpc_call_unref(call);
-	grpc_completion_queue_shutdown(cq);
-	grpc_completion_queue_destroy(cq);
+	free(token);
 	grpc_channel_destroy(ch);
 	grpc_shutdown();
 	return rc;

@@ -1,11 +1,14 @@
 /*
  * keelsonutl.h - the backup and restore tool (after etcd's etcdutl/etcdctl snapshot):
  *
- *   keelsonutl snapshot save FILE --endpoints=host:port[,...]   (client.c, save.c)
+ *   keelsonutl snapshot save FILE --endpoints=host:port[,...] [--compress] (client.c, save.c)
  *   keelsonutl snapshot status FILE [-w simple|table|json|fields] (status.c)
  *   keelsonutl snapshot restore FILE --data-dir DIR --name ...    (restore.c; ids from server/identity.h)
- *   keelsonutl backup --endpoints=... --dir DIR --interval D --retain N [--verify] [--once]
- *                                                                 (backup.c)
+ *   keelsonutl backup --endpoints=... --dir DIR (--interval D | --schedule CRON) [--retain N]
+ *                     [--max-age D] [--thin] [--compress] [--verify] [--metrics-file F] [--once]
+ *                                                                 (backup.c; schedule.h decides
+ *                                                                 when and what to keep)
+ * gzip reading and writing in compress.c, the terminal progress line in progress.c.
  *
  * Private to tools/keelsonutl: one header for the program's files. Errors are the module's
  * own negative codes with a message written into the caller's errbuf (ku_err*).
@@ -51,11 +54,16 @@ typedef struct ku_conn_opts {
 	double co_dial_timeout;    /* seconds to wait for a connection (etcdctl's 2s) */
 	double co_command_timeout; /* seconds for the whole call; 0: no deadline */
 	const char *co_cacert, *co_cert, *co_key; /* PEM file paths; TLS if any is set */
-	const char *co_user, *co_password;         /* not supported yet: refused */
+	const char *co_user, *co_password;         /* both or neither: Auth.Authenticate first,
+						    * its token on every call */
+	char *co_owned;    /* owned: the split --user NAME:PASSWORD; ku_conn_opts_free() */
 } ku_conn_opts;
 
-/* Receives the snapshot stream in order; non-zero stops the call (returned by it). */
-typedef int (*ku_sink_fn)(void *ctx, const void *buf, size_t len);
+void ku_conn_opts_free(ku_conn_opts *o);
+
+/* Receives the snapshot stream in order, with the bytes the server says remain after
+ * this piece; non-zero stops the call (returned by it). */
+typedef int (*ku_sink_fn)(void *ctx, const void *buf, size_t len, uint64_t remaining);
 
 /*
  * Calls Maintenance.Snapshot on the first endpoint that connects (in order) and feeds
@@ -75,8 +83,15 @@ int ku_parse_endpoints(ku_conn_opts *o, char *s, char *errbuf, size_t errlen);
 
 /* ---- snapshot save (save.c) ---- */
 
+/* How save writes: plain (the file etcdctl writes) or gzip-compressed. */
+typedef struct ku_save_opts {
+	int so_compress;
+	int so_progress; /* a progress line while receiving (only on a terminal anyway) */
+} ku_save_opts;
+
 typedef struct ku_save_result {
-	uint64_t sr_bytes;               /* bytes written, trailer included */
+	uint64_t sr_bytes;               /* bytes received, trailer included */
+	uint64_t sr_file_bytes;          /* bytes of the file at path (compressed if so) */
 	storage_etcd_file_info sr_info;  /* storage_etcd_check() of the saved file */
 	int sr_endpoint;                 /* index of the endpoint used */
 } ku_save_result;
@@ -85,10 +100,12 @@ typedef struct ku_save_result {
  * Streams a snapshot into path.part (created exclusively, mode 0600), checks the trailing
  * SHA-256 while it arrives, checks the whole file (storage_etcd_check, hash required),
  * fsyncs it, renames it to path and fsyncs the directory. Nothing is left at path.part on
- * an error, and path only ever appears whole.
+ * an error, and path only ever appears whole. With so_compress, the checked file is
+ * compressed into path.gz.part (fsynced) and that is renamed to path instead.
+ * so may be NULL (plain, no progress).
  */
-int ku_snapshot_save(const ku_conn_opts *o, const char *path, ku_save_result *res,
-		     char *errbuf, size_t errlen);
+int ku_snapshot_save(const ku_conn_opts *o, const ku_save_opts *so, const char *path,
+		     ku_save_result *res, char *errbuf, size_t errlen);
 
 /* ---- files (save.c) ---- */
 /* fsync of the directory that holds path (path's dirname). */
@@ -97,10 +114,43 @@ int ku_fsync_dir(const char *dir, char *errbuf, size_t errlen);
 /* Removes a directory tree (only used on our own temporary directories). */
 int ku_remove_tree(const char *path);
 
+/* ---- progress on a terminal (progress.c) ---- */
+typedef struct ku_progress {
+	int pg_on;          /* stderr is a terminal */
+	int pg_drawn;
+	const char *pg_what;
+	uint64_t pg_total;  /* 0: unknown */
+	uint64_t pg_done;
+	double pg_start, pg_last;
+} ku_progress;
+/* Nothing is ever printed when stderr is not a terminal. */
+void ku_progress_start(ku_progress *p, const char *what, uint64_t total);
+/* total: 0 keeps the one known. Redraws at most ten times a second. */
+void ku_progress_update(ku_progress *p, uint64_t done, uint64_t total);
+/* The final line (if anything was drawn) and a newline. */
+void ku_progress_end(ku_progress *p);
+
+/* ---- gzip (compress.c) ---- */
+/* 1 if the file starts with gzip's magic bytes. */
+int ku_is_gzip(const char *path);
+/* Writes src gzip-compressed to dst (created exclusively, 0600) and fsyncs it; dst is
+ * removed on an error. *out_bytes (if not NULL) gets the compressed size. */
+int ku_gzip_file(const char *src, const char *dst, uint64_t *out_bytes, char *errbuf,
+		 size_t errlen);
+/* Decompresses src into a new temporary file in dir (NULL: $TMPDIR or /tmp); its path goes
+ * to tmp and the caller unlinks it. A truncated or damaged stream is KU_ERR_CORRUPT
+ * (nothing left). */
+int ku_gunzip_to_temp(const char *src, const char *dir, char *tmp, size_t tmplen, char *errbuf,
+		      size_t errlen);
+
 /* ---- snapshot status (status.c) ---- */
 /* etcdctl's humanize.Bytes ("33 kB"). */
 void ku_human_bytes(uint64_t n, char *out, size_t len);
 int ku_cmd_snapshot_status(int argc, char **argv);
+/* An uncompressed path for a snapshot file: path itself, or (gzip) a temporary copy in dir
+ * (as ku_gunzip_to_temp) whose path goes to tmp (tmp[0] != 0 then: the caller unlinks it). */
+int ku_open_snapshot(const char *path, const char *dir, char *tmp, size_t tmplen,
+		     const char **plain, char *errbuf, size_t errlen);
 
 /* ---- member identity: server/identity.h, shared with the server ---- */
 

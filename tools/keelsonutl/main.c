@@ -17,14 +17,18 @@ static void usage(FILE *f)
 	fprintf(f,
 		"usage: keelsonutl snapshot save FILE [--endpoints=127.0.0.1:2379[,...]] [--dial-timeout=2s]\n"
 		"                  [--command-timeout=0s] [--cacert=CA] [--cert=CERT --key=KEY]\n"
+		"                  [--user=NAME[:PASSWORD]] [--password=PASSWORD] [--compress]\n"
 		"       keelsonutl snapshot status FILE [-w simple|table|json|fields] [--skip-hash-check]\n"
 		"       keelsonutl snapshot restore FILE [--data-dir=NAME.etcd] [--name=default]\n"
 		"                  [--initial-cluster=default=http://localhost:2380]\n"
 		"                  [--initial-cluster-token=etcd-cluster]\n"
 		"                  [--initial-advertise-peer-urls=http://localhost:2380]\n"
 		"                  [--skip-hash-check] [--bump-revision=N --mark-compacted]\n"
-		"       keelsonutl backup --dir=DIR [--interval=1h] [--retain=N] [--verify] [--once]\n"
-		"                  [connection flags as for snapshot save]\n");
+		"       keelsonutl backup --dir=DIR [--interval=1h | --schedule='CRON' [--utc]]\n"
+		"                  [--retain=N] [--max-age=DURATION] [--thin] [--compress] [--verify]\n"
+		"                  [--metrics-file=PATH] [--listen-metrics=HOST:PORT] [--once]\n"
+		"                  [connection flags as for snapshot save]\n"
+		"  status and restore read gzip-compressed snapshots (--compress) as they read plain ones.\n");
 }
 
 int ku_errf(char *errbuf, size_t errlen, int code, const char *fmt, ...)
@@ -170,11 +174,34 @@ int ku_conn_opts_from_flags(ku_conn_opts *o, const ku_conn_flags *f, char **buf,
 	o->co_password = f->password;
 	if ((o->co_cert == NULL) != (o->co_key == NULL))
 		return ku_errf(errbuf, errlen, KU_ERR_USAGE, "--cert and --key must be given together");
-	if (o->co_user || o->co_password)
-		return ku_errf(errbuf, errlen, KU_ERR_UNSUPPORTED,
-			       "--user/--password: authentication is not supported yet "
-			       "(Keelson has no auth; use TLS client certificates)");
+	if (o->co_password && o->co_user == NULL)
+		return ku_errf(errbuf, errlen, KU_ERR_USAGE, "--password needs --user");
+	if (o->co_user && o->co_password == NULL) {
+		/* etcdctl's --user name:password (the first colon splits them) */
+		char *colon = strchr(f->user, ':');
+		if (colon == NULL)
+			return ku_errf(errbuf, errlen, KU_ERR_USAGE,
+				       "--user needs a password: --user=NAME:PASSWORD or --password");
+		size_t nl = (size_t)(colon - f->user);
+		char *both = malloc(strlen(f->user) + 2);
+		if (both == NULL)
+			return ku_errf(errbuf, errlen, KU_ERR_NOMEM, "out of memory");
+		memcpy(both, f->user, nl);
+		both[nl] = '\0';
+		strcpy(both + nl + 1, colon + 1);
+		o->co_user = both;
+		o->co_password = both + nl + 1;
+		o->co_owned = both;
+	}
+	if (o->co_user && o->co_user[0] == '\0')
+		return ku_errf(errbuf, errlen, KU_ERR_USAGE, "--user: empty user name");
 	return 0;
+}
+
+void ku_conn_opts_free(ku_conn_opts *o)
+{
+	free(o->co_owned);
+	o->co_owned = NULL;
 }
 
 static int fail(int rc, const char *msg)
@@ -186,23 +213,28 @@ static int fail(int rc, const char *msg)
 static int cmd_snapshot_save(int argc, char **argv)
 {
 	ku_conn_flags cf = {0};
-	ku_flag flags[] = {KU_CONN_FLAGS(cf), {NULL, 0, NULL, NULL}};
+	int compress = 0;
+	ku_flag flags[] = {KU_CONN_FLAGS(cf), {"compress", KU_FLAG_BOOL, NULL, &compress},
+			   {NULL, 0, NULL, NULL}};
 	char *pos[2];
 	int npos;
 	char eb[KU_ERRLEN];
 	int rc = ku_flags_parse(argc, argv, flags, pos, 2, &npos, eb, sizeof(eb));
 	if (rc == 0 && npos != 1)
 		rc = ku_errf(eb, sizeof(eb), KU_ERR_USAGE, "snapshot save expects one argument");
-	ku_conn_opts o;
+	ku_conn_opts o = {0};
 	char *buf = NULL;
 	if (rc == 0)
 		rc = ku_conn_opts_from_flags(&o, &cf, &buf, eb, sizeof(eb));
 	if (rc) {
+		ku_conn_opts_free(&o);
 		free(buf);
 		return fail(rc, eb);
 	}
 	ku_save_result res;
-	rc = ku_snapshot_save(&o, pos[0], &res, eb, sizeof(eb));
+	ku_save_opts so = {compress, 1};
+	rc = ku_snapshot_save(&o, &so, pos[0], &res, eb, sizeof(eb));
+	ku_conn_opts_free(&o);
 	free(buf);
 	if (rc)
 		return fail(rc, eb);

@@ -17,18 +17,21 @@
  *      point at the applied index (term 1, no stored configuration, so server/node.c
  *      raft_boot takes the voters from "members"): every member restored from the same
  *      file and flags agrees on it.
- * Buckets Keelson does not keep (auth, authUsers, authRoles, alarm) are counted and
- * reported, not restored; the snapshot's own membership is replaced, as etcd's restore does.
+ * Buckets Keelson does not import (auth, authUsers, authRoles, alarm) are counted and
+ * reported, not restored (etcd's users carry bcrypt hashes, Keelson's PBKDF2, and Keelson's
+ * own snapshots do not carry its auth state yet); the snapshot's own membership is replaced, as etcd's restore does.
  */
 #define _GNU_SOURCE /* nftw, mkdtemp, %m */
 #include <dirent.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <lmdb.h>
@@ -59,6 +62,68 @@ static int visit(void *ctx, const char *bucket, const uint8_t *key, size_t klen,
 		v->vc_other++;
 	}
 	return 0;
+}
+
+/* Progress of an import on a terminal: the import itself reports nothing, but it commits
+ * in chunks, so the size of the new data file shows how far it got. A thread polls it. */
+typedef struct import_watch {
+	ku_progress iw_progress;
+	char iw_file[PATH_MAX + 16];
+	pthread_t iw_thread;
+	int iw_running;
+	pthread_mutex_t iw_mu;
+	pthread_cond_t iw_cv;
+	int iw_stop;
+} import_watch;
+
+static void *import_watch_run(void *arg)
+{
+	import_watch *w = arg;
+	pthread_mutex_lock(&w->iw_mu);
+	while (!w->iw_stop) {
+		struct stat st;
+		if (stat(w->iw_file, &st) == 0)
+			ku_progress_update(&w->iw_progress, (uint64_t)st.st_size, 0);
+		struct timespec until;
+		clock_gettime(CLOCK_REALTIME, &until);
+		until.tv_nsec += 100 * 1000000;
+		if (until.tv_nsec >= 1000000000) {
+			until.tv_sec++;
+			until.tv_nsec -= 1000000000;
+		}
+		pthread_cond_timedwait(&w->iw_cv, &w->iw_mu, &until);
+	}
+	pthread_mutex_unlock(&w->iw_mu);
+	return NULL;
+}
+
+static void import_watch_start(import_watch *w, const char *member, int quiet)
+{
+	memset(w, 0, sizeof(*w));
+	ku_progress_start(&w->iw_progress, "restoring (written to the new data dir)", 0);
+	if (quiet || !w->iw_progress.pg_on)
+		return;
+	snprintf(w->iw_file, sizeof(w->iw_file), "%s/data.mdb", member);
+	pthread_mutex_init(&w->iw_mu, NULL);
+	pthread_cond_init(&w->iw_cv, NULL);
+	w->iw_running = pthread_create(&w->iw_thread, NULL, import_watch_run, w) == 0;
+}
+
+static void import_watch_stop(import_watch *w)
+{
+	if (!w->iw_running)
+		return;
+	pthread_mutex_lock(&w->iw_mu);
+	w->iw_stop = 1;
+	pthread_cond_signal(&w->iw_cv);
+	pthread_mutex_unlock(&w->iw_mu);
+	pthread_join(w->iw_thread, NULL);
+	struct stat st;
+	if (stat(w->iw_file, &st) == 0)
+		w->iw_progress.pg_done = (uint64_t)st.st_size;
+	ku_progress_end(&w->iw_progress);
+	pthread_mutex_destroy(&w->iw_mu);
+	pthread_cond_destroy(&w->iw_cv);
 }
 
 /* 1 if dir does not exist or is an empty directory, 0 if it holds anything, -1 on error. */
@@ -269,7 +334,7 @@ int ku_restore(const ku_restore_opts *o, ku_restore_result *res, char *errbuf, s
 {
 	memset(res, 0, sizeof(*res));
 	identity_cluster c;
-	char tmp[PATH_MAX], member[PATH_MAX], eb[512] = "";
+	char tmp[PATH_MAX], member[PATH_MAX], eb[512] = "", gztmp[PATH_MAX] = "";
 	int rc = identity_parse(&c, o->ro_initial_cluster, o->ro_token, errbuf, errlen);
 	if (rc)
 		return rc == IDENTITY_ERR_NOMEM ? KU_ERR_NOMEM : KU_ERR_USAGE;
@@ -305,6 +370,10 @@ int ku_restore(const ku_restore_opts *o, ku_restore_result *res, char *errbuf, s
 		goto out;
 	}
 
+	/* A gzip file is expanded inside DIR.tmp: the target's file system, removed with it. */
+	const char *plain;
+	if ((rc = ku_open_snapshot(o->ro_snapshot, tmp, gztmp, sizeof(gztmp), &plain, errbuf, errlen)))
+		goto fail;
 	visit_ctx vc = {0};
 	storage_etcd_import_options io = {0};
 	io.ei_hash_check = o->ro_skip_hash_check ? STORAGE_ETCD_HASH_SKIP : STORAGE_ETCD_HASH_REQUIRE;
@@ -312,7 +381,14 @@ int ku_restore(const ku_restore_opts *o, ku_restore_result *res, char *errbuf, s
 	io.ei_ctx = &vc;
 	io.ei_errbuf = eb;
 	io.ei_errlen = sizeof(eb);
-	int err = storage_import_etcd(o->ro_snapshot, member, &io, &res->rr_info);
+	import_watch iw;
+	import_watch_start(&iw, member, o->ro_quiet);
+	int err = storage_import_etcd(plain, member, &io, &res->rr_info);
+	import_watch_stop(&iw);
+	if (gztmp[0]) {
+		unlink(gztmp);
+		gztmp[0] = '\0';
+	}
 	if (err) {
 		rc = ku_errf(errbuf, errlen, err == STORAGE_ERR_CORRUPT ? KU_ERR_CORRUPT : KU_ERR_STORAGE,
 			     "snapshot %s refused: %s", o->ro_snapshot, eb[0] ? eb : storage_strerror(err));
@@ -356,7 +432,8 @@ int ku_restore(const ku_restore_opts *o, ku_restore_result *res, char *errbuf, s
 	if (!o->ro_quiet) {
 		if (vc.vc_auth || vc.vc_auth_enabled)
 			fprintf(stderr, "warning: auth state (%" PRIu64 " users and roles%s) not restored: "
-				"Keelson has no auth yet\n",
+				"keelsonutl cannot carry auth state yet (etcd keeps bcrypt hashes, Keelson "
+				"PBKDF2); add users, roles and `auth enable` again after the restore\n",
 				vc.vc_auth, vc.vc_auth_enabled ? ", auth enabled" : "");
 		if (vc.vc_alarm)
 			fprintf(stderr, "warning: %" PRIu64 " alarms not restored\n", vc.vc_alarm);
@@ -368,6 +445,8 @@ int ku_restore(const ku_restore_opts *o, ku_restore_result *res, char *errbuf, s
 fail:
 	ku_remove_tree(tmp);
 out:
+	if (gztmp[0])
+		unlink(gztmp);
 	identity_free(&c);
 	return rc;
 }

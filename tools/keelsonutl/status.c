@@ -6,6 +6,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "tools/keelsonutl/keelsonutl.h"
 
@@ -81,11 +82,19 @@ int ku_cmd_snapshot_status(int argc, char **argv)
 		fprintf(stderr, "Error: %s\n", eb);
 		return 2;
 	}
+	char tmp[4096];
+	const char *plain;
+	if ((rc = ku_open_snapshot(pos[0], NULL, tmp, sizeof(tmp), &plain, eb, sizeof(eb)))) {
+		fprintf(stderr, "Error: %s\n", eb);
+		return 1;
+	}
 	storage_etcd_file_info in;
 	/* A trailer that is there is verified (etcdctl does not look at it): a damaged file
 	 * should not look fine. --skip-hash-check for a file someone appended to. */
-	int err = storage_etcd_check(pos[0], skip ? STORAGE_ETCD_HASH_SKIP : STORAGE_ETCD_HASH_IF_PRESENT,
+	int err = storage_etcd_check(plain, skip ? STORAGE_ETCD_HASH_SKIP : STORAGE_ETCD_HASH_IF_PRESENT,
 				     &in, eb, sizeof(eb));
+	if (tmp[0])
+		unlink(tmp);
 	if (err) {
 		fprintf(stderr, "Error: %s\n", eb[0] ? eb : storage_strerror(err));
 		return 1;
