@@ -157,6 +157,35 @@ class ThreeMembers(PartitionCase):
         self.assertEqual((r.rc, r.stdout), (0, "new\n"), r)
         self.assert_healed(c, acked, "/p1/")
 
+    def test_cut_links_then_slow_links(self):
+        """Connections of a follower refused and closed (not silently dropped) for a while:
+        it redials with backoff and catches up once the links are back. Then its links are
+        slow (100 ms each way): it still forwards writes and serves linearizable reads
+        that see the latest write made elsewhere."""
+        c = self.cluster
+        ldr = c.leader()
+        f = c.followers(ldr)[0]
+        acked = {}
+        c.proxy.isolate(f.name, mode="cut")
+        for i in range(5):
+            self.put_ok(ldr, "/p6/w%d" % i, "v%d" % i, acked)
+        self.assert_no_linearizable_read(f, "/p6/w0")
+        time.sleep(2 * ELECTION_S)
+        c.proxy.heal()
+        poll(lambda: self.has_all(f, "/p6/", acked), 20, 0.1,
+             "the follower has every write after its links are back")
+        for other in c.members:
+            if other is not f:
+                c.proxy.set(f.name, other.name, "delay", 100)
+                c.proxy.set(other.name, f.name, "delay", 100)
+        for i in range(3):
+            self.put_ok(f, "/p6/slow%d" % i, "s%d" % i, acked)
+            self.put_ok(ldr, "/p6/k", "latest%d" % i, acked)
+            r = self.ctl(f, "--command-timeout=5s", "get", "/p6/k", "--print-value-only")
+            self.assertEqual((r.rc, r.stdout), (0, "latest%d\n" % i), r)
+        c.proxy.heal()
+        self.assert_healed(c, acked, "/p6/")
+
     @unittest.skipUnless(IS_ETCD or os.environ.get("KEELSON_KNOWN_BUGS") == "1",
                          "known server bug: a write that timed out on an isolated member is "
                          "still proposed after the heal (server/node.c propose(): the "
