@@ -9,7 +9,7 @@
 #    (tests/integration: etcdctl, differential against a real etcd 3.4, bad input),
 # 4. builds //server:keelson with ASan/UBSan and runs the bad-input and differential
 #    tests against that build as well,
-# 5. short smoke runs of the fuzzers and of the benchmark against etcd.
+# 5. short smoke runs of the fuzzers, of the fault campaign and of the benchmark against etcd.
 # Exit status is non-zero if anything failed.
 #
 # Environment:
@@ -163,6 +163,9 @@ smoke() {
 if [ "${KEELSON_SKIP_SMOKE:-0}" != 1 ]; then
     smoke "fuzz smoke: api and storage decoders" bash "$ROOT/tests/fuzz/run_api_fuzz.sh" 15
     smoke "fuzz smoke: raft decoder and step" bash "$ROOT/tests/fuzz/run_raft_fuzz.sh" 15
+    # a 25 s campaign (fixed seed): kills, pauses, partitions, one-way drops, slow and
+    # failing disk; linearizability, watch and HashKV checks (tests/fault/README.md)
+    smoke "fault campaign smoke" bash "$ROOT/tests/fault/run_fault.sh" --short
     smoke "benchmark smoke: keelson and etcd" bash "$ROOT/tools/bench.sh" --smoke
 fi
 

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# A fault-injection campaign against a Keelson cluster (not in CI):
+# A fault-injection campaign against a Keelson cluster:
 #   tests/fault/run_fault.sh [--duration SECONDS] [--members 3|5] [--seed N] [--runs N] [campaign.py options]
-# Builds //server:keelson, copies the binary (others may rebuild meanwhile), runs
-# tests/fault/campaign.py --runs times (new seed each time unless --seed), and exits non-zero
-# if any run fails a check. The checker's unit tests run first.
+#   tests/fault/run_fault.sh --short      # the CI smoke (tests/run_all.sh): well under 2 minutes
+# Builds //server:keelson and the slow-disk shim //tests/fault:libslowdisk.so, copies both
+# (others may rebuild meanwhile), runs tests/fault/campaign.py --runs times (new seed each
+# time unless --seed), and exits non-zero if any run fails a check. The checkers' unit tests
+# run first.
+# --short: 3 members, 25 s, seed 1, and a fixed first schedule that covers a leader
+# isolation, a one-way drop, a 1|2 split, a failing and a slow disk and a leader kill.
 # Environment: KEELSON_BIN to test a given binary instead of building.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
@@ -12,20 +16,35 @@ args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs="$2"; shift 2;;
+    --short) args+=(--duration 25 --members 3 --seed 1 --clients 4 --keys 3
+                    --fault-interval 0.5,1.5 --check-budget 30
+                    --schedule isolate-leader,one-way-leader,fail-disk,split,slow-disk,kill-leader)
+             shift;;
     *) args+=("$1"); shift;;
   esac
 done
-/usr/bin/python3 tests/fault/linearizability.py --self-test >/dev/null 2>&1 || {
-  echo "linearizability checker self-test failed"; /usr/bin/python3 tests/fault/linearizability.py --self-test; exit 2; }
+for t in linearizability watchcheck; do
+  /usr/bin/python3 "tests/fault/$t.py" --self-test >/dev/null 2>&1 || {
+    echo "$t self-test failed"; /usr/bin/python3 "tests/fault/$t.py" --self-test; exit 2; }
+done
+dir="$(mktemp -d /tmp/keelson-fault-bin.XXXXXX)"
+trap 'rm -rf "$dir"' EXIT
 bin="${KEELSON_BIN:-}"
 if [ -z "$bin" ]; then
   bazel build //server:keelson >/dev/null 2>&1 || { echo "bazel build failed"; exit 2; }
-  bin="$(mktemp -d /tmp/keelson-fault-bin.XXXXXX)/keelson"
+  bin="$dir/keelson"
   cp bazel-bin/server/keelson "$bin"
+fi
+shim=()
+if bazel build //tests/fault:libslowdisk.so >/dev/null 2>&1; then
+  cp bazel-bin/tests/fault/libslowdisk.so "$dir/libslowdisk.so"
+  shim=(--slowdisk "$dir/libslowdisk.so")
+else
+  echo "//tests/fault:libslowdisk.so does not build: no disk faults"
 fi
 rc=0
 for i in $(seq 1 "$runs"); do
   echo "=== run $i/$runs"
-  /usr/bin/python3 tests/fault/campaign.py --binary "$bin" "${args[@]+"${args[@]}"}" || rc=1
+  /usr/bin/python3 tests/fault/campaign.py --binary "$bin" "${shim[@]}" "${args[@]+"${args[@]}"}" || rc=1
 done
 exit $rc

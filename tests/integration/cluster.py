@@ -6,6 +6,9 @@
     c.pause(m); c.resume(m)           # SIGSTOP / SIGCONT
     c.cleanup()                       # always: resumes, kills, removes temp dirs
 
+    c = Cluster(3, proxy=True).start()  # peer links through a NetProxy (netproxy.py):
+    c.proxy.isolate("m2"); c.proxy.set("m1", "m3", "drop"); c.proxy.heal()
+
 Members take etcd's cluster flags (--initial-cluster, --initial-cluster-state,
 --initial-cluster-token, --heartbeat-interval, --election-timeout), so the same code runs
 the real etcd (KEELSON_BIN=/usr/bin/etcd) to check the tests themselves.
@@ -22,6 +25,7 @@ import threading
 import time
 
 import harness
+import netproxy
 from harness import etcdctl, clean_env
 
 HEARTBEAT_MS = int(os.environ.get("KEELSON_CLUSTER_HEARTBEAT_MS", "50"))
@@ -43,6 +47,15 @@ class Member(harness.Server):
         self.initial_cluster = None  # None: the cluster's current member list
         self.paused = False
         self.member_id = None        # hex string, learned from endpoint status / member list
+        self.proxy_port = None       # the cluster's NetProxy listener for this member, if any
+        self.env = {}                # extra environment for the process (e.g. LD_PRELOAD)
+
+    @property
+    def advertise_peer_url(self):
+        """The peer URL the others use: the proxy's listener when there is a proxy."""
+        if self.proxy_port is not None:
+            return "http://127.0.0.1:%d" % self.proxy_port
+        return self.peer_url
 
     def args(self):
         ic = self.initial_cluster or self.cluster.initial_cluster()
@@ -52,7 +65,7 @@ class Member(harness.Server):
             "--listen-client-urls", self.client_url,
             "--advertise-client-urls", self.client_url,
             "--listen-peer-urls", self.peer_url,
-            "--initial-advertise-peer-urls", self.peer_url,
+            "--initial-advertise-peer-urls", self.advertise_peer_url,
             "--initial-cluster", ic,
             "--initial-cluster-state", self.state,
             "--initial-cluster-token", self.cluster.token,
@@ -72,7 +85,7 @@ class Member(harness.Server):
         self.paused = False
         self.log_path = os.path.join(self.tmp, "server-%d.log" % self._starts)
         self._log_file = open(self.log_path, "wb")
-        env = clean_env()
+        env = clean_env(self.env)
         env.setdefault("UBSAN_OPTIONS", "print_stacktrace=1:halt_on_error=1")
         self.proc = subprocess.Popen([self.binary] + self.args(), stdin=subprocess.DEVNULL,
                                      stdout=self._log_file, stderr=subprocess.STDOUT,
@@ -128,19 +141,50 @@ class Member(harness.Server):
 
 class Cluster:
     def __init__(self, size=3, binary=None, label="c", token=None,
-                 heartbeat_ms=HEARTBEAT_MS, election_ms=ELECTION_MS, extra_args=()):
+                 heartbeat_ms=HEARTBEAT_MS, election_ms=ELECTION_MS, extra_args=(),
+                 proxy=False):
+        """proxy=True: every peer link passes through self.proxy, a netproxy.NetProxy."""
         self.binary = binary or harness.KEELSON_BIN
         self.label = label
         self.token = token or "keelson-test-%d-%d" % (os.getpid(), int(time.time() * 1000))
         self.heartbeat_ms = heartbeat_ms
         self.election_ms = election_ms
         self.members = []
+        self.proxy = netproxy.NetProxy() if proxy else None
         for i in range(size):
-            self.members.append(Member(self, "m%d" % (i + 1), extra_args=extra_args))
+            self.members.append(self._behind_proxy(
+                Member(self, "m%d" % (i + 1), extra_args=extra_args)))
+        if self.proxy is not None:
+            self.proxy.set_ids({netproxy.member_id([m.advertise_peer_url], self.token): m.name
+                                for m in self.members})
+
+    def _behind_proxy(self, m):
+        if self.proxy is not None:
+            m.proxy_port = self.proxy.add_member(m.name, m.peer_port, harness.free_port())
+        return m
+
+    def learn_proxy_ids(self):
+        """Teach the proxy the member ids of `member list` (members added at run time get
+        ids the test cannot compute)."""
+        if self.proxy is None:
+            return
+        for m in self.live():
+            r = m.ctl("member", "list", "-w", "json", timeout=20)
+            if r.rc != 0:
+                continue
+            ids = {}
+            for x in json.loads(r.stdout).get("members", []):
+                for u in x.get("peerURLs", []):
+                    for mm in self.members:
+                        if mm.advertise_peer_url == u:
+                            ids[x["ID"]] = mm.name
+            self.proxy.set_ids(ids)
+            return
 
     # -- addresses
     def initial_cluster(self, members=None):
-        return ",".join("%s=%s" % (m.name, m.peer_url) for m in (members or self.members))
+        return ",".join("%s=%s" % (m.name, m.advertise_peer_url)
+                        for m in (members or self.members))
 
     def endpoints(self, members=None):
         return ",".join(m.endpoint for m in (members or self.members))
@@ -168,7 +212,7 @@ class Cluster:
 
     def add_member_object(self, name, extra_args=()):
         """A new Member object (not started, not yet in the cluster's config)."""
-        m = Member(self, name, extra_args=extra_args)
+        m = self._behind_proxy(Member(self, name, extra_args=extra_args))
         m.state = "existing"
         self.members.append(m)
         return m
@@ -317,6 +361,8 @@ class Cluster:
         return m
 
     def cleanup(self):
+        if self.proxy is not None:
+            self.proxy.close()
         for m in self.members:
             try:
                 m.resume()
