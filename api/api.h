@@ -148,6 +148,8 @@ void api_server_destroy(api_server *s);
 const char *api_call_metadata(api_call *call, const char *key, size_t *len);
 /* Size in bytes of the encoded request body. */
 size_t api_call_request_size(api_call *call);
+/* Milliseconds left until the client's deadline (0 once passed), or -1 if it set none. */
+int64_t api_call_remaining_ms(api_call *call);
 
 /* Encodes resp, sends it with status OK and ends the call. */
 void api_call_reply(api_call *call, const ProtobufCMessage *resp);

@@ -338,6 +338,18 @@ size_t api_call_request_size(api_call *c)
 	return c->ac_req_size;
 }
 
+int64_t api_call_remaining_ms(api_call *c)
+{
+	gpr_timespec inf = gpr_inf_future(c->ac_deadline.clock_type);
+	if (gpr_time_cmp(c->ac_deadline, inf) == 0)
+		return -1;
+	gpr_timespec now = gpr_now(GPR_CLOCK_MONOTONIC);
+	gpr_timespec dl = gpr_convert_clock_type(c->ac_deadline, GPR_CLOCK_MONOTONIC);
+	if (gpr_time_cmp(dl, now) <= 0)
+		return 0;
+	return gpr_time_to_millis(gpr_time_sub(dl, now));
+}
+
 /* protobuf-c unpacks nested messages recursively with no depth limit, and a TxnRequest
  * can nest itself through RequestOp.request_txn: a small body could exhaust the stack.
  * Scan the wire bytes first and refuse nesting deeper than this, as protobuf-go refuses
@@ -457,6 +469,7 @@ static void on_registered(api_pending *p, int ok)
 	c->ac_server = s;
 	c->ac_method = p->ap_method;
 	c->ac_call = p->ap_call;
+	c->ac_deadline = p->ap_deadline;
 	c->ac_md = p->ap_md; /* moves ownership of the array */
 	c->ac_details = grpc_empty_slice();
 	grpc_byte_buffer *payload = p->ap_payload;
@@ -543,6 +556,7 @@ static void on_generic(api_pending *p, int ok)
 	}
 	c->ac_server = s;
 	c->ac_call = p->ap_call;
+	c->ac_deadline = p->ap_details.deadline;
 	c->ac_md = p->ap_md;
 	c->ac_details = grpc_empty_slice();
 	char path[512];

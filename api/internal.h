@@ -54,6 +54,7 @@ struct api_call {
 	grpc_byte_buffer *ac_resp;
 	grpc_slice ac_details;
 	int ac_cancelled;
+	gpr_timespec ac_deadline; /* the client's, as gRPC core reported it */
 };
 
 struct api_server {

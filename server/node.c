@@ -625,6 +625,14 @@ static void publish_attributes(node *n)
 	enqueue(n, r);
 }
 
+/* A request that waited for a leader past its deadline ends without being proposed. */
+static void expire_leaderless(node *n, node_req *r)
+{
+	if (r->nr_op == NODE_LEASE_REVOKE && r->nr_call == NULL)
+		lessor_revoke_failed(n->n_sc->lessor, ((const Etcdserverpb__LeaseRevokeRequest *)r->nr_msg)->id);
+	node_req_fail(r, API_ERR_TIMEOUT);
+}
+
 static void role_changed(node *n, const struct raft_soft_state *ss)
 {
 	server_ctx *sc = n->n_sc;
@@ -635,10 +643,14 @@ static void role_changed(node *n, const struct raft_soft_state *ss)
 	if (ss->lead != 0 && n->n_leaderless) {
 		/* Propose them again next turn (not now: we are inside a Ready). */
 		node_req *next;
+		uint64_t now = now_ms();
 		for (node_req *r = n->n_leaderless; r; r = next) {
 			next = r->nr_next;
 			r->nr_next = NULL;
-			enqueue(n, r);
+			if (r->nr_deadline_ms <= now)
+				expire_leaderless(n, r); /* its caller has given up: never proposed */
+			else
+				enqueue(n, r);
 		}
 		n->n_leaderless = NULL;
 	}
@@ -984,8 +996,15 @@ static void propose(node *n, node_req *r)
 	} else if (rc == RAFT_EDROPPED || rc == RAFT_ENOTLEADER) {
 		/* No leader (an election, a transfer): like etcd, wait for one rather than fail
 		 * at once; the request is proposed again when a leader is known, or times out. */
-		if (r->nr_deadline_ms == 0)
-			r->nr_deadline_ms = now_ms() + n->n_req_timeout_ms;
+		if (r->nr_deadline_ms == 0) {
+			/* etcd gives the proposal up when the client does: a write whose caller has
+			 * gone must not be applied once a leader appears. */
+			uint64_t wait = n->n_req_timeout_ms;
+			int64_t left = r->nr_call ? api_call_remaining_ms(r->nr_call) : -1;
+			if (left >= 0 && (uint64_t)left < wait)
+				wait = (uint64_t)left;
+			r->nr_deadline_ms = now_ms() + wait;
+		}
 		r->nr_next = n->n_leaderless;
 		n->n_leaderless = r;
 	} else {
@@ -1083,9 +1102,7 @@ static void on_timeout_timer(uv_timer_t *t)
 			continue;
 		}
 		*pp = r->nr_next;
-		if (r->nr_op == NODE_LEASE_REVOKE && r->nr_call == NULL)
-			lessor_revoke_failed(n->n_sc->lessor, ((const Etcdserverpb__LeaseRevokeRequest *)r->nr_msg)->id);
-		node_req_fail(r, API_ERR_TIMEOUT);
+		expire_leaderless(n, r);
 	}
 	if (n->n_transfer && n->n_transfer->nr_deadline_ms <= now) {
 		/* etcd: the transfer did not finish within the election timeout. */

@@ -186,11 +186,6 @@ class ThreeMembers(PartitionCase):
         c.proxy.heal()
         self.assert_healed(c, acked, "/p6/")
 
-    @unittest.skipUnless(IS_ETCD or os.environ.get("KEELSON_KNOWN_BUGS") == "1",
-                         "known server bug: a write that timed out on an isolated member is "
-                         "still proposed after the heal (server/node.c propose(): the "
-                         "leaderless queue ignores the client's gRPC deadline); "
-                         "KEELSON_KNOWN_BUGS=1 runs it")
     def test_timed_out_minority_write_not_applied_later(self):
         """A write sent to an isolated member times out on the client (etcdctl's
         --command-timeout, i.e. the gRPC deadline). etcd abandons the proposal with the
