@@ -147,6 +147,7 @@ struct conn {
 	int c_tls_done;        /* the TLS handshake completed */
 	int c_tls_fed;         /* bytes were fed to c_ssl (the first byte was checked) */
 	int c_tls_mismatch;    /* inbound: a plaintext HELLO on a TLS listener, to refuse */
+	int c_tls_failed;      /* tls_fail: closes once its alert is written */
 	BUF_MEM *c_ctl_out;    /* TLS: the ciphertext of the HELLO/ACK being written */
 	char c_tls_err[192];   /* the reason of a WHY_TLS failure */
 };
@@ -740,7 +741,7 @@ static void on_tls_out_written(uv_write_t *req, int status)
 	free(o);
 	if (c->c_state == CONN_CLOSING)
 		return;
-	if (c->c_state == CONN_REFUSING) /* a failure's alert is out (tls_fail) */
+	if (c->c_tls_failed) /* the failure's alert is out (tls_fail) */
 		conn_close(c);
 	else if (status < 0)
 		conn_fail(c, status);
@@ -793,6 +794,7 @@ static void tls_fail(conn *c)
 	/* Reading goes on (on_read drops the bytes): closing with unread bytes would send a
 	 * reset, which may overtake the alert. */
 	c->c_state = CONN_REFUSING;
+	c->c_tls_failed = 1;
 	uv_timer_start(&c->c_timer, on_conn_timeout, t->t_hs_ms, 0);
 	tls_flush(c);
 }
