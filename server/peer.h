@@ -59,8 +59,9 @@
  * TLS (cfg.pc_tls, see peer_tls_new below)
  *   With a TLS context, every listener serves TLS and every dial is TLS (1.2 or later): the
  *   dialer is the TLS client, the acceptor the TLS server, and the whole stream above (HELLO,
- *   ACK, frames) travels inside it unchanged, HELLO flagged PEER_HELLO_TLS. The handshake
- *   counts against cfg.pc_handshake_timeout_ms and MAX_PENDING_HANDSHAKES like the HELLO.
+ *   ACK, frames) travels inside it unchanged, HELLO flagged PEER_HELLO_TLS. The TLS
+ *   handshake counts against cfg.pc_handshake_timeout_ms and the limit on inbound
+ *   connections in handshake, as the HELLO does.
  *   OpenSSL runs over memory BIOs: ciphertext read from the socket is fed to the read BIO
  *   and SSL_read decrypts straight into the frame buffers (a large frame's own buffer); the
  *   write BIO's buffer is handed to uv_write whole (no copy) after each batch. A batch is

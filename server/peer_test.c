@@ -1667,6 +1667,20 @@ static void test_tls_mismatch(void)
 	CHECK_EQ(d.refused_status, PEER_HS_TLS_MISMATCH);
 	node_close(&a);
 	node_close(&d);
+
+	/* A plaintext HELLO that claims to travel in TLS (a TLS-terminating proxy, say). */
+	node p;
+	node_start(&p, 1, NULL);
+	CHECK_EQ(peer_add(p.t, 3, "127.0.0.1:1"), 0);
+	uint8_t m[64];
+	size_t hl = make_hello(m, 0xC1C1, "keelson-test", 3, 1);
+	m[11] = PEER_HELLO_TLS;
+	raw r;
+	raw_run(&r, p.port, m, hl, 0);
+	CHECK_EQ(r.in_total, 20);
+	CHECK_EQ(r.in[11], PEER_HS_TLS_MISMATCH);
+	CHECK_EQ(p.recv_n[2], 0);
+	node_close(&p);
 }
 
 /* --peer-auto-tls: self-signed certificates, nothing verified, and kept across restarts. */
@@ -1695,7 +1709,7 @@ static void test_tls_self_cert(void)
 		CHECK(strcmp(org, "etcd") == 0);
 		X509_VERIFY_PARAM_free(vp);
 	}
-	struct stat st1, st2;
+	struct stat st1;
 	snprintf(path, sizeof(path), "%s/key.pem", dir1);
 	CHECK_EQ(stat(path, &st1), 0);
 	CHECK_EQ(st1.st_mode & 0777, 0600);
@@ -1709,7 +1723,6 @@ static void test_tls_self_cert(void)
 	CHECK(x != NULL && y != NULL && X509_cmp(x, y) == 0);
 	X509_free(x);
 	X509_free(y);
-	(void)st2;
 
 	/* Two members with their own self-signed certificates talk (skip_verify). */
 	char cert[700], key[700];

@@ -47,7 +47,6 @@ static SSL_CTX *ctx_new(const SSL_METHOD *m, const peer_tls_config *cfg, char *e
 	SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
 	SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_TICKET);
 	SSL_CTX_set_num_tickets(ctx, 0);
-	SSL_CTX_set_mode(ctx, SSL_MODE_RELEASE_BUFFERS);
 	errno = 0;
 	if (SSL_CTX_use_certificate_chain_file(ctx, cfg->ptc_cert_file) != 1) {
 		tls_err(err, errlen, "cannot use --peer-cert-file", cfg->ptc_cert_file);
