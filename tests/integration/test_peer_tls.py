@@ -105,6 +105,18 @@ def mutual_tls(m):
 
 
 class PeerTLSBase(unittest.TestCase):
+    def watch_sanitizers(self, c):
+        """With KEELSON_SANITIZER_CHECK=1 (an ASan build), any report in a member's log fails
+        the test. Register after c.cleanup: cleanups run last-in first-out."""
+        def check():
+            if os.environ.get("KEELSON_SANITIZER_CHECK") != "1":
+                return
+            for m in c.members:
+                report = m.sanitizer_report()
+                if report:
+                    self.fail(report)
+        self.addCleanup(check)
+
     def ctl_ok(self, m, *args, **kw):
         r = m.ctl(*args, **kw)
         self.assertEqual(r.rc, 0, r)
@@ -141,6 +153,7 @@ class TestPeerTLSCluster(PeerTLSBase):
     def setUp(self):
         self.cluster = Cluster(3, label="ptls", peer_tls=mutual_tls).start()
         self.addCleanup(self.cluster.cleanup)
+        self.watch_sanitizers(self.cluster)
 
     def test_write_kill_leader(self):
         c = self.cluster
@@ -241,6 +254,7 @@ class TestPeerAutoTLS(PeerTLSBase):
     def test_auto_tls_cluster(self):
         c = Cluster(3, label="pauto", peer_tls=lambda m: ["--peer-auto-tls"]).start()
         self.addCleanup(c.cleanup)
+        self.watch_sanitizers(c)
         for m in c.members:
             for f in ("cert.pem", "key.pem"):
                 self.assertTrue(os.path.isfile(os.path.join(m.data_dir, "fixtures", "peer", f)))
