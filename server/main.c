@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "server/peer.h"
 #include "server/server.h"
 
 /* mkdir -p with etcd's private mode. */
@@ -172,6 +173,88 @@ static int listen_clients(api_server *as, const config *cfg)
 	return rc;
 }
 
+/*
+ * Peer TLS from the --peer-* flags, with etcd's rules: https peer URLs need a cert and key
+ * (or --peer-auto-tls, which makes them under <data-dir>/fixtures/peer); on http URLs the
+ * files are ignored with a warning. Sets cfg->peer_tls (NULL: plaintext). 0 or -1 (logged).
+ */
+static int setup_peer_tls(config *cfg)
+{
+	int n_https = 0, n_http = 0;
+	int have_files = cfg->peer_cert_file[0] != '\0' || cfg->peer_key_file[0] != '\0';
+	const char *https_hp = "";
+	char hps[CONFIG_MAX_URLS][256];
+	const char *hosts[CONFIG_MAX_URLS];
+	for (int i = 0; i < cfg->listen_peer.n; i++) {
+		const char *url = cfg->listen_peer.url[i];
+		if (config_url_host_port(url, hps[i], sizeof(hps[i])) != 0)
+			hps[i][0] = '\0';
+		hosts[i] = hps[i];
+		if (strncmp(url, "https://", 8) == 0) {
+			if (n_https++ == 0)
+				https_hp = hps[i];
+			continue;
+		}
+		n_http++;
+		if (have_files)
+			log_at(LOG_WARN, "scheme is HTTP while key and cert files are present; ignoring key and cert files",
+			       "peer-url", url, NULL);
+		if (cfg->peer_client_cert_auth)
+			log_at(LOG_WARN, "scheme is HTTP while --peer-client-cert-auth is enabled; ignoring client cert auth for this URL",
+			       "peer-url", url, NULL);
+	}
+	if (cfg->peer_auto_tls && have_files)
+		log_at(LOG_WARN, "ignoring peer auto TLS since certs given", NULL);
+	if (n_https == 0)
+		return 0;
+	if (n_http > 0) {
+		/* etcd serves each listener in its own scheme; Keelson's transport is TLS or not
+		 * as a whole. */
+		log_at(LOG_FATAL, "keelson: --listen-peer-urls must be all http or all https", NULL);
+		return -1;
+	}
+	char dir[4096], cert[4200], key[4200];
+	peer_tls_config tc = {
+		.ptc_cert_file = cfg->peer_cert_file,
+		.ptc_key_file = cfg->peer_key_file,
+		.ptc_trusted_ca_file = cfg->peer_trusted_ca_file,
+		.ptc_crl_file = cfg->peer_crl_file,
+		.ptc_allowed_cn = cfg->peer_cert_allowed_cn,
+		.ptc_client_cert_auth = cfg->peer_client_cert_auth,
+	};
+	char why[256] = "";
+	if (!have_files && cfg->peer_auto_tls) {
+		snprintf(dir, sizeof(dir), "%s/fixtures/peer", cfg->data_dir);
+		if (peer_tls_self_cert(dir, hosts, cfg->listen_peer.n, why, sizeof(why)) != 0) {
+			log_at(LOG_FATAL, "failed to get peer self-signed certs", "error", why, NULL);
+			return -1;
+		}
+		snprintf(cert, sizeof(cert), "%s/cert.pem", dir);
+		snprintf(key, sizeof(key), "%s/key.pem", dir);
+		tc.ptc_cert_file = cert;
+		tc.ptc_key_file = key;
+		tc.ptc_skip_verify = 1;
+	}
+	if (tc.ptc_cert_file[0] == '\0' || tc.ptc_key_file[0] == '\0') {
+		char msg[512];
+		snprintf(msg, sizeof(msg), "cannot listen on TLS for %.255s: KeyFile and CertFile are not presented",
+			 https_hp);
+		log_at(LOG_FATAL, msg, NULL);
+		return -1;
+	}
+	char info[2048];
+	snprintf(info, sizeof(info), "cert = %s, key = %s, trusted-ca = %s, client-cert-auth = %s, crl-file = %s",
+		 tc.ptc_cert_file, tc.ptc_key_file, tc.ptc_trusted_ca_file,
+		 tc.ptc_client_cert_auth ? "true" : "false", tc.ptc_crl_file);
+	int rc = peer_tls_new(&cfg->peer_tls, &tc, why, sizeof(why));
+	if (rc != 0) {
+		log_at(LOG_FATAL, "cannot set up peer TLS", "error", why, NULL);
+		return -1;
+	}
+	log_at(LOG_INFO, "starting with peer TLS", "tls-info", info, NULL);
+	return 0;
+}
+
 static int run(config *cfgp);
 
 int main(int argc, char **argv)
@@ -229,10 +312,15 @@ static int run(config *cfgp)
 		log_at(LOG_FATAL, "cannot open storage", "path", member_dir, "error", storage_strerror(rc), NULL);
 		return 1;
 	}
+	if (setup_peer_tls(&cfg) != 0) {
+		storage_close(sc.st);
+		return 1;
+	}
 	char why[256];
 	rc = member_compute_ids(&cfg, &sc.mi, why, sizeof(why));
 	if (rc) {
 		log_at(LOG_FATAL, "invalid --initial-cluster", "error", why, NULL);
+		peer_tls_free(cfg.peer_tls);
 		storage_close(sc.st);
 		return 1;
 	}
@@ -256,6 +344,9 @@ static int run(config *cfgp)
 	}
 	if (rc == 0)
 		rc = node_start(&sc.nd, &sc);
+	/* The transport holds its own reference from here on. */
+	peer_tls_free(cfg.peer_tls);
+	cfg.peer_tls = NULL;
 	if (rc) {
 		log_at(LOG_FATAL, "cannot start member", "error", storage_strerror(rc), NULL);
 		storage_close(sc.st);

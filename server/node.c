@@ -1235,6 +1235,7 @@ int node_start(node **out, server_ctx *sc)
 	pc.pc_cluster_token = sc->cfg->initial_cluster_token;
 	pc.pc_listen = listen;
 	pc.pc_n_listen = nl;
+	pc.pc_tls = sc->cfg->peer_tls; /* built by main.c from the --peer-* TLS flags */
 	peer_callbacks cb = {on_peer_message, on_peer_state, on_peer_log, on_peer_refused};
 	int prc = peer_transport_init(&n->n_peers, &n->n_loop, &pc, cb, n);
 	if (prc != 0) {

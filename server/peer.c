@@ -10,7 +10,8 @@
  *                   t_inbound). It owns a TCP handle and a timer (connect / handshake
  *                   deadline) and is freed when both are closed. A conn outlives the peer
  *                   that dialed it only as a detached orphan (c_peer == NULL) on its way out.
- *   frame           one queued message: the 4-byte header and the payload in one block.
+ *   frame           one queued message: the 4-byte header and the payload in one block;
+ *                   with TLS, a chunk of several small messages (see peer_send).
  *   batch           one uv_write of up to BATCH_MAX frames; freed in its write callback,
  *                   which libuv runs (with UV_ECANCELED if need be) before the conn's close
  *                   callback, so a batch never outlives its conn.
@@ -19,10 +20,19 @@
  * callback writes each peer's queue in one uv_write. Everything sent during one loop turn
  * leaves in one writev, and frames queued while a write is in flight leave together when it
  * completes.
+ *
+ * TLS (t_has_tls): each conn owns an SSL over two memory BIOs. Ciphertext read from the
+ * socket lands in the transport's one t_tls_rbuf (libuv reads one stream at a time and the
+ * bytes go into the read BIO before on_read returns), and SSL_read decrypts into exactly
+ * the buffers the plaintext path reads into (c_rbuf, c_big), which are then parsed by the
+ * same code. Every SSL call is followed by tls_take_output(): the write BIO's buffer is
+ * detached and given to uv_write, and freed by that write's callback.
  */
 #include "server/peer.h"
+#include "server/peer_tls.h"
 
 #include <inttypes.h>
+#include <limits.h>
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -30,6 +40,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+
+#include <openssl/buffer.h>
+#include <openssl/err.h>
+#include <openssl/x509v3.h>
 
 #define DEFAULT_MAX_FRAME (64u << 20)
 #define DEFAULT_MAX_QUEUE (16u << 20)
@@ -47,6 +61,9 @@
 #define ACK_LEN 16
 #define LOG_QUIET_MS 60000           /* an identical acceptor-side error is logged once per */
 #define LOG_SLOTS 8
+#define TLS_CHUNK 16384              /* one full TLS record of small messages */
+#define TLS_RBUF_SIZE (64 * 1024)    /* ciphertext read buffer, shared by the transport */
+#define TLS_RECORD_FIRST 0x16        /* a TLS handshake record's first byte */
 
 /* Reasons a connection ends, beyond libuv's negative codes and handshake statuses. */
 enum {
@@ -62,6 +79,9 @@ enum {
 	WHY_NOMEM = WHY_PROTO + 8,
 	WHY_BUSY = WHY_PROTO + 9,
 	WHY_REPLACED = WHY_PROTO + 10,
+	WHY_TLS = WHY_PROTO + 11,          /* details in c_tls_err */
+	WHY_TLS_EOF = WHY_PROTO + 12,
+	WHY_TLS_ON_PLAIN = WHY_PROTO + 13,
 };
 
 enum conn_state {
@@ -74,7 +94,9 @@ enum conn_state {
 
 typedef struct frame {
 	struct frame *f_next;
-	size_t f_len; /* 4 + payload */
+	size_t f_len;      /* bytes used: 4 + payload of each message */
+	size_t f_cap;      /* bytes allocated in f_data (> f_len only for TLS chunks) */
+	unsigned f_msgs;   /* messages in it */
 	uint8_t f_data[];
 } frame;
 
@@ -88,8 +110,15 @@ typedef struct batch {
 	unsigned b_n;
 	size_t b_bytes;      /* frame bytes, headers included */
 	size_t b_payload;
+	BUF_MEM *b_tls;      /* TLS: the ciphertext being written */
 	uv_buf_t b_bufs[];
 } batch;
+
+/* A TLS write of protocol records only (handshake, alerts). */
+typedef struct tls_out {
+	uv_write_t o_req;
+	BUF_MEM *o_buf;
+} tls_out;
 
 struct conn {
 	uv_tcp_t c_tcp;
@@ -114,6 +143,13 @@ struct conn {
 	size_t c_big_len, c_big_have, c_big_cap;
 	char c_addr[64];
 	uint8_t c_ctl[4 + HELLO_FIXED + PEER_TOKEN_MAX];
+	SSL *c_ssl;            /* NULL: plaintext */
+	int c_tls_done;        /* the TLS handshake completed */
+	int c_tls_fed;         /* bytes were fed to c_ssl (the first byte was checked) */
+	int c_tls_mismatch;    /* inbound: a plaintext HELLO on a TLS listener, to refuse */
+	int c_tls_failed;      /* tls_fail: closes once its alert is written */
+	BUF_MEM *c_ctl_out;    /* TLS: the ciphertext of the HELLO/ACK being written */
+	char c_tls_err[192];   /* the reason of a WHY_TLS failure */
 };
 
 struct peer {
@@ -132,6 +168,7 @@ struct peer {
 	int p_redial_now;
 	int p_log_state;        /* 0 nothing logged, 1 "active" logged, 2 failure p_log_why logged */
 	int p_log_why;
+	char p_log_detail[192];
 	int p_removed;
 	peer_stats p_st;
 };
@@ -170,6 +207,9 @@ struct peer_transport {
 	int t_closing;
 	peer_close_cb t_close_cb;
 	peer_transport_stats t_st;
+	int t_has_tls;
+	struct peer_tls t_tls;  /* our references, when t_has_tls */
+	uint8_t *t_tls_rbuf;    /* TLS_RBUF_SIZE: ciphertext, see the top of this file */
 	struct {
 		int why;
 		uint64_t id;
@@ -193,6 +233,7 @@ const char *peer_strerror(int err)
 	case PEER_EADDR: return "peer: invalid address";
 	case PEER_EBIND: return "peer: cannot listen on address";
 	case PEER_ECLOSED: return "peer: transport closed";
+	case PEER_ETLS: return "peer: TLS setup failed";
 	default: return "peer: unknown error";
 	}
 }
@@ -207,6 +248,7 @@ static const char *hs_status_text(int st)
 	case PEER_HS_RECEIVER: return "receiver member ID mismatch";
 	case PEER_HS_UNKNOWN_SENDER: return "sender is not a known member";
 	case PEER_HS_SELF: return "sender has the receiver's own member ID";
+	case PEER_HS_TLS_MISMATCH: return "TLS mismatch: one member uses TLS (https peer URLs), the other plaintext (http)";
 	default: return "unknown handshake status";
 	}
 }
@@ -228,6 +270,9 @@ static const char *why_text(int why)
 	case WHY_NOMEM: return "out of memory";
 	case WHY_BUSY: return "too many connections in handshake";
 	case WHY_REPLACED: return "replaced by a newer connection from the same member";
+	case WHY_TLS: return "TLS error";
+	case WHY_TLS_EOF: return "connection closed during the TLS handshake (does the peer serve plaintext http peer URLs?)";
+	case WHY_TLS_ON_PLAIN: return "TLS handshake on a plaintext peer listener (the dialing member uses https peer URLs, this one http)";
 	default: return "unknown";
 	}
 }
@@ -404,6 +449,9 @@ static void maybe_free_transport(peer_transport *t)
 		return;
 	peer_close_cb cb = t->t_close_cb;
 	void *ctx = t->t_ctx;
+	if (t->t_has_tls)
+		peer_tls__release(&t->t_tls);
+	free(t->t_tls_rbuf);
 	free(t->t_token);
 	free(t);
 	if (cb != NULL)
@@ -430,7 +478,7 @@ static void peer_drop_queue(peer *p)
 	while (f != NULL) {
 		frame *next = f->f_next;
 		p->p_queued -= f->f_len;
-		p->p_st.ps_dropped_msgs++;
+		p->p_st.ps_dropped_msgs += f->f_msgs;
 		free(f);
 		f = next;
 	}
@@ -449,6 +497,8 @@ static void on_conn_closed(uv_handle_t *h)
 	peer *p = c->c_outgoing ? c->c_peer : NULL;
 	free(c->c_rbuf);
 	free(c->c_big);
+	SSL_free(c->c_ssl);
+	BUF_MEM_free(c->c_ctl_out);
 	int was_open = c->c_was_open;
 	int connect_failed = c->c_connect_failed;
 	uint64_t open_ms = c->c_open_ms;
@@ -513,33 +563,36 @@ static void conn_close(conn *c)
 }
 
 /* An outgoing connection (attempt) failed: log the first of a run of identical failures. */
-static void dial_failed_log(peer *p, int why)
+static void dial_failed_log(peer *p, int why, const char *detail)
 {
 	peer_transport *t = p->p_t;
-	if (p->p_log_state == 2 && p->p_log_why == why)
+	if (detail == NULL)
+		detail = why_text(why);
+	if (p->p_log_state == 2 && p->p_log_why == why && strcmp(p->p_log_detail, detail) == 0)
 		return;
 	const char *msg = p->p_log_state == 1 ? "peer became inactive (connection lost)"
 					       : "failed to connect to peer";
 	if (why >= WHY_REFUSED && why < WHY_PROTO)
 		msg = "peer refused the connection";
-	tlog(t, PEER_LOG_WARN, msg, p->p_id, p->p_addr, why_text(why));
+	tlog(t, PEER_LOG_WARN, msg, p->p_id, p->p_addr, detail);
 	p->p_log_state = 2;
 	p->p_log_why = why;
+	snprintf(p->p_log_detail, sizeof(p->p_log_detail), "%s", detail);
 }
 
 /* Closes c for reason why, logging it (outgoing: once per run; inbound: rate-limited). */
-static void conn_fail(conn *c, int why)
+/* Logs why c fails (outgoing: once per run; inbound: rate-limited). */
+static void conn_log_failure(conn *c, int why)
 {
 	peer_transport *t = c->c_t;
-	if (c->c_state == CONN_CLOSING)
-		return;
+	const char *detail = why == WHY_TLS && c->c_tls_err[0] != '\0' ? c->c_tls_err : why_text(why);
 	if (c->c_outgoing) {
 		peer *p = c->c_peer;
 		/* Not yet a failure if the name has another address to try (on_conn_closed). */
 		int more = c->c_connect_failed && p != NULL && p->p_ai_cur != NULL &&
 			   p->p_ai_cur->ai_next != NULL;
 		if (p != NULL && !more)
-			dial_failed_log(p, why);
+			dial_failed_log(p, why, detail);
 	} else {
 		uint64_t id = c->c_remote;
 		if (why != WHY_EOF && why != UV_ECONNRESET && why != WHY_REPLACED)
@@ -548,8 +601,16 @@ static void conn_fail(conn *c, int why)
 				  ? PEER_LOG_INFO
 				  : PEER_LOG_WARN;
 		if (!maybe_quiet(t, why, id))
-			tlog(t, lvl, "closed inbound peer connection", id, c->c_addr, why_text(why));
+			tlog(t, lvl, "closed inbound peer connection", id, c->c_addr, detail);
 	}
+}
+
+/* Closes c for reason why, logging it. */
+static void conn_fail(conn *c, int why)
+{
+	if (c->c_state == CONN_CLOSING)
+		return;
+	conn_log_failure(c, why);
 	conn_close(c);
 }
 
@@ -615,6 +676,8 @@ static size_t conn_frame_limit(const conn *c)
 static void on_ctl_written(uv_write_t *req, int status)
 {
 	conn *c = req->data;
+	BUF_MEM_free(c->c_ctl_out);
+	c->c_ctl_out = NULL;
 	if (c->c_state == CONN_CLOSING)
 		return;
 	if (c->c_state == CONN_REFUSING) {
@@ -625,10 +688,203 @@ static void on_ctl_written(uv_write_t *req, int status)
 		conn_fail(c, status);
 }
 
+/* ---- TLS (see the top of this file) ---- */
+
+/* The reason of c's TLS failure into c_tls_err; clears OpenSSL's (per-thread) error queue. */
+static void tls_note_error(conn *c, const char *what)
+{
+	if (c->c_tls_err[0] != '\0') { /* set by tls_verify_cb: more precise */
+		ERR_clear_error();
+		return;
+	}
+	unsigned long code = ERR_peek_last_error();
+	const char *reason = code != 0 ? ERR_reason_error_string(code) : NULL;
+	long vr = c->c_ssl != NULL ? SSL_get_verify_result(c->c_ssl) : X509_V_OK;
+	if (reason == NULL)
+		reason = what;
+	if (vr != X509_V_OK)
+		snprintf(c->c_tls_err, sizeof(c->c_tls_err), "tls: %s: %s", reason,
+			 X509_verify_cert_error_string(vr));
+	else
+		snprintf(c->c_tls_err, sizeof(c->c_tls_err), "tls: %s", reason);
+	ERR_clear_error();
+}
+
+/*
+ * Detaches the bytes c's write BIO holds: the BIO gets a fresh empty buffer and the caller
+ * owns the full one (BUF_MEM_free), so ciphertext reaches uv_write without a copy. NULL if
+ * there is nothing, or on allocation failure (*nomem set).
+ */
+static BUF_MEM *tls_take_output(conn *c, int *nomem)
+{
+	BIO *wb = SSL_get_wbio(c->c_ssl);
+	BUF_MEM *full = NULL;
+	*nomem = 0;
+	if (BIO_ctrl_pending(wb) == 0)
+		return NULL;
+	BUF_MEM *fresh = BUF_MEM_new();
+	if (fresh == NULL) {
+		*nomem = 1;
+		return NULL;
+	}
+	BIO_get_mem_ptr(wb, &full);
+	BIO_set_close(wb, BIO_NOCLOSE); /* the BIO must not free `full` when it lets go of it */
+	BIO_set_mem_buf(wb, fresh, BIO_CLOSE);
+	return full;
+}
+
+static void on_tls_out_written(uv_write_t *req, int status)
+{
+	tls_out *o = (tls_out *)req;
+	conn *c = req->data;
+	BUF_MEM_free(o->o_buf);
+	free(o);
+	if (c->c_state == CONN_CLOSING)
+		return;
+	if (c->c_tls_failed) /* the failure's alert is out (tls_fail) */
+		conn_close(c);
+	else if (status < 0)
+		conn_fail(c, status);
+}
+
+/* Writes the TLS records c's SSL produced (handshake, alerts). 0, or -1 once c failed. */
+static int tls_flush(conn *c)
+{
+	int nomem;
+	BUF_MEM *bm = tls_take_output(c, &nomem);
+	if (bm == NULL) {
+		if (!nomem)
+			return 0;
+		conn_fail(c, WHY_NOMEM);
+		return -1;
+	}
+	tls_out *o = malloc(sizeof(*o));
+	if (o == NULL) {
+		BUF_MEM_free(bm);
+		conn_fail(c, WHY_NOMEM);
+		return -1;
+	}
+	o->o_buf = bm;
+	o->o_req.data = c;
+	uv_buf_t b = uv_buf_init(bm->data, (unsigned)bm->length);
+	int r = uv_write(&o->o_req, (uv_stream_t *)&c->c_tcp, &b, 1, on_tls_out_written);
+	if (r < 0) {
+		BUF_MEM_free(bm);
+		free(o);
+		conn_fail(c, r);
+		return -1;
+	}
+	return 0;
+}
+
+/* A TLS failure (reason in c_tls_err): logged now; the alert OpenSSL wrote, if any, goes out
+ * before the close, so the other side can log the reason too. */
+static void tls_fail(conn *c)
+{
+	peer_transport *t = c->c_t;
+	if (c->c_state == CONN_CLOSING)
+		return;
+	conn_log_failure(c, WHY_TLS);
+	if (c->c_state == CONN_REFUSING || BIO_ctrl_pending(SSL_get_wbio(c->c_ssl)) == 0) {
+		conn_close(c);
+		return;
+	}
+	if (!c->c_outgoing && c->c_state == CONN_HANDSHAKE)
+		t->t_pending_hs--;
+	/* Reading goes on (on_read drops the bytes): closing with unread bytes would send a
+	 * reset, which may overtake the alert. */
+	c->c_state = CONN_REFUSING;
+	c->c_tls_failed = 1;
+	uv_timer_start(&c->c_timer, on_conn_timeout, t->t_hs_ms, 0);
+	tls_flush(c);
+}
+
+/* SSL_write of all of data (in pieces below INT_MAX). 0, or -1 with c_tls_err set. */
+static int tls_write_all(conn *c, const uint8_t *data, size_t len)
+{
+	while (len > 0) {
+		int n = len > (1u << 30) ? (1 << 30) : (int)len;
+		if (SSL_write(c->c_ssl, data, n) != n) {
+			tls_note_error(c, "write failed");
+			return -1;
+		}
+		data += n;
+		len -= (size_t)n;
+	}
+	return 0;
+}
+
+/* OpenSSL's chain verification, plus peer_tls__check_cert on each certificate it accepted:
+ * a refusal here fails the handshake with an alert the other side can log. */
+static int tls_verify_cb(int ok, X509_STORE_CTX *xs)
+{
+	SSL *ssl = X509_STORE_CTX_get_ex_data(xs, SSL_get_ex_data_X509_STORE_CTX_idx());
+	conn *c = ssl != NULL ? SSL_get_app_data(ssl) : NULL;
+	X509 *cert = X509_STORE_CTX_get_current_cert(xs);
+	if (!ok || c == NULL || cert == NULL)
+		return ok;
+	int err = peer_tls__check_cert(&c->c_t->t_tls, cert, X509_STORE_CTX_get_error_depth(xs),
+				       !c->c_outgoing, c->c_tls_err, sizeof(c->c_tls_err));
+	if (err == X509_V_OK)
+		return 1;
+	X509_STORE_CTX_set_error(xs, err);
+	return 0;
+}
+
+/* Gives c an SSL over memory BIOs: the acceptor's server side or the dialer's client side. */
+static int conn_tls_begin(conn *c)
+{
+	peer_transport *t = c->c_t;
+	SSL *ssl = SSL_new(c->c_outgoing ? t->t_tls.pt_client : t->t_tls.pt_server);
+	BIO *rb = BIO_new(BIO_s_mem()), *wb = BIO_new(BIO_s_mem());
+	if (ssl == NULL || rb == NULL || wb == NULL) {
+		SSL_free(ssl);
+		BIO_free(rb);
+		BIO_free(wb);
+		ERR_clear_error();
+		return -1;
+	}
+	/* An empty memory BIO means "wait for more bytes", never the end of the stream. */
+	BIO_set_mem_eof_return(rb, -1);
+	BIO_set_mem_eof_return(wb, -1);
+	SSL_set_bio(ssl, rb, wb);
+	SSL_set_app_data(ssl, c);
+	SSL_set_verify(ssl, SSL_get_verify_mode(ssl), tls_verify_cb);
+	c->c_ssl = ssl;
+	if (!c->c_outgoing) {
+		SSL_set_accept_state(ssl);
+		return 0;
+	}
+	SSL_set_connect_state(ssl);
+	char host[256];
+	int port;
+	if (t->t_tls.pt_verify && c->c_peer != NULL &&
+	    parse_host_port(c->c_peer->p_addr, host, sizeof(host), &port) == 0) {
+		/* As Go's dialer, which etcd uses: the certificate must name the host dialed. */
+		X509_VERIFY_PARAM *vp = SSL_get0_param(ssl);
+		if (X509_VERIFY_PARAM_set1_ip_asc(vp, host) != 1) {
+			ERR_clear_error();
+			SSL_set_tlsext_host_name(ssl, host);
+			X509_VERIFY_PARAM_set1_host(vp, host, 0);
+		}
+	}
+	return 0;
+}
+
 static int conn_write_ctl(conn *c, size_t len)
 {
 	uv_buf_t b = uv_buf_init((char *)c->c_ctl, (unsigned)len);
 	c->c_ctl_req.data = c;
+	if (c->c_ssl != NULL) {
+		int nomem;
+		ERR_clear_error();
+		if (tls_write_all(c, c->c_ctl, len) != 0)
+			return UV_EPROTO;
+		c->c_ctl_out = tls_take_output(c, &nomem);
+		if (c->c_ctl_out == NULL)
+			return UV_ENOMEM;
+		b = uv_buf_init(c->c_ctl_out->data, (unsigned)c->c_ctl_out->length);
+	}
 	return uv_write(&c->c_ctl_req, (uv_stream_t *)&c->c_tcp, &b, 1, on_ctl_written);
 }
 
@@ -647,6 +903,11 @@ static int hello_check(conn *c, const uint8_t *pl, size_t len, uint64_t *sender)
 	if (tlen > PEER_TOKEN_MAX || len != HELLO_FIXED + tlen)
 		return -WHY_BAD_HELLO;
 	*sender = get_be64(pl + 16);
+	/* A plaintext HELLO on a TLS listener, or a HELLO that says it travels in TLS when it
+	 * does not (a TLS-terminating proxy in between, say): the two members disagree. */
+	int tls_hello = (get_be16(pl + 6) & PEER_HELLO_TLS) != 0;
+	if (c->c_tls_mismatch || tls_hello != (c->c_ssl != NULL))
+		return PEER_HS_TLS_MISMATCH;
 	/* 0 is a member joining an existing cluster that has yet to learn the cluster id
 	 * (etcd's --initial-cluster-state existing); the token must still match. */
 	if (get_be64(pl + 8) != t->t_cluster && get_be64(pl + 8) != 0 && t->t_cluster != 0)
@@ -779,9 +1040,10 @@ static void conn_on_frame(conn *c, const uint8_t *pl, size_t len)
 	}
 }
 
-static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+/* Where c's next plaintext bytes go: the rest of a large frame, or c_rbuf. base NULL when
+ * a large frame's buffer cannot grow. */
+static void conn_plain_space(conn *c, uv_buf_t *buf)
 {
-	conn *c = h->data;
 	if (c->c_big != NULL) {
 		size_t want = c->c_big_len - c->c_big_have;
 		size_t room = c->c_big_cap - c->c_big_have;
@@ -809,10 +1071,26 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 	*buf = uv_buf_init((char *)c->c_rbuf + c->c_rlen, (unsigned)(c->c_rcap - c->c_rlen));
 }
 
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+	conn *c = h->data;
+	if (c->c_ssl != NULL)
+		*buf = uv_buf_init((char *)c->c_t->t_tls_rbuf, TLS_RBUF_SIZE);
+	else
+		conn_plain_space(c, buf);
+}
+
 /* Parses every complete frame in c_rbuf; moves a frame too large for it to c_big. */
 static void conn_parse(conn *c)
 {
 	size_t off = 0;
+	if (!c->c_outgoing && c->c_state == CONN_HANDSHAKE && c->c_rlen > 0 &&
+	    c->c_rbuf[0] == TLS_RECORD_FIRST) {
+		/* A HELLO's first byte is 0 (its length is at most 2 KiB): this is a TLS
+		 * ClientHello from a member that uses https peer URLs. */
+		conn_fail(c, WHY_TLS_ON_PLAIN);
+		return;
+	}
 	while (c->c_state != CONN_CLOSING && c->c_rlen - off >= 4) {
 		if (c->c_outgoing && c->c_state == CONN_OPEN)
 			break; /* anything after the ACK: failed below */
@@ -854,19 +1132,11 @@ static void conn_parse(conn *c)
 		conn_fail(c, WHY_UNEXPECTED);
 }
 
-static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+/* n plaintext bytes arrived where conn_plain_space() said. */
+static void conn_plain_got(conn *c, size_t n)
 {
-	conn *c = s->data;
-	if (c->c_state == CONN_CLOSING || c->c_state == CONN_REFUSING)
-		return;
-	if (nread < 0) {
-		conn_fail(c, nread == UV_EOF ? WHY_EOF : (nread == UV_ENOBUFS ? WHY_NOMEM : (int)nread));
-		return;
-	}
-	if (nread == 0)
-		return;
 	if (c->c_big != NULL) {
-		c->c_big_have += (size_t)nread;
+		c->c_big_have += n;
 		if (c->c_big_have == c->c_big_len) {
 			uint8_t *big = c->c_big;
 			size_t len = c->c_big_len;
@@ -877,8 +1147,106 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 		}
 		return;
 	}
-	c->c_rlen += (size_t)nread;
+	c->c_rlen += n;
 	conn_parse(c);
+}
+
+static void send_hello(conn *c);
+
+/* Decrypts what the read BIO holds into the plaintext buffers and parses it. */
+static void tls_read_plain(conn *c)
+{
+	while (c->c_state != CONN_CLOSING && c->c_state != CONN_REFUSING) {
+		uv_buf_t b;
+		conn_plain_space(c, &b);
+		if (b.base == NULL) {
+			conn_fail(c, WHY_NOMEM);
+			return;
+		}
+		if (b.len == 0) { /* conn_parse always leaves room; never happens */
+			conn_fail(c, WHY_TOO_LONG);
+			return;
+		}
+		int r = SSL_read(c->c_ssl, b.base, b.len > INT_MAX ? INT_MAX : (int)b.len);
+		if (r <= 0) {
+			int e = SSL_get_error(c->c_ssl, r);
+			if (e == SSL_ERROR_WANT_READ)
+				break;
+			if (e == SSL_ERROR_ZERO_RETURN) { /* close_notify */
+				conn_fail(c, WHY_EOF);
+				return;
+			}
+			tls_note_error(c, "read failed");
+			tls_fail(c);
+			return;
+		}
+		conn_plain_got(c, (size_t)r);
+	}
+	if (c->c_state != CONN_CLOSING && c->c_state != CONN_REFUSING)
+		tls_flush(c);
+}
+
+/* n bytes of ciphertext (or, on a TLS listener, maybe a plaintext member's HELLO). */
+static void tls_on_read(conn *c, const uint8_t *data, size_t n)
+{
+	if (!c->c_outgoing && !c->c_tls_fed && data[0] != TLS_RECORD_FIRST) {
+		/* Not TLS: most likely a member with http peer URLs. Refuse its HELLO in
+		 * plaintext (PEER_HS_TLS_MISMATCH), so that it logs why. */
+		SSL_free(c->c_ssl);
+		c->c_ssl = NULL;
+		c->c_tls_mismatch = 1;
+		size_t k = n < c->c_rcap ? n : c->c_rcap;
+		memcpy(c->c_rbuf, data, k);
+		c->c_rlen = k;
+		conn_parse(c);
+		return;
+	}
+	c->c_tls_fed = 1;
+	ERR_clear_error();
+	if (BIO_write(SSL_get_rbio(c->c_ssl), data, (int)n) != (int)n) {
+		ERR_clear_error();
+		conn_fail(c, WHY_NOMEM);
+		return;
+	}
+	if (!c->c_tls_done) {
+		int r = SSL_do_handshake(c->c_ssl);
+		if (r != 1) {
+			if (SSL_get_error(c->c_ssl, r) == SSL_ERROR_WANT_READ) {
+				tls_flush(c);
+				return;
+			}
+			tls_note_error(c, "handshake failed");
+			tls_fail(c);
+			return;
+		}
+		if (tls_flush(c) != 0)
+			return;
+		c->c_tls_done = 1;
+		if (c->c_outgoing)
+			send_hello(c);
+	}
+	tls_read_plain(c);
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+	conn *c = s->data;
+	if (c->c_state == CONN_CLOSING || c->c_state == CONN_REFUSING)
+		return;
+	if (nread < 0) {
+		int why = nread == UV_EOF ? WHY_EOF : (nread == UV_ENOBUFS ? WHY_NOMEM : (int)nread);
+		if (c->c_ssl != NULL && c->c_outgoing && !c->c_tls_done &&
+		    (nread == UV_EOF || nread == UV_ECONNRESET))
+			why = WHY_TLS_EOF;
+		conn_fail(c, why);
+		return;
+	}
+	if (nread == 0)
+		return;
+	if (c->c_ssl != NULL)
+		tls_on_read(c, (const uint8_t *)buf->base, (size_t)nread);
+	else
+		conn_plain_got(c, (size_t)nread);
 }
 
 static void conn_read_start(conn *c)
@@ -931,6 +1299,10 @@ static void on_connection(uv_stream_t *server, int status)
 		return;
 	}
 	conn_tune(c);
+	if (t->t_has_tls && conn_tls_begin(c) != 0) {
+		conn_fail(c, WHY_NOMEM);
+		return;
+	}
 	uv_timer_start(&c->c_timer, on_conn_timeout, t->t_hs_ms, 0);
 	conn_read_start(c);
 }
@@ -949,24 +1321,46 @@ static void on_connect(uv_connect_t *req, int status)
 		return;
 	}
 	conn_tune(c);
-	/* HELLO (see peer.h). */
+	c->c_state = CONN_HANDSHAKE;
+	if (t->t_has_tls) {
+		/* The HELLO waits for the TLS handshake (tls_on_read). */
+		if (conn_tls_begin(c) != 0) {
+			conn_fail(c, WHY_NOMEM);
+			return;
+		}
+		ERR_clear_error();
+		int r = SSL_do_handshake(c->c_ssl);
+		if (r != 1 && SSL_get_error(c->c_ssl, r) != SSL_ERROR_WANT_READ) {
+			tls_note_error(c, "handshake failed");
+			conn_fail(c, WHY_TLS);
+			return;
+		}
+		if (tls_flush(c) == 0)
+			conn_read_start(c);
+		return;
+	}
+	send_hello(c);
+	if (c->c_state != CONN_CLOSING)
+		conn_read_start(c);
+}
+
+/* The dialer's HELLO (see peer.h), once connected (and, with TLS, the handshake done). */
+static void send_hello(conn *c)
+{
+	peer_transport *t = c->c_t;
 	uint8_t *h = c->c_ctl;
 	put_be32(h, (uint32_t)(HELLO_FIXED + t->t_token_len));
 	memcpy(h + 4, "KLSN", 4);
 	put_be16(h + 8, PEER_PROTOCOL_VERSION);
-	put_be16(h + 10, 0);
+	put_be16(h + 10, c->c_ssl != NULL ? PEER_HELLO_TLS : 0);
 	put_be64(h + 12, t->t_cluster);
 	put_be64(h + 20, t->t_self);
 	put_be64(h + 28, c->c_peer != NULL ? c->c_peer->p_id : 0);
 	put_be16(h + 36, (uint16_t)t->t_token_len);
 	memcpy(h + 4 + HELLO_FIXED, t->t_token, t->t_token_len);
-	c->c_state = CONN_HANDSHAKE;
 	int r = conn_write_ctl(c, 4 + HELLO_FIXED + t->t_token_len);
-	if (r < 0) {
+	if (r < 0)
 		conn_fail(c, r);
-		return;
-	}
-	conn_read_start(c);
 }
 
 static void peer_connect_to(peer *p, const struct sockaddr *sa)
@@ -975,7 +1369,7 @@ static void peer_connect_to(peer *p, const struct sockaddr *sa)
 	conn *c = conn_new(t, 1);
 	if (c == NULL) {
 		/* Counts as a failed attempt; the backoff timer retries. */
-		dial_failed_log(p, WHY_NOMEM);
+		dial_failed_log(p, WHY_NOMEM, NULL);
 		peer_drop_queue(p);
 		if (p->p_attempts < 32)
 			p->p_attempts++;
@@ -1005,7 +1399,7 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 	if (p != NULL) {
 		p->p_resolve = NULL;
 		if (status < 0 || res == NULL) {
-			dial_failed_log(p, status < 0 ? status : UV_EAI_NONAME);
+			dial_failed_log(p, status < 0 ? status : UV_EAI_NONAME, NULL);
 			peer_drop_queue(p);
 			if (p->p_attempts < 32)
 				p->p_attempts++;
@@ -1059,7 +1453,7 @@ static void peer_dial(peer *p)
 		}
 		free(r);
 	}
-	dial_failed_log(p, rc);
+	dial_failed_log(p, rc, NULL);
 	peer_drop_queue(p);
 	if (p->p_attempts < 32)
 		p->p_attempts++;
@@ -1110,6 +1504,7 @@ static void on_batch_written(uv_write_t *req, int status)
 		free(f);
 		f = next;
 	}
+	BUF_MEM_free(b->b_tls);
 	free(b);
 	if (c->c_state == CONN_CLOSING)
 		return;
@@ -1119,7 +1514,8 @@ static void on_batch_written(uv_write_t *req, int status)
 		schedule_flush(c->c_t);
 }
 
-/* Writes p's whole queue (up to BATCH_MAX frames) in one uv_write, if nothing is in flight. */
+/* Writes p's whole queue (up to BATCH_MAX frames) in one uv_write, if nothing is in flight;
+ * with TLS, one SSL_write per frame (a chunk of small messages) and one uv_write of it all. */
 static void peer_flush(peer *p)
 {
 	conn *c = p->p_conn;
@@ -1134,15 +1530,17 @@ static void peer_flush(peer *p)
 		return;
 	}
 	b->b_conn = c;
-	b->b_n = n;
+	b->b_n = 0;
 	b->b_bytes = 0;
 	b->b_payload = 0;
+	b->b_tls = NULL;
 	b->b_frames = p->p_qhead;
 	frame *last = NULL, *f = p->p_qhead;
 	for (unsigned i = 0; i < n; i++) {
 		b->b_bufs[i] = uv_buf_init((char *)f->f_data, (unsigned)f->f_len);
+		b->b_n += f->f_msgs;
 		b->b_bytes += f->f_len;
-		b->b_payload += f->f_len - 4;
+		b->b_payload += f->f_len - 4 * (size_t)f->f_msgs;
 		last = f;
 		f = f->f_next;
 	}
@@ -1151,7 +1549,23 @@ static void peer_flush(peer *p)
 	if (f == NULL)
 		p->p_qtail = NULL;
 	c->c_writing = 1;
-	int r = uv_write(&b->b_req, (uv_stream_t *)&c->c_tcp, b->b_bufs, n, on_batch_written);
+	int r;
+	if (c->c_ssl != NULL) {
+		r = 0;
+		ERR_clear_error();
+		for (unsigned i = 0; i < n && r == 0; i++)
+			if (tls_write_all(c, (const uint8_t *)b->b_bufs[i].base, b->b_bufs[i].len) != 0)
+				r = UV_EPROTO;
+		int nomem = 0;
+		if (r == 0 && (b->b_tls = tls_take_output(c, &nomem)) == NULL)
+			r = UV_ENOMEM;
+		if (r == 0) {
+			uv_buf_t cb = uv_buf_init(b->b_tls->data, (unsigned)b->b_tls->length);
+			r = uv_write(&b->b_req, (uv_stream_t *)&c->c_tcp, &cb, 1, on_batch_written);
+		}
+	} else {
+		r = uv_write(&b->b_req, (uv_stream_t *)&c->c_tcp, b->b_bufs, n, on_batch_written);
+	}
 	if (r < 0) {
 		/* libuv will not call back: undo by hand. */
 		on_batch_written(&b->b_req, r);
@@ -1266,6 +1680,18 @@ int peer_transport_init(peer_transport **out, uv_loop_t *loop, const peer_config
 	t->t_hs_ms = cfg->pc_handshake_timeout_ms ? cfg->pc_handshake_timeout_ms : DEFAULT_HANDSHAKE_MS;
 	t->t_dead_ms = cfg->pc_dead_timeout_ms ? cfg->pc_dead_timeout_ms : DEFAULT_DEAD_MS;
 	t->t_rng = cfg->pc_seed ? cfg->pc_seed : (cfg->pc_self_id ^ uv_hrtime()) | 1;
+	if (cfg->pc_tls != NULL) {
+		if (peer_tls__hold(&t->t_tls, cfg->pc_tls) != 0) {
+			rc = PEER_ENOMEM;
+			goto fail;
+		}
+		t->t_has_tls = 1;
+		t->t_tls_rbuf = malloc(TLS_RBUF_SIZE);
+		if (t->t_tls_rbuf == NULL) {
+			rc = PEER_ENOMEM;
+			goto fail;
+		}
+	}
 	for (int i = 0; i < cfg->pc_n_listen; i++) {
 		listener *l = NULL;
 		rc = listen_one(t, cfg->pc_listen[i], &l);
@@ -1286,6 +1712,9 @@ int peer_transport_init(peer_transport **out, uv_loop_t *loop, const peer_config
 fail:
 	for (int i = 0; i < t->t_n_listen; i++)
 		uv_close((uv_handle_t *)&t->t_listen[i]->l_tcp, on_listener_closed);
+	if (t->t_has_tls)
+		peer_tls__release(&t->t_tls);
+	free(t->t_tls_rbuf);
 	free(t->t_token);
 	free(t);
 	return rc;
@@ -1428,19 +1857,30 @@ int peer_send(peer_transport *t, uint64_t to, const void *bytes, size_t len)
 	size_t flen = 4 + len;
 	if (p->p_queued > 0 && p->p_queued + flen > t->t_max_queue)
 		return PEER_EFULL;
-	frame *f = malloc(sizeof(*f) + flen);
-	if (f == NULL)
-		return PEER_ENOMEM;
-	f->f_next = NULL;
-	f->f_len = flen;
-	put_be32(f->f_data, (uint32_t)len);
+	/* The tail of the queue is never in flight (peer_flush detaches what it writes). */
+	frame *f = p->p_qtail;
+	if (f == NULL || f->f_cap - f->f_len < flen) {
+		/* With TLS, small messages share a chunk of one full record, so that a batch
+		 * of heartbeats costs one SSL_write and one record, not one per message. */
+		size_t cap = t->t_has_tls && flen < TLS_CHUNK ? TLS_CHUNK : flen;
+		f = malloc(sizeof(*f) + cap);
+		if (f == NULL)
+			return PEER_ENOMEM;
+		f->f_next = NULL;
+		f->f_len = 0;
+		f->f_cap = cap;
+		f->f_msgs = 0;
+		if (p->p_qtail != NULL)
+			p->p_qtail->f_next = f;
+		else
+			p->p_qhead = f;
+		p->p_qtail = f;
+	}
+	put_be32(f->f_data + f->f_len, (uint32_t)len);
 	if (len > 0)
-		memcpy(f->f_data + 4, bytes, len);
-	if (p->p_qtail != NULL)
-		p->p_qtail->f_next = f;
-	else
-		p->p_qhead = f;
-	p->p_qtail = f;
+		memcpy(f->f_data + f->f_len + 4, bytes, len);
+	f->f_len += flen;
+	f->f_msgs++;
 	p->p_queued += flen;
 	if (p->p_conn != NULL && p->p_conn->c_state == CONN_OPEN && !p->p_conn->c_writing)
 		schedule_flush(t);

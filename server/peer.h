@@ -6,7 +6,9 @@
  *   A transport lives inside the caller's libuv loop (the node loop) and must only be used
  *   from that loop's thread. It starts no threads and takes no locks. Callbacks run on that
  *   thread, from inside uv_run(), never from inside a call of this header (one exception:
- *   peer_transport_init() may call on_log to say why a listen address failed).
+ *   peer_transport_init() may call on_log to say why a listen address failed). The process
+ *   must ignore SIGPIPE (libuv writes with write(2)): a remote that resets a connection
+ *   while a write is pending otherwise kills it.
  *
  * CONNECTIONS (one per direction)
  *   Every member dials every member it was told about (peer_add) and uses that connection
@@ -18,7 +20,7 @@
  * WIRE FORMAT (all integers big-endian)
  *   Every frame is a u32 payload length followed by the payload.
  *   1. The dialer sends a HELLO frame (34 + token_len bytes of payload):
- *        "KLSN" | u16 version (1) | u16 flags (0; reserved, e.g. for a TLS upgrade)
+ *        "KLSN" | u16 version (1) | u16 flags (PEER_HELLO_TLS: sent inside TLS; other bits 0)
  *        | u64 cluster id | u64 sender member id | u64 receiver member id
  *        | u16 token_len | token bytes (at most PEER_TOKEN_MAX)
  *   2. The acceptor answers with an ACK frame (16 bytes of payload):
@@ -28,7 +30,8 @@
  *      a sender that is itself or that it does not know (peer_add), and unknown versions.
  *      "A member from another cluster is refused." A cluster id of 0 on either side stands
  *      for "not known yet" (a member joining with --initial-cluster-state existing) and
- *      matches any id; the token must match regardless.
+ *      matches any id; the token must match regardless. A HELLO whose PEER_HELLO_TLS flag
+ *      disagrees with the connection (see TLS) is refused with PEER_HS_TLS_MISMATCH.
  *   3. After an OK ACK, the dialer sends message frames; the acceptor sends nothing more.
  *   A length above the limit (2 KiB before the handshake, cfg.max_frame after it), a
  *   malformed HELLO/ACK, or any byte from an acceptor after its ACK closes the connection.
@@ -53,9 +56,27 @@
  *   Reconnects back off exponentially with jitter; a connection that dies soon after its
  *   handshake does not reset the backoff.
  *
- * TLS
- *   Not yet: the seam is the connection's uv_stream_t (all socket I/O is in
- *   conn_read_start, conn_write_ctl and peer_flush in peer.c) and the HELLO's flags field.
+ * TLS (cfg.pc_tls, see peer_tls_new below)
+ *   With a TLS context, every listener serves TLS and every dial is TLS (1.2 or later): the
+ *   dialer is the TLS client, the acceptor the TLS server, and the whole stream above (HELLO,
+ *   ACK, frames) travels inside it unchanged, HELLO flagged PEER_HELLO_TLS. The TLS
+ *   handshake counts against cfg.pc_handshake_timeout_ms and the limit on inbound
+ *   connections in handshake, as the HELLO does.
+ *   OpenSSL runs over memory BIOs: ciphertext read from the socket is fed to the read BIO
+ *   and SSL_read decrypts straight into the frame buffers (a large frame's own buffer); the
+ *   write BIO's buffer is handed to uv_write whole (no copy) after each batch. A batch is
+ *   written with one SSL_write per queued chunk: with TLS, peer_send() appends small
+ *   messages to the tail of the queue in 16 KiB chunks (one full TLS record each) instead
+ *   of one record per message.
+ *   Verification, as etcd's: the acceptor requires and verifies a client certificate when
+ *   given a trusted CA or client_cert_auth (then also --peer-cert-allowed-cn and the CRL);
+ *   the dialer verifies the acceptor's chain against the trusted CA (the system's roots
+ *   without one) and its name or IP against the host it dialed, unless skip_verify
+ *   (--peer-auto-tls). Failures close the connection and are logged with OpenSSL's reason.
+ *   Mismatches never hang: a plaintext HELLO arriving on a TLS listener gets a plaintext
+ *   ACK refusing it with PEER_HS_TLS_MISMATCH; a TLS handshake arriving on a plaintext
+ *   listener is closed at its first byte and the dialer logs that the peer closed during
+ *   the TLS handshake.
  *
  * ERRORS
  *   Functions returning int return 0 or a negative PEER_E* code; peer_strerror() names it.
@@ -80,6 +101,7 @@ enum {
 	PEER_EADDR = -1406,    /* an address that is not "host:port" or does not resolve */
 	PEER_EBIND = -1407,    /* a listen address could not be bound or listened on */
 	PEER_ECLOSED = -1408,  /* peer_transport_close() was called */
+	PEER_ETLS = -1409,     /* a TLS certificate, key, CA or CRL could not be used */
 };
 
 /* Static text for a PEER_E* code (or "unknown error"); never NULL. */
@@ -94,7 +116,11 @@ enum {
 	PEER_HS_RECEIVER = 4,       /* receiver member id is not the acceptor's */
 	PEER_HS_UNKNOWN_SENDER = 5, /* the acceptor has no peer with the sender's id */
 	PEER_HS_SELF = 6,           /* sender id equals the acceptor's own id */
+	PEER_HS_TLS_MISMATCH = 7,   /* one side uses TLS (https peer URLs), the other not */
 };
+
+/* HELLO flags. */
+#define PEER_HELLO_TLS 0x0001   /* the HELLO travels inside TLS */
 
 #define PEER_PROTOCOL_VERSION 1
 #define PEER_TOKEN_MAX 1024     /* longest cluster token */
@@ -121,6 +147,8 @@ typedef struct peer_config {
 	unsigned pc_handshake_timeout_ms; /* connect + handshake deadline; default 5000 */
 	unsigned pc_dead_timeout_ms;    /* keepalive and TCP_USER_TIMEOUT; default 30000 */
 	uint64_t pc_seed;               /* reconnect jitter; 0 = from self id and the clock */
+	const struct peer_tls *pc_tls;  /* NULL: plaintext; else TLS on every connection (the
+					 * transport takes its own reference) */
 } peer_config;
 
 /*
@@ -158,6 +186,40 @@ typedef struct peer_callbacks {
 } peer_callbacks;
 
 typedef struct peer_transport peer_transport;
+
+/*
+ * A peer TLS context: both sides' OpenSSL contexts, built once from files at start-up.
+ * Thread-safe reference counting (OpenSSL's); the transport holds its own reference, so
+ * the caller may peer_tls_free() its reference once peer_transport_init() returned.
+ */
+typedef struct peer_tls peer_tls;
+
+typedef struct peer_tls_config {
+	const char *ptc_cert_file;       /* PEM certificate (chain): server and client cert */
+	const char *ptc_key_file;        /* its PEM private key */
+	const char *ptc_trusted_ca_file; /* NULL/"": dialers verify with the system's roots */
+	const char *ptc_crl_file;        /* NULL/"": none; acceptor refuses revoked serials */
+	const char *ptc_allowed_cn;      /* NULL/"": any; else the other side's CN must match */
+	int ptc_client_cert_auth;        /* acceptor requires and verifies a client cert */
+	int ptc_skip_verify;             /* --peer-auto-tls: encrypt, verify nothing */
+} peer_tls_config;
+
+/*
+ * Reads the files and builds the contexts. Errors: PEER_EINVAL (no cert or key file),
+ * PEER_ETLS (a file that cannot be read or used; the reason in err), PEER_ENOMEM.
+ */
+int peer_tls_new(peer_tls **out, const peer_tls_config *cfg, char *err, size_t errlen);
+void peer_tls_free(peer_tls *tls);
+
+/*
+ * etcd's --peer-auto-tls certificate: <dir>/cert.pem and <dir>/key.pem, kept if both exist,
+ * else made: a self-signed ECDSA P-521 certificate of organization "etcd", valid one year,
+ * for server and client auth, with each host (IP or DNS name; "host:port" accepted) as a
+ * subject alternative name. dir is created (0700); the key file is 0600. Errors: PEER_ETLS
+ * (reason in err).
+ */
+int peer_tls_self_cert(const char *dir, const char *const *hosts, int n_hosts, char *err,
+		       size_t errlen);
 
 /*
  * Creates a transport on loop, binds and listens on every cfg->pc_listen address (host

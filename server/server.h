@@ -72,6 +72,12 @@ typedef struct config {
 	/* corruption checks (corrupt.c) */
 	int initial_corrupt_check; /* --experimental-initial-corrupt-check */
 	uint64_t corrupt_check_ms; /* --experimental-corrupt-check-time, 0 = off */
+	/* Peer TLS (--peer-*, as etcd). main.c builds peer_tls from them before node_start;
+	 * node.c hands it to the peer transport (NULL: plaintext peers). */
+	char *peer_cert_file, *peer_key_file, *peer_trusted_ca_file, *peer_crl_file;
+	char *peer_cert_allowed_cn;
+	int peer_client_cert_auth, peer_auto_tls;
+	struct peer_tls *peer_tls;
 	int pre_vote;
 	int force_new_cluster;
 	int show_version;

@@ -9,6 +9,9 @@
     c = Cluster(3, proxy=True).start()  # peer links through a NetProxy (netproxy.py):
     c.proxy.isolate("m2"); c.proxy.set("m1", "m3", "drop"); c.proxy.heal()
 
+Peer TLS: Cluster(3, peer_tls=lambda m: ["--peer-cert-file", ...]) gives every member https
+peer URLs and the flags the function returns for it (called at each start).
+
 Members take etcd's cluster flags (--initial-cluster, --initial-cluster-state,
 --initial-cluster-token, --heartbeat-interval, --election-timeout), so the same code runs
 the real etcd (KEELSON_BIN=/usr/bin/etcd) to check the tests themselves.
@@ -57,6 +60,11 @@ class Member(harness.Server):
             return "http://127.0.0.1:%d" % self.proxy_port
         return self.peer_url
 
+    @property
+    def peer_url(self):
+        url = super().peer_url
+        return url.replace("http://", "https://", 1) if self.cluster.peer_tls else url
+
     def args(self):
         ic = self.initial_cluster or self.cluster.initial_cluster()
         return [
@@ -71,7 +79,7 @@ class Member(harness.Server):
             "--initial-cluster-token", self.cluster.token,
             "--heartbeat-interval", str(self.cluster.heartbeat_ms),
             "--election-timeout", str(self.cluster.election_ms),
-        ] + self.extra_args
+        ] + (list(self.cluster.peer_tls(self)) if self.cluster.peer_tls else []) + self.extra_args
 
     def spawn(self):
         """Start the process without waiting for health (a lone member of a new cluster
@@ -142,9 +150,10 @@ class Member(harness.Server):
 class Cluster:
     def __init__(self, size=3, binary=None, label="c", token=None,
                  heartbeat_ms=HEARTBEAT_MS, election_ms=ELECTION_MS, extra_args=(),
-                 proxy=False):
+                 proxy=False, peer_tls=None):
         """proxy=True: every peer link passes through self.proxy, a netproxy.NetProxy."""
         self.binary = binary or harness.KEELSON_BIN
+        self.peer_tls = peer_tls  # None: http peer URLs; else member -> TLS flags
         self.label = label
         self.token = token or "keelson-test-%d-%d" % (os.getpid(), int(time.time() * 1000))
         self.heartbeat_ms = heartbeat_ms
