@@ -180,7 +180,7 @@ TXN_PROMPTS = [b"compares:\n", b"success requests (get, put, del):\n",
 
 _HEADER_JSON = re.compile(rb'"(cluster_id|member_id|raft_term)":(\d+)')
 _HEADER_FIELDS = re.compile(rb'^"(ClusterID|MemberID|RaftTerm)" : (\d+)$', re.M)
-_LOG_TS = re.compile(rb'"ts":"[^"]*"')
+_LOG_TS = re.compile(rb'"ts":("[^"]*"|[0-9.e+]+)')
 _LOG_TARGET = re.compile(rb'"target":"endpoint://client-[0-9a-f-]+/')
 _HEALTH_TOOK = re.compile(rb'(took = )\S+')
 _SEMVER = re.compile(r"^\d+\.\d+\.\d+$")

@@ -61,6 +61,9 @@ class AuthDifferential(unittest.TestCase):
         p.run("--user", "bob:bpw", "put", "/cfg/b", "1")
         p.run("--user", "alice:apw", "get", "/app/", "--prefix")
         p.run("--user", "alice:apw", "user", "list")  # not root
+        snap = os.path.join(p.sut.tmp, "refused.db")
+        p.run("snapshot", "save", snap)                # Snapshot wants root too
+        p.run("--user", "alice:apw", "snapshot", "save", snap)
         p.run("--user", "root:rootpw", "user", "revoke-role", "root", "root")
         p.run("--user", "root:rootpw", "user", "delete", "root")
         p.run("--user", "root:rootpw", "role", "revoke-permission", "app", "/app/", "/app0")
