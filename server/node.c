@@ -788,6 +788,14 @@ static void process_ready(node *n)
 								  rd.hard_state.commit);
 			atomic_store(&n->n_term, rd.hard_state.term);
 		}
+		/* In index order: entries committed earlier (a restart with commit ahead of
+		 * applied, say) come before a lone voter's new ones. */
+		for (size_t i = 0; rc == 0 && b && i < rd.n_committed; i++) {
+			if (rd.committed[i].index <= applied)
+				continue;
+			apply_one_entry(n, b, &rd.committed[i], &a, &ab);
+			applied = rd.committed[i].index;
+		}
 		if (rc == 0 && lone && b) {
 			for (size_t i = 0; i < rd.n_entries; i++) {
 				if (rd.entries[i].index <= applied)
@@ -795,12 +803,6 @@ static void process_ready(node *n)
 				apply_one_entry(n, b, &rd.entries[i], &a, &ab);
 				applied = rd.entries[i].index;
 			}
-		}
-		for (size_t i = 0; rc == 0 && b && i < rd.n_committed; i++) {
-			if (rd.committed[i].index <= applied)
-				continue;
-			apply_one_entry(n, b, &rd.committed[i], &a, &ab);
-			applied = rd.committed[i].index;
 		}
 		if (rc == 0 && b)
 			rc = storage_batch_events(b, &a, &events, &nevents, &rev);
