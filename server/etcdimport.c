@@ -13,18 +13,19 @@
  *      revision, the compaction state, leases; the buckets storage does not hold are
  *      collected here: members (JSON, as etcd 3.4's membership store writes them) minus
  *      members_removed, users, roles and the auth switch and revision, alarms.
- *   3. The raft state: a snapshot point at consistent_index (with that entry's term), then
- *      every WAL entry after it, committed or not, converted to Keelson's entry format
- *      (server/apply.c) so the node loop applies the committed ones at start-up exactly as
- *      it applies its own, and keeps the others for the cluster to decide (a member's own
- *      commit index may lag the leader's: dropping entries it holds could lose a write the
- *      cluster committed). etcd 3.4 moves consistent_index only with key-space writes, so
- *      the entries after it are typically auth, lease grant, member and empty entries that
- *      etcd itself re-applies after a restart; Keelson re-applies them the same way (a user
- *      or lease that already exists is refused harmlessly, as in etcd). Membership changes
- *      (raft ConfChange entries) up to the commit index are applied to the member list
- *      directly, and the hard state (term, vote, commit) and etcd's member and cluster ids
- *      are kept, so the member answers with etcd's ids.
+ *   3. The raft state. The WAL entries after consistent_index up to the commit index are
+ *      converted to Keelson's entry format and applied by server/apply.c, the node loop's own
+ *      apply, over the imported state. etcd 3.4 moves consistent_index only with key-space
+ *      writes, so these are typically auth, lease grant, member and empty entries that etcd
+ *      itself re-applies after a restart (a user or lease that already exists is refused
+ *      harmlessly, as in etcd), or writes etcd had committed but not applied. Membership
+ *      changes (raft ConfChange entries) up to the commit index are applied to the member
+ *      list. The raft snapshot point is then the commit index (with its entry's term); the
+ *      entries after it stay in the log, converted, for the cluster to decide (a member's
+ *      own commit index may lag the leader's: dropping entries could lose a write the
+ *      cluster committed); a lone voter's entries are all committed. The hard state (term,
+ *      vote) and etcd's member and cluster ids are kept, so the member answers with
+ *      etcd's ids.
  *   4. import.tmp/data.mdb is renamed to member/data.mdb (after fsync) and the directory
  *      removed. etcd's own files are never written, so etcd can still start on them.
  *
@@ -776,34 +777,73 @@ typedef struct import_result {
 	storage_etcd_file_info ir_info;
 	uint64_t ir_replayed;  /* committed entries after consistent_index, to be applied */
 	uint64_t ir_pending;   /* entries after the commit index, kept in the log */
-	uint64_t ir_snap_term;
 } import_result;
 
-/* The raft side, member list, auth and ids into the imported environment at dir. */
-static int write_raft_state(const char *dir, const storage_etcd_wal *w, import_ctx *c,
-			    import_result *res, char *err, size_t errlen)
+/* Whether the member list has a single voter (then every entry in its WAL is committed:
+ * its own write was the quorum). */
+static int lone_voter(const import_ctx *c, uint64_t self)
+{
+	size_t voters = 0;
+	int found = 0;
+	for (size_t i = 0; i < c->n_members; i++)
+		if (!c->members[i].islearner) {
+			voters++;
+			found |= c->members[i].id == self;
+		}
+	return voters == 1 && found;
+}
+
+/* The term of the entry at index, from the WAL (an entry or a snapshot record); 0 if the
+ * WAL has neither. */
+static uint64_t term_at(const storage_etcd_wal *w, uint64_t index)
+{
+	const storage_etcd_wal_entry *at = storage_etcd_wal_entry_at(w, index);
+	if (at)
+		return at->we_term;
+	if (w->ew_has_snapshot && w->ew_snap_index == index)
+		return w->ew_snap_term;
+	return 0;
+}
+
+/*
+ * The raft side, member list, auth and ids into the imported environment at dir, then the
+ * committed WAL entries the backend has not applied, applied as the node loop applies
+ * entries (server/apply.c). The raft snapshot point is then the commit index; entries after
+ * it stay in the log, uncommitted.
+ */
+static int write_raft_state(const config *cfg, const char *dir, const storage_etcd_wal *w,
+			    import_ctx *c, import_result *res, char *err, size_t errlen)
 {
 	uint64_t ci = res->ir_info.ef_consistent_index;
 	uint64_t commit = w->ew_commit > ci ? w->ew_commit : ci;
 	uint64_t last = w->ew_n_entries ? w->ew_entries[w->ew_n_entries - 1].we_index : 0;
-	/* The term of the entry at consistent_index: the snapshot point's. */
-	uint64_t snap_term = 0;
-	const storage_etcd_wal_entry *at = storage_etcd_wal_entry_at(w, ci);
-	if (at)
-		snap_term = at->we_term;
-	else if (w->ew_has_snapshot && w->ew_snap_index == ci)
-		snap_term = w->ew_snap_term;
-	else if (ci != 0) {
-		snprintf(err, errlen, "the WAL holds neither the entry nor a snapshot at the backend's "
-			 "consistent index %" PRIu64 " (WAL entries %" PRIu64 "..%" PRIu64 ")", ci,
-			 w->ew_n_entries ? w->ew_entries[0].we_index : 0, last);
-		return STORAGE_ERR_CORRUPT;
+	if (lone_voter(c, w->ew_node_id) && last > commit)
+		commit = last;
+	uint64_t ci_term = term_at(w, ci);
+	if (ci != 0 && ci_term == 0) {
+		if (ci >= last && w->ew_has_state) {
+			/* The backend applied an entry the WAL no longer holds: its record was the
+			 * torn tail (etcd's leader may apply an entry before its own write is synced).
+			 * The entry's term is at most the hard state's; etcd restarts the same way. */
+			ci_term = w->ew_term;
+			if (w->ew_n_entries && w->ew_entries[w->ew_n_entries - 1].we_term > ci_term)
+				ci_term = w->ew_entries[w->ew_n_entries - 1].we_term;
+		} else {
+			snprintf(err, errlen, "the WAL holds neither the entry nor a snapshot at the backend's "
+				 "consistent index %" PRIu64 " (WAL entries %" PRIu64 "..%" PRIu64 ")", ci,
+				 w->ew_n_entries ? w->ew_entries[0].we_index : 0, last);
+			return STORAGE_ERR_CORRUPT;
+		}
 	}
 	if (commit > ci && (last < commit || storage_etcd_wal_entry_at(w, ci + 1) == NULL)) {
 		snprintf(err, errlen, "the WAL does not hold the committed entries %" PRIu64 "..%" PRIu64
 			 " the backend has not applied", ci + 1, commit);
 		return STORAGE_ERR_CORRUPT;
 	}
+	uint64_t commit_term = commit == ci ? ci_term : term_at(w, commit);
+
+	/* Convert every entry after ci first: membership changes land in c->members before the
+	 * member list is written. */
 	size_t n = last > ci ? (size_t)(last - ci) : 0;
 	storage_log_entry *le = calloc(n ? n : 1, sizeof(*le));
 	uint8_t **bufs = calloc(n ? n : 1, sizeof(*bufs));
@@ -832,9 +872,17 @@ static int write_raft_state(const char *dir, const storage_etcd_wal *w, import_c
 		else
 			res->ir_pending++;
 	}
-	storage *st = NULL;
+
+	server_ctx sc;
+	memset(&sc, 0, sizeof(sc));
+	sc.cfg = (config *)cfg;
+	sc.mi.member_id = w->ew_node_id;
+	sc.mi.cluster_id = w->ew_cluster_id;
 	storage_batch *b = NULL;
-	if (rc == 0 && (rc = storage_open(dir, NULL, &st)) == 0 && (rc = storage_batch_begin(st, &b)) == 0) {
+	if (rc == 0 && (rc = storage_open(dir, NULL, &sc.st)) != 0)
+		snprintf(err, errlen, "open the imported environment: %s", storage_strerror(rc));
+	/* 1. What the backend file holds beyond storage's part, and etcd's ids. */
+	if (rc == 0 && (rc = storage_batch_begin(sc.st, &b)) == 0) {
 		uint8_t id[8];
 		put_be64(id, w->ew_cluster_id);
 		rc = storage_batch_meta_put(b, "cluster_id", id, 8);
@@ -847,29 +895,55 @@ static int write_raft_state(const char *dir, const storage_etcd_wal *w, import_c
 			rc = put_auth(b, c);
 		if (rc == 0 && c->n_alarms)
 			rc = put_alarms(b, c);
-		if (rc == 0 && ci > 0)
-			rc = storage_batch_log_snapshot(b, ci, snap_term, NULL, 0);
-		if (rc == 0 && n > 0)
-			rc = storage_batch_log_append(b, le, n);
-		uint64_t term = w->ew_term > snap_term ? w->ew_term : snap_term;
-		if (rc == 0)
-			rc = storage_batch_log_hard_state(b, term, w->ew_vote, commit);
 		if (rc == 0)
 			rc = storage_batch_commit(b, ci);
 		else
 			storage_batch_abort(b);
-		if (rc && err[0] == '\0')
-			snprintf(err, errlen, "write the imported state: %s", storage_strerror(rc));
-	} else if (rc && err[0] == '\0') {
-		snprintf(err, errlen, "open the imported environment: %s", storage_strerror(rc));
 	}
-	if (st)
-		storage_close(st);
+	/* 2. The committed entries, applied by the same code as the node loop's, over the
+	 * auth and alarm state just written; the raft state after them. */
+	if (rc == 0)
+		rc = alarm_start(&sc.alarms, sc.st);
+	if (rc == 0)
+		rc = auth_start(&sc.auth, cfg, sc.st);
+	if (rc == 0 && (rc = storage_batch_begin(sc.st, &b)) == 0) {
+		storage_arena a;
+		storage_arena_init(&a);
+		for (size_t i = 0; rc == 0 && i < n && le[i].le_index <= commit; i++) {
+			apply_result r;
+			if (le[i].le_len == 0)
+				continue;
+			/* A request's own error (a user or lease that exists already, a compaction
+			 * at or below the compacted revision) is etcd's too when it re-applies. */
+			rc = apply_entry(&sc, b, le[i].le_data, le[i].le_len, &a, &r);
+			if (rc)
+				snprintf(err, errlen, "wal entry %" PRIu64 " cannot be applied: %s",
+					 le[i].le_index, storage_strerror(rc));
+		}
+		size_t first_pending = commit > ci ? (size_t)(commit - ci) : 0;
+		if (rc == 0 && commit > 0)
+			rc = storage_batch_log_snapshot(b, commit, commit_term, NULL, 0);
+		if (rc == 0 && n > first_pending)
+			rc = storage_batch_log_append(b, le + first_pending, n - first_pending);
+		uint64_t term = w->ew_term > commit_term ? w->ew_term : commit_term;
+		if (rc == 0)
+			rc = storage_batch_log_hard_state(b, term, w->ew_vote, commit);
+		if (rc == 0)
+			rc = storage_batch_commit(b, commit);
+		else
+			storage_batch_abort(b);
+		storage_arena_free(&a);
+	}
+	if (rc && err[0] == '\0')
+		snprintf(err, errlen, "write the imported state: %s", storage_strerror(rc));
+	auth_free(sc.auth);
+	alarm_free(sc.alarms);
+	if (sc.st)
+		storage_close(sc.st);
 	for (size_t i = 0; bufs && i < n; i++)
 		free(bufs[i]);
 	free(bufs);
 	free(le);
-	res->ir_snap_term = snap_term;
 	return rc;
 }
 
@@ -920,7 +994,7 @@ int etcd_import_maybe(const config *cfg, const char *member_dir)
 		goto out;
 	}
 	err[0] = '\0';
-	if ((rc = write_raft_state(tmp, &w, c, &res, err, sizeof(err))) != 0) {
+	if ((rc = write_raft_state(cfg, tmp, &w, c, &res, err, sizeof(err))) != 0) {
 		log_at(LOG_FATAL, "cannot import the etcd data dir", "error", err, NULL);
 		goto out;
 	}
@@ -947,7 +1021,7 @@ int etcd_import_maybe(const config *cfg, const char *member_dir)
 	snprintf(roles, sizeof(roles), "%zu", c->n_roles);
 	log_at(LOG_INFO, "imported the etcd data dir (its files are left as they were)", "revision", rev,
 	       "revisions", keys, "leases", leases, "members", members, "users", users, "roles", roles,
-	       "consistent-index", ci, "wal-entries-to-apply", replayed, "wal-entries-uncommitted", pending,
+	       "consistent-index", ci, "wal-entries-applied", replayed, "wal-entries-uncommitted", pending,
 	       "member-id", mid, "cluster-id", cid, "term", term, "commit", commit, NULL);
 	if (c->n_users)
 		log_at(LOG_WARN, "imported users keep etcd's bcrypt password hashes, which this member "

@@ -89,9 +89,9 @@ int config_url_host_port(const char *url, char *out, size_t outlen);
 /*
  * If member_dir holds etcd's snap/db and wal/ (or cfg->wal_dir) and no Keelson environment
  * (data.mdb) yet, imports them into a new environment there: keys, revisions, compaction,
- * leases, members, auth, alarms, etcd's member and cluster ids, the raft hard state, and
- * the WAL entries the backend has not applied (applied by the node loop at start). etcd's
- * files are not modified. Returns 0 (imported, or nothing to import) or a storage error
+ * leases, members, auth, alarms, etcd's member and cluster ids, the raft hard state, the
+ * committed WAL entries the backend has not applied (applied with server/apply.c) and the
+ * uncommitted ones (kept in the log). etcd's files are not modified. Returns 0 (imported, or nothing to import) or a storage error
  * after logging why (nothing of the import is left behind then).
  */
 int etcd_import_maybe(const config *cfg, const char *member_dir);
