@@ -313,3 +313,59 @@ class EtcdDataDir(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+@unittest.skipUnless(HAVE_ETCD, "needs the real etcd 3.4 and etcdctl")
+class EtcdClusterDataDirs(unittest.TestCase):
+    """A 3-member etcd cluster, stopped, taken over member by member: each member's data dir
+    is imported by a Keelson started with that member's flags, and the Keelson cluster
+    serves what etcd served, with each member's ids, then takes writes on every member."""
+
+    def test_three_members(self):
+        import cluster  # noqa: E402  (imported here: only this test needs it)
+        c = cluster.Cluster(3, binary=harness.ETCD_BIN, label="etcd")
+        self.addCleanup(c.cleanup)
+        c.start()
+        s = c.members[0]
+        for i in range(1, 20):
+            ok(s.ctl("put", "c%02d" % i, "v%d" % i))
+        ok(s.ctl("del", "c03"))
+        ok(s.ctl("txn", stdin="value(\"c01\") = \"v1\"\n\nput c01 txn\ndel c05\n\nput c99 no\n\n"))
+        lid = lease_id(ok(s.ctl("lease", "grant", "600")))
+        ok(s.ctl("put", "cl", "leased", "--lease=" + lid))
+        ok(s.ctl("user", "add", "carol:pw-c"))
+        ok(s.ctl("role", "add", "rc"))
+        ok(s.ctl("role", "grant-permission", "rc", "read", "c", "--prefix"))
+        ok(s.ctl("user", "grant-role", "carol", "rc"))
+        ok(s.ctl("compaction", "10"))
+        ok(c.members[2].ctl("put", "c20", "last"))
+        c.wait_converged()
+        want = {m.name: answers(m) for m in c.members}
+        ids = {m.name: want[m.name]["member_id"] for m in c.members}
+        self.assertEqual(len(set(ids.values())), 3)
+        for m in c.members:
+            self.assertIn(m.stop(), (0, -15))
+        # Member by member, with the cluster stopped: the same flags, Keelson's binary.
+        for m in c.members:
+            m.binary = harness.KEELSON_BIN
+            m.label = "sut-" + m.name
+            m._wait_ports_free()
+            m.spawn()
+        c.wait_leader()
+        c.wait_healthy()
+        for m in c.members:
+            with open(m.log_path, "rb") as f:
+                self.assertIn(b"imported the etcd data dir", f.read())
+            got = answers(m)
+            for key in sorted(set(want[m.name]) | set(got)):
+                self.assertEqual(got.get(key), want[m.name].get(key),
+                                 "%s: answers differ on %s" % (m.name, key))
+        # The cluster works on: a write through each member, agreed everywhere.
+        for i, m in enumerate(c.members):
+            ok(m.ctl("put", "after-%d" % i, m.name))
+        c.wait_converged()
+        hashes = c.hashkv()
+        self.assertEqual(len(set(hashes.values())), 1, hashes)
+        for m in c.members:
+            g = ctl_json(m, "get", "after-", "--prefix", "--consistency=s")
+            self.assertEqual(len(g.get("kvs", [])), 3)
