@@ -811,8 +811,9 @@ static uint64_t term_at(const storage_etcd_wal *w, uint64_t index)
  * entries (server/apply.c). The raft snapshot point is then the commit index; entries after
  * it stay in the log, uncommitted.
  */
-static int write_raft_state(const config *cfg, const char *dir, const storage_etcd_wal *w,
-			    import_ctx *c, import_result *res, char *err, size_t errlen)
+static int write_raft_state(const config *cfg, const char *dir, const storage_options *so,
+			    const storage_etcd_wal *w, import_ctx *c, import_result *res, char *err,
+			    size_t errlen)
 {
 	uint64_t ci = res->ir_info.ef_consistent_index;
 	uint64_t commit = w->ew_commit > ci ? w->ew_commit : ci;
@@ -879,7 +880,7 @@ static int write_raft_state(const config *cfg, const char *dir, const storage_et
 	sc.mi.member_id = w->ew_node_id;
 	sc.mi.cluster_id = w->ew_cluster_id;
 	storage_batch *b = NULL;
-	if (rc == 0 && (rc = storage_open(dir, NULL, &sc.st)) != 0)
+	if (rc == 0 && (rc = storage_open(dir, so, &sc.st)) != 0)
 		snprintf(err, errlen, "open the imported environment: %s", storage_strerror(rc));
 	/* 1. What the backend file holds beyond storage's part, and etcd's ids. */
 	if (rc == 0 && (rc = storage_batch_begin(sc.st, &b)) == 0) {
@@ -979,7 +980,13 @@ int etcd_import_maybe(const config *cfg, const char *member_dir)
 		return STORAGE_ERR_NOMEM;
 	}
 	remove_tmp(tmp); /* left by an interrupted import: it never became the environment */
+	/* The map main.c will open the environment with: room for the quota. */
+	storage_options so = {0};
+	uint64_t quota = cfg->quota_backend_bytes ? cfg->quota_backend_bytes : 2ULL << 30;
+	if (quota + (1ULL << 30) > (8ULL << 30))
+		so.so_map_size = quota + (1ULL << 30);
 	storage_etcd_import_options io = {0};
+	io.ei_storage = &so;
 	io.ei_hash_check = STORAGE_ETCD_HASH_SKIP; /* a member's db has no SHA-256 trailer */
 	io.ei_visit = visit;
 	io.ei_ctx = c;
@@ -994,7 +1001,7 @@ int etcd_import_maybe(const config *cfg, const char *member_dir)
 		goto out;
 	}
 	err[0] = '\0';
-	if ((rc = write_raft_state(cfg, tmp, &w, c, &res, err, sizeof(err))) != 0) {
+	if ((rc = write_raft_state(cfg, tmp, &so, &w, c, &res, err, sizeof(err))) != 0) {
 		log_at(LOG_FATAL, "cannot import the etcd data dir", "error", err, NULL);
 		goto out;
 	}
