@@ -33,12 +33,14 @@
  * imported users keep their roles but cannot authenticate until their passwords are reset;
  * etcd 3.5's ConfChangeV2 entries after consistent_index are refused.
  */
+#define _GNU_SOURCE /* F_OFD_GETLK */
 #include <dirent.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <fcntl.h>
 #include <unistd.h>
@@ -773,6 +775,43 @@ static void remove_tmp(const char *tmp)
 	rmdir(tmp);
 }
 
+/*
+ * Whether a process holds a lock on one of the WAL files: a running etcd locks every WAL
+ * file it has open (fileutil.LockFile: an OFD lock on Linux, flock elsewhere). Importing
+ * while etcd writes would copy a state that keeps changing. Only tested, never taken.
+ */
+static int wal_locked(const char *wal_dir, char *which, size_t len)
+{
+	DIR *d = opendir(wal_dir);
+	if (d == NULL)
+		return 0;
+	struct dirent *de;
+	int locked = 0;
+	while (!locked && (de = readdir(d)) != NULL) {
+		size_t n = strlen(de->d_name);
+		if (n < 5 || strcmp(de->d_name + n - 4, ".wal") != 0)
+			continue;
+		char p[4400];
+		snprintf(p, sizeof(p), "%s/%s", wal_dir, de->d_name);
+		int fd = open(p, O_RDONLY | O_CLOEXEC);
+		if (fd < 0)
+			continue;
+		struct flock fl;
+		memset(&fl, 0, sizeof(fl));
+		fl.l_type = F_WRLCK;
+		fl.l_whence = SEEK_SET;
+		if (fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK)
+			locked = 1;
+		if (!locked && flock(fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK)
+			locked = 1;
+		close(fd); /* also drops the shared flock, if taken */
+		if (locked)
+			snprintf(which, len, "%s", de->d_name);
+	}
+	closedir(d);
+	return locked;
+}
+
 typedef struct import_result {
 	storage_etcd_file_info ir_info;
 	uint64_t ir_replayed;  /* committed entries after consistent_index, to be applied */
@@ -874,6 +913,15 @@ static int write_raft_state(const config *cfg, const char *dir, const storage_op
 			res->ir_pending++;
 	}
 
+	if (rc == 0 && find_member(c, w->ew_node_id, NULL) == NULL) {
+		int removed = 0;
+		for (size_t i = 0; i < c->n_removed; i++)
+			removed |= c->removed[i] == w->ew_node_id;
+		snprintf(err, errlen, "member %" PRIx64 " (the WAL's) %s", w->ew_node_id,
+			 removed ? "has been permanently removed from the cluster"
+				 : "is not in the cluster's member list");
+		rc = STORAGE_ERR_INVALID;
+	}
 	server_ctx sc;
 	memset(&sc, 0, sizeof(sc));
 	sc.cfg = (config *)cfg;
@@ -964,8 +1012,13 @@ int etcd_import_maybe(const config *cfg, const char *member_dir)
 	if (exists(mdb) || !exists(db) || !exists(wal))
 		return 0; /* a Keelson data dir (imported already, or never etcd's), or a new one */
 
-	log_at(LOG_INFO, "found an etcd data dir: importing it", "db", db, "wal-dir", wal, NULL);
 	char err[512] = "";
+	if (wal_locked(wal, err, sizeof(err))) {
+		log_at(LOG_FATAL, "cannot import the etcd data dir: a process (etcd?) holds a lock on "
+		       "its WAL; stop it first", "wal-file", err, NULL);
+		return STORAGE_ERR_BUSY;
+	}
+	log_at(LOG_INFO, "found an etcd data dir: importing it", "db", db, "wal-dir", wal, NULL);
 	storage_etcd_wal w;
 	int rc = storage_etcd_wal_read(wal, &w, err, sizeof(err));
 	if (rc) {

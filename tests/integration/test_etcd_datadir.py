@@ -11,8 +11,9 @@ that data dir with the same flags and must answer the same:
     entries the db has not applied are applied by Keelson (as etcd replays them);
   - etcd's own files must be byte-identical after the import.
 Damaged data dirs (a flipped byte in the WAL, a WAL cut short before its last file, a
-truncated db) make Keelson exit non-zero with a clear message, create nothing, and change
-none of the files.
+truncated db) and a data dir an etcd is still running on make Keelson exit non-zero with a
+clear message, create nothing, and change none of the files. A 3-member etcd cluster is
+taken over member by member the same way.
 """
 
 import base64
@@ -301,6 +302,21 @@ class EtcdDataDir(unittest.TestCase):
         k = self.keelson_on(d).start()
         self.assertIn("imported the etcd data dir", self.log(k))
         self.assertEqual(ctl_json(k, "get", "k10")["kvs"][0]["value"], b64("v10"))
+
+    def test_running_etcd_refused(self):
+        """etcd still running on the data dir (its WAL locked): refused, nothing written."""
+        d = self.copy_dir("running")
+        e = harness.Server(harness.ETCD_BIN, name="m1", label="etcd-running")
+        e.data_dir = d
+        self.addCleanup(e.cleanup)
+        e.start()
+        k = self.keelson_on(d)
+        with self.assertRaises(harness.ServerError):
+            k.start(timeout=20)
+        self.assertNotEqual(k.proc.returncode, 0)
+        self.assertIn("holds a lock on its WAL", self.log(k))
+        self.assertNotIn("data.mdb", os.listdir(os.path.join(d, "member")))
+        self.assertEqual(ctl_json(e, "get", "k10")["kvs"][0]["value"], b64("v10"))
 
     def test_truncated_db_refused(self):
         d = self.copy_dir("truncated-db")
