@@ -11,8 +11,10 @@
  *      metadata refuses the import before anything is written.
  *   2. The backend file goes through storage_import_etcd() into member/import.tmp: every
  *      revision, the compaction state, leases; the buckets storage does not hold are
- *      collected here: members (JSON, as etcd 3.4's membership store writes them) minus
- *      members_removed, users, roles and the auth switch and revision, alarms.
+ *      collected here: users, roles and the auth switch and revision, alarms, and members.
+ *      The member list is etcd 3.4's own: the v2 store of the newest member/snap/NNN.snap
+ *      plus the WAL's ConfChanges and member attribute publications after it (the backend's
+ *      "members" bucket minus "members_removed" only when neither is there).
  *   3. The raft state. The WAL entries after consistent_index up to the commit index are
  *      converted to Keelson's entry format and applied by server/apply.c, the node loop's own
  *      apply, over the imported state. etcd 3.4 moves consistent_index only with key-space
@@ -153,7 +155,7 @@ bad:
 static int j_skip(json *j, int depth)
 {
 	j_ws(j);
-	if (j->p == j->e || depth > 16)
+	if (j->p == j->e || depth > 64)
 		return -1;
 	if (*j->p == '"') {
 		char *s = j_string(j);
@@ -180,8 +182,14 @@ static int j_skip(json *j, int depth)
 	return j->p > s ? 0 : -1;
 }
 
+/* A JSON array of strings, replacing *out (malloc'd strings). */
 static int j_strings(json *j, char ***out, size_t *n)
 {
+	for (size_t i = 0; i < *n; i++)
+		free((*out)[i]);
+	free(*out);
+	*out = NULL;
+	*n = 0;
 	if (!j_lit(j, '['))
 		return -1;
 	if (j_lit(j, ']'))
@@ -212,16 +220,16 @@ static void member_clear(Etcdserverpb__Member *m)
 	etcdserverpb__member__init(m);
 }
 
-/* {"id":N,"peerURLs":[...],"isLearner":true,"name":"...","clientURLs":[...]} into *m
- * (strings malloc'd; member_clear() frees them). */
-static int member_from_json(const uint8_t *p, size_t n, Etcdserverpb__Member *m)
+/* The fields of {"id":N,"peerURLs":[...],"isLearner":true,"name":"...","clientURLs":[...]}
+ * into *m, replacing those present (strings malloc'd; member_clear() frees them). Any subset
+ * of the fields (etcd's v2 store keeps raftAttributes and attributes apart); *has_id tells
+ * whether "id" was there. On error *m may be partly updated. */
+static int member_fields_from_json(const uint8_t *p, size_t n, Etcdserverpb__Member *m,
+				   int *has_id_out)
 {
 	json j = {(const char *)p, (const char *)p + n};
-	etcdserverpb__member__init(m);
 	int rc = j_lit(&j, '{') ? 0 : -1, has_id = 0;
-	if (rc == 0 && j_lit(&j, '}'))
-		rc = -1; /* no id */
-	else
+	if (rc == 0 && !j_lit(&j, '}')) {
 		while (rc == 0) {
 			char *key = j_string(&j);
 			if (key == NULL || !j_lit(&j, ':')) {
@@ -257,6 +265,7 @@ static int member_from_json(const uint8_t *p, size_t n, Etcdserverpb__Member *m)
 					m->islearner = 1;
 					j.p += 4;
 				} else if (j.e - j.p >= 5 && memcmp(j.p, "false", 5) == 0) {
+					m->islearner = 0;
 					j.p += 5;
 				} else {
 					rc = -1;
@@ -268,15 +277,29 @@ static int member_from_json(const uint8_t *p, size_t n, Etcdserverpb__Member *m)
 			if (rc || !j_lit(&j, ','))
 				break;
 		}
-	if (rc == 0 && (!j_lit(&j, '}') || !has_id))
-		rc = -1;
+		if (rc == 0 && !j_lit(&j, '}'))
+			rc = -1;
+	}
 	j_ws(&j);
 	if (rc == 0 && j.p != j.e)
+		rc = -1;
+	*has_id_out = has_id;
+	return rc;
+}
+
+/* A whole member (bucket "members", a ConfChange's context): "id" required. */
+static int member_from_json(const uint8_t *p, size_t n, Etcdserverpb__Member *m)
+{
+	int has_id = 0;
+	etcdserverpb__member__init(m);
+	int rc = member_fields_from_json(p, n, m, &has_id);
+	if (rc == 0 && !has_id)
 		rc = -1;
 	if (rc)
 		member_clear(m);
 	return rc;
 }
+
 
 /* ---- what the import collects from the buckets storage does not hold ---- */
 
@@ -653,6 +676,341 @@ static int apply_conf_change(import_ctx *c, const uint8_t *data, size_t len, uin
 	}
 }
 
+/* ---- etcd 3.4's own membership: the v2 store (member/snap/NNN.snap) and the WAL ----
+ *
+ * etcd 3.4 reads its member list from the v2 store, not from the backend's "members"
+ * bucket, which `etcdctl snapshot restore` leaves as the snapshot's origin cluster had it.
+ * The v2 store is the newest snapshot file's (snappb.Snapshot {crc = 1, data = 2}, data a
+ * raftpb.Snapshot {data = 1, metadata = 2 {index = 2}}, its data the store as JSON, members
+ * under /0/members/<hex id>/{raftAttributes,attributes} and /0/removed_members/<hex id>)
+ * and then the WAL's entries after it: ConfChanges and the v2 PUTs of
+ * /0/members/<hex id>/attributes by which each member publishes its name and client URLs.
+ * Without a snapshot file the WAL starts at index 1 and holds all of it. */
+
+/* In the object at *j, moves *j to the value of key: 1 found, 0 not (or not an object). */
+static int j_find(json *j, const char *key)
+{
+	if (!j_lit(j, '{') || j_lit(j, '}'))
+		return 0;
+	for (;;) {
+		char *k = j_string(j);
+		if (k == NULL || !j_lit(j, ':')) {
+			free(k);
+			return 0;
+		}
+		int match = strcmp(k, key) == 0;
+		free(k);
+		if (match) {
+			j_ws(j);
+			return 1;
+		}
+		if (j_skip(j, 0) != 0 || !j_lit(j, ','))
+			return 0;
+	}
+}
+
+/* Calls fn on each member of the object at *j ("null" is empty): 0, or -1. */
+typedef int (*j_each_fn)(void *ctx, const char *key, json value);
+static int j_each(json *j, j_each_fn fn, void *ctx)
+{
+	j_ws(j);
+	if (j->e - j->p >= 4 && memcmp(j->p, "null", 4) == 0) {
+		j->p += 4;
+		return 0;
+	}
+	if (!j_lit(j, '{'))
+		return -1;
+	if (j_lit(j, '}'))
+		return 0;
+	do {
+		char *k = j_string(j);
+		if (k == NULL || !j_lit(j, ':')) {
+			free(k);
+			return -1;
+		}
+		j_ws(j);
+		json v = *j;
+		int rc = j_skip(j, 0);
+		if (rc == 0) {
+			v.e = j->p;
+			rc = fn(ctx, k, v);
+		}
+		free(k);
+		if (rc)
+			return -1;
+	} while (j_lit(j, ','));
+	return j_lit(j, '}') ? 0 : -1;
+}
+
+static int hex_id(const char *s, size_t n, uint64_t *id)
+{
+	if (n == 0 || n > 16)
+		return -1;
+	uint64_t v = 0;
+	for (size_t i = 0; i < n; i++) {
+		char h = s[i];
+		int x = h >= '0' && h <= '9' ? h - '0' : h >= 'a' && h <= 'f' ? h - 'a' + 10 : -1;
+		if (x < 0)
+			return -1;
+		v = v << 4 | (uint64_t)x;
+	}
+	*id = v;
+	return 0;
+}
+
+static Etcdserverpb__Member *find_or_add_member(import_ctx *c, uint64_t id)
+{
+	Etcdserverpb__Member *m = find_member(c, id, NULL);
+	if (m == NULL && c->n_members < IMPORT_MAX_MEMBERS) {
+		m = &c->members[c->n_members++];
+		etcdserverpb__member__init(m);
+		m->id = id;
+	}
+	return m;
+}
+
+static int v2_member(void *ctx, const char *key, json v)
+{
+	import_ctx *c = ctx;
+	uint64_t id;
+	Etcdserverpb__Member *m;
+	if (hex_id(key, strlen(key), &id) != 0 || (m = find_or_add_member(c, id)) == NULL)
+		return -1;
+	if (!j_find(&v, "Children"))
+		return 0;
+	static const char *const parts[] = {"raftAttributes", "attributes"};
+	for (int i = 0; i < 2; i++) {
+		json x = v;
+		if (j_find(&x, parts[i]) && j_find(&x, "Value")) {
+			char *val = j_string(&x);
+			int has_id;
+			int rc = val ? member_fields_from_json((const uint8_t *)val, strlen(val), m, &has_id) : -1;
+			free(val);
+			if (rc)
+				return -1;
+		}
+	}
+	return 0;
+}
+
+static int v2_removed(void *ctx, const char *key, json v)
+{
+	import_ctx *c = ctx;
+	uint64_t id;
+	(void)v;
+	if (hex_id(key, strlen(key), &id) != 0 || c->n_removed == IMPORT_MAX_MEMBERS)
+		return -1;
+	c->removed[c->n_removed++] = id;
+	return 0;
+}
+
+/* The member list and removed ids of a v2 store's JSON into c (replacing c's). */
+static int v2_store_members(import_ctx *c, const uint8_t *p, size_t n)
+{
+	json r = {(const char *)p, (const char *)p + n};
+	if (!j_find(&r, "Root") || !j_find(&r, "Children") || !j_find(&r, "0") ||
+	    !j_find(&r, "Children"))
+		return 0; /* no cluster directory yet: no members */
+	json m = r, rm = r;
+	if (j_find(&m, "members") && j_find(&m, "Children") && j_each(&m, v2_member, c) != 0)
+		return -1;
+	if (j_find(&rm, "removed_members") && j_find(&rm, "Children") &&
+	    j_each(&rm, v2_removed, c) != 0)
+		return -1;
+	return 0;
+}
+
+static uint32_t crc32c(const uint8_t *p, size_t n)
+{
+	uint32_t crc = ~0u;
+	while (n--) {
+		crc ^= *p++;
+		for (int k = 0; k < 8; k++)
+			crc = crc & 1 ? (crc >> 1) ^ 0x82f63b78u : crc >> 1;
+	}
+	return ~crc;
+}
+
+typedef struct snap_fields {
+	uint64_t crc;
+	int has_crc;
+	const uint8_t *data, *meta;
+	size_t len, meta_len;
+	uint64_t index;
+} snap_fields;
+
+/* snappb.Snapshot {crc = 1, data = 2} and raftpb.Snapshot {data = 1, metadata = 2}. */
+static int snappb_field(void *ctx, uint32_t num, int wire, uint64_t v, const uint8_t *b, size_t n)
+{
+	snap_fields *f = ctx;
+	if (num == 1 && wire == 0) {
+		f->crc = v;
+		f->has_crc = 1;
+	} else if (num == 2 && wire == 2) {
+		f->data = b;
+		f->len = n;
+	}
+	return 0;
+}
+
+static int raft_snapshot_field(void *ctx, uint32_t num, int wire, uint64_t v, const uint8_t *b, size_t n)
+{
+	snap_fields *f = ctx;
+	(void)v;
+	if (num == 1 && wire == 2) {
+		f->data = b;
+		f->len = n;
+	} else if (num == 2 && wire == 2) {
+		f->meta = b;
+		f->meta_len = n;
+	}
+	return 0;
+}
+
+static int snap_meta_field(void *ctx, uint32_t num, int wire, uint64_t v, const uint8_t *b, size_t n)
+{
+	snap_fields *f = ctx;
+	(void)b;
+	(void)n;
+	if (num == 2 && wire == 0)
+		f->index = v;
+	return 0;
+}
+
+static int cmp_name_desc(const void *a, const void *b)
+{
+	return strcmp(*(char *const *)b, *(char *const *)a);
+}
+
+/* Reads the members of the v2 store of the newest snapshot file in snap_dir whose checksum holds (etcd
+ * skips broken ones for older ones too), into c: 0 with *index set, 1 if there is none. */
+static int load_v2_snapshot(const char *snap_dir, import_ctx *c, uint64_t *index, char *err,
+			    size_t errlen)
+{
+	DIR *d = opendir(snap_dir);
+	if (d == NULL)
+		return 1;
+	char *names[1024];
+	size_t n = 0;
+	struct dirent *de;
+	while ((de = readdir(d)) != NULL && n < 1024) {
+		size_t l = strlen(de->d_name);
+		if (l > 5 && strcmp(de->d_name + l - 5, ".snap") == 0 && (names[n] = strdup(de->d_name)))
+			n++;
+	}
+	closedir(d);
+	qsort(names, n, sizeof(names[0]), cmp_name_desc);
+	int rc = 1;
+	for (size_t i = 0; rc == 1 && i < n; i++) {
+		char path[4400];
+		snprintf(path, sizeof(path), "%s/%s", snap_dir, names[i]);
+		FILE *f = fopen(path, "rb");
+		struct stat st;
+		uint8_t *buf = NULL;
+		if (f && fstat(fileno(f), &st) == 0 && st.st_size > 0 && st.st_size < (1LL << 31) &&
+		    (buf = malloc((size_t)st.st_size)) != NULL &&
+		    fread(buf, 1, (size_t)st.st_size, f) == (size_t)st.st_size) {
+			snap_fields outer = {0}, inner = {0};
+			if (pb_walk(buf, (size_t)st.st_size, snappb_field, &outer) == 0 && outer.has_crc &&
+			    outer.data && crc32c(outer.data, outer.len) == (uint32_t)outer.crc &&
+			    pb_walk(outer.data, outer.len, raft_snapshot_field, &inner) == 0 && inner.meta &&
+			    pb_walk(inner.meta, inner.meta_len, snap_meta_field, &inner) == 0) {
+				for (size_t k = 0; k < c->n_members; k++)
+					member_clear(&c->members[k]);
+				c->n_members = 0;
+				c->n_removed = 0;
+				if (v2_store_members(c, inner.data ? inner.data : (const uint8_t *)"",
+						     inner.len) != 0) {
+					snprintf(err, errlen, "%.300s: the v2 store's member list does not decode", path);
+					rc = STORAGE_ERR_CORRUPT;
+				} else {
+					*index = inner.index;
+					rc = 0;
+				}
+			} else {
+				log_at(LOG_WARN, "skipped a snapshot file that does not check out", "path", path, NULL);
+			}
+		}
+		free(buf);
+		if (f)
+			fclose(f);
+	}
+	for (size_t i = 0; i < n; i++)
+		free(names[i]);
+	return rc;
+}
+
+/* A v2 Request PUT of /0/members/<hex id>/attributes (a member publishing its name and
+ * client URLs) on c's member list; anything else is ignored. The request is the entry's
+ * payload when it does not decode as InternalRaftRequest, or its v2 field. */
+typedef struct v2_request {
+	const uint8_t *method, *path, *val;
+	size_t method_len, path_len, val_len;
+} v2_request;
+
+static int v2_request_field(void *ctx, uint32_t num, int wire, uint64_t v, const uint8_t *b, size_t n)
+{
+	v2_request *r = ctx;
+	(void)v;
+	if (wire != 2)
+		return 0;
+	if (num == 2) {
+		r->method = b;
+		r->method_len = n;
+	} else if (num == 3) {
+		r->path = b;
+		r->path_len = n;
+	} else if (num == 4) {
+		r->val = b;
+		r->val_len = n;
+	}
+	return 0;
+}
+
+static void v2_member_attributes(import_ctx *c, const uint8_t *data, size_t len)
+{
+	const uint8_t *req = data;
+	size_t rlen = len;
+	irr ir = {0};
+	if (pb_walk(data, len, irr_field, &ir) == 0 && ir.requests == 1) {
+		if (ir.field != 2)
+			return; /* a v3 request */
+		req = ir.body;
+		rlen = ir.len;
+	}
+	v2_request r = {0};
+	static const char prefix[] = "/0/members/", suffix[] = "/attributes";
+	if (pb_walk(req, rlen, v2_request_field, &r) != 0 || r.method_len != 3 ||
+	    memcmp(r.method, "PUT", 3) != 0 || r.path_len <= sizeof(prefix) - 1 + sizeof(suffix) - 1 ||
+	    memcmp(r.path, prefix, sizeof(prefix) - 1) != 0 ||
+	    memcmp(r.path + r.path_len - (sizeof(suffix) - 1), suffix, sizeof(suffix) - 1) != 0)
+		return;
+	uint64_t id;
+	Etcdserverpb__Member *m;
+	if (hex_id((const char *)r.path + sizeof(prefix) - 1,
+		   r.path_len - (sizeof(prefix) - 1) - (sizeof(suffix) - 1), &id) != 0 ||
+	    (m = find_member(c, id, NULL)) == NULL)
+		return; /* etcd only updates a member it has */
+	/* The attributes are replaced whole (an empty list is left out of the JSON). */
+	Etcdserverpb__Member attrs = ETCDSERVERPB__MEMBER__INIT;
+	int has_id;
+	if (member_fields_from_json(r.val ? r.val : (const uint8_t *)"", r.val_len, &attrs, &has_id) == 0) {
+		if (m->name != protobuf_c_empty_string)
+			free(m->name);
+		for (size_t i = 0; i < m->n_clienturls; i++)
+			free(m->clienturls[i]);
+		free(m->clienturls);
+		m->name = attrs.name;
+		m->clienturls = attrs.clienturls;
+		m->n_clienturls = attrs.n_clienturls;
+		attrs.name = (char *)protobuf_c_empty_string;
+		attrs.clienturls = NULL;
+		attrs.n_clienturls = 0;
+	}
+	member_clear(&attrs);
+}
+
+
 /* ---- writing the Keelson side ---- */
 
 static void put_be64(uint8_t *p, uint64_t v)
@@ -850,7 +1208,8 @@ static uint64_t term_at(const storage_etcd_wal *w, uint64_t index)
  * entries (server/apply.c). The raft snapshot point is then the commit index; entries after
  * it stay in the log, uncommitted.
  */
-static int write_raft_state(const config *cfg, const char *dir, const storage_options *so,
+static int write_raft_state(const config *cfg, const char *dir, const char *snap_dir,
+			    const storage_options *so,
 			    const storage_etcd_wal *w, import_ctx *c, import_result *res, char *err,
 			    size_t errlen)
 {
@@ -882,8 +1241,32 @@ static int write_raft_state(const config *cfg, const char *dir, const storage_op
 	}
 	uint64_t commit_term = commit == ci ? ci_term : term_at(w, commit);
 
-	/* Convert every entry after ci first: membership changes land in c->members before the
-	 * member list is written. */
+	/* Membership as etcd 3.4 has it (see above): the v2 store of the newest snapshot file,
+	 * or nothing when the WAL starts at index 1, then the committed ConfChanges and member
+	 * attribute publications after that point, in order. Only when neither is there (a
+	 * WAL without its beginning and no snapshot file) the backend's "members" bucket is
+	 * the base. */
+	uint64_t v2_index = 0;
+	int rc0 = load_v2_snapshot(snap_dir, c, &v2_index, err, errlen);
+	if (rc0 < 0)
+		return rc0;
+	if (rc0 == 1 && w->ew_n_entries && w->ew_entries[0].we_index == 1) {
+		for (size_t k = 0; k < c->n_members; k++)
+			member_clear(&c->members[k]);
+		c->n_members = 0;
+		c->n_removed = 0;
+	}
+	for (size_t i = 0; i < w->ew_n_entries && w->ew_entries[i].we_index <= commit; i++) {
+		const storage_etcd_wal_entry *e = &w->ew_entries[i];
+		if (e->we_index <= v2_index)
+			continue;
+		if (e->we_type == STORAGE_ETCD_ENTRY_CONF_CHANGE &&
+		    (rc0 = apply_conf_change(c, e->we_data, e->we_len, e->we_index, err, errlen)) != 0)
+			return rc0;
+		if (e->we_type == STORAGE_ETCD_ENTRY_NORMAL)
+			v2_member_attributes(c, e->we_data, e->we_len);
+	}
+	/* Convert every entry after ci. */
 	size_t n = last > ci ? (size_t)(last - ci) : 0;
 	storage_log_entry *le = calloc(n ? n : 1, sizeof(*le));
 	uint8_t **bufs = calloc(n ? n : 1, sizeof(*bufs));
@@ -895,8 +1278,7 @@ static int write_raft_state(const config *cfg, const char *dir, const storage_op
 		if (e->we_type == STORAGE_ETCD_ENTRY_NORMAL) {
 			rc = convert_normal(e->we_data, e->we_len, &bufs[i], &len, &op);
 		} else if (e->we_type == STORAGE_ETCD_ENTRY_CONF_CHANGE) {
-			if (e->we_index <= commit)
-				rc = apply_conf_change(c, e->we_data, e->we_len, e->we_index, err, errlen);
+			/* applied to the member list above; an empty entry in the log */
 		} else {
 			snprintf(err, errlen, "wal entry %" PRIu64 " has type %u (etcd 3.5's ConfChangeV2?), "
 				 "which Keelson cannot import", e->we_index, e->we_type);
@@ -1001,7 +1383,9 @@ int etcd_import_maybe(const config *cfg, const char *member_dir)
 	char db[4200], wal[4200], mdb[4200], tmp[4200], tmpmdb[4300];
 	if (strlen(member_dir) > 4000 || (cfg->wal_dir && strlen(cfg->wal_dir) > 4000))
 		return 0; /* main.c refuses such paths itself */
+	char snapdir[4200];
 	snprintf(db, sizeof(db), "%s/snap/db", member_dir);
+	snprintf(snapdir, sizeof(snapdir), "%s/snap", member_dir);
 	if (cfg->wal_dir && cfg->wal_dir[0])
 		snprintf(wal, sizeof(wal), "%s", cfg->wal_dir);
 	else
@@ -1054,7 +1438,7 @@ int etcd_import_maybe(const config *cfg, const char *member_dir)
 		goto out;
 	}
 	err[0] = '\0';
-	if ((rc = write_raft_state(cfg, tmp, &so, &w, c, &res, err, sizeof(err))) != 0) {
+	if ((rc = write_raft_state(cfg, tmp, snapdir, &so, &w, c, &res, err, sizeof(err))) != 0) {
 		log_at(LOG_FATAL, "cannot import the etcd data dir", "error", err, NULL);
 		goto out;
 	}

@@ -2,7 +2,8 @@
  * etcd_import_fuzz.c - libFuzzer target: the parsers of server/etcdimport.c that read what an
  * etcd data dir holds beyond the checked file formats: a member's JSON (bucket "members" and
  * ConfChange contexts), a raft entry's payload (InternalRaftRequest, or a v2 Request) into a
- * Keelson entry, and a ConfChange on the member list. The first input byte picks one; the rest
+ * Keelson entry, a ConfChange on the member list, a v2 store's JSON (member list of a
+ * snapshot file) and a v2 request publishing a member's attributes. The first input byte picks one; the rest
  * is the payload. None may crash, leak or read out of bounds; what they accept must be sane.
  * The file is included so that its static functions are reachable; what it calls on the
  * storage and server side is stubbed by run_api_fuzz.sh and never reached here.
@@ -17,7 +18,32 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		return 0;
 	const uint8_t *p = data + 1;
 	size_t n = size - 1;
-	switch (data[0] % 3) {
+	switch (data[0] % 5) {
+	case 3: {
+		/* a v2 store's JSON (a snapshot file's), then its member list */
+		import_ctx *c = calloc(1, sizeof(*c));
+		if (c == NULL)
+			return 0;
+		v2_store_members(c, p, n);
+		if (c->n_members > IMPORT_MAX_MEMBERS || c->n_removed > IMPORT_MAX_MEMBERS)
+			abort();
+		import_ctx_free(c);
+		free(c);
+		break;
+	}
+	case 4: {
+		/* a v2 request (a member publishing its attributes) on a one-member list */
+		import_ctx *c = calloc(1, sizeof(*c));
+		if (c == NULL)
+			return 0;
+		c->n_members = 1;
+		etcdserverpb__member__init(&c->members[0]);
+		c->members[0].id = 0xbdae9bbc11dd390dULL;
+		v2_member_attributes(c, p, n);
+		import_ctx_free(c);
+		free(c);
+		break;
+	}
 	case 0: {
 		Etcdserverpb__Member m;
 		if (member_from_json(p, n, &m) == 0) {

@@ -9,7 +9,8 @@ that data dir with the same flags and must answer the same:
   - in place: the db and WAL as etcd left them; a second start must not import again;
   - with the backend file of the end of the first run and the WAL of both runs: the WAL
     entries the db has not applied are applied by Keelson (as etcd replays them);
-  - etcd's own files must be byte-identical after the import.
+  - etcd's own files must be byte-identical after the import;
+  - a data dir `etcdctl snapshot restore` wrote, against etcd on an identical one.
 Damaged data dirs (a flipped byte in the WAL, a WAL cut short before its last file, a
 truncated db) and a data dir an etcd is still running on make Keelson exit non-zero with a
 clear message, create nothing, and change none of the files. A 3-member etcd cluster is
@@ -302,6 +303,38 @@ class EtcdDataDir(unittest.TestCase):
         k = self.keelson_on(d).start()
         self.assertIn("imported the etcd data dir", self.log(k))
         self.assertEqual(ctl_json(k, "get", "k10")["kvs"][0]["value"], b64("v10"))
+
+    def test_restored_data_dir(self):
+        """A data dir `etcdctl snapshot restore` wrote (members only in the WAL and the v2
+        store, the backend's members bucket still the origin cluster's): Keelson on one copy
+        answers as etcd on another."""
+        snap = os.path.join(harness.REPO_ROOT, "storage", "testdata", "etcd34_snapshot.db")
+        e = harness.Server(harness.ETCD_BIN, name="r1", label="etcd-restored")
+        self.addCleanup(e.cleanup)
+        dirs = []
+        for name in ("restored-etcd", "restored-keelson"):
+            d = os.path.join(self.tmp, name)
+            p = subprocess.run([harness.ETCDCTL_BIN, "snapshot", "restore", snap, "--name", "r1",
+                                "--data-dir", d, "--initial-cluster", "r1=" + e.peer_url,
+                                "--initial-advertise-peer-urls", e.peer_url],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60,
+                               env=harness.clean_env({"ETCDCTL_API": "3"}))
+            self.assertEqual(p.returncode, 0, p.stderr)
+            dirs.append(d)
+        e.data_dir = dirs[0]
+        e.start()
+        want = answers(e)
+        e.stop()
+        e._wait_ports_free()
+        k = harness.Server(harness.KEELSON_BIN, name="r1", label="sut")
+        k.client_port, k.peer_port, k.data_dir = e.client_port, e.peer_port, dirs[1]
+        self.addCleanup(k.cleanup)
+        k.start()
+        got = answers(k)
+        self.assertGreater(want["revision"], 100)
+        self.assertEqual(len(want["members"]), 1)
+        for key in sorted(set(want) | set(got)):
+            self.assertEqual(got.get(key), want.get(key), "answers differ on %s" % key)
 
     def test_running_etcd_refused(self):
         """etcd still running on the data dir (its WAL locked): refused, nothing written."""
