@@ -1216,8 +1216,6 @@ static int write_raft_state(const config *cfg, const char *dir, const char *snap
 	uint64_t ci = res->ir_info.ef_consistent_index;
 	uint64_t commit = w->ew_commit > ci ? w->ew_commit : ci;
 	uint64_t last = w->ew_n_entries ? w->ew_entries[w->ew_n_entries - 1].we_index : 0;
-	if (lone_voter(c, w->ew_node_id) && last > commit)
-		commit = last;
 	uint64_t ci_term = term_at(w, ci);
 	if (ci != 0 && ci_term == 0) {
 		if (ci >= last && w->ew_has_state) {
@@ -1234,18 +1232,13 @@ static int write_raft_state(const config *cfg, const char *dir, const char *snap
 			return STORAGE_ERR_CORRUPT;
 		}
 	}
-	if (commit > ci && (last < commit || storage_etcd_wal_entry_at(w, ci + 1) == NULL)) {
-		snprintf(err, errlen, "the WAL does not hold the committed entries %" PRIu64 "..%" PRIu64
-			 " the backend has not applied", ci + 1, commit);
-		return STORAGE_ERR_CORRUPT;
-	}
-	uint64_t commit_term = commit == ci ? ci_term : term_at(w, commit);
 
 	/* Membership as etcd 3.4 has it (see above): the v2 store of the newest snapshot file,
 	 * or nothing when the WAL starts at index 1, then the committed ConfChanges and member
 	 * attribute publications after that point, in order. Only when neither is there (a
 	 * WAL without its beginning and no snapshot file) the backend's "members" bucket is
-	 * the base. */
+	 * the base. A lone voter's entries are all committed (its own write was the quorum):
+	 * the changes up to its last entry count then. */
 	uint64_t v2_index = 0;
 	int rc0 = load_v2_snapshot(snap_dir, c, &v2_index, err, errlen);
 	if (rc0 < 0)
@@ -1256,16 +1249,29 @@ static int write_raft_state(const config *cfg, const char *dir, const char *snap
 		c->n_members = 0;
 		c->n_removed = 0;
 	}
-	for (size_t i = 0; i < w->ew_n_entries && w->ew_entries[i].we_index <= commit; i++) {
-		const storage_etcd_wal_entry *e = &w->ew_entries[i];
-		if (e->we_index <= v2_index)
-			continue;
-		if (e->we_type == STORAGE_ETCD_ENTRY_CONF_CHANGE &&
-		    (rc0 = apply_conf_change(c, e->we_data, e->we_len, e->we_index, err, errlen)) != 0)
-			return rc0;
-		if (e->we_type == STORAGE_ETCD_ENTRY_NORMAL)
-			v2_member_attributes(c, e->we_data, e->we_len);
+	uint64_t from = v2_index;
+	for (int pass = 0; pass < 2; pass++) {
+		for (size_t i = 0; i < w->ew_n_entries && w->ew_entries[i].we_index <= commit; i++) {
+			const storage_etcd_wal_entry *e = &w->ew_entries[i];
+			if (e->we_index <= from)
+				continue;
+			if (e->we_type == STORAGE_ETCD_ENTRY_CONF_CHANGE &&
+			    (rc0 = apply_conf_change(c, e->we_data, e->we_len, e->we_index, err, errlen)) != 0)
+				return rc0;
+			if (e->we_type == STORAGE_ETCD_ENTRY_NORMAL)
+				v2_member_attributes(c, e->we_data, e->we_len);
+		}
+		if (pass == 1 || !lone_voter(c, w->ew_node_id) || last <= commit)
+			break;
+		from = commit > v2_index ? commit : v2_index;
+		commit = last;
 	}
+	if (commit > ci && (last < commit || storage_etcd_wal_entry_at(w, ci + 1) == NULL)) {
+		snprintf(err, errlen, "the WAL does not hold the committed entries %" PRIu64 "..%" PRIu64
+			 " the backend has not applied", ci + 1, commit);
+		return STORAGE_ERR_CORRUPT;
+	}
+	uint64_t commit_term = commit == ci ? ci_term : term_at(w, commit);
 	/* Convert every entry after ci. */
 	size_t n = last > ci ? (size_t)(last - ci) : 0;
 	storage_log_entry *le = calloc(n ? n : 1, sizeof(*le));
