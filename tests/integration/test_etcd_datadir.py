@@ -336,6 +336,31 @@ class EtcdDataDir(unittest.TestCase):
         for key in sorted(set(want) | set(got)):
             self.assertEqual(got.get(key), want.get(key), "answers differ on %s" % key)
 
+    def test_dedicated_wal_dir(self):
+        """etcd run with --wal-dir: Keelson given the same flag finds the WAL there."""
+        d = os.path.join(self.tmp, "waldir")
+        os.makedirs(d)
+        wal = os.path.join(d, "wal")
+        e = harness.Server(harness.ETCD_BIN, name="w1", label="etcd-waldir",
+                           extra_args=("--wal-dir", wal))
+        e.data_dir = os.path.join(d, "data")
+        self.addCleanup(e.cleanup)
+        e.start()
+        ok(e.ctl("put", "w", "x"))
+        ok(e.ctl("put", "w", "y"))
+        want = ctl_json(e, "get", "w")
+        e.stop()
+        e._wait_ports_free()
+        self.assertFalse(os.path.exists(os.path.join(e.data_dir, "member", "wal")))
+        k = harness.Server(harness.KEELSON_BIN, name="w1", label="sut",
+                           extra_args=("--wal-dir", wal))
+        k.client_port, k.peer_port, k.data_dir = e.client_port, e.peer_port, e.data_dir
+        self.addCleanup(k.cleanup)
+        k.start()
+        got = ctl_json(k, "get", "w")
+        self.assertEqual(got["kvs"], want["kvs"])
+        self.assertEqual(got["header"]["member_id"], want["header"]["member_id"])
+
     def test_running_etcd_refused(self):
         """etcd still running on the data dir (its WAL locked): refused, nothing written."""
         d = self.copy_dir("running")
