@@ -297,6 +297,9 @@ static int run(config *cfgp)
 	}
 	log_at(LOG_INFO, "starting keelson", "name", cfg.name, "data-dir", cfg.data_dir,
 	       "etcd-version", cfg.etcd_version, NULL);
+	/* A stopped etcd member's data dir becomes this member's, once (server/etcdimport.c). */
+	if (etcd_import_maybe(&cfg, member_dir) != 0)
+		return 1;
 
 	server_ctx sc;
 	memset(&sc, 0, sizeof(sc));

@@ -11,6 +11,7 @@
  * corrupt.c  the initial and periodic corruption checks (HashKV against peers)
  * http.c     /health, /version and /metrics on --listen-metrics-urls
  * main.c     start-up and shut-down
+ * etcdimport.c  a stopped etcd member's data dir (member/snap/db + member/wal) imported once
  */
 #ifndef KEELSON_SERVER_H
 #define KEELSON_SERVER_H
@@ -95,6 +96,18 @@ void config_print_usage(void);
 void config_free(config *cfg);
 /* Splits "host:port" out of "http://host:port"; returns 0 or -1 for a URL we cannot serve. */
 int config_url_host_port(const char *url, char *out, size_t outlen);
+
+/* ---- etcdimport.c ---- */
+
+/*
+ * If member_dir holds etcd's snap/db and wal/ (or cfg->wal_dir) and no Keelson environment
+ * (data.mdb) yet, imports them into a new environment there: keys, revisions, compaction,
+ * leases, members, auth, alarms, etcd's member and cluster ids, the raft hard state, the
+ * committed WAL entries the backend has not applied (applied with server/apply.c) and the
+ * uncommitted ones (kept in the log). etcd's files are not modified. Returns 0 (imported, or nothing to import) or a storage error
+ * after logging why (nothing of the import is left behind then).
+ */
+int etcd_import_maybe(const config *cfg, const char *member_dir);
 
 /* ---- log.c ---- */
 

@@ -427,4 +427,67 @@ int storage_import_etcd(const char *bbolt_path, const char *lmdb_dir,
 			const storage_etcd_import_options *opts, storage_etcd_file_info *info);
 /* ==== end of etcd-format snapshots ==== */
 
+/* ==== etcd's write-ahead log (etcdwal.c; link //storage:etcdfmt) =======================
+ *
+ * member/wal/%016x-%016x.wal files, read in sequence order: frames (u64 LE length word with
+ * the padding in the top byte, a walpb.Record, zero padding to 8 bytes), a CRC-32C chained
+ * over every record's data across files, records of metadata, raft entries, hard states,
+ * crc and snapshot points. A torn write at the end of the last file ends the log, as etcd
+ * reads it; any other damage is refused. Nothing is written. */
+
+/* raftpb.EntryType */
+enum {
+	STORAGE_ETCD_ENTRY_NORMAL = 0,
+	STORAGE_ETCD_ENTRY_CONF_CHANGE = 1,
+	STORAGE_ETCD_ENTRY_CONF_CHANGE_V2 = 2,
+};
+
+typedef struct storage_etcd_wal_entry {
+	uint64_t we_index;
+	uint64_t we_term;
+	uint32_t we_type;       /* STORAGE_ETCD_ENTRY_* (other values are passed on as read) */
+	const uint8_t *we_data; /* raftpb.Entry.Data: points into the files, valid until
+				 * storage_etcd_wal_free() (or into the caller's buffers) */
+	size_t we_len;
+} storage_etcd_wal_entry;
+
+typedef struct storage_etcd_wal {
+	int ew_has_metadata;           /* always 1 after a successful read */
+	uint64_t ew_node_id;           /* etcdserverpb.Metadata: this member's id */
+	uint64_t ew_cluster_id;
+	int ew_has_state;              /* a raftpb.HardState record was seen (the last wins) */
+	uint64_t ew_term, ew_vote, ew_commit;
+	int ew_has_snapshot;           /* a walpb.Snapshot record was seen (the last wins) */
+	uint64_t ew_snap_index, ew_snap_term;
+	storage_etcd_wal_entry *ew_entries; /* contiguous indexes, ascending: a later entry with
+					     * an index already seen replaced it and all after */
+	size_t ew_n_entries;
+	size_t ew_files;               /* files read */
+	size_t ew_records;             /* records accepted */
+	int ew_torn_tail;              /* the last file ended in a torn write (ignored) */
+	uint64_t ew_first_seq;         /* sequence number of the first file (read only) */
+	/* private to etcdwal.c */
+	void **ew__maps;
+	size_t *ew__lens;
+	size_t ew__n;
+} storage_etcd_wal;
+
+/*
+ * Reads every *.wal file of dir (other names are ignored, as etcd does) into *w, which owns
+ * the mapped files until storage_etcd_wal_free() (even on error nothing needs freeing).
+ * Errors: STORAGE_ERR_CORRUPT (no files, a gap in the sequence, a bad length word, a record
+ * that does not decode, a CRC mismatch or broken chain, conflicting metadata, a gap between
+ * entries, no metadata record; errbuf names the file and offset), STORAGE_ERR_IO,
+ * STORAGE_ERR_NOMEM.
+ */
+int storage_etcd_wal_read(const char *dir, storage_etcd_wal *w, char *errbuf, size_t errlen);
+/* The decoder itself, on n files' bytes in sequence order (for tests and fuzzing): entries
+ * point into files. Free with storage_etcd_wal_free() (it unmaps nothing here). */
+int storage_etcd_wal_decode(const uint8_t *const *files, const size_t *lens, size_t n,
+			    storage_etcd_wal *w, char *errbuf, size_t errlen);
+/* The entry with this index, or NULL if the log does not hold it. */
+const storage_etcd_wal_entry *storage_etcd_wal_entry_at(const storage_etcd_wal *w, uint64_t index);
+void storage_etcd_wal_free(storage_etcd_wal *w);
+/* ==== end of etcd's write-ahead log ==== */
+
 #endif

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# run_api_fuzz.sh [seconds]     - builds the API decode and storage apply fuzzers (libFuzzer,
+# run_api_fuzz.sh [seconds]     - builds the API decode, storage apply, etcd WAL and etcd import fuzzers (libFuzzer,
 # clang with ASan + UBSan) in a temp dir and runs each for the given seconds (default 30) on
 # a copy of its committed seed corpus. Exits non-zero if a build fails or a fuzzer finds a
 # crash, a sanitizer report, a leak or a timeout; the reproducer is copied to
@@ -9,7 +9,7 @@
 #
 # Environment:
 #   CC             clang to use (default: clang-14 if present, else clang)
-#   FUZZ_TARGETS   which targets to run (default: "api_decode storage_apply")
+#   FUZZ_TARGETS   which targets to run (default: "api_decode storage_apply etcd_wal etcd_import")
 #   FUZZ_JOBS      run the targets in parallel (1) or one after the other (0, default)
 #   FUZZ_KEEP      keep the temp dir (builds, corpora, logs) and print its path
 #   FUZZ_OUT       where reproducers go (default: tests/fuzz/crashes)
@@ -24,7 +24,7 @@ secs=${1:-30}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root" || exit 2
 CC=${CC:-$(command -v clang-14 || command -v clang)}
-targets=${FUZZ_TARGETS:-"api_decode storage_apply"}
+targets=${FUZZ_TARGETS:-"api_decode storage_apply etcd_wal etcd_import"}
 out=${FUZZ_OUT:-$root/tests/fuzz/crashes}
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/keelson-fuzz.XXXXXX") || exit 2
@@ -59,7 +59,7 @@ done
 
 CFLAGS=(-g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined
 	-fno-sanitize-recover=undefined -I"$root" -I"$(dirname "$(dirname "$gen")")")
-LIBS=(-lprotobuf-c -llmdb -lgrpc -lgpr -lpthread)
+LIBS=(-lprotobuf-c -llmdb -lgrpc -lgpr -lpthread -lcrypto)
 
 # Compiles each source to an object (fuzzer-instrumented), or fails loudly.
 compile() {
@@ -117,8 +117,18 @@ build() {
 		# every source of //storage:storage (not its tests or tools), so a new file is
 		# fuzzed rather than stubbed
 		mapfile -t storage_srcs < <(ls storage/*.c | grep -v -e '_test\.c$' -e '_tool\.c$' \
-			-e '_bench\.c$' -e '/etcdfmt\.c$')
+			-e '_bench\.c$' -e '/etcdfmt\.c$' -e '/etcdwal\.c$')
 		srcs=(tests/fuzz/storage_apply_fuzz.c server/kv.c "${storage_srcs[@]}"
+			"$gen"/rpc.pb-c.c "$gen"/kv.pb-c.c "$gen"/auth.pb-c.c)
+		;;
+	etcd_wal)
+		# the WAL decoder and the varint/CRC-32C helpers it shares with storage
+		srcs=(tests/fuzz/etcd_wal_fuzz.c storage/etcdwal.c storage/kvcodec.c)
+		;;
+	etcd_import)
+		# server/etcdimport.c's parsers (the file is included by the target) and the entry
+		# encoder of server/apply.c; the rest of the server is stubbed
+		srcs=(tests/fuzz/etcd_import_fuzz.c server/apply.c
 			"$gen"/rpc.pb-c.c "$gen"/kv.pb-c.c "$gen"/auth.pb-c.c)
 		;;
 	*)
