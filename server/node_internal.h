@@ -71,6 +71,8 @@ struct node {
 	server_ctx *n_sc;
 	uv_loop_t n_loop;
 	uv_async_t n_wake;
+	uv_check_t n_stepped;         /* takes the Ready once a turn's peer messages are stepped */
+	int n_step_pending;
 	uv_async_t n_stop;
 	uv_timer_t n_tick;
 	uv_timer_t n_lease_timer;
