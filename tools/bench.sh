@@ -25,8 +25,15 @@ dur=12
 with_etcd=1
 out=""
 keep=0
-members=1
-orig_args=("$@")
+# --members N (N > 1): the cluster script takes every argument (it has a few more of its own)
+for a in "$@"; do
+	case "$a" in --members=1 | --members=*) [ "$a" != --members=1 ] && exec bash "$repo/tools/bench_cluster.sh" "$@" ;; esac
+done
+prev=""
+for a in "$@"; do
+	[ "$prev" = --members ] && [ "$a" != 1 ] && exec bash "$repo/tools/bench_cluster.sh" "$@"
+	prev="$a"
+done
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--smoke) mode=smoke ;;
@@ -36,16 +43,13 @@ while [ $# -gt 0 ]; do
 	--out) out="$2"; shift ;;
 	--out=*) out="${1#*=}" ;;
 	--keep) keep=1 ;;
-	--members) members="$2"; shift ;;
-	--members=*) members="${1#*=}" ;;
+	--members) shift ;;
+	--members=*) ;;
 	-h|--help) sed -n '2,23p' "$0"; exit 0 ;;
 	*) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
 	shift
 done
-if [ "$members" != 1 ]; then
-	exec bash "$repo/tools/bench_cluster.sh" "${orig_args[@]}"
-fi
 # shellcheck source=tools/bench_lib.sh
 . "$repo/tools/bench_lib.sh"
 bench_check_tools

@@ -78,12 +78,12 @@ done
 list_probe() {
 	local server="$1" id="$2" limit="$3" l=${SRV_LEADER[$1]}
 	local pid=${SRV_PID[$server,$l]} rc=0 js
-	local stop="$work/sampler.stop" res="$work/sampler.out"
-	rm -f "$stop" "$res"
+	local stop="$work/sampler.stop" res="$work/sampler.out" ready="$work/sampler.ready"
+	rm -f "$stop" "$res" "$ready"
 	reset_hwm "$pid"
-	python3 - "$pid" "$stop" "$res" <<'PY' &
+	python3 - "$pid" "$stop" "$res" "$ready" <<'PY' &
 import os, sys, time
-pid, stop, out = sys.argv[1:4]
+pid, stop, out, ready = sys.argv[1:5]
 base = peak = None
 def read():
     d = {}
@@ -94,6 +94,7 @@ def read():
                 d[k] = int(v.split()[0])
     return d
 base = read(); peak = dict(base)
+open(ready, "w").close()
 while not os.path.exists(stop):
     try:
         d = read()
@@ -105,7 +106,7 @@ while not os.path.exists(stop):
 open(out, "w").write("%d %d %d %d\n" % (base["VmRSS"], base["RssAnon"], peak["VmRSS"], peak["RssAnon"]))
 PY
 	local sp=$!
-	sleep 0.05
+	for _ in $(seq 200); do [ -e "$ready" ] && break; sleep 0.05; done
 	js="$(timeout 300 "$B" --endpoints "127.0.0.1:${SRV_CPORT[$server,$l]}" --label "$server/$id" --json --timeout 120 \
 		list list/ --limit "$limit" 2>"$work/bench.err")" || rc=$?
 	sleep 0.05
@@ -267,7 +268,8 @@ for wid in order:
         out.append("  %-24s %14s" % ("vs fsync floor (p50)", fmt(k["bench"]["lat_ms"]["p50"] / fl["p50"]) + "x"))
 if probes:
     out.append("")
-    out.append("LIST memory probe: one full LIST of list/ from the leader (RSS of that member, sampled every 10 ms)")
+    out.append("LIST memory probe: one full LIST of list/ from the leader (RSS of that member, sampled every 10 ms;")
+    out.append("  VmHWM reset with clear_refs just before the LIST, read just after)")
     out.append("%-26s %14s %14s %10s" % ("", "keelson", "etcd", "k/e"))
     for wid, k, e in probes:
         out.append("%s" % ("LIST with limit 500, continuing from the last key at the first page's revision"
@@ -288,6 +290,7 @@ if probes:
                 "anon before MiB": p["base_anon_kb"] / 1024,
                 "anon peak MiB": p["peak_anon_kb"] / 1024,
                 "anon growth MiB": (p["peak_anon_kb"] - p["base_anon_kb"]) / 1024,
+                "VmHWM after MiB": p["hwm_kb"] / 1024,
             }
         fk, fe = pf(k), pf(e)
         for name in fk or fe:

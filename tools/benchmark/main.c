@@ -208,7 +208,7 @@ static void report(const struct bench_opts *o, const char *cmd, const struct ben
 	       (unsigned long long)r->errors, rps);
 	printf(",\"lat_ms\":{\"avg\":%.4f,\"p50\":%.4f,\"p90\":%.4f,\"p99\":%.4f,\"p99_9\":%.4f,\"max\":%.4f}", avg,
 	       p50, p90, p99, p999, max);
-	if (r->conflicts)
+	if (r->conflicts || r->n_ops)
 		printf(",\"conflicts\":%llu", (unsigned long long)r->conflicts);
 	printf("%s", r->extra_json);
 	if (r->n_ops) {
