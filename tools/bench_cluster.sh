@@ -3,7 +3,7 @@
 # etcd 3.4 cluster, all six members on 127.0.0.1 with data on disk, running during the same run.
 # Also run as `tools/bench.sh --members 3`.
 #
-#   tools/bench_cluster.sh           full run (~10 min): writes bench/results/<date>-<commit>-cluster.txt
+#   tools/bench_cluster.sh           full run (~8 min): writes bench/results/<date>-<commit>-cluster.txt
 #   tools/bench_cluster.sh --smoke   tiny totals (~30 s): exits non-zero on any Keelson error; no file
 #   options: --duration S (seconds per timed workload, full mode; default 10), --no-etcd, --out FILE,
 #            --keep (keep the temp dir), --members N (default 3), --list-keys N (LIST probe, default 100000)
@@ -13,8 +13,8 @@
 # members the clients connect to, connections spread round-robin):
 #   put with 1 client (leader; follower) and 64 clients (leader; all), 256 B values;
 #   linearizable and serializable range of one key through the followers, 64 clients;
-#   txn-mixed (CAS txns on 100 hot keys, half the requests reads), 64 clients over all;
-#   apiserver-load (10,000 objects of 1-10 KB) then the apiserver mix, 64 clients over all;
+#   txn-mixed (CAS txns on 100 hot keys, half the requests reads), 64 clients (leader; all);
+#   apiserver-load (10,000 objects of 1-10 KB) then the apiserver mix, 64 clients (leader; all);
 #   LIST probe: 100,000 keys of 1 KB, then one full LIST from the leader paginated with limit 500
 #   and one without limit, sampling the member's RSS every 10 ms.
 # Per workload it reports throughput, latency percentiles, CPU s per 1,000 requests and RSS summed
@@ -146,8 +146,11 @@ fi
 	done
 	both range-l-64c-followers followers range bench-key --consistency l --conns 8 --clients 64 $amt
 	both range-s-64c-followers followers range bench-key --consistency s --conns 8 --clients 64 $amt
+	# the mixes twice: all clients on the leader, then spread (writes through followers are forwarded)
+	both txn-mixed-64c-leader leader txn-mixed --key-space-size 100 --read-fraction 0.5 --val-size 256 --conns 8 --clients 64 $amt
 	both txn-mixed-64c-all all txn-mixed --key-space-size 100 --read-fraction 0.5 --val-size 256 --conns 9 --clients 64 $amt
 	both apiserver-load leader apiserver-load $objs --conns 8 --clients 64 $load_amt
+	both apiserver-64c-leader leader apiserver $objs --limit 500 --conns 8 --clients 64 $amt
 	both apiserver-64c-all all apiserver $objs --limit 500 --conns 9 --clients 64 $amt
 	both list-load leader put --key-prefix list/ --sequential-keys --key-space-size "$list_keys" --total "$list_keys" \
 		--key-size 8 --val-size 1024 --conns 8 --clients 64
@@ -182,8 +185,10 @@ desc = {
     "put-64c-all": "put, 64 clients / 9 conns spread over all members",
     "range-l-64c-followers": "range linearizable, 1 key, 64 clients / 8 conns over the followers (ReadIndex)",
     "range-s-64c-followers": "range serializable, 1 key, 64 clients / 8 conns over the followers",
+    "txn-mixed-64c-leader": "txn-mixed: 100 hot keys, 50% Range / 50% Txn(If mod==r Then Put Else Get), 64 clients to the leader",
     "txn-mixed-64c-all": "txn-mixed: 100 hot keys, 50% Range / 50% Txn(If mod==r Then Put Else Get), 64 clients over all",
     "apiserver-load": "apiserver-load: create the objects (Txn If create==0 Then Put), 64 clients to the leader",
+    "apiserver-64c-leader": "apiserver mix (get/list-page/count/create/update/delete/event + 6 prefix watches), 64 clients to the leader",
     "apiserver-64c-all": "apiserver mix (get/list-page/count/create/update/delete/event + 6 prefix watches), 64 clients over all",
     "list-load": "LIST probe data: put keys list/<n> with 1 KB values, 64 clients to the leader",
 }
@@ -303,11 +308,12 @@ out.append("")
 out.append("CPU and RSS are summed over the members (utime+stime delta / successful requests; VmHWM and")
 out.append("  RssAnon after the workload; VmHWM includes mapped file pages of LMDB / bbolt).")
 out.append("entries/commit: keelson = d(keelson_batch_requests_total)/d(keelson_batch_commits_total) of that member")
-out.append("  (its commits include apply-only LMDB transactions that do not fsync);")
+out.append("  (LMDB write transactions: log appends, durable, and applies of committed entries, MDB_NOMETASYNC);")
 out.append("  etcd = d(etcd_server_proposals_committed_total)/d(etcd_disk_wal_fsync_duration_seconds_count).")
 out.append("entries/sync call = writes committed (the leader's requests metric) / fdatasync+fsync+msync calls of")
-out.append("  that member counted by perf during the workload (LMDB syncs twice per durable commit: data, then")
-out.append("  meta page; etcd syncs its WAL per Ready and bbolt on its own commits). Edges +-250 ms.")
+out.append("  that member counted by perf during the workload, edges +-250 ms. Each LMDB commit makes one")
+out.append("  fdatasync; a durable one also writes its meta page through LMDB's O_DSYNC descriptor, a second")
+out.append("  device flush this count does not see. etcd: WAL fdatasync per Ready plus bbolt's periodic commits.")
 out.append("apiserver: per-op rates and latencies; conflicts = compares that failed (optimistic concurrency")
 out.append("  lost), answered with the current object; watch-event latency = receive - send time in the value.")
 if problems:
