@@ -45,7 +45,7 @@ while [ $# -gt 0 ]; do
 	--keep) keep=1 ;;
 	--members) shift ;;
 	--members=*) ;;
-	-h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+	-h|--help) sed -n '2,19p' "$0"; exit 0 ;;
 	*) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
 	shift

@@ -45,7 +45,7 @@ while [ $# -gt 0 ]; do
 	--members=*) n_members="${1#*=}" ;;
 	--list-keys) list_keys="$2"; shift ;;
 	--list-keys=*) list_keys="${1#*=}" ;;
-	-h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+	-h|--help) sed -n '2,24p' "$0"; exit 0 ;;
 	*) echo "bench_cluster.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
 	shift
