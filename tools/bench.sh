@@ -3,7 +3,8 @@
 # data on disk, both running during the same run on free 127.0.0.1 ports.
 #
 #   tools/bench.sh            full run (~4 min; adds watch and lease keep-alive runs): writes bench/results/<date>-<commit>.txt and prints it
-#   tools/bench.sh --smoke    CI smoke (~20 s, tiny totals): exits non-zero if the benchmark tool
+#   tools/bench.sh --smoke    CI smoke (~30 s, tiny totals; then a 3-member Keelson smoke, which
+#                             BENCH_SMOKE_CLUSTER=0 skips): exits non-zero if the benchmark tool
 #                             reports any error against Keelson or Keelson dies; writes no file
 #   tools/bench.sh --members 3 [--smoke]   3-member clusters: runs tools/bench_cluster.sh (see there)
 #   options: --duration S (seconds per workload, full mode; default 12), --no-etcd,
@@ -45,7 +46,7 @@ while [ $# -gt 0 ]; do
 	--keep) keep=1 ;;
 	--members) shift ;;
 	--members=*) ;;
-	-h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+	-h|--help) sed -n '2,20p' "$0"; exit 0 ;;
 	*) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
 	shift
@@ -246,4 +247,20 @@ PY
 logs="$(report_logs)"
 report="$(printf '%s\n\n%s\n\n%s\n' "$header" "$table" "$logs")"
 write_report "$report" ""
+if [ "$mode" = smoke ] && [ "${BENCH_SMOKE_CLUSTER:-1}" = 1 ] && ! command -v etcdctl >/dev/null; then
+	log "bench.sh: no etcdctl (leader discovery): 3-member smoke skipped"
+elif [ "$mode" = smoke ] && [ "${BENCH_SMOKE_CLUSTER:-1}" = 1 ]; then
+	# The cluster paths (forwarding, ReadIndex, replication under load) get a smoke too: a
+	# 3-member Keelson cluster alone, tiny totals (~10 s); its errors fail this smoke.
+	log ""
+	log "bench.sh: 3-member Keelson smoke (tools/bench_cluster.sh --smoke --no-etcd)"
+	if ! BENCH_NO_BUILD=1 bash "$repo/tools/bench_cluster.sh" --smoke --no-etcd >"$work/cluster-smoke.txt" 2>"$work/cluster-smoke.err"; then
+		failed=1
+		log "bench.sh: the 3-member smoke failed:"
+		tail -30 "$work/cluster-smoke.err" >&2
+		grep -A 10 '^PROBLEMS:' "$work/cluster-smoke.txt" >&2 || true
+	else
+		grep -E '^  keelson ' "$work/cluster-smoke.err" >&2 || true
+	fi
+fi
 exit $failed

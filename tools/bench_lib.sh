@@ -30,7 +30,9 @@ bench_check_tools() {
 # Builds, then copies the binaries into a fresh temp dir so a concurrent rebuild cannot swap
 # them mid-run. KEELSON_BIN=path benchmarks that binary instead of building //server:keelson.
 bench_setup() {
-	if [ -n "${KEELSON_BIN:-}" ]; then
+	if [ "${BENCH_NO_BUILD:-0}" = 1 ]; then # the caller has just built them
+		keelson_src="${KEELSON_BIN:-$repo/bazel-bin/server/keelson}"
+	elif [ -n "${KEELSON_BIN:-}" ]; then
 		(cd "$repo" && bazel build //tools:benchmark >&2)
 		keelson_src="$KEELSON_BIN"
 	else
