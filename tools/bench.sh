@@ -3,8 +3,10 @@
 # data on disk, both running during the same run on free 127.0.0.1 ports.
 #
 #   tools/bench.sh            full run (~4 min; adds watch and lease keep-alive runs): writes bench/results/<date>-<commit>.txt and prints it
-#   tools/bench.sh --smoke    CI smoke (~20 s, tiny totals): exits non-zero if the benchmark tool
+#   tools/bench.sh --smoke    CI smoke (~30 s, tiny totals; then a 3-member Keelson smoke, which
+#                             BENCH_SMOKE_CLUSTER=0 skips): exits non-zero if the benchmark tool
 #                             reports any error against Keelson or Keelson dies; writes no file
+#   tools/bench.sh --members 3 [--smoke]   3-member clusters: runs tools/bench_cluster.sh (see there)
 #   options: --duration S (seconds per workload, full mode; default 12), --no-etcd,
 #            --out FILE (results file), --keep (keep the temp dir with data and logs)
 #   env:     ETCD_BIN (default /usr/bin/etcd), KEELSON_BIN (benchmark this binary instead of
@@ -24,6 +26,15 @@ dur=12
 with_etcd=1
 out=""
 keep=0
+# --members N (N > 1): the cluster script takes every argument (it has a few more of its own)
+for a in "$@"; do
+	case "$a" in --members=1 | --members=*) [ "$a" != --members=1 ] && exec bash "$repo/tools/bench_cluster.sh" "$@" ;; esac
+done
+prev=""
+for a in "$@"; do
+	[ "$prev" = --members ] && [ "$a" != 1 ] && exec bash "$repo/tools/bench_cluster.sh" "$@"
+	prev="$a"
+done
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--smoke) mode=smoke ;;
@@ -33,195 +44,29 @@ while [ $# -gt 0 ]; do
 	--out) out="$2"; shift ;;
 	--out=*) out="${1#*=}" ;;
 	--keep) keep=1 ;;
-	-h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+	--members) shift ;;
+	--members=*) ;;
+	-h|--help) sed -n '2,20p' "$0"; exit 0 ;;
 	*) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
 	shift
 done
-etcd_bin="${ETCD_BIN:-/usr/bin/etcd}"
-if [ "$with_etcd" = 1 ] && [ ! -x "$etcd_bin" ]; then
-	if [ "$mode" = smoke ]; then
-		echo "bench.sh: $etcd_bin not found; smoke run against Keelson only" >&2
-		with_etcd=0
-	else
-		echo "bench.sh: $etcd_bin not found (set ETCD_BIN or pass --no-etcd)" >&2
-		exit 2
-	fi
-fi
-command -v python3 >/dev/null || { echo "bench.sh: needs python3" >&2; exit 2; }
-command -v curl >/dev/null || { echo "bench.sh: needs curl" >&2; exit 2; }
+# shellcheck source=tools/bench_lib.sh
+. "$repo/tools/bench_lib.sh"
+bench_check_tools
+bench_setup
 
-# --- build, then run private copies so a concurrent rebuild cannot swap binaries mid-run -------
-# KEELSON_BIN=path benchmarks that binary instead of building //server:keelson.
-if [ -n "${KEELSON_BIN:-}" ]; then
-	(cd "$repo" && bazel build //tools:benchmark >&2)
-	keelson_src="$KEELSON_BIN"
-else
-	(cd "$repo" && bazel build //server:keelson //tools:benchmark >&2)
-	keelson_src="$repo/bazel-bin/server/keelson"
-fi
-
-tmp_parent="${BENCH_TMPDIR:-${TMPDIR:-/tmp}}"
-if [ "$(stat -c %d "$tmp_parent")" != "$(stat -c %d "$repo")" ]; then
-	tmp_parent="$repo/bench/.tmp"
-	mkdir -p "$tmp_parent"
-fi
-work="$(mktemp -d "$tmp_parent/keelson-bench.XXXXXX")"
-cp "$keelson_src" "$work/keelson-bin"
-cp "$repo/bazel-bin/tools/benchmark" "$work/benchmark-bin"
-B="$work/benchmark-bin"
-
-pids=()
-cleanup() {
-	for p in "${pids[@]}"; do
-		if kill -0 "$p" 2>/dev/null; then
-			kill -TERM "$p" 2>/dev/null || true
-			for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-			kill -KILL "$p" 2>/dev/null || true
-		fi
-	done
-	if [ "$keep" = 1 ]; then echo "bench.sh: kept $work" >&2; else rm -rf "$work"; fi
-}
-trap cleanup EXIT
-
-read -r kc kp km ec ep em < <(python3 -c '
-import socket
-ss = [socket.socket() for _ in range(6)]
-for s in ss: s.bind(("127.0.0.1", 0))
-print(*[s.getsockname()[1] for s in ss])
-for s in ss: s.close()')
-
-member_flags() { # name client peer metrics dir
-	echo --name "$1" --data-dir "$5" \
-		--listen-client-urls "http://127.0.0.1:$2" --advertise-client-urls "http://127.0.0.1:$2" \
-		--listen-peer-urls "http://127.0.0.1:$3" --initial-advertise-peer-urls "http://127.0.0.1:$3" \
-		--initial-cluster "$1=http://127.0.0.1:$3" --listen-metrics-urls "http://127.0.0.1:$4"
-}
-
-# shellcheck disable=SC2046
-"$work/keelson-bin" $(member_flags default "$kc" "$kp" "$km" "$work/keelson.data") >"$work/keelson.log" 2>&1 &
-kpid=$!
-pids+=("$kpid")
-if [ "$with_etcd" = 1 ]; then
-	# shellcheck disable=SC2046
-	"$etcd_bin" $(member_flags default "$ec" "$ep" "$em" "$work/etcd.data") >"$work/etcd.log" 2>&1 &
-	epid=$!
-	pids+=("$epid")
-fi
-
-wait_ready() { # name port pid
-	for _ in $(seq 60); do
-		kill -0 "$3" 2>/dev/null || { echo "bench.sh: $1 exited at start-up:" >&2; tail -20 "$work/$1.log" >&2; exit 1; }
-		if "$B" --endpoints "127.0.0.1:$2" --dial-timeout 1 --timeout 2 range bench-ready --total 1 --json >/dev/null 2>&1; then
-			return 0
-		fi
-		sleep 0.25
-	done
-	echo "bench.sh: $1 not serving after 15 s" >&2
-	tail -20 "$work/$1.log" >&2
-	exit 1
-}
-wait_ready keelson "$kc" "$kpid"
-[ "$with_etcd" = 1 ] && wait_ready etcd "$ec" "$epid"
+start_server keelson 1
+[ "$with_etcd" = 1 ] && start_server etcd 1
+wait_ready keelson
+[ "$with_etcd" = 1 ] && wait_ready etcd
+kc=${SRV_CPORT[keelson,0]}
+ec=${SRV_CPORT[etcd,0]:-}
 
 load0="$(cut -d' ' -f1 /proc/loadavg)"
 
 # --- the disk's floor ------------------------------------------------------------------------
 fsync_json="$("$B" fsync --dir "$work" --count 200 --block-size 4096 --json | grep '^{')"
-
-# --- per-process counters --------------------------------------------------------------------
-clk_tck="$(getconf CLK_TCK)"
-cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
-hwm_kb() { awk '/^VmHWM:/{print $2}' "/proc/$1/status"; }
-rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }
-anon_kb() { awk '/^RssAnon:/{print $2}' "/proc/$1/status"; }
-metric() { # port name -> value (0 if absent)
-	curl -s --max-time 5 "http://127.0.0.1:$1/metrics" | awk -v n="$2" '$1 == n {v = $2} END {print (v == "" ? 0 : v)}'
-}
-runs="$work/runs.jsonl"
-: >"$runs"
-failed=0
-log() { echo "$*" >&2; }
-
-# run_one SERVER WORKLOAD-ID ARGS... : one benchmark invocation against one server, recorded in $runs
-run_one() {
-	local server="$1" id="$2"
-	shift 2
-	local port pid mport req_name com_name
-	if [ "$server" = keelson ]; then
-		port=$kc; pid=$kpid; mport=$km
-		req_name=keelson_batch_requests_total; com_name=keelson_batch_commits_total
-	else
-		port=$ec; pid=$epid; mport=$em
-		req_name=etcd_server_proposals_committed_total; com_name=etcd_disk_wal_fsync_duration_seconds_count
-	fi
-	local c0 r0 f0 c1 r1 f1 rc=0 js
-	c0=$(cpu_ticks "$pid"); r0=$(metric "$mport" $req_name); f0=$(metric "$mport" $com_name)
-	local limit=120
-	[ "$mode" = full ] && limit=$((${dur%.*} + 60))
-	local rss_before=0 rss_ready=0
-	if [ "$1" = watch ]; then
-		# watch: the tool creates $rf once every watcher exists and waits for its removal before
-		# writing; RSS is sampled in that idle window (1 s after creation) and before the run.
-		local rf="$work/ready.$server.$id" bp
-		rm -f "$rf"
-		rss_before=$(rss_kb "$pid")
-		timeout "$limit" "$B" --endpoints "127.0.0.1:$port" --label "$server/$id" --json --ready-file "$rf" "$@" \
-			>"$work/bench.out" 2>"$work/bench.err" &
-		bp=$!
-		for _ in $(seq 2400); do
-			if [ -e "$rf" ]; then
-				sleep 1
-				rss_ready=$(rss_kb "$pid")
-				rm -f "$rf"
-				break
-			fi
-			kill -0 "$bp" 2>/dev/null || break
-			sleep 0.05
-		done
-		wait "$bp" || rc=$?
-		js="$(cat "$work/bench.out")"
-	else
-		js="$(timeout "$limit" "$B" --endpoints "127.0.0.1:$port" --label "$server/$id" --json "$@" 2>"$work/bench.err")" || rc=$?
-	fi
-	js="$(printf '%s\n' "$js" | grep '^{' | tail -1 || true)"
-	local alive=1
-	kill -0 "$pid" 2>/dev/null || alive=0
-	if [ "$alive" = 1 ]; then
-		c1=$(cpu_ticks "$pid"); r1=$(metric "$mport" $req_name); f1=$(metric "$mport" $com_name)
-		hwm=$(hwm_kb "$pid"); rss=$(rss_kb "$pid"); anon=$(anon_kb "$pid")
-	else
-		c1=$c0; r1=$r0; f1=$f0; hwm=0; rss=0; anon=0
-	fi
-	[ -n "$js" ] || js='null'
-	printf '{"server":"%s","id":"%s","rc":%d,"alive":%d,"cpu_s":%s,"d_req":%s,"d_commit":%s,"hwm_kb":%s,"rss_kb":%s,"anon_kb":%s,"rss_before_kb":%s,"rss_ready_kb":%s,"bench":%s}\n' \
-		"$server" "$id" "$rc" "$alive" "$(awk -v a="$c0" -v b="$c1" -v t="$clk_tck" 'BEGIN{printf "%.3f", (b-a)/t}')" \
-		"$(awk -v a="$r0" -v b="$r1" 'BEGIN{printf "%.0f", b-a}')" "$(awk -v a="$f0" -v b="$f1" 'BEGIN{printf "%.0f", b-a}')" \
-		"${hwm:-0}" "${rss:-0}" "${anon:-0}" "${rss_before:-0}" "${rss_ready:-0}" "$js" >>"$runs"
-	local summary
-	summary="$(printf '%s' "$js" | python3 -c 'import json,sys
-try:
-    j=json.load(sys.stdin); print("%.0f req/s, p99 %.2f ms, %d errors" % (j["rps"], j["lat_ms"]["p99"], j["errors"]))
-except Exception: print("no report")')"
-	log "  $server $id: $summary (exit $rc)"
-	if [ "$rc" != 0 ] && [ "$server" = keelson ]; then
-		failed=1
-		log "    stderr: $(tail -3 "$work/bench.err" | tr '\n' ' ')"
-		log "    report: $js"
-	fi
-	if [ "$alive" = 0 ]; then
-		failed=1
-		log "  !! $server (pid $pid) died during $id; last log lines:"
-		tail -20 "$work/$server.log" >&2
-		return 1
-	fi
-}
-
-# both WORKLOAD-ID ARGS... : the same workload against Keelson, then etcd
-both() {
-	run_one keelson "$@" || exit 1
-	if [ "$with_etcd" = 1 ]; then run_one etcd "$@" || true; fi
-}
 
 # A key to read, 256-byte value, written through the tool's own code path.
 val256="$(head -c 192 /dev/urandom | base64 -w0 | head -c 256)"
@@ -239,41 +84,33 @@ if [ "$mode" = smoke ]; then
 else
 	amt1="--duration $dur"; amt="--duration $dur"
 fi
-log "bench.sh: keelson pid $kpid on :$kc, etcd pid ${epid:-none} on :$ec; data under $work"
+log "bench.sh: keelson pid ${SRV_PID[keelson,0]} on :$kc, etcd pid ${SRV_PID[etcd,0]:-none} on :${ec:-none}; data under $work"
 # shellcheck disable=SC2086
 {
-	both put-1c put --conns 1 --clients 1 $put $amt1
-	both put-64c put --conns 8 --clients 64 $put $amt
-	[ "$mode" = smoke ] && both txn-put-64c txn-put --conns 8 --clients 64 $put --total 500
-	both range-s-64c range bench-key --consistency s --conns 8 --clients 64 $amt
-	both range-l-64c range bench-key --consistency l --conns 8 --clients 64 $amt
+	both put-1c leader put --conns 1 --clients 1 $put $amt1
+	both put-64c leader put --conns 8 --clients 64 $put $amt
+	[ "$mode" = smoke ] && both txn-put-64c leader txn-put --conns 8 --clients 64 $put --total 500
+	both range-s-64c leader range bench-key --consistency s --conns 8 --clients 64 $amt
+	both range-l-64c leader range bench-key --consistency l --conns 8 --clients 64 $amt
 	if [ "$mode" = smoke ]; then
-		both watch-smoke watch --watchers 100 --watch-streams 10 --prefixes 10 --rate 100 --duration 1 --val-size 64 --drain 5
-		both lease-keepalive-smoke lease-keepalive --leases 100 --conns 2 --clients 16 --total 2000
+		both watch-smoke leader watch --watchers 100 --watch-streams 10 --prefixes 10 --rate 100 --duration 1 --val-size 64 --drain 5
+		both lease-keepalive-smoke leader lease-keepalive --leases 100 --conns 2 --clients 16 --total 2000
+		both txn-mixed-smoke leader txn-mixed --key-space-size 20 --read-fraction 0.5 --val-size 256 --conns 2 --clients 16 --total 1000
+		both apiserver-load-smoke leader apiserver-load --objects 500 --val-size-min 1024 --val-size 4096 --conns 2 --clients 16 --total 500
+		both apiserver-smoke leader apiserver --objects 500 --val-size-min 1024 --val-size 4096 --limit 100 --conns 2 --clients 16 --total 1500
 	else
 		# issue 5's load runs: idle-watcher memory, then a steady write rate for 10 s
-		both watch-10k-1p watch --watchers 10000 --watch-streams 100 --conns 4 --prefixes 1 --rate 50 --duration 10 --val-size 64 --drain 15
-		both watch-1k-100p watch --watchers 1000 --watch-streams 10 --conns 2 --prefixes 100 --rate 500 --duration 10 --val-size 64 --drain 15
+		both watch-10k-1p leader watch --watchers 10000 --watch-streams 100 --conns 4 --prefixes 1 --rate 50 --duration 10 --val-size 64 --drain 15
+		both watch-1k-100p leader watch --watchers 1000 --watch-streams 10 --conns 2 --prefixes 100 --rate 500 --duration 10 --val-size 64 --drain 15
 		# issue 6's keep-alive throughput: 1,000 leases, 64 streams over 8 connections
-		both lease-keepalive-64s lease-keepalive --leases 1000 --conns 8 --clients 64 $amt
+		both lease-keepalive-64s leader lease-keepalive --leases 1000 --conns 8 --clients 64 $amt
 	fi
 }
 
-# --- report ----------------------------------------------------------------------------------
-commit="$(cd "$repo" && git rev-parse --short HEAD 2>/dev/null || echo unknown)"
-dirty="$(cd "$repo" && git status --porcelain 2>/dev/null | grep -q . && echo " (working tree has uncommitted changes)" || true)"
-etcd_ver=none
-if [ "$with_etcd" = 1 ]; then etcd_ver="$("$etcd_bin" --version 2>/dev/null || true)"; etcd_ver="${etcd_ver%%$'\n'*}"; fi
+# --- report ---------------------------------------------------------------------------------
 header="$(
 	echo "Keelson vs etcd benchmark ($mode mode)"
-	echo "date:     $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
-	echo "commit:   $commit$dirty"
-	echo "keelson:  ${KEELSON_BIN:-bazel-bin/server/keelson (built from the working tree)} (sha256 $(sha256sum "$work/keelson-bin" | cut -c1-12))${KEELSON_DESC:+; $KEELSON_DESC}"
-	echo "machine:  $(nproc) CPUs ($(awk -F: '/^model name/{gsub(/^ +/,"",$2); print $2; exit}' /proc/cpuinfo)), $(awk '/^MemTotal:/{printf "%.1f GiB", $2/1048576}' /proc/meminfo) RAM, kernel $(uname -r)"
-	echo "load:     1-min load average $load0 at start, $(cut -d' ' -f1 /proc/loadavg) at end (on $(nproc) CPUs shared by both servers and the load generator)"
-	echo "disk:     $(df -hT "$work" | awk 'NR==2{print $1" ("$2")"}'), temp dir $work"
-	echo "etcd:     $etcd_ver ($etcd_bin)"
-	echo "command:  tools/bench.sh$([ "$mode" = smoke ] && echo " --smoke") (per workload: $([ "$mode" = smoke ] && echo "fixed totals" || echo "${dur} s"); key 8 B, value 256 B, 100k-key space; load generator bazel-bin/tools/benchmark on the same host)"
+	report_header "tools/bench.sh$([ "$mode" = smoke ] && echo " --smoke") (per workload: $([ "$mode" = smoke ] && echo "fixed totals" || echo "${dur} s"); key 8 B, value 256 B, 100k-key space; load generator bazel-bin/tools/benchmark on the same host)"
 )"
 table="$(python3 - "$runs" "$fsync_json" <<'PY'
 import json, sys
@@ -296,6 +133,9 @@ desc = {
     "watch-1k-100p": "watch, 1,000 watchers / 10 streams / 2 conns over 100 prefixes, 500 puts/s (64 B values) for 10 s",
     "lease-keepalive-smoke": "lease keep-alive, 100 leases, 16 streams / 2 conns",
     "lease-keepalive-64s": "lease keep-alive, 1,000 leases, 64 streams / 8 conns (ping-pong per stream)",
+    "txn-mixed-smoke": "txn-mixed, 20 hot keys, 50% reads / 50% CAS txns, 16 clients / 2 conns",
+    "apiserver-load-smoke": "apiserver-load: create 500 objects of 1-4 KB",
+    "apiserver-smoke": "apiserver mix over 500 objects, LIST pages of 100, 6 resource watches",
 }
 def figs(r):
     if r is None:
@@ -336,8 +176,12 @@ def figs(r):
         "RSS peak (VmHWM) MiB": r["hwm_kb"] / 1024 if r["hwm_kb"] else None,
         "RSS anon now MiB": r["anon_kb"] / 1024 if r["anon_kb"] else None,
     }
-    if r["id"].startswith(("put", "txn")):
+    if r["id"].startswith(("put", "txn-put")):
         f["entries per fsync"] = (r["d_req"] / r["d_commit"]) if r["d_commit"] else None
+    if b.get("conflicts") is not None:
+        f["CAS conflicts"] = b.get("conflicts")
+    for name, op in (b.get("ops") or {}).items():
+        f[name + " p99 ms"] = op["lat_ms"]["p99"]
     return f
 def fmt(v):
     if v is None:
@@ -400,29 +244,23 @@ for r in runs:
 print("\n".join(out))
 PY
 )"
-logs="$(
-	for s in keelson etcd; do
-		[ -f "$work/$s.log" ] || continue
-		n_w=$(grep -cE '^[0-9-]+ [0-9:.]+ [WEC] \||"level":"(warn|error)"' "$work/$s.log" || true)
-		echo "$s log: $(wc -l <"$work/$s.log") lines, $n_w warning/error lines"
-		# most frequent kinds, timestamps dropped and numbers folded to N
-		grep -E '^[0-9-]+ [0-9:.]+ [WEC] \||"level":"(warn|error)"' "$work/$s.log" |
-			sed -E 's/^[0-9-]+ [0-9:.]+ //; s/[0-9]+(\.[0-9]+)?/N/g' | sort | uniq -c | sort -rn | head -5 |
-			cut -c1-220 | sed 's/^/    /' || true
-	done
-)"
+logs="$(report_logs)"
 report="$(printf '%s\n\n%s\n\n%s\n' "$header" "$table" "$logs")"
-echo "$report"
-if [ "$mode" = full ]; then
-	if [ -z "$out" ]; then
-		mkdir -p "$repo/bench/results"
-		base="$repo/bench/results/$(date -u +%Y-%m-%d)-$commit"
-		out="$base.txt"
-		n=2
-		while [ -e "$out" ]; do out="$base-$n.txt"; n=$((n + 1)); done
+write_report "$report" ""
+if [ "$mode" = smoke ] && [ "${BENCH_SMOKE_CLUSTER:-1}" = 1 ] && ! command -v etcdctl >/dev/null; then
+	log "bench.sh: no etcdctl (leader discovery): 3-member smoke skipped"
+elif [ "$mode" = smoke ] && [ "${BENCH_SMOKE_CLUSTER:-1}" = 1 ]; then
+	# The cluster paths (forwarding, ReadIndex, replication under load) get a smoke too: a
+	# 3-member Keelson cluster alone, tiny totals (~10 s); its errors fail this smoke.
+	log ""
+	log "bench.sh: 3-member Keelson smoke (tools/bench_cluster.sh --smoke --no-etcd)"
+	if ! BENCH_NO_BUILD=1 bash "$repo/tools/bench_cluster.sh" --smoke --no-etcd >"$work/cluster-smoke.txt" 2>"$work/cluster-smoke.err"; then
+		failed=1
+		log "bench.sh: the 3-member smoke failed:"
+		tail -30 "$work/cluster-smoke.err" >&2
+		grep -A 10 '^PROBLEMS:' "$work/cluster-smoke.txt" >&2 || true
+	else
+		grep -E '^  keelson ' "$work/cluster-smoke.err" >&2 || true
 	fi
-	echo "$report" >"$out"
-	echo >&2
-	echo "bench.sh: results written to ${out#"$repo"/}" >&2
 fi
 exit $failed

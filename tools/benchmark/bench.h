@@ -37,6 +37,13 @@ struct bench_opts {
 	uint64_t key_space;
 	int sequential;
 	int txn_ops;
+	const char *key_prefix; /* put: prepended to each key (so a LIST can select them) */
+	/* txn-mixed / apiserver */
+	double read_fraction; /* txn-mixed: share of requests that are range reads */
+	int val_size_min;     /* apiserver: values are val_size_min..val_size bytes */
+	int objects;	      /* apiserver: object name space */
+	int namespaces;
+	int watch_resources; /* apiserver: 1 = a watch per resource prefix during the mix */
 	/* range */
 	const char *range_key;
 	const char *range_end;
@@ -72,19 +79,58 @@ static inline uint64_t bench_rand(struct bench_rng *r)
 	return z ^ (z >> 31);
 }
 
-/* A workload: one unary method, a request encoder and a response checker. */
+#define BENCH_MAX_OPS 10
+
+/* What one request is: its latency class (op), method and response type. The engine fills it
+ * with the workload's defaults (op 0) before encode; mixed workloads change it per request. */
+struct bench_call {
+	int op;
+	const char *method;
+	const ProtobufCMessageDescriptor *resp_desc;
+};
+
+/* check's verdicts */
+#define BENCH_CHECK_OK 0
+#define BENCH_CHECK_CONFLICT 1 /* a well-formed answer whose compare failed (optimistic concurrency lost) */
+#define BENCH_CHECK_BAD (-1)
+
+typedef struct grpc_channel grpc_channel;
+struct bench_result;
+
+/* A workload: unary requests, a request encoder and a response checker. */
 struct bench_workload {
 	const char *name;
-	const char *method; /* e.g. "/etcdserverpb.KV/Put" */
+	const char *method; /* default method, e.g. "/etcdserverpb.KV/Put" */
 	const ProtobufCMessageDescriptor *resp_desc;
-	/* Encode request number `seq` into *buf (grown with realloc as needed); returns its length. */
-	size_t (*encode)(const struct bench_opts *o, uint64_t seq, struct bench_rng *rng, uint8_t **buf,
-			 size_t *cap);
-	/* Returns 0 if the decoded response looks right. */
-	int (*check)(const struct bench_opts *o, const ProtobufCMessage *resp);
+	/* Encode request number `seq` into *buf (grown with realloc as needed); returns its length.
+	 * state: the client slot's own bytes (state_size of them, zeroed at start), kept between
+	 * its requests (a paginated LIST continues on the same slot). */
+	size_t (*encode)(const struct bench_opts *o, uint64_t seq, struct bench_rng *rng, void *state,
+			 struct bench_call *call, uint8_t **buf, size_t *cap);
+	/* Returns a BENCH_CHECK_* verdict for the decoded response of `call`. */
+	int (*check)(const struct bench_opts *o, void *state, const struct bench_call *call, const ProtobufCMessage *resp);
+	size_t state_size;
+	const char *const *op_names; /* n_ops latency classes; NULL = one class named after the workload */
+	int n_ops;
+	/* Optional: before the timed run, on a ready channel (e.g. learn the objects' revisions). */
+	int (*prepare)(const struct bench_opts *o, grpc_channel *ch, char *err, size_t errlen);
+	/* Optional: after the timed run; may add op classes to res (e.g. watch delivery). */
+	void (*finish)(const struct bench_opts *o, struct bench_result *res);
 };
 
 const struct bench_workload *bench_workload_find(const char *name);
+const struct bench_workload *bench_apiserver_find(const char *name); /* apiserver.c */
+/* workload.c helpers: the shared value (val_size bytes), packing into a growable buffer */
+const uint8_t *bench_value_bytes(const struct bench_opts *o);
+size_t bench_pack(const ProtobufCMessage *m, uint8_t **buf, size_t *cap);
+
+struct bench_op_result {
+	const char *name;
+	uint64_t ok, conflicts, errors;
+	uint32_t *lat_us; /* sorted ascending */
+	size_t n_lat;
+	double lat_sum_us;
+};
 
 struct bench_result {
 	uint64_t ok;
@@ -98,6 +144,11 @@ struct bench_result {
 	double lat_sum_us;
 	int setup_failed; /* could not connect; message in setup_error */
 	char setup_error[256];
+	/* per-op figures of mixed workloads (n_ops > 1) */
+	struct bench_op_result ops[BENCH_MAX_OPS];
+	int n_ops;
+	uint64_t conflicts;
+	char extra_json[512]; /* workload-specific figures, a JSON fragment starting with ',' (or empty) */
 };
 
 int bench_run(const struct bench_opts *o, const struct bench_workload *w, struct bench_result *res);
@@ -113,5 +164,15 @@ int bench_run_stream(const struct bench_opts *o, int is_watch, struct bench_resu
 int bench_fsync(const struct bench_opts *o, struct bench_result *res);
 const char *bench_status_name(int code);
 uint64_t bench_now_ns(void);
+
+/* Helpers shared by the engine and the workloads (runner.c). */
+grpc_channel *bench_channel(const char *endpoint);
+/* One unary call, synchronously. Returns the gRPC status (0 = OK, *resp set), BENCH_STATUS_DECODE, or
+ * -1 when the call could not complete; err describes a failure. */
+int bench_unary(grpc_channel *ch, const char *method, const ProtobufCMessage *req, const ProtobufCMessageDescriptor *rd,
+		ProtobufCMessage **resp, double timeout, char *err, size_t errlen);
+void bench_sort_u32(uint32_t *v, size_t n);
+/* `benchmark list PREFIX`: one full LIST, paginated with --limit (0 = one request). */
+int bench_list(const struct bench_opts *o, const char *prefix, struct bench_result *res);
 
 #endif

@@ -9,6 +9,13 @@
  *   benchmark [global flags] watch [--watchers W] [--watch-streams S] [--prefixes P] [--rate R]
  *             [--val-size N] [--drain SECONDS] [--ready-file PATH]   (--duration = writing time)
  *   benchmark [global flags] lease-keepalive [--leases L]  (--clients streams over --conns)
+ *   benchmark [global flags] txn-mixed [--key-space-size HOT] [--read-fraction F] [--val-size N]
+ *             [--consistency l|s]   (CAS txns on hot keys mixed with reads; conflicts counted apart)
+ *   benchmark [global flags] apiserver-load [--objects N] [--namespaces N] [--val-size-min A --val-size B]
+ *   benchmark [global flags] apiserver [--objects N] [--namespaces N] [--val-size-min A --val-size B]
+ *             [--limit 500] [--no-watch]   (the kube-apiserver mix; per-op figures; see apiserver.c)
+ *   benchmark [global flags] list PREFIX [--limit N] [--consistency l|s]   (one full LIST)
+ *   put also takes --key-prefix P (prepended to the binary key).
  *
  * Global flags: --endpoints a:p[,b:p] --conns N --clients N (requests in flight in total)
  *   --total N | --duration SECONDS, --threads N, --timeout SECONDS, --dial-timeout SECONDS,
@@ -30,7 +37,8 @@
 static void usage(FILE *f)
 {
 	fprintf(f,
-		"usage: benchmark [flags] put|range KEY [END]|txn-put|fsync [flags]\n"
+		"usage: benchmark [flags] put|range KEY [END]|txn-put|txn-mixed|apiserver-load|apiserver|list PREFIX|\n"
+		"       watch|lease-keepalive|fsync [flags]\n"
 		"  --endpoints=127.0.0.1:2379[,...]  --conns=1  --clients=1  --threads=auto\n"
 		"  --total=10000 | --duration=SECONDS   --timeout=10  --dial-timeout=5\n"
 		"  put/txn-put: --key-size=8 --val-size=8 --key-space-size=1 --sequential-keys --txn-ops=1\n"
@@ -39,6 +47,11 @@ static void usage(FILE *f)
 		"  watch:       --watchers=100 --watch-streams=10 --prefixes=1 --rate=100 --val-size --drain=10\n"
 		"               --ready-file=PATH (created once all watchers exist; puts start when it is removed)\n"
 		"  lease-keepalive: --leases=100 (--clients streams over --conns connections)\n"
+		"  txn-mixed:   --key-space-size=1 (hot keys) --read-fraction=0.5 --val-size --consistency=l|s\n"
+		"  apiserver-load / apiserver: --objects=10000 --namespaces=20 --val-size-min=1024 --val-size=10240\n"
+		"               --limit=500 (LIST page size) --no-watch\n"
+		"  list PREFIX: --limit=0 (page size; 0 = one request) --consistency=l|s\n"
+		"  put:         --key-prefix=P\n"
 		"  output:      --label=NAME --json (JSON line only)\n");
 }
 
@@ -139,6 +152,18 @@ static void report(const struct bench_opts *o, const char *cmd, const struct ben
 			       (unsigned long long)g_ss->canceled);
 		printf("  Latency ms:  avg %.3f  p50 %.3f  p90 %.3f  p99 %.3f  p99.9 %.3f  max %.3f\n", avg, p50,
 		       p90, p99, p999, max);
+		if (r->conflicts)
+			printf("  Conflicts:   %llu (compare failed: optimistic concurrency lost, not errors)\n",
+			       (unsigned long long)r->conflicts);
+		for (int k = 0; k < r->n_ops; k++) {
+			const struct bench_op_result *op = &r->ops[k];
+			struct bench_result tmp = {.lat_us = op->lat_us, .n_lat = op->n_lat};
+			printf("  %-12s %8llu ok %6llu conflicts %4llu errors  %9.1f/s  p50 %.3f  p90 %.3f  p99 %.3f  "
+			       "p99.9 %.3f  max %.3f ms\n",
+			       op->name, (unsigned long long)op->ok, (unsigned long long)op->conflicts,
+			       (unsigned long long)op->errors, r->elapsed > 0 ? (double)op->ok / r->elapsed : 0, pct(&tmp, 50),
+			       pct(&tmp, 90), pct(&tmp, 99), pct(&tmp, 99.9), op->n_lat ? op->lat_us[op->n_lat - 1] / 1000.0 : 0);
+		}
 		if (r->errors) {
 			printf("  Errors by status:\n");
 			for (int c = 1; c < BENCH_NSTATUS; c++)
@@ -170,7 +195,7 @@ static void report(const struct bench_opts *o, const char *cmd, const struct ben
 			       (unsigned long long)g_ss->unexpected, (unsigned long long)g_ss->canceled);
 		else if (!strcmp(cmd, "lease-keepalive"))
 			printf(",\"leases\":%d", o->leases);
-		else if (!strcmp(cmd, "range"))
+		else if (!strcmp(cmd, "range") || !strcmp(cmd, "list"))
 			printf(",\"consistency\":\"%s\",\"limit\":%lld", o->serializable ? "s" : "l",
 			       (long long)o->limit);
 		else
@@ -183,6 +208,23 @@ static void report(const struct bench_opts *o, const char *cmd, const struct ben
 	       (unsigned long long)r->errors, rps);
 	printf(",\"lat_ms\":{\"avg\":%.4f,\"p50\":%.4f,\"p90\":%.4f,\"p99\":%.4f,\"p99_9\":%.4f,\"max\":%.4f}", avg,
 	       p50, p90, p99, p999, max);
+	if (r->conflicts || r->n_ops)
+		printf(",\"conflicts\":%llu", (unsigned long long)r->conflicts);
+	printf("%s", r->extra_json);
+	if (r->n_ops) {
+		printf(",\"ops\":{");
+		for (int k = 0; k < r->n_ops; k++) {
+			const struct bench_op_result *op = &r->ops[k];
+			struct bench_result tmp = {.lat_us = op->lat_us, .n_lat = op->n_lat};
+			printf("%s\"%s\":{\"ok\":%llu,\"conflicts\":%llu,\"errors\":%llu,\"rps\":%.1f,\"lat_ms\":{\"avg\":%.4f,"
+			       "\"p50\":%.4f,\"p90\":%.4f,\"p99\":%.4f,\"p99_9\":%.4f,\"max\":%.4f}}",
+			       k ? "," : "", op->name, (unsigned long long)op->ok, (unsigned long long)op->conflicts,
+			       (unsigned long long)op->errors, r->elapsed > 0 ? (double)op->ok / r->elapsed : 0,
+			       op->n_lat ? op->lat_sum_us / (double)op->n_lat / 1000.0 : 0, pct(&tmp, 50), pct(&tmp, 90),
+			       pct(&tmp, 99), pct(&tmp, 99.9), op->n_lat ? op->lat_us[op->n_lat - 1] / 1000.0 : 0);
+		}
+		printf("}");
+	}
 	printf(",\"errors_by_status\":{");
 	int first = 1;
 	for (int c = 1; c < BENCH_NSTATUS; c++)
@@ -225,6 +267,11 @@ int main(int argc, char **argv)
 		.rate = 100,
 		.drain = 10,
 		.leases = 100,
+		.read_fraction = 0.5,
+		.val_size_min = -1,
+		.objects = 10000,
+		.namespaces = 20,
+		.watch_resources = 1,
 	};
 	char endpoints_buf[1024] = "127.0.0.1:2379";
 	const char *cmd = NULL;
@@ -253,7 +300,8 @@ int main(int argc, char **argv)
 		if (eq)
 			val = eq + 1;
 		/* boolean flags */
-		if (!strcmp(name, "--sequential-keys") || !strcmp(name, "--json") || !strcmp(name, "--help")) {
+		if (!strcmp(name, "--sequential-keys") || !strcmp(name, "--json") || !strcmp(name, "--help") ||
+		    !strcmp(name, "--no-watch")) {
 			int b = !val || !strcmp(val, "true") || !strcmp(val, "1");
 			if (!strcmp(name, "--help")) {
 				usage(stdout);
@@ -261,6 +309,8 @@ int main(int argc, char **argv)
 			}
 			if (!strcmp(name, "--json"))
 				o.quiet = b;
+			else if (!strcmp(name, "--no-watch"))
+				o.watch_resources = !b;
 			else
 				o.sequential = b;
 			continue;
@@ -328,6 +378,19 @@ int main(int argc, char **argv)
 			ok = 1;
 		} else if (!strcmp(name, "--leases")) {
 			ok = !parse_int(val, 1, 10000000, &o.leases);
+		} else if (!strcmp(name, "--key-prefix")) {
+			o.key_prefix = val;
+			ok = strlen(val) < 256;
+		} else if (!strcmp(name, "--read-fraction")) {
+			char *e;
+			o.read_fraction = strtod(val, &e);
+			ok = *val && !*e && o.read_fraction >= 0 && o.read_fraction <= 1;
+		} else if (!strcmp(name, "--val-size-min")) {
+			ok = !parse_int(val, 0, 64 << 20, &o.val_size_min);
+		} else if (!strcmp(name, "--objects")) {
+			ok = !parse_int(val, 1, 100000000, &o.objects);
+		} else if (!strcmp(name, "--namespaces")) {
+			ok = !parse_int(val, 1, 999, &o.namespaces);
 		} else if (!strcmp(name, "--label")) {
 			o.label = val;
 			ok = 1;
@@ -358,6 +421,26 @@ int main(int argc, char **argv)
 		report(&o, cmd, &res);
 		free(res.lat_us);
 		return rc == 0 ? 0 : 1;
+	}
+
+	if (!strcmp(cmd, "list")) {
+		if (npos != 1)
+			goto bad;
+		for (char *p = endpoints_buf, *save = NULL, *tok; (tok = strtok_r(p, ",", &save)); p = NULL) {
+			if (o.n_endpoints == BENCH_MAX_ENDPOINTS)
+				goto bad;
+			o.endpoints[o.n_endpoints++] = tok;
+		}
+		if (!o.n_endpoints)
+			goto bad;
+		int rc = bench_list(&o, pos[0], &res);
+		if (res.setup_failed) {
+			fprintf(stderr, "benchmark: %s\n", res.setup_error);
+			return 1;
+		}
+		report(&o, cmd, &res);
+		free(res.lat_us);
+		return rc == 0 && !res.errors ? 0 : 1;
 	}
 
 	int is_watch = !strcmp(cmd, "watch");
@@ -427,6 +510,8 @@ int main(int argc, char **argv)
 	}
 	report(&o, cmd, &res);
 	free(res.lat_us);
+	for (int k = 0; k < res.n_ops; k++)
+		free(res.ops[k].lat_us);
 	return res.errors ? 1 : 0;
 bad:
 	usage(stderr);

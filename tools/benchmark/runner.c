@@ -60,6 +60,8 @@ struct slot {
 	grpc_status_code status;
 	grpc_slice details;
 	uint64_t t0;
+	void *state; /* the workload's per-client bytes */
+	struct bench_call bc;
 };
 
 struct shared {
@@ -67,7 +69,6 @@ struct shared {
 	const struct bench_workload *w;
 	atomic_uint_fast64_t issued;
 	uint64_t start_ns, stop_ns; /* stop issuing at stop_ns (0 = never) */
-	grpc_slice method;
 };
 
 struct thr {
@@ -86,6 +87,8 @@ struct thr {
 	uint64_t ok, by_status[BENCH_NSTATUS];
 	char first_error[BENCH_NSTATUS][200];
 	uint64_t last_done_ns;
+	struct bench_op_result ops[BENCH_MAX_OPS]; /* per op class (mixed workloads) */
+	size_t op_cap[BENCH_MAX_OPS];
 };
 
 /* Claims request number *seq if the budget allows one more. */
@@ -115,7 +118,8 @@ static void note_error(struct thr *t, int code, const char *msg, size_t len)
 static int start_call(struct thr *t, struct slot *s, uint64_t seq)
 {
 	struct shared *sh = t->sh;
-	size_t n = sh->w->encode(sh->o, seq, &t->rng, &t->buf, &t->cap);
+	s->bc = (struct bench_call){0, sh->w->method, sh->w->resp_desc};
+	size_t n = sh->w->encode(sh->o, seq, &t->rng, s->state, &s->bc, &t->buf, &t->cap);
 	grpc_slice sl = grpc_slice_from_copied_buffer((const char *)t->buf, n);
 	s->send = grpc_raw_byte_buffer_create(&sl, 1);
 	grpc_slice_unref(sl);
@@ -125,8 +129,8 @@ static int start_call(struct thr *t, struct slot *s, uint64_t seq)
 	grpc_metadata_array_init(&s->md_trail);
 	gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
 					     gpr_time_from_millis((int64_t)(sh->o->timeout * 1000), GPR_TIMESPAN));
-	s->call = grpc_channel_create_call(s->ch, NULL, GRPC_PROPAGATE_DEFAULTS, t->cq, sh->method, NULL, deadline,
-					   NULL);
+	s->call = grpc_channel_create_call(s->ch, NULL, GRPC_PROPAGATE_DEFAULTS, t->cq,
+					   grpc_slice_from_static_string(s->bc.method), NULL, deadline, NULL);
 	grpc_op ops[6];
 	memset(ops, 0, sizeof ops);
 	ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
@@ -175,10 +179,24 @@ static void record_latency(struct thr *t, uint64_t ns)
 	t->lat_sum += (double)ns / 1000.0;
 }
 
+static void record_op(struct thr *t, int k, uint64_t ns)
+{
+	struct bench_op_result *op = &t->ops[k];
+	struct thr tmp = {.lat = op->lat_us, .nlat = op->n_lat, .caplat = t->op_cap[k], .lat_sum = op->lat_sum_us};
+	record_latency(&tmp, ns);
+	op->lat_us = tmp.lat;
+	op->n_lat = tmp.nlat;
+	t->op_cap[k] = tmp.caplat;
+	op->lat_sum_us = tmp.lat_sum;
+}
+
 static void finish_call(struct thr *t, struct slot *s, int success)
 {
 	uint64_t now = bench_now_ns();
 	const struct bench_workload *w = t->sh->w;
+	int k = s->bc.op >= 0 && s->bc.op < BENCH_MAX_OPS ? s->bc.op : 0;
+	struct bench_op_result *op = &t->ops[k];
+	uint64_t ok_before = t->ok;
 	if (!success) {
 		note_error(t, 2, "batch completed with success=0", 30);
 	} else if (s->status != GRPC_STATUS_OK) {
@@ -193,10 +211,13 @@ static void finish_call(struct thr *t, struct slot *s, int success)
 		if (grpc_byte_buffer_reader_init(&rd, s->recv)) {
 			grpc_slice all = grpc_byte_buffer_reader_readall(&rd);
 			grpc_byte_buffer_reader_destroy(&rd);
-			ProtobufCMessage *m = protobuf_c_message_unpack(w->resp_desc, NULL, GRPC_SLICE_LENGTH(all),
+			ProtobufCMessage *m = protobuf_c_message_unpack(s->bc.resp_desc, NULL, GRPC_SLICE_LENGTH(all),
 									GRPC_SLICE_START_PTR(all));
 			if (m) {
-				bad = w->check(t->sh->o, m) != 0;
+				int v = w->check(t->sh->o, s->state, &s->bc, m);
+				bad = v != BENCH_CHECK_OK && v != BENCH_CHECK_CONFLICT;
+				if (v == BENCH_CHECK_CONFLICT)
+					op->conflicts++;
 				protobuf_c_message_free_unpacked(m, NULL);
 			}
 			grpc_slice_unref(all);
@@ -206,8 +227,12 @@ static void finish_call(struct thr *t, struct slot *s, int success)
 		} else {
 			t->ok++;
 			record_latency(t, now - s->t0);
+			op->ok++;
+			record_op(t, k, now - s->t0);
 		}
 	}
+	if (t->ok == ok_before)
+		op->errors++;
 	t->last_done_ns = now;
 	if (s->recv)
 		grpc_byte_buffer_destroy(s->recv);
@@ -266,7 +291,12 @@ static int cmp_u32(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
-static grpc_channel *make_channel(const char *endpoint)
+void bench_sort_u32(uint32_t *v, size_t n)
+{
+	qsort(v, n, sizeof *v, cmp_u32);
+}
+
+grpc_channel *bench_channel(const char *endpoint)
 {
 	const char *target = endpoint;
 	if (strncmp(target, "http://", 7) == 0)
@@ -325,22 +355,32 @@ int bench_run(const struct bench_opts *o, const struct bench_workload *w, struct
 	memset(res, 0, sizeof *res);
 	struct shared sh = {.o = o, .w = w};
 	atomic_init(&sh.issued, 0);
-	sh.method = grpc_slice_from_static_string(w->method);
 
 	/* Encode once single-threaded so lazily built shared state (the value) exists. */
 	{
 		uint8_t *b = NULL;
 		size_t c = 0;
 		struct bench_rng r = {.s = 1};
-		w->encode(o, 0, &r, &b, &c);
+		void *st = calloc(1, w->state_size ? w->state_size : 1);
+		struct bench_call bc = {0, w->method, w->resp_desc};
+		w->encode(o, 0, &r, st, &bc, &b, &c);
+		free(st);
 		free(b);
 	}
 
 	grpc_init();
 	grpc_channel **chs = calloc((size_t)o->conns, sizeof *chs);
 	for (int i = 0; i < o->conns; i++)
-		chs[i] = make_channel(o->endpoints[i % o->n_endpoints]);
+		chs[i] = bench_channel(o->endpoints[i % o->n_endpoints]);
 	if (wait_ready(chs, o->conns, o->dial_timeout, res->setup_error, sizeof res->setup_error) != 0) {
+		res->setup_failed = 1;
+		for (int i = 0; i < o->conns; i++)
+			grpc_channel_destroy(chs[i]);
+		free(chs);
+		grpc_shutdown();
+		return -1;
+	}
+	if (w->prepare && w->prepare(o, chs[0], res->setup_error, sizeof res->setup_error) != 0) {
 		res->setup_failed = 1;
 		for (int i = 0; i < o->conns; i++)
 			grpc_channel_destroy(chs[i]);
@@ -370,6 +410,7 @@ int bench_run(const struct bench_opts *o, const struct bench_workload *w, struct
 		struct slot *s = &t->slots[t->nslots++];
 		s->t = t;
 		s->ch = chs[g % o->conns];
+		s->state = w->state_size ? calloc(1, w->state_size) : NULL;
 	}
 
 	sh.start_ns = bench_now_ns();
@@ -401,6 +442,25 @@ int bench_run(const struct bench_opts *o, const struct bench_workload *w, struct
 			res->by_status[c] += t->by_status[c];
 			res->errors += t->by_status[c];
 		}
+		for (int k = 0; k < BENCH_MAX_OPS; k++) {
+			struct bench_op_result *d = &res->ops[k], *sop = &t->ops[k];
+			if (sop->n_lat) {
+				uint32_t *nl = realloc(d->lat_us, (d->n_lat + sop->n_lat) * sizeof(uint32_t));
+				if (!nl)
+					abort();
+				memcpy(nl + d->n_lat, sop->lat_us, sop->n_lat * sizeof(uint32_t));
+				d->lat_us = nl;
+				d->n_lat += sop->n_lat;
+			}
+			d->lat_sum_us += sop->lat_sum_us;
+			d->ok += sop->ok;
+			d->conflicts += sop->conflicts;
+			d->errors += sop->errors;
+			res->conflicts += sop->conflicts;
+			free(sop->lat_us);
+		}
+		for (int i2 = 0; i2 < t->nslots; i2++)
+			free(t->slots[i2].state);
 		free(t->lat);
 		free(t->buf);
 		free(t->slots);
@@ -411,7 +471,19 @@ int bench_run(const struct bench_opts *o, const struct bench_workload *w, struct
 		grpc_completion_queue_destroy(t->cq);
 	}
 	qsort(res->lat_us, res->n_lat, sizeof(uint32_t), cmp_u32);
+	res->n_ops = w->n_ops > 1 ? w->n_ops : 0;
+	for (int k = 0; k < res->n_ops && k < BENCH_MAX_OPS; k++) {
+		res->ops[k].name = w->op_names[k];
+		qsort(res->ops[k].lat_us, res->ops[k].n_lat, sizeof(uint32_t), cmp_u32);
+	}
+	if (!res->n_ops)
+		for (int k = 0; k < BENCH_MAX_OPS; k++) {
+			free(res->ops[k].lat_us);
+			res->ops[k] = (struct bench_op_result){0};
+		}
 	free(ts);
+	if (w->finish)
+		w->finish(o, res);
 	for (int i = 0; i < o->conns; i++)
 		grpc_channel_destroy(chs[i]);
 	free(chs);
@@ -887,7 +959,7 @@ static void *sthr_main(void *arg)
 }
 
 /* One unary call, synchronously on its own completion queue. Returns the grpc status or -1. */
-static int unary(grpc_channel *ch, const char *method, const ProtobufCMessage *req,
+int bench_unary(grpc_channel *ch, const char *method, const ProtobufCMessage *req,
 		 const ProtobufCMessageDescriptor *rd, ProtobufCMessage **resp, double timeout, char *err, size_t errlen)
 {
 	grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
@@ -1122,7 +1194,7 @@ int bench_run_stream(const struct bench_opts *o, int is_watch, struct bench_resu
 	int nch = o->conns + (is_watch ? 1 : 0);
 	grpc_channel **chs = calloc((size_t)nch, sizeof *chs);
 	for (int i = 0; i < nch; i++)
-		chs[i] = make_channel(o->endpoints[i % o->n_endpoints]);
+		chs[i] = bench_channel(o->endpoints[i % o->n_endpoints]);
 	int rc = -1;
 	if (wait_ready(chs, nch, o->dial_timeout, res->setup_error, sizeof res->setup_error) != 0) {
 		res->setup_failed = 1;
@@ -1145,7 +1217,7 @@ int bench_run_stream(const struct bench_opts *o, int is_watch, struct bench_resu
 			Etcdserverpb__LeaseGrantRequest rq = ETCDSERVERPB__LEASE_GRANT_REQUEST__INIT;
 			rq.ttl = 600;
 			ProtobufCMessage *m = NULL;
-			int st = unary(chs[i % o->conns], "/etcdserverpb.Lease/LeaseGrant", &rq.base,
+			int st = bench_unary(chs[i % o->conns], "/etcdserverpb.Lease/LeaseGrant", &rq.base,
 				       &etcdserverpb__lease_grant_response__descriptor, &m, o->timeout, res->setup_error,
 				       sizeof res->setup_error);
 			if (st != 0) {
