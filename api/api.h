@@ -136,9 +136,9 @@ void api_server_adopt_fd(api_server *s, int fd);
 int api_server_listen(api_server *s, const char *host_port);
 /*
  * Listens on host:port with TLS: cert_pem and key_pem are the server's certificate chain and
- * key (PEM text); ca_pem (may be NULL) the CAs that client certificates must chain to. With
- * require_client_cert a client without a verified certificate is refused (etcd's
- * --client-cert-auth). crl_dir (may be NULL): a directory of OpenSSL-hashed CRL files
+ * key (PEM text); ca_pem (may be NULL) the CAs that client certificates must chain to: with
+ * them (or require_client_cert, etcd's --client-cert-auth) a client without a verified
+ * certificate is refused, as etcd 3.4 refuses it. crl_dir (may be NULL): a directory of OpenSSL-hashed CRL files
  * ("<issuer hash>.r0") that every client certificate is checked against (etcd's
  * --client-crl-file; gRPC core takes only a directory). Before start only.
  */

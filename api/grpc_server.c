@@ -218,10 +218,12 @@ int api_server_listen_tls(api_server *s, const char *host_port, const char *cert
 			  const char *key_pem, const char *ca_pem, int require_client_cert, const char *crl_dir)
 {
 	grpc_ssl_pem_key_cert_pair pair = {key_pem, cert_pem};
+	/* etcd 3.4 refuses a client without a verified certificate as soon as it has trusted
+	 * CAs (--trusted-ca-file), --client-cert-auth or not (observed with etcd 3.4.23; the
+	 * flag decides only whether the certificate's CN may stand for the user). */
 	grpc_ssl_client_certificate_request_type req =
-		require_client_cert ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
-		: ca_pem ? GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY
-			 : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE;
+		require_client_cert || ca_pem ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+					      : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE;
 	grpc_server_credentials *creds;
 	if (crl_dir == NULL) {
 		creds = grpc_ssl_server_credentials_create_ex(ca_pem, &pair, 1, req, NULL);

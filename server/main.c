@@ -139,6 +139,14 @@ static int listen_clients(api_server *as, const config *cfg)
 		char hp[256];
 		config_url_host_port(url, hp, sizeof(hp));
 		if (strncmp(url, "https://", 8) == 0) {
+			if (cfg->cipher_suites[0] && !tls_ciphers_http2_ok(cfg->cipher_suites)) {
+				log_at(LOG_FATAL, "listener failed", "error",
+				       "http2: TLSConfig.CipherSuites is missing an HTTP/2-required AES_128_GCM_SHA256 cipher "
+				       "(need at least one of TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 or "
+				       "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)", NULL);
+				rc = -1;
+				break;
+			}
 			if (cfg->auto_tls && cert == NULL && (cert_file[0] == '\0' || key_file[0] == '\0')) {
 				if (tls_auto_cert(cfg, auto_cert, auto_key, sizeof(auto_cert)) != 0) {
 					rc = -1;

@@ -363,6 +363,9 @@ int kv_check_txn(const Etcdserverpb__TxnRequest *r, size_t max_ops);
 /* --cipher-suites (Go's names, comma-separated) as OpenSSL's cipher list in out; -1 after
  * logging etcd's "unexpected TLS cipher suite" for a name Go does not know. */
 int tls_cipher_list(const char *go_names, char *out, size_t outlen);
+/* Whether the list has a suite Go's HTTP/2 requires (an ECDHE AES_128_GCM_SHA256): etcd's
+ * https listener refuses to start without one. */
+int tls_ciphers_http2_ok(const char *go_names);
 /* --auto-tls: etcd's self-signed pair under <data-dir>/fixtures/client (made once, then
  * reused); the paths in cert_path and key_path. 0 or -1 (logged). */
 int tls_auto_cert(const config *cfg, char *cert_path, char *key_path, size_t pathlen);

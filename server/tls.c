@@ -90,6 +90,22 @@ int tls_cipher_list(const char *go_names, char *out, size_t outlen)
 	return 0;
 }
 
+int tls_ciphers_http2_ok(const char *go_names)
+{
+	static const char *const need[] = {"TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256",
+					   "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"};
+	for (const char *p = go_names; *p;) {
+		size_t len = strcspn(p, ",");
+		for (size_t i = 0; i < 2; i++)
+			if (strlen(need[i]) == len && memcmp(need[i], p, len) == 0)
+				return 1;
+		p += len;
+		if (*p == ',')
+			p++;
+	}
+	return 0;
+}
+
 static int write_pem(const char *path, int mode, int (*write)(BIO *, void *), void *obj)
 {
 	int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, mode);
