@@ -13,6 +13,7 @@ PACKAGES=(
   liblmdb-dev lmdb-utils
   libuv1-dev
   libssl-dev
+  libyaml-dev
   etcd-client
   etcd-server
   python3 python3-etcd3 python3-grpcio

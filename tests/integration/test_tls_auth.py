@@ -773,8 +773,14 @@ class ConfigFile(unittest.TestCase):
         cases = {
             "missing": None,
             "not-yaml": "name: [unclosed\n",
+            "unterminated": 'name: "x\n',
+            "tab": "name:\n\t- b\n",
             "bad-type": "name: x\nsnapshot-count: lots\n",
+            "number-name": "name: 12\n",
+            "bad-duration": "grpc-keepalive-interval: 5s\n",
+            "bad-bool": "client-transport-security:\n  client-cert-auth: maybe\n",
             "bad-url": "listen-client-urls: nonsense\n",
+            "no-port": "listen-client-urls: http://127.0.0.1\n",
         }
         for name, text in cases.items():
             path = os.path.join(tmp, name + ".yml")
@@ -788,10 +794,12 @@ class ConfigFile(unittest.TestCase):
                 out = p.stdout.decode(errors="replace")
                 self.assertNotEqual(p.returncode, 0, (binary, name, out))
                 res.append(out)
+            why = [re.search(r"error verifying flags, .*(?=\. See ')|unexpected error setting up .*", out)
+                   for out in res]
+            self.assertTrue(all(why), (name, res))
+            self.assertEqual(why[0].group(0), why[1].group(0), name)
             if name == "missing":
-                want = "open %s: no such file or directory" % path
-                for out in res:
-                    self.assertIn(want, out)
+                self.assertIn("open %s: no such file or directory" % path, res[0])
 
 
 def tearDownModule():
