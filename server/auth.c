@@ -58,6 +58,7 @@ static const struct {
 	[-(AUTH_ERR_OLD_REVISION - AUTH_ERR_BASE)] = {3, "etcdserver: revision of auth store is old"},
 	/* not one of etcd's rpctypes: grpc-go sends it as Unknown with the error's text */
 	[-(AUTH_ERR_VERIFY_ONLY - AUTH_ERR_BASE)] = {2, "auth: token signing attempted with verify-only key"},
+	[-(AUTH_ERR_JWT_KEY - AUTH_ERR_BASE)] = {2, "key is invalid"},
 };
 
 int auth_error_status(int err, const char **msg)
@@ -991,6 +992,8 @@ int auth_apply(auth_store *as, storage_batch *b, node_op op, const ProtobufCMess
 			int jrc = jwt_sign(as->a_jwt, r->name, revision, (int64_t)time(NULL), &jwt);
 			if (jrc == JWT_ERR_VERIFY_ONLY)
 				rc = AUTH_ERR_VERIFY_ONLY;
+			else if (jrc == JWT_ERR_KEY)
+				rc = AUTH_ERR_JWT_KEY;
 			else if (jrc)
 				rc = STORAGE_ERR_NOMEM;
 			tok = jwt ? jwt : "";

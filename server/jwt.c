@@ -508,11 +508,6 @@ int jwt_signer_open(jwt_signer **out, const char *const *keys, const char *const
 			s->js_pub = s->js_priv;
 			EVP_PKEY_up_ref(s->js_pub);
 		}
-		if (fam == FAM_EC && EVP_PKEY_get_bits(s->js_pub) != s->js_method->curve_bits && s->js_priv) {
-			/* jwt-go refuses to sign with a key of another curve size ("key is invalid"). */
-			snprintf(why, whylen, "key is invalid");
-			goto fail;
-		}
 	}
 	free(pub_pem);
 	if (priv_pem)
@@ -643,6 +638,10 @@ int jwt_sign(jwt_signer *s, const char *user, uint64_t revision, int64_t now, ch
 {
 	if (s->js_method->family != FAM_HMAC && s->js_priv == NULL)
 		return JWT_ERR_VERIFY_ONLY;
+	/* jwt-go refuses to sign with a key of another curve size ("key is invalid"); etcd
+	 * starts, and each Authenticate fails. */
+	if (s->js_method->family == FAM_EC && EVP_PKEY_get_bits(s->js_priv) != s->js_method->curve_bits)
+		return JWT_ERR_KEY;
 	size_t ulen = strlen(user);
 	if (ulen > 4096)
 		return JWT_ERR_INVALID;

@@ -134,6 +134,13 @@ static int listen_clients(api_server *as, const config *cfg)
 	char auto_cert[4096], auto_key[4096], crl_dir[4096];
 	const char *cert_file = cfg->cert_file, *key_file = cfg->key_file;
 	int rc = 0;
+	/* etcd makes the pair whenever --auto-tls is on and no pair is given, https or not. */
+	if (cfg->auto_tls && (cert_file[0] == '\0' || key_file[0] == '\0')) {
+		if (tls_auto_cert(cfg, auto_cert, auto_key, sizeof(auto_cert)) != 0)
+			return -1;
+		cert_file = auto_cert;
+		key_file = auto_key;
+	}
 	for (int i = 0; rc == 0 && i < cfg->listen_client.n; i++) {
 		const char *url = cfg->listen_client.url[i];
 		char hp[256];
@@ -146,14 +153,6 @@ static int listen_clients(api_server *as, const config *cfg)
 				       "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)", NULL);
 				rc = -1;
 				break;
-			}
-			if (cfg->auto_tls && cert == NULL && (cert_file[0] == '\0' || key_file[0] == '\0')) {
-				if (tls_auto_cert(cfg, auto_cert, auto_key, sizeof(auto_cert)) != 0) {
-					rc = -1;
-					break;
-				}
-				cert_file = auto_cert;
-				key_file = auto_key;
 			}
 			if (cfg->client_crl_file[0] && cert == NULL && tls_crl_dir(cfg, crl_dir, sizeof(crl_dir)) != 0) {
 				rc = -1;

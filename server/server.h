@@ -297,6 +297,7 @@ enum {
 	AUTH_ERR_VERIFY_ONLY = -1217,   /* JWT with a public key only: cannot sign */
 	AUTH_ERR_TOKEN_OPTIONS = -1218, /* start-up: a bad --auth-token (reason logged) */
 	AUTH_ERR_TOKEN_KEY = -1219,     /* start-up: a JWT key etcd refuses (reason logged) */
+	AUTH_ERR_JWT_KEY = -1220,       /* jwt-go's "key is invalid": an ES key of another curve */
 };
 /* The gRPC code and message of an AUTH_ERR_*, or -1 if err is not one. */
 int auth_error_status(int err, const char **msg);
