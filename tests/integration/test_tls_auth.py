@@ -171,6 +171,16 @@ class TLSServer(harness.Server):
             time.sleep(0.05)
 
 
+def checked_cleanup(testcase, s):
+    """Clean s up after the test; with KEELSON_SANITIZER_CHECK=1, fail on a sanitizer report."""
+    def done():
+        report = s.sanitizer_report() if os.environ.get("KEELSON_SANITIZER_CHECK") == "1" else ""
+        s.cleanup()
+        if report:
+            raise AssertionError("sanitizer report from server:\n" + report)
+    testcase.addCleanup(done)
+
+
 def start_tls_pair(testcase, extra_args=(), tls_client=("root",), ctl_tls=None):
     """A Keelson and an etcd with the same TLS flags, both cleaned up after the test."""
     servers = [TLSServer(harness.KEELSON_BIN, tls_client, "sut", extra_args),
@@ -192,7 +202,7 @@ def start_tls_pair(testcase, extra_args=(), tls_client=("root",), ctl_tls=None):
     for t in ts:
         t.join()
     for s in servers:
-        testcase.addCleanup(s.cleanup)
+        checked_cleanup(testcase, s)
     if errors:
         raise harness.ServerError("; ".join(errors))
     return servers
@@ -683,7 +693,7 @@ class AutoTLSAndCiphers(unittest.TestCase):
         for binary in (harness.KEELSON_BIN, harness.ETCD_BIN):
             s = TLSServer(binary, tls_client=None, label="auto", extra_args=["--auto-tls"])
             s.ctl_tls = ["--insecure-transport=false", "--insecure-skip-tls-verify"]
-            self.addCleanup(s.cleanup)
+            checked_cleanup(self, s)
             s.start()
             fx = os.path.join(s.data_dir, "fixtures", "client")
             self.assertEqual(sorted(os.listdir(fx)), ["cert.pem", "key.pem"])
@@ -760,7 +770,7 @@ class ConfigFile(unittest.TestCase):
         outs = []
         for binary in (harness.KEELSON_BIN, harness.ETCD_BIN):
             s = TLSServer(binary, tls_client=("alice",), label="cfg")
-            self.addCleanup(s.cleanup)
+            checked_cleanup(self, s)
             path = os.path.join(s.tmp, "etcd.yml")
             with open(path, "w") as f:
                 f.write(self.yaml_for(s, "client-transport-security:\n"
