@@ -688,8 +688,18 @@ static int config_from_file(config *cfg, const char *path)
 			continue;
 		}
 		const flag_def *f = find_flag(key, strlen(key));
-		/* Go's encoding/json ignores keys it has no field for; so does etcd. */
-		if (f == NULL || strcmp(key, "config-file") == 0 || strcmp(key, "version") == 0)
+		/* Go's encoding/json ignores keys it has no field for; so does etcd. Its TLS
+		 * settings exist only inside the two sections (embed.Config has no top-level
+		 * field for them, nor for the CRL files). */
+		static const char *const not_keys[] = {
+			"config-file", "version", "cert-file", "key-file", "client-cert-auth", "trusted-ca-file",
+			"auto-tls", "client-crl-file", "peer-cert-file", "peer-key-file", "peer-client-cert-auth",
+			"peer-trusted-ca-file", "peer-auto-tls", "peer-crl-file",
+		};
+		for (size_t i = 0; f && i < sizeof(not_keys) / sizeof(not_keys[0]); i++)
+			if (strcmp(key, not_keys[i]) == 0)
+				f = NULL;
+		if (f == NULL)
 			continue;
 		char spath[128];
 		snprintf(spath, sizeof(spath), "configYAML.%s", key);

@@ -762,6 +762,8 @@ class ConfigFile(unittest.TestCase):
                 "initial-advertise-peer-urls: %s\n"
                 "initial-cluster: cfgmember=%s\n"
                 "initial-cluster-token: 'tok-1'\n"
+                "cert-file: /nonexistent/only-in-the-section\n"
+                "unknown-key: [1, 2]\n"
                 "auth-token: simple\n" % (s.data_dir, s.client_url, s.client_url, s.peer_url,
                                           s.peer_url, s.peer_url)) + extra
 
@@ -813,8 +815,12 @@ class ConfigFile(unittest.TestCase):
                     f.write(text)
             res = []
             for binary in (harness.KEELSON_BIN, harness.ETCD_BIN):
-                p = subprocess.run([binary, "--config-file", path], stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, timeout=30, cwd=tmp, env=harness.clean_env())
+                # the missing file through ETCD_CONFIG_FILE, the others through the flag
+                argv, env = [binary, "--config-file", path], harness.clean_env()
+                if name == "missing":
+                    argv, env = [binary], harness.clean_env({"ETCD_CONFIG_FILE": path})
+                p = subprocess.run(argv, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, timeout=30, cwd=tmp, env=env)
                 out = p.stdout.decode(errors="replace")
                 self.assertNotEqual(p.returncode, 0, (binary, name, out))
                 res.append(out)
