@@ -630,6 +630,21 @@ class JWTTokens(unittest.TestCase):
                 self.assertEqual(self.get_with(sut, tk),
                                  ("INVALID_ARGUMENT", "etcdserver: revision of auth store is old"))
 
+    def test_every_member_verifies(self):
+        """A token one member signs is good on every member: JWTs are not in the log."""
+        import cluster
+        c = cluster.Cluster(3, extra_args=["--auth-token", self.jwt_flag("ES256")], label="jwt")
+        self.addCleanup(c.cleanup)
+        c.start()
+        m1, m2, m3 = c.members
+        for args in (("user", "add", "root:rootpw"), ("user", "grant-role", "root", "root"),
+                     ("auth", "enable")):
+            self.assertEqual(m1.ctl(*args).rc, 0, args)
+        self.assertEqual(m1.ctl("--user=root:rootpw", "put", "foo", "bar").rc, 0)
+        tok = self.token(m2)
+        for m in (m1, m2, m3):
+            self.assertEqual(self.get_with(m, tok), ("ok", [b"bar"]), m.name)
+
     def test_expiry(self):
         sut = harness.fresh_server(self, extra_args=["--auth-token", self.jwt_flag("ES256", ttl="2s")])
         sut.ctl("user", "add", "root:rootpw")
