@@ -111,6 +111,10 @@ typedef struct api_options {
 	int ao_keepalive_interval_ms; /* --grpc-keepalive-interval */
 	int ao_keepalive_timeout_ms;  /* --grpc-keepalive-timeout */
 	int ao_threads;               /* completion-queue threads; 0 picks 2 */
+	/* OpenSSL's TLS 1.2 cipher list for every TLS listener (etcd's --cipher-suites), NULL
+	 * for gRPC's default. gRPC core's C API has no per-listener knob: it is the process-wide
+	 * GRPC_SSL_CIPHER_SUITES setting, which is read once, so it is set before gRPC starts. */
+	const char *ao_cipher_list;
 } api_options;
 
 /* Error codes of the api module: -1100..-1199. */
@@ -132,18 +136,27 @@ void api_server_adopt_fd(api_server *s, int fd);
 int api_server_listen(api_server *s, const char *host_port);
 /*
  * Listens on host:port with TLS: cert_pem and key_pem are the server's certificate chain and
- * key (PEM text); ca_pem (may be NULL) the CAs that client certificates must chain to. With
- * require_client_cert a client without a verified certificate is refused (etcd's
- * --client-cert-auth). Before start only.
+ * key (PEM text); ca_pem (may be NULL) the CAs that client certificates must chain to: with
+ * them (or require_client_cert, etcd's --client-cert-auth) a client without a verified
+ * certificate is refused, as etcd 3.4 refuses it. crl_dir (may be NULL): a directory of OpenSSL-hashed CRL files
+ * ("<issuer hash>.r0") that every client certificate is checked against (etcd's
+ * --client-crl-file; gRPC core takes only a directory). Before start only.
  */
 int api_server_listen_tls(api_server *s, const char *host_port, const char *cert_pem,
-			  const char *key_pem, const char *ca_pem, int require_client_cert);
+			  const char *key_pem, const char *ca_pem, int require_client_cert, const char *crl_dir);
 int api_server_start(api_server *s);
 /* Stops accepting new calls; calls already accepted still run and must still be ended. */
 void api_server_shutdown(api_server *s);
 /* Shuts down if not yet, cancels the calls still in flight, joins the threads, frees s. */
 void api_server_destroy(api_server *s);
 
+/*
+ * The common name of the client certificate the TLS handshake verified, for the call (or
+ * stream message) whose handler runs on this thread, copied into buf; NULL on a plaintext
+ * connection, without a client certificate, or outside a handler. etcd takes it as the user
+ * of a request that has no token when --client-cert-auth is on.
+ */
+const char *api_dispatch_peer_cn(char *buf, size_t len);
 /* The value of request metadata key (lower case), or NULL; valid while the call is. */
 const char *api_call_metadata(api_call *call, const char *key, size_t *len);
 /* Size in bytes of the encoded request body. */

@@ -125,6 +125,9 @@ int api_server_create(const api_options *opts, api_server **out)
 		}
 	}
 
+	/* Read by gRPC core once, when its first TLS context is made; see api_options. */
+	if (opts->ao_cipher_list && opts->ao_cipher_list[0])
+		setenv("GRPC_SSL_CIPHER_SUITES", opts->ao_cipher_list, 1);
 	grpc_init();
 	/* etcd lets a request be max-request-bytes plus gRPC's overhead (512 KiB) on the wire.
 	 * gRPC core's own refusal words it differently from grpc-go, so core takes up to four
@@ -212,19 +215,77 @@ int api_server_listen(api_server *s, const char *host_port)
 }
 
 int api_server_listen_tls(api_server *s, const char *host_port, const char *cert_pem,
-			  const char *key_pem, const char *ca_pem, int require_client_cert)
+			  const char *key_pem, const char *ca_pem, int require_client_cert, const char *crl_dir)
 {
 	grpc_ssl_pem_key_cert_pair pair = {key_pem, cert_pem};
+	/* etcd 3.4 refuses a client without a verified certificate as soon as it has trusted
+	 * CAs (--trusted-ca-file), --client-cert-auth or not (observed with etcd 3.4.23; the
+	 * flag decides only whether the certificate's CN may stand for the user). */
 	grpc_ssl_client_certificate_request_type req =
-		require_client_cert ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
-		: ca_pem ? GRPC_SSL_REQUEST_CLIENT_CERTIFICATE_AND_VERIFY
-			 : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE;
-	grpc_server_credentials *creds = grpc_ssl_server_credentials_create_ex(ca_pem, &pair, 1, req, NULL);
+		require_client_cert || ca_pem ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+					      : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE;
+	grpc_server_credentials *creds;
+	if (crl_dir == NULL) {
+		creds = grpc_ssl_server_credentials_create_ex(ca_pem, &pair, 1, req, NULL);
+	} else {
+		/* Only the (experimental) TLS credentials API of gRPC core checks CRLs. */
+		grpc_tls_identity_pairs *ids = grpc_tls_identity_pairs_create();
+		grpc_tls_identity_pairs_add_pair(ids, key_pem, cert_pem);
+		grpc_tls_certificate_provider *prov = grpc_tls_certificate_provider_static_data_create(ca_pem, ids);
+		grpc_tls_credentials_options *o = grpc_tls_credentials_options_create();
+		grpc_tls_credentials_options_set_certificate_provider(o, prov);
+		grpc_tls_credentials_options_watch_identity_key_cert_pairs(o);
+		if (ca_pem)
+			grpc_tls_credentials_options_watch_root_certs(o);
+		grpc_tls_credentials_options_set_cert_request_type(o, req);
+		grpc_tls_credentials_options_set_crl_directory(o, crl_dir);
+		creds = grpc_tls_server_credentials_create(o); /* takes o */
+		grpc_tls_certificate_provider_release(prov);
+	}
 	if (creds == NULL)
 		return API_ERR_BIND;
 	int port = grpc_server_add_http2_port(s->as_grpc, host_port, creds);
 	grpc_server_credentials_release(creds);
 	return port > 0 ? 0 : API_ERR_BIND;
+}
+
+/*
+ * The call whose handler runs on this thread. Handlers take the caller's identity on their
+ * own thread before they hand a request on, so the certificate is read only while its call
+ * is being dispatched; outside a dispatch there is no identity (and no user).
+ */
+static _Thread_local grpc_call *dispatching;
+
+void api__dispatch_begin(grpc_call *call)
+{
+	dispatching = call;
+}
+
+void api__dispatch_end(void)
+{
+	dispatching = NULL;
+}
+
+const char *api_dispatch_peer_cn(char *buf, size_t len)
+{
+	if (dispatching == NULL || len == 0)
+		return NULL;
+	grpc_auth_context *ctx = grpc_call_auth_context(dispatching);
+	if (ctx == NULL)
+		return NULL; /* plaintext */
+	const char *out = NULL;
+	/* Only a certificate the handshake verified: an unverified one never gets this far
+	 * (the TLS listener verifies every certificate it requests). */
+	grpc_auth_property_iterator it = grpc_auth_context_find_properties_by_name(ctx, GRPC_X509_CN_PROPERTY_NAME);
+	const grpc_auth_property *p = grpc_auth_property_iterator_next(&it);
+	if (p != NULL && p->value_length > 0 && p->value_length < len &&
+	    memchr(p->value, '\0', p->value_length) == NULL) {
+		memcpy(buf, p->value, p->value_length);
+		buf[p->value_length] = '\0';
+		out = buf;
+	}
+	grpc_auth_context_release(ctx);
+	return out;
 }
 
 static void request_next(api_pending *p)
@@ -534,7 +595,9 @@ static void on_registered(api_pending *p, int ok)
 				  "grpc: error unmarshalling request: proto: illegal tag 0");
 		return;
 	}
+	api__dispatch_begin(c->ac_call);
 	m->am_fn(m->am_ctx, c, c->ac_req);
+	api__dispatch_end();
 }
 
 /* A call for a path we do not serve: answer as grpc-go does. */

@@ -77,6 +77,9 @@ int api_message_is_valid(const ProtobufCMessage *m);
 /* stream.c: a streaming call arrived on a registered method. Takes ownership of the call
  * and metadata. */
 void api__stream_start(api_server *s, api_method *m, grpc_call *call, grpc_metadata_array *md);
+/* grpc_server.c: a handler runs for call on this thread (api_dispatch_peer_cn's subject). */
+void api__dispatch_begin(grpc_call *call);
+void api__dispatch_end(void);
 /* stream.c: handles a completion whose tag belongs to a stream. */
 void api__stream_event(void *tag, int ok);
 

@@ -368,7 +368,9 @@ static void on_recv(api_stream *st, int ok)
 		protobuf_c_message_free_unpacked(msg, NULL);
 		return;
 	}
+	api__dispatch_begin(st->st_call);
 	st->st_method->am_stream->on_message(st->st_method->am_ctx, st, msg);
+	api__dispatch_end();
 	protobuf_c_message_free_unpacked(msg, NULL);
 	pthread_mutex_lock(&st->st_mu);
 	st->st_in_message = 0;

@@ -2,9 +2,12 @@
  * auth.c - etcd's authentication and role-based access control: users, roles, key-range
  * permissions, the root rules, simple tokens, and the Auth service.
  *
- * Every change (user and role management, enable/disable, and the token an Authenticate
- * hands out) is a log entry that every member applies, so every member accepts the same
- * tokens. Passwords are checked by the member that receives the request, before anything is
+ * Every change (user and role management, enable/disable, and the simple token an
+ * Authenticate hands out) is a log entry that every member applies, so every member accepts
+ * the same tokens. JWT tokens (--auth-token jwt,...) are stateless: the entry carries no
+ * token, each member checks a token's signature with its own copy of the key, and the auth
+ * revision in the token must still be current (etcd's ErrAuthOldRevision). With
+ * --client-cert-auth and no token, the client certificate's CN is the user, as in etcd. Passwords are checked by the member that receives the request, before anything is
  * proposed, and stored as salted PBKDF2-HMAC-SHA256 (etcd uses bcrypt; both are slow salted
  * hashes, and the hash never leaves the member's data).
  *
@@ -22,6 +25,7 @@
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 
+#include "server/jwt.h"
 #include "server/server.h"
 
 #define AUTH_META "auth"
@@ -51,6 +55,10 @@ static const struct {
 	[-(AUTH_ERR_INVALID_TOKEN - AUTH_ERR_BASE)] = {16, "etcdserver: invalid auth token"},
 	[-(AUTH_ERR_INVALID_MGMT - AUTH_ERR_BASE)] = {3, "etcdserver: invalid auth management"},
 	[-(AUTH_ERR_NO_PASSWORD - AUTH_ERR_BASE)] = {3, "etcdserver: password is empty"},
+	[-(AUTH_ERR_OLD_REVISION - AUTH_ERR_BASE)] = {3, "etcdserver: revision of auth store is old"},
+	/* not one of etcd's rpctypes: grpc-go sends it as Unknown with the error's text */
+	[-(AUTH_ERR_VERIFY_ONLY - AUTH_ERR_BASE)] = {2, "auth: token signing attempted with verify-only key"},
+	[-(AUTH_ERR_JWT_KEY - AUTH_ERR_BASE)] = {2, "key is invalid"},
 };
 
 int auth_error_status(int err, const char **msg)
@@ -62,6 +70,8 @@ int auth_error_status(int err, const char **msg)
 	*msg = auth_errors[i].msg;
 	return auth_errors[i].code;
 }
+
+typedef enum auth_token_kind { AUTH_TOKEN_SIMPLE, AUTH_TOKEN_JWT, AUTH_TOKEN_NOP } auth_token_kind;
 
 typedef struct auth_token {
 	char t_token[40]; /* "" for a free slot */
@@ -79,6 +89,9 @@ struct auth_store {
 	size_t a_nroles;
 	auth_token *a_tokens; /* open addressing by hash of the token */
 	size_t a_token_ttl_ms;
+	auth_token_kind a_token_kind; /* from --auth-token, fixed at start-up */
+	jwt_signer *a_jwt;            /* AUTH_TOKEN_JWT only; used without the mutex */
+	int a_cn_is_user;             /* --client-cert-auth: a certificate's CN stands for a token */
 };
 
 static uint64_t now_ms(void)
@@ -217,6 +230,73 @@ static int load(auth_store *as, const uint8_t *p, size_t len)
 	return 0;
 }
 
+/*
+ * --auth-token as etcd's NewTokenProvider: "type[,key=value...]" (decomposeOpts: every option
+ * is one key=value, no duplicates), type simple, jwt, or "" (a provider that accepts no
+ * token). Logs etcd's reason and returns AUTH_ERR_TOKEN_OPTIONS for a start-up failure.
+ */
+static int token_provider_open(auth_store *as, const char *spec)
+{
+	char *copy = strdup(spec);
+	const char *keys[16], *values[16];
+	size_t n = 0;
+	int rc = AUTH_ERR_TOKEN_OPTIONS;
+	if (copy == NULL)
+		return STORAGE_ERR_NOMEM;
+	char *save = NULL, *type = copy, *comma = strchr(copy, ',');
+	if (comma)
+		*comma = '\0';
+	for (char *opt = comma ? strtok_r(comma + 1, ",", &save) : NULL; opt; opt = strtok_r(NULL, ",", &save)) {
+		char *eq = strchr(opt, '=');
+		if (eq == NULL || strchr(eq + 1, '=') != NULL || n == 16) {
+			log_at(LOG_ERROR, "invalid token option", "option", spec, NULL);
+			goto done;
+		}
+		*eq = '\0';
+		for (size_t k = 0; k < n; k++)
+			if (strcmp(keys[k], opt) == 0) {
+				log_at(LOG_ERROR, "invalid token option", "option", spec, "duplicate-parameter", opt, NULL);
+				goto done;
+			}
+		keys[n] = opt;
+		values[n++] = eq + 1;
+	}
+	/* Go's strings.Split keeps empty pieces ("jwt,,x=y" has an option ""), strtok_r does not. */
+	if (comma && (strstr(spec, ",,") || spec[strlen(spec) - 1] == ',')) {
+		log_at(LOG_ERROR, "invalid token option", "option", spec, NULL);
+		goto done;
+	}
+	if (strcmp(type, "simple") == 0) {
+		as->a_token_kind = AUTH_TOKEN_SIMPLE;
+		rc = 0;
+	} else if (strcmp(type, "") == 0) {
+		as->a_token_kind = AUTH_TOKEN_NOP;
+		rc = 0;
+	} else if (strcmp(type, "jwt") == 0) {
+		char why[512];
+		int jrc = jwt_signer_open(&as->a_jwt, keys, values, n, why, sizeof(why));
+		if (jrc == JWT_ERR_OPTIONS) {
+			log_at(LOG_ERROR, "problem loading JWT options", "error", why, NULL);
+		} else if (jrc == JWT_ERR_KEY) {
+			/* etcd returns the key's error itself, not "invalid auth options" */
+			log_at(LOG_FATAL, why, NULL);
+			rc = AUTH_ERR_TOKEN_KEY;
+		} else if (jrc) {
+			rc = STORAGE_ERR_NOMEM;
+		} else {
+			as->a_token_kind = AUTH_TOKEN_JWT;
+			rc = 0;
+		}
+	} else {
+		log_at(LOG_WARN, "unknown token type", "type", type, NULL);
+	}
+done:
+	if (rc == AUTH_ERR_TOKEN_OPTIONS)
+		log_at(LOG_FATAL, "auth: invalid auth options", NULL);
+	free(copy);
+	return rc;
+}
+
 int auth_start(auth_store **out, const config *cfg, storage *st)
 {
 	auth_store *as = calloc(1, sizeof(*as));
@@ -229,6 +309,12 @@ int auth_start(auth_store **out, const config *cfg, storage *st)
 	}
 	pthread_mutex_init(&as->a_mu, NULL);
 	as->a_token_ttl_ms = (cfg->auth_token_ttl ? cfg->auth_token_ttl : 300) * 1000;
+	as->a_cn_is_user = cfg->client_cert_auth;
+	int trc = token_provider_open(as, cfg->auth_token ? cfg->auth_token : "simple");
+	if (trc) {
+		auth_free(as);
+		return trc;
+	}
 	as->a_revision = 1;
 	storage_reader *r;
 	storage_arena a;
@@ -261,6 +347,7 @@ void auth_free(auth_store *as)
 		authpb__user__free_unpacked(as->a_users[i], NULL);
 	for (size_t i = 0; i < as->a_nroles; i++)
 		authpb__role__free_unpacked(as->a_roles[i], NULL);
+	jwt_signer_free(as->a_jwt);
 	OPENSSL_cleanse(as->a_tokens, AUTH_MAX_TOKENS * sizeof(auth_token));
 	free(as->a_tokens);
 	pthread_mutex_destroy(&as->a_mu);
@@ -489,20 +576,73 @@ static int user_permits(auth_store *as, const Authpb__User *u, int write, const 
 	return !from_key && bcmp_(pt, ptl, end->data, end->len) >= 0;
 }
 
-/* The user a request acts for: 0 and *u (or u NULL with auth disabled), or an error. */
-static int request_user(auth_store *as, const char *tok, size_t toklen, Authpb__User **u)
+/*
+ * Who a request acts for, as far as can be told without the mutex: a JWT's verified user and
+ * revision, or the client certificate's CN (etcd's AuthInfoFromTLS, only with
+ * --client-cert-auth and no token). Simple tokens are looked up under the mutex.
+ */
+typedef struct caller {
+	const char *c_tok; /* simple token, NULL if none */
+	size_t c_toklen;
+	char c_name[256];  /* JWT or CN user, "" if none */
+	uint64_t c_rev;    /* a JWT's auth revision */
+	int c_jwt;
+	int c_err;         /* an error found already */
+} caller;
+
+static void identify(auth_store *as, const char *tok, size_t toklen, caller *c)
+{
+	memset(c, 0, sizeof(*c));
+	if (tok == NULL) {
+		if (!(as->a_cn_is_user && api_dispatch_peer_cn(c->c_name, sizeof(c->c_name))))
+			c->c_err = AUTH_ERR_USER_EMPTY;
+		return;
+	}
+	switch (as->a_token_kind) {
+	case AUTH_TOKEN_SIMPLE:
+		c->c_tok = tok;
+		c->c_toklen = toklen;
+		return;
+	case AUTH_TOKEN_JWT:
+		c->c_jwt = 1;
+		if (jwt_verify(as->a_jwt, tok, toklen, (int64_t)time(NULL), c->c_name, sizeof(c->c_name), &c->c_rev) != 0)
+			c->c_err = AUTH_ERR_INVALID_TOKEN;
+		return;
+	case AUTH_TOKEN_NOP:
+		c->c_err = AUTH_ERR_INVALID_TOKEN;
+		return;
+	}
+}
+
+/* The caller's user, under the mutex: 0 and *u, or an error. A JWT or CN naming no user is
+ * AUTH_ERR_USER_NOT_FOUND (etcd's admin check says so; its key checks say permission denied). */
+static int caller_user(auth_store *as, const caller *c, Authpb__User **u)
 {
 	*u = NULL;
-	if (!as->a_enabled)
-		return 0;
-	if (tok == NULL)
-		return AUTH_ERR_USER_EMPTY;
-	char user[256];
-	int rc = token_user(as, tok, toklen, user, sizeof(user));
-	if (rc)
-		return rc;
-	*u = find_user(as, user, NULL);
-	return *u ? 0 : AUTH_ERR_INVALID_TOKEN;
+	if (c->c_err)
+		return c->c_err;
+	if (c->c_tok) {
+		char user[256];
+		int rc = token_user(as, c->c_tok, c->c_toklen, user, sizeof(user));
+		if (rc)
+			return rc;
+		*u = find_user(as, user, NULL);
+		return *u ? 0 : AUTH_ERR_INVALID_TOKEN;
+	}
+	*u = find_user(as, c->c_name, NULL);
+	return *u ? 0 : AUTH_ERR_USER_NOT_FOUND;
+}
+
+/* etcd's isOpPermitted before the permission itself: a JWT from before the last auth
+ * change is refused (the client authenticates again), and an unknown user is denied. */
+static int caller_key_user(auth_store *as, const caller *c, Authpb__User **u)
+{
+	int rc = caller_user(as, c, u);
+	if (rc == AUTH_ERR_USER_NOT_FOUND)
+		return AUTH_ERR_PERMISSION_DENIED;
+	if (rc == 0 && c->c_jwt && c->c_rev < as->a_revision)
+		return AUTH_ERR_OLD_REVISION;
+	return rc;
 }
 
 int auth_check_range(auth_store *as, const char *tok, size_t toklen, int write,
@@ -510,10 +650,12 @@ int auth_check_range(auth_store *as, const char *tok, size_t toklen, int write,
 {
 	if (!atomic_load(&as->a_enabled))
 		return 0; /* auth off: no lock on the request path */
+	caller c;
+	identify(as, tok, toklen, &c);
 	pthread_mutex_lock(&as->a_mu);
 	Authpb__User *u;
-	int rc = request_user(as, tok, toklen, &u);
-	if (rc == 0 && u && !user_permits(as, u, write, key, end))
+	int rc = as->a_enabled ? caller_key_user(as, &c, &u) : 0;
+	if (rc == 0 && as->a_enabled && !user_permits(as, u, write, key, end))
 		rc = AUTH_ERR_PERMISSION_DENIED;
 	pthread_mutex_unlock(&as->a_mu);
 	return rc;
@@ -560,10 +702,12 @@ int auth_check_txn(auth_store *as, const char *tok, size_t toklen, const Etcdser
 {
 	if (!atomic_load(&as->a_enabled))
 		return 0; /* auth off: no lock on the request path */
+	caller c;
+	identify(as, tok, toklen, &c);
 	pthread_mutex_lock(&as->a_mu);
 	Authpb__User *u;
-	int rc = request_user(as, tok, toklen, &u);
-	if (rc == 0 && u && !txn_permitted(as, u, t))
+	int rc = as->a_enabled ? caller_key_user(as, &c, &u) : 0;
+	if (rc == 0 && as->a_enabled && !txn_permitted(as, u, t))
 		rc = AUTH_ERR_PERMISSION_DENIED;
 	pthread_mutex_unlock(&as->a_mu);
 	return rc;
@@ -573,10 +717,12 @@ int auth_check_admin(auth_store *as, const char *tok, size_t toklen)
 {
 	if (!atomic_load(&as->a_enabled))
 		return 0; /* auth off: no lock on the request path */
+	caller c;
+	identify(as, tok, toklen, &c);
 	pthread_mutex_lock(&as->a_mu);
 	Authpb__User *u;
-	int rc = request_user(as, tok, toklen, &u);
-	if (rc == 0 && u && !has_role(u, ROOT))
+	int rc = as->a_enabled ? caller_user(as, &c, &u) : 0;
+	if (rc == 0 && as->a_enabled && !has_role(u, ROOT))
 		rc = AUTH_ERR_PERMISSION_DENIED;
 	pthread_mutex_unlock(&as->a_mu);
 	return rc;
@@ -586,9 +732,11 @@ int auth_check_user(auth_store *as, const char *tok, size_t toklen)
 {
 	if (!atomic_load(&as->a_enabled))
 		return 0; /* auth off: no lock on the request path */
+	caller c;
+	identify(as, tok, toklen, &c);
 	pthread_mutex_lock(&as->a_mu);
 	Authpb__User *u;
-	int rc = request_user(as, tok, toklen, &u);
+	int rc = as->a_enabled ? caller_user(as, &c, &u) : 0;
 	pthread_mutex_unlock(&as->a_mu);
 	return rc;
 }
@@ -702,11 +850,13 @@ static int apply_locked(auth_store *as, node_op op, const ProtobufCMessage *req)
 		as->a_enabled = 0;
 		return 0;
 	case NODE_AUTH_AUTHENTICATE: {
-		/* The password field carries the token the receiving member chose. */
+		/* The password field carries the simple token the receiving member chose (empty
+		 * for JWT, whose token is signed when the response is made). */
 		const Etcdserverpb__AuthenticateRequest *r = (const Etcdserverpb__AuthenticateRequest *)req;
 		if (find_user(as, r->name, NULL) == NULL)
 			return AUTH_ERR_FAILED;
-		token_add(as, r->password, r->name);
+		if (as->a_token_kind == AUTH_TOKEN_SIMPLE)
+			token_add(as, r->password, r->name);
 		return 0;
 	}
 	case NODE_AUTH_USER_ADD: {
@@ -825,9 +975,13 @@ int auth_apply(auth_store *as, storage_batch *b, node_op op, const ProtobufCMess
 	pthread_mutex_lock(&as->a_mu);
 	int rc = apply_locked(as, op, req);
 	if (rc == 0 && op != NODE_AUTH_AUTHENTICATE) {
-		as->a_revision++;
+		/* etcd's AuthEnable keeps the auth revision (tokens issued before stay good);
+		 * every other change commits a new one. */
+		if (op != NODE_AUTH_ENABLE)
+			as->a_revision++;
 		rc = persist(as, b);
 	}
+	uint64_t revision = as->a_revision;
 	pthread_mutex_unlock(&as->a_mu);
 	/* Every Auth response is a header alone, except Authenticate's token (filled by the
 	 * proposer when it answers). */
@@ -857,10 +1011,24 @@ int auth_apply(auth_store *as, storage_batch *b, node_op op, const ProtobufCMess
 		ProtobufCMessage base;
 		Etcdserverpb__ResponseHeader *header;
 	} *)m)->header = h;
-	if (op == NODE_AUTH_AUTHENTICATE)
-		((Etcdserverpb__AuthenticateResponse *)m)->token =
-			storage_arena_dup(a, ((const Etcdserverpb__AuthenticateRequest *)req)->password,
-					  strlen(((const Etcdserverpb__AuthenticateRequest *)req)->password) + 1);
+	if (op == NODE_AUTH_AUTHENTICATE && rc == 0) {
+		const Etcdserverpb__AuthenticateRequest *r = (const Etcdserverpb__AuthenticateRequest *)req;
+		char *jwt = NULL;
+		const char *tok = r->password;
+		/* etcd assigns a JWT as the entry applies, with the auth revision at that point. */
+		if (as->a_token_kind == AUTH_TOKEN_JWT) {
+			int jrc = jwt_sign(as->a_jwt, r->name, revision, (int64_t)time(NULL), &jwt);
+			if (jrc == JWT_ERR_VERIFY_ONLY)
+				rc = AUTH_ERR_VERIFY_ONLY;
+			else if (jrc == JWT_ERR_KEY)
+				rc = AUTH_ERR_JWT_KEY;
+			else if (jrc)
+				rc = STORAGE_ERR_NOMEM;
+			tok = jwt ? jwt : "";
+		}
+		((Etcdserverpb__AuthenticateResponse *)m)->token = storage_arena_dup(a, tok, strlen(tok) + 1);
+		free(jwt);
+	}
 	*resp = m;
 	return rc;
 }
@@ -990,7 +1158,7 @@ static void authenticate_rpc(void *ctx, api_call *call, const ProtobufCMessage *
 	static _Atomic uint64_t counter;
 	snprintf(tok + 16, sizeof(tok) - 16, ".%llu", (unsigned long long)++counter);
 	OPENSSL_cleanse(r->password, strlen(r->password));
-	char *t = strdup(tok);
+	char *t = strdup(as->a_token_kind == AUTH_TOKEN_SIMPLE ? tok : "");
 	if (t == NULL) {
 		api_call_fail(call, API_ERR_INTERNAL);
 		return;

@@ -4,12 +4,18 @@
  * Flags follow Go's flag package, which etcd uses: "-f" and "--f" are the same, values come
  * as "--f=v" or "--f v", booleans only as "--f" or "--f=true|false". A flag given on the
  * command line wins over its environment variable.
+ *
+ * --config-file (or ETCD_CONFIG_FILE) replaces both: etcd's YAML (embed.Config's keys, the
+ * flag names, with client-/peer-transport-security sections) over the defaults, with etcd's
+ * errors (it decodes YAML to JSON, then JSON into Go types, and says so).
  */
 #include <ctype.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include <yaml.h>
 
 #include "server/server.h"
 
@@ -69,10 +75,10 @@ static const flag_def flags[] = {
 	{"cert-file", F_STRING, "", OFF(cert_file), "Path to the client server TLS cert file."},
 	{"key-file", F_STRING, "", OFF(key_file), "Path to the client server TLS key file."},
 	{"client-cert-auth", F_BOOL, "false", OFF(client_cert_auth), "Enable client cert authentication."},
-	{"client-crl-file", F_IGNORED_STRING, "", 0, "Path to the client certificate revocation list file."},
+	{"client-crl-file", F_STRING, "", OFF(client_crl_file), "Path to the client certificate revocation list file."},
 	{"client-cert-allowed-hostname", F_IGNORED_STRING, "", 0, "Allowed TLS hostname for client cert authentication."},
 	{"trusted-ca-file", F_STRING, "", OFF(trusted_ca_file), "Path to the client server TLS trusted CA cert file."},
-	{"auto-tls", F_IGNORED_BOOL, "false", 0, "Client TLS using generated certificates."},
+	{"auto-tls", F_BOOL, "false", OFF(auto_tls), "Client TLS using generated certificates."},
 	{"peer-cert-file", F_STRING, "", OFF(peer_cert_file), "Path to the peer server TLS cert file."},
 	{"peer-key-file", F_STRING, "", OFF(peer_key_file), "Path to the peer server TLS key file."},
 	{"peer-client-cert-auth", F_BOOL, "false", OFF(peer_client_cert_auth), "Enable peer client cert authentication."},
@@ -81,10 +87,10 @@ static const flag_def flags[] = {
 	{"peer-cert-allowed-hostname", F_IGNORED_STRING, "", 0, "Allowed TLS hostname for inter peer authentication."},
 	{"peer-auto-tls", F_BOOL, "false", OFF(peer_auto_tls), "Peer TLS using self-generated certificates if --peer-key-file and --peer-cert-file are not provided."},
 	{"peer-crl-file", F_STRING, "", OFF(peer_crl_file), "Path to the peer certificate revocation list file."},
-	{"cipher-suites", F_IGNORED_STRING, "", 0, "Comma-separated list of supported TLS cipher suites between client/server and peers."},
+	{"cipher-suites", F_STRING, "", OFF(cipher_suites), "Comma-separated list of supported TLS cipher suites between client/server and peers."},
 	{"cors", F_IGNORED_STRING, "*", 0, "Comma-separated whitelist of origins for CORS, or cross-origin resource sharing."},
 	{"host-whitelist", F_IGNORED_STRING, "*", 0, "Acceptable hostnames from HTTP client requests."},
-	{"auth-token", F_IGNORED_STRING, "simple", 0, "Specify a v3 authentication token type and its options ('simple' or 'jwt')."},
+	{"auth-token", F_STRING, "simple", OFF(auth_token), "Specify a v3 authentication token type and its options ('simple' or 'jwt')."},
 	{"bcrypt-cost", F_IGNORED_STRING, "10", 0, "Specify the cost / strength of the bcrypt algorithm for hashing auth passwords."},
 	{"auth-token-ttl", F_UINT, "300", OFF(auth_token_ttl), "The lifetime in seconds of the auth token."},
 	{"enable-pprof", F_IGNORED_BOOL, "false", 0, "Enable runtime profiling data via HTTP server."},
@@ -113,7 +119,7 @@ static const flag_def flags[] = {
 	{"log-package-levels", F_IGNORED_STRING, "", 0, "Specify a particular log level for each etcd package."},
 	{"etcd-version", F_STRING, KEELSON_DEFAULT_ETCD_VERSION, OFF(etcd_version), "Keelson: the etcd version this member reports in Status and /version."},
 	{"version", F_BOOL, "false", OFF(show_version), "Print the version and exit."},
-	{"config-file", F_IGNORED_STRING, "", 0, "Path to the server configuration file (not supported yet)."},
+	{"config-file", F_STRING, "", OFF(config_file), "Path to the server configuration file. Note that if a configuration file is provided, other command line flags and environment variables will be ignored."},
 };
 
 #define NFLAGS (sizeof(flags) / sizeof(flags[0]))
@@ -288,6 +294,9 @@ static void env_name(const char *flag, char *out, size_t outlen)
 	out[n] = '\0';
 }
 
+static int config_finish(config *cfg);
+static int config_from_file(config *cfg, const char *path);
+
 int config_parse(config *cfg, int argc, char **argv)
 {
 	unsigned char given[NFLAGS];
@@ -353,6 +362,17 @@ int config_parse(config *cfg, int argc, char **argv)
 		return 1;
 	}
 
+	/* etcd: with a configuration file, the file alone decides (flags were checked above). */
+	const char *file = cfg->config_file[0] ? cfg->config_file : getenv("ETCD_CONFIG_FILE");
+	if (file && file[0]) {
+		char *path = strdup(file);
+		int rc = path ? config_from_file(cfg, path) : 1;
+		free(path);
+		if (rc)
+			return rc;
+		return config_finish(cfg);
+	}
+
 	/* Environment variables fill what the command line left unset. */
 	for (size_t k = 0; k < NFLAGS; k++) {
 		char env[128];
@@ -371,6 +391,12 @@ int config_parse(config *cfg, int argc, char **argv)
 		}
 	}
 
+	return config_finish(cfg);
+}
+
+/* etcd's derived defaults and checks, after flags, environment or the file. */
+static int config_finish(config *cfg)
+{
 	if (cfg->data_dir == NULL || cfg->data_dir[0] == '\0') {
 		free(cfg->data_dir);
 		size_t len = strlen(cfg->name) + 6;
@@ -420,4 +446,272 @@ void config_free(config *cfg)
 			u->n = 0;
 		}
 	}
+}
+
+/* ---- --config-file: etcd's YAML ---- */
+
+/* The Go type etcd's configYAML gives a key, for its decoding errors. */
+static const char *go_type(const flag_def *f)
+{
+	static const struct {
+		const char *name, *type;
+	} special[] = {
+		{"heartbeat-interval", "uint"}, {"election-timeout", "uint"}, {"max-txn-ops", "uint"},
+		{"max-request-bytes", "uint"}, {"quota-backend-bytes", "int64"},
+		{"max-concurrent-streams", "uint32"}, {"log-outputs", "[]string"}, {"cipher-suites", "[]string"},
+		{"max-snapshots", "uint"}, {"max-wals", "uint"}, {"backend-batch-limit", "int"},
+		{"backend-batch-interval", "time.Duration"}, {"experimental-corrupt-check-time", "time.Duration"},
+		{"experimental-compaction-batch-limit", "int"}, {"bcrypt-cost", "uint"},
+		{"auth-token-ttl", "uint"}, {"experimental-warning-apply-duration", "time.Duration"},
+	};
+	for (size_t i = 0; i < sizeof(special) / sizeof(special[0]); i++)
+		if (strcmp(special[i].name, f->name) == 0)
+			return special[i].type;
+	switch (f->kind) {
+	case F_BOOL:
+	case F_IGNORED_BOOL:
+		return "bool";
+	case F_UINT:
+		return "uint64";
+	case F_DURATION_MS:
+		return "time.Duration";
+	default:
+		return "string";
+	}
+}
+
+/* What JSON type a YAML node becomes (ghodss/yaml's conversion, YAML 1.1 plain scalars). */
+static const char *json_kind(const yaml_node_t *n)
+{
+	if (n->type == YAML_SEQUENCE_NODE)
+		return "array";
+	if (n->type == YAML_MAPPING_NODE)
+		return "object";
+	if (n->data.scalar.style != YAML_PLAIN_SCALAR_STYLE)
+		return "string";
+	const char *v = (const char *)n->data.scalar.value;
+	static const char *const bools[] = {"true", "false", "True", "False", "TRUE", "FALSE", "yes", "no",
+					    "Yes", "No", "YES", "NO", "on", "off", "On", "Off", "ON", "OFF",
+					    "y", "n", "Y", "N"};
+	for (size_t i = 0; i < sizeof(bools) / sizeof(bools[0]); i++)
+		if (strcmp(v, bools[i]) == 0)
+			return "bool";
+	if (strcmp(v, "~") == 0 || strcmp(v, "null") == 0 || strcmp(v, "Null") == 0 || strcmp(v, "NULL") == 0 ||
+	    v[0] == '\0')
+		return "null";
+	char *end;
+	errno = 0;
+	strtod(v, &end);
+	if (*end == '\0' && end != v)
+		return "number";
+	return "string";
+}
+
+static int yaml_truth(const char *v)
+{
+	return strchr("tTyY", v[0]) != NULL || strcmp(v, "on") == 0 || strcmp(v, "On") == 0 || strcmp(v, "ON") == 0;
+}
+
+static int file_error(const char *msg)
+{
+	fprintf(stderr, "error verifying flags, %s. See 'keelson --help'.\n", msg);
+	return 1;
+}
+
+/* One key of the file: the value node n for flag f; struct_path names it in errors. */
+static int file_set(config *cfg, yaml_document_t *doc, const flag_def *f, yaml_node_t *n, const char *struct_path)
+{
+	const char *want = go_type(f), *got = json_kind(n);
+	char err[512], val[4096];
+	if (strcmp(got, "null") == 0)
+		return 0; /* Go's json leaves the default */
+	int ok;
+	if (strcmp(want, "[]string") == 0)
+		ok = strcmp(got, "array") == 0;
+	else if (strcmp(want, "string") == 0)
+		ok = strcmp(got, "string") == 0;
+	else if (strcmp(want, "bool") == 0)
+		ok = strcmp(got, "bool") == 0;
+	else
+		ok = strcmp(got, "number") == 0; /* integers, and time.Duration in nanoseconds */
+	if (!ok) {
+		snprintf(err, sizeof(err),
+			 "error unmarshaling JSON: while decoding JSON: json: cannot unmarshal %s into Go struct field %s of type %s",
+			 got, struct_path, want);
+		return file_error(err);
+	}
+	if (n->type == YAML_SEQUENCE_NODE) {
+		size_t o = 0;
+		val[0] = '\0';
+		for (yaml_node_item_t *it = n->data.sequence.items.start; it < n->data.sequence.items.top; it++) {
+			yaml_node_t *e = yaml_document_get_node(doc, *it);
+			if (e == NULL || e->type != YAML_SCALAR_NODE || strcmp(json_kind(e), "string") != 0) {
+				snprintf(err, sizeof(err),
+					 "error unmarshaling JSON: while decoding JSON: json: cannot unmarshal %s into Go struct field %s of type string",
+					 e ? json_kind(e) : "null", struct_path);
+				return file_error(err);
+			}
+			o += (size_t)snprintf(val + o, o < sizeof(val) ? sizeof(val) - o : 0, "%s%s", o ? "," : "",
+					      (const char *)e->data.scalar.value);
+		}
+		if (o >= sizeof(val))
+			return file_error("configuration value too long");
+	} else {
+		const char *v = (const char *)n->data.scalar.value;
+		if (strcmp(want, "bool") == 0)
+			v = yaml_truth(v) ? "true" : "false";
+		if (strcmp(want, "time.Duration") == 0) {
+			/* Go's time.Duration decodes from JSON as nanoseconds */
+			snprintf(val, sizeof(val), "%.0fns", strtod(v, NULL));
+			v = val;
+		}
+		if (v != val)
+			snprintf(val, sizeof(val), "%s", v);
+	}
+	if (f->kind == F_URLS) {
+		/* etcd checks each URL list as it reads the file, and exits at once */
+		for (char *u = val; *u;) {
+			size_t len = strcspn(u, ",");
+			char one[512], hp[256];
+			snprintf(one, sizeof(one), "%.*s", (int)len, u);
+			int scheme = strncmp(one, "http://", 7) == 0 || strncmp(one, "https://", 8) == 0 ||
+				     strncmp(one, "unix://", 7) == 0 || strncmp(one, "unixs://", 8) == 0;
+			if (!scheme || config_url_host_port(one, hp, sizeof(hp)) != 0) {
+				fprintf(stderr, scheme ? "unexpected error setting up %s: URL address does not have the form \"host:port\": %s\n"
+						       : "unexpected error setting up %s: URL scheme must be http, https, unix, or unixs: %s\n",
+					f->name, one);
+				return 1;
+			}
+			u += len;
+			if (*u == ',')
+				u++;
+		}
+	}
+	if (set_flag(cfg, f, val, f->name) != 0)
+		return 1;
+	return 0;
+}
+
+/* client-transport-security / peer-transport-security: etcd's securityConfig keys, as the
+ * flags they stand for. */
+static int file_security(config *cfg, yaml_document_t *doc, yaml_node_t *m, const char *section, const char *prefix)
+{
+	char path[256];
+	if (m->type != YAML_MAPPING_NODE) {
+		snprintf(path, sizeof(path),
+			 "error unmarshaling JSON: while decoding JSON: json: cannot unmarshal %s into Go struct field configYAML.%s of type embed.securityConfig",
+			 json_kind(m), section);
+		return file_error(path);
+	}
+	static const char *const keys[] = {"cert-file", "key-file", "client-cert-auth", "trusted-ca-file", "auto-tls"};
+	for (yaml_node_pair_t *pr = m->data.mapping.pairs.start; pr < m->data.mapping.pairs.top; pr++) {
+		yaml_node_t *k = yaml_document_get_node(doc, pr->key), *v = yaml_document_get_node(doc, pr->value);
+		if (k == NULL || v == NULL || k->type != YAML_SCALAR_NODE)
+			continue;
+		for (size_t i = 0; i < sizeof(keys) / sizeof(keys[0]); i++) {
+			if (strcmp((const char *)k->data.scalar.value, keys[i]) != 0)
+				continue;
+			char flag[64];
+			snprintf(flag, sizeof(flag), "%s%s", prefix, keys[i]);
+			const flag_def *f = find_flag(flag, strlen(flag));
+			snprintf(path, sizeof(path), "securityConfig.%s.%s", section, keys[i]);
+			if (f && file_set(cfg, doc, f, v, path) != 0)
+				return 1;
+		}
+	}
+	return 0;
+}
+
+static int config_from_file(config *cfg, const char *path)
+{
+	log_at(LOG_INFO, "loaded server configuration, other configuration command line flags and environment variables will be ignored if provided",
+	       "path", path, NULL);
+	FILE *fp = fopen(path, "rb");
+	if (fp == NULL) {
+		char err[4200];
+		snprintf(err, sizeof(err), "open %s: %s", path, errno == ENOENT ? "no such file or directory" : strerror(errno));
+		return file_error(err);
+	}
+	/* The file starts from etcd's defaults, not from the command line. */
+	char *keep = cfg->config_file;
+	cfg->config_file = NULL;
+	config_free(cfg);
+	memset(cfg, 0, sizeof(*cfg));
+	for (size_t i = 0; i < NFLAGS; i++)
+		if (flags[i].kind != F_IGNORED_STRING && flags[i].kind != F_IGNORED_BOOL &&
+		    strcmp(flags[i].name, "config-file") != 0)
+			set_flag(cfg, &flags[i], flags[i].defval, flags[i].name);
+	cfg->config_file = keep;
+
+	yaml_parser_t parser;
+	yaml_document_t doc;
+	int rc = 1, have_doc = 0;
+	yaml_parser_initialize(&parser);
+	yaml_parser_set_input_file(&parser, fp);
+	if (!yaml_parser_load(&parser, &doc)) {
+		/* go-yaml's (a port of libyaml) wording: its line is the 0-based problem line,
+		 * plus one for scanner errors, else the context's; none if that is 0. */
+		unsigned long line = parser.problem_mark.line;
+		if (line != 0 && parser.error == YAML_SCANNER_ERROR)
+			line++;
+		else if (line == 0)
+			line = parser.context_mark.line;
+		char where[64] = "", err[512];
+		if (line)
+			snprintf(where, sizeof(where), "line %lu: ", line);
+		snprintf(err, sizeof(err), "error converting YAML to JSON: yaml: %s%s", where,
+			 parser.problem ? parser.problem : "unknown problem parsing YAML content");
+		file_error(err);
+		goto done;
+	}
+	have_doc = 1;
+	yaml_node_t *root = yaml_document_get_root_node(&doc);
+	if (root == NULL) {
+		rc = 0; /* an empty file: the defaults */
+		goto done;
+	}
+	if (root->type != YAML_MAPPING_NODE) {
+		char err[256];
+		snprintf(err, sizeof(err),
+			 "error unmarshaling JSON: while decoding JSON: json: cannot unmarshal %s into Go value of type embed.configYAML",
+			 json_kind(root));
+		file_error(err);
+		goto done;
+	}
+	for (yaml_node_pair_t *pr = root->data.mapping.pairs.start; pr < root->data.mapping.pairs.top; pr++) {
+		yaml_node_t *k = yaml_document_get_node(&doc, pr->key), *v = yaml_document_get_node(&doc, pr->value);
+		if (k == NULL || v == NULL || k->type != YAML_SCALAR_NODE)
+			continue;
+		const char *key = (const char *)k->data.scalar.value;
+		if (strcmp(key, "client-transport-security") == 0 || strcmp(key, "peer-transport-security") == 0) {
+			if (file_security(cfg, &doc, v, key, key[0] == 'p' ? "peer-" : "") != 0)
+				goto done;
+			continue;
+		}
+		const flag_def *f = find_flag(key, strlen(key));
+		/* Go's encoding/json ignores keys it has no field for; so does etcd. Its TLS
+		 * settings exist only inside the two sections (embed.Config has no top-level
+		 * field for them, nor for the CRL files). */
+		static const char *const not_keys[] = {
+			"config-file", "version", "cert-file", "key-file", "client-cert-auth", "trusted-ca-file",
+			"auto-tls", "client-crl-file", "peer-cert-file", "peer-key-file", "peer-client-cert-auth",
+			"peer-trusted-ca-file", "peer-auto-tls", "peer-crl-file",
+		};
+		for (size_t i = 0; f && i < sizeof(not_keys) / sizeof(not_keys[0]); i++)
+			if (strcmp(key, not_keys[i]) == 0)
+				f = NULL;
+		if (f == NULL)
+			continue;
+		char spath[128];
+		snprintf(spath, sizeof(spath), "configYAML.%s", key);
+		if (file_set(cfg, &doc, f, v, spath) != 0)
+			goto done;
+	}
+	rc = 0;
+done:
+	if (have_doc)
+		yaml_document_delete(&doc);
+	yaml_parser_delete(&parser);
+	fclose(fp);
+	return rc;
 }

@@ -127,25 +127,47 @@ static char *read_file(const char *path)
 	return buf;
 }
 
-/* Listens on the https client URLs, with the --cert-file/--key-file pair. */
+/* Listens on the https client URLs, with the --cert-file/--key-file pair or, with
+ * --auto-tls and no pair given, etcd's self-signed one. */
 static int listen_clients(api_server *as, const config *cfg)
 {
 	char *cert = NULL, *key = NULL, *ca = NULL;
+	char auto_cert[4096], auto_key[4096], crl_dir[4096];
+	const char *cert_file = cfg->cert_file, *key_file = cfg->key_file;
 	int rc = 0;
+	/* etcd makes the pair whenever --auto-tls is on and no pair is given, https or not. */
+	if (cfg->auto_tls && (cert_file[0] == '\0' || key_file[0] == '\0')) {
+		if (tls_auto_cert(cfg, auto_cert, auto_key, sizeof(auto_cert)) != 0)
+			return -1;
+		cert_file = auto_cert;
+		key_file = auto_key;
+	}
 	for (int i = 0; rc == 0 && i < cfg->listen_client.n; i++) {
 		const char *url = cfg->listen_client.url[i];
 		char hp[256];
 		config_url_host_port(url, hp, sizeof(hp));
 		if (strncmp(url, "https://", 8) == 0) {
-			if (cfg->cert_file[0] == '\0' || cfg->key_file[0] == '\0') {
+			if (cfg->cipher_suites[0] && !tls_ciphers_http2_ok(cfg->cipher_suites)) {
+				log_at(LOG_FATAL, "listener failed", "error",
+				       "http2: TLSConfig.CipherSuites is missing an HTTP/2-required AES_128_GCM_SHA256 cipher "
+				       "(need at least one of TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 or "
+				       "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)", NULL);
+				rc = -1;
+				break;
+			}
+			if (cfg->client_crl_file[0] && cert == NULL && tls_crl_dir(cfg, crl_dir, sizeof(crl_dir)) != 0) {
+				rc = -1;
+				break;
+			}
+			if (cert_file[0] == '\0' || key_file[0] == '\0') {
 				log_at(LOG_FATAL, "TLS key/cert (--cert-file, --key-file) must be provided for client url with HTTPS scheme",
 				       "url", url, NULL);
 				rc = -1;
 				break;
 			}
 			if (cert == NULL) {
-				cert = read_file(cfg->cert_file);
-				key = read_file(cfg->key_file);
+				cert = read_file(cert_file);
+				key = read_file(key_file);
 				if (cfg->trusted_ca_file[0])
 					ca = read_file(cfg->trusted_ca_file);
 				if (cert == NULL || key == NULL || (cfg->trusted_ca_file[0] && ca == NULL)) {
@@ -155,7 +177,8 @@ static int listen_clients(api_server *as, const config *cfg)
 					break;
 				}
 			}
-			rc = api_server_listen_tls(as, hp, cert, key, ca, cfg->client_cert_auth);
+			rc = api_server_listen_tls(as, hp, cert, key, ca, cfg->client_cert_auth,
+						   cfg->client_crl_file[0] ? crl_dir : NULL);
 			if (rc == 0)
 				log_at(LOG_INFO, "serving client traffic securely", "address", hp, NULL);
 		}
@@ -281,6 +304,10 @@ static int run(config *cfgp)
 	}
 	log_setup(cfg.logger, cfg.log_level);
 	signal(SIGPIPE, SIG_IGN);
+	/* etcd refuses an unknown --cipher-suites name before it starts anything. */
+	char ciphers[2048];
+	if (cfg.cipher_suites[0] && tls_cipher_list(cfg.cipher_suites, ciphers, sizeof(ciphers)) != 0)
+		return 1;
 
 	/* Signals are taken synchronously by main; every other thread inherits the mask. */
 	sigset_t sigs;
@@ -351,7 +378,8 @@ static int run(config *cfgp)
 	peer_tls_free(cfg.peer_tls);
 	cfg.peer_tls = NULL;
 	if (rc) {
-		log_at(LOG_FATAL, "cannot start member", "error", storage_strerror(rc), NULL);
+		if (rc != AUTH_ERR_TOKEN_OPTIONS && rc != AUTH_ERR_TOKEN_KEY) /* those said why */
+			log_at(LOG_FATAL, "cannot start member", "error", storage_strerror(rc), NULL);
 		storage_close(sc.st);
 		return 1;
 	}
@@ -365,6 +393,7 @@ static int run(config *cfgp)
 		.ao_keepalive_timeout_ms = (int)cfg.grpc_keepalive_timeout_ms,
 		.ao_threads = 2,
 	};
+	ao.ao_cipher_list = cfg.cipher_suites[0] ? ciphers : NULL;
 	api_server *as;
 	rc = api_server_create(&ao, &as);
 	if (rc == 0)

@@ -83,6 +83,12 @@ typedef struct config {
 	int force_new_cluster;
 	int show_version;
 	int show_help;
+	/* auth and client TLS (issue 7) */
+	char *auth_token;      /* --auth-token: "simple", "jwt,pub-key=...,..." */
+	char *client_crl_file; /* revoked client certificates, PEM or DER */
+	char *cipher_suites;   /* Go's TLS 1.2 suite names, comma-separated */
+	int auto_tls;          /* a self-signed client certificate under <data-dir>/fixtures/client */
+	char *config_file;     /* --config-file: etcd's YAML; flags and env are then ignored */
 } config;
 
 /*
@@ -344,6 +350,11 @@ enum {
 	AUTH_ERR_INVALID_TOKEN = -1213,
 	AUTH_ERR_INVALID_MGMT = -1214,
 	AUTH_ERR_NO_PASSWORD = -1215,
+	AUTH_ERR_OLD_REVISION = -1216,  /* a JWT from before the last auth change */
+	AUTH_ERR_VERIFY_ONLY = -1217,   /* JWT with a public key only: cannot sign */
+	AUTH_ERR_TOKEN_OPTIONS = -1218, /* start-up: a bad --auth-token (reason logged) */
+	AUTH_ERR_TOKEN_KEY = -1219,     /* start-up: a JWT key etcd refuses (reason logged) */
+	AUTH_ERR_JWT_KEY = -1220,       /* jwt-go's "key is invalid": an ES key of another curve */
 };
 /* The gRPC code and message of an AUTH_ERR_*, or -1 if err is not one. */
 int auth_error_status(int err, const char **msg);
@@ -407,6 +418,21 @@ void server_fail_storage(api_call *call, int storage_err);
 void server_fill_txn_headers(server_ctx *sc, Etcdserverpb__TxnResponse *resp);
 /* etcd's validation of a Txn (v3rpc checkTxnRequest + checkIntervals); 0 or an api_error+1. */
 int kv_check_txn(const Etcdserverpb__TxnRequest *r, size_t max_ops);
+
+/* ---- tls.c: client TLS set-up (issue 7) ---- */
+
+/* --cipher-suites (Go's names, comma-separated) as OpenSSL's cipher list in out; -1 after
+ * logging etcd's "unexpected TLS cipher suite" for a name Go does not know. */
+int tls_cipher_list(const char *go_names, char *out, size_t outlen);
+/* Whether the list has a suite Go's HTTP/2 requires (an ECDHE AES_128_GCM_SHA256): etcd's
+ * https listener refuses to start without one. */
+int tls_ciphers_http2_ok(const char *go_names);
+/* --auto-tls: etcd's self-signed pair under <data-dir>/fixtures/client (made once, then
+ * reused); the paths in cert_path and key_path. 0 or -1 (logged). */
+int tls_auto_cert(const config *cfg, char *cert_path, char *key_path, size_t pathlen);
+/* --client-crl-file copied into <data-dir>/fixtures/client-crl as the hashed directory gRPC
+ * core reads; its path in dir. 0 or -1 (logged). */
+int tls_crl_dir(const config *cfg, char *dir, size_t dirlen);
 
 /* ---- http.c ---- */
 

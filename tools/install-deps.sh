@@ -14,6 +14,7 @@ PACKAGES=(
   libuv1-dev
   libssl-dev
   zlib1g-dev
+  libyaml-dev
   etcd-client
   etcd-server
   python3 python3-etcd3 python3-grpcio
