@@ -21,6 +21,7 @@
 #include <string.h>
 #include <time.h>
 
+#include <crypt.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/rand.h>
@@ -408,6 +409,21 @@ static int hash_password(const char *pw, const uint8_t salt[16], char *out, size
 	return 0;
 }
 
+/* etcd stores bcrypt hashes ("$2a$10$..."): users imported from an etcd data dir or
+ * snapshot keep them, and crypt(3) (libxcrypt) checks them as Go's bcrypt does. */
+static int check_bcrypt(const char *stored, const char *pw)
+{
+	struct crypt_data *cd = calloc(1, sizeof(*cd));
+	if (cd == NULL)
+		return 0;
+	const char *got = crypt_r(pw, stored, cd);
+	size_t n = strlen(stored);
+	int ok = got != NULL && got[0] == '$' && strlen(got) == n && CRYPTO_memcmp(got, stored, n) == 0;
+	OPENSSL_cleanse(cd, sizeof(*cd));
+	free(cd);
+	return ok;
+}
+
 static int check_password(const ProtobufCBinaryData *stored, const char *pw)
 {
 	char s[256], computed[256];
@@ -415,6 +431,8 @@ static int check_password(const ProtobufCBinaryData *stored, const char *pw)
 		return 0;
 	memcpy(s, stored->data, stored->len);
 	s[stored->len] = '\0';
+	if (strncmp(s, "$2a$", 4) == 0 || strncmp(s, "$2b$", 4) == 0 || strncmp(s, "$2y$", 4) == 0)
+		return check_bcrypt(s, pw);
 	char *salt = strchr(s, '$');
 	salt = salt ? strchr(salt + 1, '$') : NULL;
 	if (salt == NULL || strlen(salt + 1) < 32)

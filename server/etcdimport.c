@@ -31,9 +31,8 @@
  *   4. import.tmp/data.mdb is renamed to member/data.mdb (after fsync) and the directory
  *      removed. etcd's own files are never written, so etcd can still start on them.
  *
- * Limits: etcd stores bcrypt password hashes, which server/auth.c does not verify yet, so
- * imported users keep their roles but cannot authenticate until their passwords are reset;
- * etcd 3.5's ConfChangeV2 entries after consistent_index are refused.
+ * Users keep etcd's bcrypt password hashes, which server/auth.c checks with crypt(3).
+ * Limits: etcd 3.5's ConfChangeV2 entries after consistent_index are refused.
  */
 #define _GNU_SOURCE /* F_OFD_GETLK */
 #include <dirent.h>
@@ -1473,9 +1472,6 @@ int etcd_import_maybe(const config *cfg, const char *member_dir)
 	       "revisions", keys, "leases", leases, "members", members, "users", users, "roles", roles,
 	       "consistent-index", ci, "wal-entries-applied", replayed, "wal-entries-uncommitted", pending,
 	       "member-id", mid, "cluster-id", cid, "term", term, "commit", commit, NULL);
-	if (c->n_users)
-		log_at(LOG_WARN, "imported users keep etcd's bcrypt password hashes, which this member "
-		       "cannot check yet: reset their passwords to authenticate as them", NULL);
 out:
 	remove_tmp(tmp);
 	import_ctx_free(c);

@@ -14,6 +14,7 @@ PACKAGES=(
   libuv1-dev
   libssl-dev
   zlib1g-dev
+  libcrypt-dev
   libyaml-dev
   etcd-client
   etcd-server

@@ -247,6 +247,24 @@ class EtcdDataDir(unittest.TestCase):
         self.assertEqual(g["header"]["revision"], self.want["revision"] + 1)
         self.assertEqual(file_digests(d), before)
 
+    def test_imported_users_log_in(self):
+        """etcd's bcrypt password hashes come over as they are and still check."""
+        d = self.copy_dir("passwords")
+        k = self.keelson_on(d).start()
+        ok(k.ctl("user", "add", "root:rootpw"))
+        ok(k.ctl("user", "grant-role", "root", "root"))
+        ok(k.ctl("auth", "enable"))
+        self.assertEqual(ok(k.ctl("--user", "alice:pw-a", "get", "k1", "--print-value-only")),
+                         "v1c\n")
+        r = k.ctl("--user", "alice:wrong", "get", "k1")
+        self.assertNotEqual(r.rc, 0)
+        self.assertIn("authentication failed, invalid user ID or password", r.stderr)
+        r = k.ctl("--user", "bob:pw-b", "get", "k1")
+        self.assertIn("permission denied", r.stderr)
+        ok(k.ctl("--user", "root:rootpw", "user", "passwd", "alice", "--interactive=false",
+                 stdin="new-a\n"))
+        ok(k.ctl("--user", "alice:new-a", "get", "k1"))
+
     def test_unapplied_wal_entries(self):
         """The backend file of the end of run 1 and the WAL of both runs: the WAL entries
         after the file's consistent index are applied by Keelson, as etcd replays them."""
