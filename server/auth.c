@@ -29,7 +29,7 @@
 #include "server/jwt.h"
 #include "server/server.h"
 
-#define AUTH_META "auth"
+#define AUTH_META STORAGE_AUTH_META
 #define AUTH_MAX_USERS 1024
 #define AUTH_MAX_ROLES 1024
 #define AUTH_MAX_TOKENS 65536
@@ -150,49 +150,61 @@ static ProtobufCMessage *msg_copy(const ProtobufCMessage *m)
 	return c;
 }
 
-/* ---- persistence: [enabled u8][revision u64][n u32]{len u32, User}[n u32]{len u32, Role} ---- */
-
-static void put32(uint8_t *p, uint32_t v)
-{
-	for (int i = 0; i < 4; i++)
-		p[i] = (uint8_t)(v >> (24 - 8 * i));
-}
+/* ---- persistence: storage's auth record (storage/authrec.c has its layout) ---- */
 
 static uint32_t get32(const uint8_t *p)
 {
 	return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
 }
 
+/* Packs every user and role into the arena (the record's layout is storage's). */
+static int pack_all(auth_store *as, storage_arena *a, ProtobufCBinaryData *users, ProtobufCBinaryData *roles)
+{
+	for (size_t i = 0; i < as->a_nusers; i++) {
+		users[i].len = protobuf_c_message_get_packed_size(&as->a_users[i]->base);
+		if ((users[i].data = storage_arena_alloc(a, users[i].len ? users[i].len : 1)) == NULL)
+			return STORAGE_ERR_NOMEM;
+		protobuf_c_message_pack(&as->a_users[i]->base, users[i].data);
+	}
+	for (size_t i = 0; i < as->a_nroles; i++) {
+		roles[i].len = protobuf_c_message_get_packed_size(&as->a_roles[i]->base);
+		if ((roles[i].data = storage_arena_alloc(a, roles[i].len ? roles[i].len : 1)) == NULL)
+			return STORAGE_ERR_NOMEM;
+		protobuf_c_message_pack(&as->a_roles[i]->base, roles[i].data);
+	}
+	return 0;
+}
+
 static int persist(auth_store *as, storage_batch *b)
 {
-	size_t len = 1 + 8 + 4 + 4;
-	for (size_t i = 0; i < as->a_nusers; i++)
-		len += 4 + protobuf_c_message_get_packed_size(&as->a_users[i]->base);
-	for (size_t i = 0; i < as->a_nroles; i++)
-		len += 4 + protobuf_c_message_get_packed_size(&as->a_roles[i]->base);
-	uint8_t *buf = malloc(len), *p = buf;
-	if (buf == NULL)
-		return STORAGE_ERR_NOMEM;
-	*p++ = (uint8_t)as->a_enabled;
-	for (int i = 0; i < 8; i++)
-		*p++ = (uint8_t)(as->a_revision >> (56 - 8 * i));
-	put32(p, (uint32_t)as->a_nusers);
-	p += 4;
-	for (size_t i = 0; i < as->a_nusers; i++) {
-		size_t n = protobuf_c_message_pack(&as->a_users[i]->base, p + 4);
-		put32(p, (uint32_t)n);
-		p += 4 + n;
-	}
-	put32(p, (uint32_t)as->a_nroles);
-	p += 4;
-	for (size_t i = 0; i < as->a_nroles; i++) {
-		size_t n = protobuf_c_message_pack(&as->a_roles[i]->base, p + 4);
-		put32(p, (uint32_t)n);
-		p += 4 + n;
-	}
-	int rc = storage_batch_meta_put(b, AUTH_META, buf, (size_t)(p - buf));
-	free(buf);
+	static ProtobufCBinaryData users[AUTH_MAX_USERS], roles[AUTH_MAX_ROLES]; /* node loop only */
+	storage_arena a;
+	storage_arena_init(&a);
+	int rc = pack_all(as, &a, users, roles);
+	if (rc == 0)
+		rc = storage_batch_auth_put(b, as->a_enabled, as->a_revision, users, as->a_nusers, roles, as->a_nroles);
+	storage_arena_free(&a);
 	return rc;
+}
+
+size_t auth_export(auth_store *as, storage_etcd_entry *out, size_t max, storage_arena *a, int *enabled,
+		   uint64_t *revision)
+{
+	ProtobufCBinaryData *bufs = storage_arena_alloc(a, (AUTH_MAX_USERS + AUTH_MAX_ROLES) * sizeof(*bufs));
+	size_t n = 0;
+	pthread_mutex_lock(&as->a_mu);
+	*enabled = as->a_enabled;
+	*revision = as->a_revision;
+	if (bufs && pack_all(as, a, bufs, bufs + AUTH_MAX_USERS) == 0) {
+		for (size_t i = 0; i < as->a_nusers && n < max; i++, n++)
+			out[n] = (storage_etcd_entry){"authUsers", as->a_users[i]->name.data, as->a_users[i]->name.len,
+						      bufs[i].data, bufs[i].len};
+		for (size_t i = 0; i < as->a_nroles && n < max; i++, n++)
+			out[n] = (storage_etcd_entry){"authRoles", as->a_roles[i]->name.data, as->a_roles[i]->name.len,
+						      bufs[AUTH_MAX_USERS + i].data, bufs[AUTH_MAX_USERS + i].len};
+	}
+	pthread_mutex_unlock(&as->a_mu);
+	return n;
 }
 
 static int load(auth_store *as, const uint8_t *p, size_t len)

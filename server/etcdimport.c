@@ -1053,37 +1053,16 @@ static int put_members(storage_batch *b, import_ctx *c)
 	return rc;
 }
 
-/* server/auth.c's record: [enabled u8][revision u64][n u32]{len u32, User}[n u32]{len u32, Role}. */
+/* The auth store's record (storage_batch_auth_put), from etcd's authUsers/authRoles. */
 static int put_auth(storage_batch *b, const import_ctx *c)
 {
-	size_t len = 1 + 8 + 4 + 4;
+	static ProtobufCBinaryData users[IMPORT_MAX_AUTH], roles[IMPORT_MAX_AUTH];
 	for (size_t i = 0; i < c->n_users; i++)
-		len += 4 + c->user_len[i];
+		users[i] = (ProtobufCBinaryData){c->user_len[i], c->users[i]};
 	for (size_t i = 0; i < c->n_roles; i++)
-		len += 4 + c->role_len[i];
-	uint8_t *buf = malloc(len), *p = buf;
-	if (buf == NULL)
-		return STORAGE_ERR_NOMEM;
-	*p++ = (uint8_t)c->auth_enabled;
-	put_be64(p, c->auth_revision ? c->auth_revision : 1);
-	p += 8;
-	put_be32(p, (uint32_t)c->n_users);
-	p += 4;
-	for (size_t i = 0; i < c->n_users; i++) {
-		put_be32(p, (uint32_t)c->user_len[i]);
-		memcpy(p + 4, c->users[i], c->user_len[i]);
-		p += 4 + c->user_len[i];
-	}
-	put_be32(p, (uint32_t)c->n_roles);
-	p += 4;
-	for (size_t i = 0; i < c->n_roles; i++) {
-		put_be32(p, (uint32_t)c->role_len[i]);
-		memcpy(p + 4, c->roles[i], c->role_len[i]);
-		p += 4 + c->role_len[i];
-	}
-	int rc = storage_batch_meta_put(b, "auth", buf, (size_t)(p - buf));
-	free(buf);
-	return rc;
+		roles[i] = (ProtobufCBinaryData){c->role_len[i], c->roles[i]};
+	return storage_batch_auth_put(b, c->auth_enabled, c->auth_revision ? c->auth_revision : 1, users, c->n_users,
+				      roles, c->n_roles);
 }
 
 /* server/alarm.c's record: 12 bytes an alarm, member id (8, BE) and type (4, BE). */

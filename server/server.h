@@ -365,6 +365,10 @@ void auth_free(auth_store *as);
 /* The store was replaced (an installed snapshot): users, roles and the switch are loaded
  * again; tokens handed out stay valid. */
 int auth_reload(auth_store *as, const config *cfg, storage *st);
+/* Users and roles as etcd's snapshot buckets authUsers / authRoles hold them (messages
+ * packed into the arena; up to max entries), with the switch and the revision. */
+size_t auth_export(auth_store *as, storage_etcd_entry *out, size_t max, storage_arena *a, int *enabled,
+		   uint64_t *revision);
 int auth_enabled(auth_store *as);
 /* Checks of a request's token (metadata "token", NULL if absent): 0 or an AUTH_ERR_*.
  * All pass while auth is disabled. */

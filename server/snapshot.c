@@ -72,6 +72,16 @@ static int write_snapshot(server_ctx *sc, int fd, uint64_t *size)
 	info.si_term = node_term(sc->nd);
 	info.si_members = members;
 	info.si_n_members = members_export(sc->members, members, MEMBER_LIST_MAX, &a);
+	/* Users and roles in etcd's buckets: a restore (keelsonutl's, or etcd's) keeps them. */
+	size_t max_auth = 2048;
+	storage_etcd_entry *auth = storage_arena_alloc(&a, max_auth * sizeof(*auth));
+	if (auth == NULL) {
+		storage_read_end(r);
+		storage_arena_free(&a);
+		return STORAGE_ERR_NOMEM;
+	}
+	info.si_extra = auth;
+	info.si_n_extra = auth_export(sc->auth, auth, max_auth, &a, &info.si_auth_enabled, &info.si_auth_revision);
 	rc = storage_snapshot_etcd(r, &info, write_fd, &fd, size);
 	storage_read_end(r);
 	storage_arena_free(&a);

@@ -207,6 +207,15 @@ void storage_read_end(storage_reader *r);
  * quota is checked against this. */
 uint64_t storage_db_size(storage *s);
 
+/* ---- The auth store's record ---- */
+
+/* The meta key of the auth store's record (server/auth.c reads it). */
+#define STORAGE_AUTH_META "auth"
+/* Writes the record: the auth switch, its revision, and every user and role as encoded
+ * authpb.User / authpb.Role messages (see authrec.c for the layout). */
+int storage_batch_auth_put(storage_batch *b, int enabled, uint64_t revision, const ProtobufCBinaryData *users,
+			   size_t n_users, const ProtobufCBinaryData *roles, size_t n_roles);
+
 /* ---- The Raft log, hard state and snapshot metadata ---- */
 
 typedef struct storage_log_entry {

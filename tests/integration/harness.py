@@ -241,8 +241,8 @@ class Server:
                 raise ServerError("%s exited with status %s during start-up\n%s" % (
                     self.label, self.proc.returncode, self.log_tail()))
             try:
-                last = etcdctl(self.endpoint, "--dial-timeout=1s", "--command-timeout=2s",
-                               "endpoint", "health", timeout=10)
+                last = etcdctl(self.endpoint, *getattr(self, "health_args", ()), "--dial-timeout=1s",
+                               "--command-timeout=2s", "endpoint", "health", timeout=10)
                 if last.rc == 0:
                     return
             except subprocess.TimeoutExpired:

@@ -912,6 +912,46 @@ class TestAuthTLS(Base):
         self.assertEqual(len(backups_in(d)), 1)
 
 
+@unittest.skipUnless(HAVE_ETCD and SUT_IS_KEELSON, "needs the real etcd; restore makes Keelson data dirs")
+class TestAuthRestored(Base):
+    """Users, roles, permissions and the auth switch survive save + restore, from Keelson
+    (PBKDF2 hashes) and from etcd (bcrypt hashes), and log in on the restored member."""
+
+    def check(self, binary):
+        src = harness.fresh_server(self, binary=binary)
+        ok(src.ctl("put", "app/x", "1"))
+        ok(src.ctl("user", "add", "root:rootpw"))
+        ok(src.ctl("user", "grant-role", "root", "root"))
+        ok(src.ctl("role", "add", "app"))
+        ok(src.ctl("role", "grant-permission", "app", "read", "app/", "--prefix=true"))
+        ok(src.ctl("user", "add", "alice:alicepw"))
+        ok(src.ctl("user", "grant-role", "alice", "app"))
+        ok(src.ctl("auth", "enable"))
+        want_users = ok(src.ctl("--user=root:rootpw", "user", "list")).stdout
+        want_role = ok(src.ctl("--user=root:rootpw", "role", "get", "app")).stdout
+        f = self.path("snap.db")
+        ku("snapshot", "save", f, "--endpoints=" + src.endpoint, "--user=root:rootpw")
+        s = self.restored_server(f)
+        s.health_args = ["--user=root:rootpw"]  # auth is on from the first start
+        s.start()
+        self.assertEqual(ok(s.ctl("--user=root:rootpw", "user", "list")).stdout, want_users)
+        self.assertEqual(ok(s.ctl("--user=root:rootpw", "role", "get", "app")).stdout, want_role)
+        self.assertEqual(ok(s.ctl("--user=alice:alicepw", "get", "app/x", "--print-value-only")).stdout,
+                         "1\n")
+        r = s.ctl("--user=alice:alicepw", "put", "app/x", "2")
+        self.assertIn("permission denied", r.stderr)
+        r = s.ctl("get", "app/x")  # auth stayed enabled: no user, no answer
+        self.assertNotEqual(r.rc, 0)
+        r = s.ctl("--user=alice:wrong", "get", "app/x")
+        self.assertIn("authentication failed", r.stderr)
+
+    def test_from_keelson(self):
+        self.check(harness.KEELSON_BIN)
+
+    def test_from_etcd(self):
+        self.check(harness.ETCD_BIN)
+
+
 @unittest.skipUnless(SUT_IS_KEELSON, "restore makes Keelson data dirs")
 class TestBumpRevisionWatch(Base):
     def test_watchers_never_see_revisions_go_back(self):

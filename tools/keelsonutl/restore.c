@@ -17,9 +17,10 @@
  *      point at the applied index (term 1, no stored configuration, so server/node.c
  *      raft_boot takes the voters from "members"): every member restored from the same
  *      file and flags agrees on it.
- * Buckets Keelson does not import (auth, authUsers, authRoles, alarm) are counted and
- * reported, not restored (etcd's users carry bcrypt hashes, Keelson's PBKDF2, and Keelson's
- * own snapshots do not carry its auth state yet); the snapshot's own membership is replaced, as etcd's restore does.
+ * Users, roles and the auth switch (authUsers, authRoles, auth) become the auth store's
+ * record; password hashes stay as they are (etcd's bcrypt and Keelson's PBKDF2 both check).
+ * Alarms and unknown buckets are counted and reported, not restored; the snapshot's own
+ * membership is replaced, as etcd's restore does.
  */
 #define _GNU_SOURCE /* nftw, mkdtemp, %m */
 #include <dirent.h>
@@ -39,22 +40,51 @@
 #include "api/proto/rpc.pb-c.h"
 #include "tools/keelsonutl/keelsonutl.h"
 
+/* Users and roles (etcd's authUsers / authRoles entries, encoded authpb messages) and the
+ * auth switch: restored into the auth store's record. */
+#define RESTORE_MAX_AUTH 4096
+
 typedef struct visit_ctx {
-	uint64_t vc_auth, vc_alarm, vc_other;
+	uint64_t vc_alarm, vc_other;
+	ProtobufCBinaryData vc_users[RESTORE_MAX_AUTH], vc_roles[RESTORE_MAX_AUTH]; /* malloc'd */
+	size_t vc_n_users, vc_n_roles;
 	int vc_auth_enabled;
+	uint64_t vc_auth_revision;
+	int vc_nomem;
 } visit_ctx;
+
+static void visit_free(visit_ctx *v)
+{
+	for (size_t i = 0; i < v->vc_n_users; i++)
+		free(v->vc_users[i].data);
+	for (size_t i = 0; i < v->vc_n_roles; i++)
+		free(v->vc_roles[i].data);
+}
 
 static int visit(void *ctx, const char *bucket, const uint8_t *key, size_t klen,
 		 const uint8_t *val, size_t vlen)
 {
 	visit_ctx *v = ctx;
-	if (strcmp(bucket, "authUsers") == 0 || strcmp(bucket, "authRoles") == 0) {
-		v->vc_auth++;
+	(void)key;
+	int user = strcmp(bucket, "authUsers") == 0;
+	if (user || strcmp(bucket, "authRoles") == 0) {
+		ProtobufCBinaryData *list = user ? v->vc_users : v->vc_roles;
+		size_t *n = user ? &v->vc_n_users : &v->vc_n_roles;
+		if (*n == RESTORE_MAX_AUTH)
+			return 0;
+		uint8_t *copy = malloc(vlen ? vlen : 1);
+		if (copy == NULL) {
+			v->vc_nomem = 1;
+			return 0;
+		}
+		memcpy(copy, val, vlen);
+		list[(*n)++] = (ProtobufCBinaryData){vlen, copy};
 	} else if (strcmp(bucket, "auth") == 0) {
-		/* authEnabled / authRevision: only enabled auth is worth a warning. */
-		if (strcmp(bucket, "auth") == 0 && klen == 11 && memcmp(key, "authEnabled", 11) == 0 &&
-		    vlen == 1 && val[0] == 1)
-			v->vc_auth_enabled = 1;
+		if (klen == 11 && memcmp(key, "authEnabled", 11) == 0 && vlen == 1)
+			v->vc_auth_enabled = val[0] == 1;
+		else if (klen == 12 && memcmp(key, "authRevision", 12) == 0 && vlen == 8)
+			for (int i = 0; i < 8; i++)
+				v->vc_auth_revision = v->vc_auth_revision << 8 | val[i];
 	} else if (strcmp(bucket, "alarm") == 0) {
 		v->vc_alarm++;
 	} else if (strcmp(bucket, "members") && strcmp(bucket, "members_removed") &&
@@ -258,7 +288,7 @@ static void put_be64(uint8_t *p, uint64_t v)
 
 /* The meta a new member of cluster c, as member self, would write at its first start. */
 static int write_member_meta(storage *st, const identity_cluster *c, int self, uint64_t applied,
-			     char *errbuf, size_t errlen)
+			     const visit_ctx *auth, char *errbuf, size_t errlen)
 {
 	Etcdserverpb__Member ms[KU_MAX_MEMBERS], *mp[KU_MAX_MEMBERS];
 	Etcdserverpb__MemberListResponse list = ETCDSERVERPB__MEMBER_LIST_RESPONSE__INIT;
@@ -289,6 +319,12 @@ static int write_member_meta(storage *st, const identity_cluster *c, int self, u
 			err = storage_batch_meta_put(b, "member_id", id, 8);
 		if (err == 0)
 			err = storage_batch_meta_put(b, "members", buf, len);
+		/* Users (with their password hashes: Keelson's PBKDF2 or etcd's bcrypt, both
+		 * checked by the server), roles and the auth switch, as the snapshot had them. */
+		if (err == 0 && (auth->vc_n_users || auth->vc_n_roles || auth->vc_auth_enabled))
+			err = storage_batch_auth_put(b, auth->vc_auth_enabled,
+						     auth->vc_auth_revision ? auth->vc_auth_revision : 1, auth->vc_users,
+						     auth->vc_n_users, auth->vc_roles, auth->vc_n_roles);
 		/* The raft snapshot point: the state is the snapshot at the applied index (term
 		 * 1, the configuration of "members"). raft_boot derives the same point when the
 		 * log is empty, but not once entries follow it: without this record the member
@@ -335,6 +371,7 @@ int ku_restore(const ku_restore_opts *o, ku_restore_result *res, char *errbuf, s
 	memset(res, 0, sizeof(*res));
 	identity_cluster c;
 	char tmp[PATH_MAX], member[PATH_MAX], eb[512] = "", gztmp[PATH_MAX] = "";
+	visit_ctx *vc = NULL; /* large (users and roles): on the heap */
 	int rc = identity_parse(&c, o->ro_initial_cluster, o->ro_token, errbuf, errlen);
 	if (rc)
 		return rc == IDENTITY_ERR_NOMEM ? KU_ERR_NOMEM : KU_ERR_USAGE;
@@ -374,11 +411,14 @@ int ku_restore(const ku_restore_opts *o, ku_restore_result *res, char *errbuf, s
 	const char *plain;
 	if ((rc = ku_open_snapshot(o->ro_snapshot, tmp, gztmp, sizeof(gztmp), &plain, errbuf, errlen)))
 		goto fail;
-	visit_ctx vc = {0};
+	if ((vc = calloc(1, sizeof(*vc))) == NULL) {
+		rc = ku_errf(errbuf, errlen, KU_ERR_NOMEM, "out of memory");
+		goto fail;
+	}
 	storage_etcd_import_options io = {0};
 	io.ei_hash_check = o->ro_skip_hash_check ? STORAGE_ETCD_HASH_SKIP : STORAGE_ETCD_HASH_REQUIRE;
 	io.ei_visit = visit;
-	io.ei_ctx = &vc;
+	io.ei_ctx = vc;
 	io.ei_errbuf = eb;
 	io.ei_errlen = sizeof(eb);
 	import_watch iw;
@@ -394,7 +434,11 @@ int ku_restore(const ku_restore_opts *o, ku_restore_result *res, char *errbuf, s
 			     "snapshot %s refused: %s", o->ro_snapshot, eb[0] ? eb : storage_strerror(err));
 		goto fail;
 	}
-	res->rr_skipped = vc.vc_auth + vc.vc_alarm + vc.vc_other;
+	res->rr_skipped = vc->vc_alarm + vc->vc_other;
+	if (vc->vc_nomem) {
+		rc = ku_errf(errbuf, errlen, KU_ERR_NOMEM, "out of memory reading the snapshot's users and roles");
+		goto fail;
+	}
 	int64_t bumped = 0;
 	if (o->ro_bump_revision && (rc = bump_revision(member, o->ro_bump_revision, &bumped, errbuf, errlen)))
 		goto fail;
@@ -411,7 +455,7 @@ int ku_restore(const ku_restore_opts *o, ku_restore_result *res, char *errbuf, s
 	if (rc == 0 && o->ro_mark_compacted)
 		rc = compact_all(st, stats.st_revision, errbuf, errlen);
 	if (rc == 0)
-		rc = write_member_meta(st, &c, self, stats.st_applied_index, errbuf, errlen);
+		rc = write_member_meta(st, &c, self, stats.st_applied_index, vc, errbuf, errlen);
 	if (rc == 0 && (err = storage_stat(st, &stats)))
 		rc = storage_fail(err, "stat", member, errbuf, errlen);
 	storage_close(st);
@@ -430,16 +474,11 @@ int ku_restore(const ku_restore_opts *o, ku_restore_result *res, char *errbuf, s
 	}
 	rc = ku_fsync_parent(o->ro_data_dir, errbuf, errlen);
 	if (!o->ro_quiet) {
-		if (vc.vc_auth || vc.vc_auth_enabled)
-			fprintf(stderr, "warning: auth state (%" PRIu64 " users and roles%s) not restored: "
-				"keelsonutl cannot carry auth state yet (etcd keeps bcrypt hashes, Keelson "
-				"PBKDF2); add users, roles and `auth enable` again after the restore\n",
-				vc.vc_auth, vc.vc_auth_enabled ? ", auth enabled" : "");
-		if (vc.vc_alarm)
-			fprintf(stderr, "warning: %" PRIu64 " alarms not restored\n", vc.vc_alarm);
-		if (vc.vc_other)
+		if (vc->vc_alarm)
+			fprintf(stderr, "warning: %" PRIu64 " alarms not restored\n", vc->vc_alarm);
+		if (vc->vc_other)
 			fprintf(stderr, "warning: %" PRIu64 " entries of unknown buckets not restored\n",
-				vc.vc_other);
+				vc->vc_other);
 	}
 	goto out;
 fail:
@@ -447,6 +486,10 @@ fail:
 out:
 	if (gztmp[0])
 		unlink(gztmp);
+	if (vc) {
+		visit_free(vc);
+		free(vc);
+	}
 	identity_free(&c);
 	return rc;
 }
