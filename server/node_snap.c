@@ -10,11 +10,12 @@
  *             queued to that peer (flow control), then one FRAME_SNAP_DONE with the size, the
  *             SHA-256 of the whole file and the Raft message. The peer connection is in order,
  *             so the follower has every chunk before the message.
- *   follower: chunks are written to <member dir>/snap.recv as they come; DONE checks size and
- *             hash, fsyncs, and only then steps the Raft message. Raft hands the snapshot back
- *             in a Ready, and node_snap_install() moves the file in place of the store
- *             (storage_install: an atomic rename), rewrites the Raft log state as the
- *             follower's own, and reloads every in-memory view of the store.
+ *   follower: chunks are written to <member dir>/snap.recv/data.mdb as they come; DONE checks
+ *             size and hash, fsyncs, and only then steps the Raft message. Raft hands the
+ *             snapshot back in a Ready, and node_snap_install() first rewrites the copy's member
+ *             id, Raft log and hard state as the follower's own (in the copy, durably), then
+ *             moves it in place of the store (storage_install: an atomic rename), and reloads
+ *             every in-memory view of the store. A crash leaves the old store or the new one.
  *
  * The copy is taken after Raft chose S, so it holds the state at some applied index A >= S.
  * The follower records A as applied; the entries S+1..A that Raft then hands it are already
@@ -34,6 +35,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <openssl/evp.h>
@@ -81,7 +83,8 @@ struct node_snap {
 	int nr_fd;
 	int nr_ready; /* complete and verified, waiting for Raft to hand the snapshot back */
 	EVP_MD_CTX *nr_sha;
-	char nr_path[PATH_MAX];
+	char nr_dir[PATH_MAX];  /* <member>/snap.recv: an environment of its own */
+	char nr_path[PATH_MAX]; /* its data.mdb, the file received */
 };
 
 static void put64(uint8_t *p, uint64_t v)
@@ -300,13 +303,24 @@ void node_snap_peer_down(node *n, uint64_t id)
 
 /* ---- receiving (follower) ---- */
 
+/* Removes the receiving directory and what LMDB and storage put beside the data file. */
+static void remove_recv_dir(const char *dir)
+{
+	static const char *const files[] = {"data.mdb", "lock.mdb", "keelson.lock"};
+	char path[PATH_MAX];
+	for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++)
+		if (snprintf(path, sizeof(path), "%s/%s", dir, files[i]) < (int)sizeof(path))
+			unlink(path);
+	rmdir(dir);
+}
+
 static void recv_reset(node_snap *ns)
 {
 	if (ns->nr_fd >= 0)
 		close(ns->nr_fd);
 	ns->nr_fd = -1;
 	if (ns->nr_id || ns->nr_ready)
-		unlink(ns->nr_path);
+		remove_recv_dir(ns->nr_dir);
 	ns->nr_from = ns->nr_id = ns->nr_off = 0;
 	ns->nr_ready = 0;
 }
@@ -331,7 +345,9 @@ static void on_chunk(node_snap *ns, uint64_t from, uint64_t id, uint64_t off, co
 		if (off != 0)
 			return; /* the rest of a transfer we gave up on */
 		recv_reset(ns);
-		ns->nr_fd = open(ns->nr_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+		remove_recv_dir(ns->nr_dir);
+		if (mkdir(ns->nr_dir, 0700) == 0)
+			ns->nr_fd = open(ns->nr_path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
 		if (ns->nr_fd < 0 || EVP_DigestInit_ex(ns->nr_sha, EVP_sha256(), NULL) != 1) {
 			log_at(LOG_ERROR, "cannot receive a database snapshot", "path", ns->nr_path, "error",
 			       strerror(errno), NULL);
@@ -388,18 +404,34 @@ int node_snap_on_frame(node *n, uint64_t from, const uint8_t *p, size_t len, str
 	return 1;
 }
 
-/* The member id and the Raft log are this member's own, not the sender's. */
-static int rewrite_local_state(node *n, const struct raft_snapshot *s, const struct raft_hard_state *hs,
-			       uint64_t applied)
+/*
+ * The copy holds the sender's member id, Raft log and hard state. They are replaced by this
+ * member's own in the received environment itself, durably, BEFORE it is moved in place: a
+ * crash at any point then leaves either the old store or the new one with this member's
+ * identity and votes (a vote recorded as the sender's could let this member vote twice).
+ * Returns the applied index the copy holds.
+ */
+static int prepare_received(node *n, const struct raft_snapshot *s, const struct raft_hard_state *hs,
+			    uint64_t *applied)
 {
 	server_ctx *sc = n->n_sc;
-	storage_batch *b;
-	int rc = storage_batch_begin(sc->st, &b);
+	node_snap *ns = n->n_snap;
+	storage_options so = {0};
+	so.so_map_size = sc->quota_bytes + (1ULL << 30); /* as main.c opens the store */
+	storage *st;
+	int rc = storage_open(ns->nr_dir, &so, &st);
 	if (rc)
 		return rc;
+	storage_stats stats;
+	storage_batch *b = NULL;
+	if ((rc = storage_stat(st, &stats)) == 0 && stats.st_applied_index < s->meta.index)
+		rc = STORAGE_ERR_CORRUPT; /* a copy older than the snapshot point */
+	if (rc == 0)
+		rc = storage_batch_begin(st, &b);
 	uint8_t id[8];
 	put64(id, sc->mi.member_id);
-	rc = storage_batch_log_clear(b);
+	if (rc == 0)
+		rc = storage_batch_log_clear(b);
 	if (rc == 0)
 		rc = storage_batch_log_snapshot(b, s->meta.index, s->meta.term, &s->meta.conf, sizeof(s->meta.conf));
 	if (rc == 0)
@@ -407,8 +439,11 @@ static int rewrite_local_state(node *n, const struct raft_snapshot *s, const str
 	if (rc == 0)
 		rc = storage_batch_meta_put(b, "member_id", id, sizeof(id));
 	if (rc == 0)
-		return storage_batch_commit(b, applied);
-	storage_batch_abort(b);
+		rc = storage_batch_commit(b, stats.st_applied_index);
+	else if (b)
+		storage_batch_abort(b);
+	storage_close(st);
+	*applied = stats.st_applied_index;
 	return rc;
 }
 
@@ -420,16 +455,16 @@ uint64_t node_snap_install(node *n, const struct raft_snapshot *s, const struct 
 		log_at(LOG_FATAL, "raft moved to a snapshot this member has not received", NULL);
 		abort();
 	}
-	int rc = storage_install(sc->st, ns->nr_path);
+	uint64_t applied = 0;
+	int rc = prepare_received(n, s, hs, &applied);
+	if (rc == 0)
+		rc = storage_install(sc->st, ns->nr_path);
+	remove_recv_dir(ns->nr_dir);
 	ns->nr_ready = 0;
 	ns->nr_from = ns->nr_id = ns->nr_off = 0;
 	storage_stats stats;
 	if (rc == 0)
 		rc = storage_stat(sc->st, &stats);
-	if (rc == 0 && stats.st_applied_index < s->meta.index)
-		rc = STORAGE_ERR_CORRUPT; /* a copy older than the snapshot point */
-	if (rc == 0)
-		rc = rewrite_local_state(n, s, hs, stats.st_applied_index);
 	if (rc == 0)
 		rc = lessor_reload(sc->lessor, sc->cfg, sc->st);
 	if (rc == 0)
@@ -445,10 +480,10 @@ uint64_t node_snap_install(node *n, const struct raft_snapshot *s, const struct 
 	}
 	watch_hub_resync(sc->hub, stats.st_revision);
 	char idx[24], rev[24];
-	snprintf(idx, sizeof(idx), "%llu", (unsigned long long)stats.st_applied_index);
+	snprintf(idx, sizeof(idx), "%llu", (unsigned long long)applied);
 	snprintf(rev, sizeof(rev), "%lld", (long long)stats.st_revision);
 	log_at(LOG_INFO, "installed a database snapshot", "applied-index", idx, "revision", rev, NULL);
-	return stats.st_applied_index;
+	return applied;
 }
 
 /* ---- set-up ---- */
@@ -461,7 +496,7 @@ static void remove_leftovers(const char *dir)
 	struct dirent *e;
 	char path[PATH_MAX];
 	while ((e = readdir(d)) != NULL) {
-		if ((strncmp(e->d_name, "snap.send.", 10) == 0 || strcmp(e->d_name, "snap.recv") == 0) &&
+		if (strncmp(e->d_name, "snap.send.", 10) == 0 &&
 		    snprintf(path, sizeof(path), "%s/%s", dir, e->d_name) < (int)sizeof(path))
 			unlink(path);
 	}
@@ -478,12 +513,14 @@ int node_snap_init(node *n)
 	ns->nr_fd = -1;
 	const char *dir = n->n_sc->cfg->data_dir;
 	if (snprintf(ns->ns_dir, sizeof(ns->ns_dir), "%s/member", dir) >= (int)sizeof(ns->ns_dir) ||
-	    snprintf(ns->nr_path, sizeof(ns->nr_path), "%s/snap.recv", ns->ns_dir) >= (int)sizeof(ns->nr_path)) {
+	    snprintf(ns->nr_dir, sizeof(ns->nr_dir), "%s/snap.recv", ns->ns_dir) >= (int)sizeof(ns->nr_dir) ||
+	    snprintf(ns->nr_path, sizeof(ns->nr_path), "%s/data.mdb", ns->nr_dir) >= (int)sizeof(ns->nr_path)) {
 		EVP_MD_CTX_free(ns->nr_sha);
 		free(ns);
 		return STORAGE_ERR_INVALID;
 	}
 	remove_leftovers(ns->ns_dir); /* what a crash left half sent or received */
+	remove_recv_dir(ns->nr_dir);
 	uv_timer_init(&n->n_loop, &ns->ns_pump);
 	ns->ns_pump.data = n;
 	uv_async_init(&n->n_loop, &ns->ns_copied, on_copied);

@@ -733,6 +733,33 @@ class SnapshotCatchUp(ClusterCase):
         self.assertEqual(self.get_value(f, "/snap/after", serializable=True), "y")
         self.assert_hashkv_equal()
 
+    def test_3_killed_during_install(self):
+        """kill -9 at random moments while a follower receives and installs a snapshot: it
+        always restarts as itself (its own member id, never the sender's) and catches up."""
+        import random
+        c = self.cluster
+        ldr = c.leader()
+        f = c.followers(ldr)[0]
+        own_id = f.status()["header"]["member_id"]
+        rnd = random.Random(int(os.environ.get("KEELSON_SNAP_KILL_SEED", "7")))
+        for round_ in range(4):
+            c.kill9(f)
+            cl = etcd3_client(ldr)
+            try:
+                for i in range(150):
+                    cl.put("/sk/%d/%d" % (round_, i), "x" * 2000)
+            finally:
+                cl.close()
+            c.restart(f, wait=False)
+            time.sleep(rnd.uniform(0.05, 0.6))
+            c.kill9(f)
+        c.restart(f)
+        self.assertEqual(f.status()["header"]["member_id"], own_id)
+        poll(lambda: self.get_value(f, "/sk/3/149", serializable=True) == "x" * 2000, 20,
+             what="follower caught up after the kills")
+        self.assertEqual(len(self.members_json(f)), 3)
+        self.assert_hashkv_equal()
+
     def test_2_watch_across_install(self):
         """A watcher on a paused follower sees every event once the follower catches up by
         snapshot: the store is replaced under it, and it replays from the new one."""
