@@ -55,6 +55,10 @@ struct lessor {
 	size_t l_scan;              /* where the next look for due checkpoints starts */
 	int64_t *l_clear;           /* leases whose checkpoint a keep-alive made stale */
 	size_t l_nclear, l_clear_cap;
+	/* No lease that is not being revoked expires before this (0: unknown), so that the
+	 * leader's look for expired leases skips the table scan while nothing can be due:
+	 * renewals only move expiries later, grants and promotes lower it. */
+	uint64_t l_no_expiry_before_ms;
 };
 
 static uint64_t now_ms(void)
@@ -110,6 +114,8 @@ static int insert(lessor *l, int64_t id, int64_t ttl, uint64_t expiry)
 		l->l_n++;
 	}
 	*e = (lease_entry){.le_id = id, .le_ttl = ttl, .le_expiry_ms = expiry};
+	if (expiry < l->l_no_expiry_before_ms)
+		l->l_no_expiry_before_ms = expiry;
 	return 0;
 }
 
@@ -152,6 +158,7 @@ static void schedule_checkpoint(lessor *l, lease_entry *e, int64_t ttl_s, uint64
 static void start_from_remaining(lessor *l, lease_entry *e, uint64_t base, uint64_t now)
 {
 	e->le_expiry_ms = base + (uint64_t)remaining_ttl(e) * 1000;
+	l->l_no_expiry_before_ms = 0;
 	e->le_revoking = 0;
 	e->le_clearing = 0;
 	schedule_checkpoint(l, e, remaining_ttl(e), now);
@@ -231,13 +238,14 @@ void lessor_revoked(lessor *l, int64_t id)
 	pthread_mutex_unlock(&l->l_mu);
 }
 
-int64_t lessor_renew(lessor *l, int64_t id)
+/* leader: the lease must not have expired (its expiry is the leader's to judge). */
+static int64_t renew(lessor *l, int64_t id, int leader)
 {
 	int64_t ttl = 0;
 	uint64_t now = now_ms();
 	pthread_mutex_lock(&l->l_mu);
 	lease_entry *e = find(l, id);
-	if (e && !e->le_revoking && e->le_expiry_ms > now) {
+	if (e && (!leader || (!e->le_revoking && e->le_expiry_ms > now))) {
 		e->le_expiry_ms = now + (uint64_t)e->le_ttl * 1000;
 		ttl = e->le_ttl;
 		/* etcd clears a checkpoint on renewal (one entry per lease at most, until the
@@ -260,6 +268,16 @@ int64_t lessor_renew(lessor *l, int64_t id)
 	}
 	pthread_mutex_unlock(&l->l_mu);
 	return ttl;
+}
+
+int64_t lessor_renew(lessor *l, int64_t id)
+{
+	return renew(l, id, 1);
+}
+
+int64_t lessor_renew_local(lessor *l, int64_t id)
+{
+	return renew(l, id, 0);
 }
 
 void lessor_promote(lessor *l, uint64_t extend_ms)
@@ -371,16 +389,26 @@ void lessor_propose_checkpoints(server_ctx *sc)
 
 size_t lessor_expired(lessor *l, int64_t *ids, size_t max)
 {
-	size_t n = 0;
-	uint64_t now = now_ms();
+	size_t n = 0, i;
+	uint64_t now = now_ms(), next = UINT64_MAX;
 	pthread_mutex_lock(&l->l_mu);
-	for (size_t i = 0; i < l->l_cap && n < max; i++) {
+	if (l->l_no_expiry_before_ms > now) {
+		pthread_mutex_unlock(&l->l_mu);
+		return 0;
+	}
+	for (i = 0; i < l->l_cap && n < max; i++) {
 		lease_entry *e = &l->l_tab[i];
-		if (e->le_id != 0 && !e->le_revoking && e->le_expiry_ms <= now) {
+		if (e->le_id == 0 || e->le_revoking)
+			continue;
+		if (e->le_expiry_ms <= now) {
 			e->le_revoking = 1;
 			ids[n++] = e->le_id;
+		} else if (e->le_expiry_ms < next) {
+			next = e->le_expiry_ms;
 		}
 	}
+	/* A scan cut short has not seen every lease: look again next time. */
+	l->l_no_expiry_before_ms = i == l->l_cap ? next : 0;
 	pthread_mutex_unlock(&l->l_mu);
 	return n;
 }
@@ -389,8 +417,10 @@ void lessor_revoke_failed(lessor *l, int64_t id)
 {
 	pthread_mutex_lock(&l->l_mu);
 	lease_entry *e = find(l, id);
-	if (e)
+	if (e) {
 		e->le_revoking = 0;
+		l->l_no_expiry_before_ms = 0;
+	}
 	pthread_mutex_unlock(&l->l_mu);
 }
 
@@ -554,9 +584,16 @@ static void keepalive_on_message(void *ctx, api_stream *st, const ProtobufCMessa
 		api_stream_finish(st, code, m);
 		return;
 	}
-	resp.ttl = lessor_renew(sc->lessor, req->id);
-	if (resp.ttl > 0 && node_leader(sc->nd) != sc->mi.member_id)
-		node_forward_keepalive(sc->nd, req->id);
+	/* Only the leader knows whether a lease has expired (keep-alives sent to other members
+	 * never reach this one's lessor): a follower renews any lease it holds, and passes the
+	 * keep-alive on to the leader. */
+	if (node_leader(sc->nd) == sc->mi.member_id) {
+		resp.ttl = lessor_renew(sc->lessor, req->id);
+	} else {
+		resp.ttl = lessor_renew_local(sc->lessor, req->id);
+		if (resp.ttl > 0)
+			node_forward_keepalive(sc->nd, req->id);
+	}
 	api_stream_send_msg(st, &resp.base);
 }
 

@@ -295,6 +295,33 @@ static void test_expiry(void)
 	lessor_revoked(l, 11);
 	CHECK_EQ(lessor_expired(l, ids, 8), 0);
 	CHECK_EQ(lessor_renew(l, 11), 0);
+	/* after a full scan found nothing due, a new shorter lease is still found in time */
+	CHECK_EQ(lessor_expired(l, ids, 8), 0);
+	lessor_granted(l, 13, 2);
+	fake_now_ms += 1999;
+	CHECK_EQ(lessor_expired(l, ids, 8), 0);
+	fake_now_ms += 1;
+	CHECK_EQ(lessor_expired(l, ids, 8), 1);
+	CHECK_EQ(ids[0], 13);
+	/* a scan cut short by max does not hide the rest */
+	for (int64_t id = 100; id < 110; id++)
+		lessor_granted(l, id, 1);
+	fake_now_ms += 1000;
+	size_t got = lessor_expired(l, ids, 4);
+	CHECK_EQ(got, 4);
+	got += lessor_expired(l, ids, 4);
+	got += lessor_expired(l, ids, 4);
+	CHECK_EQ(got, 10);
+	/* a member that does not lead renews any lease it holds: the leader judges expiry */
+	lessor_granted(l, 14, 1);
+	fake_now_ms += 1000;
+	CHECK_EQ(lessor_renew(l, 14), 0);
+	CHECK_EQ(lessor_renew_local(l, 14), 1);
+	CHECK_EQ(lessor_renew(l, 14), 1); /* the local renewal moved its expiry */
+	CHECK_EQ(lessor_renew(l, 13), 0); /* being revoked */
+	CHECK_EQ(lessor_renew_local(l, 13), 2);
+	CHECK_EQ(lessor_renew_local(l, 999), 0);
+	CHECK_EQ(lessor_renew(l, 12), 50);
 	lessor_free(l);
 	storage_close(st);
 }

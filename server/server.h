@@ -209,8 +209,12 @@ void lessor_revoked(lessor *l, int64_t id);
 size_t lessor_expired(lessor *l, int64_t *ids, size_t max);
 /* An expiry revoke did not commit: the lease may be picked again. */
 void lessor_revoke_failed(lessor *l, int64_t id);
-/* Resets a lease's expiry; its granted TTL, or 0 if unknown or already expired. */
+/* The leader resets a lease's expiry; its granted TTL, or 0 if unknown, already expired
+ * or being revoked. */
 int64_t lessor_renew(lessor *l, int64_t id);
+/* A member that does not lead (it cannot tell expiry) resets a lease's expiry in its own
+ * view; its granted TTL, or 0 if it holds no such lease. */
+int64_t lessor_renew_local(lessor *l, int64_t id);
 /* A new leader gives every lease its remaining TTL (the checkpointed one, else the full TTL)
  * plus extend_ms before expiring any, and schedules checkpoints again. */
 void lessor_promote(lessor *l, uint64_t extend_ms);
