@@ -108,7 +108,9 @@ static config test_config(int checkpoint, uint64_t interval_ms)
 static storage *empty_storage(const char *name)
 {
 	storage *st;
-	CHECK_EQ(storage_open(t_tmpdir(name), NULL, &st), 0);
+	char *dir = t_tmpdir(name);
+	CHECK_EQ(storage_open(dir, NULL, &st), 0);
+	free(dir);
 	return st;
 }
 
@@ -355,6 +357,7 @@ static void test_restart(void)
 		lessor_free(l);
 	}
 	storage_close(st);
+	free(dir);
 }
 
 int main(void)
