@@ -514,8 +514,7 @@ CHECKPOINT_ARGS = ["--experimental-enable-lease-checkpoint",
 
 class Checkpoints(unittest.TestCase):
     """--experimental-enable-lease-checkpoint: the remaining TTL survives a restart (etcd 3.4
-    keeps checkpoints in memory only; Keelson persists them with the lease, as etcd 3.6
-    does), and the etcd snapshot carries it to a real etcd. Keelson only: etcd 3.4 has no
+    keeps checkpoints in memory only; Keelson persists them with the lease), and the etcd snapshot carries it to a real etcd. Keelson only: etcd 3.4 has no
     --experimental-lease-checkpoint-interval (its interval is 5 minutes)."""
 
     def setUp(self):
