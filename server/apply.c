@@ -57,6 +57,8 @@ static const ProtobufCMessageDescriptor *request_descriptor(node_op op)
 		return &etcdserverpb__lease_grant_request__descriptor;
 	case NODE_LEASE_REVOKE:
 		return &etcdserverpb__lease_revoke_request__descriptor;
+	case NODE_LEASE_CHECKPOINT:
+		return &etcdserverpb__lease_checkpoint_request__descriptor;
 	case NODE_ALARM:
 		return &etcdserverpb__alarm_request__descriptor;
 	case NODE_MEMBER_ADD:
@@ -206,6 +208,16 @@ static int apply_request(server_ctx *sc, storage_batch *b, apply_result *r, stor
 		r->ar_resp = &resp->base;
 		return storage_batch_lease_revoke(b, ((const Etcdserverpb__LeaseRevokeRequest *)r->ar_req)->id, a, resp);
 	}
+	case NODE_LEASE_CHECKPOINT: {
+		Etcdserverpb__LeaseCheckpointResponse *resp = response_new(a, &etcdserverpb__lease_checkpoint_response__descriptor);
+		Etcdserverpb__ResponseHeader *h = response_new(a, &etcdserverpb__response_header__descriptor);
+		if (resp == NULL || h == NULL)
+			return STORAGE_ERR_NOMEM;
+		h->revision = storage_batch_revision(b);
+		resp->header = h;
+		r->ar_resp = &resp->base;
+		return storage_batch_lease_checkpoint(b, (const Etcdserverpb__LeaseCheckpointRequest *)r->ar_req);
+	}
 	case NODE_ALARM: {
 		Etcdserverpb__AlarmResponse *resp = response_new(a, &etcdserverpb__alarm_response__descriptor);
 		Etcdserverpb__ResponseHeader *h = response_new(a, &etcdserverpb__response_header__descriptor);
@@ -288,6 +300,10 @@ void apply_committed(server_ctx *sc, const apply_result *r, int is_leader)
 			lessor_revoke_failed(sc->lessor, id);
 		break;
 	}
+	case NODE_LEASE_CHECKPOINT:
+		if (r->ar_err == 0)
+			lessor_checkpointed(sc->lessor, (const Etcdserverpb__LeaseCheckpointRequest *)r->ar_req);
+		break;
 	case NODE_ALARM:
 		if (r->ar_err == 0)
 			alarm_commit(sc->alarms, &r->ar_alarm);

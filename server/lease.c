@@ -3,10 +3,16 @@
  *
  * Grants and revokes are writes: they go through the node loop and storage, and the lessor
  * learns of them once they commit. Keep-alives only move an expiry time in memory, as in
- * etcd (without checkpoints a lease's remaining TTL is not persisted: after a restart every
- * lease gets its full TTL again). The node loop asks the lessor every half second which
- * leases have expired, and revokes them through the log like a client's revoke, in bounded
- * batches.
+ * etcd. The node loop asks the lessor every half second which leases have expired, and
+ * revokes them through the log like a client's revoke, in bounded batches.
+ *
+ * Checkpoints (--experimental-enable-lease-checkpoint, as etcd's lessor): every
+ * --experimental-lease-checkpoint-interval the leader proposes, through the log, the
+ * remaining TTL of each lease longer than the interval, in batches of at most 1000 per
+ * entry. Every member records it with the lease (on disk too), and a new leader or a
+ * restarted member starts the lease from it instead of from the full TTL, so a long lease
+ * is not renewed for free by every leader change. A keep-alive clears the checkpoint. Without
+ * the flag nothing is checkpointed and a new leader gives every lease its full TTL.
  */
 #include <pthread.h>
 #include <stdlib.h>
@@ -19,12 +25,25 @@
 
 /* etcd's MaxLeaseTTL */
 #define LEASE_MAX_TTL 9000000000LL
+/* etcd's maxLeaseCheckpointBatchSize: checkpoints per log entry. */
+#define LEASE_CHECKPOINT_BATCH 1000
+/* Entries of checkpoints proposed per look (every half second), so that a million leases
+ * falling due together are checkpointed over seconds, not in one burst. */
+#define LEASE_CHECKPOINT_ENTRIES_PER_LOOK 4
+/* Table slots one look examines for due checkpoints: the work per look stays bounded however
+ * many leases there are; a table of 2^22 slots is covered in 32 looks (16 s). */
+#define LEASE_CHECKPOINT_SCAN 131072
+/* etcd's defaultLeaseCheckpointInterval */
+#define LEASE_CHECKPOINT_DEFAULT_MS (5 * 60 * 1000)
 
 typedef struct lease_entry {
 	int64_t le_id; /* 0: empty slot */
 	int64_t le_ttl;
+	int64_t le_remaining;       /* checkpointed remaining TTL in seconds, 0: none */
 	uint64_t le_expiry_ms;
-	int le_revoking; /* an expiry revoke is queued */
+	uint64_t le_checkpoint_ms;  /* when the leader checkpoints it next, 0: never */
+	int le_revoking;            /* an expiry revoke is queued */
+	int le_clearing;            /* queued in l_clear (each lease at most once) */
 } lease_entry;
 
 struct lessor {
@@ -32,6 +51,14 @@ struct lessor {
 	lease_entry *l_tab; /* open addressing, linear probing; capacity a power of two */
 	size_t l_cap, l_n;
 	int64_t l_min_ttl;
+	uint64_t l_checkpoint_ms;   /* checkpoint interval; 0: checkpoints are off */
+	size_t l_scan;              /* where the next look for due checkpoints starts */
+	int64_t *l_clear;           /* leases whose checkpoint a keep-alive made stale */
+	size_t l_nclear, l_clear_cap;
+	/* No lease that is not being revoked expires before this (0: unknown), so that the
+	 * leader's look for expired leases skips the table scan while nothing can be due:
+	 * renewals only move expiries later, grants and promotes lower it. */
+	uint64_t l_no_expiry_before_ms;
 };
 
 static uint64_t now_ms(void)
@@ -86,7 +113,9 @@ static int insert(lessor *l, int64_t id, int64_t ttl, uint64_t expiry)
 		e = &l->l_tab[i];
 		l->l_n++;
 	}
-	*e = (lease_entry){id, ttl, expiry, 0};
+	*e = (lease_entry){.le_id = id, .le_ttl = ttl, .le_expiry_ms = expiry};
+	if (expiry < l->l_no_expiry_before_ms)
+		l->l_no_expiry_before_ms = expiry;
 	return 0;
 }
 
@@ -110,6 +139,31 @@ static void erase(lessor *l, int64_t id)
 	}
 }
 
+/* etcd's RemainingTTL(): the checkpointed TTL if there is one, else the granted TTL. */
+static int64_t remaining_ttl(const lease_entry *e)
+{
+	return e->le_remaining > 0 ? e->le_remaining : e->le_ttl;
+}
+
+/* etcd's scheduleCheckpointIfNeeded: only leases that outlive an interval get checkpoints. */
+static void schedule_checkpoint(lessor *l, lease_entry *e, int64_t ttl_s, uint64_t now)
+{
+	if (l->l_checkpoint_ms && (uint64_t)ttl_s * 1000 > l->l_checkpoint_ms)
+		e->le_checkpoint_ms = now + l->l_checkpoint_ms;
+	else
+		e->le_checkpoint_ms = 0;
+}
+
+/* A lease under a new leader: its remaining TTL from base on, checkpoints scheduled again. */
+static void start_from_remaining(lessor *l, lease_entry *e, uint64_t base, uint64_t now)
+{
+	e->le_expiry_ms = base + (uint64_t)remaining_ttl(e) * 1000;
+	l->l_no_expiry_before_ms = 0;
+	e->le_revoking = 0;
+	e->le_clearing = 0;
+	schedule_checkpoint(l, e, remaining_ttl(e), now);
+}
+
 int lessor_start(lessor **out, const config *cfg, storage *st)
 {
 	lessor *l = calloc(1, sizeof(*l));
@@ -122,21 +176,31 @@ int lessor_start(lessor **out, const config *cfg, storage *st)
 	l->l_min_ttl = (int64_t)((min_ms + 999) / 1000);
 	if (l->l_min_ttl < 1)
 		l->l_min_ttl = 1;
+	if (cfg->lease_checkpoint)
+		l->l_checkpoint_ms = cfg->lease_checkpoint_interval_ms ? cfg->lease_checkpoint_interval_ms
+								       : LEASE_CHECKPOINT_DEFAULT_MS;
 
 	storage_reader *r;
 	storage_arena a;
 	storage_arena_init(&a);
 	int rc = storage_read_begin(st, &r);
 	if (rc == 0) {
-		int64_t *ids, *ttls;
+		int64_t *ids, *ttls, *rems;
 		size_t n;
-		rc = storage_read_leases(r, &a, &ids, &ttls, &n);
-		/* A new leader (here: a starting member) gives every lease its full TTL plus an
-		 * election timeout, as etcd's lessor Promote does. */
-		uint64_t base = now_ms() + cfg->election_ms;
-		for (size_t i = 0; rc == 0 && i < n; i++)
-			if (insert(l, ids[i], ttls[i], base + (uint64_t)ttls[i] * 1000) != 0)
+		rc = storage_read_leases(r, &a, &ids, &ttls, &rems, &n);
+		/* A new leader (here: a starting member) gives every lease its remaining TTL (the
+		 * checkpointed one, else the full TTL) plus an election timeout, as etcd's lessor
+		 * Promote does. */
+		uint64_t now = now_ms(), base = now + cfg->election_ms;
+		for (size_t i = 0; rc == 0 && i < n; i++) {
+			if (insert(l, ids[i], ttls[i], 0) != 0) {
 				rc = STORAGE_ERR_NOMEM;
+				break;
+			}
+			lease_entry *e = find(l, ids[i]);
+			e->le_remaining = rems[i];
+			start_from_remaining(l, e, base, now);
+		}
 		storage_read_end(r);
 	}
 	storage_arena_free(&a);
@@ -154,6 +218,7 @@ void lessor_free(lessor *l)
 		return;
 	pthread_mutex_destroy(&l->l_mu);
 	free(l->l_tab);
+	free(l->l_clear);
 	free(l);
 }
 
@@ -169,6 +234,10 @@ int lessor_reload(lessor *l, const config *cfg, storage *st)
 	l->l_tab = fresh->l_tab;
 	l->l_cap = fresh->l_cap;
 	l->l_n = fresh->l_n;
+	/* Every expiry changed: the bound and the scan restart, queued clears are void. */
+	l->l_no_expiry_before_ms = 0;
+	l->l_scan = 0;
+	l->l_nclear = 0;
 	pthread_mutex_unlock(&l->l_mu);
 	fresh->l_tab = tab;
 	fresh->l_cap = cap;
@@ -179,8 +248,10 @@ int lessor_reload(lessor *l, const config *cfg, storage *st)
 
 void lessor_granted(lessor *l, int64_t id, int64_t ttl)
 {
+	uint64_t now = now_ms();
 	pthread_mutex_lock(&l->l_mu);
-	insert(l, id, ttl, now_ms() + (uint64_t)ttl * 1000);
+	if (insert(l, id, ttl, now + (uint64_t)ttl * 1000) == 0)
+		schedule_checkpoint(l, find(l, id), ttl, now);
 	pthread_mutex_unlock(&l->l_mu);
 }
 
@@ -191,46 +262,177 @@ void lessor_revoked(lessor *l, int64_t id)
 	pthread_mutex_unlock(&l->l_mu);
 }
 
-int64_t lessor_renew(lessor *l, int64_t id)
+/* leader: the lease must not have expired (its expiry is the leader's to judge). */
+static int64_t renew(lessor *l, int64_t id, int leader)
 {
 	int64_t ttl = 0;
 	uint64_t now = now_ms();
 	pthread_mutex_lock(&l->l_mu);
 	lease_entry *e = find(l, id);
-	if (e && !e->le_revoking && e->le_expiry_ms > now) {
+	if (e && (!leader || (!e->le_revoking && e->le_expiry_ms > now))) {
 		e->le_expiry_ms = now + (uint64_t)e->le_ttl * 1000;
 		ttl = e->le_ttl;
+		/* etcd clears a checkpoint on renewal (one entry per lease at most, until the
+		 * next checkpoint), so that a new leader does not cut the renewed lease short.
+		 * Also with checkpoints off: a data dir may hold them from a run with them on. */
+		if (e->le_remaining > 0 && !e->le_clearing) {
+			if (l->l_nclear == l->l_clear_cap) {
+				size_t cap = l->l_clear_cap ? l->l_clear_cap * 2 : 64;
+				int64_t *v = realloc(l->l_clear, cap * sizeof(*v));
+				if (v) {
+					l->l_clear = v;
+					l->l_clear_cap = cap;
+				}
+			}
+			if (l->l_nclear < l->l_clear_cap) {
+				l->l_clear[l->l_nclear++] = id;
+				e->le_clearing = 1;
+			}
+		}
 	}
 	pthread_mutex_unlock(&l->l_mu);
 	return ttl;
 }
 
+int64_t lessor_renew(lessor *l, int64_t id)
+{
+	return renew(l, id, 1);
+}
+
+int64_t lessor_renew_local(lessor *l, int64_t id)
+{
+	return renew(l, id, 0);
+}
+
 void lessor_promote(lessor *l, uint64_t extend_ms)
 {
-	uint64_t base = now_ms() + extend_ms;
+	uint64_t now = now_ms(), base = now + extend_ms;
 	pthread_mutex_lock(&l->l_mu);
 	for (size_t i = 0; i < l->l_cap; i++) {
 		lease_entry *e = &l->l_tab[i];
-		if (e->le_id != 0) {
-			e->le_expiry_ms = base + (uint64_t)e->le_ttl * 1000;
-			e->le_revoking = 0;
-		}
+		if (e->le_id != 0)
+			start_from_remaining(l, e, base, now);
+	}
+	/* Clears queued under an earlier leadership may never have been proposed. */
+	l->l_nclear = 0;
+	pthread_mutex_unlock(&l->l_mu);
+}
+
+void lessor_checkpointed(lessor *l, const Etcdserverpb__LeaseCheckpointRequest *req)
+{
+	pthread_mutex_lock(&l->l_mu);
+	for (size_t i = 0; i < req->n_checkpoints; i++) {
+		lease_entry *e = find(l, req->checkpoints[i]->id);
+		if (e == NULL)
+			continue;
+		/* Only the remaining TTL: a later promote turns it into an expiry, as in etcd. */
+		e->le_remaining = req->checkpoints[i]->remaining_ttl > 0 ? req->checkpoints[i]->remaining_ttl : 0;
 	}
 	pthread_mutex_unlock(&l->l_mu);
 }
 
-size_t lessor_expired(lessor *l, int64_t *ids, size_t max)
+size_t lessor_due_checkpoints(lessor *l, int64_t *ids, int64_t *remaining, size_t max)
 {
 	size_t n = 0;
 	uint64_t now = now_ms();
 	pthread_mutex_lock(&l->l_mu);
-	for (size_t i = 0; i < l->l_cap && n < max; i++) {
+	if (l->l_cap == 0) {
+		pthread_mutex_unlock(&l->l_mu);
+		return 0;
+	}
+	/* First the clears keep-alives asked for. */
+	while (n < max && l->l_nclear > 0) {
+		int64_t id = l->l_clear[--l->l_nclear];
+		lease_entry *e = find(l, id);
+		if (e == NULL || !e->le_clearing)
+			continue;
+		e->le_clearing = 0;
+		ids[n] = id;
+		remaining[n++] = 0;
+	}
+	size_t scanned = 0, mask = l->l_cap - 1;
+	if (l->l_scan > mask)
+		l->l_scan = 0;
+	for (; l->l_checkpoint_ms && n < max && scanned < LEASE_CHECKPOINT_SCAN && scanned < l->l_cap;
+	     scanned++) {
+		lease_entry *e = &l->l_tab[l->l_scan];
+		l->l_scan = (l->l_scan + 1) & mask;
+		if (e->le_id == 0 || e->le_checkpoint_ms == 0 || e->le_checkpoint_ms > now)
+			continue;
+		if (e->le_revoking || e->le_expiry_ms <= now) {
+			e->le_checkpoint_ms = 0; /* expiring: nothing left to keep */
+			continue;
+		}
+		/* etcd's findDueScheduledCheckpoints: the remaining TTL rounded up; a lease
+		 * renewed since has nothing to record this time. */
+		int64_t rem = (int64_t)((e->le_expiry_ms - now + 999) / 1000);
+		if (rem >= e->le_ttl) {
+			schedule_checkpoint(l, e, e->le_ttl, now);
+			continue;
+		}
+		ids[n] = e->le_id;
+		remaining[n++] = rem;
+		schedule_checkpoint(l, e, rem, now);
+	}
+	pthread_mutex_unlock(&l->l_mu);
+	return n;
+}
+
+void lessor_propose_checkpoints(server_ctx *sc)
+{
+	int64_t ids[LEASE_CHECKPOINT_BATCH], rems[LEASE_CHECKPOINT_BATCH];
+	for (int k = 0; k < LEASE_CHECKPOINT_ENTRIES_PER_LOOK; k++) {
+		size_t n = lessor_due_checkpoints(sc->lessor, ids, rems, LEASE_CHECKPOINT_BATCH);
+		if (n == 0)
+			return;
+		/* The node frees the request with protobuf_c_message_free_unpacked(): every
+		 * piece is malloc'd as protobuf-c's own unpacking would. */
+		Etcdserverpb__LeaseCheckpointRequest *req = malloc(sizeof(*req));
+		Etcdserverpb__LeaseCheckpoint **cps = calloc(n, sizeof(*cps));
+		if (req == NULL || cps == NULL) {
+			free(req);
+			free(cps);
+			return; /* the leases are due again at the next interval */
+		}
+		etcdserverpb__lease_checkpoint_request__init(req);
+		req->checkpoints = cps;
+		for (size_t i = 0; i < n; i++) {
+			Etcdserverpb__LeaseCheckpoint *c = malloc(sizeof(*c));
+			if (c == NULL)
+				break;
+			etcdserverpb__lease_checkpoint__init(c);
+			c->id = ids[i];
+			c->remaining_ttl = rems[i];
+			cps[req->n_checkpoints++] = c;
+		}
+		node_submit(sc->nd, NODE_LEASE_CHECKPOINT, NULL, &req->base);
+		if (n < LEASE_CHECKPOINT_BATCH)
+			return;
+	}
+}
+
+size_t lessor_expired(lessor *l, int64_t *ids, size_t max)
+{
+	size_t n = 0, i;
+	uint64_t now = now_ms(), next = UINT64_MAX;
+	pthread_mutex_lock(&l->l_mu);
+	if (l->l_no_expiry_before_ms > now) {
+		pthread_mutex_unlock(&l->l_mu);
+		return 0;
+	}
+	for (i = 0; i < l->l_cap && n < max; i++) {
 		lease_entry *e = &l->l_tab[i];
-		if (e->le_id != 0 && !e->le_revoking && e->le_expiry_ms <= now) {
+		if (e->le_id == 0 || e->le_revoking)
+			continue;
+		if (e->le_expiry_ms <= now) {
 			e->le_revoking = 1;
 			ids[n++] = e->le_id;
+		} else if (e->le_expiry_ms < next) {
+			next = e->le_expiry_ms;
 		}
 	}
+	/* A scan cut short has not seen every lease: look again next time. */
+	l->l_no_expiry_before_ms = i == l->l_cap ? next : 0;
 	pthread_mutex_unlock(&l->l_mu);
 	return n;
 }
@@ -239,8 +441,10 @@ void lessor_revoke_failed(lessor *l, int64_t id)
 {
 	pthread_mutex_lock(&l->l_mu);
 	lease_entry *e = find(l, id);
-	if (e)
+	if (e) {
 		e->le_revoking = 0;
+		l->l_no_expiry_before_ms = 0;
+	}
 	pthread_mutex_unlock(&l->l_mu);
 }
 
@@ -354,7 +558,7 @@ static void lease_leases(void *ctx, api_call *call, const ProtobufCMessage *msg)
 	}
 	int64_t *ids, *ttls;
 	size_t n;
-	rc = storage_read_leases(r, &a, &ids, &ttls, &n);
+	rc = storage_read_leases(r, &a, &ids, &ttls, NULL, &n);
 	Etcdserverpb__LeaseStatus *sts = NULL;
 	Etcdserverpb__LeaseStatus **ptrs = NULL;
 	if (rc == 0 && n > 0) {
@@ -404,9 +608,16 @@ static void keepalive_on_message(void *ctx, api_stream *st, const ProtobufCMessa
 		api_stream_finish(st, code, m);
 		return;
 	}
-	resp.ttl = lessor_renew(sc->lessor, req->id);
-	if (resp.ttl > 0 && node_leader(sc->nd) != sc->mi.member_id)
-		node_forward_keepalive(sc->nd, req->id);
+	/* Only the leader knows whether a lease has expired (keep-alives sent to other members
+	 * never reach this one's lessor): a follower renews any lease it holds, and passes the
+	 * keep-alive on to the leader. */
+	if (node_leader(sc->nd) == sc->mi.member_id) {
+		resp.ttl = lessor_renew(sc->lessor, req->id);
+	} else {
+		resp.ttl = lessor_renew_local(sc->lessor, req->id);
+		if (resp.ttl > 0)
+			node_forward_keepalive(sc->nd, req->id);
+	}
 	api_stream_send_msg(st, &resp.base);
 }
 

@@ -1086,6 +1086,7 @@ static void on_lease_timer(uv_timer_t *t)
 	node *n = t->data;
 	if (atomic_load(&n->n_lead) != n->n_sc->mi.member_id)
 		return;
+	lessor_propose_checkpoints(n->n_sc);
 	int64_t ids[NODE_LEASE_REVOKES_PER_CHECK];
 	size_t k = lessor_expired(n->n_sc->lessor, ids, NODE_LEASE_REVOKES_PER_CHECK);
 	for (size_t i = 0; i < k; i++) {

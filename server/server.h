@@ -67,6 +67,10 @@ typedef struct config {
 	char *log_outputs;
 	char *etcd_version; /* the version Status and /version report */
 	uint64_t watch_progress_notify_ms;
+	/* Lease checkpoints: the leader records remaining TTLs through the log every interval,
+	 * so they survive a leader change or a restart (off by default, as in etcd 3.4). */
+	int lease_checkpoint;
+	uint64_t lease_checkpoint_interval_ms;
 	char *cert_file, *key_file, *trusted_ca_file; /* client TLS */
 	uint64_t auth_token_ttl; /* seconds */
 	int client_cert_auth;
@@ -158,6 +162,9 @@ typedef enum node_op {
 	NODE_READ_TXN,      /* local: a linearizable read-only Txn */
 	NODE_KEEPALIVE_FWD, /* local: a lease keep-alive a follower passes to the leader */
 	NODE_MOVE_LEADER,   /* local: Maintenance.MoveLeader, a Raft leadership transfer */
+	/* The leader's lease checkpoints (LeaseCheckpointRequest); a fixed value, as entries
+	 * in the log keep it. */
+	NODE_LEASE_CHECKPOINT = 32,
 	NODE_AUTH_ENABLE = 64, /* the Auth service's changes, in the log */
 	NODE_AUTH_DISABLE,
 	NODE_AUTH_AUTHENTICATE, /* carries the token the receiving member chose */
@@ -226,7 +233,8 @@ void watch_hub_stats(watch_hub *h, uint64_t *streams, uint64_t *watchers, uint64
 /* ---- lease.c ---- */
 
 typedef struct lessor lessor;
-/* Loads every lease from storage, each with its full TTL plus an election timeout. */
+/* Loads every lease from storage, each with its remaining TTL (checkpointed, else full) plus
+ * an election timeout. */
 int lessor_start(lessor **out, const config *cfg, storage *st);
 void lessor_free(lessor *l);
 /* The store was replaced (an installed snapshot): the leases are loaded again from it. */
@@ -238,10 +246,25 @@ void lessor_revoked(lessor *l, int64_t id);
 size_t lessor_expired(lessor *l, int64_t *ids, size_t max);
 /* An expiry revoke did not commit: the lease may be picked again. */
 void lessor_revoke_failed(lessor *l, int64_t id);
-/* Resets a lease's expiry; its granted TTL, or 0 if unknown or already expired. */
+/* The leader resets a lease's expiry; its granted TTL, or 0 if unknown, already expired
+ * or being revoked. */
 int64_t lessor_renew(lessor *l, int64_t id);
-/* A new leader gives every lease its full TTL plus extend_ms before expiring any. */
+/* A member that does not lead (it cannot tell expiry) resets a lease's expiry in its own
+ * view; its granted TTL, or 0 if it holds no such lease. */
+int64_t lessor_renew_local(lessor *l, int64_t id);
+/* A new leader gives every lease its remaining TTL (the checkpointed one, else the full TTL)
+ * plus extend_ms before expiring any, and schedules checkpoints again. */
 void lessor_promote(lessor *l, uint64_t extend_ms);
+/* The node loop reports committed checkpoints (every member): remaining TTLs to start from
+ * under a new leader. */
+void lessor_checkpointed(lessor *l, const Etcdserverpb__LeaseCheckpointRequest *req);
+/* Up to max checkpoints due now (id, remaining TTL; 0 clears one a keep-alive made stale,
+ * also with checkpoints off), rescheduling them. Bounded work per call. */
+size_t lessor_due_checkpoints(lessor *l, int64_t *ids, int64_t *remaining, size_t max);
+struct server_ctx;
+/* On the leader, every lease look: proposes the due checkpoints through node_submit(), in
+ * entries of at most 1000 (etcd's maxLeaseCheckpointBatchSize). */
+void lessor_propose_checkpoints(struct server_ctx *sc);
 
 /* ---- alarm.c ---- */
 

@@ -112,11 +112,11 @@ static int errf(char *buf, size_t len, int err, const char *fmt, ...)
 
 typedef kvrec ekv;
 
-/* leasepb.Lease: ID = 1, TTL = 2 (RemainingTTL = 3 in 3.5, ignored). */
-static int lease_decode(const uint8_t *p, size_t n, int64_t *id, int64_t *ttl)
+/* leasepb.Lease: ID = 1, TTL = 2, RemainingTTL = 3 (a checkpoint's; 0 or absent: none). */
+static int lease_decode(const uint8_t *p, size_t n, int64_t *id, int64_t *ttl, int64_t *remaining)
 {
 	const uint8_t *e = p + n;
-	*id = *ttl = 0;
+	*id = *ttl = *remaining = 0;
 	while (p < e) {
 		uint64_t tag, v;
 		if (storage__varint_get(&p, e, &tag))
@@ -129,6 +129,8 @@ static int lease_decode(const uint8_t *p, size_t n, int64_t *id, int64_t *ttl)
 				*id = (int64_t)v;
 			else if (tag >> 3 == 2)
 				*ttl = (int64_t)v;
+			else if (tag >> 3 == 3)
+				*remaining = (int64_t)v;
 			break;
 		case 2:
 			if (storage__varint_get(&p, e, &v) || v > (uint64_t)(e - p))
@@ -152,7 +154,7 @@ static int lease_decode(const uint8_t *p, size_t n, int64_t *id, int64_t *ttl)
 	return 0;
 }
 
-static size_t lease_encode(uint8_t *buf, int64_t id, int64_t ttl)
+static size_t lease_encode(uint8_t *buf, int64_t id, int64_t ttl, int64_t remaining)
 {
 	uint8_t *p = buf;
 	if (id) {
@@ -162,6 +164,10 @@ static size_t lease_encode(uint8_t *buf, int64_t id, int64_t ttl)
 	if (ttl) {
 		*p++ = 0x10;
 		p = storage__varint_put(p, (uint64_t)ttl);
+	}
+	if (remaining) {
+		*p++ = 0x18;
+		p = storage__varint_put(p, (uint64_t)remaining);
 	}
 	return (size_t)(p - buf);
 }
@@ -902,13 +908,13 @@ static int build_buckets(storage_reader *r, const storage_snapshot_info *info, w
 	wbucket *ls = bucket_get(bs, nb, "lease");
 	storage_arena a;
 	storage_arena_init(&a);
-	int64_t *ids, *ttls;
+	int64_t *ids, *ttls, *rems;
 	size_t n;
-	err = storage_read_leases(r, &a, &ids, &ttls, &n);
+	err = storage_read_leases(r, &a, &ids, &ttls, &rems, &n);
 	for (size_t i = 0; !err && i < n; i++) {
-		uint8_t k[8], v[32];
+		uint8_t k[8], v[40];
 		be64_put(k, (uint64_t)ids[i]);
-		err = membuf_add_copy(&ls->mem, k, 8, v, lease_encode(v, ids[i], ttls[i]));
+		err = membuf_add_copy(&ls->mem, k, 8, v, lease_encode(v, ids[i], ttls[i], rems[i]));
 	}
 	storage_arena_free(&a);
 	if (err)
@@ -1574,8 +1580,8 @@ static int etcd_check_entry(etcd_walk *x, const uint8_t *k, size_t kl, const uin
 		return 0;
 	}
 	case B_LEASE: {
-		int64_t id, ttl;
-		if (kl != 8 || lease_decode(v, vl, &id, &ttl) || id != (int64_t)be64_get(k))
+		int64_t id, ttl, rem;
+		if (kl != 8 || lease_decode(v, vl, &id, &ttl, &rem) || id != (int64_t)be64_get(k))
 			return errf(f->err, f->errlen, STORAGE_ERR_CORRUPT,
 				    "bucket lease: entry %llu: malformed leasepb.Lease",
 				    (unsigned long long)in->ef_leases);
@@ -1777,12 +1783,14 @@ static int etcd_import_fn(void *ctx, int depth, const uint8_t *k, size_t kl, con
 		return 0;
 	}
 	if (x->bucket == B_LEASE) {
-		int64_t id, ttl;
-		if (lease_decode(v, vl, &id, &ttl))
+		int64_t id, ttl, rem;
+		if (lease_decode(v, vl, &id, &ttl, &rem))
 			return STORAGE_ERR_CORRUPT;
-		uint8_t vb[8];
+		/* storage's lease record (mvcc.c): the TTL, then the remaining TTL if checkpointed */
+		uint8_t vb[16];
 		be64_put(vb, (uint64_t)ttl);
-		MDB_val mk = {8, (void *)k}, mv_ = {8, vb};
+		be64_put(vb + 8, (uint64_t)rem);
+		MDB_val mk = {8, (void *)k}, mv_ = {rem > 0 ? 16 : 8, vb};
 		return storage__mdb_err(mdb_put(x->txn, x->s->s_leases, &mk, &mv_, 0));
 	}
 	if (x->bucket == B_META &&

@@ -172,14 +172,15 @@ static void compare_stores(storage *sa, storage *sb, int64_t step)
 	}
 	CHECK_EQ(bad, 0);
 
-	int64_t *ida, *ttla, *idb, *ttlb;
+	int64_t *ida, *ttla, *rema, *idb, *ttlb, *remb;
 	size_t la, lb;
-	CHECK_EQ(storage_read_leases(ra, &a, &ida, &ttla, &la), 0);
-	CHECK_EQ(storage_read_leases(rb, &a, &idb, &ttlb, &lb), 0);
+	CHECK_EQ(storage_read_leases(ra, &a, &ida, &ttla, &rema, &la), 0);
+	CHECK_EQ(storage_read_leases(rb, &a, &idb, &ttlb, &remb, &lb), 0);
 	CHECK_EQ(la, lb);
 	for (size_t i = 0; i < la && i < lb; i++) {
 		CHECK_EQ(ida[i], idb[i]);
 		CHECK_EQ(ttla[i], ttlb[i]);
+		CHECK_EQ(rema[i], remb[i]);
 		int64_t t1, t2;
 		ProtobufCBinaryData *k1, *k2;
 		size_t n1 = 0, n2 = 0;
@@ -227,6 +228,14 @@ static void build_store(storage *s, int64_t *final_rev)
 	CHECK_EQ(storage_batch_lease_grant(b, 0x51, 300), 0);
 	CHECK_EQ(storage_batch_lease_grant(b, 0x52, 60), 0);
 	CHECK_EQ(storage_batch_lease_grant(b, 0x7fffffffffff0001ll, 9000), 0);
+	/* A checkpointed lease: its remaining TTL travels as leasepb.Lease's RemainingTTL. */
+	Etcdserverpb__LeaseCheckpoint c = ETCDSERVERPB__LEASE_CHECKPOINT__INIT, *cs[] = {&c};
+	Etcdserverpb__LeaseCheckpointRequest cr = ETCDSERVERPB__LEASE_CHECKPOINT_REQUEST__INIT;
+	c.id = 0x7fffffffffff0001ll;
+	c.remaining_ttl = 4321;
+	cr.checkpoints = cs;
+	cr.n_checkpoints = 1;
+	CHECK_EQ(storage_batch_lease_checkpoint(b, &cr), 0);
 	CHECK_EQ(storage_batch_commit(b, ++applied), 0);
 
 	/* Enough revisions for several levels of branch pages. */
@@ -567,7 +576,7 @@ static void test_real_etcd(void)
 	CHECK_EQ(hc, 150);
 	int64_t *ids, *ttls;
 	size_t n;
-	CHECK_EQ(storage_read_leases(r, &a, &ids, &ttls, &n), 0);
+	CHECK_EQ(storage_read_leases(r, &a, &ids, &ttls, NULL, &n), 0);
 	CHECK_EQ(n, 1);
 	ProtobufCBinaryData *keys;
 	size_t nk = 0;

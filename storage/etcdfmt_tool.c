@@ -434,7 +434,7 @@ static int cmd_dump(int argc, char **argv)
 	printf("],\"leases\":[");
 	int64_t *ids, *ttls;
 	size_t n;
-	if (storage_read_leases(r, &a, &ids, &ttls, &n) == 0)
+	if (storage_read_leases(r, &a, &ids, &ttls, NULL, &n) == 0)
 		for (size_t i = 0; i < n; i++)
 			printf("%s[%" PRId64 ",%" PRId64 "]", i ? "," : "", ids[i], ttls[i]);
 	printf("]}\n");

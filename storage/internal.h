@@ -12,8 +12,9 @@
  *   "revs"  (main u64, sub u64) big-endian -> [flags u8][key id u64][mvccpb.KeyValue]. The
  *           revision table: compaction and history replay (watch) are range scans of it.
  *           Tombstones carry flag 1 and a KeyValue with key and mod_revision only.
- *   "leases" lease id -> granted TTL; "lkeys" (lease id, key id) -> (): which live keys a
- *           lease holds, so revoking it deletes them without a scan.
+ *   "leases" lease id -> granted TTL [, checkpointed remaining TTL]; "lkeys" (lease id,
+ *           key id) -> (): which live keys a lease holds, so revoking it deletes them
+ *           without a scan.
  * All integers on disk are big-endian.
  */
 #ifndef KEELSON_STORAGE_INTERNAL_H
@@ -48,7 +49,8 @@ typedef struct ki_state {
 struct storage {
 	MDB_env *s_env;
 	MDB_dbi s_meta, s_keys, s_hist, s_revs;
-	MDB_dbi s_leases; /* lease id (i64 BE) -> granted TTL in seconds (i64 BE) */
+	MDB_dbi s_leases; /* lease id (i64 BE) -> granted TTL in seconds (i64 BE), then the
+			   * checkpointed remaining TTL (i64 BE) if a checkpoint holds one */
 	MDB_dbi s_lkeys;  /* (lease id, key id) BE -> nothing: the keys attached to a lease */
 	MDB_dbi s_rlog;   /* Raft log: index (u64 BE) -> [term u64 BE][type u8][data] */
 	int s_lockfd;

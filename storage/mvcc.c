@@ -1361,6 +1361,56 @@ int storage_batch_lease_revoke(storage_batch *b, int64_t id, storage_arena *a,
 	return req_end(b, txn, &sv, do_lease_revoke(b, txn, id, a, resp));
 }
 
+/*
+ * A lease record is its granted TTL (8 bytes BE), followed, only while a checkpoint holds
+ * one, by the remaining TTL (8 more). Leases never checkpointed keep the 8-byte form that
+ * data directories written before checkpoints existed hold.
+ */
+static int lease_value_decode(const MDB_val *v, int64_t *ttl, int64_t *remaining)
+{
+	if (v->mv_size != 8 && v->mv_size != 16)
+		return STORAGE_ERR_CORRUPT;
+	*ttl = (int64_t)be64_get(v->mv_data);
+	*remaining = v->mv_size == 16 ? (int64_t)be64_get((const uint8_t *)v->mv_data + 8) : 0;
+	return 0;
+}
+
+static int lease_checkpoint_one(storage *s, MDB_txn *txn, int64_t id, int64_t remaining)
+{
+	uint8_t kb[8], vb[16];
+	be64_put(kb, (uint64_t)id);
+	MDB_val k = {sizeof(kb), kb}, v;
+	int rc = mdb_get(txn, s->s_leases, &k, &v);
+	if (rc == MDB_NOTFOUND)
+		return 0; /* revoked meanwhile: etcd ignores the checkpoint */
+	if (rc)
+		return storage__mdb_err(rc);
+	int64_t ttl, old;
+	int err = lease_value_decode(&v, &ttl, &old);
+	if (err)
+		return err;
+	if (remaining < 0)
+		remaining = 0;
+	if (old == remaining)
+		return 0;
+	be64_put(vb, (uint64_t)ttl);
+	be64_put(vb + 8, (uint64_t)remaining);
+	MDB_val nv = {remaining > 0 ? 16 : 8, vb};
+	return storage__mdb_err(mdb_put(txn, s->s_leases, &k, &nv, 0));
+}
+
+int storage_batch_lease_checkpoint(storage_batch *b, const Etcdserverpb__LeaseCheckpointRequest *req)
+{
+	MDB_txn *txn;
+	saved sv;
+	int err = req_begin(b, &txn, &sv);
+	if (err)
+		return err;
+	for (size_t i = 0; !err && i < req->n_checkpoints; i++)
+		err = lease_checkpoint_one(b->b_s, txn, req->checkpoints[i]->id, req->checkpoints[i]->remaining_ttl);
+	return req_end(b, txn, &sv, err);
+}
+
 int storage_read_lease(storage_reader *r, int64_t id, int64_t *ttl, storage_arena *a,
 		       ProtobufCBinaryData **keys, size_t *nkeys)
 {
@@ -1372,15 +1422,17 @@ int storage_read_lease(storage_reader *r, int64_t id, int64_t *ttl, storage_aren
 		return STORAGE_ERR_LEASE_NOT_FOUND;
 	if (rc)
 		return storage__mdb_err(rc);
-	if (v.mv_size != 8)
-		return STORAGE_ERR_CORRUPT;
-	*ttl = (int64_t)be64_get(v.mv_data);
+	int64_t remaining;
+	int err = lease_value_decode(&v, ttl, &remaining);
+	if (err)
+		return err;
 	if (keys == NULL)
 		return 0;
 	return lease_keys(r->r_s, r->r_txn, id, a, keys, nkeys);
 }
 
-int storage_read_leases(storage_reader *r, storage_arena *a, int64_t **ids, int64_t **ttls, size_t *n)
+int storage_read_leases(storage_reader *r, storage_arena *a, int64_t **ids, int64_t **ttls,
+			int64_t **remaining, size_t *n)
 {
 	MDB_stat st;
 	int err = storage__mdb_err(mdb_stat(r->r_txn, r->r_s->s_leases, &st));
@@ -1389,8 +1441,10 @@ int storage_read_leases(storage_reader *r, storage_arena *a, int64_t **ids, int6
 	size_t cap = st.ms_entries ? st.ms_entries : 1;
 	*ids = storage_arena_alloc(a, cap * sizeof(int64_t));
 	*ttls = storage_arena_alloc(a, cap * sizeof(int64_t));
+	if (remaining)
+		*remaining = storage_arena_alloc(a, cap * sizeof(int64_t));
 	*n = 0;
-	if (!*ids || !*ttls)
+	if (!*ids || !*ttls || (remaining && !*remaining))
 		return STORAGE_ERR_NOMEM;
 	MDB_cursor *cur;
 	if ((err = storage__mdb_err(mdb_cursor_open(r->r_txn, r->r_s->s_leases, &cur))))
@@ -1399,12 +1453,14 @@ int storage_read_leases(storage_reader *r, storage_arena *a, int64_t **ids, int6
 	int rc;
 	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0 && *n < cap;
 	     rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-		if (k.mv_size != 8 || v.mv_size != 8) {
+		int64_t rem;
+		if (k.mv_size != 8 || lease_value_decode(&v, &(*ttls)[*n], &rem) != 0) {
 			err = STORAGE_ERR_CORRUPT;
 			break;
 		}
 		(*ids)[*n] = (int64_t)be64_get(k.mv_data);
-		(*ttls)[*n] = (int64_t)be64_get(v.mv_data);
+		if (remaining)
+			(*remaining)[*n] = rem;
 		(*n)++;
 	}
 	if (!err && rc != 0 && rc != MDB_NOTFOUND)

@@ -147,6 +147,10 @@ int64_t storage_batch_revision(storage_batch *b);
  * resp, if not NULL, gets the header revision.
  */
 int storage_batch_lease_grant(storage_batch *b, int64_t id, int64_t ttl);
+/* Records lease checkpoints, all or none: each lease's remaining TTL (seconds, 0 clears it)
+ * as the leader saw it, from which a new leader or a restarted member starts the lease
+ * (etcd's leasepb.Lease RemainingTTL). Leases that are gone are skipped, as etcd does. */
+int storage_batch_lease_checkpoint(storage_batch *b, const Etcdserverpb__LeaseCheckpointRequest *req);
 int storage_batch_lease_revoke(storage_batch *b, int64_t id, storage_arena *a,
 			       Etcdserverpb__LeaseRevokeResponse *resp);
 
@@ -194,9 +198,10 @@ int storage_read_events(storage_reader *r, int64_t from_rev, size_t max_events, 
  * arena, in key order). STORAGE_ERR_LEASE_NOT_FOUND if there is no such lease. */
 int storage_read_lease(storage_reader *r, int64_t id, int64_t *ttl, storage_arena *a,
 		       ProtobufCBinaryData **keys, size_t *nkeys);
-/* Every lease: ids and granted TTLs, in id order, in the arena. */
+/* Every lease: ids, granted TTLs and (if remaining is not NULL) checkpointed remaining TTLs
+ * (0: none), in id order, in the arena. */
 int storage_read_leases(storage_reader *r, storage_arena *a, int64_t **ids, int64_t **ttls,
-			size_t *n);
+			int64_t **remaining, size_t *n);
 /* Reads a meta value into the arena. STORAGE_ERR_NOT_FOUND if never written. */
 int storage_read_meta(storage_reader *r, const char *name, storage_arena *a, void **val,
 		      size_t *len);
@@ -295,7 +300,7 @@ int storage_stat(storage *s, storage_stats *out);
  * etcd's backend file is a bbolt database (page size 4096 here) with etcd's buckets: "key"
  * (17-byte revision main|'_'|sub, 18 with a trailing 't' for a tombstone -> encoded
  * mvccpb.KeyValue, KeyValue{key} alone for a tombstone), "meta" (consistent_index, term,
- * scheduledCompactRev, finishedCompactRev), "lease" (8-byte BE id -> leasepb.Lease{ID,TTL}),
+ * scheduledCompactRev, finishedCompactRev), "lease" (8-byte BE id -> leasepb.Lease{ID,TTL,RemainingTTL}),
  * "members", "members_removed", "cluster", "auth", "authUsers", "authRoles", "alarm".
  * `etcdctl snapshot save` stores the file followed by the SHA-256 of the file (32 bytes);
  * a member's member/snap/db has no trailer. */

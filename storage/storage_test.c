@@ -954,7 +954,7 @@ static void test_leases(void)
 	CHECK(n == 1 && keys[0].data[0] == 'c');
 	CHECK_EQ(storage_read_lease(r, 99, &ttl, &A, NULL, NULL), STORAGE_ERR_LEASE_NOT_FOUND);
 	int64_t *ids, *ttls;
-	CHECK_EQ(storage_read_leases(r, &A, &ids, &ttls, &n), 0);
+	CHECK_EQ(storage_read_leases(r, &A, &ids, &ttls, NULL, &n), 0);
 	CHECK(n == 4 && ids[0] == 7 && ids[3] == 42);
 	storage_read_end(r);
 
@@ -972,12 +972,35 @@ static void test_leases(void)
 	CHECK_EQ(storage_batch_events(b, &A, &ev, &n, &rev), 0);
 	CHECK(n == 1 && rev == 7 && ev[0]->type == MVCCPB__EVENT__EVENT_TYPE__DELETE && ev[0]->kv->key.data[0] == 'a');
 	CHECK(ev[0]->prev_kv && ev[0]->prev_kv->lease == 7);
+	/* Checkpoints: a remaining TTL is recorded, replaced, cleared; no revision. */
+	Etcdserverpb__LeaseCheckpoint c[4], *cs[4];
+	Etcdserverpb__LeaseCheckpointRequest cr = ETCDSERVERPB__LEASE_CHECKPOINT_REQUEST__INIT;
+	const int64_t cids[4] = {7, 8, 8, 9}, crem[4] = {30, 45, 40, 12};
+	for (int i = 0; i < 4; i++) {
+		etcdserverpb__lease_checkpoint__init(&c[i]);
+		c[i].id = cids[i];
+		c[i].remaining_ttl = crem[i];
+		cs[i] = &c[i];
+	}
+	cr.checkpoints = cs;
+	cr.n_checkpoints = 4; /* 7 is revoked: skipped; 8 twice: the last wins */
+	CHECK_EQ(storage_batch_lease_checkpoint(b, &cr), 0);
+	c[0].id = 9;
+	c[0].remaining_ttl = 0; /* clears 9's */
+	cr.n_checkpoints = 1;
+	CHECK_EQ(storage_batch_lease_checkpoint(b, &cr), 0);
+	CHECK_EQ(storage_batch_revision(b), 7);
 	CHECK_EQ(storage_batch_commit(b, 0), 0);
 	CHECK(get("a", 0) == NULL && get("c", 0) != NULL);
 	reopen();
 	CHECK_EQ(storage_read_begin(S, &r), 0);
-	CHECK_EQ(storage_read_leases(r, &A, &ids, &ttls, &n), 0);
+	int64_t *rems;
+	CHECK_EQ(storage_read_leases(r, &A, &ids, &ttls, &rems, &n), 0);
 	CHECK(n == 2 && ids[0] == 8 && ids[1] == 9);
+	CHECK(rems[0] == 40 && rems[1] == 0);
+	/* A checkpoint leaves the granted TTL and the attached keys alone. */
+	CHECK_EQ(storage_read_lease(r, 8, &ttl, &A, &keys, &n), 0);
+	CHECK(ttl == ttls[0] && n == 1 && keys[0].data[0] == 'c');
 	storage_read_end(r);
 }
 

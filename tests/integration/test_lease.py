@@ -12,8 +12,10 @@ restart and get their full TTL again (etcd without lease checkpoints).
 """
 
 import json
+import os
 import re
 import subprocess
+import threading
 import time
 import unittest
 
@@ -435,6 +437,245 @@ class Restart(Base):
         self.per_server(ids, ["lease", "timetolive", "{id}", "--keys"])
         self.ctl_both("get", "r/", "--prefix", "--keys-only")
         self.check()
+
+
+def _channel(s):
+    return grpc.insecure_channel(s.endpoint, options=[("grpc.enable_http_proxy", 0)])
+
+
+def _unary(ch, method, req, resp_cls, timeout=10):
+    f = ch.unary_unary(LEASE + method, request_serializer=None, response_deserializer=None)
+    return resp_cls.FromString(f(req.SerializeToString(), timeout=timeout))
+
+
+class KeepAliveGone(Base):
+
+    def test_keep_alive_of_revoked_and_expired_leases_answers_ttl_0(self):
+        """On one keep-alive stream: a live lease, the same lease after LeaseRevoke, a lease
+        whose expiry deleted its key, an id never granted: etcd answers TTL 0 (not an
+        error, the stream goes on) for all but the first; TimeToLive then says -1."""
+        def go(s):
+            import queue
+            ch = _channel(s)
+            q = queue.Queue()
+            ka = ch.stream_stream(LEASE + "LeaseKeepAlive", request_serializer=None,
+                                  response_deserializer=None)
+            it = ka(iter(q.get, None), timeout=30)
+
+            def keepalive(ident):
+                q.put(pb.LeaseKeepAliveRequest(ID=ident).SerializeToString())
+                r = pb.LeaseKeepAliveResponse.FromString(next(it))
+                return (r.ID == ident, r.TTL)
+            out = []
+            a = _unary(ch, "LeaseGrant", pb.LeaseGrantRequest(TTL=30), pb.LeaseGrantResponse).ID
+            b = _unary(ch, "LeaseGrant", pb.LeaseGrantRequest(TTL=2), pb.LeaseGrantResponse).ID
+            kv = ch.unary_unary("/etcdserverpb.KV/Put", request_serializer=None,
+                                response_deserializer=None)
+            kv(pb.PutRequest(key=b"gone/b", value=b"v", lease=b).SerializeToString(),
+               timeout=10)
+            out.append(("live", keepalive(a)))
+            _unary(ch, "LeaseRevoke", pb.LeaseRevokeRequest(ID=a), pb.LeaseRevokeResponse)
+            out.append(("revoked", keepalive(a)))
+            out.append(("revoked again", keepalive(a)))
+            rng = ch.unary_unary("/etcdserverpb.KV/Range", request_serializer=None,
+                                 response_deserializer=None)
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                r = pb.RangeResponse.FromString(rng(pb.RangeRequest(
+                    key=b"gone/b").SerializeToString(), timeout=10))
+                if r.count == 0:
+                    break
+                time.sleep(0.1)
+            out.append(("key of expired lease gone", r.count == 0))
+            out.append(("expired", keepalive(b)))
+            out.append(("never granted", keepalive(0x7eadbeef)))
+            for ident in (a, b):
+                r = _unary(ch, "LeaseTimeToLive", pb.LeaseTimeToLiveRequest(ID=ident),
+                           pb.LeaseTimeToLiveResponse)
+                out.append(("timetolive", r.TTL, r.grantedTTL))
+            q.put(None)
+            out.append(("stream ends", [x for x in it]))
+            ch.close()
+            return out
+        a, b = on_both(go, self.sut, self.oracle)
+        self.assertEqual(b[0], ("live", (True, 30)), b)
+        self.assertEqual(b[1], ("revoked", (True, 0)), b)
+        self.assertEqual(a, b)
+
+
+def _sut_is_etcd():
+    return os.path.basename(harness.KEELSON_BIN) == "etcd"
+
+
+# Checkpoints every second, so that tests see several in a few seconds.
+CHECKPOINT_ARGS = ["--experimental-enable-lease-checkpoint",
+                   "--experimental-lease-checkpoint-interval", "1s"]
+
+
+class Checkpoints(unittest.TestCase):
+    """--experimental-enable-lease-checkpoint: the remaining TTL survives a restart (etcd 3.4
+    keeps checkpoints in memory only; Keelson persists them with the lease), and the etcd snapshot carries it to a real etcd. Keelson only: etcd 3.4 has no
+    --experimental-lease-checkpoint-interval (its interval is 5 minutes)."""
+
+    def setUp(self):
+        if _sut_is_etcd():
+            self.skipTest("etcd 3.4 has no --experimental-lease-checkpoint-interval")
+
+    def ttl(self, s, lid):
+        r = s.ctl("lease", "timetolive", lid, "-w", "json")
+        self.assertEqual(r.rc, 0, r)
+        return json.loads(r.stdout)["ttl"]
+
+    def test_remaining_ttl_survives_restart_and_snapshot(self):
+        s = harness.fresh_server(self, extra_args=CHECKPOINT_ARGS)
+        r = s.ctl("lease", "grant", "20")
+        lid = re.match(r"lease ([0-9a-f]+) granted", r.stdout).group(1)
+        self.assertEqual(s.ctl("put", "cp/k", "v", "--lease=" + lid).rc, 0)
+        kept = re.match(r"lease ([0-9a-f]+) granted", s.ctl("lease", "grant", "20").stdout)
+        kept = kept.group(1)
+        t0 = time.monotonic()
+        # The remaining TTL can only shrink with time: let 4 s (4 checkpoints) go by.
+        time.sleep(4)
+        # A keep-alive clears the checkpoint of `kept`: it restarts from its full TTL.
+        self.assertEqual(s.ctl("lease", "keep-alive", "--once", kept).rc, 0)
+        time.sleep(1.5)  # a look of the lessor (every 0.5 s) proposes the clearing
+        elapsed = time.monotonic() - t0
+        s.restart(kill=True)
+        ttl = self.ttl(s, lid)
+        since_grant = time.monotonic() - t0
+        # full TTL again would be 20 + 1 (the election extension); the checkpoint is at most
+        # 1 s (one interval) older than the kill
+        self.assertLessEqual(ttl, 20 + 1 - elapsed + 1.5,
+                             "TTL %d after %.1fs: checkpoint not used" % (ttl, elapsed))
+        self.assertGreaterEqual(ttl, 20 - since_grant - 2)
+        self.assertGreaterEqual(self.ttl(s, kept), 19)
+        print("    [checkpoint] TTL %d s after a restart %.1f s into a 20 s lease"
+              % (ttl, elapsed))
+        # The etcd snapshot carries it (leasepb.Lease.RemainingTTL): a real etcd 3.4
+        # restored from it starts the lease from there too (its Promote reads it).
+        snap = os.path.join(s.tmp, "cp.db")
+        self.assertEqual(s.ctl("snapshot", "save", snap).rc, 0)
+        e = harness.Server(harness.ETCD_BIN, name="restored", label="etcd-restored")
+        self.addCleanup(e.cleanup)
+        data = os.path.join(e.tmp, "restored")
+        p = subprocess.run([harness.ETCDCTL_BIN, "snapshot", "restore", snap, "--data-dir",
+                            data, "--name", e.name, "--initial-cluster",
+                            "%s=%s" % (e.name, e.peer_url), "--initial-advertise-peer-urls",
+                            e.peer_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           env=harness.clean_env({"ETCDCTL_API": "3"}), timeout=60)
+        self.assertEqual(p.returncode, 0, p.stderr)
+        e.data_dir = data
+        e.start()
+        ettl = self.ttl(e, lid)
+        self.assertLessEqual(ettl, ttl + 1, "etcd restored from the snapshot: TTL %d" % ettl)
+        self.assertGreaterEqual(self.ttl(e, kept), 18)
+
+
+def _grpc_window(ch, method, reqs, resp_cls, window=256):
+    """Unary calls with up to `window` in flight; raises on the first error."""
+    f = ch.unary_unary(method, request_serializer=None, response_deserializer=None)
+    pending = []
+    for req in reqs:
+        pending.append(f.future(req.SerializeToString(), timeout=60))
+        if len(pending) >= window:
+            pending.pop(0).result()
+    for p in pending:
+        p.result()
+
+
+class ExpiryUnderLoad(unittest.TestCase):
+    """KEELSON_LEASE_LOAD_COUNT leases (default 20000; a million in a script run), one key
+    each, all expiring within a few seconds of each other while a writer keeps writing: the
+    writer's latency stays bounded (KEELSON_LEASE_LOAD_MAX_LATENCY_S, default 2 s), every key
+    goes, no lease is left. The leader revokes at etcd's rate (1000 leases a second, in
+    bounded batches through the log), so the count sets the test's length."""
+
+    def test_mass_expiry_while_writing(self):
+        n = int(os.environ.get("KEELSON_LEASE_LOAD_COUNT", "20000"))
+        bound = float(os.environ.get("KEELSON_LEASE_LOAD_MAX_LATENCY_S", "2"))
+        s = harness.fresh_server(self)
+        ch = _channel(s)
+        self.addCleanup(ch.close)
+        # The TTL leaves time to grant and attach everything before the first expiry.
+        ttl = int(os.environ.get("KEELSON_LEASE_LOAD_TTL", str(5 + n // 4000)))
+        t0 = time.monotonic()
+        _grpc_window(ch, LEASE + "LeaseGrant",
+                     (pb.LeaseGrantRequest(TTL=ttl, ID=i + 1) for i in range(n)),
+                     pb.LeaseGrantResponse)
+        t_granted = time.monotonic()
+
+        def txns():
+            for base in range(0, n, 128):
+                ops = [pb.RequestOp(request_put=pb.PutRequest(
+                    key=b"load/%08d" % i, value=b"v", lease=i + 1))
+                    for i in range(base, min(n, base + 128))]
+                yield pb.TxnRequest(success=ops)
+        _grpc_window(ch, "/etcdserverpb.KV/Txn", txns(), pb.TxnResponse, window=16)
+        t_attached = time.monotonic()
+        self.assertLess(t_attached - t0, ttl - 1,
+                        "setup took %.1fs, longer than the %ds TTL: raise "
+                        "KEELSON_LEASE_LOAD_TTL" % (t_attached - t0, ttl))
+
+        rng = ch.unary_unary("/etcdserverpb.KV/Range", request_serializer=None,
+                             response_deserializer=None)
+
+        def count():
+            return pb.RangeResponse.FromString(rng(pb.RangeRequest(
+                key=b"load/", range_end=b"load0", count_only=True).SerializeToString(),
+                timeout=30)).count
+        self.assertEqual(count(), n)
+
+        stop = threading.Event()
+        lat = []   # (time since t0, seconds)
+        errors = []
+
+        def writer():
+            wch = _channel(s)
+            put = wch.unary_unary("/etcdserverpb.KV/Put", request_serializer=None,
+                                  response_deserializer=None)
+            i = 0
+            while not stop.is_set():
+                a = time.monotonic()
+                try:
+                    put(pb.PutRequest(key=b"writer", value=b"%d" % i).SerializeToString(),
+                        timeout=30)
+                except grpc.RpcError as e:
+                    errors.append(e.code().name)
+                lat.append((a - t0, time.monotonic() - a))
+                i += 1
+            wch.close()
+        w = threading.Thread(target=writer, daemon=True)
+        w.start()
+        try:
+            deadline = t_granted + ttl + n / 1000.0 * 1.5 + 30
+            first_gone = None
+            while True:
+                c = count()
+                if c < n and first_gone is None:
+                    first_gone = time.monotonic()
+                if c == 0:
+                    break
+                self.assertLess(time.monotonic(), deadline,
+                                "%d of %d keys still there" % (c, n))
+                time.sleep(1)  # a count reads every key left: not too often
+            t_all_gone = time.monotonic()
+        finally:
+            stop.set()
+            w.join(60)
+        leases = _unary(ch, "LeaseLeases", pb.LeaseLeasesRequest(), pb.LeaseLeasesResponse)
+        self.assertEqual(len(leases.leases), 0, "leases left after expiry")
+        self.assertEqual(errors, [])
+        during = sorted(d for t, d in lat if first_gone - t0 - 1 <= t <= t_all_gone - t0)
+        self.assertTrue(during, "the writer wrote nothing during the expiry")
+        mx = during[-1]
+        p99 = during[int(len(during) * 0.99)]
+        print("    [expiry under load] %d leases: granted in %.1fs, attached in %.1fs; "
+              "expired keys gone over %.1fs (%.0f/s); writer during expiry: %d puts, "
+              "p50 %.1f ms, p99 %.1f ms, max %.1f ms"
+              % (n, t_granted - t0, t_attached - t_granted, t_all_gone - first_gone,
+                 n / max(t_all_gone - first_gone, 1e-3), len(during),
+                 during[len(during) // 2] * 1e3, p99 * 1e3, mx * 1e3))
+        self.assertLess(mx, bound, "a write took %.2fs while leases expired" % mx)
 
 
 if __name__ == "__main__":
