@@ -59,32 +59,15 @@ static uint64_t request_timeout_ms(const server_ctx *sc)
 	return 5000 + 2 * sc->cfg->election_ms;
 }
 
+/* A PEM file's text, or NULL if it cannot be read or is empty. */
 static char *read_pem(const char *path)
 {
-	FILE *f = fopen(path, "rb");
-	if (f == NULL)
-		return NULL;
-	char *buf = NULL;
-	size_t len = 0, cap = 0, n;
-	char chunk[4096];
-	while ((n = fread(chunk, 1, sizeof(chunk), f)) > 0) {
-		if (len + n + 1 > cap) {
-			cap = (len + n + 1) * 2;
-			char *nb = realloc(buf, cap);
-			if (nb == NULL) {
-				free(buf);
-				fclose(f);
-				return NULL;
-			}
-			buf = nb;
-		}
-		memcpy(buf + len, chunk, n);
-		len += n;
+	char *text = server_read_file(path);
+	if (text && text[0] == '\0') {
+		free(text);
+		text = NULL;
 	}
-	fclose(f);
-	if (buf)
-		buf[len] = '\0';
-	return buf;
+	return text;
 }
 
 /* Credentials for a peer's client URL: TLS with this member's client-side files for

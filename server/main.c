@@ -96,8 +96,7 @@ static int load_or_store_ids(storage *st, member_info *mi, int joining)
 	return rc ? (storage_batch_abort(b), rc) : storage_batch_commit(b, stats.st_applied_index);
 }
 
-/* Reads a whole (small) file into a NUL-terminated string; NULL on error. */
-static char *read_file(const char *path)
+char *server_read_file(const char *path)
 {
 	FILE *f = fopen(path, "rb");
 	if (f == NULL)
@@ -166,10 +165,10 @@ static int listen_clients(api_server *as, const config *cfg)
 				break;
 			}
 			if (cert == NULL) {
-				cert = read_file(cert_file);
-				key = read_file(key_file);
+				cert = server_read_file(cert_file);
+				key = server_read_file(key_file);
 				if (cfg->trusted_ca_file[0])
-					ca = read_file(cfg->trusted_ca_file);
+					ca = server_read_file(cfg->trusted_ca_file);
 				if (cert == NULL || key == NULL || (cfg->trusted_ca_file[0] && ca == NULL)) {
 					log_at(LOG_FATAL, "cannot read TLS files", "cert-file", cfg->cert_file,
 					       "key-file", cfg->key_file, "trusted-ca-file", cfg->trusted_ca_file, NULL);

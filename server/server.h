@@ -119,6 +119,11 @@ int config_url_host_port(const char *url, char *out, size_t outlen);
  */
 int etcd_import_maybe(const config *cfg, const char *member_dir);
 
+/* ---- main.c ---- */
+
+/* A whole (small) file as a NUL-terminated string (malloc'd; "" if empty), NULL on error. */
+char *server_read_file(const char *path);
+
 /* ---- log.c ---- */
 
 typedef enum log_level { LOG_DEBUG, LOG_INFO, LOG_WARN, LOG_ERROR, LOG_FATAL } log_level;

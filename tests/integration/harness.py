@@ -400,6 +400,24 @@ def pair_for_test(testcase, extra_args=()):
     return sut, oracle
 
 
+def poll(fn, timeout, interval=0.05, what="condition"):
+    """Call fn() until it returns a truthy value and return it, or raise AssertionError after
+    timeout. An exception, or a tuple (a "not yet" with its details), counts as not reached;
+    the last one is in the message."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        try:
+            last = fn()
+        except Exception as e:  # noqa
+            last = e
+        if last is True or (last and not isinstance(last, (Exception, tuple))):
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError("%s not reached in %.1fs (last: %r)" % (what, timeout, last))
+        time.sleep(interval)
+
+
 def cleanup_all():
     with _live_lock:
         servers = list(_live_servers)

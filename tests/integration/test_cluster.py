@@ -18,7 +18,7 @@ import time
 import unittest
 
 import harness
-from harness import etcdctl
+from harness import etcdctl, poll
 import cluster as clusterlib
 from cluster import Cluster, ClusterError, etcd3_client
 
@@ -29,22 +29,6 @@ NEW_LEADER_BOUND_S = float(os.environ.get("KEELSON_NEW_LEADER_BOUND_S", str(10 *
 
 def hexid(n):
     return "%x" % n
-
-
-def poll(fn, timeout, interval=0.05, what="condition"):
-    """Call fn() until it returns a truthy value; return it, or raise after timeout."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            last = fn()
-        except Exception as e:  # noqa
-            last = e
-        if last and not isinstance(last, Exception):
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError("%s not reached in %.1fs (last: %r)" % (what, timeout, last))
-        time.sleep(interval)
 
 
 class ClusterCase(unittest.TestCase):

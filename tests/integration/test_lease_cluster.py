@@ -20,27 +20,11 @@ import time
 import unittest
 
 import harness
-from harness import etcdctl
+from harness import etcdctl, poll
 import cluster as clusterlib
 from cluster import Cluster
 
 ELECTION_S = clusterlib.ELECTION_MS / 1000.0
-
-
-def poll(fn, timeout, interval=0.1, what="condition"):
-    """fn() until truthy (returned), else AssertionError after timeout."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            last = fn()
-        except Exception as e:  # noqa
-            last = e
-        if last and not isinstance(last, Exception):
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError("%s not reached in %.1fs (last: %r)" % (what, timeout, last))
-        time.sleep(interval)
 
 
 class KeepAlive:

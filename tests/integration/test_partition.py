@@ -25,7 +25,7 @@ import time
 import unittest
 
 import harness
-from harness import etcdctl
+from harness import etcdctl, poll
 import cluster as clusterlib
 from cluster import Cluster
 
@@ -33,22 +33,6 @@ ELECTION_S = clusterlib.ELECTION_MS / 1000.0
 ARGS = ("--pre-vote=true",)
 DEADLINE_MSG = "context deadline exceeded"
 IS_ETCD = os.path.basename(harness.KEELSON_BIN) == "etcd"
-
-
-def poll(fn, timeout, interval=0.05, what="condition"):
-    """fn() until it returns a truthy value; return it, or fail after timeout."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            last = fn()
-        except Exception as e:  # noqa
-            last = e
-        if last is True or (last and not isinstance(last, (Exception, tuple))):
-            return last
-        if time.monotonic() > deadline:
-            raise AssertionError("%s not reached in %.1fs (last: %r)" % (what, timeout, last))
-        time.sleep(interval)
 
 
 class PartitionCase(unittest.TestCase):
