@@ -3,6 +3,7 @@
  * served on the calling gRPC thread from an LMDB read transaction, and writes go to the
  * node loop, which group-commits them.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -73,6 +74,27 @@ int call_admitted(server_ctx *sc, api_call *call, int learner_ok, int admin)
 	const char *tok = call_token(call, &toklen);
 	return permitted(sc, call, admin ? auth_check_admin(sc->auth, tok, toklen)
 					 : auth_check_user(sc->auth, tok, toklen));
+}
+
+int auth_error_raw(int auth_err, char *msg, size_t len)
+{
+	const char *m;
+	if (auth_error_status(auth_err, &m) < 0)
+		m = "etcdserver: internal error";
+	snprintf(msg, len, "auth: %s", strncmp(m, "etcdserver: ", 12) == 0 ? m + 12 : m);
+	return 2; /* UNKNOWN */
+}
+
+int maint_admitted(server_ctx *sc, api_call *call)
+{
+	size_t toklen = 0;
+	const char *tok = call_token(call, &toklen);
+	int err = auth_check_admin(sc->auth, tok, toklen);
+	if (err == 0)
+		return 1;
+	char msg[128];
+	api_call_fail_msg(call, auth_error_raw(err, msg, sizeof(msg)), msg);
+	return 0;
 }
 
 /* Ends call with the auth error if there is one; whether the request may go on. */

@@ -440,6 +440,12 @@ int learner_refuses(server_ctx *sc, api_call *call);
  * learner_ok), then auth wants a valid user (root if admin). Ends the call and returns 0
  * when it may not go on. */
 int call_admitted(server_ctx *sc, api_call *call, int learner_ok, int admin);
+/* etcd 3.4's Maintenance gate (Defragment, Snapshot, Hash, HashKV): root only,
+ * and the auth package's own error, untranslated (code Unknown, "auth: ..."). Ends call and
+ * returns 0 when it may not go on. */
+int maint_admitted(server_ctx *sc, api_call *call);
+/* That untranslated form of an AUTH_ERR_*: the gRPC code, and the message in msg. */
+int auth_error_raw(int auth_err, char *msg, size_t len);
 /* Ends call with the auth error if there is one (auth_check_* result); whether to go on. */
 int permitted(server_ctx *sc, api_call *call, int auth_err);
 /* The request's auth token (metadata "token"), NULL if none. */

@@ -164,14 +164,9 @@ static int snapshot_admitted(server_ctx *sc, api_stream *st)
 	int err = auth_check_admin(sc->auth, tok, len);
 	if (err == 0)
 		return 1;
-	/* etcd 3.4 hands the auth package's own error back here, untranslated: code Unknown
-	 * and "auth: ..." where the other calls say "etcdserver: ...". */
-	const char *msg;
-	char raw[128];
-	if (auth_error_status(err, &msg) < 0)
-		msg = "etcdserver: internal error";
-	snprintf(raw, sizeof(raw), "auth: %s", strncmp(msg, "etcdserver: ", 12) == 0 ? msg + 12 : msg);
-	api_stream_finish(st, 2 /* UNKNOWN */, raw);
+	/* etcd 3.4 hands the auth package's own error back here (maint_admitted's form). */
+	char msg[128];
+	api_stream_finish(st, auth_error_raw(err, msg, sizeof(msg)), msg);
 	return 0;
 }
 
