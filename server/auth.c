@@ -7,9 +7,11 @@
  * the same tokens. JWT tokens (--auth-token jwt,...) are stateless: the entry carries no
  * token, each member checks a token's signature with its own copy of the key, and the auth
  * revision in the token must still be current (etcd's ErrAuthOldRevision). With
- * --client-cert-auth and no token, the client certificate's CN is the user, as in etcd. Passwords are checked by the member that receives the request, before anything is
- * proposed, and stored as salted PBKDF2-HMAC-SHA256 (etcd uses bcrypt; both are slow salted
- * hashes, and the hash never leaves the member's data).
+ * --client-cert-auth and no token, the client certificate's CN is the user, as in etcd.
+ * Passwords are hashed by the member that receives the request, before anything is proposed,
+ * with bcrypt at --bcrypt-cost as etcd does (crypt(3)), so users move between etcd and
+ * Keelson with their passwords; hashes of earlier Keelson versions (salted PBKDF2-SHA256)
+ * still check.
  *
  * The state is small and read on every request: it lives in memory, under one mutex, and is
  * persisted as one metadata value in the same batch as the entry that changed it.
@@ -1100,23 +1102,31 @@ ROUTE(role_delete_rpc, NODE_AUTH_ROLE_DELETE)
 ROUTE(role_grant_rpc, NODE_AUTH_ROLE_GRANT)
 ROUTE(role_revoke_rpc, NODE_AUTH_ROLE_REVOKE)
 
-/* Passwords are hashed here, before the log: every member stores the same hash. */
-static int set_hash(const char *password, char **hashed)
+/* Passwords are hashed here, before the log: every member stores the same hash. bcrypt at
+ * --bcrypt-cost, as etcd hashes them ("$2a$"): snapshots and data dirs then carry users that
+ * log in on etcd as well as on Keelson. */
+static int set_hash(const char *password, int cost, char **hashed)
 {
-	uint8_t salt[16];
-	char buf[256];
-	if (RAND_bytes(salt, sizeof(salt)) != 1 || hash_password(password, salt, buf, sizeof(buf)) != 0)
-		return -1;
-	*hashed = strdup(buf); /* freed with the request (protobuf-c frees its strings) */
+	char salt[64];
+	struct crypt_data *cd = calloc(1, sizeof(*cd));
+	const char *h = NULL;
+	if (cost < 4)
+		cost = 10; /* Go's bcrypt: below its minimum cost, the default */
+	if (cd && crypt_gensalt_rn("$2a$", (unsigned long)cost, NULL, 0, salt, sizeof(salt)) != NULL)
+		h = crypt_r(password, salt, cd);
+	*hashed = h && h[0] == '$' ? strdup(h) : NULL; /* freed with the request */
+	if (cd)
+		OPENSSL_cleanse(cd, sizeof(*cd));
+	free(cd);
 	return *hashed ? 0 : -1;
 }
 
 /* Replaces a request's clear password by its hash (in *hashed); the clear text is wiped and
  * never reaches the log. */
-static int hash_into(char **password, char **hashed)
+static int hash_into(char **password, int cost, char **hashed)
 {
 	char *h;
-	if (set_hash(*password, &h) != 0)
+	if (set_hash(*password, cost, &h) != 0)
 		return -1;
 	if (*hashed != protobuf_c_empty_string)
 		free(*hashed);
@@ -1139,7 +1149,7 @@ static void user_add_rpc(void *ctx, api_call *call, const ProtobufCMessage *msg)
 		server_fail_storage(call, AUTH_ERR_NO_PASSWORD);
 		return;
 	}
-	if (!no_password && r->password[0] != '\0' && hash_into(&r->password, &r->hashedpassword) != 0) {
+	if (!no_password && r->password[0] != '\0' && hash_into(&r->password, (int)sc->cfg->bcrypt_cost, &r->hashedpassword) != 0) {
 		api_call_fail(call, API_ERR_INTERNAL);
 		return;
 	}
@@ -1150,7 +1160,7 @@ static void user_change_pw_rpc(void *ctx, api_call *call, const ProtobufCMessage
 {
 	server_ctx *sc = ctx;
 	Etcdserverpb__AuthUserChangePasswordRequest *r = (Etcdserverpb__AuthUserChangePasswordRequest *)msg;
-	if (r->password[0] != '\0' && hash_into(&r->password, &r->hashedpassword) != 0) {
+	if (r->password[0] != '\0' && hash_into(&r->password, (int)sc->cfg->bcrypt_cost, &r->hashedpassword) != 0) {
 		api_call_fail(call, API_ERR_INTERNAL);
 		return;
 	}

@@ -91,7 +91,7 @@ static const flag_def flags[] = {
 	{"cors", F_IGNORED_STRING, "*", 0, "Comma-separated whitelist of origins for CORS, or cross-origin resource sharing."},
 	{"host-whitelist", F_IGNORED_STRING, "*", 0, "Acceptable hostnames from HTTP client requests."},
 	{"auth-token", F_STRING, "simple", OFF(auth_token), "Specify a v3 authentication token type and its options ('simple' or 'jwt')."},
-	{"bcrypt-cost", F_IGNORED_STRING, "10", 0, "Specify the cost / strength of the bcrypt algorithm for hashing auth passwords."},
+	{"bcrypt-cost", F_UINT, "10", OFF(bcrypt_cost), "Specify the cost / strength of the bcrypt algorithm for hashing auth passwords. Valid values are between 4 and 31."},
 	{"auth-token-ttl", F_UINT, "300", OFF(auth_token_ttl), "The lifetime in seconds of the auth token."},
 	{"enable-pprof", F_IGNORED_BOOL, "false", 0, "Enable runtime profiling data via HTTP server."},
 	{"metrics", F_IGNORED_STRING, "basic", 0, "Set level of detail for exported metrics, specify 'extensive' to include server side grpc histogram metrics."},

@@ -73,6 +73,7 @@ typedef struct config {
 	uint64_t lease_checkpoint_interval_ms;
 	char *cert_file, *key_file, *trusted_ca_file; /* client TLS */
 	uint64_t auth_token_ttl; /* seconds */
+	uint64_t bcrypt_cost;    /* --bcrypt-cost: new passwords are bcrypt-hashed, as etcd's */
 	int client_cert_auth;
 	/* corruption checks (corrupt.c) */
 	int initial_corrupt_check; /* --experimental-initial-corrupt-check */
