@@ -1172,11 +1172,20 @@ static void authenticate_rpc(void *ctx, api_call *call, const ProtobufCMessage *
 	server_ctx *sc = ctx;
 	Etcdserverpb__AuthenticateRequest *r = (Etcdserverpb__AuthenticateRequest *)msg;
 	auth_store *as = sc->auth;
+	/* The hash is checked outside the lock: bcrypt takes tens of milliseconds, and every
+	 * request's permission check takes the lock while auth is on. */
+	uint8_t stored[256];
+	ProtobufCBinaryData hash = {0, stored};
 	pthread_mutex_lock(&as->a_mu);
 	int enabled = as->a_enabled;
 	Authpb__User *u = find_user(as, r->name, NULL);
-	int ok = u && !(u->options && u->options->no_password) && check_password(&u->password, r->password);
+	if (u && !(u->options && u->options->no_password) && u->password.len <= sizeof(stored)) {
+		memcpy(stored, u->password.data, u->password.len);
+		hash.len = u->password.len;
+	}
 	pthread_mutex_unlock(&as->a_mu);
+	int ok = hash.len > 0 && check_password(&hash, r->password);
+	OPENSSL_cleanse(stored, sizeof(stored));
 	if (!enabled) {
 		server_fail_storage(call, AUTH_ERR_NOT_ENABLED);
 		return;
