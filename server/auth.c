@@ -198,12 +198,24 @@ size_t auth_export(auth_store *as, storage_etcd_entry *out, size_t max, storage_
 	*enabled = as->a_enabled;
 	*revision = as->a_revision;
 	if (bufs && pack_all(as, a, bufs, bufs + AUTH_MAX_USERS) == 0) {
-		for (size_t i = 0; i < as->a_nusers && n < max; i++, n++)
-			out[n] = (storage_etcd_entry){"authUsers", as->a_users[i]->name.data, as->a_users[i]->name.len,
-						      bufs[i].data, bufs[i].len};
-		for (size_t i = 0; i < as->a_nroles && n < max; i++, n++)
-			out[n] = (storage_etcd_entry){"authRoles", as->a_roles[i]->name.data, as->a_roles[i]->name.len,
-						      bufs[AUTH_MAX_USERS + i].data, bufs[AUTH_MAX_USERS + i].len};
+		/* Names are copied too: the store may change once the lock is released. */
+		for (size_t i = 0; i < as->a_nusers && n < max; i++) {
+			const ProtobufCBinaryData *nm = &as->a_users[i]->name;
+			void *key = storage_arena_alloc(a, nm->len ? nm->len : 1);
+			if (key == NULL)
+				break;
+			memcpy(key, nm->data, nm->len);
+			out[n++] = (storage_etcd_entry){"authUsers", key, nm->len, bufs[i].data, bufs[i].len};
+		}
+		for (size_t i = 0; i < as->a_nroles && n < max; i++) {
+			const ProtobufCBinaryData *nm = &as->a_roles[i]->name;
+			void *key = storage_arena_alloc(a, nm->len ? nm->len : 1);
+			if (key == NULL)
+				break;
+			memcpy(key, nm->data, nm->len);
+			out[n++] = (storage_etcd_entry){"authRoles", key, nm->len, bufs[AUTH_MAX_USERS + i].data,
+							bufs[AUTH_MAX_USERS + i].len};
+		}
 	}
 	pthread_mutex_unlock(&as->a_mu);
 	return n;

@@ -205,9 +205,10 @@ static void on_messages_stepped(uv_check_t *h)
 	uv_check_stop(h);
 	n->n_step_pending = 0;
 	process_ready(n);
+	node_snap_after_ready(n);
 }
 
-static void ready_after_io(node *n)
+void node_ready_soon(node *n)
 {
 	if (!n->n_step_pending) {
 		n->n_step_pending = 1;
@@ -229,13 +230,13 @@ static void on_peer_message(void *ctx, uint64_t from, const void *bytes, size_t 
 		}
 		raft_step(n->n_raft, &m);
 		raft_codec_free(&m);
-		ready_after_io(n);
+		node_ready_soon(n);
 	} else if (p[0] == FRAME_SNAP_CHUNK || p[0] == FRAME_SNAP_DONE) {
 		struct raft_message m;
 		if (node_snap_on_frame(n, from, p, len, &m)) {
 			raft_step(n->n_raft, &m);
 			raft_codec_free(&m);
-			ready_after_io(n);
+			node_ready_soon(n);
 		}
 	} else if (p[0] == FRAME_CLUSTER_ID && len == 9) {
 		uint64_t cid = 0;
@@ -721,14 +722,19 @@ void node_conf_status(node *n)
 static void maybe_compact_log(node *n)
 {
 	const config *cfg = n->n_sc->cfg;
-	uint64_t applied = atomic_load(&n->n_applied);
 	uint64_t every = cfg->snapshot_count ? cfg->snapshot_count : 100000;
 	uint64_t keep = cfg->snapshot_catchup_entries;
-	if (applied < n->n_log_snapshot + every + keep)
-		return;
-	uint64_t index = applied - keep;
 	struct raft_status st;
 	raft_status(n->n_raft, &st);
+	/* Raft's applied index: after a snapshot install the store may be ahead of it. */
+	uint64_t applied = st.applied;
+	if (applied < n->n_log_snapshot + every + keep)
+		return;
+	/* While a follower is being sent a copy, keep the log it will need right after it
+	 * (etcd does not compact while snapshots are in flight either). */
+	if (node_snap_busy(n))
+		return;
+	uint64_t index = applied - keep;
 	/* The snapshot point records the configuration as of index: with a change after it the
 	 * current one is not that, so wait until the change is behind the cut. */
 	const struct raft_entry *e;
@@ -868,6 +874,15 @@ static void process_ready(node *n)
 /* Defragment runs between batches, alone: it replaces the LMDB environment. */
 static void run_defrag(node *n, node_req *r)
 {
+	if (node_snap_busy(n)) {
+		/* The copy for a follower holds the store shared; waiting for it here would stop
+		 * the loop (and the heartbeats) for as long as the copy takes. */
+		api_call_fail_msg(r->nr_call, 14 /* UNAVAILABLE */,
+				  "etcdserver: a database snapshot is being sent to a follower; retry the defragment");
+		r->nr_call = NULL;
+		node_req_free(r);
+		return;
+	}
 	int rc = storage_defragment(n->n_sc->st);
 	if (rc) {
 		log_at(LOG_ERROR, "defragment failed", "error", storage_strerror(rc), NULL);

@@ -116,11 +116,17 @@ int node_raft_boot(node *n)
 		}
 		if (applied < ls.ls_snap_index)
 			applied = ls.ls_snap_index;
+		/* Raft's applied index cannot pass its log. After a snapshot install the store can
+		 * be ahead of the log (the copy was taken at A, the snapshot point is S <= A, and
+		 * entries S+1..A may not be on disk yet): Raft starts at the log's end and the
+		 * apply loop skips what the store already holds (n_applied stays A). */
+		uint64_t last = ls.ls_n_entries ? ls.ls_entries[ls.ls_n_entries - 1].le_index : ls.ls_snap_index;
+		uint64_t raft_applied = applied < last ? applied : last;
 		/* The commit index is not always persisted (see process_ready); what was applied
 		 * was committed. */
-		if (cfg.hard_state.commit < applied)
-			cfg.hard_state.commit = applied;
-		cfg.applied = applied;
+		if (cfg.hard_state.commit < raft_applied)
+			cfg.hard_state.commit = raft_applied;
+		cfg.applied = raft_applied;
 		atomic_store(&n->n_applied, applied);
 		atomic_store(&n->n_term, cfg.hard_state.term);
 	}

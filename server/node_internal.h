@@ -127,6 +127,9 @@ void node_req_free(node_req *r);
 /* Ends r's call (if any) with e and frees r. */
 void node_req_fail(node_req *r, api_error e);
 
+/* Takes Raft's Ready once the current loop turn's I/O is done (after the peer messages that
+ * arrived together have all been stepped). */
+void node_ready_soon(node *n);
 /* Publishes Raft's configuration and log end to the gRPC threads' atomics. */
 void node_conf_status(node *n);
 
@@ -153,6 +156,11 @@ void node_snap_close(node *n);
 /* Leader: Raft wants the state snapshot m sent to m->to. Starts a transfer: a copy of the
  * state is taken on a thread and streamed in chunks, then m follows. */
 void node_snap_send(node *n, const struct raft_message *m);
+/* Whether a copy is being made or sent to a follower (compaction and defragment wait). */
+int node_snap_busy(node *n);
+/* After the Ready that followed a received snapshot: if Raft did not take it (stale), the
+ * file is dropped so that the next transfer can start. */
+void node_snap_after_ready(node *n);
 /* The connection to member id went down: its transfer (if any) fails. */
 void node_snap_peer_down(node *n, uint64_t id);
 /* A FRAME_SNAP_* frame from a peer. Returns 1 with *m filled (free with raft_codec_free)

@@ -142,6 +142,7 @@ static void send_end(node *n, size_t slot, int ok)
 		log_at(LOG_WARN, "failed to send a database snapshot", "to", hex_id(ss->ss_to, id), NULL);
 	raft_report_snapshot(n->n_raft, ss->ss_to, ok);
 	send_free(ss);
+	node_ready_soon(n); /* the probe that follows need not wait for a tick */
 }
 
 void node_snap_send(node *n, const struct raft_message *m)
@@ -292,6 +293,14 @@ static void on_pump(uv_timer_t *t)
 	}
 }
 
+int node_snap_busy(node *n)
+{
+	for (size_t i = 0; i < SNAP_MAX_SENDS; i++)
+		if (n->n_snap->ns_sends[i])
+			return 1;
+	return 0;
+}
+
 void node_snap_peer_down(node *n, uint64_t id)
 {
 	(void)id;
@@ -341,6 +350,8 @@ static int write_all(int fd, const uint8_t *p, size_t len)
 
 static void on_chunk(node_snap *ns, uint64_t from, uint64_t id, uint64_t off, const uint8_t *p, size_t len)
 {
+	if (ns->nr_ready)
+		return; /* a verified snapshot waits for Raft's Ready in this loop turn */
 	if (from != ns->nr_from || id != ns->nr_id) {
 		if (off != 0)
 			return; /* the rest of a transfer we gave up on */
@@ -404,6 +415,15 @@ int node_snap_on_frame(node *n, uint64_t from, const uint8_t *p, size_t len, str
 	return 1;
 }
 
+void node_snap_after_ready(node *n)
+{
+	node_snap *ns = n->n_snap;
+	if (ns->nr_ready) {
+		log_at(LOG_INFO, "dropped a database snapshot Raft did not need", NULL);
+		recv_reset(ns);
+	}
+}
+
 /*
  * The copy holds the sender's member id, Raft log and hard state. They are replaced by this
  * member's own in the received environment itself, durably, BEFORE it is moved in place: a
@@ -454,6 +474,14 @@ uint64_t node_snap_install(node *n, const struct raft_snapshot *s, const struct 
 	if (!ns->nr_ready) {
 		log_at(LOG_FATAL, "raft moved to a snapshot this member has not received", NULL);
 		abort();
+	}
+	/* A copy this member was making as a leader holds the store shared: end it first (the
+	 * wait is as long as that copy takes; this member is now a follower far behind). */
+	for (size_t i = 0; i < SNAP_MAX_SENDS; i++) {
+		if (ns->ns_sends[i]) {
+			send_free(ns->ns_sends[i]);
+			ns->ns_sends[i] = NULL;
+		}
 	}
 	uint64_t applied = 0;
 	int rc = prepare_received(n, s, hs, &applied);
