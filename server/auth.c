@@ -757,7 +757,8 @@ int auth_check_txn(auth_store *as, const char *tok, size_t toklen, const Etcdser
 	return rc;
 }
 
-int auth_check_admin(auth_store *as, const char *tok, size_t toklen)
+/* A known caller, and with need_root one with the root role. */
+static int check_caller(auth_store *as, const char *tok, size_t toklen, int need_root)
 {
 	if (!atomic_load(&as->a_enabled))
 		return 0; /* auth off: no lock on the request path */
@@ -766,23 +767,20 @@ int auth_check_admin(auth_store *as, const char *tok, size_t toklen)
 	pthread_mutex_lock(&as->a_mu);
 	Authpb__User *u;
 	int rc = as->a_enabled ? caller_user(as, &c, &u) : 0;
-	if (rc == 0 && as->a_enabled && !has_role(u, ROOT))
+	if (rc == 0 && need_root && as->a_enabled && !has_role(u, ROOT))
 		rc = AUTH_ERR_PERMISSION_DENIED;
 	pthread_mutex_unlock(&as->a_mu);
 	return rc;
 }
 
+int auth_check_admin(auth_store *as, const char *tok, size_t toklen)
+{
+	return check_caller(as, tok, toklen, 1);
+}
+
 int auth_check_user(auth_store *as, const char *tok, size_t toklen)
 {
-	if (!atomic_load(&as->a_enabled))
-		return 0; /* auth off: no lock on the request path */
-	caller c;
-	identify(as, tok, toklen, &c);
-	pthread_mutex_lock(&as->a_mu);
-	Authpb__User *u;
-	int rc = as->a_enabled ? caller_user(as, &c, &u) : 0;
-	pthread_mutex_unlock(&as->a_mu);
-	return rc;
+	return check_caller(as, tok, toklen, 0);
 }
 
 int auth_enabled(auth_store *as)

@@ -22,43 +22,7 @@ static int fake_clock_gettime(clockid_t id, struct timespec *ts)
 #include "server/lease.c"
 #undef clock_gettime
 
-#include <stdio.h>
-#include <unistd.h>
-
-static int t_fail, t_checks;
-#define CHECK(c)                                                                            \
-	do {                                                                                \
-		t_checks++;                                                                 \
-		if (!(c)) {                                                                 \
-			t_fail++;                                                           \
-			fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #c); \
-		}                                                                           \
-	} while (0)
-#define CHECK_EQ(a, b)                                                                      \
-	do {                                                                                \
-		long long _a = (long long)(a), _b = (long long)(b);                         \
-		t_checks++;                                                                 \
-		if (_a != _b) {                                                             \
-			t_fail++;                                                           \
-			fprintf(stderr, "%s:%d: %s == %lld, want %s == %lld\n", __FILE__, __LINE__, \
-				#a, _a, #b, _b);                                            \
-		}                                                                           \
-	} while (0)
-
-/* A fresh directory name under the test's temporary directory. */
-static char *t_tmpdir(const char *name)
-{
-	const char *base = getenv("TEST_TMPDIR");
-	if (!base)
-		base = "/tmp";
-	char *p = malloc(strlen(base) + strlen(name) + 64);
-	sprintf(p, "%s/%s.%d", base, name, (int)getpid());
-	char cmd[4096];
-	snprintf(cmd, sizeof(cmd), "rm -rf '%s'", p);
-	if (system(cmd) != 0)
-		abort();
-	return p;
-}
+#include "storage/testutil.h" /* CHECK, CHECK_EQ, t_tmpdir */
 
 /* ---- stubs of lease.c's neighbours ---- */
 

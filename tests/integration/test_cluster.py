@@ -84,6 +84,29 @@ class ClusterCase(unittest.TestCase):
             return r
         return poll(once, timeout, interval=0.5, what="etcdctl " + " ".join(args))
 
+    def watch_json(self, m, n, *args):
+        """`etcdctl watch ARGS -w json` on member m, read on a thread: (process, events,
+        done), done set once n events arrived. The caller kills the process."""
+        p = subprocess.Popen([harness.ETCDCTL_BIN, "--endpoints=" + m.endpoint, "watch", *args,
+                              "-w", "json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env=harness.clean_env({"ETCDCTL_API": "3"}))
+        events = []
+        done = threading.Event()
+
+        def reader():
+            for line in p.stdout:
+                try:
+                    resp = json.loads(line)
+                except ValueError:
+                    continue
+                events.extend(resp.get("Events") or [])
+                if len(events) >= n:
+                    done.set()
+                    return
+
+        threading.Thread(target=reader, daemon=True).start()
+        return p, events, done
+
     def members_json(self, m):
         r = self.ctl_ok(m, "member", "list", "-w", "json", timeout=20)
         return json.loads(r.stdout)["members"]
@@ -375,27 +398,7 @@ class ThreeMembers(ClusterCase):
         st = ldr.status()
         start_rev = st["header"]["revision"] + 1
         n = 200
-        p = subprocess.Popen([harness.ETCDCTL_BIN, "--endpoints=" + f.endpoint, "watch",
-                              "/wt/", "--prefix", "--rev=%d" % start_rev, "-w", "json"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env=harness.clean_env({"ETCDCTL_API": "3"}))
-        events = []
-        done = threading.Event()
-
-        def reader():
-            for line in p.stdout:
-                try:
-                    resp = json.loads(line)
-                except ValueError:
-                    continue
-                for ev in resp.get("Events") or []:
-                    events.append(ev)
-                if len(events) >= n:
-                    done.set()
-                    return
-
-        t = threading.Thread(target=reader, daemon=True)
-        t.start()
+        p, events, done = self.watch_json(f, n, "/wt/", "--prefix", "--rev=%d" % start_rev)
         try:
             cl = etcd3_client(ldr)
             try:
@@ -755,26 +758,7 @@ class SnapshotCatchUp(ClusterCase):
         # messages are dropped and f needs the state, not the log, when it wakes up.
         n = 400
         pad = "x" * 65536
-        p = subprocess.Popen([harness.ETCDCTL_BIN, "--endpoints=" + f.endpoint, "watch",
-                              "/sw/", "--prefix", "-w", "json"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env=harness.clean_env({"ETCDCTL_API": "3"}))
-        events = []
-        done = threading.Event()
-
-        def reader():
-            for line in p.stdout:
-                try:
-                    resp = json.loads(line)
-                except ValueError:
-                    continue
-                events.extend(resp.get("Events") or [])
-                if len(events) >= n:
-                    done.set()
-                    return
-
-        t = threading.Thread(target=reader, daemon=True)
-        t.start()
+        p, events, done = self.watch_json(f, n, "/sw/", "--prefix")
         try:
             time.sleep(0.5)  # the watch is created before the pause
             installs = self.log_text(f).count("installed a database snapshot")
