@@ -421,6 +421,8 @@ static int run(config *cfgp)
 		log_at(LOG_FATAL, "cannot start the corruption check", NULL);
 		rc = -1;
 	}
+	if (rc == 0 && server_backup_start(&sc.backup, &sc) != 0)
+		rc = -1; /* logged; a backup directory asked for and unusable stops the start */
 	if (rc) {
 		node_stop(sc.nd);
 		node_free(sc.nd);
@@ -437,6 +439,8 @@ static int run(config *cfgp)
 	/* Stop taking calls, answer every write already queued, then end what is left. */
 	corrupt_monitor_stop(cm); /* it proposes alarms: stop it before the node */
 	http_stop(hs);
+	server_backup_stop(sc.backup); /* reads the store: before it closes */
+	sc.backup = NULL;
 	api_server_shutdown(as);
 	node_stop(sc.nd);
 	watch_hub_stop(sc.hub);
