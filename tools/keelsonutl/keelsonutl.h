@@ -176,7 +176,7 @@ typedef struct ku_restore_result {
 	uint64_t rr_member_id, rr_cluster_id;
 	int64_t rr_revision;      /* the store revision the new member serves */
 	uint64_t rr_applied;      /* its applied index */
-	uint64_t rr_skipped;      /* entries of buckets Keelson does not keep (auth, alarm) */
+	uint64_t rr_skipped;      /* entries not restored (unknown buckets, bad alarms) */
 } ku_restore_result;
 
 int ku_restore(const ku_restore_opts *o, ku_restore_result *res, char *errbuf, size_t errlen);
