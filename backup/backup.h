@@ -133,7 +133,7 @@ void backup_dir_close(backup_dir *d);
 typedef struct backup_slot {
 	char bs_stamp[40];   /* 20250101T120000.123Z */
 	char bs_plain[4200]; /* DIR/STAMP.snapshot: the checked, fsynced snapshot (trailer kept) */
-	char bs_part[4200];  /* DIR/STAMP.snapshot.part: where it is written first */
+	char bs_part[4208];  /* DIR/STAMP.snapshot.part: where it is written first */
 } backup_slot;
 void backup_slot_init(const backup_dir *d, const struct timespec *now, backup_slot *s);
 /* Removes whatever of the slot's files exist (after a failure). */

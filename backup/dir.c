@@ -94,7 +94,7 @@ static void remove_leftovers(const char *dir)
 	if (d == NULL)
 		return;
 	struct dirent *e;
-	char path[PATH_MAX];
+	char path[PATH_MAX + 300];
 	while ((e = readdir(d)) != NULL) {
 		size_t n = strlen(e->d_name);
 		int snap = ends_with(e->d_name, n, ".snapshot") || ends_with(e->d_name, n, ".snapshot.part") ||
@@ -264,7 +264,7 @@ static int apply_retention(const char *dir, const backup_retention *pol, int64_t
 	/* Out of memory: remove nothing rather than the wrong thing. */
 	int k = keep ? backup_retention_select(times, n, pol, now_ms, keep) : -1;
 	int removed = k < 0 ? -1 : 0;
-	char path[PATH_MAX];
+	char path[PATH_MAX + 300];
 	for (size_t i = 0; i < n; i++) {
 		if (k >= 0 && !keep[i]) {
 			snprintf(path, sizeof(path), "%s/%s", dir, names[i]);
@@ -282,7 +282,7 @@ static int apply_retention(const char *dir, const backup_retention *pol, int64_t
 
 static int point_latest(const char *dir, const char *name, char *errbuf, size_t errlen)
 {
-	char tmp[PATH_MAX], latest[PATH_MAX];
+	char tmp[PATH_MAX + 16], latest[PATH_MAX + 16];
 	snprintf(tmp, sizeof(tmp), "%s/latest.tmp", dir);
 	snprintf(latest, sizeof(latest), "%s/latest", dir);
 	unlink(tmp);
@@ -299,7 +299,7 @@ int backup_dir_commit(const backup_dir *d, const backup_slot *s, int64_t revisio
 		      const backup_keep *k, int64_t now_ms, backup_commit_result *r,
 		      char *errbuf, size_t errlen)
 {
-	char gzpart[sizeof(s->bs_plain) + 16], final[PATH_MAX];
+	char gzpart[sizeof(s->bs_plain) + 16], final[PATH_MAX + 160];
 	memset(r, 0, sizeof(*r));
 	snprintf(gzpart, sizeof(gzpart), "%s.gz.part", s->bs_plain);
 	snprintf(r->bc_name, sizeof(r->bc_name), "%s-rev%" PRId64 ".db%s", s->bs_stamp, revision,

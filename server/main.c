@@ -439,10 +439,11 @@ static int run(config *cfgp)
 	/* Stop taking calls, answer every write already queued, then end what is left. */
 	corrupt_monitor_stop(cm); /* it proposes alarms: stop it before the node */
 	http_stop(hs);
-	server_backup_stop(sc.backup); /* reads the store: before it closes */
-	sc.backup = NULL;
 	api_server_shutdown(as);
 	node_stop(sc.nd);
+	/* After the loop (which pauses backups) and before the node and the store go. */
+	server_backup_stop(sc.backup);
+	sc.backup = NULL;
 	watch_hub_stop(sc.hub);
 	api_server_destroy(as);
 	watch_hub_free(sc.hub);
