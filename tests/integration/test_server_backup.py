@@ -10,6 +10,9 @@ the directory code is backup/backup.h, shared with `keelsonutl backup`).
   backup name, the leftovers go at the restart, and backups go on;
 - Defragment while backups of a larger store run back to back: every defragment succeeds
   (the backup gives the store up and is taken again), backups go on, the server stays up;
+- a follower that backs up its store back to back is sent the leader's snapshot (it fell
+  behind the compacted log): the install goes through (a backup in progress gives the store
+  up), the follower catches up, and its backups go on with the new state;
 - flag checks (exit 2 with the reason), and the same settings from --config-file.
 
 Needs `bazel build //server:keelson //tools:keelsonutl`. Keelson only (etcd has no such
@@ -31,6 +34,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import harness  # noqa: E402
+import cluster  # noqa: E402
 
 TOOL = os.environ.get("KEELSONUTL") or os.path.join(
     harness.REPO_ROOT, "bazel-bin", "tools", "keelsonutl")
@@ -233,6 +237,48 @@ class TestServerBackup(unittest.TestCase):
         s.stop()
         st = json.loads(ku("snapshot", "status", os.path.join(d, "latest"), "-w", "json").stdout)
         self.assertGreater(st["totalKey"], 12)
+
+    def test_snapshot_install_during_backups(self):
+        c = cluster.Cluster(3, label="sbk", extra_args=[
+            "--snapshot-count=100", "--experimental-snapshot-catchup-entries=20"])
+        self.addCleanup(c.cleanup)
+        dirs = {}
+        for m in c.members:
+            dirs[m.name] = self.path("backups-" + m.name)
+            m.extra_args += ["--backup-dir", dirs[m.name], "--backup-interval", "100ms",
+                             "--backup-retain", "2"]
+        c.start()
+        ldr = c.leader()
+        f = c.followers(ldr)[0]
+        for i in range(8):  # a store whose backups take a good part of the interval
+            ok(ldr.ctl("put", "big/%d" % i, stdin=os.urandom(500 * 1000).hex().encode()))
+        harness.poll(lambda: f.ctl("get", "big/7", "--consistency=s", "--keys-only").stdout.strip()
+                     == "big/7", 20, what="the follower has the data")
+        c.kill9(f)
+        cl = cluster.etcd3_client(ldr)
+        try:
+            for i in range(300):
+                cl.put("snap/%03d" % i, "v%d" % i)
+        finally:
+            cl.close()
+        rev = revision(ldr)
+        ok(ldr.ctl("compaction", str(rev - 20)))
+        c.restart(f)
+        harness.poll(lambda: "installed a database snapshot" in server_log(f), 30,
+                     what="the snapshot installed on the follower")
+        harness.poll(lambda: f.ctl("get", "snap/299", "--consistency=s", "--print-value-only")
+                     .stdout.strip() == "v299", 30, what="the follower caught up")
+        # the follower's backups go on, with the installed state
+        harness.poll(lambda: any(int(re.search(r"-rev(\d+)", n).group(1)) >= rev
+                                 for n in backups_in(dirs[f.name])), 30,
+                     what="a backup of the installed state")
+        self.assertNotIn("backup failed", server_log(f))
+        hk = c.hashkv(rev=rev)
+        self.assertEqual(len(set(h[0] for h in hk.values())), 1, hk)
+        f.stop()
+        latest = os.path.join(dirs[f.name], "latest")
+        st = json.loads(ku("snapshot", "status", latest, "-w", "json").stdout)
+        self.assertGreaterEqual(st["revision"], rev)
 
     def test_flags(self):
         d = self.path("backups")
