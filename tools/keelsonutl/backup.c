@@ -7,7 +7,7 @@
  *
  * When: --interval measures from the start of the previous backup (ticks missed while a
  * backup ran long are skipped, not bunched); --schedule takes a cron expression
- * (schedule.h), in local time or with --utc in UTC, and the wall clock is re-read every
+ * (backup/backup.h), in local time or with --utc in UTC, and the wall clock is re-read every
  * second while waiting, so a clock change moves the next run with it.
  *
  * Each backup is taken through the save path (SHA-256 checked, every page checked,
