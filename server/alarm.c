@@ -298,3 +298,29 @@ int alarm_register(api_server *as, server_ctx *sc)
 {
 	return api_server_route(as, "/etcdserverpb.Maintenance/Alarm", maint_alarm, sc);
 }
+
+size_t alarm_export(storage_reader *r, storage_arena *ar, storage_etcd_entry *out, size_t max)
+{
+	void *val;
+	size_t len, n = 0;
+	if (storage_read_meta(r, ALARM_META, ar, &val, &len) != 0)
+		return 0;
+	const uint8_t *p = val;
+	for (size_t off = 0; off + 12 <= len && n < max; off += 12) {
+		Etcdserverpb__AlarmMember am = ETCDSERVERPB__ALARM_MEMBER__INIT;
+		for (int i = 0; i < 8; i++)
+			am.memberid = am.memberid << 8 | p[off + i];
+		uint32_t t = 0;
+		for (int i = 8; i < 12; i++)
+			t = t << 8 | p[off + i];
+		am.alarm = (Etcdserverpb__AlarmType)t;
+		/* etcd's alarm bucket: the encoded AlarmMember is the key, the value is empty. */
+		size_t klen = etcdserverpb__alarm_member__get_packed_size(&am);
+		uint8_t *key = storage_arena_alloc(ar, klen ? klen : 1);
+		if (key == NULL)
+			break;
+		etcdserverpb__alarm_member__pack(&am, key);
+		out[n++] = (storage_etcd_entry){"alarm", key, klen, "", 0};
+	}
+	return n;
+}

@@ -17,6 +17,7 @@
 
 #include <yaml.h>
 
+#include "backup/backup.h"
 #include "server/server.h"
 
 typedef enum flag_kind { F_STRING, F_BOOL, F_UINT, F_DURATION_MS, F_URLS, F_IGNORED_STRING, F_IGNORED_BOOL } flag_kind;
@@ -120,6 +121,14 @@ static const flag_def flags[] = {
 	{"log-package-levels", F_IGNORED_STRING, "", 0, "Specify a particular log level for each etcd package."},
 	{"etcd-version", F_STRING, KEELSON_DEFAULT_ETCD_VERSION, OFF(etcd_version), "Keelson: the etcd version this member reports in Status and /version."},
 	{"version", F_BOOL, "false", OFF(show_version), "Print the version and exit."},
+	{"backup-dir", F_STRING, "", OFF(backup_dir), "Take scheduled backups (etcd snapshot files) into this directory (Keelson; empty: off)."},
+	{"backup-interval", F_STRING, "", OFF(backup_interval), "Time between backups, e.g. 1h or 30m (default 1h; exclusive with --backup-schedule)."},
+	{"backup-schedule", F_STRING, "", OFF(backup_schedule), "Take backups on a cron schedule ('0 */6 * * *', @daily) instead of an interval."},
+	{"backup-utc", F_BOOL, "false", OFF(backup_utc), "Read --backup-schedule in UTC rather than local time."},
+	{"backup-retain", F_UINT, "0", OFF(backup_retain), "Keep only the newest N backups (0: no count limit)."},
+	{"backup-max-age", F_STRING, "", OFF(backup_max_age), "Remove backups older than this duration, e.g. 168h (the newest always stays)."},
+	{"backup-thin", F_BOOL, "false", OFF(backup_thin), "Thin old backups exponentially: hourly after 1h, daily after 1d, weekly after 1w, 30-daily after 8w."},
+	{"backup-compress", F_BOOL, "false", OFF(backup_compress), "Write backups gzip-compressed (.db.gz)."},
 	{"config-file", F_STRING, "", OFF(config_file), "Path to the server configuration file. Note that if a configuration file is provided, other command line flags and environment variables will be ignored."},
 };
 
@@ -395,6 +404,40 @@ int config_parse(config *cfg, int argc, char **argv)
 	return config_finish(cfg);
 }
 
+/* The --backup-* flags: checked here (with keelsonutl backup's parser) so that a bad one
+ * stops the start, as any invalid flag does. */
+static int config_check_backup(config *cfg)
+{
+	char eb[512];
+	backup_plan plan;
+	double age = 0;
+	const char *dir = cfg->backup_dir ? cfg->backup_dir : "";
+	const char *interval = cfg->backup_interval ? cfg->backup_interval : "";
+	const char *schedule = cfg->backup_schedule ? cfg->backup_schedule : "";
+	const char *max_age = cfg->backup_max_age ? cfg->backup_max_age : "";
+	if (dir[0] == '\0') {
+		if (interval[0] || schedule[0] || max_age[0] || cfg->backup_retain || cfg->backup_thin ||
+		    cfg->backup_compress || cfg->backup_utc) {
+			fprintf(stderr, "keelson: the --backup-* flags need --backup-dir\n");
+			return 2;
+		}
+		return 0;
+	}
+	if (backup_plan_parse(&plan, interval, schedule, cfg->backup_utc, "--backup-", eb, sizeof(eb)) != 0) {
+		fprintf(stderr, "keelson: %s\n", eb);
+		return 2;
+	}
+	if (max_age[0] && (backup_parse_duration(max_age, &age) != 0 || age <= 0)) {
+		fprintf(stderr, "keelson: invalid --backup-max-age %s (a positive duration)\n", max_age);
+		return 2;
+	}
+	if (cfg->backup_retain > 1000000) {
+		fprintf(stderr, "keelson: invalid --backup-retain %llu\n", (unsigned long long)cfg->backup_retain);
+		return 2;
+	}
+	return 0;
+}
+
 /* etcd's derived defaults and checks, after flags, environment or the file. */
 static int config_finish(config *cfg)
 {
@@ -430,7 +473,7 @@ static int config_finish(config *cfg)
 		fprintf(stderr, "keelson: --listen-client-urls must name at least one URL\n");
 		return 1;
 	}
-	return 0;
+	return config_check_backup(cfg);
 }
 
 void config_free(config *cfg)

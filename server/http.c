@@ -160,6 +160,9 @@ static void metrics_body(server_ctx *sc, sbuf *b)
 	sb_printf(b, "# HELP keelson_batch_commits_total Write batches committed, each one LMDB transaction and one fsync.\n"
 		     "# TYPE keelson_batch_commits_total counter\nkeelson_batch_commits_total %llu\n",
 		  (unsigned long long)commits);
+	char backup[2048];
+	if (server_backup_metrics(sc->backup, backup, sizeof(backup)) > 0)
+		sb_printf(b, "%s", backup);
 }
 
 static void answer(http_conn *c)

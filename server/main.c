@@ -421,6 +421,8 @@ static int run(config *cfgp)
 		log_at(LOG_FATAL, "cannot start the corruption check", NULL);
 		rc = -1;
 	}
+	if (rc == 0 && server_backup_start(&sc.backup, &sc) != 0)
+		rc = -1; /* logged; a backup directory asked for and unusable stops the start */
 	if (rc) {
 		node_stop(sc.nd);
 		node_free(sc.nd);
@@ -439,6 +441,9 @@ static int run(config *cfgp)
 	http_stop(hs);
 	api_server_shutdown(as);
 	node_stop(sc.nd);
+	/* After the loop (which pauses backups) and before the node and the store go. */
+	server_backup_stop(sc.backup);
+	sc.backup = NULL;
 	watch_hub_stop(sc.hub);
 	api_server_destroy(as);
 	watch_hub_free(sc.hub);

@@ -883,7 +883,9 @@ static void run_defrag(node *n, node_req *r)
 		node_req_free(r);
 		return;
 	}
+	server_backup_pause(n->n_sc->backup); /* a backup's read txn would stall the loop */
 	int rc = storage_defragment(n->n_sc->st);
+	server_backup_resume(n->n_sc->backup);
 	if (rc) {
 		log_at(LOG_ERROR, "defragment failed", "error", storage_strerror(rc), NULL);
 		server_fail_storage(r->nr_call, rc);

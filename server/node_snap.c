@@ -485,8 +485,11 @@ uint64_t node_snap_install(node *n, const struct raft_snapshot *s, const struct 
 	}
 	uint64_t applied = 0;
 	int rc = prepare_received(n, s, hs, &applied);
-	if (rc == 0)
+	if (rc == 0) {
+		server_backup_pause(sc->backup); /* a backup's read txn would stall the install */
 		rc = storage_install(sc->st, ns->nr_path);
+		server_backup_resume(sc->backup);
+	}
 	remove_recv_dir(ns->nr_dir);
 	ns->nr_ready = 0;
 	ns->nr_from = ns->nr_id = ns->nr_off = 0;

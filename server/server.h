@@ -94,6 +94,15 @@ typedef struct config {
 	char *cipher_suites;   /* Go's TLS 1.2 suite names, comma-separated */
 	int auto_tls;          /* a self-signed client certificate under <data-dir>/fixtures/client */
 	char *config_file;     /* --config-file: etcd's YAML; flags and env are then ignored */
+	/* scheduled backups (backup.c; Keelson's own flags, after keelsonutl backup's) */
+	char *backup_dir;      /* "" : off */
+	char *backup_interval; /* Go duration; "" : 1h unless a schedule */
+	char *backup_schedule; /* cron expression */
+	int backup_utc;        /* the schedule in UTC rather than local time */
+	uint64_t backup_retain;
+	char *backup_max_age;  /* Go duration; "" : no age limit */
+	int backup_thin;
+	int backup_compress;
 } config;
 
 /*
@@ -295,6 +304,9 @@ int alarm_apply(alarm_set *a, storage_batch *b, const Etcdserverpb__AlarmRequest
 		storage_arena *ar, Etcdserverpb__AlarmResponse *resp, alarm_change *chg);
 void alarm_commit(alarm_set *a, const alarm_change *chg);
 size_t alarm_status_errors(alarm_set *a, char **out, size_t max, char buf[][64]);
+/* The alarms recorded in r's view of the store as entries of etcd's "alarm" bucket (the
+ * encoded AlarmMember as key, an empty value), in ar; at most max. For snapshots. */
+size_t alarm_export(storage_reader *r, storage_arena *ar, storage_etcd_entry *out, size_t max);
 struct server_ctx;
 /* Refuses (1) a write of request_bytes that the quota cannot take, raising NOSPACE. */
 int alarm_quota_exceeded(struct server_ctx *sc, size_t request_bytes);
@@ -423,6 +435,7 @@ typedef struct server_ctx {
 	auth_store *auth;
 	uint64_t quota_bytes; /* --quota-backend-bytes, or etcd's 2 GiB default */
 	member_info mi;
+	struct server_backup *backup; /* NULL unless --backup-dir */
 } server_ctx;
 
 /* Fills the header's cluster, member and term; revision is the caller's. */
@@ -433,6 +446,25 @@ int lease_register(api_server *as, server_ctx *sc);
 int alarm_register(api_server *as, server_ctx *sc);
 int members_register(api_server *as, server_ctx *sc);
 int snapshot_register(api_server *as, server_ctx *sc);
+/* The member's state as an etcd backend file (no SHA-256 trailer) passed to write, from one
+ * LMDB read transaction (held until it returns): keys, leases, members, auth and alarms.
+ * *size gets the length. Errors: storage's, or the non-zero value write returned. */
+int snapshot_write(server_ctx *sc, storage_write_fn write, void *ctx, uint64_t *size);
+
+/* ---- backup.c: --backup-dir scheduled backups (backup/backup.h does the directory) ---- */
+typedef struct server_backup server_backup;
+/* Starts the backup thread if --backup-dir is set (*out NULL otherwise). */
+int server_backup_start(server_backup **out, server_ctx *sc);
+/* Stops the thread (a backup in progress is abandoned, its temporary files removed). */
+void server_backup_stop(server_backup *b);
+/* The store is about to be rewritten (defragment) or replaced (a snapshot install): a backup
+ * reading it gives up its read transaction (it is retried once resumed) and this waits
+ * until it has, which takes one write of a few pages; no backup starts until the resume.
+ * Both are no-ops on NULL. Node loop only. */
+void server_backup_pause(server_backup *b);
+void server_backup_resume(server_backup *b);
+/* The keelson_backup_* metrics (nothing when b is NULL); returns the length. */
+size_t server_backup_metrics(server_backup *b, char *buf, size_t len);
 int auth_register(api_server *as, server_ctx *sc);
 /* etcd: a learner refuses every request but serializable reads, Status and MemberList.
  * Ends call with etcd's error and returns 1 if this member must refuse. */

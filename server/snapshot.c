@@ -56,8 +56,10 @@ static int wait_for_room(api_stream *st)
 	return 0;
 }
 
-/* Writes the backend file into fd; its size in *size. */
-static int write_snapshot(server_ctx *sc, int fd, uint64_t *size)
+#define SNAPSHOT_MAX_AUTH 2048
+#define SNAPSHOT_MAX_ALARMS 64
+
+int snapshot_write(server_ctx *sc, storage_write_fn write, void *ctx, uint64_t *size)
 {
 	storage_reader *r;
 	storage_arena a;
@@ -72,19 +74,30 @@ static int write_snapshot(server_ctx *sc, int fd, uint64_t *size)
 	info.si_term = node_term(sc->nd);
 	info.si_members = members;
 	info.si_n_members = members_export(sc->members, members, MEMBER_LIST_MAX, &a);
-	/* Users and roles in etcd's buckets: a restore (keelsonutl's, or etcd's) keeps them. */
-	size_t max_auth = 2048;
-	storage_etcd_entry *auth = storage_arena_alloc(&a, max_auth * sizeof(*auth));
-	if (auth == NULL) {
+	/* Users and roles in etcd's buckets: a restore (keelsonutl's, or etcd's) keeps them.
+	 * The alarms too, read in this transaction: etcd's snapshot keeps its alarm bucket and
+	 * a member restored from it starts with those alarms raised (etcd 3.4 does so). */
+	storage_etcd_entry *extra =
+		storage_arena_alloc(&a, (SNAPSHOT_MAX_AUTH + SNAPSHOT_MAX_ALARMS) * sizeof(*extra));
+	if (extra == NULL) {
 		storage_read_end(r);
 		storage_arena_free(&a);
 		return STORAGE_ERR_NOMEM;
 	}
-	info.si_extra = auth;
-	info.si_n_extra = auth_export(sc->auth, auth, max_auth, &a, &info.si_auth_enabled, &info.si_auth_revision);
-	rc = storage_snapshot_etcd(r, &info, write_fd, &fd, size);
+	info.si_extra = extra;
+	info.si_n_extra = auth_export(sc->auth, extra, SNAPSHOT_MAX_AUTH, &a, &info.si_auth_enabled,
+				      &info.si_auth_revision);
+	info.si_n_extra += alarm_export(r, &a, extra + info.si_n_extra, SNAPSHOT_MAX_ALARMS);
+	rc = storage_snapshot_etcd(r, &info, write, ctx, size);
 	storage_read_end(r);
 	storage_arena_free(&a);
+	return rc;
+}
+
+/* Writes the backend file into fd; its size in *size. */
+static int write_snapshot(server_ctx *sc, int fd, uint64_t *size)
+{
+	int rc = snapshot_write(sc, write_fd, &fd, size);
 	if (rc == 0 && fsync(fd) != 0)
 		rc = STORAGE_ERR_IO;
 	return rc;

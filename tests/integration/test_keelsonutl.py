@@ -26,7 +26,12 @@
 - a compressed snapshot of a larger dataset (two compactions, large values, a revoked lease)
   restored into a new 3-member cluster: every key, value, revision, HashKV and lease compared
   on every member; a snapshot saved by `etcdctl snapshot save` from Keelson restores too.
-Cron parsing and retention decisions are unit-tested in C (//tools:keelsonutl_schedule_test).
+- alarms: a snapshot taken while NOSPACE is raised (from Keelson and from etcd) restores with
+  the alarm raised and writes refused, by keelsonutl into Keelson and by etcdctl into etcd, as
+  etcd 3.4 does.
+Cron parsing, retention decisions and the backup directory are unit-tested in C
+(//backup:schedule_test, //backup:dir_test); the server's own scheduled backups in
+test_server_backup.py.
 
 Needs `bazel build //server:keelson //tools:keelsonutl` (KEELSONUTL overrides the tool's path).
 The etcd parts are skipped when /usr/bin/etcd is missing; the restore tests when KEELSON_BIN
@@ -913,6 +918,65 @@ class TestAuthTLS(Base):
 
 
 @unittest.skipUnless(HAVE_ETCD and SUT_IS_KEELSON, "needs the real etcd; restore makes Keelson data dirs")
+@unittest.skipUnless(HAVE_ETCD and SUT_IS_KEELSON, "needs the real etcd and Keelson's restore")
+class TestAlarmsRestored(Base):
+    """etcd's snapshot keeps its alarm bucket, and a member etcd 3.4 restored from it starts
+    with those alarms raised (a NOSPACE one refuses writes until disarmed). Keelson's
+    snapshot carries its alarms the same way and keelsonutl restore keeps them: checked both
+    ways against etcd, with a snapshot taken while NOSPACE is raised."""
+
+    def nospace_snapshot(self, binary):
+        src = harness.fresh_server(self, binary=binary,
+                                   extra_args=["--quota-backend-bytes=1048576"])
+        value = os.urandom(30 * 1000).hex().encode()
+        for i in range(200):
+            r = src.ctl("put", "fill/%03d" % i, stdin=value)
+            if r.rc != 0:
+                self.assertIn("database space exceeded", r.stderr, r)
+                break
+        else:
+            self.fail("no NOSPACE after 200 puts of 60 kB")
+        alarms = ok(src.ctl("alarm", "list")).stdout
+        self.assertIn("alarm:NOSPACE", alarms)
+        f = self.path("nospace-%s.db" % os.path.basename(binary))
+        ku("snapshot", "save", f, "--endpoints=" + src.endpoint)
+        src.stop()
+        return f, alarms
+
+    def assert_nospace(self, s, alarms):
+        self.assertEqual(ok(s.ctl("alarm", "list")).stdout, alarms)
+        r = s.ctl("put", "new", "x")
+        self.assertNotEqual(r.rc, 0)
+        self.assertIn("database space exceeded", r.stderr)
+
+    def test_keelson_snapshot(self):
+        f, alarms = self.nospace_snapshot(harness.KEELSON_BIN)
+        # restored by keelsonutl into Keelson: raised, writes refused, disarm clears it
+        k = self.restored_server(f)
+        k.start()
+        self.assert_nospace(k, alarms)
+        ok(k.ctl("alarm", "disarm"))
+        self.assertEqual(ok(k.ctl("alarm", "list")).stdout, "")
+        ok(k.ctl("put", "new", "x"))
+        k.restart()
+        self.assertEqual(ok(k.ctl("alarm", "list")).stdout, "")
+        # restored by etcdctl into etcd: the same
+        e = harness.Server(harness.ETCD_BIN, name="er", label="etcd-restored")
+        self.addCleanup(e.cleanup)
+        r = ctl_offline("snapshot", "restore", f, "--data-dir", e.data_dir, "--name", "er",
+                        "--initial-cluster", "er=%s" % e.peer_url,
+                        "--initial-advertise-peer-urls", e.peer_url)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        e.start()
+        self.assert_nospace(e, alarms)
+
+    def test_etcd_snapshot(self):
+        f, alarms = self.nospace_snapshot(harness.ETCD_BIN)
+        k = self.restored_server(f)
+        k.start()
+        self.assert_nospace(k, alarms)
+
+
 class TestAuthRestored(Base):
     """Users, roles, permissions and the auth switch survive save + restore, from Keelson
     (PBKDF2 hashes) and from etcd (bcrypt hashes), and log in on the restored member."""

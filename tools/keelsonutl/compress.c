@@ -15,6 +15,7 @@
 
 #include <zlib.h>
 
+#include "backup/backup.h"
 #include "tools/keelsonutl/keelsonutl.h"
 
 #define CHUNK (256 * 1024)
@@ -30,66 +31,25 @@ int ku_is_gzip(const char *path)
 	return n == 2 && m[0] == 0x1f && m[1] == 0x8b;
 }
 
+static void gzip_progress(void *ctx, uint64_t done, uint64_t total)
+{
+	ku_progress *pg = ctx;
+	if (done == 0)
+		ku_progress_start(pg, "compressing", total);
+	else
+		ku_progress_update(pg, done, 0);
+}
+
 int ku_gzip_file(const char *src, const char *dst, uint64_t *out_bytes, char *errbuf,
 		 size_t errlen)
 {
-	int in = open(src, O_RDONLY | O_CLOEXEC);
-	if (in < 0)
-		return ku_errf(errbuf, errlen, KU_ERR_IO, "open %s: %m", src);
-	int out = open(dst, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-	if (out < 0) {
-		int rc = ku_errf(errbuf, errlen, errno == EEXIST ? KU_ERR_EXISTS : KU_ERR_IO,
-				 "create %s: %m", dst);
-		close(in);
-		return rc;
-	}
-	struct stat st;
-	uint64_t total = fstat(in, &st) == 0 ? (uint64_t)st.st_size : 0, done = 0;
 	ku_progress pg;
-	ku_progress_start(&pg, "compressing", total);
-	/* gzdopen takes its own descriptor so that ours stays open for the fsync. */
-	int gfd = dup(out);
-	gzFile gz = gfd < 0 ? NULL : gzdopen(gfd, "wb6");
-	int rc = 0;
-	char *buf = malloc(CHUNK);
-	if (gz == NULL || buf == NULL) {
-		if (gfd >= 0 && gz == NULL)
-			close(gfd);
-		rc = ku_errf(errbuf, errlen, KU_ERR_NOMEM, "gzip %s: cannot start", dst);
-	}
-	while (rc == 0) {
-		ssize_t n = read(in, buf, CHUNK);
-		if (n < 0 && errno == EINTR)
-			continue;
-		if (n < 0) {
-			rc = ku_errf(errbuf, errlen, KU_ERR_IO, "read %s: %m", src);
-			break;
-		}
-		if (n == 0)
-			break;
-		if (gzwrite(gz, buf, (unsigned)n) != (int)n) {
-			int ze;
-			const char *m = gzerror(gz, &ze);
-			rc = ku_errf(errbuf, errlen, KU_ERR_IO, "write %s: %s", dst,
-				     ze == Z_ERRNO ? strerror(errno) : m);
-			break;
-		}
-		done += (uint64_t)n;
-		ku_progress_update(&pg, done, 0);
-	}
+	memset(&pg, 0, sizeof(pg));
+	int rc = backup_gzip_file(src, dst, gzip_progress, &pg, out_bytes, errbuf, errlen);
 	ku_progress_end(&pg);
-	free(buf);
-	if (gz && gzclose(gz) != Z_OK && rc == 0)
-		rc = ku_errf(errbuf, errlen, KU_ERR_IO, "write %s: gzclose failed", dst);
-	if (rc == 0 && fsync(out) != 0)
-		rc = ku_errf(errbuf, errlen, KU_ERR_IO, "fsync %s: %m", dst);
-	if (rc == 0 && out_bytes && fstat(out, &st) == 0)
-		*out_bytes = (uint64_t)st.st_size;
-	close(out);
-	close(in);
-	if (rc)
-		unlink(dst);
-	return rc;
+	if (rc == BACKUP_ERR_NOMEM)
+		return KU_ERR_NOMEM;
+	return rc ? KU_ERR_IO : 0;
 }
 
 int ku_gunzip_to_temp(const char *src, const char *dir, char *tmp, size_t tmplen, char *errbuf,

@@ -6,7 +6,7 @@
  *   keelsonutl snapshot restore FILE --data-dir DIR --name ...    (restore.c; ids from server/identity.h)
  *   keelsonutl backup --endpoints=... --dir DIR (--interval D | --schedule CRON) [--retain N]
  *                     [--max-age D] [--thin] [--compress] [--verify] [--metrics-file F] [--once]
- *                                                                 (backup.c; schedule.h decides
+ *                                                                 (backup.c; backup/backup.h decides
  *                                                                 when and what to keep)
  * gzip reading and writing in compress.c, the terminal progress line in progress.c.
  *
@@ -176,7 +176,7 @@ typedef struct ku_restore_result {
 	uint64_t rr_member_id, rr_cluster_id;
 	int64_t rr_revision;      /* the store revision the new member serves */
 	uint64_t rr_applied;      /* its applied index */
-	uint64_t rr_skipped;      /* entries of buckets Keelson does not keep (auth, alarm) */
+	uint64_t rr_skipped;      /* entries not restored (unknown buckets, bad alarms) */
 } ku_restore_result;
 
 int ku_restore(const ku_restore_opts *o, ku_restore_result *res, char *errbuf, size_t errlen);
@@ -208,8 +208,6 @@ typedef struct ku_flag {
  * (at most maxpos). Returns 0, or KU_ERR_USAGE with a message. */
 int ku_flags_parse(int argc, char **argv, const ku_flag *flags, char **pos, int maxpos,
 		   int *npos, char *errbuf, size_t errlen);
-/* Go durations: "1h2m3.5s", "500ms", "2s"; a bare number is seconds. */
-int ku_parse_duration(const char *s, double *seconds);
 /* Connection flags shared by save and backup, appended to a flag table. */
 #define KU_CONN_FLAGS(v)                                                         \
 	{"endpoints", KU_FLAG_STR, &(v).endpoints, NULL},                        \

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backup/backup.h"
 #include "tools/keelsonutl/keelsonutl.h"
 
 static void usage(FILE *f)
@@ -86,53 +87,6 @@ int ku_flags_parse(int argc, char **argv, const ku_flag *flags, char **pos, int 
 	return 0;
 }
 
-int ku_parse_duration(const char *s, double *seconds)
-{
-	double total = 0;
-	const char *p = s;
-	if (*p == '\0')
-		return -1;
-	char *e;
-	double v = strtod(p, &e);
-	if (e != p && *e == '\0') { /* a bare number: seconds */
-		if (v < 0)
-			return -1;
-		*seconds = v;
-		return 0;
-	}
-	while (*p) {
-		v = strtod(p, &e);
-		if (e == p || v < 0)
-			return -1;
-		p = e;
-		double unit;
-		if (strncmp(p, "ms", 2) == 0) {
-			unit = 1e-3;
-			p += 2;
-		} else if (strncmp(p, "us", 2) == 0) {
-			unit = 1e-6;
-			p += 2;
-		} else if (strncmp(p, "ns", 2) == 0) {
-			unit = 1e-9;
-			p += 2;
-		} else if (*p == 'h') {
-			unit = 3600;
-			p++;
-		} else if (*p == 'm') {
-			unit = 60;
-			p++;
-		} else if (*p == 's') {
-			unit = 1;
-			p++;
-		} else {
-			return -1;
-		}
-		total += v * unit;
-	}
-	*seconds = total;
-	return 0;
-}
-
 int ku_parse_endpoints(ku_conn_opts *o, char *s, char *errbuf, size_t errlen)
 {
 	o->co_n_endpoints = 0;
@@ -161,10 +115,10 @@ int ku_conn_opts_from_flags(ku_conn_opts *o, const ku_conn_flags *f, char **buf,
 	if (rc)
 		return rc;
 	o->co_dial_timeout = 2;
-	if (f->dial_timeout && (ku_parse_duration(f->dial_timeout, &o->co_dial_timeout) ||
+	if (f->dial_timeout && (backup_parse_duration(f->dial_timeout, &o->co_dial_timeout) ||
 				o->co_dial_timeout <= 0))
 		return ku_errf(errbuf, errlen, KU_ERR_USAGE, "invalid --dial-timeout: %s", f->dial_timeout);
-	if (f->command_timeout && ku_parse_duration(f->command_timeout, &o->co_command_timeout))
+	if (f->command_timeout && backup_parse_duration(f->command_timeout, &o->co_command_timeout))
 		return ku_errf(errbuf, errlen, KU_ERR_USAGE, "invalid --command-timeout: %s",
 			       f->command_timeout);
 	o->co_cacert = f->cacert;

@@ -44,8 +44,16 @@
  * auth switch: restored into the auth store's record. */
 #define RESTORE_MAX_AUTH 4096
 
+/* Alarms: etcd's "alarm" bucket (an encoded AlarmMember as key). A member restored by etcd
+ * 3.4 starts with them raised (a NOSPACE one keeps refusing writes until disarmed), so the
+ * restored Keelson member does too. */
+#define RESTORE_MAX_ALARMS 64
+
 typedef struct visit_ctx {
 	uint64_t vc_alarm, vc_other;
+	uint64_t vc_alarm_member[RESTORE_MAX_ALARMS];
+	uint32_t vc_alarm_type[RESTORE_MAX_ALARMS];
+	size_t vc_n_alarms;
 	ProtobufCBinaryData vc_users[RESTORE_MAX_AUTH], vc_roles[RESTORE_MAX_AUTH]; /* malloc'd */
 	size_t vc_n_users, vc_n_roles;
 	int vc_auth_enabled;
@@ -86,7 +94,16 @@ static int visit(void *ctx, const char *bucket, const uint8_t *key, size_t klen,
 			for (int i = 0; i < 8; i++)
 				v->vc_auth_revision = v->vc_auth_revision << 8 | val[i];
 	} else if (strcmp(bucket, "alarm") == 0) {
-		v->vc_alarm++;
+		Etcdserverpb__AlarmMember *am = etcdserverpb__alarm_member__unpack(NULL, klen, key);
+		if (am == NULL || am->alarm == ETCDSERVERPB__ALARM_TYPE__NONE ||
+		    v->vc_n_alarms == RESTORE_MAX_ALARMS) {
+			v->vc_alarm++; /* not restored: counted and reported */
+		} else {
+			v->vc_alarm_member[v->vc_n_alarms] = am->memberid;
+			v->vc_alarm_type[v->vc_n_alarms++] = (uint32_t)am->alarm;
+		}
+		if (am)
+			etcdserverpb__alarm_member__free_unpacked(am, NULL);
 	} else if (strcmp(bucket, "members") && strcmp(bucket, "members_removed") &&
 		   strcmp(bucket, "cluster") && strcmp(bucket, "meta")) {
 		v->vc_other++;
@@ -321,6 +338,16 @@ static int write_member_meta(storage *st, const identity_cluster *c, int self, u
 			err = storage_batch_meta_put(b, "members", buf, len);
 		/* Users (with their password hashes: Keelson's PBKDF2 or etcd's bcrypt, both
 		 * checked by the server), roles and the auth switch, as the snapshot had them. */
+		/* The alarms in server/alarm.c's record (meta "alarms"): 12 bytes each, the
+		 * member id (8, big-endian) and the type (4, big-endian), as etcd left them. */
+		uint8_t alarms[RESTORE_MAX_ALARMS * 12];
+		for (size_t i = 0; i < auth->vc_n_alarms; i++) {
+			put_be64(alarms + 12 * i, auth->vc_alarm_member[i]);
+			for (int k = 0; k < 4; k++)
+				alarms[12 * i + 8 + k] = (uint8_t)(auth->vc_alarm_type[i] >> (24 - 8 * k));
+		}
+		if (err == 0 && auth->vc_n_alarms)
+			err = storage_batch_meta_put(b, "alarms", alarms, 12 * auth->vc_n_alarms);
 		if (err == 0 && (auth->vc_n_users || auth->vc_n_roles || auth->vc_auth_enabled))
 			err = storage_batch_auth_put(b, auth->vc_auth_enabled,
 						     auth->vc_auth_revision ? auth->vc_auth_revision : 1, auth->vc_users,
@@ -476,6 +503,12 @@ int ku_restore(const ku_restore_opts *o, ku_restore_result *res, char *errbuf, s
 	if (!o->ro_quiet) {
 		if (vc->vc_alarm)
 			fprintf(stderr, "warning: %" PRIu64 " alarms not restored\n", vc->vc_alarm);
+		for (size_t i = 0; i < vc->vc_n_alarms; i++)
+			fprintf(stderr, "warning: alarm %s of member %" PRIx64 " restored (raised, as etcd "
+				"restores it): `etcdctl alarm disarm` clears it\n",
+				vc->vc_alarm_type[i] == ETCDSERVERPB__ALARM_TYPE__NOSPACE ? "NOSPACE"
+				: vc->vc_alarm_type[i] == ETCDSERVERPB__ALARM_TYPE__CORRUPT ? "CORRUPT" : "?",
+				vc->vc_alarm_member[i]);
 		if (vc->vc_other)
 			fprintf(stderr, "warning: %" PRIu64 " entries of unknown buckets not restored\n",
 				vc->vc_other);

@@ -23,6 +23,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "backup/backup.h"
 #include "tools/keelsonutl/keelsonutl.h"
 
 typedef struct save_sink {
@@ -83,14 +84,7 @@ static int save_write(void *ctx, const void *buf, size_t len, uint64_t remaining
 
 int ku_fsync_dir(const char *dir, char *errbuf, size_t errlen)
 {
-	int fd = open(dir, O_RDONLY | O_DIRECTORY);
-	if (fd < 0)
-		return ku_errf(errbuf, errlen, KU_ERR_IO, "open %s: %m", dir);
-	int rc = fsync(fd);
-	close(fd);
-	if (rc != 0)
-		return ku_errf(errbuf, errlen, KU_ERR_IO, "fsync %s: %m", dir);
-	return 0;
+	return backup_fsync_dir(dir, errbuf, errlen) ? KU_ERR_IO : 0;
 }
 
 int ku_fsync_parent(const char *path, char *errbuf, size_t errlen)

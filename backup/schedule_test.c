@@ -3,7 +3,7 @@
  * retention/thinning decisions, all with injected times.
  */
 #define _GNU_SOURCE /* timegm, setenv */
-#include "tools/keelsonutl/schedule.h"
+#include "backup/backup.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -57,15 +57,15 @@ static const char *fmt_utc(time_t t)
 /* next(expr, after) in UTC equals want ("" for none). */
 static void check_next(const char *expr, const char *after, const char *want)
 {
-	ku_cron c;
+	backup_cron c;
 	char eb[256] = "";
-	if (ku_cron_parse(expr, &c, eb, sizeof(eb)) != 0) {
+	if (backup_cron_parse(expr, &c, eb, sizeof(eb)) != 0) {
 		fprintf(stderr, "  parse \"%s\" failed: %s\n", expr, eb);
 		failed++;
 		return;
 	}
 	time_t n = 0;
-	int rc = ku_cron_next(&c, utc(after), 1, &n);
+	int rc = backup_cron_next(&c, utc(after), 1, &n);
 	const char *got = rc == 0 ? fmt_utc(n) : "";
 	if (strcmp(got, want) != 0) {
 		fprintf(stderr, "  next(\"%s\", %s) = \"%s\", want \"%s\"\n", expr, after, got, want);
@@ -75,9 +75,9 @@ static void check_next(const char *expr, const char *after, const char *want)
 
 static void check_bad(const char *expr)
 {
-	ku_cron c;
+	backup_cron c;
 	char eb[256] = "";
-	if (ku_cron_parse(expr, &c, eb, sizeof(eb)) == 0) {
+	if (backup_cron_parse(expr, &c, eb, sizeof(eb)) == 0) {
 		fprintf(stderr, "  \"%s\" parsed, should be refused\n", expr);
 		failed++;
 	} else if (eb[0] == '\0') {
@@ -88,20 +88,20 @@ static void check_bad(const char *expr)
 
 static void test_cron_parse(void)
 {
-	ku_cron c;
+	backup_cron c;
 	char eb[256];
-	CHECK_EQ(ku_cron_parse("*/15 1-3,22 * jan-mar,DEC mon-fri", &c, eb, sizeof(eb)), 0);
+	CHECK_EQ(backup_cron_parse("*/15 1-3,22 * jan-mar,DEC mon-fri", &c, eb, sizeof(eb)), 0);
 	CHECK_EQ(c.kc_minutes, (1ULL << 0) | (1ULL << 15) | (1ULL << 30) | (1ULL << 45));
 	CHECK_EQ(c.kc_hours, (1u << 1) | (1u << 2) | (1u << 3) | (1u << 22));
 	CHECK_EQ(c.kc_months, (1u << 1) | (1u << 2) | (1u << 3) | (1u << 12));
 	CHECK_EQ(c.kc_wdays, 0x3e);
 	CHECK(c.kc_mday_star);
 	CHECK(!c.kc_wday_star);
-	CHECK_EQ(ku_cron_parse("5/20 0 1-31/10 * 7", &c, eb, sizeof(eb)), 0);
+	CHECK_EQ(backup_cron_parse("5/20 0 1-31/10 * 7", &c, eb, sizeof(eb)), 0);
 	CHECK_EQ(c.kc_minutes, (1ULL << 5) | (1ULL << 25) | (1ULL << 45));
 	CHECK_EQ(c.kc_mdays, (1u << 1) | (1u << 11) | (1u << 21) | (1u << 31));
 	CHECK_EQ(c.kc_wdays, 1); /* 7 is Sunday */
-	CHECK_EQ(ku_cron_parse("  @hourly ", &c, eb, sizeof(eb)), 0);
+	CHECK_EQ(backup_cron_parse("  @hourly ", &c, eb, sizeof(eb)), 0);
 	CHECK_EQ(c.kc_minutes, 1);
 	CHECK_EQ(c.kc_hours, 0xffffff);
 
@@ -144,11 +144,11 @@ static void test_cron_next_utc(void)
 	check_next("@yearly", "2026-11-27 10:00", "2027-01-01 00:00");
 	check_next("0 0 30 2 *", "2026-01-01 00:00", ""); /* never */
 	/* seconds within the minute do not matter */
-	ku_cron c;
+	backup_cron c;
 	char eb[64];
 	time_t n;
-	CHECK_EQ(ku_cron_parse("* * * * *", &c, eb, sizeof(eb)), 0);
-	CHECK_EQ(ku_cron_next(&c, utc("2026-03-01 10:00") + 59, 1, &n), 0);
+	CHECK_EQ(backup_cron_parse("* * * * *", &c, eb, sizeof(eb)), 0);
+	CHECK_EQ(backup_cron_next(&c, utc("2026-03-01 10:00") + 59, 1, &n), 0);
 	CHECK_EQ(n, utc("2026-03-01 10:01"));
 }
 
@@ -156,21 +156,21 @@ static void test_cron_next_local(void)
 {
 	setenv("TZ", "America/New_York", 1);
 	tzset();
-	ku_cron c;
+	backup_cron c;
 	char eb[64];
 	time_t n;
 	/* 02:30 does not exist on 2026-03-08 in New York (clocks jump 02:00 -> 03:00). */
-	CHECK_EQ(ku_cron_parse("30 2 * * *", &c, eb, sizeof(eb)), 0);
-	CHECK_EQ(ku_cron_next(&c, utc("2026-03-07 12:00"), 0, &n), 0); /* 07:00 local */
+	CHECK_EQ(backup_cron_parse("30 2 * * *", &c, eb, sizeof(eb)), 0);
+	CHECK_EQ(backup_cron_next(&c, utc("2026-03-07 12:00"), 0, &n), 0); /* 07:00 local */
 	CHECK_EQ(n, utc("2026-03-09 06:30")); /* 02:30 EDT on the 9th */
 	/* 09:00 local is 14:00 UTC in winter, 13:00 UTC in summer. */
-	CHECK_EQ(ku_cron_parse("0 9 * * *", &c, eb, sizeof(eb)), 0);
-	CHECK_EQ(ku_cron_next(&c, utc("2026-01-10 00:00"), 0, &n), 0);
+	CHECK_EQ(backup_cron_parse("0 9 * * *", &c, eb, sizeof(eb)), 0);
+	CHECK_EQ(backup_cron_next(&c, utc("2026-01-10 00:00"), 0, &n), 0);
 	CHECK_EQ(n, utc("2026-01-10 14:00"));
-	CHECK_EQ(ku_cron_next(&c, utc("2026-07-10 00:00"), 0, &n), 0);
+	CHECK_EQ(backup_cron_next(&c, utc("2026-07-10 00:00"), 0, &n), 0);
 	CHECK_EQ(n, utc("2026-07-10 13:00"));
 	/* the same expression in UTC */
-	CHECK_EQ(ku_cron_next(&c, utc("2026-07-10 00:00"), 1, &n), 0);
+	CHECK_EQ(backup_cron_next(&c, utc("2026-07-10 00:00"), 1, &n), 0);
 	CHECK_EQ(n, utc("2026-07-10 09:00"));
 	unsetenv("TZ");
 	tzset();
@@ -186,10 +186,10 @@ static int tier(int64_t age)
 }
 
 /* Runs the selection and returns a bit set of kept indexes (n <= 64). */
-static uint64_t kept_set(const int64_t *t, size_t n, ku_retention_policy p, int64_t now)
+static uint64_t kept_set(const int64_t *t, size_t n, backup_retention p, int64_t now)
 {
 	int keep[64];
-	int k = ku_retention_select(t, n, &p, now, keep);
+	int k = backup_retention_select(t, n, &p, now, keep);
 	uint64_t set = 0;
 	int count = 0;
 	for (size_t i = 0; i < n; i++) {
@@ -209,21 +209,21 @@ static void test_retention(void)
 	for (int i = 0; i < 8; i++) /* t[i] is i minutes old: t[0] newest */
 		t[i] = now - i * MIN_MS;
 	/* no limits: everything */
-	CHECK_EQ(kept_set(t, 8, (ku_retention_policy){0, 0, 0}, now), 0xff);
+	CHECK_EQ(kept_set(t, 8, (backup_retention){0, 0, 0}, now), 0xff);
 	/* --retain 3: the three newest */
-	CHECK_EQ(kept_set(t, 8, (ku_retention_policy){3, 0, 0}, now), 0x07);
+	CHECK_EQ(kept_set(t, 8, (backup_retention){3, 0, 0}, now), 0x07);
 	/* order of the input does not matter */
 	int64_t r[3] = {now - 5 * MIN_MS, now, now - 1 * MIN_MS};
-	CHECK_EQ(kept_set(r, 3, (ku_retention_policy){1, 0, 0}, now), 0x02);
+	CHECK_EQ(kept_set(r, 3, (backup_retention){1, 0, 0}, now), 0x02);
 	/* --max-age 150s: 0, 1 and 2 minutes old */
-	CHECK_EQ(kept_set(t, 8, (ku_retention_policy){0, 150, 0}, now), 0x07);
+	CHECK_EQ(kept_set(t, 8, (backup_retention){0, 150, 0}, now), 0x07);
 	/* max-age and retain together: the stricter wins */
-	CHECK_EQ(kept_set(t, 8, (ku_retention_policy){2, 150, 0}, now), 0x03);
+	CHECK_EQ(kept_set(t, 8, (backup_retention){2, 150, 0}, now), 0x03);
 	/* everything too old: the newest stays anyway */
 	int64_t old[3] = {now - 10 * D_MS, now - 11 * D_MS, now - 12 * D_MS};
-	CHECK_EQ(kept_set(old, 3, (ku_retention_policy){0, 3600, 0}, now), 0x01);
-	CHECK_EQ(kept_set(old, 3, (ku_retention_policy){0, 3600, 1}, now), 0x01);
-	CHECK_EQ(kept_set(NULL, 0, (ku_retention_policy){1, 0, 0}, now), 0);
+	CHECK_EQ(kept_set(old, 3, (backup_retention){0, 3600, 0}, now), 0x01);
+	CHECK_EQ(kept_set(old, 3, (backup_retention){0, 3600, 1}, now), 0x01);
+	CHECK_EQ(kept_set(NULL, 0, (backup_retention){1, 0, 0}, now), 0);
 }
 
 static void test_thinning(void)
@@ -235,8 +235,8 @@ static void test_thinning(void)
 	int *keep = malloc(n * sizeof(int));
 	for (size_t i = 0; i < n; i++)
 		t[i] = now - 5 * MIN_MS - (int64_t)i * 10 * MIN_MS;
-	ku_retention_policy p = {0, 0, 1};
-	int k = ku_retention_select(t, n, &p, now, keep);
+	backup_retention p = {0, 0, 1};
+	int k = backup_retention_select(t, n, &p, now, keep);
 	int young = 0, hour = 0, day = 0, week = 0, older = 0;
 	for (size_t i = 0; i < n; i++) {
 		int64_t age = now - t[i];
@@ -273,17 +273,17 @@ static void test_thinning(void)
 		if (keep[i])
 			kt[m++] = t[i];
 	int *keep2 = malloc(m * sizeof(int));
-	int k2 = ku_retention_select(kt, m, &p, now, keep2);
+	int k2 = backup_retention_select(kt, m, &p, now, keep2);
 	CHECK_EQ(k2, (int)m);
 	/* 30 minutes later only backups that moved to a coarser tier can go */
-	int k3 = ku_retention_select(kt, m, &p, now + 30 * MIN_MS, keep2);
+	int k3 = backup_retention_select(kt, m, &p, now + 30 * MIN_MS, keep2);
 	CHECK(k3 < (int)m);
 	for (size_t i = 0; i < m; i++)
 		if (tier(now - kt[i]) == tier(now + 30 * MIN_MS - kt[i]))
 			CHECK(keep2[i]);
 	/* thinning with --retain: the newest N of the thinned set */
-	ku_retention_policy pr = {10, 0, 1};
-	CHECK_EQ(ku_retention_select(t, n, &pr, now, keep), 10);
+	backup_retention pr = {10, 0, 1};
+	CHECK_EQ(backup_retention_select(t, n, &pr, now, keep), 10);
 	for (size_t i = 0; i < 7; i++) /* 6 young ones and the 1h05m one */
 		CHECK(keep[i]);
 	free(t);
@@ -316,15 +316,15 @@ static void test_cron_random(void)
 			if (i % 2 == 0 && k < 4)
 				strncat(expr, " ", sizeof(expr) - strlen(expr) - 1);
 		}
-		ku_cron c;
+		backup_cron c;
 		char eb[256] = "";
-		if (ku_cron_parse(expr, &c, eb, sizeof(eb)) != 0) {
+		if (backup_cron_parse(expr, &c, eb, sizeof(eb)) != 0) {
 			CHECK(eb[0] != '\0');
 			continue;
 		}
 		parsed++;
 		time_t n;
-		if (ku_cron_next(&c, base, 1, &n) == 0)
+		if (backup_cron_next(&c, base, 1, &n) == 0)
 			CHECK(n > base && n % 60 == 0);
 	}
 	CHECK(parsed > 500); /* the generator does reach the valid side */

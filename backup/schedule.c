@@ -1,5 +1,5 @@
 /*
- * schedule.c - cron expressions and backup retention (see schedule.h for the rules).
+ * schedule.c - cron expressions and backup retention (see backup.h for the rules).
  */
 #define _GNU_SOURCE /* timegm, qsort_r */
 #include <ctype.h>
@@ -8,7 +8,7 @@
 #include <string.h>
 #include <strings.h>
 
-#include "tools/keelsonutl/schedule.h"
+#include "backup/backup.h"
 
 /* ---- cron ---- */
 
@@ -106,7 +106,7 @@ bad:
 	return -1;
 }
 
-int ku_cron_parse(const char *expr, ku_cron *out, char *errbuf, size_t errlen)
+int backup_cron_parse(const char *expr, backup_cron *out, char *errbuf, size_t errlen)
 {
 	static const struct {
 		const char *name, *expansion;
@@ -122,7 +122,7 @@ int ku_cron_parse(const char *expr, ku_cron *out, char *errbuf, size_t errlen)
 			size_t n = strlen(macros[i].name);
 			if (strncmp(expr, macros[i].name, n) == 0 &&
 			    strspn(expr + n, " \t") == strlen(expr + n))
-				return ku_cron_parse(macros[i].expansion, out, errbuf, errlen);
+				return backup_cron_parse(macros[i].expansion, out, errbuf, errlen);
 		}
 		snprintf(errbuf, errlen, "unknown cron macro \"%s\"", expr);
 		return -1;
@@ -163,7 +163,7 @@ int ku_cron_parse(const char *expr, ku_cron *out, char *errbuf, size_t errlen)
 	return 0;
 }
 
-static int day_matches(const ku_cron *c, const struct tm *tm)
+static int day_matches(const backup_cron *c, const struct tm *tm)
 {
 	int md = (c->kc_mdays >> tm->tm_mday) & 1;
 	int wd = (c->kc_wdays >> tm->tm_wday) & 1;
@@ -178,7 +178,7 @@ static time_t to_time(struct tm *tm, int utc)
 	return utc ? timegm(tm) : mktime(tm);
 }
 
-int ku_cron_next(const ku_cron *c, time_t after, int utc, time_t *next)
+int backup_cron_next(const backup_cron *c, time_t after, int utc, time_t *next)
 {
 	time_t t = after - (after % 60 + 60) % 60 + 60; /* the next whole minute */
 	time_t limit = after + (time_t)8 * 366 * 86400;
@@ -250,7 +250,7 @@ static int cmp_newest_first(const void *a, const void *b, void *times)
 	return ta < tb ? 1 : ta > tb ? -1 : 0;
 }
 
-int ku_retention_select(const int64_t *times, size_t n, const ku_retention_policy *p,
+int backup_retention_select(const int64_t *times, size_t n, const backup_retention *p,
 			int64_t now_ms, int *keep)
 {
 	if (n == 0)
@@ -306,4 +306,111 @@ int ku_retention_select(const int64_t *times, size_t n, const ku_retention_polic
 	free(order);
 	free(buckets);
 	return kept;
+}
+
+/* ---- durations ---- */
+
+int backup_parse_duration(const char *s, double *seconds)
+{
+	double total = 0;
+	const char *p = s;
+	if (*p == '\0')
+		return -1;
+	char *e;
+	double v = strtod(p, &e);
+	if (e != p && *e == '\0') { /* a bare number: seconds */
+		if (v < 0)
+			return -1;
+		*seconds = v;
+		return 0;
+	}
+	while (*p) {
+		v = strtod(p, &e);
+		if (e == p || v < 0)
+			return -1;
+		p = e;
+		double unit;
+		if (strncmp(p, "ms", 2) == 0) {
+			unit = 1e-3;
+			p += 2;
+		} else if (strncmp(p, "us", 2) == 0) {
+			unit = 1e-6;
+			p += 2;
+		} else if (strncmp(p, "ns", 2) == 0) {
+			unit = 1e-9;
+			p += 2;
+		} else if (*p == 'h') {
+			unit = 3600;
+			p++;
+		} else if (*p == 'm') {
+			unit = 60;
+			p++;
+		} else if (*p == 's') {
+			unit = 1;
+			p++;
+		} else {
+			return -1;
+		}
+		total += v * unit;
+	}
+	*seconds = total;
+	return 0;
+}
+
+/* ---- the plan ---- */
+
+int backup_plan_parse(backup_plan *p, const char *interval, const char *schedule, int utc,
+		      const char *prefix, char *errbuf, size_t errlen)
+{
+	memset(p, 0, sizeof(*p));
+	p->bp_every = 3600;
+	p->bp_utc = utc;
+	if (interval && *interval == '\0')
+		interval = NULL;
+	if (schedule && *schedule == '\0')
+		schedule = NULL;
+	if (interval && schedule) {
+		snprintf(errbuf, errlen, "%sinterval and %sschedule are exclusive", prefix, prefix);
+		return BACKUP_ERR_USAGE;
+	}
+	if (utc && !schedule) {
+		snprintf(errbuf, errlen, "%sutc applies to %sschedule only", prefix, prefix);
+		return BACKUP_ERR_USAGE;
+	}
+	if (interval && (backup_parse_duration(interval, &p->bp_every) != 0 || p->bp_every < 0.1)) {
+		snprintf(errbuf, errlen, "invalid %sinterval %s (a duration of at least 100ms)", prefix,
+			 interval);
+		return BACKUP_ERR_USAGE;
+	}
+	if (schedule) {
+		char ceb[256];
+		time_t probe;
+		if (backup_cron_parse(schedule, &p->bp_cron, ceb, sizeof(ceb)) != 0) {
+			snprintf(errbuf, errlen, "invalid %sschedule: %s", prefix, ceb);
+			return BACKUP_ERR_USAGE;
+		}
+		if (backup_cron_next(&p->bp_cron, time(NULL), utc, &probe) != 0) {
+			snprintf(errbuf, errlen, "invalid %sschedule: \"%s\" never matches a date", prefix,
+				 schedule);
+			return BACKUP_ERR_USAGE;
+		}
+		p->bp_cron_on = 1;
+	}
+	return 0;
+}
+
+void backup_plan_describe(const backup_plan *p, const char *schedule, char *out, size_t len)
+{
+	if (p->bp_cron_on)
+		snprintf(out, len, "on \"%s\" (%s)", schedule, p->bp_utc ? "UTC" : "local time");
+	else
+		snprintf(out, len, "every %gs", p->bp_every);
+}
+
+double backup_plan_next_interval(const backup_plan *p, double due, double start, double now)
+{
+	double next = due + p->bp_every;
+	if (next <= now) /* ran longer than the interval: skip the missed ticks */
+		next = start + p->bp_every * (1 + (double)(long)((now - start) / p->bp_every));
+	return next;
 }
