@@ -4,6 +4,7 @@
  */
 #include <errno.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -421,8 +422,10 @@ static int run(config *cfgp)
 		log_at(LOG_FATAL, "cannot start the corruption check", NULL);
 		rc = -1;
 	}
-	if (rc == 0 && server_backup_start(&sc.backup, &sc) != 0)
+	server_backup *backup = NULL;
+	if (rc == 0 && server_backup_start(&backup, &sc) != 0)
 		rc = -1; /* logged; a backup directory asked for and unusable stops the start */
+	atomic_store(&sc.backup, backup);
 	if (rc) {
 		node_stop(sc.nd);
 		node_free(sc.nd);

@@ -435,7 +435,8 @@ typedef struct server_ctx {
 	auth_store *auth;
 	uint64_t quota_bytes; /* --quota-backend-bytes, or etcd's 2 GiB default */
 	member_info mi;
-	struct server_backup *backup; /* NULL unless --backup-dir */
+	/* NULL unless --backup-dir; set by main once the node loop (which reads it) runs */
+	struct server_backup *_Atomic backup;
 } server_ctx;
 
 /* Fills the header's cluster, member and term; revision is the caller's. */
