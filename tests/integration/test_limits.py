@@ -42,6 +42,21 @@ def open_fds(pid):
     return len(os.listdir("/proc/%d/fd" % pid))
 
 
+def metrics(server):
+    """{name: value} of the server's /metrics (unlabelled samples)."""
+    import urllib.request
+    out = {}
+    with urllib.request.urlopen(server.client_url + "/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            parts = line.split()
+            if len(parts) == 2 and not line.startswith("#") and "{" not in parts[0]:
+                try:
+                    out[parts[0]] = float(parts[1])
+                except ValueError:
+                    pass
+    return out
+
+
 def cpu_seconds(pid):
     with open("/proc/%d/stat" % pid) as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -376,6 +391,9 @@ class Limits(unittest.TestCase):
             rss1 = rss_bytes(pid)
             stop.set()
             st.join()
+            # the test means something only if the server saw those streams stall
+            m = metrics(s)
+            self.assertGreaterEqual(m.get("etcd_debugging_mvcc_slow_watcher_total", 0), nslow, m)
             # other clients are served meanwhile
             other = timed_puts(kv, b"/slow-other/", 20)
             bound = nslow * 8 * 2**20 + 256 * 2**20
@@ -384,6 +402,9 @@ class Limits(unittest.TestCase):
                   "stream + 256); puts meanwhile: %s; after: %s" % (
                       nslow, nvals * size // 2**20, rss0 / 2**20, rss_max[0] / 2**20,
                       rss1 / 2**20, bound / 2**20, describe(lat), describe(other)))
+            print("limits: with them stalled: %d slow watchers, %.1f MiB queued on streams" % (
+                m.get("etcd_debugging_mvcc_slow_watcher_total", 0),
+                m.get("keelson_watch_pending_bytes", 0) / 2**20))
             self.assertLess(rss_max[0] - rss0, bound)
             self.assertLess(max(other), 1.0)
         finally:
