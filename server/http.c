@@ -330,8 +330,9 @@ static void on_mux_accept(uv_poll_t *p, int status, int events)
 		int fd = accept4(ml->ml_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
 		if (fd < 0 && (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)) {
 			/* The pending connection stays queued and the listener stays readable:
-			 * polling on would spin a core until a descriptor frees up. Back off as Go's
-			 * net/http does for etcd (5 ms, doubling up to 1 s). */
+			 * polling on would spin a core until a descriptor frees up (etcd 3.4 does:
+			 * tests/integration/test_limits.py). Back off as Go's net/http Server does
+			 * (5 ms, doubling up to 1 s). */
 			ml->ml_backoff_ms = ml->ml_backoff_ms ? ml->ml_backoff_ms * 2 : 5;
 			if (ml->ml_backoff_ms > 1000)
 				ml->ml_backoff_ms = 1000;

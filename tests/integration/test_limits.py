@@ -221,13 +221,15 @@ class Limits(unittest.TestCase):
             used = cpu_seconds(pid) - c0
             print("limits: out of file descriptors with 100 clients waiting: %.2f s of CPU in 2 s"
                   % used)
-            self.assertLess(used, 0.5, "the server spins while it cannot accept")
+            if not IS_ETCD:  # etcd 3.4.23 spins here (1.4 s of CPU in 2 s, measured)
+                self.assertLess(used, 0.5, "the server spins while it cannot accept")
             for c in socks:
                 c.close()
             socks = []
             r = s.ctl("put", "after", "emfile", timeout=30)
             self.assertEqual(r.rc, 0, r)
-            self.assertIn(b"cannot accept client connections", open(s.log_path, "rb").read())
+            if not IS_ETCD:
+                self.assertIn(b"cannot accept client connections", open(s.log_path, "rb").read())
         finally:
             for c in socks:
                 c.close()
