@@ -28,6 +28,8 @@
 /* A client-port listener: a raw socket, so accepted fds can be handed to gRPC core. */
 typedef struct mux_listener {
 	uv_poll_t ml_poll;
+	uv_timer_t ml_retry; /* accepting again after running out of file descriptors */
+	uint64_t ml_backoff_ms;
 	int ml_fd;
 	struct http_server *ml_srv;
 } mux_listener;
@@ -313,6 +315,14 @@ static void on_sniff(uv_poll_t *p, int status, int events)
 		uv_close((uv_handle_t *)&hc->hc_tcp, conn_closed);
 }
 
+static void on_mux_accept(uv_poll_t *p, int status, int events);
+
+static void on_mux_retry(uv_timer_t *t)
+{
+	mux_listener *ml = t->data;
+	uv_poll_start(&ml->ml_poll, UV_READABLE, on_mux_accept);
+}
+
 static void on_mux_accept(uv_poll_t *p, int status, int events)
 {
 	mux_listener *ml = p->data;
@@ -321,8 +331,24 @@ static void on_mux_accept(uv_poll_t *p, int status, int events)
 		return;
 	for (;;) {
 		int fd = accept4(ml->ml_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+		if (fd < 0 && (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)) {
+			/* The pending connection stays queued and the listener stays readable:
+			 * polling on would spin a core until a descriptor frees up (etcd 3.4 does:
+			 * tests/integration/test_limits.py). Back off as Go's net/http Server does
+			 * (5 ms, doubling up to 1 s). */
+			ml->ml_backoff_ms = ml->ml_backoff_ms ? ml->ml_backoff_ms * 2 : 5;
+			if (ml->ml_backoff_ms > 1000)
+				ml->ml_backoff_ms = 1000;
+			if (ml->ml_backoff_ms == 5)
+				log_at(LOG_WARN, "cannot accept client connections; retrying", "error",
+				       strerror(errno), NULL);
+			uv_poll_stop(&ml->ml_poll);
+			uv_timer_start(&ml->ml_retry, on_mux_retry, ml->ml_backoff_ms, 0);
+			return;
+		}
 		if (fd < 0)
 			return;
+		ml->ml_backoff_ms = 0;
 		int one = 1;
 		setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 		sniff_conn *c = calloc(1, sizeof(*c));
@@ -369,6 +395,8 @@ static int mux_listen(http_server *h, const struct sockaddr *addr)
 		return -1;
 	}
 	ml->ml_poll.data = ml;
+	uv_timer_init(&h->h_loop, &ml->ml_retry);
+	ml->ml_retry.data = ml; /* a listener's handle for close_walk */
 	h->h_nmux++;
 	return uv_poll_start(&ml->ml_poll, UV_READABLE, on_mux_accept);
 }

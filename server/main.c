@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include "server/peer.h"
@@ -280,6 +281,22 @@ static int setup_peer_tls(config *cfg)
 
 static int run(config *cfgp);
 
+/*
+ * Every client connection is a file descriptor, and the soft limit is often 1024 while the
+ * hard one is far higher: raise the soft limit to the hard one, as Go's runtime does for
+ * etcd at start-up (Go 1.19+), so that thousands of clients (an apiserver fleet, watchers)
+ * are not refused at 1024. Nothing here uses select(), so no FD_SETSIZE bound applies.
+ */
+static void raise_open_files_limit(void)
+{
+	struct rlimit rl;
+	if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= rl.rlim_max)
+		return;
+	rl.rlim_cur = rl.rlim_max;
+	if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+		log_at(LOG_WARN, "cannot raise the open files limit", "error", strerror(errno), NULL);
+}
+
 int main(int argc, char **argv)
 {
 	config cfg;
@@ -304,6 +321,7 @@ static int run(config *cfgp)
 	}
 	log_setup(cfg.logger, cfg.log_level);
 	signal(SIGPIPE, SIG_IGN);
+	raise_open_files_limit();
 	/* etcd refuses an unknown --cipher-suites name before it starts anything. */
 	char ciphers[2048];
 	if (cfg.cipher_suites[0] && tls_cipher_list(cfg.cipher_suites, ciphers, sizeof(ciphers)) != 0)

@@ -1313,6 +1313,7 @@ int node_start(node **out, server_ctx *sc)
 	n->n_timeout_timer.data = n;
 	uv_timer_start(&n->n_timeout_timer, on_timeout_timer, 500, 500);
 
+	n->n_compacting = 1; /* finish a physical compaction a crash cut short (none: one no-op batch) */
 	/* A lone voter need not wait an election timeout to lead (etcd's tick advance). */
 	if (!atomic_load(&n->n_multi_voter)) {
 		raft_campaign(n->n_raft);

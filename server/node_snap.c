@@ -40,6 +40,7 @@
 
 #include <openssl/evp.h>
 
+#include "crashpoint/crashpoint.h"
 #include "raft/codec.h"
 #include "server/node_internal.h"
 
@@ -113,6 +114,7 @@ static void *copy_thread(void *arg)
 {
 	snap_send *ss = arg;
 	ss->ss_copy_err = storage_copy(ss->ss_node->n_sc->st, ss->ss_fd);
+	CRASHPOINT("snap.copied"); /* leader: a whole copy in snap.send.<id>, none of it sent */
 	atomic_store(&ss->ss_copy_done, 1);
 	uv_async_send(&ss->ss_node->n_snap->ns_copied);
 	return NULL;
@@ -377,6 +379,7 @@ static void on_chunk(node_snap *ns, uint64_t from, uint64_t id, uint64_t off, co
 		return;
 	}
 	ns->nr_off += len;
+	CRASHPOINT("snap.recv.chunk"); /* follower: part of the copy in snap.recv, unsynced */
 }
 
 int node_snap_on_frame(node *n, uint64_t from, const uint8_t *p, size_t len, struct raft_message *m)
@@ -412,6 +415,7 @@ int node_snap_on_frame(node *n, uint64_t from, const uint8_t *p, size_t len, str
 		return 0;
 	}
 	ns->nr_ready = 1;
+	CRASHPOINT("snap.recv.done"); /* the whole copy verified and synced, Raft not told */
 	return 1;
 }
 
@@ -485,6 +489,8 @@ uint64_t node_snap_install(node *n, const struct raft_snapshot *s, const struct 
 	}
 	uint64_t applied = 0;
 	int rc = prepare_received(n, s, hs, &applied);
+	if (rc == 0)
+		CRASHPOINT("snap.rewritten"); /* the copy holds this member's log and identity */
 	if (rc == 0) {
 		server_backup_pause(sc->backup); /* a backup's read txn would stall the install */
 		rc = storage_install(sc->st, ns->nr_path);

@@ -13,12 +13,14 @@
 #include <unistd.h>
 #include <stdatomic.h>
 
+#include "crashpoint/crashpoint.h"
 #include "storage/internal.h"
 
 #define DEFAULT_MAP_SIZE (8ull << 30)
 #define MAX_DBS 32
 #define MAX_READERS 1022
 #define LOCK_NAME "keelson.lock"
+#define DEFRAG_TMP "data.mdb.defrag"
 
 static const char *const errtab[] = {
 	"mvcc: required revision has been compacted",
@@ -207,6 +209,13 @@ int storage_open(const char *dir, const storage_options *opts, storage **out)
 		goto fail;
 	}
 
+	/* A defragment that a crash interrupted leaves its copy beside the data file (the
+	 * rename is the commit point, so the copy is never needed): it would only take up as
+	 * much disk as the store itself. We hold the data dir's lock, so no copy is in flight. */
+	char tmp[PATH_MAX];
+	if (snprintf(tmp, sizeof(tmp), "%s/%s", dir, DEFRAG_TMP) < (int)sizeof(tmp))
+		unlink(tmp);
+
 	s->s_map_size = opts && opts->so_map_size ? opts->so_map_size : DEFAULT_MAP_SIZE;
 	int rc = env_open(s, dir);
 	if (rc == 0)
@@ -264,7 +273,7 @@ int64_t storage_current_revision(storage *s)
  * with s_envlock held exclusively and no batch open. The file is renamed over the data
  * file and the directory fsynced, so a crash leaves either the old file or the new one.
  */
-static int replace_env(storage *s, const char *path)
+static int replace_env(storage *s, const char *path, const char *crashpoint_renamed)
 {
 	char data[PATH_MAX];
 	if (snprintf(data, sizeof(data), "%s/data.mdb", s->s_dir) >= (int)sizeof(data))
@@ -276,6 +285,7 @@ static int replace_env(storage *s, const char *path)
 		err = STORAGE_ERR_IO;
 		unlink(path);
 	} else {
+		CRASHPOINT(crashpoint_renamed); /* the new file in place, the directory not synced */
 		int dfd = open(s->s_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
 		if (dfd >= 0) {
 			fsync(dfd);
@@ -309,7 +319,7 @@ static int copy_env(storage *s, int fd)
 int storage_defragment(storage *s)
 {
 	char tmp[PATH_MAX];
-	if (snprintf(tmp, sizeof(tmp), "%s/data.mdb.defrag", s->s_dir) >= (int)sizeof(tmp))
+	if (snprintf(tmp, sizeof(tmp), "%s/%s", s->s_dir, DEFRAG_TMP) >= (int)sizeof(tmp))
 		return STORAGE_ERR_INVALID;
 	pthread_rwlock_wrlock(&s->s_envlock);
 	int err = 0;
@@ -322,6 +332,7 @@ int storage_defragment(storage *s)
 		err = STORAGE_ERR_IO;
 		goto out;
 	}
+	CRASHPOINT("defrag.opened"); /* an empty copy beside the store */
 	int rc = copy_env(s, fd);
 	close(fd);
 	if (rc) {
@@ -329,7 +340,8 @@ int storage_defragment(storage *s)
 		err = storage__mdb_err(rc);
 		goto out;
 	}
-	err = replace_env(s, tmp);
+	CRASHPOINT("defrag.copied"); /* a whole, synced copy beside the store */
+	err = replace_env(s, tmp, "defrag.renamed");
 out:
 	pthread_rwlock_unlock(&s->s_envlock);
 	return err;
@@ -360,7 +372,7 @@ int storage_install(storage *s, const char *path)
 	if (rc)
 		return STORAGE_ERR_CORRUPT;
 	pthread_rwlock_wrlock(&s->s_envlock);
-	int err = s->s_batch ? STORAGE_ERR_INVALID : replace_env(s, path);
+	int err = s->s_batch ? STORAGE_ERR_INVALID : replace_env(s, path, "install.renamed");
 	pthread_rwlock_unlock(&s->s_envlock);
 	return err;
 }
@@ -455,11 +467,14 @@ static int batch_commit(storage_batch *b, uint64_t applied_index, int lazy)
 		 * the flag can be set around this call. */
 		if (lazy)
 			mdb_env_set_flags(s->s_env, MDB_NOMETASYNC, 1);
+		CRASHPOINT("commit.before"); /* the batch complete in memory, nothing of it on disk */
 		err = storage__mdb_err(mdb_txn_commit(txn));
 		if (lazy)
 			mdb_env_set_flags(s->s_env, MDB_NOMETASYNC, 0);
-		if (!err)
+		if (!err) {
+			CRASHPOINT("commit.after"); /* durable (lazy: written), not yet acknowledged */
 			atomic_store(&s->s_rev, b->b_rev);
+		}
 	}
 	s->s_batch = NULL;
 	pthread_rwlock_unlock(&s->s_envlock);

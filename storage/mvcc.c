@@ -9,6 +9,7 @@
  */
 #include <stdlib.h>
 
+#include "crashpoint/crashpoint.h"
 #include "storage/internal.h"
 
 #define COMPACT_CHUNK 10000 /* revisions examined by storage_batch_compact itself */
@@ -1095,6 +1096,7 @@ int storage_batch_compact_continue(storage_batch *b, size_t max_revisions, int *
 		*done = 1;
 		return 0;
 	}
+	CRASHPOINT("compact.continue"); /* earlier steps committed, the rest still on disk */
 	MDB_txn *txn;
 	saved sv;
 	int err = req_begin(b, &txn, &sv);

@@ -1,0 +1,519 @@
+"""Crash safety of storage (issue 10): a member dies at named points of its write path and
+must come back whole.
+
+The server is started with KEELSON_CRASHPOINT=name:N (crashpoint/crashpoint.h): the Nth time
+it passes the named point it kills itself with SIGKILL. Points:
+
+  commit.before / commit.after   around the LMDB commit of a batch (group commit)
+  compact.continue               between the bounded steps of a physical compaction
+  defrag.opened / defrag.copied  a defragment's copy beside the store, empty / whole
+  defrag.renamed                 the copy renamed over the store, directory not yet synced
+  snap.copied                    leader: a snapshot copy made for a follower, none sent
+  snap.recv.chunk / .done        follower: part of a snapshot received / all of it, verified
+  snap.rewritten                 follower: the copy rewritten with its own log and identity
+  install.renamed                follower: the copy renamed over its store
+
+After each crash the member is restarted (without the variable) and checked: it starts;
+every acknowledged write is there and nothing but a prefix of what was sent (the workloads
+are sequential, so revision r is the (r-1)th request: the whole keyspace and history are
+compared with a model); the revision and compaction are what the model says; HashKV equals
+a real etcd's that applied the same requests (single member) or the other members' (in a
+cluster, after catch-up); no temp file is left behind, and a defragment still works.
+
+Everything is deterministic (a point and a hit count, sequential clients) and the module
+runs in well under a minute on 2 cores. The points are Keelson's: with KEELSON_BIN=etcd the
+module is skipped.
+"""
+
+import json
+import os
+import re
+import subprocess
+import time
+import unittest
+
+import etcd3
+from etcd3 import etcdrpc as rpc
+import grpc
+
+import harness
+from harness import poll
+from cluster import Cluster
+
+IS_ETCD = os.path.basename(harness.KEELSON_BIN) == "etcd"
+TEMP_NAMES = re.compile(r"^(data\.mdb\.defrag|snap\.recv|snap\.send\..*)$")
+STORE_FILES = {"data.mdb", "lock.mdb", "keelson.lock"}
+
+
+# ---------------------------------------------------------------------------------------
+# workloads: a fixed list of requests, each one revision, sent one at a time
+
+def put_op(key, value):
+    return ("put", rpc.PutRequest(key=key.encode(), value=value.encode()))
+
+
+def txn_op(pairs):
+    return ("txn", rpc.TxnRequest(success=[
+        rpc.RequestOp(request_put=rpc.PutRequest(key=k.encode(), value=v.encode()))
+        for k, v in pairs]))
+
+
+def puts_workload(n=300, nkeys=40, size=64):
+    """n puts over nkeys keys (each key rewritten, so there is history to compact)."""
+    return [put_op("/crash/k%03d" % (i % nkeys), ("v%d-" % i).ljust(size, "x"))
+            for i in range(n)]
+
+
+def txns_workload(n=250, width=128):
+    """n txns of width puts each: enough revision records (n * width) for a physical
+    compaction to take several bounded steps (10,000 records a step)."""
+    return [txn_op([("/ctx/%03d" % j, "t%d-%d" % (i, j)) for j in range(width)])
+            for i in range(n)]
+
+
+def model_state(ops, n, at_rev=None):
+    """{key: (value, create_revision, mod_revision, version)} after the first n ops
+    (op i is revision i + 2 on a fresh store), as seen at revision at_rev."""
+    state = {}
+    for i in range(n):
+        rev = i + 2
+        if at_rev is not None and rev > at_rev:
+            break
+        kind, req = ops[i]
+        puts = [req] if kind == "put" else [o.request_put for o in req.success]
+        for p in puts:
+            old = state.get(p.key)
+            state[p.key] = (p.value, old[1] if old else rev, rev, (old[3] if old else 0) + 1)
+    return state
+
+
+def send(kv, op):
+    kind, req = op
+    if kind == "put":
+        return kv.Put(req, timeout=10).header.revision
+    return kv.Txn(req, timeout=10).header.revision
+
+
+class Conn:
+    """A python3-etcd3 client's gRPC stubs for one server."""
+
+    def __init__(self, server):
+        self.c = etcd3.client(host="127.0.0.1", port=server.client_port, timeout=10)
+        self.kv = self.c.kvstub
+        self.maint = self.c.maintenancestub
+
+    def close(self):
+        self.c.close()
+
+    def revision(self):
+        return self.kv.Range(rpc.RangeRequest(key=b"\0", limit=1), timeout=10).header.revision
+
+    def hashkv(self, rev):
+        r = self.maint.HashKV(rpc.HashKVRequest(revision=rev), timeout=30)
+        return r.hash, r.compact_revision
+
+    def range_all(self, rev=0, serializable=False):
+        r = self.kv.Range(rpc.RangeRequest(key=b"\0", range_end=b"\0", revision=rev,
+                                           serializable=serializable), timeout=30)
+        return {kv.key: (kv.value, kv.create_revision, kv.mod_revision, kv.version)
+                for kv in r.kvs}
+
+
+class Oracle:
+    """Real etcd servers that applied a whole workload (and a compaction): HashKV at any
+    revision of it is what a member that applied a prefix must report."""
+
+    def __init__(self):
+        self.servers = {}
+
+    def hashkv(self, name, ops, rev, compact=None):
+        key = (name, compact)
+        if key not in self.servers:
+            s = harness.Server(binary=harness.ETCD_BIN, label="crash-oracle")
+            s.start()
+            self.servers[key] = s
+            conn = Conn(s)
+            try:
+                for op in ops:
+                    send(conn.kv, op)
+                if compact is not None:
+                    conn.kv.Compact(rpc.CompactionRequest(revision=compact, physical=True),
+                                    timeout=30)
+            finally:
+                conn.close()
+        conn = Conn(self.servers[key])
+        try:
+            return conn.hashkv(rev)
+        finally:
+            conn.close()
+
+    def cleanup(self):
+        for s in self.servers.values():
+            s.cleanup(graceful=False)
+
+
+# ---------------------------------------------------------------------------------------
+
+class CrashCase(unittest.TestCase):
+
+    def member_dir(self, m):
+        return os.path.join(m.data_dir, "member")
+
+    def arm(self, m, spec):
+        m.env = {"KEELSON_CRASHPOINT": spec}
+
+    def disarm(self, m):
+        m.env = {}
+
+    def wait_crashed(self, m, point, timeout=20):
+        """The member died by the armed point (not some other way, and not never)."""
+        try:
+            m.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.fail("%s still running %.0fs after crash point %s should have been hit\n%s"
+                      % (m.label, timeout, point, m.log_tail(20)))
+        m._reaped()
+        log = open(m.log_path, "rb").read().decode("utf-8", "replace")
+        self.assertIn("crashpoint %s hit" % point, log, m.log_tail(20))
+        self.assertEqual(m.proc.returncode, -9, m.log_tail(20))
+
+    def assert_no_temp_files(self, m):
+        names = os.listdir(self.member_dir(m))
+        self.assertEqual([n for n in names if TEMP_NAMES.match(n)], [],
+                         "temp files left in %s: %s" % (self.member_dir(m), names))
+
+    def drive(self, m, ops, expect_crash):
+        """Sends ops one at a time; returns (acked, sent). With expect_crash the member must
+        die before the last op is acknowledged."""
+        conn = Conn(m)
+        acked = 0
+        try:
+            for op in ops:
+                try:
+                    rev = send(conn.kv, op)
+                except grpc.RpcError:
+                    if not expect_crash:
+                        raise
+                    return acked, acked + 1
+                self.assertEqual(rev, acked + 2, "op %d got revision %d" % (acked, rev))
+                acked += 1
+        finally:
+            conn.close()
+        if expect_crash:
+            self.fail("the member acknowledged all %d ops without reaching the crash point\n%s"
+                      % (len(ops), m.log_tail(20)))
+        return acked, acked
+
+
+class SingleMember(CrashCase):
+    """One member: the write path, compaction and defragment. HashKV against etcd."""
+
+    @classmethod
+    def setUpClass(cls):
+        if IS_ETCD:
+            raise unittest.SkipTest("crash points are Keelson's")
+        cls.oracle = Oracle()
+        cls.puts = puts_workload()
+        cls.txns = txns_workload()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.oracle.cleanup()
+
+    def setUp(self):
+        self.c = Cluster(1, label="crash")
+        self.m = self.c.members[0]
+        self.addCleanup(self.c.cleanup)
+
+    def start_armed(self, spec):
+        self.arm(self.m, spec)
+        self.m.spawn()
+        self.c.wait_healthy([self.m])
+
+    def restart(self):
+        self.disarm(self.m)
+        self.c.restart(self.m)
+
+    def check(self, name, ops, acked, sent, compact=None):
+        """Everything acknowledged is there, nothing but a prefix of ops, equal to etcd's."""
+        conn = Conn(self.m)
+        try:
+            rev = conn.revision()
+            n = rev - 1
+            self.assertGreaterEqual(n, acked, "acknowledged writes lost: revision %d" % rev)
+            self.assertLessEqual(n, sent, "revision %d beyond the %d ops sent" % (rev, sent))
+            self.assertEqual(conn.range_all(), model_state(ops, n))
+            if compact is None:
+                # history too: the keyspace at an older revision
+                mid = max(1, rev // 2)
+                self.assertEqual(conn.range_all(rev=mid), model_state(ops, n, at_rev=mid))
+            else:
+                with self.assertRaises(grpc.RpcError) as cm:
+                    conn.range_all(rev=compact - 1)
+                self.assertIn("compacted", cm.exception.details())
+                self.assertEqual(conn.range_all(rev=compact), model_state(ops, n, at_rev=compact))
+            got = conn.hashkv(rev)
+            want = self.oracle.hashkv(name, ops, rev, compact)
+            self.assertEqual(got, want, "HashKV at %d (hash, compact revision)" % rev)
+        finally:
+            conn.close()
+        self.assert_no_temp_files(self.m)
+        return rev
+
+    def defragment_still_works(self):
+        conn = Conn(self.m)
+        try:
+            before = conn.range_all()
+            conn.maint.Defragment(rpc.DefragmentRequest(), timeout=60)
+            self.assertEqual(conn.range_all(), before)
+        finally:
+            conn.close()
+        self.assert_no_temp_files(self.m)
+
+    # -- the LMDB commit of a batch
+
+    def crash_in_writes(self, spec):
+        point = spec.split(":")[0]
+        self.start_armed(spec)
+        acked, sent = self.drive(self.m, self.puts, expect_crash=True)
+        self.wait_crashed(self.m, point)
+        self.restart()
+        rev = self.check("puts", self.puts, acked, sent)
+        if point == "commit.before":
+            # the batch that died was not on disk: the op in flight is not there either
+            self.assertEqual(rev - 1, acked)
+        # the member goes on writing where it stopped, and survives a clean restart
+        acked2, _ = self.drive_rest(rev - 1)
+        self.c.restart(self.m)
+        self.check("puts", self.puts, acked2, acked2)
+
+    def drive_rest(self, done):
+        conn = Conn(self.m)
+        try:
+            for i in range(done, len(self.puts)):
+                self.assertEqual(send(conn.kv, self.puts[i]), i + 2)
+        finally:
+            conn.close()
+        return len(self.puts), len(self.puts)
+
+    def test_commit_before_early(self):
+        self.crash_in_writes("commit.before:20")
+
+    def test_commit_before_late(self):
+        self.crash_in_writes("commit.before:150")
+
+    def test_commit_after_early(self):
+        self.crash_in_writes("commit.after:21")
+
+    def test_commit_after_late(self):
+        self.crash_in_writes("commit.after:151")
+
+    # -- physical compaction, between its bounded steps
+
+    def crash_in_compaction(self, spec, compact=200):
+        point = spec.split(":")[0]
+        self.start_armed(spec)
+        acked, _ = self.drive(self.m, self.txns, expect_crash=False)
+        conn = Conn(self.m)
+        try:
+            with self.assertRaises(grpc.RpcError):
+                conn.kv.Compact(rpc.CompactionRequest(revision=compact, physical=True), timeout=30)
+        finally:
+            conn.close()
+        self.wait_crashed(self.m, point)
+        self.restart()
+        # the compaction itself was committed with its first step: it holds after the crash
+        self.check("txns", self.txns, acked, acked, compact=compact)
+        # and the superseded revisions still on disk are removed after the restart, without
+        # waiting for another compaction: every key's revision at 200, and those above it
+        width = len(self.txns[0][1].success)
+        want = width * (len(self.txns) + 1 - compact + 1)
+        poll(lambda: self.revision_records() == want, 20,
+             what="the interrupted compaction finished (%d revision records)" % want)
+        self.check("txns", self.txns, acked, acked, compact=compact)
+        self.defragment_still_works()
+
+    def revision_records(self):
+        """Entries of the member's revision table (mdb_stat reads a live environment)."""
+        r = subprocess.run(["mdb_stat", "-s", "revs", self.member_dir(self.m)],
+                           capture_output=True, text=True, timeout=20)
+        m = re.search(r"Entries: (\d+)", r.stdout)
+        return int(m.group(1)) if m else None
+
+    def test_compaction_after_first_step(self):
+        self.crash_in_compaction("compact.continue:1")
+
+    def test_compaction_after_second_step(self):
+        self.crash_in_compaction("compact.continue:2")
+
+    # -- defragment
+
+    def crash_in_defrag(self, point):
+        self.start_armed(point + ":1")
+        acked, _ = self.drive(self.m, self.puts, expect_crash=False)
+        conn = Conn(self.m)
+        try:
+            with self.assertRaises(grpc.RpcError):
+                conn.maint.Defragment(rpc.DefragmentRequest(), timeout=60)
+        finally:
+            conn.close()
+        self.wait_crashed(self.m, point)
+        if point != "defrag.renamed":
+            self.assertTrue(os.path.exists(os.path.join(self.member_dir(self.m), "data.mdb.defrag")),
+                            "the point should leave a copy behind")
+        self.restart()
+        self.check("puts", self.puts, acked, acked)
+        self.defragment_still_works()
+        self.c.restart(self.m)
+        self.check("puts", self.puts, acked, acked)
+
+    def test_defrag_opened(self):
+        self.crash_in_defrag("defrag.opened")
+
+    def test_defrag_copied(self):
+        self.crash_in_defrag("defrag.copied")
+
+    def test_defrag_renamed(self):
+        self.crash_in_defrag("defrag.renamed")
+
+
+class ClusterMember(CrashCase):
+    """Three members: a follower dies while it receives and installs a snapshot, the leader
+    while it copies one, a follower at a commit. After the restart every member has the same
+    HashKV and the follower serves every acknowledged write."""
+
+    NPUTS = 60
+
+    @classmethod
+    def setUpClass(cls):
+        if IS_ETCD:
+            raise unittest.SkipTest("crash points are Keelson's")
+
+    def setUp(self):
+        # a short log, cut often: a follower that misses NPUTS writes needs a snapshot
+        self.c = Cluster(3, label="crashc", extra_args=[
+            "--snapshot-count=20", "--experimental-snapshot-catchup-entries=5"])
+        self.c.start()
+        self.addCleanup(self.c.cleanup)
+
+    def write(self, m, prefix, n, size=40000):
+        """n puts through m, values large enough that a snapshot is several 1 MiB chunks.
+        Returns {key: value} of what was acknowledged."""
+        conn = Conn(m)
+        acked = {}
+        try:
+            for i in range(n):
+                k, v = ("%s%03d" % (prefix, i)).encode(), (("%d-" % i) * size)[:size].encode()
+                conn.kv.Put(rpc.PutRequest(key=k, value=v), timeout=10)
+                acked[k] = v
+        finally:
+            conn.close()
+        return acked
+
+    def check_cluster(self, f, acked):
+        c = self.c
+        c.wait_healthy()
+        self.assert_no_temp_files(f)
+
+        def converged():
+            idx, rev = c.wait_converged(timeout=20)
+            hs = c.hashkv(rev=rev)
+            return len(set(hs.values())) == 1 and hs
+        poll(converged, 30, what="equal HashKV on every member")
+        conn = Conn(f)
+        try:
+            got = conn.range_all(serializable=True)
+        finally:
+            conn.close()
+        for k, v in acked.items():
+            self.assertEqual(got.get(k, (None,))[0], v, "acknowledged %r missing on %s" % (k, f.name))
+        # and it keeps taking writes
+        more = self.write(f, "/after/", 3, size=10)
+        self.assertEqual(len(more), 3)
+
+    def crash_follower_in_install(self, spec):
+        c = self.c
+        point = spec.split(":")[0]
+        ldr = c.leader()
+        f = c.followers(ldr)[0]
+        c.kill9(f)
+        acked = self.write(ldr, "/snap/", self.NPUTS)
+        self.arm(f, spec)
+        f.spawn()
+        self.wait_crashed(f, point)
+        self.disarm(f)
+        c.restart(f)
+        self.assertIn("installed a database snapshot",
+                      open(f.log_path, "rb").read().decode("utf-8", "replace"))
+        self.check_cluster(f, acked)
+
+    def test_snapshot_receive_middle(self):
+        self.crash_follower_in_install("snap.recv.chunk:2")
+
+    def test_snapshot_received_whole(self):
+        self.crash_follower_in_install("snap.recv.done:1")
+
+    def test_snapshot_rewritten(self):
+        self.crash_follower_in_install("snap.rewritten:1")
+
+    def test_snapshot_renamed(self):
+        self.crash_follower_in_install("install.renamed:1")
+
+    def test_leader_copying_snapshot(self):
+        c = self.c
+        ldr = c.leader()
+        f = c.followers(ldr)[0]
+        c.kill9(f)
+        acked = self.write(ldr, "/snap/", self.NPUTS)
+        # every member that may lead dies at its first snapshot copy: restart the two with
+        # the point (one of them leads), then the follower that needs the snapshot
+        others = [m for m in c.members if m is not f]
+        for m in others:
+            c.kill9(m)
+            self.arm(m, "snap.copied:1")
+            m._wait_ports_free()
+            m.spawn()
+        c.wait_leader(members=others)
+        c.restart(f, wait=False)
+        poll(lambda: any(not m.alive() for m in others), 30, what="a leader hit snap.copied")
+        dead = [m for m in others if not m.alive()]
+        self.wait_crashed(dead[0], "snap.copied")
+        self.assertTrue([n for n in os.listdir(self.member_dir(dead[0]))
+                         if n.startswith("snap.send.")],
+                        "the point should leave the leader's copy behind")
+        for m in others:  # the other one is still armed: restart it without the point
+            self.disarm(m)
+            c.restart(m, wait=False)
+        c.wait_healthy()
+        for m in c.members:
+            self.assert_no_temp_files(m)
+        self.check_cluster(f, acked)
+        self.check_cluster(dead[0], acked)
+
+    def test_follower_commit(self):
+        c = self.c
+        ldr = c.leader()
+        f = c.followers(ldr)[0]
+        c.kill9(f)
+        self.arm(f, "commit.before:30")
+        c.restart(f)
+        conn = Conn(ldr)
+        acked = {}
+        try:
+            for i in range(200):
+                if not f.alive():
+                    break
+                k, v = b"/fc/%03d" % i, b"v%d" % i
+                conn.kv.Put(rpc.PutRequest(key=k, value=v), timeout=10)
+                acked[k] = v
+        finally:
+            conn.close()
+        self.wait_crashed(f, "commit.before")
+        acked.update(self.write(ldr, "/fc2/", 20, size=10))
+        self.disarm(f)
+        c.restart(f)
+        self.check_cluster(f, acked)
+
+
+if __name__ == "__main__":
+    unittest.main()
