@@ -168,6 +168,10 @@ static void on_answer(void *ctx, uint64_t call_id, int status, const void *body,
 	a->na_call = 0;
 	if (status == PEER_ECLOSED) {
 		finish(n, a, NODE_ASK_ESTOPPED, NULL, 0);
+	} else if (status == PEER_ETIMEDOUT) {
+		/* An attempt's deadline is the question's: the member asked kept it all along
+		 * (etcd: the HTTP request to a leader that hangs runs into the context's end). */
+		finish(n, a, NODE_ASK_ETIMEDOUT, NULL, 0);
 	} else if (status >= 0 && !(a->na_to == 0 && status == NODE_ANS_NOT_LEADER)) {
 		finish(n, a, status, body, len);
 	} else if (a->na_to != 0) {
@@ -187,7 +191,8 @@ static void on_ask_timer(uv_timer_t *t)
 		next = a->na_next;
 		if (now < a->na_deadline_ms)
 			continue;
-		int no_leader = a->na_to == 0 && atomic_load(&n->n_lead) == 0;
+		/* etcd's ErrNoLeader comes from waitLeader: only when no attempt is in flight. */
+		int no_leader = a->na_to == 0 && a->na_call == 0 && atomic_load(&n->n_lead) == 0;
 		finish(n, a, no_leader ? NODE_ASK_ENOLEADER : NODE_ASK_ETIMEDOUT, NULL, 0);
 	}
 	/* An attempt ends at most its own question (answered locally, or not sendable), and
@@ -212,7 +217,12 @@ void node_ask_begin(node *n, node_ask_req *a)
 
 void node_ask_leader_changed(node *n, uint64_t lead)
 {
-	/* Questions in flight to a member that no longer leads go to the new one next tick. */
+	/* Questions in flight to a member that no longer leads go to the new one next tick.
+	 * Losing the leader (lead 0) leaves them waiting for the old one's answer, as etcd's
+	 * forwarding does; a new leader is asked at once (etcd keeps waiting on the old one
+	 * until its request fails or times out). */
+	if (lead == 0)
+		return;
 	for (node_ask_req *a = n->n_asks; a; a = a->na_next) {
 		if (a->na_to != 0 || a->na_call == 0 || a->na_target == lead)
 			continue;
