@@ -2,9 +2,11 @@
  * lease.c - etcd's Lease service and the lessor: which leases exist and when they expire.
  *
  * Grants and revokes are writes: they go through the node loop and storage, and the lessor
- * learns of them once they commit. Keep-alives only move an expiry time in memory, as in
- * etcd. The node loop asks the lessor every half second which leases have expired, and
- * revokes them through the log like a client's revoke, in bounded batches.
+ * learns of them once they commit. Keep-alives only move an expiry time in the leader's
+ * memory, as in etcd: a follower forwards each one to the leader and answers with the
+ * leader's TTL, and asks the leader for TimeToLive too (node_ask, over the peer transport).
+ * The node loop asks the lessor every half second which leases have expired, and revokes
+ * them through the log like a client's revoke, in bounded batches.
  *
  * Checkpoints (--experimental-enable-lease-checkpoint, as etcd's lessor): every
  * --experimental-lease-checkpoint-interval the leader proposes, through the log, the
