@@ -236,7 +236,9 @@ enum {
 };
 /*
  * The answer to node_ask: status as above; body (valid during the call only) with
- * NODE_ANS_OK and NODE_ANS_ERROR. Runs on the node loop's thread: do not block in it.
+ * NODE_ANS_OK and NODE_ANS_ERROR. Runs on the node loop's thread (do not block in it),
+ * except NODE_ASK_ESTOPPED for a question the stopping member never took, which may run
+ * on the thread that called node_ask(), from inside it.
  */
 typedef void (*node_ask_cb)(void *ctx, int status, const uint8_t *body, size_t len);
 /*
