@@ -6,7 +6,7 @@
  * revision and the same compacted revision.
  *
  * - The initial check (--experimental-initial-corrupt-check) runs before the member serves
- *   anything: it asks every peer for HashKV at this member's revision and refuses to start
+ *   any client: it asks every peer for HashKV at this member's revision and refuses to start
  *   on a mismatch ("<id> found data inconsistency with peers"). Peers that do not answer
  *   are logged and skipped, as etcd does.
  * - The periodic check (--experimental-corrupt-check-time) runs on its own thread: every

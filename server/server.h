@@ -365,8 +365,9 @@ int alarm_quota_exceeded(struct server_ctx *sc, size_t request_bytes);
 /* ---- corrupt.c: etcd's corruption checks ---- */
 
 struct server_ctx;
-/* --experimental-initial-corrupt-check, before the member serves anything: HashKV from
- * every peer at this member's revision. Returns 0 (also when peers cannot be reached,
+/* --experimental-initial-corrupt-check, after node_start() (peers are asked over its
+ * transport) and before any client is served: HashKV from every peer at this member's
+ * revision. Returns 0 (also when peers cannot be reached,
  * logged), or -1 on a mismatch after logging etcd's "<id> found data inconsistency with
  * peers" as a fatal error; the caller then exits. */
 int corrupt_check_initial(struct server_ctx *sc);
