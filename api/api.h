@@ -38,6 +38,7 @@ typedef enum api_error {
 	API_ERR_TIMEOUT,            /* Unavailable "etcdserver: request timed out" */
 	API_ERR_STOPPED,            /* Unavailable "etcdserver: server stopped" */
 	API_ERR_CORRUPT,            /* DataLoss "etcdserver: corrupt cluster" */
+	API_ERR_TOO_MANY_REQUESTS,  /* ResourceExhausted "etcdserver: too many requests" */
 	API_ERR_INTERNAL,           /* Unknown, with the message given to api_call_fail_msg() */
 	API_ERR_COUNT
 } api_error;

@@ -47,6 +47,7 @@ static const struct {
 	[API_ERR_TIMEOUT] = {GRPC_STATUS_UNAVAILABLE, "etcdserver: request timed out"},
 	[API_ERR_STOPPED] = {GRPC_STATUS_UNAVAILABLE, "etcdserver: server stopped"},
 	[API_ERR_CORRUPT] = {GRPC_STATUS_DATA_LOSS, "etcdserver: corrupt cluster"},
+	[API_ERR_TOO_MANY_REQUESTS] = {GRPC_STATUS_RESOURCE_EXHAUSTED, "etcdserver: too many requests"},
 	[API_ERR_INTERNAL] = {GRPC_STATUS_UNKNOWN, "etcdserver: internal error"},
 };
 

@@ -6,7 +6,7 @@
  * revision and the same compacted revision.
  *
  * - The initial check (--experimental-initial-corrupt-check) runs before the member serves
- *   anything: it asks every peer for HashKV at this member's revision and refuses to start
+ *   any client: it asks every peer for HashKV at this member's revision and refuses to start
  *   on a mismatch ("<id> found data inconsistency with peers"). Peers that do not answer
  *   are logged and skipped, as etcd does.
  * - The periodic check (--experimental-corrupt-check-time) runs on its own thread: every
@@ -15,10 +15,11 @@
  *   check_hash_kv()). With CORRUPT active every member refuses writes with
  *   "etcdserver: corrupt cluster" (apply.c).
  *
- * etcd asks its peers over their peer URLs; Keelson's peer transport carries Raft frames
- * only, so the peers are asked over their client URLs (as published in the member list)
- * with Maintenance.HashKV on gRPC core's C client API, one call at a time, each bounded by
- * etcd's request timeout.
+ * etcd 3.4 asks its peers over the peer transport (/members/hashkv on the peer URLs), so
+ * the check needs no client credentials and works with auth on; Keelson asks over the
+ * peer transport's request channel (node_ask, NODE_ASK_HASHKV), every peer at once, each
+ * bounded by etcd's request timeout. The initial check therefore runs once the node (and
+ * its transport) started, before any client is served.
  */
 #include <errno.h>
 #include <inttypes.h>
@@ -28,22 +29,17 @@
 #include <string.h>
 #include <time.h>
 
-#include <grpc/byte_buffer.h>
-#include <grpc/byte_buffer_reader.h>
-#include <grpc/grpc.h>
-#include <grpc/grpc_security.h>
-#include <grpc/slice.h>
-#include <grpc/support/alloc.h>
-#include <grpc/support/time.h>
-
 #include "server/server.h"
 
-#define METHOD_HASHKV "/etcdserverpb.Maintenance/HashKV"
+/* The gRPC status codes etcd's errors carry here. */
+#define GRPC_CODE_OUT_OF_RANGE 11
+
+typedef struct hash_wait hash_wait;
 
 /* One peer's answer to HashKV (etcd's peerHashKVResp). */
 typedef struct peer_hash {
 	uint64_t ph_id;          /* the member asked */
-	char ph_url[256];        /* the client URL that answered, or the last one tried */
+	char ph_url[256];        /* its peer URL (for the logs) */
 	int ph_ok;               /* 1: the fields below hold the answer */
 	int ph_code;             /* failed: the gRPC status, -1 if no status came back */
 	char ph_err[256];        /* failed: why */
@@ -51,147 +47,56 @@ typedef struct peer_hash {
 	int64_t ph_revision;     /* header.revision of the answer */
 	int64_t ph_compact_rev;
 	uint32_t ph_hash;
+	hash_wait *ph_wait;
 } peer_hash;
 
-/* etcd's ReqTimeout: 5s plus two election timeouts. */
-static uint64_t request_timeout_ms(const server_ctx *sc)
+/* The questions of one round, answered on the node loop while the asker waits. */
+struct hash_wait {
+	pthread_mutex_t hw_mu;
+	pthread_cond_t hw_cv;
+	size_t hw_left;
+};
+
+int corrupt_serve_hash_kv(server_ctx *sc, const uint8_t *body, size_t len, uint8_t **out, size_t *outlen)
 {
-	return 5000 + 2 * sc->cfg->election_ms;
+	*out = NULL;
+	*outlen = 0;
+	Etcdserverpb__HashKVRequest *req = etcdserverpb__hash_kvrequest__unpack(NULL, len, body);
+	if (req == NULL)
+		return NODE_ANS_BAD_REQUEST;
+	int64_t want = req->revision;
+	etcdserverpb__hash_kvrequest__free_unpacked(req, NULL);
+	storage_reader *r;
+	int rc = storage_read_begin(sc->st, &r);
+	if (rc)
+		return node_ans_error(rc, out, outlen);
+	Etcdserverpb__HashKVResponse resp = ETCDSERVERPB__HASH_KVRESPONSE__INIT;
+	Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+	rc = storage_hash_kv(r, want, &resp.hash, &resp.hash_revision, &resp.compact_revision);
+	int64_t current = storage_current_revision(sc->st);
+	storage_read_end(r);
+	if (rc)
+		return node_ans_error(rc, out, outlen);
+	/* As Maintenance.HashKV: the header carries the store's current revision. */
+	server_fill_header(sc, &h);
+	h.revision = want == 0 || current < resp.hash_revision ? resp.hash_revision : current;
+	resp.header = &h;
+	size_t n = etcdserverpb__hash_kvresponse__get_packed_size(&resp);
+	*out = malloc(n ? n : 1);
+	if (*out == NULL)
+		return node_ans_error(STORAGE_ERR_NOMEM, out, outlen);
+	*outlen = etcdserverpb__hash_kvresponse__pack(&resp, *out);
+	return NODE_ANS_OK;
 }
 
-/* A PEM file's text, or NULL if it cannot be read or is empty. */
-static char *read_pem(const char *path)
+/* A peer's answer (on the node loop): fills its peer_hash and counts it done. */
+static void hash_answered(void *ctx, int status, const uint8_t *body, size_t len)
 {
-	char *text = server_read_file(path);
-	if (text && text[0] == '\0') {
-		free(text);
-		text = NULL;
-	}
-	return text;
-}
-
-/* Credentials for a peer's client URL: TLS with this member's client-side files for
- * https (the CA of --trusted-ca-file, the --cert-file/--key-file pair), else plaintext. */
-static grpc_channel_credentials *peer_credentials(const config *cfg, int tls)
-{
-	if (!tls)
-		return grpc_insecure_credentials_create();
-	char *root = cfg->trusted_ca_file[0] ? read_pem(cfg->trusted_ca_file) : NULL;
-	char *cert = cfg->cert_file[0] ? read_pem(cfg->cert_file) : NULL;
-	char *key = cfg->key_file[0] ? read_pem(cfg->key_file) : NULL;
-	grpc_ssl_pem_key_cert_pair kp = {key, cert};
-	grpc_channel_credentials *c = grpc_ssl_credentials_create(root, cert && key ? &kp : NULL, NULL, NULL);
-	free(root);
-	free(cert);
-	if (key) {
-		memset(key, 0, strlen(key)); /* a private key should not linger in freed memory */
-		free(key);
-	}
-	return c;
-}
-
-/*
- * One unary Maintenance.HashKV to url at rev, bounded by timeout_ms. Fills p (ph_ok, or
- * ph_code and ph_err). The call fails fast when the peer cannot be reached.
- */
-static void hash_kv_call(const config *cfg, const char *url, int64_t rev, uint64_t timeout_ms, peer_hash *p)
-{
-	const char *target = url;
-	char unix_target[300];
-	int tls = 0;
-	if (strncmp(url, "http://", 7) == 0) {
-		target = url + 7;
-	} else if (strncmp(url, "https://", 8) == 0) {
-		target = url + 8;
-		tls = 1;
-	} else if (strncmp(url, "unix://", 7) == 0 || strncmp(url, "unixs://", 8) == 0) {
-		/* etcd's unix client URLs: gRPC names the socket "unix:path". */
-		tls = url[4] == 's';
-		snprintf(unix_target, sizeof(unix_target), "unix:%s", url + (tls ? 8 : 7));
-		target = unix_target;
-	}
-	snprintf(p->ph_url, sizeof(p->ph_url), "%s", url);
+	peer_hash *p = ctx;
 	p->ph_ok = 0;
 	p->ph_code = -1;
-
-	grpc_arg args[] = {
-		{GRPC_ARG_INTEGER, GRPC_ARG_ENABLE_RETRIES, {.integer = 0}},
-		{GRPC_ARG_INTEGER, GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, {.integer = 1}},
-	};
-	grpc_channel_args ca = {sizeof(args) / sizeof(args[0]), args};
-	grpc_channel_credentials *creds = peer_credentials(cfg, tls);
-	if (creds == NULL) {
-		snprintf(p->ph_err, sizeof(p->ph_err), "cannot make TLS credentials");
-		return;
-	}
-	grpc_channel *ch = grpc_channel_create(target, creds, &ca);
-	grpc_channel_credentials_release(creds);
-
-	Etcdserverpb__HashKVRequest req = ETCDSERVERPB__HASH_KVREQUEST__INIT;
-	req.revision = rev;
-	uint8_t buf[32];
-	size_t n = etcdserverpb__hash_kvrequest__pack(&req, buf);
-	grpc_slice sl = grpc_slice_from_copied_buffer((const char *)buf, n);
-	grpc_byte_buffer *send = grpc_raw_byte_buffer_create(&sl, 1), *recv = NULL;
-	grpc_slice_unref(sl);
-	grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
-	gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-					     gpr_time_from_millis((int64_t)timeout_ms, GPR_TIMESPAN));
-	grpc_call *call = grpc_channel_create_call(ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq,
-						   grpc_slice_from_static_string(METHOD_HASHKV), NULL, deadline,
-						   NULL);
-	grpc_metadata_array md_init, md_trail;
-	grpc_metadata_array_init(&md_init);
-	grpc_metadata_array_init(&md_trail);
-	grpc_status_code code = GRPC_STATUS_UNKNOWN;
-	grpc_slice details = grpc_empty_slice();
-	grpc_op ops[6];
-	memset(ops, 0, sizeof(ops));
-	ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
-	ops[1].op = GRPC_OP_SEND_MESSAGE;
-	ops[1].data.send_message.send_message = send;
-	ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
-	ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
-	ops[3].data.recv_initial_metadata.recv_initial_metadata = &md_init;
-	ops[4].op = GRPC_OP_RECV_MESSAGE;
-	ops[4].data.recv_message.recv_message = &recv;
-	ops[5].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
-	ops[5].data.recv_status_on_client.trailing_metadata = &md_trail;
-	ops[5].data.recv_status_on_client.status = &code;
-	ops[5].data.recv_status_on_client.status_details = &details;
-	int ok = 0;
-	if (call != NULL && grpc_call_start_batch(call, ops, 6, (void *)1, NULL) == GRPC_CALL_OK) {
-		/* The call's deadline bounds this wait; the extra second covers its delivery. */
-		gpr_timespec wait = gpr_time_add(deadline, gpr_time_from_millis(1000, GPR_TIMESPAN));
-		grpc_event ev = grpc_completion_queue_pluck(cq, (void *)1, wait, NULL);
-		if (ev.type == GRPC_OP_COMPLETE) {
-			ok = ev.success;
-		} else {
-			/* Not expected past the deadline; cancel and collect the batch anyway, so
-			 * that nothing it points at (our stack) is used after we return. */
-			grpc_call_cancel(call, NULL);
-			grpc_completion_queue_pluck(cq, (void *)1, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
-		}
-	}
-	if (!ok) {
-		snprintf(p->ph_err, sizeof(p->ph_err), "the call failed");
-	} else if (code != GRPC_STATUS_OK) {
-		char *d = grpc_slice_to_c_string(details);
-		p->ph_code = (int)code;
-		snprintf(p->ph_err, sizeof(p->ph_err), "rpc error: code = %d desc = %s", (int)code, d);
-		gpr_free(d);
-	} else if (recv == NULL) {
-		snprintf(p->ph_err, sizeof(p->ph_err), "no response message");
-	} else {
-		grpc_byte_buffer_reader rd;
-		grpc_slice all = grpc_empty_slice();
-		if (grpc_byte_buffer_reader_init(&rd, recv)) {
-			all = grpc_byte_buffer_reader_readall(&rd);
-			grpc_byte_buffer_reader_destroy(&rd);
-		}
-		Etcdserverpb__HashKVResponse *m =
-			etcdserverpb__hash_kvresponse__unpack(NULL, GRPC_SLICE_LENGTH(all), GRPC_SLICE_START_PTR(all));
-		grpc_slice_unref(all);
+	if (status == NODE_ANS_OK) {
+		Etcdserverpb__HashKVResponse *m = etcdserverpb__hash_kvresponse__unpack(NULL, len, body);
 		if (m == NULL) {
 			snprintf(p->ph_err, sizeof(p->ph_err), "the response did not decode");
 		} else {
@@ -203,24 +108,31 @@ static void hash_kv_call(const config *cfg, const char *url, int64_t rev, uint64
 			p->ph_revision = m->header ? m->header->revision : 0;
 			etcdserverpb__hash_kvresponse__free_unpacked(m, NULL);
 		}
+	} else if (status == NODE_ANS_ERROR) {
+		char msg[200];
+		int code = node_ans_error_decode(body, len, msg, sizeof(msg));
+		if (code < 0)
+			snprintf(msg, sizeof(msg), "a malformed error");
+		p->ph_code = code;
+		snprintf(p->ph_err, sizeof(p->ph_err), "rpc error: code = %d desc = %s", code, msg);
+	} else {
+		snprintf(p->ph_err, sizeof(p->ph_err), "%s",
+			 status == NODE_ASK_ETIMEDOUT ? "etcdserver: request timed out"
+			 : status == NODE_ASK_ESTOPPED ? "etcdserver: server stopped"
+			 : status == NODE_ASK_EUNREACHABLE ? "the member cannot be reached"
+							   : "the member did not understand the request");
 	}
-	if (recv)
-		grpc_byte_buffer_destroy(recv);
-	grpc_byte_buffer_destroy(send);
-	grpc_slice_unref(details);
-	grpc_metadata_array_destroy(&md_init);
-	grpc_metadata_array_destroy(&md_trail);
-	if (call)
-		grpc_call_unref(call);
-	/* The one batch has been collected above, so the queue is empty. */
-	grpc_completion_queue_shutdown(cq);
-	grpc_completion_queue_destroy(cq);
-	grpc_channel_destroy(ch);
+	hash_wait *w = p->ph_wait;
+	pthread_mutex_lock(&w->hw_mu);
+	w->hw_left--;
+	pthread_cond_signal(&w->hw_cv);
+	pthread_mutex_unlock(&w->hw_mu);
 }
 
 /*
- * etcd's getPeerHashKVs: HashKV at rev from every other member with client URLs, trying
- * its URLs in turn until one answers. Fills up to max entries of out; returns how many.
+ * etcd's getPeerHashKVs: HashKV at rev from every other member, over the peer transport.
+ * Fills up to max entries of out; returns how many. Blocks until each answered or timed
+ * out (etcd's request timeout); call it off the node loop.
  */
 static size_t peer_hash_kvs(server_ctx *sc, int64_t rev, peer_hash *out, size_t max)
 {
@@ -228,26 +140,48 @@ static size_t peer_hash_kvs(server_ctx *sc, int64_t rev, peer_hash *out, size_t 
 	storage_arena a;
 	storage_arena_init(&a);
 	size_t nm = members_export(sc->members, ms, MEMBER_LIST_MAX, &a);
+	hash_wait w;
+	pthread_mutex_init(&w.hw_mu, NULL);
+	pthread_cond_init(&w.hw_cv, NULL);
+	w.hw_left = 0;
+	Etcdserverpb__HashKVRequest req = ETCDSERVERPB__HASH_KVREQUEST__INIT;
+	req.revision = rev;
+	uint8_t buf[32];
+	size_t blen = etcdserverpb__hash_kvrequest__pack(&req, buf);
 	size_t n = 0;
-	char local[32];
-	snprintf(local, sizeof(local), "%" PRIx64, sc->mi.member_id);
 	for (size_t i = 0; i < nm && n < max; i++) {
-		if (ms[i].em_id == sc->mi.member_id || ms[i].em_n_client_urls == 0)
+		if (ms[i].em_id == sc->mi.member_id)
 			continue;
 		peer_hash *p = &out[n++];
 		memset(p, 0, sizeof(*p));
 		p->ph_id = ms[i].em_id;
-		for (size_t k = 0; k < ms[i].em_n_client_urls; k++) {
-			hash_kv_call(sc->cfg, ms[i].em_client_urls[k], rev, request_timeout_ms(sc), p);
-			if (p->ph_ok)
-				break;
-			char rs[32];
-			snprintf(rs, sizeof(rs), "%" PRId64, rev);
-			log_at(LOG_WARN, "failed hash kv request", "local-member-id", local, "requested-revision", rs,
-			       "remote-peer-endpoint", p->ph_url, "error", p->ph_err, NULL);
-		}
+		p->ph_wait = &w;
+		snprintf(p->ph_url, sizeof(p->ph_url), "%s", ms[i].em_n_peer_urls ? ms[i].em_peer_urls[0] : "");
 	}
 	storage_arena_free(&a);
+	pthread_mutex_lock(&w.hw_mu);
+	w.hw_left = n;
+	pthread_mutex_unlock(&w.hw_mu);
+	for (size_t i = 0; i < n; i++)
+		node_ask(sc->nd, out[i].ph_id, NODE_ASK_HASHKV, buf, blen, 0, hash_answered, &out[i]);
+	/* Each question ends exactly once (answer, timeout or stop): this wait ends. */
+	pthread_mutex_lock(&w.hw_mu);
+	while (w.hw_left > 0)
+		pthread_cond_wait(&w.hw_cv, &w.hw_mu);
+	pthread_mutex_unlock(&w.hw_mu);
+	pthread_cond_destroy(&w.hw_cv);
+	pthread_mutex_destroy(&w.hw_mu);
+
+	char local[32], rs[32], pid[32];
+	snprintf(local, sizeof(local), "%" PRIx64, sc->mi.member_id);
+	snprintf(rs, sizeof(rs), "%" PRId64, rev);
+	for (size_t i = 0; i < n; i++) {
+		if (out[i].ph_ok)
+			continue;
+		snprintf(pid, sizeof(pid), "%" PRIx64, out[i].ph_id);
+		log_at(LOG_WARN, "failed hash kv request", "local-member-id", local, "requested-revision", rs,
+		       "remote-peer-id", pid, "remote-peer-endpoint", out[i].ph_url, "error", out[i].ph_err, NULL);
+	}
 	return n;
 }
 
@@ -268,7 +202,7 @@ int corrupt_check_initial(server_ctx *sc)
 {
 	char local[32], timeout[32];
 	snprintf(local, sizeof(local), "%" PRIx64, sc->mi.member_id);
-	snprintf(timeout, sizeof(timeout), "%" PRIu64 "ms", request_timeout_ms(sc));
+	snprintf(timeout, sizeof(timeout), "%" PRIu64 "ms", node_request_timeout_ms(sc->nd));
 	log_at(LOG_INFO, "starting initial corruption check", "local-member-id", local, "timeout", timeout, NULL);
 
 	uint32_t h;
@@ -281,9 +215,7 @@ int corrupt_check_initial(server_ctx *sc)
 		return -1;
 	}
 	peer_hash peers[MEMBER_LIST_MAX];
-	grpc_init();
 	size_t n = peer_hash_kvs(sc, rev, peers, MEMBER_LIST_MAX);
-	grpc_shutdown();
 
 	int mismatch = 0;
 	for (size_t i = 0; i < n; i++) {
@@ -312,11 +244,11 @@ int corrupt_check_initial(server_ctx *sc)
 			continue;
 		}
 		snprintf(pid, sizeof(pid), "%" PRIx64, p->ph_id);
-		if (p->ph_code == GRPC_STATUS_OUT_OF_RANGE && strstr(p->ph_err, "future revision"))
+		if (p->ph_code == GRPC_CODE_OUT_OF_RANGE && strstr(p->ph_err, "future revision"))
 			log_at(LOG_WARN, "cannot fetch hash from slow remote peer", "local-member-id", local,
 			       "local-member-revision", lrev, "remote-peer-id", pid, "remote-peer-endpoints",
 			       p->ph_url, "error", p->ph_err, NULL);
-		else if (p->ph_code == GRPC_STATUS_OUT_OF_RANGE && strstr(p->ph_err, "compacted"))
+		else if (p->ph_code == GRPC_CODE_OUT_OF_RANGE && strstr(p->ph_err, "compacted"))
 			log_at(LOG_WARN, "cannot fetch hash from remote peer; local member is behind", "local-member-id",
 			       local, "local-member-revision", lrev, "remote-peer-id", pid, "remote-peer-endpoints",
 			       p->ph_url, "error", p->ph_err, NULL);
@@ -377,7 +309,7 @@ static int wait_applied(corrupt_monitor *m)
 {
 	server_ctx *sc = m->cm_sc;
 	uint64_t target = node_last_index(sc->nd);
-	uint64_t deadline = now_ms() + request_timeout_ms(sc);
+	uint64_t deadline = now_ms() + node_request_timeout_ms(sc->nd);
 	while (node_applied_index(sc->nd) < target) {
 		if (now_ms() >= deadline || node_leader(sc->nd) != sc->mi.member_id)
 			return -1;
@@ -476,14 +408,11 @@ static void *monitor_main(void *arg)
 {
 	corrupt_monitor *m = arg;
 	server_ctx *sc = m->cm_sc;
-	/* gRPC's client side is set up once for the thread's life. */
-	grpc_init();
 	while (!monitor_wait(m, sc->cfg->corrupt_check_ms)) {
 		if (node_leader(sc->nd) != sc->mi.member_id)
 			continue;
 		check_hash_kv(m);
 	}
-	grpc_shutdown();
 	return NULL;
 }
 

@@ -127,21 +127,25 @@ int permitted(server_ctx *sc, api_call *call, int auth_err)
 }
 
 /* Fails call with the storage error, logging errors that are not the client's doing. */
-void server_fail_storage(api_call *call, int err)
+int server_storage_status(int err, const char **msg)
 {
-	const char *msg;
-	int code = auth_error_status(err, &msg);
-	if (code >= 0) {
-		api_call_fail_msg(call, code, msg);
-		return;
-	}
+	int code = auth_error_status(err, msg);
+	if (code >= 0)
+		return code;
 	api_error e = storage_to_api(err);
 	if (e == API_ERR_INTERNAL) {
 		log_at(LOG_ERROR, "storage error", "error", storage_strerror(err), NULL);
-		api_call_fail_msg(call, 2 /* UNKNOWN */, storage_strerror(err));
-		return;
+		*msg = storage_strerror(err);
+		return 2; /* UNKNOWN */
 	}
-	api_call_fail(call, e);
+	return api_error_status(e, msg);
+}
+
+void server_fail_storage(api_call *call, int err)
+{
+	const char *msg;
+	int code = server_storage_status(err, &msg);
+	api_call_fail_msg(call, code, msg);
 }
 
 static int check_put(const Etcdserverpb__PutRequest *r)

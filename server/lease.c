@@ -2,9 +2,11 @@
  * lease.c - etcd's Lease service and the lessor: which leases exist and when they expire.
  *
  * Grants and revokes are writes: they go through the node loop and storage, and the lessor
- * learns of them once they commit. Keep-alives only move an expiry time in memory, as in
- * etcd. The node loop asks the lessor every half second which leases have expired, and
- * revokes them through the log like a client's revoke, in bounded batches.
+ * learns of them once they commit. Keep-alives only move an expiry time in the leader's
+ * memory, as in etcd: a follower forwards each one to the leader and answers with the
+ * leader's TTL, and asks the leader for TimeToLive too (node_ask, over the peer transport).
+ * The node loop asks the lessor every half second which leases have expired, and revokes
+ * them through the log like a client's revoke, in bounded batches.
  *
  * Checkpoints (--experimental-enable-lease-checkpoint, as etcd's lessor): every
  * --experimental-lease-checkpoint-interval the leader proposes, through the log, the
@@ -262,14 +264,15 @@ void lessor_revoked(lessor *l, int64_t id)
 	pthread_mutex_unlock(&l->l_mu);
 }
 
-/* leader: the lease must not have expired (its expiry is the leader's to judge). */
-static int64_t renew(lessor *l, int64_t id, int leader)
+/* Only the leader renews (followers forward keep-alives to it): the lease must not have
+ * expired, since its expiry is the leader's to judge. */
+int64_t lessor_renew(lessor *l, int64_t id)
 {
 	int64_t ttl = 0;
 	uint64_t now = now_ms();
 	pthread_mutex_lock(&l->l_mu);
 	lease_entry *e = find(l, id);
-	if (e && (!leader || (!e->le_revoking && e->le_expiry_ms > now))) {
+	if (e && !e->le_revoking && e->le_expiry_ms > now) {
 		e->le_expiry_ms = now + (uint64_t)e->le_ttl * 1000;
 		ttl = e->le_ttl;
 		/* etcd clears a checkpoint on renewal (one entry per lease at most, until the
@@ -292,16 +295,6 @@ static int64_t renew(lessor *l, int64_t id, int leader)
 	}
 	pthread_mutex_unlock(&l->l_mu);
 	return ttl;
-}
-
-int64_t lessor_renew(lessor *l, int64_t id)
-{
-	return renew(l, id, 1);
-}
-
-int64_t lessor_renew_local(lessor *l, int64_t id)
-{
-	return renew(l, id, 0);
 }
 
 void lessor_promote(lessor *l, uint64_t extend_ms)
@@ -498,14 +491,146 @@ static void lease_revoke(void *ctx, api_call *call, const ProtobufCMessage *msg)
 	node_submit(sc->nd, NODE_LEASE_REVOKE, call, msg);
 }
 
+/*
+ * The leader's LeaseTimeToLive (etcd's primary lessor Lookup): fills resp's id, TTLs and
+ * keys (pointing into a, and valid while r is open), not its header. Returns 0,
+ * STORAGE_ERR_LEASE_NOT_FOUND or another storage error.
+ */
+static int time_to_live_local(server_ctx *sc, storage_reader *r, storage_arena *a,
+			      const Etcdserverpb__LeaseTimeToLiveRequest *req, Etcdserverpb__LeaseTimeToLiveResponse *resp)
+{
+	int64_t ttl = 0;
+	ProtobufCBinaryData *keys = NULL;
+	size_t nkeys = 0;
+	int rc = storage_read_lease(r, req->id, &ttl, a, req->keys ? &keys : NULL, &nkeys);
+	if (rc)
+		return rc;
+	uint64_t now = now_ms();
+	pthread_mutex_lock(&sc->lessor->l_mu);
+	lease_entry *e = find(sc->lessor, req->id);
+	int64_t remaining = e && e->le_expiry_ms > now ? (int64_t)((e->le_expiry_ms - now) / 1000) : 0;
+	pthread_mutex_unlock(&sc->lessor->l_mu);
+	resp->id = req->id;
+	resp->ttl = remaining;
+	resp->grantedttl = ttl;
+	resp->keys = keys;
+	resp->n_keys = nkeys;
+	return 0;
+}
+
+/* etcd answers an unknown lease with TTL -1, not an error. */
+static void reply_ttl_not_found(server_ctx *sc, api_call *call, int64_t id)
+{
+	Etcdserverpb__LeaseTimeToLiveResponse resp = ETCDSERVERPB__LEASE_TIME_TO_LIVE_RESPONSE__INIT;
+	Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+	server_fill_header(sc, &h);
+	h.revision = current_revision(sc);
+	resp.header = &h;
+	resp.id = id;
+	resp.ttl = -1;
+	api_call_reply(call, &resp.base);
+}
+
+/* Ends a forwarded lease request that got no answer with etcd's error for it. */
+static int ask_failure(int status, const uint8_t *body, size_t len, const char **msg, char *buf, size_t buflen)
+{
+	api_error e;
+	switch (status) {
+	case NODE_ASK_ENOLEADER:
+		e = API_ERR_NO_LEADER;
+		break;
+	case NODE_ASK_ETIMEDOUT:
+		e = API_ERR_TIMEOUT;
+		break;
+	case NODE_ASK_ESTOPPED:
+		e = API_ERR_STOPPED;
+		break;
+	case NODE_ANS_ERROR: {
+		int code = node_ans_error_decode(body, len, buf, buflen);
+		if (code >= 0) {
+			*msg = buf;
+			return code;
+		}
+		e = API_ERR_INTERNAL;
+		break;
+	}
+	default:
+		e = API_ERR_INTERNAL;
+	}
+	return api_error_status(e, msg);
+}
+
+typedef struct ttl_forward {
+	server_ctx *tf_sc;
+	api_call *tf_call;
+	int64_t tf_id;
+} ttl_forward;
+
+/* The leader's answer to a follower's LeaseTimeToLive (on the node loop). */
+static void ttl_forwarded(void *ctx, int status, const uint8_t *body, size_t len)
+{
+	ttl_forward *f = ctx;
+	server_ctx *sc = f->tf_sc;
+	api_call *call = f->tf_call;
+	int64_t id = f->tf_id;
+	free(f);
+	if (status == NODE_ANS_LEASE_NOT_FOUND) {
+		reply_ttl_not_found(sc, call, id);
+		return;
+	}
+	if (status == NODE_ANS_OK) {
+		Etcdserverpb__LeaseTimeToLiveResponse *resp =
+			etcdserverpb__lease_time_to_live_response__unpack(NULL, len, body);
+		if (resp) {
+			/* etcd's LeaseServer fills the header with the serving member's own. */
+			Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+			server_fill_header(sc, &h);
+			h.revision = current_revision(sc);
+			Etcdserverpb__ResponseHeader *theirs = resp->header;
+			resp->header = &h;
+			api_call_reply(call, &resp->base);
+			resp->header = theirs;
+			etcdserverpb__lease_time_to_live_response__free_unpacked(resp, NULL);
+			return;
+		}
+		status = -100; /* an answer that does not decode */
+	}
+	char buf[256];
+	const char *msg;
+	int code = ask_failure(status, body, len, &msg, buf, sizeof(buf));
+	api_call_fail_msg(call, code, msg);
+}
+
 static void lease_time_to_live(void *ctx, api_call *call, const ProtobufCMessage *msg)
 {
 	server_ctx *sc = ctx;
 	if (!call_admitted(sc, call, 0, 0))
 		return;
 	const Etcdserverpb__LeaseTimeToLiveRequest *req = (const Etcdserverpb__LeaseTimeToLiveRequest *)msg;
-	Etcdserverpb__LeaseTimeToLiveResponse resp = ETCDSERVERPB__LEASE_TIME_TO_LIVE_RESPONSE__INIT;
-	Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+	if (node_leader(sc->nd) != sc->mi.member_id) {
+		/* etcd: only the leader's lessor knows the remaining TTL; ask it (etcd's
+		 * /leases/internal over peer HTTP), within the call's deadline. */
+		ttl_forward *f = malloc(sizeof(*f));
+		size_t n = etcdserverpb__lease_time_to_live_request__get_packed_size(req);
+		uint8_t *buf = malloc(n ? n : 1);
+		if (f == NULL || buf == NULL) {
+			free(f);
+			free(buf);
+			api_call_fail_msg(call, 8 /* RESOURCE_EXHAUSTED */, "keelson: out of memory");
+			return;
+		}
+		etcdserverpb__lease_time_to_live_request__pack(req, buf);
+		f->tf_sc = sc;
+		f->tf_call = call;
+		f->tf_id = req->id;
+		uint64_t timeout = node_request_timeout_ms(sc->nd);
+		int64_t left = api_call_remaining_ms(call);
+		if (left >= 0 && (uint64_t)left < timeout)
+			timeout = left > 0 ? (uint64_t)left : 1;
+		node_ask(sc->nd, 0, NODE_ASK_LEASE_TTL, buf, n, timeout, ttl_forwarded, f);
+		free(buf);
+		return;
+	}
 	storage_reader *r;
 	storage_arena a;
 	storage_arena_init(&a);
@@ -514,33 +639,84 @@ static void lease_time_to_live(void *ctx, api_call *call, const ProtobufCMessage
 		server_fail_storage(call, rc);
 		return;
 	}
-	int64_t ttl = 0;
-	ProtobufCBinaryData *keys = NULL;
-	size_t nkeys = 0;
-	rc = storage_read_lease(r, req->id, &ttl, &a, req->keys ? &keys : NULL, &nkeys);
-	server_fill_header(sc, &h);
-	h.revision = current_revision(sc);
-	resp.header = &h;
-	resp.id = req->id;
+	Etcdserverpb__LeaseTimeToLiveResponse resp = ETCDSERVERPB__LEASE_TIME_TO_LIVE_RESPONSE__INIT;
+	Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+	rc = time_to_live_local(sc, r, &a, req, &resp);
 	if (rc == STORAGE_ERR_LEASE_NOT_FOUND) {
-		resp.ttl = -1; /* etcd answers an unknown lease with TTL -1, not an error */
-		api_call_reply(call, &resp.base);
+		reply_ttl_not_found(sc, call, req->id);
 	} else if (rc) {
 		server_fail_storage(call, rc);
 	} else {
-		uint64_t now = now_ms();
-		pthread_mutex_lock(&sc->lessor->l_mu);
-		lease_entry *e = find(sc->lessor, req->id);
-		int64_t remaining = e && e->le_expiry_ms > now ? (int64_t)((e->le_expiry_ms - now) / 1000) : 0;
-		pthread_mutex_unlock(&sc->lessor->l_mu);
-		resp.ttl = remaining;
-		resp.grantedttl = ttl;
-		resp.keys = keys;
-		resp.n_keys = nkeys;
+		server_fill_header(sc, &h);
+		h.revision = current_revision(sc);
+		resp.header = &h;
 		api_call_reply(call, &resp.base);
 	}
 	storage_read_end(r);
 	storage_arena_free(&a);
+}
+
+/* Packs msg into a new buffer for a peer's answer; NODE_ANS_OK, or -1 out of memory. */
+static int pack_answer(const ProtobufCMessage *msg, uint8_t **out, size_t *outlen)
+{
+	size_t n = protobuf_c_message_get_packed_size(msg);
+	*out = malloc(n ? n : 1);
+	if (*out == NULL)
+		return -1;
+	*outlen = protobuf_c_message_pack(msg, *out);
+	return NODE_ANS_OK;
+}
+
+int lease_serve_peer(server_ctx *sc, int leader, int method, const uint8_t *body, size_t len, uint8_t **out,
+		     size_t *outlen)
+{
+	*out = NULL;
+	*outlen = 0;
+	if (method == NODE_ASK_LEASE_RENEW) {
+		Etcdserverpb__LeaseKeepAliveRequest *req = etcdserverpb__lease_keep_alive_request__unpack(NULL, len, body);
+		if (req == NULL)
+			return NODE_ANS_BAD_REQUEST;
+		int64_t id = req->id;
+		etcdserverpb__lease_keep_alive_request__free_unpacked(req, NULL);
+		if (!leader)
+			return NODE_ANS_NOT_LEADER;
+		/* etcd's leasehttp handler: the primary lessor's Renew. */
+		int64_t ttl = lessor_renew(sc->lessor, id);
+		if (ttl <= 0)
+			return NODE_ANS_LEASE_NOT_FOUND;
+		Etcdserverpb__LeaseKeepAliveResponse resp = ETCDSERVERPB__LEASE_KEEP_ALIVE_RESPONSE__INIT;
+		resp.id = id;
+		resp.ttl = ttl;
+		int st = pack_answer(&resp.base, out, outlen);
+		return st == NODE_ANS_OK ? st : node_ans_error(STORAGE_ERR_NOMEM, out, outlen);
+	}
+	if (method != NODE_ASK_LEASE_TTL)
+		return NODE_ANS_BAD_REQUEST;
+	Etcdserverpb__LeaseTimeToLiveRequest *req = etcdserverpb__lease_time_to_live_request__unpack(NULL, len, body);
+	if (req == NULL)
+		return NODE_ANS_BAD_REQUEST;
+	int st;
+	if (!leader) {
+		st = NODE_ANS_NOT_LEADER;
+	} else {
+		storage_reader *r;
+		storage_arena a;
+		storage_arena_init(&a);
+		int rc = storage_read_begin(sc->st, &r);
+		if (rc == 0) {
+			Etcdserverpb__LeaseTimeToLiveResponse resp = ETCDSERVERPB__LEASE_TIME_TO_LIVE_RESPONSE__INIT;
+			rc = time_to_live_local(sc, r, &a, req, &resp);
+			if (rc == 0 && pack_answer(&resp.base, out, outlen) != NODE_ANS_OK)
+				rc = STORAGE_ERR_NOMEM;
+			storage_read_end(r);
+		}
+		storage_arena_free(&a);
+		st = rc == 0 ? NODE_ANS_OK
+		     : rc == STORAGE_ERR_LEASE_NOT_FOUND ? NODE_ANS_LEASE_NOT_FOUND
+							 : node_ans_error(rc, out, outlen);
+	}
+	etcdserverpb__lease_time_to_live_request__free_unpacked(req, NULL);
+	return st;
 }
 
 static void lease_leases(void *ctx, api_call *call, const ProtobufCMessage *msg)
@@ -589,16 +765,54 @@ static void lease_leases(void *ctx, api_call *call, const ProtobufCMessage *msg)
 	storage_arena_free(&a);
 }
 
-static void keepalive_on_message(void *ctx, api_stream *st, const ProtobufCMessage *msg)
+typedef struct keepalive_forward {
+	server_ctx *kf_sc;
+	api_stream *kf_st; /* a reference of its own */
+	int64_t kf_id;
+} keepalive_forward;
+
+static void keepalive_reply(server_ctx *sc, api_stream *st, int64_t id, int64_t ttl)
 {
-	server_ctx *sc = ctx;
-	const Etcdserverpb__LeaseKeepAliveRequest *req = (const Etcdserverpb__LeaseKeepAliveRequest *)msg;
 	Etcdserverpb__LeaseKeepAliveResponse resp = ETCDSERVERPB__LEASE_KEEP_ALIVE_RESPONSE__INIT;
 	Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
 	server_fill_header(sc, &h);
 	h.revision = current_revision(sc);
 	resp.header = &h;
-	resp.id = req->id;
+	resp.id = id;
+	resp.ttl = ttl;
+	api_stream_send_msg(st, &resp.base);
+}
+
+/* The leader's answer to a keep-alive this follower forwarded (on the node loop). */
+static void keepalive_forwarded(void *ctx, int status, const uint8_t *body, size_t len)
+{
+	keepalive_forward *f = ctx;
+	if (status == NODE_ANS_OK) {
+		Etcdserverpb__LeaseKeepAliveResponse *resp = etcdserverpb__lease_keep_alive_response__unpack(NULL, len, body);
+		if (resp) {
+			keepalive_reply(f->kf_sc, f->kf_st, f->kf_id, resp->ttl);
+			etcdserverpb__lease_keep_alive_response__free_unpacked(resp, NULL);
+		} else {
+			status = -100;
+		}
+	} else if (status == NODE_ANS_LEASE_NOT_FOUND) {
+		keepalive_reply(f->kf_sc, f->kf_st, f->kf_id, 0); /* etcd: TTL 0, the stream goes on */
+	}
+	if (status != NODE_ANS_OK && status != NODE_ANS_LEASE_NOT_FOUND) {
+		/* etcd's LeaseServer returns LeaseRenew's error: the stream ends with it. */
+		char buf[256];
+		const char *msg;
+		int code = ask_failure(status, body, len, &msg, buf, sizeof(buf));
+		api_stream_finish(f->kf_st, code, msg);
+	}
+	api_stream_release(f->kf_st);
+	free(f);
+}
+
+static void keepalive_on_message(void *ctx, api_stream *st, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	const Etcdserverpb__LeaseKeepAliveRequest *req = (const Etcdserverpb__LeaseKeepAliveRequest *)msg;
 	size_t toklen = 0;
 	const char *tok = api_stream_metadata(st, "token", &toklen);
 	int aerr = auth_check_user(sc->auth, tok, toklen);
@@ -608,17 +822,27 @@ static void keepalive_on_message(void *ctx, api_stream *st, const ProtobufCMessa
 		api_stream_finish(st, code, m);
 		return;
 	}
-	/* Only the leader knows whether a lease has expired (keep-alives sent to other members
-	 * never reach this one's lessor): a follower renews any lease it holds, and passes the
-	 * keep-alive on to the leader. */
 	if (node_leader(sc->nd) == sc->mi.member_id) {
-		resp.ttl = lessor_renew(sc->lessor, req->id);
-	} else {
-		resp.ttl = lessor_renew_local(sc->lessor, req->id);
-		if (resp.ttl > 0)
-			node_forward_keepalive(sc->nd, req->id);
+		keepalive_reply(sc, st, req->id, lessor_renew(sc->lessor, req->id));
+		return;
 	}
-	api_stream_send_msg(st, &resp.base);
+	/* etcd's EtcdServer.LeaseRenew: a follower's lessor is not primary; the renewal goes to
+	 * the leader (over peer HTTP in etcd, the request channel here) and the client gets the
+	 * leader's TTL, or etcd's error once no leader answered within the request timeout. */
+	keepalive_forward *f = malloc(sizeof(*f));
+	Etcdserverpb__LeaseKeepAliveRequest fwd = ETCDSERVERPB__LEASE_KEEP_ALIVE_REQUEST__INIT;
+	fwd.id = req->id;
+	uint8_t buf[16];
+	size_t n = etcdserverpb__lease_keep_alive_request__pack(&fwd, buf);
+	if (f == NULL) {
+		api_stream_finish(st, 8 /* RESOURCE_EXHAUSTED */, "keelson: out of memory");
+		return;
+	}
+	api_stream_retain(st);
+	f->kf_sc = sc;
+	f->kf_st = st;
+	f->kf_id = req->id;
+	node_ask(sc->nd, 0, NODE_ASK_LEASE_RENEW, buf, n, 0, keepalive_forwarded, f);
 }
 
 /* etcd ends the keep-alive call with OK when the client stops sending. */

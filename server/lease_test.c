@@ -54,7 +54,11 @@ void server_fill_header(server_ctx *sc, Etcdserverpb__ResponseHeader *h) {}
 int auth_check_user(auth_store *as, const char *tok, size_t toklen) { return 0; }
 int auth_error_status(int err, const char **msg) { return -1; }
 uint64_t node_leader(node *n) { return 0; }
-void node_forward_keepalive(node *n, int64_t id) {}
+void node_ask(node *n, uint64_t to, int method, const void *body, size_t len, uint64_t timeout_ms,
+	      node_ask_cb cb, void *ctx) { cb(ctx, NODE_ASK_ESTOPPED, NULL, 0); }
+uint64_t node_request_timeout_ms(node *n) { return 7000; }
+int node_ans_error(int storage_err, uint8_t **out, size_t *outlen) { *out = NULL; *outlen = 0; return NODE_ANS_ERROR; }
+int node_ans_error_decode(const uint8_t *body, size_t len, char *msg, size_t msglen) { return -1; }
 
 /* ---- helpers ---- */
 
@@ -278,15 +282,12 @@ static void test_expiry(void)
 	got += lessor_expired(l, ids, 4);
 	got += lessor_expired(l, ids, 4);
 	CHECK_EQ(got, 10);
-	/* a member that does not lead renews any lease it holds: the leader judges expiry */
+	/* the leader renews no lease that expired, is being revoked or is unknown */
 	lessor_granted(l, 14, 1);
 	fake_now_ms += 1000;
 	CHECK_EQ(lessor_renew(l, 14), 0);
-	CHECK_EQ(lessor_renew_local(l, 14), 1);
-	CHECK_EQ(lessor_renew(l, 14), 1); /* the local renewal moved its expiry */
 	CHECK_EQ(lessor_renew(l, 13), 0); /* being revoked */
-	CHECK_EQ(lessor_renew_local(l, 13), 2);
-	CHECK_EQ(lessor_renew_local(l, 999), 0);
+	CHECK_EQ(lessor_renew(l, 999), 0);
 	CHECK_EQ(lessor_renew(l, 12), 50);
 	lessor_free(l);
 	storage_close(st);

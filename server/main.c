@@ -381,8 +381,14 @@ static int run(config *cfgp)
 		rc = members_start(&sc.members, &cfg, sc.st, sc.mi.member_id);
 	if (rc == 0)
 		rc = auth_start(&sc.auth, &cfg, sc.st);
-	/* etcd checks against its peers before serving anything, Raft included. */
+	if (rc == 0)
+		rc = node_start(&sc.nd, &sc);
+	/* etcd checks against its peers before serving any client. Its peers are asked over the
+	 * peer transport, which lives in the node: the check follows node_start(). */
 	if (rc == 0 && cfg.initial_corrupt_check && corrupt_check_initial(&sc) != 0) {
+		node_stop(sc.nd);
+		node_free(sc.nd);
+		peer_tls_free(cfg.peer_tls);
 		lessor_free(sc.lessor);
 		alarm_free(sc.alarms);
 		members_free(sc.members);
@@ -390,8 +396,6 @@ static int run(config *cfgp)
 		storage_close(sc.st);
 		return 1;
 	}
-	if (rc == 0)
-		rc = node_start(&sc.nd, &sc);
 	/* The transport holds its own reference from here on. */
 	peer_tls_free(cfg.peer_tls);
 	cfg.peer_tls = NULL;

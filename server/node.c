@@ -82,6 +82,8 @@ void node_batch_stats(node *n, uint64_t *requests, uint64_t *commits)
 
 void node_req_free(node_req *r)
 {
+	if (r->nr_ask)
+		node_ask_abandon(r->nr_ask);
 	if (r->nr_owns_msg && r->nr_msg)
 		protobuf_c_message_free_unpacked((ProtobufCMessage *)r->nr_msg, NULL);
 	for (size_t i = 0; i < r->nr_n_urls; i++)
@@ -97,7 +99,7 @@ void node_req_fail(node_req *r, api_error e)
 	node_req_free(r);
 }
 
-static void enqueue(node *n, node_req *r)
+void node_enqueue(node *n, node_req *r)
 {
 	pthread_mutex_lock(&n->n_mu);
 	int stopping = n->n_stopping;
@@ -130,7 +132,7 @@ void node_submit(node *n, node_op op, api_call *call, const ProtobufCMessage *ms
 	r->nr_call = call;
 	r->nr_msg = msg;
 	r->nr_owns_msg = call == NULL;
-	enqueue(n, r);
+	node_enqueue(n, r);
 }
 
 void node_member_change(node *n, node_op op, api_call *call, uint64_t id, int learner, char **urls,
@@ -151,7 +153,7 @@ void node_member_change(node *n, node_op op, api_call *call, uint64_t id, int le
 			if ((r->nr_urls[r->nr_n_urls] = strdup(urls[i])) != NULL)
 				r->nr_n_urls++;
 	}
-	enqueue(n, r);
+	node_enqueue(n, r);
 }
 
 /* ---- the peer transport's side ---- */
@@ -244,11 +246,8 @@ static void on_peer_message(void *ctx, uint64_t from, const void *bytes, size_t 
 			cid = cid << 8 | p[1 + i];
 		if (n->n_sc->mi.cluster_id == 0 && cid != 0)
 			adopt_cluster_id(n, cid);
-	} else if (p[0] == FRAME_KEEPALIVE && len == 9) {
-		int64_t id = 0;
-		for (int i = 0; i < 8; i++)
-			id = (int64_t)((uint64_t)id << 8 | p[1 + i]);
-		lessor_renew(n->n_sc->lessor, id);
+	} else if (p[0] == FRAME_RPC) {
+		peer_rpc_on_message(n->n_rpc, from, bytes, len);
 	}
 }
 
@@ -259,10 +258,12 @@ static void on_peer_state(void *ctx, uint64_t member, int connected)
 {
 	node *n = ctx;
 	uint64_t cid = n->n_sc->mi.cluster_id;
-	if (connected)
+	if (connected) {
 		note_refusal(n, member, 0);
-	else
+	} else {
 		node_snap_peer_down(n, member);
+		peer_rpc_peer_down(n->n_rpc, member);
+	}
 	/* Which peers this member reaches, for the reconfiguration check on gRPC threads. */
 	for (size_t i = 0; i < MEMBER_LIST_MAX; i++) {
 		uint64_t cur = atomic_load(&n->n_active[i]);
@@ -643,7 +644,7 @@ static void publish_attributes(node *n)
 		if ((r->nr_urls[r->nr_n_urls] = strdup(sc->cfg->advertise_client.url[i])) != NULL)
 			r->nr_n_urls++;
 	/* Not now: we are between raft_ready() and raft_advance(). */
-	enqueue(n, r);
+	node_enqueue(n, r);
 }
 
 /* A request that waited for a leader past its deadline ends without being proposed. */
@@ -661,6 +662,8 @@ static void role_changed(node *n, const struct raft_soft_state *ss)
 		publish_attributes(n);
 	uint64_t old = atomic_exchange(&n->n_lead, ss->lead);
 	n->n_role = ss->role;
+	if (old != ss->lead)
+		node_ask_leader_changed(n, ss->lead);
 	if (ss->lead != 0 && n->n_leaderless) {
 		/* Propose them again next turn (not now: we are inside a Ready). */
 		node_req *next;
@@ -671,7 +674,7 @@ static void role_changed(node *n, const struct raft_soft_state *ss)
 			if (r->nr_deadline_ms <= now)
 				expire_leaderless(n, r); /* its caller has given up: never proposed */
 			else
-				enqueue(n, r);
+				node_enqueue(n, r);
 		}
 		n->n_leaderless = NULL;
 	}
@@ -813,6 +816,7 @@ static void process_ready(node *n)
 				rc = storage_batch_log_hard_state(b, rd.hard_state.term, rd.hard_state.vote,
 								  rd.hard_state.commit);
 			atomic_store(&n->n_term, rd.hard_state.term);
+			atomic_store(&n->n_commit, rd.hard_state.commit);
 		}
 		/* In index order: entries committed earlier (a restart with commit ahead of
 		 * applied, say) come before a lone voter's new ones. */
@@ -985,17 +989,11 @@ static void propose(node *n, node_req *r)
 		n->n_transfer = r;
 		return;
 	}
-	case NODE_KEEPALIVE_FWD: {
-		/* Keep-alives reach the leader's lessor, which alone expires leases. */
-		uint64_t lead = atomic_load(&n->n_lead);
-		if (lead != 0 && lead != sc->mi.member_id) {
-			uint8_t frame[9];
-			frame[0] = FRAME_KEEPALIVE;
-			for (int i = 0; i < 8; i++)
-				frame[1 + i] = (uint8_t)(r->nr_member >> (56 - 8 * i));
-			peer_send(n->n_peers, lead, frame, sizeof(frame));
-		}
+	case NODE_ASK: {
+		node_ask_req *a = r->nr_ask;
+		r->nr_ask = NULL;
 		node_req_free(r);
+		node_ask_begin(n, a);
 		return;
 	}
 	default:
@@ -1018,6 +1016,13 @@ static void propose(node *n, node_req *r)
 		}
 		m.islearner = r->nr_learner;
 		msg = &m.base;
+	}
+	/* etcd's processInternalRaftRequestOnce: while the applied index trails the committed one
+	 * by more than maxGapBetweenApplyAndCommitIndex, new proposals are refused rather than
+	 * queued behind the backlog. Internal proposals (expiry revokes, alarms) go on. */
+	if (r->nr_call && node_apply_gap_too_large(atomic_load(&n->n_commit), atomic_load(&n->n_applied))) {
+		node_req_fail(r, API_ERR_TOO_MANY_REQUESTS);
+		return;
 	}
 	r->nr_seq = ++n->n_next_seq;
 	if (apply_encode(r->nr_op, sc->mi.member_id, r->nr_seq, msg, &data, &len) != 0) {
@@ -1170,16 +1175,6 @@ static void on_timeout_timer(uv_timer_t *t)
 	}
 }
 
-void node_forward_keepalive(node *n, int64_t id)
-{
-	node_req *r = calloc(1, sizeof(*r));
-	if (r == NULL)
-		return;
-	r->nr_op = NODE_KEEPALIVE_FWD;
-	r->nr_member = (uint64_t)id;
-	enqueue(n, r);
-}
-
 static void close_all(node *n)
 {
 	uv_close((uv_handle_t *)&n->n_tick, NULL);
@@ -1235,6 +1230,7 @@ static void on_stop(uv_async_t *h)
 		node_req_fail(r, API_ERR_STOPPED);
 	}
 	n->n_compact_waiters = NULL;
+	node_ask_close(n);
 	peer_transport_close(n->n_peers, NULL);
 	close_all(n);
 }
@@ -1287,7 +1283,13 @@ int node_start(node **out, server_ctx *sc)
 		return STORAGE_ERR_IO;
 	}
 	sync_peers(n);
-	if ((rc = node_snap_init(n)) != 0) {
+	if (node_ask_init(n) != 0)
+		rc = STORAGE_ERR_NOMEM;
+	else
+		rc = node_snap_init(n);
+	if (rc != 0) {
+		if (n->n_rpc)
+			node_ask_close(n);
 		peer_transport_close(n->n_peers, NULL);
 		uv_run(&n->n_loop, UV_RUN_DEFAULT);
 		raft_close(n->n_raft);

@@ -27,15 +27,17 @@
 #define NODE_LEASE_REVOKES_PER_CHECK 500
 /* Log entries kept in memory behind the applied index for followers that lag. */
 #define NODE_LOG_KEEP 5000
-/* Peer frame types: a Raft message, or a lease keep-alive forwarded to the leader. */
+/* Peer frame types (the first byte of every transport message). 1 was a lease keep-alive
+ * a follower passed on without an answer; its forwarding is now a FRAME_RPC question. */
 #define FRAME_RAFT 0
-#define FRAME_KEEPALIVE 1
 #define FRAME_CLUSTER_ID 2 /* a member tells a peer the cluster id once connected */
 #define FRAME_SNAP_CHUNK 3 /* a piece of a state snapshot (node_snap.c) */
 #define FRAME_SNAP_DONE 4  /* its end: size, SHA-256 and the Raft snapshot message */
+#define FRAME_RPC 5        /* the request channel (peer.h, REQUESTS; node_ask.c) */
 
 typedef struct node_snap node_snap;
 typedef struct node_req node_req;
+typedef struct node_ask_req node_ask_req;
 struct node_req {
 	node_op nr_op;
 	api_call *nr_call;              /* NULL: internal (expiry revoke, alarm) */
@@ -48,6 +50,7 @@ struct node_req {
 	char **nr_urls;                 /* peer URLs; client URLs when nr_publish */
 	size_t nr_n_urls;
 	int nr_publish;                 /* NODE_MEMBER_UPDATE: this member's name and client URLs */
+	node_ask_req *nr_ask;           /* NODE_ASK: the question (owned until the loop takes it) */
 	node_req *nr_next;
 };
 
@@ -119,6 +122,12 @@ struct node {
 	_Atomic int n_learner; /* this member is a learner */
 	_Atomic uint64_t n_stat_requests;
 	_Atomic uint64_t n_stat_commits;
+	_Atomic uint64_t n_commit;     /* Raft's commit index as of the last Ready */
+
+	peer_rpc *n_rpc;              /* questions between members (node_ask.c) */
+	node_ask_req *n_asks;         /* questions waiting for an answer */
+	uv_timer_t n_ask_timer;       /* their deadlines and retries, while there are some */
+	int n_ask_closed;
 };
 
 /* ---- node.c ---- */
@@ -132,6 +141,22 @@ void node_req_fail(node_req *r, api_error e);
 void node_ready_soon(node *n);
 /* Publishes Raft's configuration and log end to the gRPC threads' atomics. */
 void node_conf_status(node *n);
+
+/* Queues r for the loop (from any thread); fails it "server stopped" once stopping. */
+void node_enqueue(node *n, node_req *r);
+
+/* ---- node_ask.c ---- */
+
+/* Sets up the request channel on the node's transport; 0 or a PEER_E* code. */
+int node_ask_init(node *n);
+/* The loop takes a question queued by node_ask(). */
+void node_ask_begin(node *n, node_ask_req *a);
+/* A question the loop never took (the member stops): ends it NODE_ASK_ESTOPPED, frees it. */
+void node_ask_abandon(node_ask_req *a);
+/* The leader changed (inside a Ready): questions in flight elsewhere are asked again. */
+void node_ask_leader_changed(node *n, uint64_t lead);
+/* Stopping: every question ends NODE_ASK_ESTOPPED; the channel and its timer close. */
+void node_ask_close(node *n);
 
 /* ---- node_boot.c ---- */
 

@@ -234,6 +234,9 @@ const char *peer_strerror(int err)
 	case PEER_EBIND: return "peer: cannot listen on address";
 	case PEER_ECLOSED: return "peer: transport closed";
 	case PEER_ETLS: return "peer: TLS setup failed";
+	case PEER_ETIMEDOUT: return "peer: request timed out";
+	case PEER_EDOWN: return "peer: connection to the member lost";
+	case PEER_RPC_NOT_MINE: return "peer: not a request channel message";
 	default: return "peer: unknown error";
 	}
 }

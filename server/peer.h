@@ -102,6 +102,9 @@ enum {
 	PEER_EBIND = -1407,    /* a listen address could not be bound or listened on */
 	PEER_ECLOSED = -1408,  /* peer_transport_close() was called */
 	PEER_ETLS = -1409,     /* a TLS certificate, key, CA or CRL could not be used */
+	PEER_ETIMEDOUT = -1410, /* peer_rpc: no answer before the call's deadline */
+	PEER_EDOWN = -1411,    /* peer_rpc: the connection to the member asked was lost */
+	PEER_RPC_NOT_MINE = -1412, /* peer_rpc_decode: the message is not an rpc message */
 };
 
 /* Static text for a PEER_E* code (or "unknown error"); never NULL. */
@@ -312,5 +315,107 @@ void peer_transport_get_stats(const peer_transport *t, peer_transport_stats *st)
  */
 typedef void (*peer_close_cb)(void *ctx);
 int peer_transport_close(peer_transport *t, peer_close_cb close_cb);
+
+/*
+ * REQUESTS (peer_rpc_*, peer_rpc.c): a request/response channel between members on a
+ * transport, for what Raft messages do not carry (etcd uses its peer HTTP handlers for the
+ * same: /leases, /leases/internal, /members/hashkv). It shares the transport with other
+ * traffic: its messages begin with a tag byte the owner chooses, and the owner hands every
+ * received message to peer_rpc_on_message(), which takes those with the tag.
+ *
+ * WIRE (one transport message each; integers big-endian)
+ *   u8 tag | u8 kind (PEER_RPC_REQUEST, PEER_RPC_RESPONSE) | u64 call id (never 0)
+ *   | u8 code (a request's method, a response's status) | body (the rest, may be empty)
+ *   The caller picks the call id; the responder copies it into its answer, which travels on
+ *   its own outgoing connection (see CONNECTIONS). Methods, statuses and bodies belong to the
+ *   owner, except status PEER_RPC_ST_NO_METHOD (no handler). A frame shorter than the
+ *   header, of an unknown kind or with call id 0 is dropped and counted; an answer whose id
+ *   is not in flight to the member it comes from (late, cancelled, forged) is dropped.
+ *
+ * SEMANTICS
+ *   At most once: a request is never resent by this layer. Each call ends exactly once,
+ *   through its done callback, with the answer or an error: PEER_ETIMEDOUT at its deadline,
+ *   PEER_EDOWN when the owner reports the connection to the member lost
+ *   (peer_rpc_peer_down, e.g. from on_peer_state), PEER_ECLOSED at peer_rpc_close(). done
+ *   never fires from peer_rpc_call(), peer_rpc_respond() or peer_rpc_cancel(); it fires
+ *   from peer_rpc_on_message(), peer_rpc_peer_down(), peer_rpc_close() or the loop's timer.
+ *   Same thread rule as the transport: the loop's thread only.
+ */
+typedef struct peer_rpc peer_rpc;
+
+#define PEER_RPC_HEADER 11 /* tag, kind, call id, code */
+enum { PEER_RPC_REQUEST = 1, PEER_RPC_RESPONSE = 2 };
+#define PEER_RPC_ST_OK 0
+#define PEER_RPC_ST_NO_METHOD 255
+
+/* A decoded rpc message. pf_body points into the decoded bytes. */
+typedef struct peer_rpc_frame {
+	uint8_t pf_kind;
+	uint64_t pf_id;
+	uint8_t pf_code;
+	const uint8_t *pf_body;
+	size_t pf_len;
+} peer_rpc_frame;
+
+/*
+ * Decodes one message: 0 with *f filled, PEER_RPC_NOT_MINE if it does not start with tag
+ * (or is empty), PEER_EINVAL if it does but is malformed. Pure; safe on any bytes.
+ */
+int peer_rpc_decode(const void *bytes, size_t len, uint8_t tag, peer_rpc_frame *f);
+
+/*
+ * A call ended: status >= 0 is the responder's status (PEER_RPC_ST_OK, the owner's codes,
+ * PEER_RPC_ST_NO_METHOD) with its body (valid during the call only); < 0 is a PEER_E* error
+ * with no body.
+ */
+typedef void (*peer_rpc_done)(void *ctx, uint64_t call_id, int status, const void *body, size_t len);
+
+/*
+ * A request from member `from`. body is valid during the call only. Answer it with
+ * peer_rpc_respond(r, from, call_id, ...) now or later (on the loop's thread), at most once;
+ * a request never answered ends at the caller's deadline.
+ */
+typedef void (*peer_rpc_serve)(void *ctx, uint64_t from, uint64_t call_id, uint8_t method, const void *body,
+			       size_t len);
+
+/* Creates the channel on transport t (which must outlive it) and loop. serve may be NULL
+ * (every request answered PEER_RPC_ST_NO_METHOD). Errors: PEER_EINVAL, PEER_ENOMEM. */
+int peer_rpc_init(peer_rpc **out, peer_transport *t, uv_loop_t *loop, uint8_t tag, peer_rpc_serve serve,
+		  void *ctx);
+
+/*
+ * Sends request (method, body copied) to member `to` and returns its call id in *call_id
+ * (may be NULL). done(ctx, ...) fires once, at the latest timeout_ms from now. Errors (done
+ * will not fire): PEER_EINVAL, PEER_ENOMEM, PEER_ECLOSED and peer_send()'s.
+ */
+int peer_rpc_call(peer_rpc *r, uint64_t to, uint8_t method, const void *body, size_t len, unsigned timeout_ms,
+		  peer_rpc_done done, void *ctx, uint64_t *call_id);
+
+/* Forgets a call in flight: its done never fires; its answer, if one comes, is dropped. */
+void peer_rpc_cancel(peer_rpc *r, uint64_t call_id);
+
+/* Answers request call_id of member `to` (body copied). Errors: peer_send()'s, PEER_ECLOSED. */
+int peer_rpc_respond(peer_rpc *r, uint64_t to, uint64_t call_id, uint8_t status, const void *body, size_t len);
+
+/* Offers a received transport message: returns 1 if it carried the tag (taken: served,
+ * answered a call, or dropped as malformed), 0 if it is someone else's. */
+int peer_rpc_on_message(peer_rpc *r, uint64_t from, const void *bytes, size_t len);
+
+/* The connection to member is lost: its calls in flight end with PEER_EDOWN. */
+void peer_rpc_peer_down(peer_rpc *r, uint64_t member);
+
+typedef struct peer_rpc_stats {
+	uint64_t prs_calls;     /* calls sent */
+	uint64_t prs_timeouts;  /* calls that ended at their deadline */
+	uint64_t prs_served;    /* answers sent */
+	uint64_t prs_malformed; /* tagged messages dropped as malformed */
+	uint64_t prs_unmatched; /* answers to no call in flight */
+} peer_rpc_stats;
+
+void peer_rpc_get_stats(const peer_rpc *r, peer_rpc_stats *st);
+
+/* Ends every call in flight with PEER_ECLOSED (from inside this call), then frees the
+ * channel once libuv has closed its timer. Close it before its transport's loop ends. */
+void peer_rpc_close(peer_rpc *r);
 
 #endif /* KEELSON_SERVER_PEER_H */

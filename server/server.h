@@ -175,7 +175,7 @@ typedef enum node_op {
 	NODE_MEMBER_PROMOTE, /* a Member (id): the leader then proposes Raft's promotion */
 	NODE_READ_RANGE,    /* local: a linearizable Range waiting for a read index */
 	NODE_READ_TXN,      /* local: a linearizable read-only Txn */
-	NODE_KEEPALIVE_FWD, /* local: a lease keep-alive a follower passes to the leader */
+	NODE_ASK,           /* local: a request to another member (node_ask) */
 	NODE_MOVE_LEADER,   /* local: Maintenance.MoveLeader, a Raft leadership transfer */
 	/* The leader's lease checkpoints (LeaseCheckpointRequest); a fixed value, as entries
 	 * in the log keep it. */
@@ -217,8 +217,66 @@ int node_peer_active(node *n, uint64_t id);
 int node_is_learner(node *n);
 /* Raft's last log index. */
 uint64_t node_last_index(node *n);
-/* Passes a lease keep-alive to the leader (from a follower). */
-void node_forward_keepalive(node *n, int64_t id);
+
+/*
+ * Asking other members (node_ask.c), over the peer transport's request channel (peer.h,
+ * REQUESTS): what etcd's members ask each other over peer HTTP (/leases,
+ * /leases/internal, /members/hashkv).
+ */
+enum node_ask_method {
+	NODE_ASK_LEASE_RENEW = 1, /* LeaseKeepAliveRequest -> LeaseKeepAliveResponse (leader) */
+	NODE_ASK_LEASE_TTL = 2,   /* LeaseTimeToLiveRequest -> LeaseTimeToLiveResponse (leader) */
+	NODE_ASK_HASHKV = 3,      /* HashKVRequest -> HashKVResponse (any member) */
+};
+/* The answer's status (>= 0): the responder's. */
+enum {
+	NODE_ANS_OK = 0,
+	NODE_ANS_NOT_LEADER = 1,      /* a leader-only method reached a member that does not lead */
+	NODE_ANS_LEASE_NOT_FOUND = 2, /* etcd's lease.ErrLeaseNotFound */
+	NODE_ANS_ERROR = 3,           /* body: u8 gRPC status code, then etcd's message */
+	NODE_ANS_BAD_REQUEST = 4,     /* the request body did not decode */
+};
+/* Failures of the asking member (< 0). */
+enum {
+	NODE_ASK_ENOLEADER = -1,   /* no leader known until the deadline (etcd's ErrNoLeader) */
+	NODE_ASK_ETIMEDOUT = -2,   /* no answer until the deadline (etcd's ErrTimeout) */
+	NODE_ASK_ESTOPPED = -3,    /* the member is stopping */
+	NODE_ASK_EUNREACHABLE = -4, /* a given member (not the leader) could not be asked */
+};
+/*
+ * The answer to node_ask: status as above; body (valid during the call only) with
+ * NODE_ANS_OK and NODE_ANS_ERROR. Runs on the node loop's thread (do not block in it),
+ * except NODE_ASK_ESTOPPED for a question the stopping member never took, which may run
+ * on the thread that called node_ask(), from inside it.
+ */
+typedef void (*node_ask_cb)(void *ctx, int status, const uint8_t *body, size_t len);
+/*
+ * Asks member `to`, or with to == 0 the leader, whoever it is until the answer: etcd's
+ * forwarding loop (EtcdServer.LeaseRenew, LeaseTimeToLive): wait for a leader, ask it, and
+ * on a lost connection, a leader change or NODE_ANS_NOT_LEADER ask again 50 ms later, until
+ * timeout_ms (0: etcd's request timeout). A leader that is this member answers locally.
+ * body is copied. From any thread; cb(ctx, ...) runs exactly once.
+ */
+void node_ask(node *n, uint64_t to, int method, const void *body, size_t len, uint64_t timeout_ms,
+	      node_ask_cb cb, void *ctx);
+/* A NODE_ANS_ERROR body for storage_err (its gRPC code and etcd's message): returns
+ * NODE_ANS_ERROR with *out malloc'd (NULL and 0 if out of memory). */
+int node_ans_error(int storage_err, uint8_t **out, size_t *outlen);
+/* Decodes a NODE_ANS_ERROR body: the gRPC code, and the message into msg (terminated).
+ * Returns -1 for a body that is not one. */
+int node_ans_error_decode(const uint8_t *body, size_t len, char *msg, size_t msglen);
+/* etcd's ReqTimeout: 5 s plus two election timeouts. */
+uint64_t node_request_timeout_ms(node *n);
+/*
+ * etcd's maxGapBetweenApplyAndCommitIndex: proposals are refused with "etcdserver: too many
+ * requests" while the committed index is more than this ahead of the applied one.
+ */
+#define NODE_MAX_APPLY_GAP 5000
+/* Whether a proposal must be refused for the gap between committed and applied. */
+static inline int node_apply_gap_too_large(uint64_t committed, uint64_t applied)
+{
+	return committed > applied + NODE_MAX_APPLY_GAP;
+}
 /* Term to report in headers. */
 uint64_t node_term(node *n);
 /* Raft index of the last applied entry. */
@@ -264,9 +322,14 @@ void lessor_revoke_failed(lessor *l, int64_t id);
 /* The leader resets a lease's expiry; its granted TTL, or 0 if unknown, already expired
  * or being revoked. */
 int64_t lessor_renew(lessor *l, int64_t id);
-/* A member that does not lead (it cannot tell expiry) resets a lease's expiry in its own
- * view; its granted TTL, or 0 if it holds no such lease. */
-int64_t lessor_renew_local(lessor *l, int64_t id);
+/*
+ * Serves a lease request another member asked of this one (node_ask: NODE_ASK_LEASE_RENEW,
+ * NODE_ASK_LEASE_TTL), on the node loop. leader: whether this member leads (only the
+ * leader's lessor knows expiry). Returns a NODE_ANS_* status; with NODE_ANS_OK *out
+ * (malloc'd, the caller frees) holds the encoded answer.
+ */
+int lease_serve_peer(struct server_ctx *sc, int leader, int method, const uint8_t *body, size_t len,
+		     uint8_t **out, size_t *outlen);
 /* A new leader gives every lease its remaining TTL (the checkpointed one, else the full TTL)
  * plus extend_ms before expiring any, and schedules checkpoints again. */
 void lessor_promote(lessor *l, uint64_t extend_ms);
@@ -314,8 +377,9 @@ int alarm_quota_exceeded(struct server_ctx *sc, size_t request_bytes);
 /* ---- corrupt.c: etcd's corruption checks ---- */
 
 struct server_ctx;
-/* --experimental-initial-corrupt-check, before the member serves anything: HashKV from
- * every peer at this member's revision. Returns 0 (also when peers cannot be reached,
+/* --experimental-initial-corrupt-check, after node_start() (peers are asked over its
+ * transport) and before any client is served: HashKV from every peer at this member's
+ * revision. Returns 0 (also when peers cannot be reached,
  * logged), or -1 on a mismatch after logging etcd's "<id> found data inconsistency with
  * peers" as a fatal error; the caller then exits. */
 int corrupt_check_initial(struct server_ctx *sc);
@@ -327,6 +391,11 @@ int corrupt_monitor_start(corrupt_monitor **out, struct server_ctx *sc);
 /* Stops the thread (a check in progress finishes first) and frees m; NULL is a no-op.
  * Call before node_stop(). */
 void corrupt_monitor_stop(corrupt_monitor *m);
+/* Serves a peer's NODE_ASK_HASHKV (etcd's /members/hashkv); may take long on a large store:
+ * call it off the node loop. Returns a NODE_ANS_* status and *out (malloc'd) as
+ * lease_serve_peer(). */
+int corrupt_serve_hash_kv(struct server_ctx *sc, const uint8_t *body, size_t len, uint8_t **out,
+			  size_t *outlen);
 
 /* ---- apply.c ---- */
 
@@ -486,6 +555,8 @@ int permitted(server_ctx *sc, api_call *call, int auth_err);
 const char *call_token(api_call *call, size_t *len);
 /* Ends call with the etcd error for a storage error code. */
 void server_fail_storage(api_call *call, int storage_err);
+/* The gRPC status code and etcd's message server_fail_storage() would send for storage_err. */
+int server_storage_status(int storage_err, const char **msg);
 /* Fills the headers of a txn response and of every response nested in it. */
 void server_fill_txn_headers(server_ctx *sc, Etcdserverpb__TxnResponse *resp);
 /* etcd's validation of a Txn (v3rpc checkTxnRequest + checkIntervals); 0 or an api_error+1. */

@@ -9,7 +9,7 @@
 #
 # Environment:
 #   CC             clang to use (default: clang-14 if present, else clang)
-#   FUZZ_TARGETS   which targets to run (default: "api_decode storage_apply etcd_wal etcd_import")
+#   FUZZ_TARGETS   which targets to run (default: "api_decode storage_apply etcd_wal etcd_import peer_rpc")
 #   FUZZ_JOBS      run the targets in parallel (1) or one after the other (0, default)
 #   FUZZ_KEEP      keep the temp dir (builds, corpora, logs) and print its path
 #   FUZZ_OUT       where reproducers go (default: tests/fuzz/crashes)
@@ -24,7 +24,7 @@ secs=${1:-30}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root" || exit 2
 CC=${CC:-$(command -v clang-14 || command -v clang)}
-targets=${FUZZ_TARGETS:-"api_decode storage_apply etcd_wal etcd_import"}
+targets=${FUZZ_TARGETS:-"api_decode storage_apply etcd_wal etcd_import peer_rpc"}
 out=${FUZZ_OUT:-$root/tests/fuzz/crashes}
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/keelson-fuzz.XXXXXX") || exit 2
@@ -59,7 +59,7 @@ done
 
 CFLAGS=(-g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined
 	-fno-sanitize-recover=undefined -I"$root" -I"$(dirname "$(dirname "$gen")")")
-LIBS=(-lprotobuf-c -llmdb -lgrpc -lgpr -lpthread -lcrypto)
+LIBS=(-lprotobuf-c -llmdb -lgrpc -lgpr -lpthread -lcrypto -lssl -luv)
 
 # Compiles each source to an object (fuzzer-instrumented), or fails loudly.
 compile() {
@@ -130,6 +130,12 @@ build() {
 		# encoder of server/apply.c; the rest of the server is stubbed
 		srcs=(tests/fuzz/etcd_import_fuzz.c server/apply.c
 			"$gen"/rpc.pb-c.c "$gen"/kv.pb-c.c "$gen"/auth.pb-c.c)
+		;;
+	peer_rpc)
+		# the peer request channel on a real transport, and the node's answer decoders
+		# (server/node_ask.c; the rest of the node is stubbed)
+		srcs=(tests/fuzz/peer_rpc_fuzz.c server/peer_rpc.c server/peer.c server/peer_tls.c
+			server/node_ask.c "$gen"/rpc.pb-c.c "$gen"/kv.pb-c.c "$gen"/auth.pb-c.c)
 		;;
 	*)
 		echo "run_api_fuzz: unknown target $t" >&2

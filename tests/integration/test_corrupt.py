@@ -9,7 +9,9 @@ revision (bit rot: same history, different bytes). Then:
 - restarted without it in a cluster running the periodic check, the leader finds the
   member's HashKV differing and raises CORRUPT through Raft: `etcdctl alarm list` shows it,
   writes fail with etcd's "etcdserver: corrupt cluster", reads still work;
-- a healthy cluster under writes and a compaction never raises it.
+- a healthy cluster under writes and a compaction never raises it;
+- with auth enabled, both checks still work: peers are asked over the peer transport (as
+  etcd's /members/hashkv), which needs no client credentials.
 What CORRUPT refuses is compared with a real etcd 3.4, on which the alarm is activated over
 gRPC (etcd accepts Alarm ACTIVATE from clients).
 
@@ -159,6 +161,79 @@ class PeriodicCheck(unittest.TestCase):
         r = ldr.ctl("get", "k1", "--print-value-only")
         self.assertEqual((r.rc, r.stdout), (0, "v1\n"))
         r = ldr.ctl("del", "k1")
+        self.assertIn(CORRUPT_ERR, r.stderr)
+
+
+ROOT = "--user=root:rootpw"
+
+
+def enable_auth(member):
+    for args in (("user", "add", "root:rootpw", "--interactive=false"), ("auth", "enable")):
+        r = member.ctl(*args)
+        if r.rc != 0:
+            raise AssertionError("%s: %r" % (args, r))
+
+
+@unittest.skipIf(IS_ETCD, "the corruption tool edits Keelson's LMDB data")
+class AuthEnabled(unittest.TestCase):
+    """Both checks with auth on: a client without credentials could not ask for HashKV."""
+
+    def start(self, flags):
+        self.c = Cluster(3, label="ca", extra_args=flags)
+        self.c.start()
+        self.addCleanup(self.c.cleanup)
+        ldr = self.c.leader()
+        enable_auth(ldr)
+        for i in range(10):
+            r = ldr.ctl(ROOT, "put", "k%d" % i, "v%d" % i)
+            self.assertEqual(r.rc, 0, r)
+        # without credentials HashKV is refused, as on etcd
+        r = ldr.ctl("endpoint", "hashkv")
+        self.assertNotEqual(r.rc, 0, r)
+        self.c.wait_converged()
+        return ldr
+
+    def restart(self, m):
+        """Restarts m and waits until it serves (the harness's health wait has no user)."""
+        self.c.restart(m, wait=False)
+        poll(lambda: m.ctl(ROOT, "get", "k1", "--consistency=s", "--print-value-only").stdout == "v1\n",
+             30, "%s serving again" % m.name)
+
+    def test_initial_check_with_auth(self):
+        ldr = self.start(["--experimental-initial-corrupt-check"])
+        c = self.c
+        f1, f2 = c.followers(ldr)[:2]
+        f1.stop()
+        self.restart(f1)
+        log = f1.log_tail(400)
+        self.assertIn("initial corruption checking passed", log)
+        self.assertNotIn("failed hash kv request", log)
+        f2.status()
+        f2.stop()
+        corrupt(f2, "k5", "rotten")
+        c.restart(f2, wait=False)
+        rc = poll(lambda: f2.proc.poll() is not None and (f2.proc.returncode,), 60,
+                  "the corrupted member to exit")[0]
+        log = f2.log_tail(400)
+        self.assertNotEqual(rc, 0, log)
+        self.assertIn("%s found data inconsistency with peers" % f2.member_id, log)
+
+    def test_periodic_check_with_auth(self):
+        ldr = self.start(["--experimental-corrupt-check-time", CHECK_EVERY])
+        c = self.c
+        f = c.followers(ldr)[0]
+        f.status()
+        f.stop()
+        corrupt(f, "k3", "rotten")
+        self.restart(f)
+
+        def listed():
+            r = ldr.ctl(ROOT, "alarm", "list")
+            return r.rc == 0 and "alarm:CORRUPT" in r.stdout and r.stdout.strip()
+        got = poll(listed, 30, "a CORRUPT alarm with auth on")
+        if c.leader() is ldr:
+            self.assertEqual(got, "memberID:%d alarm:CORRUPT" % int(f.member_id, 16))
+        r = ldr.ctl(ROOT, "put", "x", "y")
         self.assertIn(CORRUPT_ERR, r.stderr)
 
 

@@ -5,7 +5,13 @@ election timeout 500 ms):
     through every endpoint starting with the leader: the keys survive the kill and the
     election, and go once the keep-alives stop (within the TTL and a few election timeouts);
   - with --experimental-enable-lease-checkpoint (interval 1 s): a lease's remaining TTL
-    survives a leader change instead of starting over, and the lease expires on time.
+    survives a leader change instead of starting over, and the lease expires on time;
+  - followers ask the leader, as etcd's do: LeaseTimeToLive on a follower answers the
+    leader's remaining TTL (also right after a renewal the follower never saw); a keep-alive
+    sent to a follower renews on the leader and answers the leader's TTL, on one stream
+    across a leader change too; with no leader (the other two members paused) it ends with
+    etcd's Unavailable "etcdserver: no leader" after etcd's request timeout, and works again
+    once they are back.
 
   /usr/bin/python3 tests/integration/run.py test_lease_cluster
   KEELSON_BIN=/usr/bin/etcd /usr/bin/python3 tests/integration/run.py test_lease_cluster
@@ -14,10 +20,14 @@ election timeout 500 ms):
 
 import json
 import os
+import queue
 import re
 import subprocess
 import time
 import unittest
+
+import grpc
+from etcd3.etcdrpc import rpc_pb2 as pb, rpc_pb2_grpc as pbg
 
 import harness
 from harness import etcdctl, poll
@@ -204,6 +214,160 @@ class CheckpointLeaderChange(LeaseClusterCase):
         print("    [checkpoint] key gone %.1f s after the grant (TTL %d s)" % (gone, ttl))
         self.assertLess(gone, ttl + 5, "the lease outlived its deadline by a leader change")
         self.heal(ldr)
+
+
+class KeepAliveStream:
+    """One LeaseKeepAlive gRPC stream to a member; send() one request, get its answer."""
+
+    def __init__(self, member, timeout=60):
+        self.ch = grpc.insecure_channel(member.endpoint)
+        self.q = queue.Queue()
+        self.it = pbg.LeaseStub(self.ch).LeaseKeepAlive(iter(self.q.get, None), timeout=timeout)
+
+    def ask(self, lid):
+        """The response to a keep-alive of lid, or the grpc.RpcError that ended the stream."""
+        self.q.put(pb.LeaseKeepAliveRequest(ID=lid))
+        try:
+            return next(self.it)
+        except grpc.RpcError as e:
+            return e
+
+    def close(self):
+        self.q.put(None)
+        self.ch.close()
+
+
+class FollowerForwarding(LeaseClusterCase):
+    """Followers ask the leader (etcd's LeaseRenew / LeaseTimeToLive forwarding)."""
+
+    def ttl_json(self, m, lid, keys=False):
+        args = ["lease", "timetolive", lid, "-w", "json"] + (["--keys"] if keys else [])
+        return json.loads(self.ctl_ok(m, *args).stdout)
+
+    def test_follower_timetolive_is_the_leaders(self):
+        c = self.cluster
+        ldr = c.leader()
+        f1, f2 = c.followers(ldr)
+        lid = self.grant(ldr, 20)
+        self.ctl_ok(ldr, "put", "/fw/k1", "v", "--lease=" + lid)
+        self.ctl_ok(ldr, "put", "/fw/k2", "v", "--lease=" + lid)
+        time.sleep(3.2)
+        # The renewal reaches the leader alone: a follower that answered from its own view
+        # would still count down from the grant (~16 s), the leader says ~20.
+        self.assertIn("keepalived with TTL(20)", self.ctl_ok(ldr, "lease", "keep-alive", "--once", lid).stdout)
+        lead = self.ttl_json(ldr, lid, keys=True)
+        for f in (f1, f2):
+            got = self.ttl_json(f, lid, keys=True)
+            self.assertEqual(got["granted-ttl"], 20)
+            self.assertGreaterEqual(got["ttl"], 18, "%s answered %r, the leader %r" % (f.name, got, lead))
+            self.assertLessEqual(abs(got["ttl"] - lead["ttl"]), 1, (got, lead))
+            self.assertEqual(sorted(got["keys"]), sorted(lead["keys"]))
+            self.assertEqual(len(got["keys"]), 2)
+            # the header is the follower's own, as etcd's LeaseServer fills it
+            self.assertEqual(got["cluster_id"], lead["cluster_id"])
+            self.assertNotEqual(got["member_id"], lead["member_id"])
+        # an unknown lease through a follower: TTL -1, as on the leader
+        r = self.ctl_ok(f1, "lease", "timetolive", "1234abcd")
+        self.assertIn("already expired", r.stdout)
+        self.ctl_ok(ldr, "lease", "revoke", lid)
+
+    def test_keepalive_via_follower_renews_on_leader(self):
+        c = self.cluster
+        ldr = c.leader()
+        f1, f2 = c.followers(ldr)
+        lid = self.grant(ldr, 20)
+        time.sleep(3.2)
+        s = KeepAliveStream(f1)
+        try:
+            r = s.ask(int(lid, 16))
+            self.assertNotIsInstance(r, grpc.RpcError, r)
+            self.assertEqual((r.ID, r.TTL), (int(lid, 16), 20))
+            self.assertGreaterEqual(self.timetolive(ldr, lid), 19)
+            # a lease the leader does not know: TTL 0, and the stream goes on
+            r = s.ask(0x1234abcd)
+            self.assertNotIsInstance(r, grpc.RpcError, r)
+            self.assertEqual(r.TTL, 0)
+            # the same stream after a leader change: to the new leader
+            new = f2
+            self.ctl_ok(ldr, "move-leader", "%x" % int(self.member_id(new), 16))
+            c.wait_leader(timeout=10, members=[new])
+            time.sleep(3.2)
+            r = s.ask(int(lid, 16))
+            self.assertNotIsInstance(r, grpc.RpcError, r)
+            self.assertEqual(r.TTL, 20)
+            self.assertGreaterEqual(self.timetolive(new, lid), 19)
+        finally:
+            s.close()
+        # and through the member that led before, now a follower
+        s = KeepAliveStream(ldr)
+        try:
+            time.sleep(1.2)
+            r = s.ask(int(lid, 16))
+            self.assertNotIsInstance(r, grpc.RpcError, r)
+            self.assertEqual(r.TTL, 20)
+            self.assertGreaterEqual(self.timetolive(new, lid), 19)
+        finally:
+            s.close()
+        self.ctl_ok(new, "lease", "revoke", lid)
+
+    def member_id(self, m):
+        st = json.loads(self.ctl_ok(m, "endpoint", "status", "-w", "json").stdout)
+        return "%x" % st[0]["Status"]["header"]["member_id"]
+
+    def test_keepalive_without_leader_fails_then_recovers(self):
+        c = self.cluster
+        ldr = c.leader()
+        f1, f2 = c.followers(ldr)
+        lid = self.grant(ldr, 30)
+        # etcd's request timeout: 5 s plus two election timeouts
+        req_timeout = 5 + 2 * ELECTION_S
+        try:
+            c.pause(ldr)
+            c.pause(f2)
+            # Forwarded to the leader f1 still knows, which never answers: timed out.
+            s = KeepAliveStream(f1)
+            try:
+                t0 = time.monotonic()
+                r = s.ask(int(lid, 16))
+                waited = time.monotonic() - t0
+            finally:
+                s.close()
+            self.assertIsInstance(r, grpc.RpcError, r)
+            self.assertEqual((r.code(), r.details()),
+                             (grpc.StatusCode.UNAVAILABLE, "etcdserver: request timed out"))
+            print("    [forward] leader paused: timed out after %.1fs (request timeout %.1fs)"
+                  % (waited, req_timeout))
+            self.assertGreater(waited, req_timeout - 1)
+            self.assertLess(waited, req_timeout + 3)
+            # Once f1 knows no leader, it waits for one: no leader.
+            poll(lambda: (lambda st: st is not None and st.get("leader", 0) == 0)(f1.status()),
+                 10 * ELECTION_S + 5, what="f1 without a leader")
+            s = KeepAliveStream(f1)
+            try:
+                t0 = time.monotonic()
+                r = s.ask(int(lid, 16))
+                waited = time.monotonic() - t0
+            finally:
+                s.close()
+            self.assertIsInstance(r, grpc.RpcError, r)
+            self.assertEqual((r.code(), r.details()), (grpc.StatusCode.UNAVAILABLE, "etcdserver: no leader"))
+            print("    [forward] no leader after %.1fs" % waited)
+            self.assertGreater(waited, req_timeout - 1)
+            self.assertLess(waited, req_timeout + 3)
+        finally:
+            c.resume(ldr)
+            c.resume(f2)
+        c.wait_leader(timeout=20)
+
+        def once():
+            s = KeepAliveStream(f1, timeout=10)
+            try:
+                r = s.ask(int(lid, 16))
+                return ("failed", r) if isinstance(r, grpc.RpcError) else r.TTL
+            finally:
+                s.close()
+        ttl = poll(once, 20, what="a keep-alive through the follower once a leader is back")
+        self.assertEqual(ttl, 30)
 
 
 if __name__ == "__main__":
