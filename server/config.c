@@ -88,6 +88,8 @@ static const flag_def flags[] = {
 	{"peer-auto-tls", F_BOOL, "false", OFF(peer_auto_tls), "Peer TLS using self-generated certificates if --peer-key-file and --peer-cert-file are not provided."},
 	{"peer-crl-file", F_STRING, "", OFF(peer_crl_file), "Path to the peer certificate revocation list file."},
 	{"cipher-suites", F_STRING, "", OFF(cipher_suites), "Comma-separated list of supported TLS cipher suites between client/server and peers."},
+	{"tls-min-version", F_STRING, "TLS1.2", OFF(tls_min_version), "Minimum TLS version supported by etcd. Possible values: TLS1.2, TLS1.3."},
+	{"tls-max-version", F_STRING, "", OFF(tls_max_version), "Maximum TLS version supported by etcd. Possible values: TLS1.2, TLS1.3 (empty defers to Go)."},
 	{"cors", F_IGNORED_STRING, "*", 0, "Comma-separated whitelist of origins for CORS, or cross-origin resource sharing."},
 	{"host-whitelist", F_IGNORED_STRING, "*", 0, "Acceptable hostnames from HTTP client requests."},
 	{"auth-token", F_STRING, "simple", OFF(auth_token), "Specify a v3 authentication token type and its options ('simple' or 'jwt')."},

@@ -126,14 +126,14 @@ char *server_read_file(const char *path)
 	return buf;
 }
 
-/* Listens on the https client URLs, with the --cert-file/--key-file pair or, with
- * --auto-tls and no pair given, etcd's self-signed one. */
-static int listen_clients(api_server *as, const config *cfg)
+/* The TLS of the https client URLs (*out stays NULL without one), with the
+ * --cert-file/--key-file pair or, with --auto-tls and no pair given, etcd's self-signed one.
+ * http.c listens; the connections are ended by tls_serve.c. */
+static int client_tls(tls_server **out, const config *cfg, const char *ciphers, server_ctx *sc, api_server *as)
 {
-	char *cert = NULL, *key = NULL, *ca = NULL;
-	char auto_cert[4096], auto_key[4096], crl_dir[4096];
+	char auto_cert[4096], auto_key[4096];
 	const char *cert_file = cfg->cert_file, *key_file = cfg->key_file;
-	int rc = 0;
+	*out = NULL;
 	/* etcd makes the pair whenever --auto-tls is on and no pair is given, https or not. */
 	if (cfg->auto_tls && (cert_file[0] == '\0' || key_file[0] == '\0')) {
 		if (tls_auto_cert(cfg, auto_cert, auto_key, sizeof(auto_cert)) != 0)
@@ -141,58 +141,37 @@ static int listen_clients(api_server *as, const config *cfg)
 		cert_file = auto_cert;
 		key_file = auto_key;
 	}
-	for (int i = 0; rc == 0 && i < cfg->listen_client.n; i++) {
-		const char *url = cfg->listen_client.url[i];
-		char hp[256];
-		config_url_host_port(url, hp, sizeof(hp));
-		if (strncmp(url, "https://", 8) == 0) {
-			if (cfg->cipher_suites[0] && !tls_ciphers_http2_ok(cfg->cipher_suites)) {
-				log_at(LOG_FATAL, "listener failed", "error",
-				       "http2: TLSConfig.CipherSuites is missing an HTTP/2-required AES_128_GCM_SHA256 cipher "
-				       "(need at least one of TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 or "
-				       "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)", NULL);
-				rc = -1;
-				break;
-			}
-			if (cfg->client_crl_file[0] && cert == NULL && tls_crl_dir(cfg, crl_dir, sizeof(crl_dir)) != 0) {
-				rc = -1;
-				break;
-			}
-			if (cert_file[0] == '\0' || key_file[0] == '\0') {
-				log_at(LOG_FATAL, "TLS key/cert (--cert-file, --key-file) must be provided for client url with HTTPS scheme",
-				       "url", url, NULL);
-				rc = -1;
-				break;
-			}
-			if (cert == NULL) {
-				cert = server_read_file(cert_file);
-				key = server_read_file(key_file);
-				if (cfg->trusted_ca_file[0])
-					ca = server_read_file(cfg->trusted_ca_file);
-				if (cert == NULL || key == NULL || (cfg->trusted_ca_file[0] && ca == NULL)) {
-					log_at(LOG_FATAL, "cannot read TLS files", "cert-file", cfg->cert_file,
-					       "key-file", cfg->key_file, "trusted-ca-file", cfg->trusted_ca_file, NULL);
-					rc = -1;
-					break;
-				}
-			}
-			rc = api_server_listen_tls(as, hp, cert, key, ca, cfg->client_cert_auth,
-						   cfg->client_crl_file[0] ? crl_dir : NULL);
-			if (rc == 0)
-				log_at(LOG_INFO, "serving client traffic securely", "address", hp, NULL);
-		}
-		/* Plaintext client URLs are served by http.c, which passes gRPC to the api. */
-		if (rc)
-			log_at(LOG_FATAL, "cannot listen for clients", "url", url, "error", api_strerror(rc), NULL);
+	const char *https_url = NULL;
+	for (int i = 0; i < cfg->listen_client.n && https_url == NULL; i++)
+		if (strncmp(cfg->listen_client.url[i], "https://", 8) == 0)
+			https_url = cfg->listen_client.url[i];
+	if (https_url == NULL)
+		return 0;
+	if (cfg->cipher_suites[0] && !tls_ciphers_http2_ok(cfg->cipher_suites)) {
+		log_at(LOG_FATAL, "listener failed", "error",
+		       "http2: TLSConfig.CipherSuites is missing an HTTP/2-required AES_128_GCM_SHA256 cipher "
+		       "(need at least one of TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 or "
+		       "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)", NULL);
+		return -1;
 	}
-	free(cert);
-	if (key) {
-		/* The private key should not linger in freed memory. */
-		memset(key, 0, strlen(key));
-		free(key);
+	if (cert_file[0] == '\0' || key_file[0] == '\0') {
+		log_at(LOG_FATAL, "TLS key/cert (--cert-file, --key-file) must be provided for client url with HTTPS scheme",
+		       "url", https_url, NULL);
+		return -1;
 	}
-	free(ca);
-	return rc;
+	tls_server_options o = {
+		.to_cert_file = cert_file,
+		.to_key_file = key_file,
+		.to_trusted_ca_file = cfg->trusted_ca_file,
+		.to_crl_file = cfg->client_crl_file,
+		.to_ciphers = ciphers,
+		.to_client_cert_auth = cfg->client_cert_auth,
+		.to_sc = sc,
+		.to_api = as,
+	};
+	if (tls_version_bounds(cfg, &o.to_min_version, &o.to_max_version) != 0)
+		return -1;
+	return tls_server_new(out, &o);
 }
 
 /*
@@ -307,6 +286,11 @@ static int run(config *cfgp)
 	char ciphers[2048];
 	if (cfg.cipher_suites[0] && tls_cipher_list(cfg.cipher_suites, ciphers, sizeof(ciphers)) != 0)
 		return 1;
+	char why[256];
+	if (tls_check_versions(&cfg, why, sizeof(why)) != 0) {
+		log_at(LOG_WARN, "failed to verify flags", "error", why, NULL);
+		return 1;
+	}
 
 	/* Signals are taken synchronously by main; every other thread inherits the mask. */
 	sigset_t sigs;
@@ -345,7 +329,6 @@ static int run(config *cfgp)
 		storage_close(sc.st);
 		return 1;
 	}
-	char why[256];
 	rc = member_compute_ids(&cfg, &sc.mi, why, sizeof(why));
 	if (rc) {
 		log_at(LOG_FATAL, "invalid --initial-cluster", "error", why, NULL);
@@ -409,12 +392,13 @@ static int run(config *cfgp)
 		rc = auth_register(as, &sc);
 	if (rc == 0)
 		rc = watch_hub_start(&sc.hub, &sc, as);
+	tls_server *ts = NULL;
 	if (rc == 0)
-		rc = listen_clients(as, &cfg);
+		rc = client_tls(&ts, &cfg, cfg.cipher_suites[0] ? ciphers : NULL, &sc, as);
 	if (rc == 0)
 		rc = api_server_start(as);
 	http_server *hs = NULL;
-	if (rc == 0 && http_start(&hs, &sc, &cfg.listen_metrics, &cfg.listen_client, as) != 0)
+	if (rc == 0 && http_start(&hs, &sc, &cfg.listen_metrics, &cfg.listen_client, as, ts) != 0)
 		rc = -1;
 	corrupt_monitor *cm = NULL;
 	if (rc == 0 && corrupt_monitor_start(&cm, &sc) != 0) {
@@ -422,6 +406,8 @@ static int run(config *cfgp)
 		rc = -1;
 	}
 	if (rc) {
+		http_stop(hs);
+		tls_server_free(ts);
 		node_stop(sc.nd);
 		node_free(sc.nd);
 		storage_close(sc.st);
@@ -437,10 +423,12 @@ static int run(config *cfgp)
 	/* Stop taking calls, answer every write already queued, then end what is left. */
 	corrupt_monitor_stop(cm); /* it proposes alarms: stop it before the node */
 	http_stop(hs);
+	tls_server_stop(ts); /* no connection hands itself to gRPC after this */
 	api_server_shutdown(as);
 	node_stop(sc.nd);
 	watch_hub_stop(sc.hub);
 	api_server_destroy(as);
+	tls_server_free(ts);
 	watch_hub_free(sc.hub);
 	node_free(sc.nd);
 	lessor_free(sc.lessor);
