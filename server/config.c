@@ -86,6 +86,7 @@ static const flag_def flags[] = {
 	{"peer-cert-allowed-cn", F_STRING, "", OFF(peer_cert_allowed_cn), "Allowed CN for inter peer authentication."},
 	{"peer-cert-allowed-hostname", F_IGNORED_STRING, "", 0, "Allowed TLS hostname for inter peer authentication."},
 	{"peer-auto-tls", F_BOOL, "false", OFF(peer_auto_tls), "Peer TLS using self-generated certificates if --peer-key-file and --peer-cert-file are not provided."},
+	{"experimental-peer-skip-client-san-verification", F_BOOL, "false", OFF(peer_skip_client_san), "Skip verification of SAN field in client certificate for peer connections."},
 	{"peer-crl-file", F_STRING, "", OFF(peer_crl_file), "Path to the peer certificate revocation list file."},
 	{"cipher-suites", F_STRING, "", OFF(cipher_suites), "Comma-separated list of supported TLS cipher suites between client/server and peers."},
 	{"tls-min-version", F_STRING, "TLS1.2", OFF(tls_min_version), "Minimum TLS version supported by etcd. Possible values: TLS1.2, TLS1.3."},

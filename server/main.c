@@ -222,6 +222,7 @@ static int setup_peer_tls(config *cfg)
 		.ptc_crl_file = cfg->peer_crl_file,
 		.ptc_allowed_cn = cfg->peer_cert_allowed_cn,
 		.ptc_client_cert_auth = cfg->peer_client_cert_auth,
+		.ptc_skip_client_san = cfg->peer_skip_client_san,
 	};
 	char why[256] = "";
 	if (!have_files && cfg->peer_auto_tls) {

@@ -824,7 +824,7 @@ static int tls_verify_cb(int ok, X509_STORE_CTX *xs)
 	if (!ok || c == NULL || cert == NULL)
 		return ok;
 	int err = peer_tls__check_cert(&c->c_t->t_tls, cert, X509_STORE_CTX_get_error_depth(xs),
-				       !c->c_outgoing, c->c_tls_err, sizeof(c->c_tls_err));
+				       !c->c_outgoing, c->c_addr, c->c_tls_err, sizeof(c->c_tls_err));
 	if (err == X509_V_OK)
 		return 1;
 	X509_STORE_CTX_set_error(xs, err);

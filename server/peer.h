@@ -202,6 +202,7 @@ typedef struct peer_tls_config {
 	const char *ptc_allowed_cn;      /* NULL/"": any; else the other side's CN must match */
 	int ptc_client_cert_auth;        /* acceptor requires and verifies a client cert */
 	int ptc_skip_verify;             /* --peer-auto-tls: encrypt, verify nothing */
+	int ptc_skip_client_san;         /* etcd 3.5's --experimental-peer-skip-client-san-verification */
 } peer_tls_config;
 
 /*

@@ -83,6 +83,7 @@ typedef struct config {
 	char *peer_cert_file, *peer_key_file, *peer_trusted_ca_file, *peer_crl_file;
 	char *peer_cert_allowed_cn;
 	int peer_client_cert_auth, peer_auto_tls;
+	int peer_skip_client_san; /* etcd 3.5's --experimental-peer-skip-client-san-verification */
 	struct peer_tls *peer_tls;
 	int pre_vote;
 	int force_new_cluster;
