@@ -177,11 +177,12 @@ static int client_tls(tls_server **out, const config *cfg, const char *ciphers, 
 /*
  * Peer TLS from the --peer-* flags, with etcd's rules: https peer URLs need a cert and key
  * (or --peer-auto-tls, which makes them under <data-dir>/fixtures/peer); on http URLs the
- * files are ignored with a warning. Sets cfg->peer_tls (NULL: plaintext). 0 or -1 (logged).
+ * files are ignored with a warning. Sets cfg->peer_tls (NULL: no https peer URL). 0 or -1
+ * (logged).
  */
 static int setup_peer_tls(config *cfg)
 {
-	int n_https = 0, n_http = 0;
+	int n_https = 0;
 	int have_files = cfg->peer_cert_file[0] != '\0' || cfg->peer_key_file[0] != '\0';
 	const char *https_hp = "";
 	char hps[CONFIG_MAX_URLS][256];
@@ -196,7 +197,6 @@ static int setup_peer_tls(config *cfg)
 				https_hp = hps[i];
 			continue;
 		}
-		n_http++;
 		if (have_files)
 			log_at(LOG_WARN, "scheme is HTTP while key and cert files are present; ignoring key and cert files",
 			       "peer-url", url, NULL);
@@ -206,14 +206,10 @@ static int setup_peer_tls(config *cfg)
 	}
 	if (cfg->peer_auto_tls && have_files)
 		log_at(LOG_WARN, "ignoring peer auto TLS since certs given", NULL);
+	/* With both schemes, each listener serves its own (etcd 3.4 does the same), and each
+	 * member is dialed in the scheme of its peer URL. */
 	if (n_https == 0)
 		return 0;
-	if (n_http > 0) {
-		/* etcd serves each listener in its own scheme; Keelson's transport is TLS or not
-		 * as a whole. */
-		log_at(LOG_FATAL, "keelson: --listen-peer-urls must be all http or all https", NULL);
-		return -1;
-	}
 	char dir[4096], cert[4200], key[4200];
 	peer_tls_config tc = {
 		.ptc_cert_file = cfg->peer_cert_file,

@@ -357,7 +357,7 @@ void members_reply(members *ms, api_call *call, node_op op, Etcdserverpb__Respon
 		   Etcdserverpb__Member *added);
 /* The members as etcd's snapshot records them, strings copied into the arena. */
 size_t members_export(members *ms, storage_etcd_member *out, size_t max, storage_arena *a);
-/* Up to max members: ids, first peer "host:port", learner flags. */
+/* Up to max members: ids, first peer URL as "http(s)://host:port", learner flags. */
 size_t members_peers(members *ms, uint64_t *ids, char (*urls)[256], int *learner, size_t max);
 
 /* ---- auth.c ---- */
