@@ -111,9 +111,10 @@ typedef struct api_options {
 	int ao_keepalive_interval_ms; /* --grpc-keepalive-interval */
 	int ao_keepalive_timeout_ms;  /* --grpc-keepalive-timeout */
 	int ao_threads;               /* completion-queue threads; 0 picks 2 */
-	/* OpenSSL's TLS 1.2 cipher list for every TLS listener (etcd's --cipher-suites), NULL
-	 * for gRPC's default. gRPC core's C API has no per-listener knob: it is the process-wide
-	 * GRPC_SSL_CIPHER_SUITES setting, which is read once, so it is set before gRPC starts. */
+	/* OpenSSL's TLS 1.2 cipher list for gRPC core's own TLS (etcd's --cipher-suites; the
+	 * member's client channels), NULL for gRPC's default. gRPC core's C API has no per-channel
+	 * knob: it is the process-wide GRPC_SSL_CIPHER_SUITES setting, which is read once, so it
+	 * is set before gRPC starts. */
 	const char *ao_cipher_list;
 } api_options;
 

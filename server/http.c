@@ -1,9 +1,10 @@
 /*
  * http.c - the HTTP endpoints etcd serves beside gRPC: /health, /version and /metrics
- * (Prometheus text), on --listen-metrics-urls and, as etcd's cmux does, on the plaintext
- * client port too: this module accepts client connections itself, peeks at the first bytes,
- * and hands HTTP/2 connections (gRPC) to gRPC core while it answers HTTP/1 itself.
- * Its own libuv loop and thread.
+ * (Prometheus text), on --listen-metrics-urls and, as etcd's cmux does, on the client ports
+ * too: this module accepts client connections itself and peeks at the first bytes. A TLS
+ * handshake goes to tls_serve.c (https client URLs; a port may serve http and https URLs
+ * both); in plaintext, HTTP/2 connections (gRPC) go to gRPC core and HTTP/1 is answered
+ * here. Its own libuv loop and thread.
  *
  * One request per connection: read until the end of the headers, answer, close.
  */

@@ -220,6 +220,9 @@ static int setup_peer_tls(config *cfg)
 		.ptc_client_cert_auth = cfg->peer_client_cert_auth,
 		.ptc_skip_client_san = cfg->peer_skip_client_san,
 	};
+	/* etcd 3.5 applies --tls-min-version/--tls-max-version to peers too. */
+	if (tls_version_bounds(cfg, &tc.ptc_min_version, &tc.ptc_max_version) != 0)
+		return -1;
 	char why[256] = "";
 	if (!have_files && cfg->peer_auto_tls) {
 		snprintf(dir, sizeof(dir), "%s/fixtures/peer", cfg->data_dir);

@@ -207,6 +207,8 @@ typedef struct peer_tls_config {
 	int ptc_client_cert_auth;        /* acceptor requires and verifies a client cert */
 	int ptc_skip_verify;             /* --peer-auto-tls: encrypt, verify nothing */
 	int ptc_skip_client_san;         /* etcd 3.5's --experimental-peer-skip-client-san-verification */
+	int ptc_min_version, ptc_max_version; /* OpenSSL's TLS versions (--tls-min/max-version);
+					       * 0: TLS 1.2, and no upper bound */
 } peer_tls_config;
 
 /*

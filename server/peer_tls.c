@@ -48,7 +48,8 @@ static SSL_CTX *ctx_new(const SSL_METHOD *m, const peer_tls_config *cfg, char *e
 	}
 	/* etcd's floor; no renegotiation (a peer connection never needs it), no session
 	 * tickets (connections are long-lived and never resumed). */
-	SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+	SSL_CTX_set_min_proto_version(ctx, cfg->ptc_min_version ? cfg->ptc_min_version : TLS1_2_VERSION);
+	SSL_CTX_set_max_proto_version(ctx, cfg->ptc_max_version);
 	SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_TICKET);
 	SSL_CTX_set_num_tickets(ctx, 0);
 	errno = 0;

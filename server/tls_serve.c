@@ -551,9 +551,14 @@ static void *conn_thread(void *arg)
 			goto done; /* OpenSSL has sent the alert; a refused client is not our error */
 	}
 	char first[8192];
-	int n = setup_read(c, first, sizeof(first) - 1, deadline);
-	if (n <= 0)
-		goto done;
+	int n = 0;
+	/* HTTP/2 (gRPC) starts with "PRI * HTTP/2.0"; anything else is an HTTP/1 request. */
+	while (n < 3 && (n == 0 || memcmp(first, "PRI", (size_t)n) == 0)) {
+		int got = setup_read(c, first + n, (int)sizeof(first) - 1 - n, deadline);
+		if (got <= 0)
+			goto done;
+		n += got;
+	}
 	if (n < 3 || memcmp(first, "PRI", 3) != 0) {
 		serve_http1(c, first, (size_t)n, sizeof(first), deadline);
 		goto done;

@@ -42,8 +42,20 @@ def served_cn(port):
             return subject["commonName"]
 
 
+class PeerTLSServer(TLSServer):
+    """A TLSServer whose peer URL is https too (the server certificate as peer certificate)."""
+
+    @property
+    def peer_url(self):
+        return "https://127.0.0.1:%d" % self.peer_port
+
+    def args(self):
+        return super().args() + ["--peer-cert-file", pki().p("server.crt"),
+                                 "--peer-key-file", pki().p("server.key")]
+
+
 def start_keelson(testcase, extra_args, scheme="https"):
-    s = TLSServer(harness.KEELSON_BIN, ("root",), "sut", extra_args, scheme=scheme)
+    s = PeerTLSServer(harness.KEELSON_BIN, ("root",), "sut", extra_args, scheme=scheme)
     checked_cleanup(testcase, s)
     s.start()
     return s
@@ -67,20 +79,24 @@ def failed_start(args):
 class TLSVersions(unittest.TestCase):
     def test_min_and_max(self):
         """A TLS 1.2 client is refused with --tls-min-version TLS1.3; a TLS 1.3 one with
-        --tls-max-version TLS1.2; both get in by default."""
+        --tls-max-version TLS1.2; both get in by default. On the client port and, as etcd
+        3.5 applies the bounds to peers too, on the (https) peer port."""
         base = pki().server_flags()
         s = start_keelson(self, base)
-        self.assertTrue(handshake(s.client_port, "-tls1_2"))
-        self.assertTrue(handshake(s.client_port, "-tls1_3"))
+        for port in (s.client_port, s.peer_port):
+            self.assertTrue(handshake(port, "-tls1_2"))
+            self.assertTrue(handshake(port, "-tls1_3"))
         s.cleanup()
         s = start_keelson(self, base + ["--tls-min-version", "TLS1.3"])
-        self.assertFalse(handshake(s.client_port, "-tls1_2"))
-        self.assertTrue(handshake(s.client_port, "-tls1_3"))
+        for port in (s.client_port, s.peer_port):
+            self.assertFalse(handshake(port, "-tls1_2"))
+            self.assertTrue(handshake(port, "-tls1_3"))
         self.assertEqual(s.ctl("put", "k", "v").rc, 0)
         s.cleanup()
         s = start_keelson(self, base + ["--tls-max-version", "TLS1.2"])
-        self.assertTrue(handshake(s.client_port, "-tls1_2"))
-        self.assertFalse(handshake(s.client_port, "-tls1_3"))
+        for port in (s.client_port, s.peer_port):
+            self.assertTrue(handshake(port, "-tls1_2"))
+            self.assertFalse(handshake(port, "-tls1_3"))
         self.assertEqual(s.ctl("put", "k", "v").rc, 0)
 
     def test_startup_errors(self):
