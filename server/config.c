@@ -622,6 +622,14 @@ static int file_security(config *cfg, yaml_document_t *doc, yaml_node_t *m, cons
 			if (f && file_set(cfg, doc, f, v, path) != 0)
 				return 1;
 		}
+		/* etcd 3.5's securityConfig field for --experimental-peer-skip-client-san-verification. */
+		if (prefix[0] == 'p' && strcmp((const char *)k->data.scalar.value, "skip-client-san-verification") == 0) {
+			const char *name = "experimental-peer-skip-client-san-verification";
+			const flag_def *f = find_flag(name, strlen(name));
+			snprintf(path, sizeof(path), "securityConfig.%s.skip-client-san-verification", section);
+			if (f && file_set(cfg, doc, f, v, path) != 0)
+				return 1;
+		}
 	}
 	return 0;
 }
