@@ -2,7 +2,6 @@
  * tls.c - what a member prepares for client TLS: etcd's --auto-tls certificate and
  * --cipher-suites in OpenSSL's names (the connections are in tls_serve.c).
  */
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
