@@ -112,9 +112,10 @@ typedef struct api_options {
 	int ao_keepalive_interval_ms; /* --grpc-keepalive-interval */
 	int ao_keepalive_timeout_ms;  /* --grpc-keepalive-timeout */
 	int ao_threads;               /* completion-queue threads; 0 picks 2 */
-	/* OpenSSL's TLS 1.2 cipher list for every TLS listener (etcd's --cipher-suites), NULL
-	 * for gRPC's default. gRPC core's C API has no per-listener knob: it is the process-wide
-	 * GRPC_SSL_CIPHER_SUITES setting, which is read once, so it is set before gRPC starts. */
+	/* OpenSSL's TLS 1.2 cipher list for gRPC core's own TLS (etcd's --cipher-suites; the
+	 * member's client channels), NULL for gRPC's default. gRPC core's C API has no per-channel
+	 * knob: it is the process-wide GRPC_SSL_CIPHER_SUITES setting, which is read once, so it
+	 * is set before gRPC starts. */
 	const char *ao_cipher_list;
 } api_options;
 
@@ -133,18 +134,11 @@ int api_server_route(api_server *s, const char *path, api_unary_fn fn, void *ctx
 int api_server_route_stream(api_server *s, const char *path, const api_stream_handlers *h, void *ctx);
 /* Serves gRPC on an accepted, connected plaintext socket (taken over; after start). */
 void api_server_adopt_fd(api_server *s, int fd);
+/* The same, for a connection whose TLS the caller ended: cn (copied; NULL: none) is the
+ * verified client certificate's common name, which api_dispatch_peer_cn() then returns. */
+void api_server_adopt_fd_cn(api_server *s, int fd, const char *cn);
 /* Listens on host:port (plaintext). Before start only. */
 int api_server_listen(api_server *s, const char *host_port);
-/*
- * Listens on host:port with TLS: cert_pem and key_pem are the server's certificate chain and
- * key (PEM text); ca_pem (may be NULL) the CAs that client certificates must chain to: with
- * them (or require_client_cert, etcd's --client-cert-auth) a client without a verified
- * certificate is refused, as etcd 3.4 refuses it. crl_dir (may be NULL): a directory of OpenSSL-hashed CRL files
- * ("<issuer hash>.r0") that every client certificate is checked against (etcd's
- * --client-crl-file; gRPC core takes only a directory). Before start only.
- */
-int api_server_listen_tls(api_server *s, const char *host_port, const char *cert_pem,
-			  const char *key_pem, const char *ca_pem, int require_client_cert, const char *crl_dir);
 int api_server_start(api_server *s);
 /* Stops accepting new calls; calls already accepted still run and must still be ended. */
 void api_server_shutdown(api_server *s);

@@ -13,6 +13,7 @@
 #include <grpc/grpc.h>
 #include <grpc/grpc_posix.h>
 #include <grpc/grpc_security.h>
+#include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
 
 #include "api/api.h"
@@ -200,8 +201,56 @@ int api_server_route_stream(api_server *s, const char *path, const api_stream_ha
 	return API_ERR_UNKNOWN_METHOD;
 }
 
+/*
+ * The verified client certificate CN of each adopted connection, by fd number. gRPC core
+ * serves an adopted fd only in plaintext and names its peer "fd:<n>"; a connection whose TLS
+ * Keelson ended itself (server/tls.c) reaches gRPC through such an fd, so its CN is kept
+ * here. The entry is replaced whenever the number is adopted again: gRPC closes the fd only
+ * after the last call on it is destroyed, so a call always finds its own connection's CN.
+ */
+static pthread_mutex_t fd_cn_lock = PTHREAD_MUTEX_INITIALIZER;
+static char **fd_cn;   /* owned strings; NULL: none */
+static size_t fd_cn_n; /* entries in fd_cn */
+
+static void fd_cn_set(int fd, const char *cn)
+{
+	pthread_mutex_lock(&fd_cn_lock);
+	if ((size_t)fd >= fd_cn_n && cn != NULL) {
+		size_t n = (size_t)fd * 2 + 64;
+		char **grown = realloc(fd_cn, n * sizeof(*grown));
+		if (grown != NULL) {
+			memset(grown + fd_cn_n, 0, (n - fd_cn_n) * sizeof(*grown));
+			fd_cn = grown;
+			fd_cn_n = n;
+		}
+	}
+	if ((size_t)fd < fd_cn_n) {
+		free(fd_cn[fd]);
+		fd_cn[fd] = cn != NULL ? strdup(cn) : NULL;
+	}
+	pthread_mutex_unlock(&fd_cn_lock);
+}
+
+static const char *fd_cn_get(int fd, char *buf, size_t len)
+{
+	const char *out = NULL;
+	pthread_mutex_lock(&fd_cn_lock);
+	if (fd >= 0 && (size_t)fd < fd_cn_n && fd_cn[fd] != NULL && strlen(fd_cn[fd]) < len) {
+		strcpy(buf, fd_cn[fd]);
+		out = buf;
+	}
+	pthread_mutex_unlock(&fd_cn_lock);
+	return out;
+}
+
 void api_server_adopt_fd(api_server *s, int fd)
 {
+	api_server_adopt_fd_cn(s, fd, NULL);
+}
+
+void api_server_adopt_fd_cn(api_server *s, int fd, const char *cn)
+{
+	fd_cn_set(fd, cn);
 	grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
 	grpc_server_add_channel_from_fd(s->as_grpc, fd, creds);
 	grpc_server_credentials_release(creds);
@@ -210,41 +259,6 @@ void api_server_adopt_fd(api_server *s, int fd)
 int api_server_listen(api_server *s, const char *host_port)
 {
 	grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
-	int port = grpc_server_add_http2_port(s->as_grpc, host_port, creds);
-	grpc_server_credentials_release(creds);
-	return port > 0 ? 0 : API_ERR_BIND;
-}
-
-int api_server_listen_tls(api_server *s, const char *host_port, const char *cert_pem,
-			  const char *key_pem, const char *ca_pem, int require_client_cert, const char *crl_dir)
-{
-	grpc_ssl_pem_key_cert_pair pair = {key_pem, cert_pem};
-	/* etcd 3.4 refuses a client without a verified certificate as soon as it has trusted
-	 * CAs (--trusted-ca-file), --client-cert-auth or not (observed with etcd 3.4.23; the
-	 * flag decides only whether the certificate's CN may stand for the user). */
-	grpc_ssl_client_certificate_request_type req =
-		require_client_cert || ca_pem ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
-					      : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE;
-	grpc_server_credentials *creds;
-	if (crl_dir == NULL) {
-		creds = grpc_ssl_server_credentials_create_ex(ca_pem, &pair, 1, req, NULL);
-	} else {
-		/* Only the (experimental) TLS credentials API of gRPC core checks CRLs. */
-		grpc_tls_identity_pairs *ids = grpc_tls_identity_pairs_create();
-		grpc_tls_identity_pairs_add_pair(ids, key_pem, cert_pem);
-		grpc_tls_certificate_provider *prov = grpc_tls_certificate_provider_static_data_create(ca_pem, ids);
-		grpc_tls_credentials_options *o = grpc_tls_credentials_options_create();
-		grpc_tls_credentials_options_set_certificate_provider(o, prov);
-		grpc_tls_credentials_options_watch_identity_key_cert_pairs(o);
-		if (ca_pem)
-			grpc_tls_credentials_options_watch_root_certs(o);
-		grpc_tls_credentials_options_set_cert_request_type(o, req);
-		grpc_tls_credentials_options_set_crl_directory(o, crl_dir);
-		creds = grpc_tls_server_credentials_create(o); /* takes o */
-		grpc_tls_certificate_provider_release(prov);
-	}
-	if (creds == NULL)
-		return API_ERR_BIND;
 	int port = grpc_server_add_http2_port(s->as_grpc, host_port, creds);
 	grpc_server_credentials_release(creds);
 	return port > 0 ? 0 : API_ERR_BIND;
@@ -272,8 +286,15 @@ const char *api_dispatch_peer_cn(char *buf, size_t len)
 	if (dispatching == NULL || len == 0)
 		return NULL;
 	grpc_auth_context *ctx = grpc_call_auth_context(dispatching);
-	if (ctx == NULL)
-		return NULL; /* plaintext */
+	if (ctx == NULL) {
+		/* Plaintext to gRPC: an adopted fd, whose TLS (if any) Keelson ended itself. */
+		char *peer = grpc_call_get_peer(dispatching);
+		const char *out = NULL;
+		if (peer != NULL && strncmp(peer, "fd:", 3) == 0)
+			out = fd_cn_get(atoi(peer + 3), buf, len);
+		gpr_free(peer);
+		return out;
+	}
 	const char *out = NULL;
 	/* Only a certificate the handshake verified: an unverified one never gets this far
 	 * (the TLS listener verifies every certificate it requests). */

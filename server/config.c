@@ -87,8 +87,11 @@ static const flag_def flags[] = {
 	{"peer-cert-allowed-cn", F_STRING, "", OFF(peer_cert_allowed_cn), "Allowed CN for inter peer authentication."},
 	{"peer-cert-allowed-hostname", F_IGNORED_STRING, "", 0, "Allowed TLS hostname for inter peer authentication."},
 	{"peer-auto-tls", F_BOOL, "false", OFF(peer_auto_tls), "Peer TLS using self-generated certificates if --peer-key-file and --peer-cert-file are not provided."},
+	{"experimental-peer-skip-client-san-verification", F_BOOL, "false", OFF(peer_skip_client_san), "Skip verification of SAN field in client certificate for peer connections."},
 	{"peer-crl-file", F_STRING, "", OFF(peer_crl_file), "Path to the peer certificate revocation list file."},
 	{"cipher-suites", F_STRING, "", OFF(cipher_suites), "Comma-separated list of supported TLS cipher suites between client/server and peers."},
+	{"tls-min-version", F_STRING, "TLS1.2", OFF(tls_min_version), "Minimum TLS version supported by etcd. Possible values: TLS1.2, TLS1.3."},
+	{"tls-max-version", F_STRING, "", OFF(tls_max_version), "Maximum TLS version supported by etcd. Possible values: TLS1.2, TLS1.3 (empty defers to Go)."},
 	{"cors", F_IGNORED_STRING, "*", 0, "Comma-separated whitelist of origins for CORS, or cross-origin resource sharing."},
 	{"host-whitelist", F_IGNORED_STRING, "*", 0, "Acceptable hostnames from HTTP client requests."},
 	{"auth-token", F_STRING, "simple", OFF(auth_token), "Specify a v3 authentication token type and its options ('simple' or 'jwt')."},
@@ -659,6 +662,14 @@ static int file_security(config *cfg, yaml_document_t *doc, yaml_node_t *m, cons
 			snprintf(flag, sizeof(flag), "%s%s", prefix, keys[i]);
 			const flag_def *f = find_flag(flag, strlen(flag));
 			snprintf(path, sizeof(path), "securityConfig.%s.%s", section, keys[i]);
+			if (f && file_set(cfg, doc, f, v, path) != 0)
+				return 1;
+		}
+		/* etcd 3.5's securityConfig field for --experimental-peer-skip-client-san-verification. */
+		if (prefix[0] == 'p' && strcmp((const char *)k->data.scalar.value, "skip-client-san-verification") == 0) {
+			const char *name = "experimental-peer-skip-client-san-verification";
+			const flag_def *f = find_flag(name, strlen(name));
+			snprintf(path, sizeof(path), "securityConfig.%s.skip-client-san-verification", section);
 			if (f && file_set(cfg, doc, f, v, path) != 0)
 				return 1;
 		}

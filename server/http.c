@@ -1,9 +1,10 @@
 /*
  * http.c - the HTTP endpoints etcd serves beside gRPC: /health, /version and /metrics
- * (Prometheus text), on --listen-metrics-urls and, as etcd's cmux does, on the plaintext
- * client port too: this module accepts client connections itself, peeks at the first bytes,
- * and hands HTTP/2 connections (gRPC) to gRPC core while it answers HTTP/1 itself.
- * Its own libuv loop and thread.
+ * (Prometheus text), on --listen-metrics-urls and, as etcd's cmux does, on the client ports
+ * too: this module accepts client connections itself and peeks at the first bytes. A TLS
+ * handshake goes to tls_serve.c (https client URLs; a port may serve http and https URLs
+ * both); in plaintext, HTTP/2 connections (gRPC) go to gRPC core and HTTP/1 is answered
+ * here. Its own libuv loop and thread.
  *
  * One request per connection: read until the end of the headers, answer, close.
  */
@@ -31,6 +32,8 @@ typedef struct mux_listener {
 	uv_timer_t ml_retry; /* accepting again after running out of file descriptors */
 	uint64_t ml_backoff_ms;
 	int ml_fd;
+	int ml_plain, ml_tls; /* the port serves http, https URLs (both: etcd's cmux) */
+	char ml_hp[256];      /* host:port */
 	struct http_server *ml_srv;
 } mux_listener;
 
@@ -40,7 +43,8 @@ typedef struct sniff_conn {
 	uv_timer_t sc_timer;
 	int sc_fd;
 	int sc_handles; /* handles still open */
-	int sc_keep_fd; /* the fd now belongs to gRPC core or a uv_tcp */
+	int sc_keep_fd; /* the fd now belongs to gRPC core, a uv_tcp or the TLS server */
+	int sc_plain, sc_tls; /* as its listener's */
 	struct http_server *sc_srv;
 } sniff_conn;
 
@@ -52,6 +56,7 @@ struct http_server {
 	int h_nlisten;
 	mux_listener h_mux[HTTP_MAX_LISTENERS];
 	int h_nmux;
+	tls_server *h_tls; /* the https client URLs' TLS; NULL: none */
 	uv_async_t h_stop;
 	pthread_t h_thread;
 };
@@ -167,13 +172,12 @@ static void metrics_body(server_ctx *sc, sbuf *b)
 		sb_printf(b, "%s", backup);
 }
 
-static void answer(http_conn *c)
+char *http_response(server_ctx *sc, const char *req, size_t *out_len)
 {
-	server_ctx *sc = c->hc_srv->h_sc;
 	sbuf body = {0}, out = {0};
 	const char *status = "200 OK", *ctype = "text/plain; charset=utf-8";
 	char method[16] = "", path[256] = "";
-	if (sscanf(c->hc_buf, "%15s %255s", method, path) != 2) {
+	if (sscanf(req, "%15s %255s", method, path) != 2) {
 		status = "400 Bad Request";
 		sb_printf(&body, "bad request\n");
 	} else if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0) {
@@ -200,9 +204,20 @@ static void answer(http_conn *c)
 	sb_printf(&out, "HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n%.*s",
 		  status, ctype, body.len, strcmp(method, "HEAD") == 0 ? 0 : (int)body.len, body.p ? body.p : "");
 	free(body.p);
-	c->hc_resp = out.p;
+	*out_len = out.len;
+	return out.p;
+}
+
+static void answer(http_conn *c)
+{
+	size_t len = 0;
+	c->hc_resp = http_response(c->hc_srv->h_sc, c->hc_buf, &len);
+	if (c->hc_resp == NULL) {
+		uv_close((uv_handle_t *)&c->hc_tcp, conn_closed);
+		return;
+	}
 	c->hc_write.data = c;
-	uv_buf_t buf = uv_buf_init(out.p, (unsigned)out.len);
+	uv_buf_t buf = uv_buf_init(c->hc_resp, (unsigned)len);
 	if (uv_write(&c->hc_write, (uv_stream_t *)&c->hc_tcp, &buf, 1, on_written) != 0)
 		uv_close((uv_handle_t *)&c->hc_tcp, conn_closed);
 }
@@ -292,10 +307,20 @@ static void on_sniff(uv_poll_t *p, int status, int events)
 		sniff_end(c, 0);
 		return;
 	}
+	http_server *h = c->sc_srv;
+	/* A TLS connection starts with a handshake record (type 22). */
+	if (buf[0] == 0x16 && c->sc_tls) {
+		sniff_end(c, 1);
+		tls_server_serve(h->h_tls, c->sc_fd);
+		return;
+	}
+	if (!c->sc_plain) {
+		sniff_end(c, 0); /* not TLS on an https-only port: Go's handshake fails too */
+		return;
+	}
 	/* HTTP/2 clients speak first, with "PRI * HTTP/2.0"; HTTP/1 with a method name. */
 	if (n < 3 && memcmp(buf, "PRI", (size_t)n) == 0)
 		return; /* wait for more */
-	http_server *h = c->sc_srv;
 	if (memcmp(buf, "PRI", 3) == 0) {
 		sniff_end(c, 1);
 		api_server_adopt_fd(h->h_api, c->sc_fd);
@@ -358,6 +383,8 @@ static void on_mux_accept(uv_poll_t *p, int status, int events)
 		}
 		c->sc_fd = fd;
 		c->sc_srv = h;
+		c->sc_plain = ml->ml_plain;
+		c->sc_tls = ml->ml_tls;
 		if (uv_poll_init(&h->h_loop, &c->sc_poll, fd) != 0) {
 			close(fd);
 			free(c);
@@ -372,9 +399,18 @@ static void on_mux_accept(uv_poll_t *p, int status, int events)
 	}
 }
 
-/* Binds host:port for the client port. */
-static int mux_listen(http_server *h, const struct sockaddr *addr)
+/* Binds host:port for the client port, or adds the scheme to a listener already there. */
+static int mux_listen(http_server *h, const char *url, const struct sockaddr *addr)
 {
+	int tls = strncmp(url, "https://", 8) == 0;
+	char hp[256];
+	if (config_url_host_port(url, hp, sizeof(hp)) != 0)
+		return -1;
+	for (int i = 0; i < h->h_nmux; i++)
+		if (strcmp(h->h_mux[i].ml_hp, hp) == 0) {
+			*(tls ? &h->h_mux[i].ml_tls : &h->h_mux[i].ml_plain) = 1;
+			return 0;
+		}
 	if (h->h_nmux == HTTP_MAX_LISTENERS)
 		return -1;
 	int fd = socket(addr->sa_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -390,6 +426,9 @@ static int mux_listen(http_server *h, const struct sockaddr *addr)
 	mux_listener *ml = &h->h_mux[h->h_nmux];
 	ml->ml_fd = fd;
 	ml->ml_srv = h;
+	ml->ml_plain = !tls;
+	ml->ml_tls = tls;
+	snprintf(ml->ml_hp, sizeof(ml->ml_hp), "%s", hp);
 	if (uv_poll_init(&h->h_loop, &ml->ml_poll, fd) != 0) {
 		close(fd);
 		return -1;
@@ -453,12 +492,12 @@ static int url_addr(const char *url, struct sockaddr_storage *addr)
 }
 
 int http_start(http_server **out, server_ctx *sc, const config_urls *urls, const config_urls *client,
-	       api_server *as)
+	       api_server *as, tls_server *tls)
 {
 	*out = NULL;
 	int nclient = 0;
 	for (int i = 0; i < client->n; i++)
-		nclient += strncmp(client->url[i], "http://", 7) == 0;
+		nclient += strncmp(client->url[i], "http://", 7) == 0 || (tls && strncmp(client->url[i], "https://", 8) == 0);
 	if (urls->n == 0 && nclient == 0)
 		return 0;
 	http_server *h = calloc(1, sizeof(*h));
@@ -466,6 +505,7 @@ int http_start(http_server **out, server_ctx *sc, const config_urls *urls, const
 		return -1;
 	h->h_sc = sc;
 	h->h_api = as;
+	h->h_tls = tls;
 	uv_loop_init(&h->h_loop);
 	uv_async_init(&h->h_loop, &h->h_stop, on_stop);
 	h->h_stop.data = h;
@@ -484,14 +524,20 @@ int http_start(http_server **out, server_ctx *sc, const config_urls *urls, const
 	}
 	for (int i = 0; i < client->n; i++) {
 		struct sockaddr_storage addr;
-		if (strncmp(client->url[i], "http://", 7) != 0)
+		int tls_url = strncmp(client->url[i], "https://", 8) == 0;
+		if (!tls_url && strncmp(client->url[i], "http://", 7) != 0)
 			continue;
-		if (url_addr(client->url[i], &addr) != 0 || mux_listen(h, (struct sockaddr *)&addr) != 0) {
+		if (tls_url && tls == NULL)
+			continue;
+		if (url_addr(client->url[i], &addr) != 0 || mux_listen(h, client->url[i], (struct sockaddr *)&addr) != 0) {
 			log_at(LOG_FATAL, "cannot listen for clients", "url", client->url[i], "error", strerror(errno), NULL);
 			goto fail;
 		}
-		log_at(LOG_INFO, "serving insecure client requests, this is strongly discouraged!",
-		       "url", client->url[i], NULL);
+		if (tls_url)
+			log_at(LOG_INFO, "serving client traffic securely", "url", client->url[i], NULL);
+		else
+			log_at(LOG_INFO, "serving insecure client requests, this is strongly discouraged!",
+			       "url", client->url[i], NULL);
 	}
 	if (pthread_create(&h->h_thread, NULL, http_thread, h) != 0)
 		goto fail;

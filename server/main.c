@@ -128,14 +128,14 @@ char *server_read_file(const char *path)
 	return buf;
 }
 
-/* Listens on the https client URLs, with the --cert-file/--key-file pair or, with
- * --auto-tls and no pair given, etcd's self-signed one. */
-static int listen_clients(api_server *as, const config *cfg)
+/* The TLS of the https client URLs (*out stays NULL without one), with the
+ * --cert-file/--key-file pair or, with --auto-tls and no pair given, etcd's self-signed one.
+ * http.c listens; the connections are ended by tls_serve.c. */
+static int client_tls(tls_server **out, const config *cfg, const char *ciphers, server_ctx *sc, api_server *as)
 {
-	char *cert = NULL, *key = NULL, *ca = NULL;
-	char auto_cert[4096], auto_key[4096], crl_dir[4096];
+	char auto_cert[4096], auto_key[4096];
 	const char *cert_file = cfg->cert_file, *key_file = cfg->key_file;
-	int rc = 0;
+	*out = NULL;
 	/* etcd makes the pair whenever --auto-tls is on and no pair is given, https or not. */
 	if (cfg->auto_tls && (cert_file[0] == '\0' || key_file[0] == '\0')) {
 		if (tls_auto_cert(cfg, auto_cert, auto_key, sizeof(auto_cert)) != 0)
@@ -143,68 +143,48 @@ static int listen_clients(api_server *as, const config *cfg)
 		cert_file = auto_cert;
 		key_file = auto_key;
 	}
-	for (int i = 0; rc == 0 && i < cfg->listen_client.n; i++) {
-		const char *url = cfg->listen_client.url[i];
-		char hp[256];
-		config_url_host_port(url, hp, sizeof(hp));
-		if (strncmp(url, "https://", 8) == 0) {
-			if (cfg->cipher_suites[0] && !tls_ciphers_http2_ok(cfg->cipher_suites)) {
-				log_at(LOG_FATAL, "listener failed", "error",
-				       "http2: TLSConfig.CipherSuites is missing an HTTP/2-required AES_128_GCM_SHA256 cipher "
-				       "(need at least one of TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 or "
-				       "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)", NULL);
-				rc = -1;
-				break;
-			}
-			if (cfg->client_crl_file[0] && cert == NULL && tls_crl_dir(cfg, crl_dir, sizeof(crl_dir)) != 0) {
-				rc = -1;
-				break;
-			}
-			if (cert_file[0] == '\0' || key_file[0] == '\0') {
-				log_at(LOG_FATAL, "TLS key/cert (--cert-file, --key-file) must be provided for client url with HTTPS scheme",
-				       "url", url, NULL);
-				rc = -1;
-				break;
-			}
-			if (cert == NULL) {
-				cert = server_read_file(cert_file);
-				key = server_read_file(key_file);
-				if (cfg->trusted_ca_file[0])
-					ca = server_read_file(cfg->trusted_ca_file);
-				if (cert == NULL || key == NULL || (cfg->trusted_ca_file[0] && ca == NULL)) {
-					log_at(LOG_FATAL, "cannot read TLS files", "cert-file", cfg->cert_file,
-					       "key-file", cfg->key_file, "trusted-ca-file", cfg->trusted_ca_file, NULL);
-					rc = -1;
-					break;
-				}
-			}
-			rc = api_server_listen_tls(as, hp, cert, key, ca, cfg->client_cert_auth,
-						   cfg->client_crl_file[0] ? crl_dir : NULL);
-			if (rc == 0)
-				log_at(LOG_INFO, "serving client traffic securely", "address", hp, NULL);
-		}
-		/* Plaintext client URLs are served by http.c, which passes gRPC to the api. */
-		if (rc)
-			log_at(LOG_FATAL, "cannot listen for clients", "url", url, "error", api_strerror(rc), NULL);
+	const char *https_url = NULL;
+	for (int i = 0; i < cfg->listen_client.n && https_url == NULL; i++)
+		if (strncmp(cfg->listen_client.url[i], "https://", 8) == 0)
+			https_url = cfg->listen_client.url[i];
+	if (https_url == NULL)
+		return 0;
+	if (cfg->cipher_suites[0] && !tls_ciphers_http2_ok(cfg->cipher_suites)) {
+		log_at(LOG_FATAL, "listener failed", "error",
+		       "http2: TLSConfig.CipherSuites is missing an HTTP/2-required AES_128_GCM_SHA256 cipher "
+		       "(need at least one of TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 or "
+		       "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256)", NULL);
+		return -1;
 	}
-	free(cert);
-	if (key) {
-		/* The private key should not linger in freed memory. */
-		memset(key, 0, strlen(key));
-		free(key);
+	if (cert_file[0] == '\0' || key_file[0] == '\0') {
+		log_at(LOG_FATAL, "TLS key/cert (--cert-file, --key-file) must be provided for client url with HTTPS scheme",
+		       "url", https_url, NULL);
+		return -1;
 	}
-	free(ca);
-	return rc;
+	tls_server_options o = {
+		.to_cert_file = cert_file,
+		.to_key_file = key_file,
+		.to_trusted_ca_file = cfg->trusted_ca_file,
+		.to_crl_file = cfg->client_crl_file,
+		.to_ciphers = ciphers,
+		.to_client_cert_auth = cfg->client_cert_auth,
+		.to_sc = sc,
+		.to_api = as,
+	};
+	if (tls_version_bounds(cfg, &o.to_min_version, &o.to_max_version) != 0)
+		return -1;
+	return tls_server_new(out, &o);
 }
 
 /*
  * Peer TLS from the --peer-* flags, with etcd's rules: https peer URLs need a cert and key
  * (or --peer-auto-tls, which makes them under <data-dir>/fixtures/peer); on http URLs the
- * files are ignored with a warning. Sets cfg->peer_tls (NULL: plaintext). 0 or -1 (logged).
+ * files are ignored with a warning. Sets cfg->peer_tls (NULL: no https peer URL). 0 or -1
+ * (logged).
  */
 static int setup_peer_tls(config *cfg)
 {
-	int n_https = 0, n_http = 0;
+	int n_https = 0;
 	int have_files = cfg->peer_cert_file[0] != '\0' || cfg->peer_key_file[0] != '\0';
 	const char *https_hp = "";
 	char hps[CONFIG_MAX_URLS][256];
@@ -219,7 +199,6 @@ static int setup_peer_tls(config *cfg)
 				https_hp = hps[i];
 			continue;
 		}
-		n_http++;
 		if (have_files)
 			log_at(LOG_WARN, "scheme is HTTP while key and cert files are present; ignoring key and cert files",
 			       "peer-url", url, NULL);
@@ -229,14 +208,10 @@ static int setup_peer_tls(config *cfg)
 	}
 	if (cfg->peer_auto_tls && have_files)
 		log_at(LOG_WARN, "ignoring peer auto TLS since certs given", NULL);
+	/* With both schemes, each listener serves its own (etcd 3.4 does the same), and each
+	 * member is dialed in the scheme of its peer URL. */
 	if (n_https == 0)
 		return 0;
-	if (n_http > 0) {
-		/* etcd serves each listener in its own scheme; Keelson's transport is TLS or not
-		 * as a whole. */
-		log_at(LOG_FATAL, "keelson: --listen-peer-urls must be all http or all https", NULL);
-		return -1;
-	}
 	char dir[4096], cert[4200], key[4200];
 	peer_tls_config tc = {
 		.ptc_cert_file = cfg->peer_cert_file,
@@ -245,7 +220,11 @@ static int setup_peer_tls(config *cfg)
 		.ptc_crl_file = cfg->peer_crl_file,
 		.ptc_allowed_cn = cfg->peer_cert_allowed_cn,
 		.ptc_client_cert_auth = cfg->peer_client_cert_auth,
+		.ptc_skip_client_san = cfg->peer_skip_client_san,
 	};
+	/* etcd 3.5 applies --tls-min-version/--tls-max-version to peers too. */
+	if (tls_version_bounds(cfg, &tc.ptc_min_version, &tc.ptc_max_version) != 0)
+		return -1;
 	char why[256] = "";
 	if (!have_files && cfg->peer_auto_tls) {
 		snprintf(dir, sizeof(dir), "%s/fixtures/peer", cfg->data_dir);
@@ -326,6 +305,11 @@ static int run(config *cfgp)
 	char ciphers[2048];
 	if (cfg.cipher_suites[0] && tls_cipher_list(cfg.cipher_suites, ciphers, sizeof(ciphers)) != 0)
 		return 1;
+	char why[256];
+	if (tls_check_versions(&cfg, why, sizeof(why)) != 0) {
+		log_at(LOG_WARN, "failed to verify flags", "error", why, NULL);
+		return 1;
+	}
 
 	/* Signals are taken synchronously by main; every other thread inherits the mask. */
 	sigset_t sigs;
@@ -364,7 +348,6 @@ static int run(config *cfgp)
 		storage_close(sc.st);
 		return 1;
 	}
-	char why[256];
 	rc = member_compute_ids(&cfg, &sc.mi, why, sizeof(why));
 	if (rc) {
 		log_at(LOG_FATAL, "invalid --initial-cluster", "error", why, NULL);
@@ -432,12 +415,13 @@ static int run(config *cfgp)
 		rc = auth_register(as, &sc);
 	if (rc == 0)
 		rc = watch_hub_start(&sc.hub, &sc, as);
+	tls_server *ts = NULL;
 	if (rc == 0)
-		rc = listen_clients(as, &cfg);
+		rc = client_tls(&ts, &cfg, cfg.cipher_suites[0] ? ciphers : NULL, &sc, as);
 	if (rc == 0)
 		rc = api_server_start(as);
 	http_server *hs = NULL;
-	if (rc == 0 && http_start(&hs, &sc, &cfg.listen_metrics, &cfg.listen_client, as) != 0)
+	if (rc == 0 && http_start(&hs, &sc, &cfg.listen_metrics, &cfg.listen_client, as, ts) != 0)
 		rc = -1;
 	corrupt_monitor *cm = NULL;
 	if (rc == 0 && corrupt_monitor_start(&cm, &sc) != 0) {
@@ -449,6 +433,8 @@ static int run(config *cfgp)
 		rc = -1; /* logged; a backup directory asked for and unusable stops the start */
 	atomic_store(&sc.backup, backup);
 	if (rc) {
+		http_stop(hs);
+		tls_server_free(ts);
 		node_stop(sc.nd);
 		node_free(sc.nd);
 		storage_close(sc.st);
@@ -464,6 +450,7 @@ static int run(config *cfgp)
 	/* Stop taking calls, answer every write already queued, then end what is left. */
 	corrupt_monitor_stop(cm); /* it proposes alarms: stop it before the node */
 	http_stop(hs);
+	tls_server_stop(ts); /* no connection hands itself to gRPC after this */
 	api_server_shutdown(as);
 	node_stop(sc.nd);
 	/* After the loop (which pauses backups) and before the node and the store go. */
@@ -471,6 +458,7 @@ static int run(config *cfgp)
 	sc.backup = NULL;
 	watch_hub_stop(sc.hub);
 	api_server_destroy(as);
+	tls_server_free(ts);
 	watch_hub_free(sc.hub);
 	node_free(sc.nd);
 	lessor_free(sc.lessor);

@@ -1,6 +1,8 @@
 /*
- * maint.c - member identity, response headers, Maintenance.Status and Cluster.MemberList.
+ * maint.c - member identity, response headers, Maintenance.Status, Hash, HashKV,
+ * Defragment, MoveLeader and Downgrade.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -140,6 +142,97 @@ static void maint_defragment(void *ctx, api_call *call, const ProtobufCMessage *
 	node_submit(sc->nd, NODE_DEFRAG, call, msg);
 }
 
+/* A go-semver number: optional sign and digits only (strconv.ParseInt's form). */
+static int semver_int(const char *s, size_t len, long long *out)
+{
+	size_t i = len > 0 && (s[0] == '+' || s[0] == '-') ? 1 : 0;
+	if (i == len || len - i > 18)
+		return -1;
+	long long v = 0;
+	for (size_t k = i; k < len; k++) {
+		if (s[k] < '0' || s[k] > '9')
+			return -1;
+		v = v * 10 + (s[k] - '0');
+	}
+	*out = s[0] == '-' ? -v : v;
+	return 0;
+}
+
+/* go-semver's NewVersion: "major.minor.patch[-pre][+meta]"; major and minor out. */
+static int semver_parse(const char *v, long long *major, long long *minor)
+{
+	size_t len = strcspn(v, "+");
+	size_t core = strcspn(v, "-+");
+	if (core > len)
+		core = len;
+	const char *d1 = memchr(v, '.', core);
+	const char *d2 = d1 ? memchr(d1 + 1, '.', (size_t)(v + core - d1 - 1)) : NULL;
+	long long patch;
+	if (d1 == NULL || d2 == NULL || semver_int(v, (size_t)(d1 - v), major) != 0 ||
+	    semver_int(d1 + 1, (size_t)(d2 - d1 - 1), minor) != 0 ||
+	    semver_int(d2 + 1, (size_t)(v + core - d2 - 1), &patch) != 0)
+		return -1;
+	return 0;
+}
+
+/*
+ * etcd 3.5's Maintenance.Downgrade. A target is valid only one minor version below the
+ * cluster version (etcd's AllowedDowngradeVersion); VALIDATE then answers with the cluster
+ * version. Keelson cannot run a downgrade: no job is ever in progress (so CANCEL has none to
+ * cancel), and ENABLE of a valid target is refused as unimplemented.
+ */
+static void maint_downgrade(void *ctx, api_call *call, const ProtobufCMessage *msg)
+{
+	server_ctx *sc = ctx;
+	const Etcdserverpb__DowngradeRequest *req = (const Etcdserverpb__DowngradeRequest *)msg;
+	if (!maint_admitted(sc, call))
+		return;
+	long long cmajor = 0, cminor = 0;
+	if (semver_parse(sc->cfg->etcd_version, &cmajor, &cminor) != 0) {
+		api_call_fail_msg(call, 14 /* UNAVAILABLE */, "etcdserver: cluster version not found during downgrade");
+		return;
+	}
+	char cluster[64];
+	snprintf(cluster, sizeof(cluster), "%lld.%lld.0", cmajor, cminor);
+	switch (req->action) {
+	case ETCDSERVERPB__DOWNGRADE_REQUEST__DOWNGRADE_ACTION__VALIDATE:
+	case ETCDSERVERPB__DOWNGRADE_REQUEST__DOWNGRADE_ACTION__ENABLE: {
+		/* etcd takes "major.minor" as "major.minor.0" and keeps major.minor only. */
+		long long major, minor;
+		const char *v = req->version ? req->version : "";
+		char with_patch[300];
+		snprintf(with_patch, sizeof(with_patch), "%.250s.0", v);
+		if (semver_parse(v, &major, &minor) != 0 &&
+		    (strlen(v) > 250 || semver_parse(with_patch, &major, &minor) != 0)) {
+			api_call_fail_msg(call, 3 /* INVALID_ARGUMENT */, "etcdserver: wrong downgrade target version format");
+			return;
+		}
+		if (major != cmajor || minor != cminor - 1) {
+			api_call_fail_msg(call, 3 /* INVALID_ARGUMENT */, "etcdserver: invalid downgrade target version");
+			return;
+		}
+		if (req->action == ETCDSERVERPB__DOWNGRADE_REQUEST__DOWNGRADE_ACTION__ENABLE) {
+			api_call_fail_msg(call, 12 /* UNIMPLEMENTED */, "keelson: downgrading a cluster is not supported");
+			return;
+		}
+		break;
+	}
+	case ETCDSERVERPB__DOWNGRADE_REQUEST__DOWNGRADE_ACTION__CANCEL:
+		api_call_fail_msg(call, 9 /* FAILED_PRECONDITION */, "etcdserver: no inflight downgrade job");
+		return;
+	default:
+		api_call_fail_msg(call, 2 /* UNKNOWN */, "etcdserver: unknown method");
+		return;
+	}
+	Etcdserverpb__DowngradeResponse resp = ETCDSERVERPB__DOWNGRADE_RESPONSE__INIT;
+	Etcdserverpb__ResponseHeader h = ETCDSERVERPB__RESPONSE_HEADER__INIT;
+	server_fill_header(sc, &h);
+	h.revision = storage_current_revision(sc->st);
+	resp.header = &h;
+	resp.version = cluster;
+	api_call_reply(call, &resp.base);
+}
+
 int maint_register(api_server *as, server_ctx *sc)
 {
 	static const struct {
@@ -151,6 +244,7 @@ int maint_register(api_server *as, server_ctx *sc)
 		{"/etcdserverpb.Maintenance/HashKV", maint_hash_kv},
 		{"/etcdserverpb.Maintenance/Defragment", maint_defragment},
 		{"/etcdserverpb.Maintenance/MoveLeader", maint_move_leader},
+		{"/etcdserverpb.Maintenance/Downgrade", maint_downgrade},
 	};
 	for (size_t i = 0; i < sizeof(routes) / sizeof(routes[0]); i++) {
 		int rc = api_server_route(as, routes[i].path, routes[i].fn, sc);

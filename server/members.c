@@ -272,8 +272,10 @@ size_t members_peers(members *ms, uint64_t *ids, char (*urls)[256], int *learner
 		ids[n] = m->id;
 		learner[n] = m->islearner;
 		urls[n][0] = '\0';
-		if (m->n_peerurls > 0)
-			config_url_host_port(m->peerurls[0], urls[n], 256);
+		char hp[240];
+		/* "scheme://host:port": the peer transport dials in the URL's scheme. */
+		if (m->n_peerurls > 0 && config_url_host_port(m->peerurls[0], hp, sizeof(hp)) == 0)
+			snprintf(urls[n], 256, "%s://%s", strncmp(m->peerurls[0], "https://", 8) == 0 ? "https" : "http", hp);
 		n++;
 	}
 	pthread_mutex_unlock(&ms->m_mu);

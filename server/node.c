@@ -1258,11 +1258,14 @@ int node_start(node **out, server_ctx *sc)
 	uv_loop_init(&n->n_loop);
 
 	const char *listen[PEER_LISTEN_MAX];
-	char hp[PEER_LISTEN_MAX][256];
+	char hp[PEER_LISTEN_MAX][256], url[PEER_LISTEN_MAX][272];
 	int nl = 0;
 	for (int i = 0; i < sc->cfg->listen_peer.n && nl < PEER_LISTEN_MAX; i++)
 		if (config_url_host_port(sc->cfg->listen_peer.url[i], hp[nl], sizeof(hp[nl])) == 0) {
-			listen[nl] = hp[nl];
+			/* Each listener in its URL's scheme, as etcd. */
+			int https = strncmp(sc->cfg->listen_peer.url[i], "https://", 8) == 0;
+			snprintf(url[nl], sizeof(url[nl]), "%s://%s", https ? "https" : "http", hp[nl]);
+			listen[nl] = url[nl];
 			nl++;
 		}
 	peer_config pc;

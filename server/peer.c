@@ -157,6 +157,7 @@ struct peer {
 	peer_transport *p_t;
 	uint64_t p_id;
 	char *p_addr;
+	int p_tls;            /* dialed in TLS (an https peer URL) */
 	uv_timer_t p_timer;
 	conn *p_conn;
 	struct resolve *p_resolve;
@@ -183,6 +184,7 @@ typedef struct listener {
 	uv_tcp_t l_tcp;
 	peer_transport *l_t; /* NULL while init fails */
 	int l_port;
+	int l_tls; /* its connections are TLS (an https peer URL) */
 } listener;
 
 struct peer_transport {
@@ -408,6 +410,27 @@ static int parse_host_port(const char *s, char *host, size_t hostlen, int *port)
 	}
 	*port = (int)v;
 	return 0;
+}
+
+/*
+ * An address with an optional scheme (see peer_config.pc_listen): the "host:port" part, and
+ * whether it is TLS in *tls (no scheme: as the transport, TLS when it has a context).
+ * An https:// address on a transport without TLS is plaintext too: an https listener is
+ * then refused (peer_transport_init), and a peer there is dialed in plaintext, whose
+ * refusal says why (PEER_HS_TLS_MISMATCH).
+ */
+static const char *addr_scheme(const peer_transport *t, const char *addr, int *tls)
+{
+	*tls = t->t_has_tls;
+	if (strncmp(addr, "http://", 7) == 0) {
+		*tls = 0;
+		return addr + 7;
+	}
+	if (strncmp(addr, "https://", 8) == 0) {
+		*tls = t->t_has_tls;
+		return addr + 8;
+	}
+	return addr;
 }
 
 static int check_peer_addr(const char *addr)
@@ -827,7 +850,7 @@ static int tls_verify_cb(int ok, X509_STORE_CTX *xs)
 	if (!ok || c == NULL || cert == NULL)
 		return ok;
 	int err = peer_tls__check_cert(&c->c_t->t_tls, cert, X509_STORE_CTX_get_error_depth(xs),
-				       !c->c_outgoing, c->c_tls_err, sizeof(c->c_tls_err));
+				       !c->c_outgoing, c->c_addr, c->c_tls_err, sizeof(c->c_tls_err));
 	if (err == X509_V_OK)
 		return 1;
 	X509_STORE_CTX_set_error(xs, err);
@@ -1302,7 +1325,7 @@ static void on_connection(uv_stream_t *server, int status)
 		return;
 	}
 	conn_tune(c);
-	if (t->t_has_tls && conn_tls_begin(c) != 0) {
+	if (l->l_tls && conn_tls_begin(c) != 0) {
 		conn_fail(c, WHY_NOMEM);
 		return;
 	}
@@ -1315,7 +1338,6 @@ static void on_connection(uv_stream_t *server, int status)
 static void on_connect(uv_connect_t *req, int status)
 {
 	conn *c = req->data;
-	peer_transport *t = c->c_t;
 	if (c->c_state == CONN_CLOSING)
 		return;
 	if (status < 0) {
@@ -1325,7 +1347,7 @@ static void on_connect(uv_connect_t *req, int status)
 	}
 	conn_tune(c);
 	c->c_state = CONN_HANDSHAKE;
-	if (t->t_has_tls) {
+	if (c->c_peer != NULL && c->c_peer->p_tls) {
 		/* The HELLO waits for the TLS handshake (tls_on_read). */
 		if (conn_tls_begin(c) != 0) {
 			conn_fail(c, WHY_NOMEM);
@@ -1697,9 +1719,13 @@ int peer_transport_init(peer_transport **out, uv_loop_t *loop, const peer_config
 	}
 	for (int i = 0; i < cfg->pc_n_listen; i++) {
 		listener *l = NULL;
-		rc = listen_one(t, cfg->pc_listen[i], &l);
-		if (l != NULL)
+		int tls;
+		const char *a = addr_scheme(t, cfg->pc_listen[i], &tls);
+		rc = strncmp(cfg->pc_listen[i], "https://", 8) == 0 && !tls ? PEER_EINVAL : listen_one(t, a, &l);
+		if (l != NULL) {
+			l->l_tls = tls;
 			t->t_listen[t->t_n_listen++] = l;
+		}
 		if (rc != 0)
 			goto fail;
 	}
@@ -1736,6 +1762,8 @@ int peer_add(peer_transport *t, uint64_t member_id, const char *addr)
 		return PEER_ECLOSED;
 	if (member_id == 0 || member_id == t->t_self)
 		return PEER_EINVAL;
+	int tls;
+	addr = addr_scheme(t, addr, &tls);
 	if (check_peer_addr(addr) != 0)
 		return PEER_EADDR;
 	if (peer_find(t, member_id) != NULL)
@@ -1750,6 +1778,7 @@ int peer_add(peer_transport *t, uint64_t member_id, const char *addr)
 	}
 	p->p_t = t;
 	p->p_id = member_id;
+	p->p_tls = tls;
 	uv_timer_init(t->t_loop, &p->p_timer);
 	p->p_timer.data = p;
 	t->t_refs++;
@@ -1763,18 +1792,21 @@ int peer_update(peer_transport *t, uint64_t member_id, const char *addr)
 {
 	if (t->t_closing)
 		return PEER_ECLOSED;
+	int tls;
+	addr = addr_scheme(t, addr, &tls);
 	if (check_peer_addr(addr) != 0)
 		return PEER_EADDR;
 	peer *p = peer_find(t, member_id);
 	if (p == NULL)
 		return PEER_EUNKNOWN;
-	if (strcmp(p->p_addr, addr) == 0)
+	if (strcmp(p->p_addr, addr) == 0 && p->p_tls == tls)
 		return 0;
 	char *a = strdup(addr);
 	if (a == NULL)
 		return PEER_ENOMEM;
 	free(p->p_addr);
 	p->p_addr = a;
+	p->p_tls = tls;
 	p->p_log_state = 0;
 	if (p->p_resolve != NULL) {
 		p->p_resolve->r_peer = NULL;

@@ -141,7 +141,11 @@ typedef struct peer_config {
 	uint64_t pc_self_id;            /* this member's id; non-zero */
 	uint64_t pc_cluster_id;         /* checked on every connection */
 	const char *pc_cluster_token;   /* --initial-cluster-token; NULL means "" */
-	const char *const *pc_listen;   /* "host:port" (IPv6 as "[::1]:2380"); port 0 picks one */
+	/* "host:port" (IPv6 as "[::1]:2380"; port 0 picks one), optionally "http://host:port"
+	 * (plaintext) or "https://host:port" (TLS; PEER_EINVAL without pc_tls): etcd serves each peer URL in
+	 * its own scheme. Without a scheme: TLS when pc_tls is set. Peer addresses
+	 * (peer_add, peer_update) take the same forms; a peer is dialed in its scheme. */
+	const char *const *pc_listen;
 	int pc_n_listen;                /* 0..PEER_LISTEN_MAX; 0 = send only */
 	size_t pc_max_frame;            /* largest message; default 64 MiB, at most 2^31 */
 	size_t pc_max_queue;            /* send queue bytes per peer; default 16 MiB */
@@ -150,7 +154,7 @@ typedef struct peer_config {
 	unsigned pc_handshake_timeout_ms; /* connect + handshake deadline; default 5000 */
 	unsigned pc_dead_timeout_ms;    /* keepalive and TCP_USER_TIMEOUT; default 30000 */
 	uint64_t pc_seed;               /* reconnect jitter; 0 = from self id and the clock */
-	const struct peer_tls *pc_tls;  /* NULL: plaintext; else TLS on every connection (the
+	const struct peer_tls *pc_tls;  /* NULL: plaintext; else TLS on connections (see pc_listen; the
 					 * transport takes its own reference) */
 } peer_config;
 
@@ -205,6 +209,9 @@ typedef struct peer_tls_config {
 	const char *ptc_allowed_cn;      /* NULL/"": any; else the other side's CN must match */
 	int ptc_client_cert_auth;        /* acceptor requires and verifies a client cert */
 	int ptc_skip_verify;             /* --peer-auto-tls: encrypt, verify nothing */
+	int ptc_skip_client_san;         /* etcd 3.5's --experimental-peer-skip-client-san-verification */
+	int ptc_min_version, ptc_max_version; /* OpenSSL's TLS versions (--tls-min/max-version);
+					       * 0: TLS 1.2, and no upper bound */
 } peer_tls_config;
 
 /*
@@ -243,7 +250,8 @@ int peer_listen_port(const peer_transport *t, int i);
 /*
  * Adds member_id (non-zero, not self) reachable at addr ("host:port", copied). The
  * transport starts dialing it on the next loop turn and accepts its inbound connections
- * from now on. Errors: PEER_EINVAL, PEER_EADDR (syntax only; names resolve when dialing),
+ * from now on. addr may carry a scheme (see pc_listen; https:// without pc_tls is dialed in
+ * plaintext). Errors: PEER_EINVAL, PEER_EADDR (syntax only; names resolve when dialing),
  * PEER_EEXIST, PEER_ENOMEM, PEER_ECLOSED.
  */
 int peer_add(peer_transport *t, uint64_t member_id, const char *addr);

@@ -7,11 +7,15 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
+
+#include <arpa/inet.h>
 
 #include <openssl/bn.h>
 #include <openssl/err.h>
@@ -44,7 +48,8 @@ static SSL_CTX *ctx_new(const SSL_METHOD *m, const peer_tls_config *cfg, char *e
 	}
 	/* etcd's floor; no renegotiation (a peer connection never needs it), no session
 	 * tickets (connections are long-lived and never resumed). */
-	SSL_CTX_set_min_proto_version(ctx, TLS1_2_VERSION);
+	SSL_CTX_set_min_proto_version(ctx, cfg->ptc_min_version ? cfg->ptc_min_version : TLS1_2_VERSION);
+	SSL_CTX_set_max_proto_version(ctx, cfg->ptc_max_version);
 	SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_TICKET);
 	SSL_CTX_set_num_tickets(ctx, 0);
 	errno = 0;
@@ -123,6 +128,7 @@ int peer_tls_new(peer_tls **out, const peer_tls_config *cfg, char *err, size_t e
 	/* etcd's ServerConfig: a trusted CA or client-cert-auth means RequireAndVerifyClientCert. */
 	t->pt_verify_client = is_set(cfg->ptc_trusted_ca_file) || cfg->ptc_client_cert_auth;
 	t->pt_verify = !cfg->ptc_skip_verify;
+	t->pt_check_san = !cfg->ptc_skip_client_san;
 	if (t->pt_verify_client) {
 		SSL_CTX_set_verify(t->pt_server, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
 		if (is_set(cfg->ptc_trusted_ca_file)) {
@@ -176,6 +182,7 @@ int peer_tls__hold(struct peer_tls *dst, const struct peer_tls *src)
 	dst->pt_crl = src->pt_crl;
 	dst->pt_verify = src->pt_verify;
 	dst->pt_verify_client = src->pt_verify_client;
+	dst->pt_check_san = src->pt_check_san;
 	return 0;
 }
 
@@ -188,9 +195,162 @@ void peer_tls__release(struct peer_tls *t)
 	memset(t, 0, sizeof(*t));
 }
 
-int peer_tls__check_cert(const struct peer_tls *t, X509 *cert, int depth, int acceptor,
-			 char *err, size_t errlen)
+/* The host of "ip:port" or "[ip6]:port" into host. */
+static int split_host(const char *addr, char *host, size_t len)
 {
+	const char *colon = strrchr(addr, ':');
+	if (colon == NULL)
+		return -1;
+	const char *b = addr, *e = colon;
+	if (*b == '[' && e > b && e[-1] == ']') {
+		b++;
+		e--;
+	}
+	if ((size_t)(e - b) >= len)
+		return -1;
+	memcpy(host, b, (size_t)(e - b));
+	host[e - b] = '\0';
+	return 0;
+}
+
+/* An IP SAN (4 or 16 bytes) equal to ip (4 or 16 bytes), as Go's net.IP.Equal: an IPv4
+ * address equals its IPv4-mapped IPv6 form. */
+static int ip_equal(const unsigned char *a, int alen, const unsigned char *b, int blen)
+{
+	static const unsigned char mapped[12] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff};
+	if (alen == blen)
+		return memcmp(a, b, (size_t)alen) == 0;
+	const unsigned char *v4 = alen == 4 ? a : b, *v6 = alen == 4 ? b : a;
+	return (alen == 4 || blen == 4) && memcmp(v6, mapped, 12) == 0 && memcmp(v6 + 12, v4, 4) == 0;
+}
+
+/*
+ * etcd's checkSAN (pkg/transport/listener_tls.go), done by every https peer listener on the
+ * certificate a dialing member presents: a certificate naming IPs must name the address
+ * the connection comes from (else Go's x509 error); one naming DNS names must name it by
+ * a reverse lookup of that address (wildcards too) or a forward lookup of a name (else
+ * etcd's error). A certificate with no IP or DNS SAN passes. The lookups block: they are
+ * done only when the IPs do not already match.
+ */
+static int check_san(X509 *cert, const char *remote_addr, char *err, size_t errlen)
+{
+	GENERAL_NAMES *sans = X509_get_ext_d2i(cert, NID_subject_alt_name, NULL, NULL);
+	char host[INET6_ADDRSTRLEN + 2];
+	unsigned char hip[16];
+	int hlen = 0, n_ip = 0, n_dns = 0, rc = X509_V_OK;
+	char ips[160] = "", dns[160] = "";
+	if (sans == NULL)
+		return X509_V_OK;
+	if (remote_addr == NULL || split_host(remote_addr, host, sizeof(host)) != 0)
+		goto done; /* Go's SplitHostPort error: not reachable with an accepted TCP peer */
+	hlen = inet_pton(AF_INET, host, hip) == 1 ? 4 : inet_pton(AF_INET6, host, hip) == 1 ? 16 : 0;
+	int ip_ok = 0;
+	for (int i = 0; i < sk_GENERAL_NAME_num(sans); i++) {
+		GENERAL_NAME *g = sk_GENERAL_NAME_value(sans, i);
+		if (g->type == GEN_IPADD) {
+			const unsigned char *d = ASN1_STRING_get0_data(g->d.iPAddress);
+			int l = ASN1_STRING_length(g->d.iPAddress);
+			char text[INET6_ADDRSTRLEN] = "?";
+			if (l == 4 || l == 16)
+				inet_ntop(l == 4 ? AF_INET : AF_INET6, d, text, sizeof(text));
+			size_t used = strlen(ips);
+			snprintf(ips + used, sizeof(ips) - used, "%s%s", n_ip ? ", " : "", text);
+			n_ip++;
+			if (hlen && (l == 4 || l == 16) && ip_equal(d, l, hip, hlen))
+				ip_ok = 1;
+		} else if (g->type == GEN_DNS) {
+			n_dns++;
+		}
+	}
+	if (n_ip == 0 && n_dns == 0)
+		goto done;
+	if (n_ip > 0 && ip_ok)
+		goto done;
+	if (n_dns == 0) {
+		/* Go's x509.HostnameError for an IP host. */
+		snprintf(err, errlen, "x509: certificate is valid for %s, not %s", ips, host);
+		rc = X509_V_ERR_IP_ADDRESS_MISMATCH;
+		goto done;
+	}
+	/* etcd's isHostInDNS: the reverse lookup of the address, then each name forward. */
+	char rname[NI_MAXHOST] = "";
+	struct sockaddr_storage ss;
+	memset(&ss, 0, sizeof(ss));
+	socklen_t sl = 0;
+	if (hlen == 4) {
+		struct sockaddr_in *in = (struct sockaddr_in *)&ss;
+		in->sin_family = AF_INET;
+		memcpy(&in->sin_addr, hip, 4);
+		sl = sizeof(*in);
+	} else if (hlen == 16) {
+		struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
+		in6->sin6_family = AF_INET6;
+		memcpy(&in6->sin6_addr, hip, 16);
+		sl = sizeof(*in6);
+	}
+	int have_rname = sl && getnameinfo((struct sockaddr *)&ss, sl, rname, sizeof(rname), NULL, 0, NI_NAMEREQD) == 0;
+	size_t rl = strlen(rname);
+	if (rl > 0 && rname[rl - 1] == '.')
+		rname[--rl] = '\0';
+	char lookup_err[96] = "";
+	for (int i = 0; i < sk_GENERAL_NAME_num(sans); i++) {
+		GENERAL_NAME *g = sk_GENERAL_NAME_value(sans, i);
+		if (g->type != GEN_DNS)
+			continue;
+		const char *name = (const char *)ASN1_STRING_get0_data(g->d.dNSName);
+		size_t nl = (size_t)ASN1_STRING_length(g->d.dNSName);
+		if (memchr(name, '\0', nl) != NULL)
+			continue;
+		size_t used = strlen(dns);
+		snprintf(dns + used, sizeof(dns) - used, "%s\"%.*s\"", used ? " " : "", (int)nl, name);
+		if (have_rname) {
+			if (nl > 1 && name[0] == '*' && name[1] == '.') {
+				if (rl >= nl - 1 && memcmp(rname + rl - (nl - 1), name + 1, nl - 1) == 0)
+					goto done;
+			} else if (rl == nl && memcmp(rname, name, nl) == 0) {
+				goto done;
+			}
+		}
+		if (nl > 1 && name[0] == '*' && name[1] == '.')
+			continue;
+		char fwd[256];
+		snprintf(fwd, sizeof(fwd), "%.*s", (int)nl, name);
+		struct addrinfo hints, *res = NULL;
+		memset(&hints, 0, sizeof(hints));
+		hints.ai_socktype = SOCK_STREAM;
+		int gai = getaddrinfo(fwd, NULL, &hints, &res);
+		if (gai != 0) {
+			snprintf(lookup_err, sizeof(lookup_err), "lookup %.40s: %s", fwd, gai_strerror(gai));
+			continue;
+		}
+		int match = 0;
+		for (struct addrinfo *a = res; a != NULL && !match; a = a->ai_next) {
+			char text[INET6_ADDRSTRLEN] = "";
+			const void *p = a->ai_family == AF_INET ? (const void *)&((struct sockaddr_in *)a->ai_addr)->sin_addr
+								: (const void *)&((struct sockaddr_in6 *)a->ai_addr)->sin6_addr;
+			if (inet_ntop(a->ai_family, p, text, sizeof(text)) != NULL && strcmp(text, host) == 0)
+				match = 1;
+		}
+		freeaddrinfo(res);
+		if (match)
+			goto done;
+	}
+	snprintf(err, errlen, "tls: \"%s\" does not match any of DNSNames [%s]%s%s%s", host, dns,
+		 lookup_err[0] ? " (" : "", lookup_err, lookup_err[0] ? ")" : "");
+	rc = X509_V_ERR_HOSTNAME_MISMATCH;
+done:
+	GENERAL_NAMES_free(sans);
+	return rc;
+}
+
+int peer_tls__check_cert(const struct peer_tls *t, X509 *cert, int depth, int acceptor,
+			 const char *remote_addr, char *err, size_t errlen)
+{
+	if (depth == 0 && acceptor && t->pt_check_san) {
+		int rc = check_san(cert, remote_addr, err, errlen);
+		if (rc != X509_V_OK)
+			return rc;
+	}
 	if (depth == 0 && t->pt_allowed_cn != NULL) {
 		char cn[256] = "";
 		X509_NAME_get_text_by_NID(X509_get_subject_name(cert), NID_commonName, cn, sizeof(cn));

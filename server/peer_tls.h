@@ -16,6 +16,7 @@ struct peer_tls {
 	char *pt_allowed_cn; /* NULL: any */
 	int pt_verify;       /* the dialer verifies the acceptor (not --peer-auto-tls) */
 	int pt_verify_client; /* the acceptor requires and verifies a client certificate */
+	int pt_check_san;     /* the acceptor checks the dialer's certificate names its address */
 };
 
 /* Copies src into *dst taking new references (a transport's own); 0 or PEER_ENOMEM. */
@@ -25,11 +26,12 @@ void peer_tls__release(struct peer_tls *t);
 
 /*
  * The checks OpenSSL does not do itself, on one certificate of a verified chain at depth
- * (0: the peer's own): the allowed CN, and on the acceptor the CRL. X509_V_OK, or the
- * X509_V_ERR_* to fail the handshake with (OpenSSL then sends the alert) and the reason in
- * err.
+ * (0: the peer's own): on the acceptor, etcd's checkSAN against remote_addr (the dialer's
+ * "ip:port"; may block on DNS lookups, see peer_tls.c); the allowed CN; and on the acceptor
+ * the CRL. X509_V_OK, or the X509_V_ERR_* to fail the handshake with (OpenSSL then sends the
+ * alert) and the reason in err.
  */
 int peer_tls__check_cert(const struct peer_tls *t, X509 *cert, int depth, int acceptor,
-			 char *err, size_t errlen);
+			 const char *remote_addr, char *err, size_t errlen);
 
 #endif /* KEELSON_SERVER_PEER_TLS_H */

@@ -83,6 +83,7 @@ typedef struct config {
 	char *peer_cert_file, *peer_key_file, *peer_trusted_ca_file, *peer_crl_file;
 	char *peer_cert_allowed_cn;
 	int peer_client_cert_auth, peer_auto_tls;
+	int peer_skip_client_san; /* etcd 3.5's --experimental-peer-skip-client-san-verification */
 	struct peer_tls *peer_tls;
 	int pre_vote;
 	int force_new_cluster;
@@ -93,6 +94,7 @@ typedef struct config {
 	char *client_crl_file; /* revoked client certificates, PEM or DER */
 	char *cipher_suites;   /* Go's TLS 1.2 suite names, comma-separated */
 	int auto_tls;          /* a self-signed client certificate under <data-dir>/fixtures/client */
+	char *tls_min_version, *tls_max_version; /* etcd 3.5's: "", "TLS1.2" or "TLS1.3" */
 	char *config_file;     /* --config-file: etcd's YAML; flags and env are then ignored */
 	/* scheduled backups (backup.c; Keelson's own flags, after keelsonutl backup's) */
 	char *backup_dir;      /* "" : off */
@@ -436,7 +438,7 @@ void members_reply(members *ms, api_call *call, node_op op, Etcdserverpb__Respon
 		   Etcdserverpb__Member *added);
 /* The members as etcd's snapshot records them, strings copied into the arena. */
 size_t members_export(members *ms, storage_etcd_member *out, size_t max, storage_arena *a);
-/* Up to max members: ids, first peer "host:port", learner flags. */
+/* Up to max members: ids, first peer URL as "http(s)://host:port", learner flags. */
 size_t members_peers(members *ms, uint64_t *ids, char (*urls)[256], int *learner, size_t max);
 
 /* ---- auth.c ---- */
@@ -573,16 +575,44 @@ int tls_ciphers_http2_ok(const char *go_names);
 /* --auto-tls: etcd's self-signed pair under <data-dir>/fixtures/client (made once, then
  * reused); the paths in cert_path and key_path. 0 or -1 (logged). */
 int tls_auto_cert(const config *cfg, char *cert_path, char *key_path, size_t pathlen);
-/* --client-crl-file copied into <data-dir>/fixtures/client-crl as the hashed directory gRPC
- * core reads; its path in dir. 0 or -1 (logged). */
-int tls_crl_dir(const config *cfg, char *dir, size_t dirlen);
+
+/* etcd 3.5's checks of --tls-min-version, --tls-max-version (and --cipher-suites with
+ * TLS 1.3 only): 0, or -1 with etcd's error in why. */
+int tls_check_versions(const config *cfg, char *why, size_t len);
+/* The checked flags as OpenSSL's protocol versions (TLS 1.2 at least; max 0: no bound). */
+int tls_version_bounds(const config *cfg, int *min, int *max);
+
+/* ---- tls_serve.c: client TLS connections, ended with OpenSSL (issue 7) ---- */
+
+typedef struct tls_server tls_server;
+typedef struct tls_server_options {
+	const char *to_cert_file, *to_key_file;
+	const char *to_trusted_ca_file; /* NULL or "": none */
+	const char *to_crl_file;        /* --client-crl-file; NULL or "": none */
+	const char *to_ciphers;         /* OpenSSL's TLS 1.2 cipher list; NULL: OpenSSL's default */
+	int to_min_version, to_max_version; /* OpenSSL's protocol versions; 0: no bound */
+	int to_client_cert_auth;
+	server_ctx *to_sc;   /* answers the HTTP endpoints */
+	api_server *to_api;  /* serves the gRPC connections */
+} tls_server_options;
+/* Loads the files (read again whenever they change); 0, or -1 after logging why. */
+int tls_server_new(tls_server **out, const tls_server_options *o);
+/* Serves one accepted client connection that starts with a TLS handshake (takes fd). */
+void tls_server_serve(tls_server *t, int fd);
+/* Waits until no connection thread still needs the server_ctx or the api_server; new
+ * connections are closed from then on. Connections already handed to gRPC go on. */
+void tls_server_stop(tls_server *t);
+void tls_server_free(tls_server *t);
 
 /* ---- http.c ---- */
 
 typedef struct http_server http_server;
-/* Serves the metrics URLs, and the plaintext client URLs (whose gRPC connections go to as). */
+/* Serves the metrics URLs and the client URLs (gRPC connections go to as): plaintext ones,
+ * and https ones through tls (NULL: none), both schemes on one port if they share it. */
 int http_start(http_server **out, server_ctx *sc, const config_urls *urls, const config_urls *client,
-	       api_server *as);
+	       api_server *as, tls_server *tls);
+/* The whole HTTP/1 response (malloc'ed; length in out_len) to the request in req. */
+char *http_response(server_ctx *sc, const char *req, size_t *out_len);
 void http_stop(http_server *h);
 
 #endif

@@ -1,9 +1,7 @@
 /*
- * tls.c - what a member prepares for client TLS before gRPC listens: etcd's --auto-tls
- * certificate, the --client-crl-file in the form gRPC core reads, and --cipher-suites in
- * OpenSSL's names.
+ * tls.c - what a member prepares for client TLS: etcd's --auto-tls certificate and
+ * --cipher-suites in OpenSSL's names (the connections are in tls_serve.c).
  */
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -229,61 +227,4 @@ int tls_auto_cert(const config *cfg, char *cert_path, char *key_path, size_t pat
 	}
 	log_at(LOG_INFO, "generated self-signed client certificate", "cert-file", cert_path, "key-file", key_path, NULL);
 	return 0;
-}
-
-int tls_crl_dir(const config *cfg, char *dir, size_t dirlen)
-{
-	int rc = -1;
-	X509_CRL *crl = NULL;
-	FILE *f = fopen(cfg->client_crl_file, "rb");
-	if (f == NULL) {
-		log_at(LOG_FATAL, "cannot read --client-crl-file", "path", cfg->client_crl_file, "error", strerror(errno), NULL);
-		return -1;
-	}
-	/* Go's x509.ParseCRL takes PEM or DER. */
-	crl = PEM_read_X509_CRL(f, NULL, NULL, NULL);
-	if (crl == NULL) {
-		rewind(f);
-		crl = d2i_X509_CRL_fp(f, NULL);
-	}
-	fclose(f);
-	if (crl == NULL) {
-		log_at(LOG_FATAL, "cannot parse --client-crl-file", "path", cfg->client_crl_file, NULL);
-		return -1;
-	}
-	/* gRPC core reads CRLs only from an OpenSSL hashed directory: one file, named after the
-	 * issuer's hash, in a directory of our own that holds nothing else. */
-	snprintf(dir, dirlen, "%s/fixtures", cfg->data_dir);
-	mkdir(dir, 0700);
-	snprintf(dir, dirlen, "%s/fixtures/client-crl", cfg->data_dir);
-	if (mkdir(dir, 0700) != 0 && errno != EEXIST)
-		goto done;
-	DIR *d = opendir(dir);
-	for (struct dirent *e; d && (e = readdir(d)) != NULL;) {
-		if (e->d_name[0] == '.')
-			continue;
-		char old[4600];
-		snprintf(old, sizeof(old), "%s/%s", dir, e->d_name);
-		unlink(old);
-	}
-	if (d)
-		closedir(d);
-	int ok = 0;
-	unsigned long h = X509_NAME_hash_ex(X509_CRL_get_issuer(crl), NULL, NULL, &ok);
-	if (!ok)
-		goto done;
-	char path[4600];
-	snprintf(path, sizeof(path), "%s/%08lx.r0", dir, h);
-	FILE *out = fopen(path, "wb");
-	if (out == NULL)
-		goto done;
-	ok = PEM_write_X509_CRL(out, crl) == 1;
-	if (fclose(out) != 0 || !ok)
-		goto done;
-	rc = 0;
-done:
-	if (rc)
-		log_at(LOG_FATAL, "cannot prepare the CRL directory", "path", dir, NULL);
-	X509_CRL_free(crl);
-	return rc;
 }
