@@ -172,6 +172,32 @@ static void metrics_body(server_ctx *sc, sbuf *b)
 		sb_printf(b, "%s", backup);
 }
 
+/* Whether ?exclude=NAME (any of several, as etcd's query parsing) names the alarm. */
+static int alarm_excluded(const char *query, const char *name)
+{
+	size_t n = strlen(name);
+	for (const char *q = query; q && *q; q = strchr(q, '&'), q = q ? q + 1 : NULL)
+		if (strncmp(q, "exclude=", 8) == 0 && strncmp(q + 8, name, n) == 0 && (q[8 + n] == '&' || q[8 + n] == '\0'))
+			return 1;
+	return 0;
+}
+
+/*
+ * etcd 3.4's /health: false while an alarm is raised (unless the query excludes it with
+ * ?exclude=NOSPACE or ?exclude=CORRUPT) or while the member knows no leader. etcd then
+ * also makes a quorum read with a one-second deadline; this handler answers without
+ * blocking its loop, so a member cut off from a quorum reports healthy until it loses its
+ * leader (an election timeout later: check-quorum and pre-vote).
+ */
+static int member_healthy(server_ctx *sc, const char *query)
+{
+	if (alarm_nospace(sc->alarms) && !alarm_excluded(query, "NOSPACE"))
+		return 0;
+	if (alarm_corrupt(sc->alarms) && !alarm_excluded(query, "CORRUPT"))
+		return 0;
+	return node_leader(sc->nd) != 0;
+}
+
 char *http_response(server_ctx *sc, const char *req, size_t *out_len)
 {
 	sbuf body = {0}, out = {0};
@@ -184,7 +210,11 @@ char *http_response(server_ctx *sc, const char *req, size_t *out_len)
 		status = "405 Method Not Allowed";
 		sb_printf(&body, "Method Not Allowed\n");
 	} else if (strcmp(path, "/health") == 0 || strncmp(path, "/health?", 8) == 0) {
-		sb_printf(&body, "{\"health\":\"true\"}");
+		int ok = member_healthy(sc, path[7] == '?' ? path + 8 : "");
+		if (!ok)
+			status = "503 Service Unavailable";
+		/* etcd answers an unhealthy member through http.Error, which adds a newline */
+		sb_printf(&body, ok ? "{\"health\":\"true\"}" : "{\"health\":\"false\"}\n");
 	} else if (strcmp(path, "/version") == 0) {
 		ctype = "application/json";
 		/* etcd reports the cluster version as major.minor.0 */

@@ -142,6 +142,36 @@ class ThreeMembers(ClusterCase):
                 c.restart(m)
         c.wait_leader(timeout=20)
 
+    def test_00_health_without_leader(self):
+        """/health is 503 {"health":"false"} once a member has no leader (etcd 3.4's rule),
+        true again after a leader is back."""
+        import urllib.error
+        import urllib.request
+
+        def health(m):
+            try:
+                with urllib.request.urlopen("http://127.0.0.1:%d/health" % m.client_port,
+                                            timeout=5) as r:
+                    return r.status, r.read().decode()
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        c = self.cluster
+        lone = c.members[0]
+        self.assertEqual(health(lone), (200, '{"health":"true"}'))
+        for m in c.members[1:]:
+            c.kill9(m)
+        def changed(want_ok):
+            h = health(lone)
+            return list(h) if (h[0] == 200) == want_ok else None
+        got = harness.poll(lambda: changed(False), timeout=20, what="health false")
+        self.assertEqual(got, [503, '{"health":"false"}\n'])
+        for m in c.members[1:]:
+            c.restart(m)
+        c.wait_leader(timeout=20)
+        self.assertEqual(harness.poll(lambda: changed(True), timeout=20, what="health true"),
+                         [200, '{"health":"true"}'])
+
     # -- basic replication
 
     def test_01_member_list(self):

@@ -628,6 +628,38 @@ class HttpEndpoints(unittest.TestCase):
         self.check_metrics(self.mport)
 
 
+class HealthAlarms(unittest.TestCase):
+    """/health as etcd 3.4: 503 and false while an alarm is raised, ?exclude= lets it pass."""
+
+    def raw(self, port, path):
+        import urllib.error
+        import urllib.request
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:%d%s" % (port, path), timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def test_nospace_against_etcd(self):
+        sut, etcd = harness.pair_for_test(self, extra_args=["--quota-backend-bytes", "200000"])
+        value = "x" * 8000
+        paths = ["/health", "/health?exclude=NOSPACE", "/health?exclude=CORRUPT",
+                 "/health?exclude=CORRUPT&exclude=NOSPACE", "/health?exclude=NOSPACEX"]
+        for s in (sut, etcd):
+            for i in range(200):
+                if s.ctl("put", "k%d" % i, value).rc != 0:
+                    break
+            self.assertIn("alarm:NOSPACE", s.ctl("alarm", "list").stdout, s.label)
+        got = [[self.raw(s.client_port, p) for p in paths] for s in (sut, etcd)]
+        self.assertEqual(got[0], got[1])
+        self.assertEqual(got[0][0], (503, '{"health":"false"}\n'))
+        self.assertEqual(got[0][1], (200, '{"health":"true"}'))
+        for s in (sut, etcd):
+            s.ctl("alarm", "disarm")
+        self.assertEqual([self.raw(s.client_port, "/health") for s in (sut, etcd)],
+                         [(200, '{"health":"true"}')] * 2)
+
+
 class PythonClient(Base):
     """python3-etcd3 (Debian) basics."""
 
