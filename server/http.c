@@ -15,6 +15,7 @@
 #include <pthread.h>
 #include <sys/socket.h>
 #include <unistd.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -115,16 +116,71 @@ static void sb_printf(sbuf *b, const char *fmt, ...)
 	}
 }
 
+void histogram_observe(histogram *h, uint64_t ns)
+{
+	double sec = (double)ns / 1e9, bound = h->h_first;
+	int i = 0;
+	while (i < h->h_n && sec > bound) {
+		bound *= 2;
+		i++;
+	}
+	atomic_fetch_add(&h->h_counts[i], 1);
+	atomic_fetch_add(&h->h_sum_ns, ns);
+}
+
+/* Prometheus' text form of a histogram: cumulative buckets, then _sum and _count. labels
+ * is "" or `name="value"` pairs for every line. */
+static void print_histogram(sbuf *b, const char *name, const char *help, const char *labels,
+			    const histogram *h, int with_header)
+{
+	if (with_header)
+		sb_printf(b, "# HELP %s %s\n# TYPE %s histogram\n", name, help, name);
+	const char *sep = labels[0] ? "," : "";
+	uint64_t total = 0;
+	double bound = h->h_first;
+	for (int i = 0; i <= h->h_n; i++) {
+		total += atomic_load(&h->h_counts[i]);
+		if (i < h->h_n)
+			sb_printf(b, "%s_bucket{%s%sle=\"%g\"} %llu\n", name, labels, sep, bound, (unsigned long long)total);
+		else
+			sb_printf(b, "%s_bucket{%s%sle=\"+Inf\"} %llu\n", name, labels, sep, (unsigned long long)total);
+		bound *= 2;
+	}
+	const char *open = labels[0] ? "{" : "", *close = labels[0] ? "}" : "";
+	sb_printf(b, "%s_sum%s%s%s %.9g\n%s_count%s%s%s %llu\n", name, open, labels, close,
+		  (double)atomic_load(&h->h_sum_ns) / 1e9, name, open, labels, close, (unsigned long long)total);
+}
+
 static void metrics_body(server_ctx *sc, sbuf *b)
 {
 	storage_stats st = {0};
 	storage_stat(sc->st, &st);
 	uint64_t reqs = 0, commits = 0;
 	node_batch_stats(sc->nd, &reqs, &commits);
+	uint64_t lead = node_leader(sc->nd);
+	const node_metrics *nm = node_get_metrics(sc->nd);
 	sb_printf(b, "# HELP etcd_server_has_leader Whether or not a leader exists. 1 is existence, 0 is not.\n"
-		     "# TYPE etcd_server_has_leader gauge\netcd_server_has_leader 1\n");
+		     "# TYPE etcd_server_has_leader gauge\netcd_server_has_leader %d\n", lead != 0);
 	sb_printf(b, "# HELP etcd_server_is_leader Whether or not this member is a leader. 1 if is, 0 otherwise.\n"
-		     "# TYPE etcd_server_is_leader gauge\netcd_server_is_leader 1\n");
+		     "# TYPE etcd_server_is_leader gauge\netcd_server_is_leader %d\n", lead == sc->mi.member_id);
+	sb_printf(b, "# HELP etcd_server_leader_changes_seen_total The number of leader changes seen.\n"
+		     "# TYPE etcd_server_leader_changes_seen_total counter\netcd_server_leader_changes_seen_total %llu\n",
+		  (unsigned long long)atomic_load(&nm->nm_leader_changes));
+	print_histogram(b, "etcd_disk_wal_fsync_duration_seconds", "The latency distributions of fsync called by WAL.", "",
+			&nm->nm_wal_fsync, 1);
+	print_histogram(b, "etcd_disk_backend_commit_duration_seconds",
+			"The latency distributions of commit called by backend.", "", &nm->nm_backend_commit, 1);
+	int rtt_header = 1;
+	for (int i = 0; i < NODE_RTT_PEERS; i++) {
+		uint64_t id = atomic_load(&nm->nm_rtt[i].id);
+		if (id == 0)
+			continue;
+		char label[48];
+		snprintf(label, sizeof(label), "To=\"%llx\"", (unsigned long long)id);
+		print_histogram(b, "etcd_network_peer_round_trip_time_seconds", "Round-Trip-Time histogram between peers",
+				label, &nm->nm_rtt[i].h, rtt_header);
+		rtt_header = 0;
+	}
 	sb_printf(b, "# HELP etcd_server_proposals_committed_total The total number of consensus proposals committed.\n"
 		     "# TYPE etcd_server_proposals_committed_total gauge\netcd_server_proposals_committed_total %llu\n",
 		  (unsigned long long)node_applied_index(sc->nd));

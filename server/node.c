@@ -29,11 +29,21 @@
 #include "raft/raft.h"
 #include "server/node_internal.h"
 
-static uint64_t now_ms(void)
+uint64_t node_now_ns(void)
 {
 	struct timespec ts;
 	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static uint64_t now_ms(void)
+{
+	return node_now_ns() / 1000000;
+}
+
+const node_metrics *node_get_metrics(node *n)
+{
+	return &n->n_metrics;
 }
 
 uint64_t node_term(node *n)
@@ -661,6 +671,8 @@ static void role_changed(node *n, const struct raft_soft_state *ss)
 	if (ss->lead != 0 && !n->n_published)
 		publish_attributes(n);
 	uint64_t old = atomic_exchange(&n->n_lead, ss->lead);
+	if (ss->lead != 0 && ss->lead != old)
+		atomic_fetch_add(&n->n_metrics.nm_leader_changes, 1); /* etcd's leaderChanges */
 	n->n_role = ss->role;
 	if (old != ss->lead)
 		node_ask_leader_changed(n, ss->lead);
@@ -836,9 +848,14 @@ static void process_ready(node *n)
 		}
 		if (rc == 0 && b)
 			rc = storage_batch_events(b, &a, &events, &nevents, &rev);
-		if (rc == 0 && b)
+		if (rc == 0 && b) {
+			uint64_t t0 = node_now_ns();
 			rc = durable ? storage_batch_commit(b, applied) : storage_batch_commit_lazy(b, applied);
-		else if (b)
+			uint64_t took = node_now_ns() - t0;
+			histogram_observe(&n->n_metrics.nm_backend_commit, took);
+			if (durable)
+				histogram_observe(&n->n_metrics.nm_wal_fsync, took); /* our log's fsync is this commit's */
+		} else if (b)
 			storage_batch_abort(b);
 		if (rc != 0) {
 			/* The log cannot be written: going on would break Raft's promises. */
@@ -1248,6 +1265,14 @@ int node_start(node **out, server_ctx *sc)
 	if (n == NULL)
 		return STORAGE_ERR_NOMEM;
 	n->n_sc = sc;
+	/* etcd's buckets: ExponentialBuckets(0.001, 2, 14) for both disk histograms,
+	 * (0.0001, 2, 14) for peer round trips */
+	n->n_metrics.nm_wal_fsync.h_first = n->n_metrics.nm_backend_commit.h_first = 0.001;
+	n->n_metrics.nm_wal_fsync.h_n = n->n_metrics.nm_backend_commit.h_n = 14;
+	for (int i = 0; i < NODE_RTT_PEERS; i++) {
+		n->n_metrics.nm_rtt[i].h.h_first = 0.0001;
+		n->n_metrics.nm_rtt[i].h.h_n = 14;
+	}
 	n->n_req_timeout_ms = 5000 + 2 * sc->cfg->election_ms;
 	int rc = node_raft_boot(n);
 	if (rc) {

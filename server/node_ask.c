@@ -325,11 +325,70 @@ static void on_request(void *ctx, uint64_t from, uint64_t call_id, uint8_t metho
 		}
 		return;
 	}
+	case NODE_ASK_PING:
+		st = NODE_ANS_OK;
+		break;
 	default:
 		st = PEER_RPC_ST_NO_METHOD;
 	}
 	peer_rpc_respond(n->n_rpc, from, call_id, (uint8_t)st, out, outlen);
 	free(out);
+}
+
+/*
+ * etcd's prober: every few seconds each member times a round trip to every peer, kept per
+ * peer in etcd_network_peer_round_trip_time_seconds{To="<id>"}.
+ */
+#define PROBE_INTERVAL_MS 4000 /* etcd's proberInterval: ConnReadTimeout - 1 s */
+
+typedef struct probe {
+	node *p_node;
+	uint64_t p_to;
+	uint64_t p_start_ns;
+} probe;
+
+static void probe_answered(void *ctx, int status, const uint8_t *body, size_t len)
+{
+	(void)body;
+	(void)len;
+	probe *p = ctx;
+	node_metrics *m = &p->p_node->n_metrics;
+	if (status == NODE_ANS_OK) {
+		uint64_t took = node_now_ns() - p->p_start_ns;
+		int slot = -1;
+		for (int i = 0; i < NODE_RTT_PEERS && slot < 0; i++)
+			if (atomic_load(&m->nm_rtt[i].id) == p->p_to)
+				slot = i;
+		for (int i = 0; i < NODE_RTT_PEERS && slot < 0; i++) {
+			uint64_t free_id = 0;
+			/* only this loop's thread writes ids; the exchange keeps /metrics' reads whole */
+			if (atomic_compare_exchange_strong(&m->nm_rtt[i].id, &free_id, p->p_to))
+				slot = i;
+		}
+		if (slot >= 0)
+			histogram_observe(&m->nm_rtt[slot].h, took);
+	}
+	free(p);
+}
+
+static void on_probe_timer(uv_timer_t *t)
+{
+	node *n = t->data;
+	server_ctx *sc = n->n_sc;
+	storage_etcd_member ms[MEMBER_LIST_MAX];
+	storage_arena a;
+	storage_arena_init(&a);
+	size_t nm = members_export(sc->members, ms, MEMBER_LIST_MAX, &a);
+	for (size_t i = 0; i < nm; i++) {
+		if (ms[i].em_id == sc->mi.member_id)
+			continue;
+		probe *p = malloc(sizeof(*p));
+		if (p == NULL)
+			break;
+		*p = (probe){n, ms[i].em_id, node_now_ns()};
+		node_ask(n, ms[i].em_id, NODE_ASK_PING, NULL, 0, PROBE_INTERVAL_MS, probe_answered, p);
+	}
+	storage_arena_free(&a);
 }
 
 int node_ask_init(node *n)
@@ -339,6 +398,9 @@ int node_ask_init(node *n)
 		return rc;
 	uv_timer_init(&n->n_loop, &n->n_ask_timer);
 	n->n_ask_timer.data = n;
+	uv_timer_init(&n->n_loop, &n->n_probe_timer);
+	n->n_probe_timer.data = n;
+	uv_timer_start(&n->n_probe_timer, on_probe_timer, PROBE_INTERVAL_MS, PROBE_INTERVAL_MS);
 	return 0;
 }
 
@@ -351,4 +413,5 @@ void node_ask_close(node *n)
 	while (n->n_asks)
 		finish(n, n->n_asks, NODE_ASK_ESTOPPED, NULL, 0);
 	uv_close((uv_handle_t *)&n->n_ask_timer, NULL);
+	uv_close((uv_handle_t *)&n->n_probe_timer, NULL);
 }

@@ -127,10 +127,15 @@ struct node {
 	peer_rpc *n_rpc;              /* questions between members (node_ask.c) */
 	node_ask_req *n_asks;         /* questions waiting for an answer */
 	uv_timer_t n_ask_timer;       /* their deadlines and retries, while there are some */
+	uv_timer_t n_probe_timer;     /* round-trip probes to every peer (node_ask.c) */
 	int n_ask_closed;
+
+	node_metrics n_metrics;
 };
 
 /* ---- node.c ---- */
+
+uint64_t node_now_ns(void);
 
 void node_req_free(node_req *r);
 /* Ends r's call (if any) with e and frees r. */

@@ -221,6 +221,31 @@ int node_is_learner(node *n);
 uint64_t node_last_index(node *n);
 
 /*
+ * A Prometheus histogram with buckets that double from h_first seconds (as Go's
+ * prometheus.ExponentialBuckets, which etcd's metrics use); observed from any thread.
+ */
+#define HISTOGRAM_MAX_BUCKETS 16
+typedef struct histogram {
+	double h_first;
+	int h_n;                                             /* buckets, +Inf aside */
+	_Atomic uint64_t h_counts[HISTOGRAM_MAX_BUCKETS + 1]; /* per bucket (not cumulative); last: +Inf */
+	_Atomic uint64_t h_sum_ns;
+} histogram;
+void histogram_observe(histogram *h, uint64_t ns);
+
+/* The node's figures for /metrics (etcd's names in http.c). */
+#define NODE_RTT_PEERS 16
+typedef struct node_metrics {
+	_Atomic uint64_t nm_leader_changes;
+	histogram nm_wal_fsync;       /* commits that make log entries durable */
+	histogram nm_backend_commit;  /* every commit of a batch */
+	struct {
+		_Atomic uint64_t id; /* 0: a free slot */
+		histogram h;
+	} nm_rtt[NODE_RTT_PEERS]; /* round trips of a probe to each peer (etcd's prober) */
+} node_metrics;
+const node_metrics *node_get_metrics(node *n);
+/*
  * Asking other members (node_ask.c), over the peer transport's request channel (peer.h,
  * REQUESTS): what etcd's members ask each other over peer HTTP (/leases,
  * /leases/internal, /members/hashkv).
@@ -229,6 +254,7 @@ enum node_ask_method {
 	NODE_ASK_LEASE_RENEW = 1, /* LeaseKeepAliveRequest -> LeaseKeepAliveResponse (leader) */
 	NODE_ASK_LEASE_TTL = 2,   /* LeaseTimeToLiveRequest -> LeaseTimeToLiveResponse (leader) */
 	NODE_ASK_HASHKV = 3,      /* HashKVRequest -> HashKVResponse (any member) */
+	NODE_ASK_PING = 4,        /* empty -> empty (any member): the round-trip probe */
 };
 /* The answer's status (>= 0): the responder's. */
 enum {

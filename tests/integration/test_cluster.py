@@ -172,6 +172,34 @@ class ThreeMembers(ClusterCase):
         self.assertEqual(harness.poll(lambda: changed(True), timeout=20, what="health true"),
                          [200, '{"health":"true"}'])
 
+    def test_00_metrics(self):
+        """has_leader/is_leader per member, and etcd's prober histogram: a round trip to each
+        peer (etcd_network_peer_round_trip_time_seconds{To="<id>"}) within a few probes."""
+        import urllib.request
+
+        def metrics(m):
+            with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % m.client_port,
+                                        timeout=5) as r:
+                return r.read().decode()
+
+        c = self.cluster
+        ids = {m.name: hexid(m.status()["header"]["member_id"]) for m in c.members}
+        leaders = 0
+        for m in c.members:
+            def probed():
+                body = metrics(m)
+                counts = {}
+                for line in body.splitlines():
+                    mm = re.match(r'etcd_network_peer_round_trip_time_seconds_count\{To="([0-9a-f]+)"\} (\d+)', line)
+                    if mm:
+                        counts[mm.group(1)] = int(mm.group(2))
+                want = {ids[o.name] for o in c.members if o is not m}
+                return body if set(counts) == want and all(counts.values()) else None
+            body = harness.poll(probed, timeout=20, what="round trips to both peers")
+            self.assertIn("etcd_server_has_leader 1", body.splitlines())
+            leaders += "etcd_server_is_leader 1" in body.splitlines()
+        self.assertEqual(leaders, 1)
+
     # -- basic replication
 
     def test_01_member_list(self):

@@ -623,6 +623,33 @@ class HttpEndpoints(unittest.TestCase):
         self.assertRegex(v["etcdcluster"], r"^\d+\.\d+\.0$")
         self.check_metrics(self.s.client_port)
 
+    def test_metrics_disk_histograms(self):
+        """etcd's names and Prometheus histogram form: the commit that makes a put durable is
+        in etcd_disk_wal_fsync_duration_seconds and etcd_disk_backend_commit_duration_seconds;
+        a lone member leads, and saw one leader change."""
+        def sample(body, name):
+            for line in body.splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+            return None
+        before = self.get(self.s.client_port, "/metrics")[2]
+        for i in range(5):
+            self.assertEqual(self.s.ctl("put", "m%d" % i, "v").rc, 0)
+        body = self.get(self.s.client_port, "/metrics")[2]
+        self.assertEqual(sample(body, "etcd_server_is_leader"), 1)
+        self.assertEqual(sample(body, "etcd_server_leader_changes_seen_total"), 1)
+        for h in ("etcd_disk_wal_fsync_duration_seconds", "etcd_disk_backend_commit_duration_seconds"):
+            self.assertIn("# TYPE %s histogram" % h, body)
+            buckets = [line for line in body.splitlines() if line.startswith(h + "_bucket{")]
+            self.assertEqual(len(buckets), 15, buckets)  # 14 of etcd's + Inf
+            self.assertEqual(buckets[0].split()[0], h + '_bucket{le="0.001"}')
+            self.assertEqual(buckets[-1].split()[0], h + '_bucket{le="+Inf"}')
+            counts = [float(x.split()[1]) for x in buckets]
+            self.assertEqual(counts, sorted(counts))  # cumulative
+            self.assertEqual(counts[-1], sample(body, h + "_count"))
+            self.assertGreaterEqual(sample(body, h + "_count") - (sample(before, h + "_count") or 0), 5)
+            self.assertGreater(sample(body, h + "_sum"), 0)
+
     def test_metrics_port(self):
         self.assertEqual(self.get(self.mport, "/health")[::2], (200, '{"health":"true"}'))
         self.check_metrics(self.mport)
