@@ -765,6 +765,61 @@ static void lease_leases(void *ctx, api_call *call, const ProtobufCMessage *msg)
 	storage_arena_free(&a);
 }
 
+/*
+ * A keep-alive stream's renewals that a follower forwarded to the leader: when the client
+ * half-closes (python-etcd3's refresh sends one request and closes its side), the call ends
+ * only after their answers went out, as etcd answers each request before it reads the next.
+ */
+typedef struct keepalive_stream {
+	pthread_mutex_t ks_mu;
+	int ks_inflight;    /* forwarded, not yet answered */
+	int ks_half_closed; /* the client stopped sending: finish after the last answer */
+	int ks_closed;      /* on_close ran: the last answer frees this */
+} keepalive_stream;
+
+static void keepalive_on_open(void *ctx, api_stream *st)
+{
+	(void)ctx;
+	keepalive_stream *ks = calloc(1, sizeof(*ks));
+	if (ks)
+		pthread_mutex_init(&ks->ks_mu, NULL);
+	api_stream_set_data(st, ks); /* NULL: no forwarding on this stream (out of memory) */
+}
+
+static void keepalive_stream_free(keepalive_stream *ks)
+{
+	pthread_mutex_destroy(&ks->ks_mu);
+	free(ks);
+}
+
+/* One forwarded renewal answered: finishes a half-closed call, frees a closed one's state. */
+static void keepalive_stream_answered(api_stream *st, keepalive_stream *ks)
+{
+	pthread_mutex_lock(&ks->ks_mu);
+	int last = --ks->ks_inflight == 0;
+	int finish = last && ks->ks_half_closed && !ks->ks_closed;
+	int dispose = last && ks->ks_closed;
+	pthread_mutex_unlock(&ks->ks_mu);
+	if (finish)
+		api_stream_finish(st, 0, NULL);
+	if (dispose)
+		keepalive_stream_free(ks);
+}
+
+static void keepalive_on_close(void *ctx, api_stream *st)
+{
+	(void)ctx;
+	keepalive_stream *ks = api_stream_data(st);
+	if (ks == NULL)
+		return;
+	pthread_mutex_lock(&ks->ks_mu);
+	ks->ks_closed = 1;
+	int dispose = ks->ks_inflight == 0;
+	pthread_mutex_unlock(&ks->ks_mu);
+	if (dispose)
+		keepalive_stream_free(ks);
+}
+
 typedef struct keepalive_forward {
 	server_ctx *kf_sc;
 	api_stream *kf_st; /* a reference of its own */
@@ -805,6 +860,7 @@ static void keepalive_forwarded(void *ctx, int status, const uint8_t *body, size
 		int code = ask_failure(status, body, len, &msg, buf, sizeof(buf));
 		api_stream_finish(f->kf_st, code, msg);
 	}
+	keepalive_stream_answered(f->kf_st, api_stream_data(f->kf_st));
 	api_stream_release(f->kf_st);
 	free(f);
 }
@@ -829,7 +885,8 @@ static void keepalive_on_message(void *ctx, api_stream *st, const ProtobufCMessa
 	/* etcd's EtcdServer.LeaseRenew: a follower's lessor is not primary; the renewal goes to
 	 * the leader (over peer HTTP in etcd, the request channel here) and the client gets the
 	 * leader's TTL, or etcd's error once no leader answered within the request timeout. */
-	keepalive_forward *f = malloc(sizeof(*f));
+	keepalive_stream *ks = api_stream_data(st);
+	keepalive_forward *f = ks ? malloc(sizeof(*f)) : NULL;
 	Etcdserverpb__LeaseKeepAliveRequest fwd = ETCDSERVERPB__LEASE_KEEP_ALIVE_REQUEST__INIT;
 	fwd.id = req->id;
 	uint8_t buf[16];
@@ -838,6 +895,9 @@ static void keepalive_on_message(void *ctx, api_stream *st, const ProtobufCMessa
 		api_stream_finish(st, 8 /* RESOURCE_EXHAUSTED */, "keelson: out of memory");
 		return;
 	}
+	pthread_mutex_lock(&ks->ks_mu);
+	ks->ks_inflight++;
+	pthread_mutex_unlock(&ks->ks_mu);
 	api_stream_retain(st);
 	f->kf_sc = sc;
 	f->kf_st = st;
@@ -848,11 +908,23 @@ static void keepalive_on_message(void *ctx, api_stream *st, const ProtobufCMessa
 /* etcd ends the keep-alive call with OK when the client stops sending. */
 static void keepalive_on_half_close(void *ctx, api_stream *st)
 {
-	api_stream_finish(st, 0, NULL);
+	(void)ctx;
+	keepalive_stream *ks = api_stream_data(st);
+	int finish = 1;
+	if (ks) {
+		pthread_mutex_lock(&ks->ks_mu);
+		ks->ks_half_closed = 1;
+		finish = ks->ks_inflight == 0; /* else the last answer finishes it */
+		pthread_mutex_unlock(&ks->ks_mu);
+	}
+	if (finish)
+		api_stream_finish(st, 0, NULL);
 }
 
 static const api_stream_handlers keepalive_handlers = {
+	.on_open = keepalive_on_open,
 	.on_message = keepalive_on_message,
+	.on_close = keepalive_on_close,
 	.on_half_close = keepalive_on_half_close,
 };
 

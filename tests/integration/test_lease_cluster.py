@@ -310,6 +310,32 @@ class FollowerForwarding(LeaseClusterCase):
             s.close()
         self.ctl_ok(new, "lease", "revoke", lid)
 
+    def test_one_shot_keepalive_via_follower(self):
+        """A client that sends one keep-alive and half-closes at once (python-etcd3's
+        refresh) still gets the leader's answer through a follower."""
+        import etcd3
+        c = self.cluster
+        ldr = c.leader()
+        f1 = c.followers(ldr)[0]
+        lid = self.grant(ldr, 20)
+        for _ in range(5):
+            resp = pbg.LeaseStub(grpc.insecure_channel(f1.endpoint)).LeaseKeepAlive(
+                iter([pb.LeaseKeepAliveRequest(ID=int(lid, 16))]), timeout=15)
+            got = list(resp)
+            self.assertEqual([(r.ID, r.TTL) for r in got], [(int(lid, 16), 20)])
+        cl = etcd3.client(host="127.0.0.1", port=f1.client_port, timeout=15)
+        self.assertEqual(list(cl.refresh_lease(int(lid, 16)))[0].TTL, 20)
+        # the half-close surely comes first while the leader is paused for a moment
+        ldr.pause()
+        try:
+            resp = pbg.LeaseStub(grpc.insecure_channel(f1.endpoint)).LeaseKeepAlive(
+                iter([pb.LeaseKeepAliveRequest(ID=int(lid, 16))]), timeout=15)
+            time.sleep(0.5)
+        finally:
+            ldr.resume()
+        self.assertEqual([(r.ID, r.TTL) for r in resp], [(int(lid, 16), 20)])
+        self.ctl_ok(ldr, "lease", "revoke", lid)
+
     def member_id(self, m):
         st = json.loads(self.ctl_ok(m, "endpoint", "status", "-w", "json").stdout)
         return "%x" % st[0]["Status"]["header"]["member_id"]
