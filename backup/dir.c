@@ -320,6 +320,10 @@ int backup_dir_commit(const backup_dir *d, const backup_slot *s, int64_t revisio
 	if (rc)
 		return rc;
 	rc = point_latest(d->bd_path, r->bc_name, errbuf, errlen);
+	/* The new backup's name is durable before any older backup goes: a crash in between
+	 * must never leave fewer whole backups than the retention promised. */
+	if (rc == 0)
+		rc = backup_fsync_dir(d->bd_path, errbuf, errlen);
 	if (rc == 0) {
 		r->bc_removed = apply_retention(d->bd_path, &k->bk_retention, now_ms, &r->bc_kept);
 		if (r->bc_removed < 0)

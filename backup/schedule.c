@@ -3,6 +3,7 @@
  */
 #define _GNU_SOURCE /* timegm, qsort_r */
 #include <ctype.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -319,14 +320,14 @@ int backup_parse_duration(const char *s, double *seconds)
 	char *e;
 	double v = strtod(p, &e);
 	if (e != p && *e == '\0') { /* a bare number: seconds */
-		if (v < 0)
+		if (!isfinite(v) || v < 0) /* strtod takes "nan" and "inf" too */
 			return -1;
 		*seconds = v;
 		return 0;
 	}
 	while (*p) {
 		v = strtod(p, &e);
-		if (e == p || v < 0)
+		if (e == p || !isfinite(v) || v < 0)
 			return -1;
 		p = e;
 		double unit;
@@ -353,6 +354,8 @@ int backup_parse_duration(const char *s, double *seconds)
 		}
 		total += v * unit;
 	}
+	if (!isfinite(total))
+		return -1;
 	*seconds = total;
 	return 0;
 }

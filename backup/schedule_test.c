@@ -330,8 +330,25 @@ static void test_cron_random(void)
 	CHECK(parsed > 500); /* the generator does reach the valid side */
 }
 
+static void test_durations(void)
+{
+	double v = 0;
+	CHECK(backup_parse_duration("90", &v) == 0 && v == 90);
+	CHECK(backup_parse_duration("1h30m", &v) == 0 && v == 5400);
+	CHECK(backup_parse_duration("250ms", &v) == 0 && v == 0.25);
+	/* strtod reads these; a duration must not be one */
+	CHECK(backup_parse_duration("nan", &v) != 0);
+	CHECK(backup_parse_duration("inf", &v) != 0);
+	CHECK(backup_parse_duration("infs", &v) != 0);
+	CHECK(backup_parse_duration("nanm", &v) != 0);
+	CHECK(backup_parse_duration("1e400h", &v) != 0);
+	CHECK(backup_parse_duration("-1s", &v) != 0);
+	CHECK(backup_parse_duration("", &v) != 0);
+}
+
 int main(void)
 {
+	test_durations();
 	test_cron_parse();
 	test_cron_next_utc();
 	test_cron_next_local();

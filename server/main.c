@@ -433,6 +433,7 @@ static int run(config *cfgp)
 		rc = -1; /* logged; a backup directory asked for and unusable stops the start */
 	atomic_store(&sc.backup, backup);
 	if (rc) {
+		corrupt_monitor_stop(cm); /* it uses the node and the store */
 		http_stop(hs);
 		tls_server_free(ts);
 		node_stop(sc.nd);

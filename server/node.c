@@ -1020,8 +1020,9 @@ static void propose(node *n, node_req *r)
 	size_t len;
 	Etcdserverpb__Member m = ETCDSERVERPB__MEMBER__INIT;
 	const ProtobufCMessage *msg = r->nr_msg;
-	if (r->nr_op == NODE_MEMBER_ADD || r->nr_op == NODE_MEMBER_UPDATE || r->nr_op == NODE_MEMBER_REMOVE ||
-	    r->nr_op == NODE_MEMBER_PROMOTE) {
+	int membership = r->nr_op == NODE_MEMBER_ADD || r->nr_op == NODE_MEMBER_UPDATE ||
+			 r->nr_op == NODE_MEMBER_REMOVE || r->nr_op == NODE_MEMBER_PROMOTE;
+	if (membership) {
 		m.id = r->nr_member;
 		if (r->nr_publish) {
 			m.name = (char *)sc->cfg->name;
@@ -1036,8 +1037,9 @@ static void propose(node *n, node_req *r)
 	}
 	/* etcd's processInternalRaftRequestOnce: while the applied index trails the committed one
 	 * by more than maxGapBetweenApplyAndCommitIndex, new proposals are refused rather than
-	 * queued behind the backlog. Internal proposals (expiry revokes, alarms) go on. */
-	if (r->nr_call && node_apply_gap_too_large(atomic_load(&n->n_commit), atomic_load(&n->n_applied))) {
+	 * queued behind the backlog. Internal proposals (expiry revokes, alarms) go on, and so
+	 * do membership changes (etcd's configure() path has no such check). */
+	if (r->nr_call && !membership && node_apply_gap_too_large(atomic_load(&n->n_commit), atomic_load(&n->n_applied))) {
 		node_req_fail(r, API_ERR_TOO_MANY_REQUESTS);
 		return;
 	}
