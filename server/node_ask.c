@@ -40,9 +40,7 @@ struct node_ask_req {
 
 static uint64_t now_ms(void)
 {
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+	return node_now_ns() / 1000000;
 }
 
 uint64_t node_request_timeout_ms(node *n)
