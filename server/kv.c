@@ -106,22 +106,26 @@ int permitted(server_ctx *sc, api_call *call, int auth_err)
 	return 0;
 }
 
+int server_storage_status(int err, const char **msg)
+{
+	int code = auth_error_status(err, msg);
+	if (code >= 0)
+		return code;
+	api_error e = storage_to_api(err);
+	if (e == API_ERR_INTERNAL) {
+		log_at(LOG_ERROR, "storage error", "error", storage_strerror(err), NULL);
+		*msg = storage_strerror(err);
+		return 2; /* UNKNOWN */
+	}
+	return api_error_status(e, msg);
+}
+
 /* Fails call with the storage error, logging errors that are not the client's doing. */
 void server_fail_storage(api_call *call, int err)
 {
 	const char *msg;
-	int code = auth_error_status(err, &msg);
-	if (code >= 0) {
-		api_call_fail_msg(call, code, msg);
-		return;
-	}
-	api_error e = storage_to_api(err);
-	if (e == API_ERR_INTERNAL) {
-		log_at(LOG_ERROR, "storage error", "error", storage_strerror(err), NULL);
-		api_call_fail_msg(call, 2 /* UNKNOWN */, storage_strerror(err));
-		return;
-	}
-	api_call_fail(call, e);
+	int code = server_storage_status(err, &msg);
+	api_call_fail_msg(call, code, msg);
 }
 
 static int check_put(const Etcdserverpb__PutRequest *r)
@@ -580,5 +584,5 @@ int kv_register(api_server *as, server_ctx *sc)
 		if (rc)
 			return rc;
 	}
-	return 0;
+	return rangestream_register(as, sc);
 }

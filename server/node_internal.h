@@ -48,6 +48,8 @@ struct node_req {
 	char **nr_urls;                 /* peer URLs; client URLs when nr_publish */
 	size_t nr_n_urls;
 	int nr_publish;                 /* NODE_MEMBER_UPDATE: this member's name and client URLs */
+	void (*nr_done)(void *arg, int err); /* NODE_READ_BARRIER: see node_read_barrier() */
+	void *nr_done_arg;
 	node_req *nr_next;
 };
 

@@ -168,6 +168,7 @@ typedef enum node_op {
 	NODE_READ_TXN,      /* local: a linearizable read-only Txn */
 	NODE_KEEPALIVE_FWD, /* local: a lease keep-alive a follower passes to the leader */
 	NODE_MOVE_LEADER,   /* local: Maintenance.MoveLeader, a Raft leadership transfer */
+	NODE_READ_BARRIER,  /* local: a read index wait for a reader that is not a call (RangeStream) */
 	/* The leader's lease checkpoints (LeaseCheckpointRequest); a fixed value, as entries
 	 * in the log keep it. */
 	NODE_LEASE_CHECKPOINT = 32,
@@ -197,6 +198,12 @@ void node_submit(node *n, node_op op, api_call *call, const ProtobufCMessage *re
 /* Whether linearizable reads need a read index (more than one voter), or may be served
  * straight from local storage. */
 int node_reads_need_index(node *n);
+/*
+ * Waits, as a linearizable Range does, until this member has applied everything committed
+ * when it was called, then calls done(arg, 0) on the node loop; done(arg, e + 1) with the
+ * api_error e if that fails. done is called exactly once, and must not block.
+ */
+void node_read_barrier(node *n, void (*done)(void *arg, int err), void *arg);
 /* A membership change from the Cluster service (peer URLs copied). */
 void node_member_change(node *n, node_op op, api_call *call, uint64_t id, int learner,
 			char **peer_urls, size_t n_urls);
@@ -433,6 +440,8 @@ int lease_register(api_server *as, server_ctx *sc);
 int alarm_register(api_server *as, server_ctx *sc);
 int members_register(api_server *as, server_ctx *sc);
 int snapshot_register(api_server *as, server_ctx *sc);
+/* KV.RangeStream (etcd 3.7), rangestream.c; kv_register() calls it. */
+int rangestream_register(api_server *as, server_ctx *sc);
 int auth_register(api_server *as, server_ctx *sc);
 /* etcd: a learner refuses every request but serializable reads, Status and MemberList.
  * Ends call with etcd's error and returns 1 if this member must refuse. */
@@ -453,6 +462,9 @@ int permitted(server_ctx *sc, api_call *call, int auth_err);
 const char *call_token(api_call *call, size_t *len);
 /* Ends call with the etcd error for a storage error code. */
 void server_fail_storage(api_call *call, int storage_err);
+/* The gRPC status and etcd message server_fail_storage() sends for storage_err (or an
+ * auth error), for streams that end with it. */
+int server_storage_status(int storage_err, const char **msg);
 /* Fills the headers of a txn response and of every response nested in it. */
 void server_fill_txn_headers(server_ctx *sc, Etcdserverpb__TxnResponse *resp);
 /* etcd's validation of a Txn (v3rpc checkTxnRequest + checkIntervals); 0 or an api_error+1. */
