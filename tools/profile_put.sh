@@ -118,6 +118,7 @@ for members in 1 3; do
 		for ((i = 0; i < members; i++)); do
 			for _ in $(seq 100); do kill -0 "${SRV_PID[$s,$i]}" 2>/dev/null || break; sleep 0.1; done
 		done
+		rm -rf "$work/$s".*.data # the next configuration starts afresh in the same dirs
 	done
 done
 
