@@ -70,7 +70,7 @@ trace_run() {
 			--key-size 8 --val-size 256 --key-space-size 100000 --duration "$dur" >/dev/null 2>&1 || true
 		wait "$rp" || true
 		perf report -i "$work/perf.$server.$id.data" --no-children --stdio --sort symbol --percent-limit 1.5 \
-			2>/dev/null | grep -E '^ +[0-9.]+%' | head -25 >"$work/top.$server.$id" || true
+			2>/dev/null | grep -E '^ +[0-9.]+%' | sed -E 's/ +/ /g; s/ - - *$//' | head -25 >"$work/top.$server.$id" || true
 		rec="$(python3 -c 'import json,sys; print(json.dumps(open(sys.argv[1]).read().splitlines()))' "$work/top.$server.$id")"
 	fi
 	python3 - "$server" "$id" "$clients" "$n" "${SRV_LEADER[$server]}" "$cpus" "$work" "$rc" "$js" "$rec" >>"$prof" <<'PY'
@@ -130,9 +130,11 @@ out = []
 out.append("disk fdatasync floor (4 KiB write + fdatasync, 200 times): median %.3f ms, p90 %.3f ms, p99 %.3f ms"
            % (fs["lat_ms"]["p50"], fs["lat_ms"]["p90"], fs["lat_ms"]["p99"]))
 out.append("")
-out.append("Per put (totals over the run / successful puts). flush = fdatasync + fsync + the O_DSYNC")
-out.append("pwrite64 (LMDB's meta page; etcd does not use it); ms are summed call times, so with many")
-out.append("clients one flush serves a whole batch. net = sendmsg/write/writev + recvmsg/read/readv.")
+out.append("Per put (totals over the run / successful puts; ms are summed call times, so with many clients")
+out.append("one flush serves a whole batch). fdsync = fdatasync + fsync calls. pwrite = pwrite64: LMDB writes")
+out.append("each dirty page run of a commit with one, the last being the meta page through its O_DSYNC")
+out.append("descriptor (a device flush of its own). flush ms = fdsync ms + pwrite ms. perf trace -p follows")
+out.append("the threads that exist when it attaches: Go starts threads later, so etcd's counts are a lower bound.")
 for r in rows:
     b = r["bench"] or {}
     ok = b.get("ok") or 0
@@ -150,7 +152,6 @@ for r in rows:
             return sc.get(name, {}).get(k, 0)
         fd_n = g("fdatasync", "calls") + g("fsync", "calls")
         fd_ms = g("fdatasync", "ms") + g("fsync", "ms")
-        # LMDB's only pwrite64 on the commit path is the meta page through the O_DSYNC fd
         pw_n, pw_ms = g("pwrite64", "calls"), g("pwrite64", "ms")
         out.append("  %-9s %9.3f %9.3f %9.3f %9.3f %9.3f %9.3f %9.2f" % (
             m["role"], fd_n / ok, fd_ms / ok, pw_n / ok, pw_ms / ok, (fd_ms + pw_ms) / ok,
