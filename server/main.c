@@ -440,7 +440,9 @@ static int run(config *cfgp)
 	api_server_shutdown(as);
 	node_stop(sc.nd);
 	watch_hub_stop(sc.hub);
+	rangestream_drain(&sc); /* their threads read the store */
 	api_server_destroy(as);
+	rangestream_free(&sc);
 	watch_hub_free(sc.hub);
 	node_free(sc.nd);
 	lessor_free(sc.lessor);

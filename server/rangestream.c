@@ -16,9 +16,12 @@
  * Each stream runs on a thread of its own (a LIST may take seconds; it must not hold a gRPC
  * thread), and waits while more than --max-request-bytes are queued and not yet taken by
  * the client: with gRPC's flow control, a slow client slows the reads, not the memory.
+ * At shutdown rangestream_drain() ends the streams at their next chunk ("server stopped")
+ * and waits for their threads, which read the store, before it is closed.
  */
 #include <errno.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -35,6 +38,14 @@ typedef struct barrier {
 	int b_done;
 	int b_err; /* 0, or an api_error + 1 */
 } barrier;
+
+/* The streams whose thread still runs, so that shutdown can wait for them. */
+struct rangestream_set {
+	pthread_mutex_t rs_mu;
+	pthread_cond_t rs_cv;
+	int rs_running;
+	_Atomic int rs_stopping; /* the member is shutting down: streams end at their next chunk */
+};
 
 typedef struct rs_job {
 	server_ctx *rj_sc;
@@ -112,16 +123,22 @@ static void finish_storage_error(api_stream *st, int err)
 	api_stream_finish(st, code, msg);
 }
 
-/* Waits until the client has taken what is queued beyond max; -1 if the stream is over. */
-static int wait_for_room(api_stream *st, size_t max)
+static int stopping(server_ctx *sc)
+{
+	return atomic_load(&sc->rangestreams->rs_stopping);
+}
+
+/* Waits until the client has taken what is queued beyond max; -1 if the stream is over or
+ * the member is stopping. */
+static int wait_for_room(server_ctx *sc, api_stream *st, size_t max)
 {
 	struct timespec ms = {0, 1000000};
 	while (api_stream_queued_bytes(st) > max) {
-		if (api_stream_closed(st))
+		if (api_stream_closed(st) || stopping(sc))
 			return -1;
 		nanosleep(&ms, NULL);
 	}
-	return api_stream_closed(st) ? -1 : 0;
+	return api_stream_closed(st) || stopping(sc) ? -1 : 0;
 }
 
 static long send_range(api_stream *st, Etcdserverpb__RangeResponse *rr)
@@ -156,7 +173,7 @@ static int stream_whole(server_ctx *sc, api_stream *st, storage_reader *r,
 	return rc;
 }
 
-/* The chunked answer; 0, a storage error, or 1 if the client went away. */
+/* The chunked answer; 0, a storage error, or 1 if the client went away or the member stops. */
 static int stream_chunks(server_ctx *sc, api_stream *st, storage_reader *r,
 			 const Etcdserverpb__RangeRequest *req)
 {
@@ -225,7 +242,7 @@ static int stream_chunks(server_ctx *sc, api_stream *st, storage_reader *r,
 			chunk *= 2;
 		else if (size > 2 * max_bytes && chunk > 1)
 			chunk = chunk * 2 / 3;
-		if (wait_for_room(st, max_bytes) != 0) {
+		if (wait_for_room(sc, st, max_bytes) != 0) {
 			rc = 1;
 			break;
 		}
@@ -252,12 +269,19 @@ static void *rangestream_thread(void *arg)
 		}
 		if (rc < 0)
 			finish_storage_error(st, rc);
+		else if (rc > 0 && stopping(sc))
+			finish_api_error(st, API_ERR_STOPPED + 1);
 		else
 			api_stream_finish(st, 0, NULL);
 	}
 	protobuf_c_message_free_unpacked(&job->rj_req->base, NULL);
 	api_stream_release(st);
 	free(job);
+	struct rangestream_set *set = sc->rangestreams;
+	pthread_mutex_lock(&set->rs_mu);
+	if (--set->rs_running == 0)
+		pthread_cond_broadcast(&set->rs_cv);
+	pthread_mutex_unlock(&set->rs_mu);
 	return NULL;
 }
 
@@ -304,6 +328,19 @@ static void rangestream_on_message(void *ctx, api_stream *st, const ProtobufCMes
 	job->rj_sc = sc;
 	job->rj_st = st;
 	api_stream_retain(st);
+	struct rangestream_set *set = sc->rangestreams;
+	pthread_mutex_lock(&set->rs_mu);
+	int refuse = atomic_load(&set->rs_stopping);
+	if (!refuse)
+		set->rs_running++;
+	pthread_mutex_unlock(&set->rs_mu);
+	if (refuse) {
+		protobuf_c_message_free_unpacked(&job->rj_req->base, NULL);
+		free(job);
+		finish_api_error(st, API_ERR_STOPPED + 1);
+		api_stream_release(st);
+		return;
+	}
 	pthread_t t;
 	pthread_attr_t attr;
 	pthread_attr_init(&attr);
@@ -311,8 +348,11 @@ static void rangestream_on_message(void *ctx, api_stream *st, const ProtobufCMes
 	if (pthread_create(&t, &attr, rangestream_thread, job) != 0) {
 		protobuf_c_message_free_unpacked(&job->rj_req->base, NULL);
 		free(job);
-		api_stream_release(st);
 		api_stream_finish(st, 8, "keelson: cannot start the range stream");
+		api_stream_release(st);
+		pthread_mutex_lock(&set->rs_mu);
+		set->rs_running--;
+		pthread_mutex_unlock(&set->rs_mu);
 	}
 	pthread_attr_destroy(&attr);
 }
@@ -323,5 +363,34 @@ static const api_stream_handlers rangestream_handlers = {
 
 int rangestream_register(api_server *as, server_ctx *sc)
 {
+	struct rangestream_set *set = calloc(1, sizeof(*set));
+	if (set == NULL)
+		return API_ERR_SYS;
+	pthread_mutex_init(&set->rs_mu, NULL);
+	pthread_cond_init(&set->rs_cv, NULL);
+	sc->rangestreams = set;
 	return api_server_route_stream(as, "/etcdserverpb.KV/RangeStream", &rangestream_handlers, sc);
+}
+
+void rangestream_drain(server_ctx *sc)
+{
+	struct rangestream_set *set = sc->rangestreams;
+	if (set == NULL)
+		return;
+	pthread_mutex_lock(&set->rs_mu);
+	atomic_store(&set->rs_stopping, 1);
+	while (set->rs_running > 0)
+		pthread_cond_wait(&set->rs_cv, &set->rs_mu);
+	pthread_mutex_unlock(&set->rs_mu);
+}
+
+void rangestream_free(server_ctx *sc)
+{
+	struct rangestream_set *set = sc->rangestreams;
+	if (set == NULL)
+		return;
+	pthread_cond_destroy(&set->rs_cv);
+	pthread_mutex_destroy(&set->rs_mu);
+	free(set);
+	sc->rangestreams = NULL;
 }

@@ -430,6 +430,7 @@ typedef struct server_ctx {
 	auth_store *auth;
 	uint64_t quota_bytes; /* --quota-backend-bytes, or etcd's 2 GiB default */
 	member_info mi;
+	struct rangestream_set *rangestreams; /* rangestream.c: the streams still reading */
 } server_ctx;
 
 /* Fills the header's cluster, member and term; revision is the caller's. */
@@ -442,6 +443,12 @@ int members_register(api_server *as, server_ctx *sc);
 int snapshot_register(api_server *as, server_ctx *sc);
 /* KV.RangeStream (etcd 3.7), rangestream.c; kv_register() calls it. */
 int rangestream_register(api_server *as, server_ctx *sc);
+/* Ends every RangeStream at its next chunk ("server stopped"), refuses new ones, and waits
+ * until their reading threads are gone. After node_stop() (a stream waiting for a read index
+ * is then failed), before api_server_destroy() and the storage is closed. */
+void rangestream_drain(server_ctx *sc);
+/* Frees what rangestream_register() allocated, once no call can arrive (after api_server_destroy()). */
+void rangestream_free(server_ctx *sc);
 int auth_register(api_server *as, server_ctx *sc);
 /* etcd: a learner refuses every request but serializable reads, Status and MemberList.
  * Ends call with etcd's error and returns 1 if this member must refuse. */

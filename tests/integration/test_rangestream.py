@@ -12,6 +12,7 @@ RangeResponse) is taken apart by hand; merging RangeResponse bytes in order is p
 """
 
 import threading
+import time
 import unittest
 
 import grpc
@@ -276,6 +277,26 @@ class RangeStreamWrites(unittest.TestCase):
         self.assertEqual(merged.count, 1500)
         self.assertEqual(len(merged.kvs), 1500)
         self.assertTrue(s.alive())
+
+
+    def test_shutdown_during_stream(self):
+        """SIGTERM while a client holds a stream open without reading: the member ends the
+        stream and exits promptly and cleanly (its reading thread must not outlive the store)."""
+        s = harness.fresh_server(self, extra_args=("--max-request-bytes", "65536"))
+        c = Client(s.endpoint)
+        self.addCleanup(c.close)
+        big = b"s" * 4000
+        for i in range(2000):
+            c.put(b"sd/%05d" % i, big)
+        it = c._stream(pb.RangeRequest(key=b"sd/", range_end=prefix_end(b"sd/")).SerializeToString(),
+                       timeout=60)
+        next(it)
+        next(it)  # the stream thread now waits for the client to take what is queued
+        t0 = time.monotonic()
+        rc = s.stop(timeout=20)
+        self.assertLess(time.monotonic() - t0, 15, "the member took too long to stop")
+        self.assertEqual(rc, 0, "exit status %r after SIGTERM\n%s" % (rc, s.log_tail(20)))
+        it.cancel()
 
 
 class RangeStreamCluster(unittest.TestCase):
