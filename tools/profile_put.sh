@@ -44,20 +44,24 @@ fsync_json="$("$B" fsync --dir "$work" --count 200 --block-size 4096 --json | gr
 # trace_run SERVER ID CLIENTS CONNS: a put run on the leader while perf traces every member.
 trace_run() {
 	local server="$1" id="$2" clients="$3" conns="$4" n=${SRV_N[$1]} i
-	local -a tp c0
+	local -a tp c0 w0
 	for ((i = 0; i < n; i++)); do
 		perf trace -s -p "${SRV_PID[$server,$i]}" -o "$work/trace.$server.$id.$i" 2>/dev/null &
 		tp[i]=$!
 	done
 	sleep 1 # perf attaches
-	for ((i = 0; i < n; i++)); do c0[i]=$(cpu_ticks "${SRV_PID[$server,$i]}"); done
+	for ((i = 0; i < n; i++)); do
+		c0[i]=$(cpu_ticks "${SRV_PID[$server,$i]}")
+		w0[i]=$(awk '/^write_bytes/{print $2}' "/proc/${SRV_PID[$server,$i]}/io")
+	done
 	local js rc=0
 	js="$("$B" --endpoints "$(endpoints "$server" leader)" --label "$server/$id" --json put --conns "$conns" \
 		--clients "$clients" --key-size 8 --val-size 256 --key-space-size 100000 --duration "$dur" 2>"$work/bench.err" |
 		grep '^{' | tail -1)" || rc=$?
-	local cpus=""
+	local cpus="" wbs=""
 	for ((i = 0; i < n; i++)); do
 		cpus="$cpus${cpus:+,}$(awk -v a="${c0[i]}" -v b="$(cpu_ticks "${SRV_PID[$server,$i]}")" -v t="$clk_tck" 'BEGIN{printf "%.3f", (b-a)/t}')"
+		wbs="$wbs${wbs:+,}$(($(awk '/^write_bytes/{print $2}' "/proc/${SRV_PID[$server,$i]}/io") - w0[i]))"
 	done
 	for ((i = 0; i < n; i++)); do kill -INT "${tp[i]}" 2>/dev/null || true; done
 	for ((i = 0; i < n; i++)); do wait "${tp[i]}" 2>/dev/null || true; done
@@ -73,9 +77,9 @@ trace_run() {
 			2>/dev/null | grep -E '^ +[0-9.]+%' | sed -E 's/ +/ /g; s/ - - *$//' | head -25 >"$work/top.$server.$id" || true
 		rec="$(python3 -c 'import json,sys; print(json.dumps(open(sys.argv[1]).read().splitlines()))' "$work/top.$server.$id")"
 	fi
-	python3 - "$server" "$id" "$clients" "$n" "${SRV_LEADER[$server]}" "$cpus" "$work" "$rc" "$js" "$rec" >>"$prof" <<'PY'
+	python3 - "$server" "$id" "$clients" "$n" "${SRV_LEADER[$server]}" "$cpus" "$work" "$rc" "$js" "$rec" "$wbs" >>"$prof" <<'PY'
 import json, re, sys
-server, wid, clients, n, leader, cpus, work, rc, js, rec = sys.argv[1:11]
+server, wid, clients, n, leader, cpus, work, rc, js, rec, wbs = sys.argv[1:12]
 n, leader = int(n), int(leader)
 members = []
 for i in range(n):
@@ -93,7 +97,8 @@ for i in range(n):
             c["ms"] += float(m.group(4))
             c["max_ms"] = max(c["max_ms"], float(m.group(7)))
     members.append({"i": i, "role": "leader" if i == leader else "follower",
-                    "cpu_s": float(cpus.split(",")[i]), "syscalls": calls})
+                    "cpu_s": float(cpus.split(",")[i]), "write_bytes": int(wbs.split(",")[i]),
+                    "syscalls": calls})
 print(json.dumps({"server": server, "id": wid, "clients": int(clients), "members": n, "rc": int(rc),
                   "bench": json.loads(js) if js.strip() else None, "per_member": members,
                   "top": json.loads(rec) if rec != "null" else None}))
