@@ -140,6 +140,7 @@ out.append("one flush serves a whole batch). fdsync = fdatasync + fsync calls. p
 out.append("each dirty page run of a commit with one, the last being the meta page through its O_DSYNC")
 out.append("descriptor (a device flush of its own). flush ms = fdsync ms + pwrite ms. perf trace -p follows")
 out.append("the threads that exist when it attaches: Go starts threads later, so etcd's counts are a lower bound.")
+out.append("KB wr/op = /proc/PID/io write_bytes during the traced run / puts (what reaches the disk).")
 for r in rows:
     b = r["bench"] or {}
     ok = b.get("ok") or 0
@@ -149,8 +150,8 @@ for r in rows:
     out.append("")
     out.append("%s, %d member(s), %d client(s): %.0f puts/s, p50 %.3f ms, p99 %.3f ms (%d puts)"
                % (r["server"], r["members"], r["clients"], b["rps"], b["lat_ms"]["p50"], b["lat_ms"]["p99"], ok))
-    out.append("  %-9s %9s %9s %9s %9s %9s %9s %9s" % ("member", "fdsync/op", "fdsync ms", "dsyncw/op",
-                                                         "dsyncw ms", "flush ms", "CPU ms", "futex/op"))
+    out.append("  %-9s %9s %9s %9s %9s %9s %9s %9s %9s" % ("member", "fdsync/op", "fdsync ms", "pwrite/op",
+                                                              "pwrite ms", "flush ms", "CPU ms", "futex/op", "KB wr/op"))
     for m in r["per_member"]:
         sc = m["syscalls"]
         def g(name, k):
@@ -158,9 +159,9 @@ for r in rows:
         fd_n = g("fdatasync", "calls") + g("fsync", "calls")
         fd_ms = g("fdatasync", "ms") + g("fsync", "ms")
         pw_n, pw_ms = g("pwrite64", "calls"), g("pwrite64", "ms")
-        out.append("  %-9s %9.3f %9.3f %9.3f %9.3f %9.3f %9.3f %9.2f" % (
+        out.append("  %-9s %9.3f %9.3f %9.3f %9.3f %9.3f %9.3f %9.2f %9.2f" % (
             m["role"], fd_n / ok, fd_ms / ok, pw_n / ok, pw_ms / ok, (fd_ms + pw_ms) / ok,
-            m["cpu_s"] * 1000.0 / ok, g("futex", "calls") / ok))
+            m["cpu_s"] * 1000.0 / ok, g("futex", "calls") / ok, m.get("write_bytes", 0) / 1024.0 / ok))
     if r.get("top"):
         out.append("  CPU profile of the leader (perf record -g, self time, symbols >= 1.5%):")
         for line in r["top"][:15]:
