@@ -299,6 +299,57 @@ class RangeStreamWrites(unittest.TestCase):
         it.cancel()
 
 
+class RangeStreamAuth(unittest.TestCase):
+    """With auth on, RangeStream is gated as Range: same status and message when refused."""
+
+    def test_permissions(self):
+        s = harness.fresh_server(self)
+        c = Client(s.endpoint)
+        self.addCleanup(c.close)
+        for i in range(30):
+            c.put(b"ok/%02d" % i, b"v")
+            c.put(b"no/%02d" % i, b"v")
+        for args in (("user", "add", "root:rootpw"), ("role", "add", "reader"),
+                     ("role", "grant-permission", "reader", "read", "ok/", "--prefix=true"),
+                     ("user", "add", "alice:alicepw"), ("user", "grant-role", "alice", "reader"),
+                     ("auth", "enable")):
+            r = s.ctl(*args)
+            self.assertEqual(r.rc, 0, r)
+        auth = c.channel.unary_unary("/etcdserverpb.Auth/Authenticate",
+                                     request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        ar = pb.AuthenticateResponse()
+        ar.ParseFromString(auth(pb.AuthenticateRequest(name="alice", password="alicepw").SerializeToString(),
+                                timeout=10))
+        md = [("token", ar.token)]
+
+        def both(req, metadata):
+            try:
+                want = pb.RangeResponse()
+                want.ParseFromString(c._range(req.SerializeToString(), timeout=10, metadata=metadata))
+                want_err = None
+            except grpc.RpcError as e:
+                want, want_err = None, (e.code(), e.details())
+            try:
+                got = pb.RangeResponse()
+                for raw in c._stream(req.SerializeToString(), timeout=10, metadata=metadata):
+                    m = pb.RangeResponse()
+                    m.ParseFromString(unwrap(raw))
+                    got.MergeFrom(m)
+                got_err = None
+            except grpc.RpcError as e:
+                got, got_err = None, (e.code(), e.details())
+            self.assertEqual(got_err, want_err)
+            self.assertEqual(got, want)
+            return want_err
+
+        ok = pb.RangeRequest(key=b"ok/", range_end=prefix_end(b"ok/"))
+        no = pb.RangeRequest(key=b"no/", range_end=prefix_end(b"no/"))
+        self.assertIsNone(both(ok, md))
+        self.assertEqual(both(no, md)[0], grpc.StatusCode.PERMISSION_DENIED)
+        self.assertIsNotNone(both(ok, None))  # no token: refused as Range is
+        self.assertIsNotNone(both(ok, [("token", "not-a-token")]))
+
+
 class RangeStreamCluster(unittest.TestCase):
     """3 members: a linearizable stream on a follower waits for a read index."""
 
