@@ -126,7 +126,6 @@ int permitted(server_ctx *sc, api_call *call, int auth_err)
 	return 0;
 }
 
-/* Fails call with the storage error, logging errors that are not the client's doing. */
 int server_storage_status(int err, const char **msg)
 {
 	int code = auth_error_status(err, msg);
@@ -141,6 +140,7 @@ int server_storage_status(int err, const char **msg)
 	return api_error_status(e, msg);
 }
 
+/* Fails call with the storage error, logging errors that are not the client's doing. */
 void server_fail_storage(api_call *call, int err)
 {
 	const char *msg;
@@ -605,5 +605,5 @@ int kv_register(api_server *as, server_ctx *sc)
 		if (rc)
 			return rc;
 	}
-	return 0;
+	return rangestream_register(as, sc);
 }

@@ -458,8 +458,10 @@ static int run(config *cfgp)
 	server_backup_stop(sc.backup);
 	sc.backup = NULL;
 	watch_hub_stop(sc.hub);
+	rangestream_drain(&sc); /* their threads read the store */
 	api_server_destroy(as);
 	tls_server_free(ts);
+	rangestream_free(&sc);
 	watch_hub_free(sc.hub);
 	node_free(sc.nd);
 	lessor_free(sc.lessor);

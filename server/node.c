@@ -106,6 +106,8 @@ void node_req_fail(node_req *r, api_error e)
 {
 	if (r->nr_call)
 		api_call_fail(r->nr_call, e);
+	if (r->nr_done)
+		r->nr_done(r->nr_done_arg, (int)e + 1);
 	node_req_free(r);
 }
 
@@ -142,6 +144,19 @@ void node_submit(node *n, node_op op, api_call *call, const ProtobufCMessage *ms
 	r->nr_call = call;
 	r->nr_msg = msg;
 	r->nr_owns_msg = call == NULL;
+	node_enqueue(n, r);
+}
+
+void node_read_barrier(node *n, void (*done)(void *arg, int err), void *arg)
+{
+	node_req *r = calloc(1, sizeof(*r));
+	if (r == NULL) {
+		done(arg, API_ERR_INTERNAL + 1);
+		return;
+	}
+	r->nr_op = NODE_READ_BARRIER;
+	r->nr_done = done;
+	r->nr_done_arg = arg;
 	node_enqueue(n, r);
 }
 
@@ -967,6 +982,7 @@ static void propose(node *n, node_req *r)
 		return;
 	case NODE_READ_RANGE:
 	case NODE_READ_TXN:
+	case NODE_READ_BARRIER:
 		r->nr_next = n->n_reads;
 		n->n_reads = r;
 		return;

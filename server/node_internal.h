@@ -51,6 +51,8 @@ struct node_req {
 	size_t nr_n_urls;
 	int nr_publish;                 /* NODE_MEMBER_UPDATE: this member's name and client URLs */
 	node_ask_req *nr_ask;           /* NODE_ASK: the question (owned until the loop takes it) */
+	void (*nr_done)(void *arg, int err); /* NODE_READ_BARRIER: see node_read_barrier() */
+	void *nr_done_arg;
 	node_req *nr_next;
 };
 

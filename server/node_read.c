@@ -12,6 +12,11 @@
 static void serve_one(node *n, node_req *r)
 {
 	server_ctx *sc = n->n_sc;
+	if (r->nr_op == NODE_READ_BARRIER) {
+		r->nr_done(r->nr_done_arg, 0);
+		node_req_free(r);
+		return;
+	}
 	storage_reader *rd;
 	int rc = storage_read_begin(sc->st, &rd);
 	if (rc) {

@@ -179,6 +179,7 @@ typedef enum node_op {
 	NODE_READ_TXN,      /* local: a linearizable read-only Txn */
 	NODE_ASK,           /* local: a request to another member (node_ask) */
 	NODE_MOVE_LEADER,   /* local: Maintenance.MoveLeader, a Raft leadership transfer */
+	NODE_READ_BARRIER,  /* local: a read index wait for a reader that is not a call (RangeStream) */
 	/* The leader's lease checkpoints (LeaseCheckpointRequest); a fixed value, as entries
 	 * in the log keep it. */
 	NODE_LEASE_CHECKPOINT = 32,
@@ -208,6 +209,12 @@ void node_submit(node *n, node_op op, api_call *call, const ProtobufCMessage *re
 /* Whether linearizable reads need a read index (more than one voter), or may be served
  * straight from local storage. */
 int node_reads_need_index(node *n);
+/*
+ * Waits, as a linearizable Range does, until this member has applied everything committed
+ * when it was called, then calls done(arg, 0) on the node loop; done(arg, e + 1) with the
+ * api_error e if that fails. done is called exactly once, and must not block.
+ */
+void node_read_barrier(node *n, void (*done)(void *arg, int err), void *arg);
 /* A membership change from the Cluster service (peer URLs copied). */
 void node_member_change(node *n, node_op op, api_call *call, uint64_t id, int learner,
 			char **peer_urls, size_t n_urls);
@@ -534,6 +541,7 @@ typedef struct server_ctx {
 	member_info mi;
 	/* NULL unless --backup-dir; set by main once the node loop (which reads it) runs */
 	struct server_backup *_Atomic backup;
+	struct rangestream_set *rangestreams; /* rangestream.c: the streams still reading */
 } server_ctx;
 
 /* Fills the header's cluster, member and term; revision is the caller's. */
@@ -563,6 +571,14 @@ void server_backup_pause(server_backup *b);
 void server_backup_resume(server_backup *b);
 /* The keelson_backup_* metrics (nothing when b is NULL); returns the length. */
 size_t server_backup_metrics(server_backup *b, char *buf, size_t len);
+/* KV.RangeStream (etcd 3.7), rangestream.c; kv_register() calls it. */
+int rangestream_register(api_server *as, server_ctx *sc);
+/* Ends every RangeStream at its next chunk ("server stopped"), refuses new ones, and waits
+ * until their reading threads are gone. After node_stop() (a stream waiting for a read index
+ * is then failed), before api_server_destroy() and the storage is closed. */
+void rangestream_drain(server_ctx *sc);
+/* Frees what rangestream_register() allocated, once no call can arrive (after api_server_destroy()). */
+void rangestream_free(server_ctx *sc);
 int auth_register(api_server *as, server_ctx *sc);
 /* etcd: a learner refuses every request but serializable reads, Status and MemberList.
  * Ends call with etcd's error and returns 1 if this member must refuse. */
@@ -583,7 +599,8 @@ int permitted(server_ctx *sc, api_call *call, int auth_err);
 const char *call_token(api_call *call, size_t *len);
 /* Ends call with the etcd error for a storage error code. */
 void server_fail_storage(api_call *call, int storage_err);
-/* The gRPC status code and etcd's message server_fail_storage() would send for storage_err. */
+/* The gRPC status and etcd message server_fail_storage() sends for storage_err (or an
+ * auth error), for streams that end with it. */
 int server_storage_status(int storage_err, const char **msg);
 /* Fills the headers of a txn response and of every response nested in it. */
 void server_fill_txn_headers(server_ctx *sc, Etcdserverpb__TxnResponse *resp);

@@ -186,6 +186,7 @@ typedef struct range_ctx {
 	int64_t fetch;   /* kvs to fetch, 0 = all */
 	int count_only;
 	int values;      /* fetch values */
+	int page_only;   /* stop once fetch kvs are in: count is not the total then */
 	kvarr out;
 } range_ctx;
 
@@ -205,7 +206,10 @@ static int range_fn(vis *x, const uint8_t *key, size_t klen, const ki_state *st)
 		r.val = full.val;
 		r.vlen = full.vlen;
 	}
-	return kvarr_push(&c->out, c->a, kv_new(v, c->a, &r, c->values));
+	int err = kvarr_push(&c->out, c->a, kv_new(v, c->a, &r, c->values));
+	if (!err && c->page_only && c->fetch && (int64_t)c->out.n >= c->fetch)
+		return 1; /* stops the visit */
+	return err;
 }
 
 typedef struct sorter {
@@ -259,7 +263,7 @@ static void merge_sort(const sorter *so, Mvccpb__KeyValue **x, Mvccpb__KeyValue 
 }
 
 /* Range as etcd's applierV3backend.Range over mvcc rangeKeys. */
-static int do_range(mv *v, const Etcdserverpb__RangeRequest *req, storage_arena *a,
+static int do_range(mv *v, const Etcdserverpb__RangeRequest *req, int page_only, storage_arena *a,
 		    Etcdserverpb__RangeResponse *resp)
 {
 	Etcdserverpb__RangeResponse init = ETCDSERVERPB__RANGE_RESPONSE__INIT;
@@ -278,6 +282,7 @@ static int do_range(mv *v, const Etcdserverpb__RangeRequest *req, storage_arena 
 	range_ctx c = {0};
 	c.a = a;
 	c.count_only = req->count_only;
+	c.page_only = page_only && !req->count_only;
 	/* etcd fetches everything when it sorts or filters, else limit (+1 for "more"). */
 	c.fetch = (order != ETCDSERVERPB__RANGE_REQUEST__SORT_ORDER__NONE || filtered) ? 0
 		  : req->limit > 0 ? req->limit + 1 : 0;
@@ -762,7 +767,7 @@ static int txn_apply(storage_batch *b, MDB_txn *txn, mv *ro, const Etcdserverpb_
 			if (!r)
 				return STORAGE_ERR_NOMEM;
 			mv v = b ? batch_view(b, txn) : *ro;
-			err = do_range(&v, op->request_range, a, r);
+			err = do_range(&v, op->request_range, 0, a, r);
 			ro_->response_case = ETCDSERVERPB__RESPONSE_OP__RESPONSE_RESPONSE_RANGE;
 			ro_->response_range = r;
 			break;
@@ -886,7 +891,7 @@ int storage_batch_range(storage_batch *b, const Etcdserverpb__RangeRequest *req,
 {
 	b->b_changes = 0;
 	mv v = batch_view(b, b->b_txn);
-	return do_range(&v, req, a, resp);
+	return do_range(&v, req, 0, a, resp);
 }
 
 static int txn_run(storage_batch *b, MDB_txn *txn, const Etcdserverpb__TxnRequest *req,
@@ -938,7 +943,14 @@ int storage_range(storage_reader *r, const Etcdserverpb__RangeRequest *req, stor
 		  Etcdserverpb__RangeResponse *resp)
 {
 	mv v = reader_view(r);
-	return do_range(&v, req, a, resp);
+	return do_range(&v, req, 0, a, resp);
+}
+
+int storage_range_page(storage_reader *r, const Etcdserverpb__RangeRequest *req, storage_arena *a,
+		       Etcdserverpb__RangeResponse *resp)
+{
+	mv v = reader_view(r);
+	return do_range(&v, req, 1, a, resp);
 }
 
 int storage_read_txn(storage_reader *r, const Etcdserverpb__TxnRequest *req, storage_arena *a,

@@ -179,6 +179,14 @@ int storage_read_begin(storage *s, storage_reader **out);
 int storage_range(storage_reader *r, const Etcdserverpb__RangeRequest *req, storage_arena *a,
 		  Etcdserverpb__RangeResponse *resp);
 /*
+ * One page of a Range: as storage_range, but the walk stops once limit + 1 keys are read
+ * (sorted or filtered requests still read everything), so resp->more is right and
+ * resp->count is NOT the total. For RangeStream's later chunks, whose cost must not grow
+ * with the keys left after them.
+ */
+int storage_range_page(storage_reader *r, const Etcdserverpb__RangeRequest *req, storage_arena *a,
+		       Etcdserverpb__RangeResponse *resp);
+/*
  * A Txn whose every branch op is a Range (compares evaluated, success or failure taken);
  * STORAGE_ERR_INVALID if any op in the chosen or untaken branch writes.
  */

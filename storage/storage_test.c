@@ -286,6 +286,45 @@ static void test_range_opts(void)
 	CHECK_EQ(r.count, 4);
 }
 
+/* storage_range_page: the page and `more` as storage_range, but the walk stops after them. */
+static void test_range_page(void)
+{
+	fresh("range_page");
+	char k[16];
+	for (int i = 0; i < 50; i++) {
+		snprintf(k, sizeof(k), "p/%02d", i);
+		put(k, "v");
+	}
+	Etcdserverpb__RangeRequest req = rq("p/", "p0");
+	req.limit = 10;
+	Etcdserverpb__RangeResponse full, page;
+	CHECK_EQ(rng(&req, &full), 0);
+	storage_reader *r;
+	CHECK_EQ(storage_read_begin(S, &r), 0);
+	CHECK_EQ(storage_range_page(r, &req, &A, &page), 0);
+	CHECK(page.n_kvs == 10 && page.more && full.more && full.count == 50);
+	CHECK(page.count < 50); /* it did not walk the 40 keys after the page */
+	CHECK(page.kvs[9]->key.len == 4 && memcmp(page.kvs[9]->key.data, "p/09", 4) == 0);
+	CHECK_EQ(page.header->revision, full.header->revision);
+	/* the last page: no more */
+	req.key = t_str("p/45");
+	CHECK_EQ(storage_range_page(r, &req, &A, &page), 0);
+	CHECK(page.n_kvs == 5 && !page.more);
+	/* unlimited, sorted or count_only requests are storage_range's answer */
+	req = rq("p/", "p0");
+	CHECK_EQ(storage_range_page(r, &req, &A, &page), 0);
+	CHECK(page.n_kvs == 50 && page.count == 50 && !page.more);
+	req.count_only = 1;
+	req.limit = 3;
+	CHECK_EQ(storage_range_page(r, &req, &A, &page), 0);
+	CHECK(page.count == 50 && page.n_kvs == 0);
+	req.count_only = 0;
+	req.sort_order = ETCDSERVERPB__RANGE_REQUEST__SORT_ORDER__DESCEND;
+	CHECK_EQ(storage_range_page(r, &req, &A, &page), 0);
+	CHECK(page.n_kvs == 3 && page.more && page.count == 50 && page.kvs[0]->key.data[3] == '9');
+	storage_read_end(r);
+}
+
 static void test_delete_range(void)
 {
 	fresh("delete");
@@ -1155,6 +1194,7 @@ int main(void)
 	test_put_get();
 	test_put_flags();
 	test_range_opts();
+	test_range_page();
 	test_delete_range();
 	test_long_keys();
 	test_txn();

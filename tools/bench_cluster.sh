@@ -16,7 +16,7 @@
 #   txn-mixed (CAS txns on 100 hot keys, half the requests reads), 64 clients (leader; all);
 #   apiserver-load (10,000 objects of 1-10 KB) then the apiserver mix, 64 clients (leader; all);
 #   LIST probe: 100,000 keys of 1 KB, then one full LIST from the leader paginated with limit 500
-#   and one without limit, sampling the member's RSS every 10 ms.
+#   and one without limit (and, on Keelson, one KV.RangeStream), sampling the member's RSS every 10 ms.
 # Per workload it reports throughput, latency percentiles, CPU s per 1,000 requests and RSS summed
 # over the members, and for writes the entries per commit (Keelson: keelson_batch_requests_total /
 # keelson_batch_commits_total; etcd: proposals committed / WAL fsyncs) on the leader AND on a
@@ -73,10 +73,11 @@ for s in keelson etcd; do
 	log "bench_cluster.sh: $s leader m${SRV_LEADER[$s]} (:${SRV_CPORT[$s,${SRV_LEADER[$s]}]}), follower m${SRV_FOLLOWER[$s]}"
 done
 
-# list_probe SERVER ID LIMIT: one full LIST of list/ from the leader while a sampler reads the
+# list_probe SERVER ID LIMIT [ARGS...]: one full LIST of list/ from the leader while a sampler reads the
 # member's VmRSS and RssAnon every 10 ms; VmHWM is reset just before (clear_refs 5).
 list_probe() {
 	local server="$1" id="$2" limit="$3" l=${SRV_LEADER[$1]}
+	shift 3
 	local pid=${SRV_PID[$server,$l]} rc=0 js
 	local stop="$work/sampler.stop" res="$work/sampler.out" ready="$work/sampler.ready"
 	rm -f "$stop" "$res" "$ready"
@@ -108,7 +109,7 @@ PY
 	local sp=$!
 	for _ in $(seq 200); do [ -e "$ready" ] && break; sleep 0.05; done
 	js="$(timeout 300 "$B" --endpoints "127.0.0.1:${SRV_CPORT[$server,$l]}" --label "$server/$id" --json --timeout 120 \
-		list list/ --limit "$limit" 2>"$work/bench.err")" || rc=$?
+		list list/ --limit "$limit" "$@" 2>"$work/bench.err")" || rc=$?
 	sleep 0.05
 	touch "$stop"
 	wait "$sp" || true
@@ -159,6 +160,7 @@ fi
 		list_probe "$s" list-paged 500
 		list_probe "$s" list-unpaged 0
 	done
+	list_probe keelson list-stream 0 --stream # KV.RangeStream (etcd 3.4 has none)
 }
 
 # --- report ----------------------------------------------------------------------------------
@@ -277,8 +279,9 @@ if probes:
     out.append("  VmHWM reset with clear_refs just before the LIST, read just after)")
     out.append("%-26s %14s %14s %10s" % ("", "keelson", "etcd", "k/e"))
     for wid, k, e in probes:
-        out.append("%s" % ("LIST with limit 500, continuing from the last key at the first page's revision"
-                           if wid == "list-paged" else "LIST without limit (one response)"))
+        out.append({"list-paged": "LIST with limit 500, continuing from the last key at the first page's revision",
+                    "list-stream": "LIST by KV.RangeStream (etcd 3.7; etcd 3.4 has none; pages = messages)"}.get(
+                        wid, "LIST without limit (one response)"))
         def pf(r):
             if r is None:
                 return {}

@@ -49,6 +49,7 @@ struct bench_opts {
 	const char *range_end;
 	int serializable;
 	int64_t limit;
+	int stream; /* list: one KV.RangeStream call instead of Range pages */
 	/* fsync */
 	const char *dir;
 	int count;
@@ -172,7 +173,12 @@ grpc_channel *bench_channel(const char *endpoint);
 int bench_unary(grpc_channel *ch, const char *method, const ProtobufCMessage *req, const ProtobufCMessageDescriptor *rd,
 		ProtobufCMessage **resp, double timeout, char *err, size_t errlen);
 void bench_sort_u32(uint32_t *v, size_t n);
-/* `benchmark list PREFIX`: one full LIST, paginated with --limit (0 = one request). */
+/* One server-streaming call: on_msg sees each message (non-zero cancels); status as bench_unary. */
+int bench_server_stream(grpc_channel *ch, const char *method, const ProtobufCMessage *req,
+			const ProtobufCMessageDescriptor *rd, double timeout,
+			int (*on_msg)(void *arg, const ProtobufCMessage *m), void *arg, char *err, size_t errlen);
+/* `benchmark list PREFIX`: one full LIST, paginated with --limit (0 = one request), or one
+ * KV.RangeStream call with --stream. */
 int bench_list(const struct bench_opts *o, const char *prefix, struct bench_result *res);
 
 #endif

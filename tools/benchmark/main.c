@@ -14,7 +14,7 @@
  *   benchmark [global flags] apiserver-load [--objects N] [--namespaces N] [--val-size-min A --val-size B]
  *   benchmark [global flags] apiserver [--objects N] [--namespaces N] [--val-size-min A --val-size B]
  *             [--limit 500] [--no-watch]   (the kube-apiserver mix; per-op figures; see apiserver.c)
- *   benchmark [global flags] list PREFIX [--limit N] [--consistency l|s]   (one full LIST)
+ *   benchmark [global flags] list PREFIX [--limit N] [--consistency l|s] [--stream]   (one full LIST)
  *   put also takes --key-prefix P (prepended to the binary key).
  *
  * Global flags: --endpoints a:p[,b:p] --conns N --clients N (requests in flight in total)
@@ -51,6 +51,7 @@ static void usage(FILE *f)
 		"  apiserver-load / apiserver: --objects=10000 --namespaces=20 --val-size-min=1024 --val-size=10240\n"
 		"               --limit=500 (LIST page size) --no-watch\n"
 		"  list PREFIX: --limit=0 (page size; 0 = one request) --consistency=l|s\n"
+		"               --stream (one KV.RangeStream call, etcd 3.7; pages = its messages)\n"
 		"  put:         --key-prefix=P\n"
 		"  output:      --label=NAME --json (JSON line only)\n");
 }
@@ -301,7 +302,7 @@ int main(int argc, char **argv)
 			val = eq + 1;
 		/* boolean flags */
 		if (!strcmp(name, "--sequential-keys") || !strcmp(name, "--json") || !strcmp(name, "--help") ||
-		    !strcmp(name, "--no-watch")) {
+		    !strcmp(name, "--no-watch") || !strcmp(name, "--stream")) {
 			int b = !val || !strcmp(val, "true") || !strcmp(val, "1");
 			if (!strcmp(name, "--help")) {
 				usage(stdout);
@@ -311,6 +312,8 @@ int main(int argc, char **argv)
 				o.quiet = b;
 			else if (!strcmp(name, "--no-watch"))
 				o.watch_resources = !b;
+			else if (!strcmp(name, "--stream"))
+				o.stream = b;
 			else
 				o.sequential = b;
 			continue;

@@ -1015,6 +1015,88 @@ int bench_unary(grpc_channel *ch, const char *method, const ProtobufCMessage *re
 	return rc;
 }
 
+/*
+ * One server-streaming call, synchronously: on_msg gets each decoded message (freed after it
+ * returns; a non-zero return cancels the call). Returns the grpc status, BENCH_STATUS_DECODE
+ * for a message that does not decode, or -1.
+ */
+int bench_server_stream(grpc_channel *ch, const char *method, const ProtobufCMessage *req,
+			const ProtobufCMessageDescriptor *rd, double timeout,
+			int (*on_msg)(void *arg, const ProtobufCMessage *m), void *arg, char *err, size_t errlen)
+{
+	grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
+	gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+					     gpr_time_from_millis((int64_t)(timeout * 1000), GPR_TIMESPAN));
+	grpc_call *c = grpc_channel_create_call(ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, grpc_slice_from_static_string(method),
+						NULL, deadline, NULL);
+	grpc_metadata_array mi, mt;
+	grpc_metadata_array_init(&mi);
+	grpc_metadata_array_init(&mt);
+	grpc_byte_buffer *send = pack_msg(req), *recv = NULL;
+	grpc_status_code st = GRPC_STATUS_UNKNOWN;
+	grpc_slice det = grpc_empty_slice();
+	grpc_op ops[4];
+	memset(ops, 0, sizeof ops);
+	ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
+	ops[1].op = GRPC_OP_SEND_MESSAGE;
+	ops[1].data.send_message.send_message = send;
+	ops[2].op = GRPC_OP_SEND_CLOSE_FROM_CLIENT;
+	ops[3].op = GRPC_OP_RECV_INITIAL_METADATA;
+	ops[3].data.recv_initial_metadata.recv_initial_metadata = &mi;
+	int rc = -1, bad = 0;
+	if (grpc_call_start_batch(c, ops, 4, (void *)1, NULL) == GRPC_CALL_OK &&
+	    grpc_completion_queue_pluck(cq, (void *)1, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).success) {
+		for (;;) {
+			grpc_op op;
+			memset(&op, 0, sizeof op);
+			op.op = GRPC_OP_RECV_MESSAGE;
+			op.data.recv_message.recv_message = &recv;
+			if (grpc_call_start_batch(c, &op, 1, (void *)2, NULL) != GRPC_CALL_OK)
+				break;
+			grpc_event ev = grpc_completion_queue_pluck(cq, (void *)2, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
+			if (!ev.success || recv == NULL)
+				break; /* the end of the stream: the status follows */
+			ProtobufCMessage *m = unpack_bb(rd, recv);
+			grpc_byte_buffer_destroy(recv);
+			recv = NULL;
+			int stop = m == NULL || on_msg(arg, m) != 0;
+			if (m)
+				protobuf_c_message_free_unpacked(m, NULL);
+			else
+				bad = 1;
+			if (stop) {
+				grpc_call_cancel(c, NULL);
+				break;
+			}
+		}
+		memset(ops, 0, sizeof ops);
+		ops[0].op = GRPC_OP_RECV_STATUS_ON_CLIENT;
+		ops[0].data.recv_status_on_client.trailing_metadata = &mt;
+		ops[0].data.recv_status_on_client.status = &st;
+		ops[0].data.recv_status_on_client.status_details = &det;
+		if (grpc_call_start_batch(c, ops, 1, (void *)3, NULL) == GRPC_CALL_OK &&
+		    grpc_completion_queue_pluck(cq, (void *)3, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).success)
+			rc = bad ? BENCH_STATUS_DECODE : (int)st;
+		if (rc != 0 && err) {
+			char *d = grpc_slice_to_c_string(det);
+			snprintf(err, errlen, "%s: status %d: %s", method, rc, bad ? "message did not decode" : d);
+			gpr_free(d);
+		}
+	}
+	if (recv)
+		grpc_byte_buffer_destroy(recv);
+	grpc_byte_buffer_destroy(send);
+	grpc_slice_unref(det);
+	grpc_metadata_array_destroy(&mi);
+	grpc_metadata_array_destroy(&mt);
+	grpc_call_unref(c);
+	grpc_completion_queue_shutdown(cq);
+	while (grpc_completion_queue_pluck(cq, NULL, gpr_inf_future(GPR_CLOCK_REALTIME), NULL).type != GRPC_QUEUE_SHUTDOWN)
+		;
+	grpc_completion_queue_destroy(cq);
+	return rc;
+}
+
 /* The paced writer: puts at o->rate for o->duration with up to 256 in flight. */
 struct wslot {
 	grpc_call *call;
