@@ -23,6 +23,8 @@
 
 #include "server/server.h"
 
+/* A watcher's queued response grows by later events up to this size (see send_events). */
+#define WATCH_MERGE_MAX_BYTES (256u << 10)
 /* Past this many queued bytes a stream's watchers leave the fast path. */
 #define WATCH_STREAM_MAX_QUEUED (8u << 20)
 /* Catch-up sends to a stream only while less than this is queued. */
@@ -50,6 +52,7 @@ struct watcher {
 	int w_progress;     /* progress_notify asked */
 	int w_progress_due; /* no events since the last progress tick */
 	int w_fragment;
+	api_send_mark w_mark; /* its last queued response, which the next events may join */
 };
 
 /* What a watcher asks for; synced watchers with equal asks share encodings. */
@@ -92,6 +95,7 @@ struct watch_hub {
 	watch_stream *h_streams;
 	uint64_t h_progress_ms;
 	uint64_t h_nwatchers, h_nstreams, h_nslow;
+	uint64_t h_nevents; /* events queued to clients */
 };
 
 /* ---- matching and encoding ---- */
@@ -340,12 +344,26 @@ static long send_fragmented(watch_hub *h, watcher *w, Mvccpb__Event **evs, const
 	return queued;
 }
 
-/* Sends the selected events to w, at header revision rev. */
+/*
+ * Sends the selected events to w, at header revision rev. If w's previous response is still
+ * queued on its stream (the client or the network is behind), the events join it: the bytes
+ * appended are a header holding only what may have changed (revision, raft term) and the
+ * shared events, which a protobuf parser merges into one response (a later scalar wins,
+ * repeated fields concatenate). Under load one gRPC message then carries many batches, so
+ * the cost per event falls as the load rises, instead of the queue growing a message per
+ * batch and watcher. Each watcher's events stay in revision order: they only ever join its
+ * own latest response, and never one queued before a control response (see api.h).
+ */
 static long send_events(watch_hub *h, watcher *w, Mvccpb__Event **evs, const size_t *sel, size_t n,
 			api_bytes *shared, int64_t rev)
 {
-	if (w->w_fragment && n >= 2)
-		return send_fragmented(h, w, evs, sel, n, rev);
+	if (w->w_fragment && n >= 2) {
+		w->w_mark.sm_item = NULL;
+		long q = send_fragmented(h, w, evs, sel, n, rev);
+		if (q >= 0)
+			h->h_nevents += n;
+		return q;
+	}
 	Etcdserverpb__WatchResponse resp = ETCDSERVERPB__WATCH_RESPONSE__INIT;
 	Etcdserverpb__ResponseHeader hdr = ETCDSERVERPB__RESPONSE_HEADER__INIT;
 	fill_header(h, &hdr, rev);
@@ -358,9 +376,25 @@ static long send_events(watch_hub *h, watcher *w, Mvccpb__Event **evs, const siz
 			return -1;
 		shared = own;
 	}
-	long q = send_response(w->w_stream, &resp, shared);
+	uint8_t full[256], more[32], *p = more + 2;
+	size_t flen = etcdserverpb__watch_response__get_packed_size(&resp);
+	long q = -1;
+	if (flen <= sizeof(full)) {
+		etcdserverpb__watch_response__pack(&resp, full);
+		/* header (field 1) { revision (3), raft_term (4) } */
+		*p++ = 3 << 3;
+		p = varint_put(p, (uint64_t)hdr.revision);
+		*p++ = 4 << 3;
+		p = varint_put(p, hdr.raft_term);
+		more[0] = (1 << 3) | 2;
+		more[1] = (uint8_t)(p - more - 2);
+		q = api_stream_send_merge(w->w_stream->ws_api, &w->w_mark, full, flen, more, (size_t)(p - more),
+					  shared, n, WATCH_MERGE_MAX_BYTES);
+	}
 	if (own)
 		api_bytes_unref(own);
+	if (q >= 0)
+		h->h_nevents += n;
 	w->w_progress_due = 0;
 	return q;
 }
@@ -1042,18 +1076,19 @@ void watch_hub_free(watch_hub *h)
 	free(h);
 }
 
-void watch_hub_stats(watch_hub *h, uint64_t *streams, uint64_t *watchers, uint64_t *slow,
-		     uint64_t *unsynced, uint64_t *pending_bytes)
+void watch_hub_stats(watch_hub *h, watch_stats *out)
 {
+	memset(out, 0, sizeof(*out));
 	pthread_mutex_lock(&h->h_mu);
-	*streams = h->h_nstreams;
-	*watchers = h->h_nwatchers;
-	*slow = h->h_nslow;
-	*unsynced = 0;
+	out->ws_streams = h->h_nstreams;
+	out->ws_watchers = h->h_nwatchers;
+	out->ws_slow_total = h->h_nslow;
+	out->ws_events_total = h->h_nevents;
 	for (watcher *w = h->h_unsynced; w; w = w->w_unext)
-		(*unsynced)++;
-	*pending_bytes = 0;
-	for (watch_stream *ws = h->h_streams; ws; ws = ws->ws_next)
-		*pending_bytes += api_stream_queued_bytes(ws->ws_api);
+		out->ws_unsynced++;
+	for (watch_stream *ws = h->h_streams; ws; ws = ws->ws_next) {
+		out->ws_pending_bytes += api_stream_queued_bytes(ws->ws_api);
+		out->ws_pending_events += api_stream_queued_units(ws->ws_api);
+	}
 	pthread_mutex_unlock(&h->h_mu);
 }

@@ -988,6 +988,60 @@ class Load(unittest.TestCase):
         print("\n    [load] %d puts in %.2fs; all watchers complete %.2fs after the burst"
               % (n, dt, time.monotonic() - t0), end=" ")
 
+    def test_metrics(self):
+        """etcd's watch gauges (etcd_debugging_mvcc_*): streams and watchers; while a client
+        stops reading, its watchers count as slow and their queued events as pending; once it
+        reads again every event arrives and both gauges go back to 0; events_total counts
+        what was sent."""
+        def m(name):
+            return metric(self.s, "etcd_debugging_mvcc_" + name)
+
+        def until(cond, what, timeout=20):
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if cond():
+                    return
+                time.sleep(0.05)
+            self.fail("%s: streams %s watchers %s slow %s pending %s" % (
+                what, m("watch_stream_total"), m("watcher_total"), m("slow_watcher_total"),
+                m("pending_events_total")))
+        self.assertEqual([m("watch_stream_total"), m("watcher_total"), m("pending_events_total"),
+                          m("slow_watcher_total"), m("events_total")], [0, 0, 0, 0, 0])
+        slow = WatchStream(self.s.endpoint, reader=False, decode=_fast_decode)
+        self.addCleanup(slow.close)
+        fast = WatchStream(self.s.endpoint, decode=_fast_decode)
+        self.addCleanup(fast.close)
+        slow.create(b"big/", range_end=b"big0")
+        slow.create(b"big/", range_end=b"big0")
+        fast.create(b"big/", range_end=b"big0")
+        self.assertTrue(wait_watchers(self.s, 3))
+        self.assertEqual([m("watch_stream_total"), m("watcher_total")], [2, 3])
+        # 16 txns of 40 puts of 20 KB: 640 events, 12.8 MB per watcher, beyond what the
+        # stuck stream's HTTP/2 windows and its 8 MiB send queue hold
+        ch = grpc.insecure_channel(self.s.endpoint, options=[("grpc.enable_http_proxy", 0)])
+        self.addCleanup(ch.close)
+        txn = ch.unary_unary("/etcdserverpb.KV/Txn", request_serializer=None,
+                             response_deserializer=None)
+        val = b"m" * 20000
+        for t in range(16):
+            txn(pb.TxnRequest(success=[pb.RequestOp(request_put=pb.PutRequest(
+                key=b"big/%02d/%02d" % (t, i), value=val)) for i in range(40)])
+                .SerializeToString(), timeout=30)
+        got = self._collect(fast, {0: 640}, timeout=30)
+        self.assertEqual(len(got.get(0, [])), 640)
+        until(lambda: m("slow_watcher_total") == 2 and m("pending_events_total") > 0,
+              "the stuck stream's 2 watchers slow, with events pending")
+        slow.start_reading()
+        got = self._collect(slow, {0: 640, 1: 640}, timeout=30)
+        self.assertEqual([len(got.get(0, [])), len(got.get(1, []))], [640, 640])
+        until(lambda: m("slow_watcher_total") == 0 and m("pending_events_total") == 0,
+              "after the client read everything: nothing slow, nothing pending")
+        self.assertEqual(m("events_total"), 3 * 640)
+        slow.close()
+        fast.close()
+        until(lambda: m("watch_stream_total") == 0 and m("watcher_total") == 0,
+              "streams closed")
+
     def test_slow_watcher(self):
         """A stream whose client stops reading: writes and another stream's watcher go on at
         full speed; when the slow client reads again it gets every event, in order."""
