@@ -65,20 +65,23 @@ struct api_stream {
 	int st_close_pending; /* the call ended while on_message ran: on_close follows it */
 };
 
+/* The bytes are a gRPC slice made once: each send takes a slice reference (an atomic
+ * increment), not a new slice with its own allocated refcount. */
 struct api_bytes {
 	_Atomic int ab_refs;
 	size_t ab_len;
-	uint8_t ab_data[];
+	grpc_slice ab_slice;
 };
 
 api_bytes *api_bytes_new(size_t len, uint8_t **data)
 {
-	api_bytes *b = malloc(sizeof(*b) + len);
+	api_bytes *b = malloc(sizeof(*b));
 	if (b == NULL)
 		return NULL;
 	atomic_init(&b->ab_refs, 1);
 	b->ab_len = len;
-	*data = b->ab_data;
+	b->ab_slice = grpc_slice_malloc(len);
+	*data = GRPC_SLICE_START_PTR(b->ab_slice);
 	return b;
 }
 
@@ -89,13 +92,10 @@ void api_bytes_ref(api_bytes *b)
 
 void api_bytes_unref(api_bytes *b)
 {
-	if (b && atomic_fetch_sub(&b->ab_refs, 1) == 1)
+	if (b && atomic_fetch_sub(&b->ab_refs, 1) == 1) {
+		grpc_slice_unref(b->ab_slice);
 		free(b);
-}
-
-static void bytes_slice_done(void *p)
-{
-	api_bytes_unref(p);
+	}
 }
 
 static void stream_free(api_stream *st)
@@ -208,9 +208,7 @@ static size_t piece_slices(const uint8_t *prefix, size_t plen, api_bytes *shared
 	if (plen > 0 || shared == NULL)
 		slices[ns++] = grpc_slice_from_copied_buffer((const char *)prefix, plen);
 	if (shared) {
-		api_bytes_ref(shared);
-		slices[ns++] = grpc_slice_new_with_user_data(shared->ab_data, shared->ab_len,
-							     bytes_slice_done, shared);
+		slices[ns++] = grpc_slice_ref(shared->ab_slice);
 		*total += shared->ab_len;
 	}
 	return ns;

@@ -45,14 +45,16 @@ struct watcher {
 	watch_stream *w_stream;
 	watcher *w_snext; /* in the stream's list */
 	watch_group *w_group;
-	watcher *w_gnext, *w_gprev; /* in the group's list while synced */
-	watcher *w_unext;           /* in the hub's unsynced list */
-	int64_t w_next_rev;         /* the lowest revision not yet sent */
-	int w_synced;
-	int w_progress;     /* progress_notify asked */
-	int w_progress_due; /* no events since the last progress tick */
-	int w_fragment;
+	/* Synced: in the group's list (w_gnext, w_gprev). Unsynced: in the hub's unsynced list,
+	 * linked by w_gnext alone. A watcher is in exactly one of them: one pointer serves both,
+	 * which keeps an idle watcher small (issue 5: < 350 bytes each). */
+	watcher *w_gnext, *w_gprev;
+	int64_t w_next_rev; /* the lowest revision not yet sent */
 	api_send_mark w_mark; /* its last queued response, which the next events may join */
+	unsigned w_synced : 1;
+	unsigned w_progress : 1;     /* progress_notify asked */
+	unsigned w_progress_due : 1; /* no events since the last progress tick */
+	unsigned w_fragment : 1;
 };
 
 /* What a watcher asks for; synced watchers with equal asks share encodings. */
@@ -427,17 +429,17 @@ static void group_unlink(watcher *w)
 
 static void unsynced_add(watch_hub *h, watcher *w)
 {
-	w->w_unext = h->h_unsynced;
+	w->w_gnext = h->h_unsynced;
 	h->h_unsynced = w;
 	pthread_cond_signal(&h->h_cond);
 }
 
 static void unsynced_remove(watch_hub *h, watcher *w)
 {
-	for (watcher **pp = &h->h_unsynced; *pp; pp = &(*pp)->w_unext) {
+	for (watcher **pp = &h->h_unsynced; *pp; pp = &(*pp)->w_gnext) {
 		if (*pp == w) {
-			*pp = w->w_unext;
-			w->w_unext = NULL;
+			*pp = w->w_gnext;
+			w->w_gnext = NULL;
 			return;
 		}
 	}
@@ -819,7 +821,7 @@ static void *hub_thread(void *arg)
 		int waiting = 0;
 		watcher *next;
 		for (watcher *w = h->h_unsynced; w; w = next) {
-			next = w->w_unext;
+			next = w->w_gnext;
 			if (api_stream_queued_bytes(w->w_stream->ws_api) > WATCH_STREAM_RESUME_QUEUED) {
 				waiting = 1;
 				continue;
@@ -920,9 +922,9 @@ static void watch_create(watch_hub *h, watch_stream *ws, const Etcdserverpb__Wat
 	w->w_id = id;
 	w->w_stream = ws;
 	w->w_group = g;
-	w->w_progress = c->progress_notify;
+	w->w_progress = c->progress_notify != 0;
 	w->w_progress_due = 1;
-	w->w_fragment = c->fragment;
+	w->w_fragment = c->fragment != 0;
 	w->w_snext = ws->ws_watchers;
 	ws->ws_watchers = w;
 	h->h_nwatchers++;
@@ -1084,7 +1086,7 @@ void watch_hub_stats(watch_hub *h, watch_stats *out)
 	out->ws_watchers = h->h_nwatchers;
 	out->ws_slow_total = h->h_nslow;
 	out->ws_events_total = h->h_nevents;
-	for (watcher *w = h->h_unsynced; w; w = w->w_unext)
+	for (watcher *w = h->h_unsynced; w; w = w->w_gnext)
 		out->ws_unsynced++;
 	for (watch_stream *ws = h->h_streams; ws; ws = ws->ws_next) {
 		out->ws_pending_bytes += api_stream_queued_bytes(ws->ws_api);
