@@ -190,6 +190,12 @@ static void start_send_locked(api_stream *st)
 		st->st_sent_initial_md = 1;
 	}
 	ops[n].op = GRPC_OP_SEND_MESSAGE;
+	/* More messages wait behind this one: let the transport buffer it (its send completes
+	 * once buffered) so that one write carries many messages; the queue's last message goes
+	 * without the hint and flushes them. gRPC allows one send in flight per call, so without
+	 * the hint every message costs a write of its own (a sendmsg per message under fan-out). */
+	if (it->si_next)
+		ops[n].flags = GRPC_WRITE_BUFFER_HINT;
 	ops[n++].data.send_message.send_message = it->si_bb;
 	st->st_sent_seq = it->si_seq; /* gRPC owns its bytes now: no more merging into it */
 	st->st_sending = 1;

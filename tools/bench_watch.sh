@@ -11,7 +11,7 @@
 #
 # Saturation, not the writer's rate: each run creates the watchers, samples the server's RSS while
 # they are idle, then writes at a rate that doubles every step (10,000 watchers on one prefix:
-# 25, 50, 100, ... puts/s, each put one event per watcher) until the first step at whose end more
+# 5, 10, 20, ... puts/s, each put one event per watcher) until the first step at whose end more
 # than one second of its events is still undelivered (tools/benchmark watch --ramp 2). Per step it
 # reports the events/s offered and delivered and the delivery latency of the step's own events;
 # a step "kept up" if every event arrived, it delivered >= 90% of what it offered and its p99 stayed
@@ -61,7 +61,7 @@ common="--val-size 64 --ramp 2 --step $step --duration $wdur --drain 10 --thread
 if [ "$mode" = smoke ]; then
 	both watch-ramp-smoke leader watch --watchers 200 --watch-streams 10 --conns 2 --prefixes 1 --rate 20 $common
 else
-	both watch-10k-1p-ramp leader watch --watchers 10000 --watch-streams 100 --conns 4 --prefixes 1 --rate 25 $common
+	both watch-10k-1p-ramp leader watch --watchers 10000 --watch-streams 100 --conns 4 --prefixes 1 --rate 5 $common
 	both watch-1k-100p-ramp leader watch --watchers 1000 --watch-streams 10 --conns 2 --prefixes 100 --rate 250 $common
 fi
 
@@ -104,8 +104,8 @@ def figs(r):
         "out of order": b.get("out_of_order"),
         "errors": b.get("errors"),
         "RSS/idle watcher B": (drss / nw) if (drss is not None and nw) else None,
-        "server CPU s/1k ev": (r["cpu_s"] / ev * 1000) if ev else None,
-        "client CPU s/1k ev": (b["client_cpu_s"] / ev * 1000) if ev and b.get("client_cpu_s") is not None else None,
+        "server CPU us/event": (r["cpu_s"] / ev * 1e6) if ev else None,
+        "client CPU us/event": (b["client_cpu_s"] / ev * 1e6) if ev and b.get("client_cpu_s") is not None else None,
         "RSS peak MiB": r["hwm_kb"] / 1024 if r["hwm_kb"] else None,
     }
 def fmt(v):
@@ -155,8 +155,8 @@ out.append("")
 out.append("max sustained ev/s = events delivered during the best step that kept up / its length; p50/p99 =")
 out.append("  delivery latency of that step's events (receive time - put send time stamped in the value, same host,")
 out.append("  CLOCK_MONOTONIC; includes the put's own commit). RSS/idle watcher = (server VmRSS 1 s after all")
-out.append("  watchers were created - VmRSS before the run) / watchers. CPU s/1k ev = utime+stime over the whole run")
-out.append("  (watcher creation included) / events received * 1000; client = the load generator (getrusage, from the")
+out.append("  watchers were created - VmRSS before the run) / watchers. CPU us/event = utime+stime over the whole run")
+out.append("  (watcher creation included) / events received (= ms per 1k events); client = the load generator (getrusage, from the")
 out.append("  first put to the end of the drain).")
 if problems:
     out.append("")
