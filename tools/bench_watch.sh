@@ -103,7 +103,8 @@ def figs(r):
         "duplicates": b.get("duplicates"),
         "out of order": b.get("out_of_order"),
         "errors": b.get("errors"),
-        "RSS/idle watcher B": (drss / nw) if (drss is not None and nw) else None,
+        # below a few thousand watchers the RSS delta is within the allocator's noise
+        "RSS/idle watcher B": (drss / nw) if (drss is not None and nw >= 5000) else None,
         "server CPU us/event": (r["cpu_s"] / ev * 1e6) if ev else None,
         "client CPU us/event": (b["client_cpu_s"] / ev * 1e6) if ev and b.get("client_cpu_s") is not None else None,
         "RSS peak MiB": r["hwm_kb"] / 1024 if r["hwm_kb"] else None,
