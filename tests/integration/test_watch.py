@@ -179,9 +179,10 @@ class WatchStream:
     start_reading() (a slow client: gRPC flow control pushes back on the server)."""
     _END = object()
 
-    def __init__(self, endpoint, reader=True, decode=dec_response):
+    def __init__(self, endpoint, reader=True, decode=dec_response, options=()):
         self.ch = grpc.insecure_channel(endpoint, options=[
-            ("grpc.enable_http_proxy", 0), ("grpc.max_receive_message_length", 64 << 20)])
+            ("grpc.enable_http_proxy", 0), ("grpc.max_receive_message_length", 64 << 20)]
+            + list(options))
         self.reqs = queue.Queue()
         self.resps = queue.Queue()
         self.error = None
@@ -1032,8 +1033,19 @@ class Load(unittest.TestCase):
         until(lambda: m("slow_watcher_total") == 2 and m("pending_events_total") > 0,
               "the stuck stream's 2 watchers slow, with events pending")
         slow.start_reading()
-        got = self._collect(slow, {0: 640, 1: 640}, timeout=30)
-        self.assertEqual([len(got.get(0, [])), len(got.get(1, []))], [640, 640])
+        got = {}
+        while len(got.get(0, [])) < 640 or len(got.get(1, [])) < 640:
+            r = slow.get(timeout=30)
+            self.assertNotIn(r, (None, "TIMEOUT"), "slow stream: %s" % {
+                k: len(v) for k, v in got.items()})
+            wid, created, canceled, evs = r
+            self.assertFalse(canceled)
+            if evs:
+                got.setdefault(wid, []).extend(evs)
+        for wid in (0, 1):
+            revs = [e[2] for e in got[wid]]
+            self.assertEqual(revs, sorted(revs), "watch %d out of order" % wid)
+            self.assertEqual(len(revs), 640, "watch %d" % wid)
         until(lambda: m("slow_watcher_total") == 0 and m("pending_events_total") == 0,
               "after the client read everything: nothing slow, nothing pending")
         self.assertEqual(m("events_total"), 3 * 640)
@@ -1041,6 +1053,38 @@ class Load(unittest.TestCase):
         fast.close()
         until(lambda: m("watch_stream_total") == 0 and m("watcher_total") == 0,
               "streams closed")
+
+    def test_merged_responses(self):
+        """A client that stops reading: what queues up for each of its watchers goes out as
+        few large responses (a watcher's next events join its response still queued), each a
+        valid WatchResponse whose events stay in revision order, none lost or repeated."""
+        # no BDP probing: the client's HTTP/2 windows stay at 64 KiB, so what it does not read
+        # waits on the server
+        slow = WatchStream(self.s.endpoint, reader=False, decode=_fast_decode,
+                           options=[("grpc.http2.bdp_probe", 0)])
+        self.addCleanup(slow.close)
+        slow.create(b"load/", range_end=b"load0")
+        slow.create(b"load/", range_end=b"load0")
+        self.assertTrue(wait_watchers(self.s, 2))
+        n = 2000
+        revs, _ = self._burst(n, value=b"q" * 1000)   # ~2 MB per watcher, < 8 MiB in all
+        expected = sorted(revs)
+        slow.start_reading()
+        got, nresp = {}, 0
+        deadline = time.monotonic() + 60
+        while (len(got.get(0, [])) < n or len(got.get(1, [])) < n) and time.monotonic() < deadline:
+            r = slow.get(timeout=20)
+            self.assertNotIn(r, (None, "TIMEOUT"))
+            wid, created, canceled, evs = r
+            self.assertFalse(canceled)
+            if evs:
+                nresp += 1
+                got.setdefault(wid, []).extend(evs)
+        self._check_events(got, 2, expected, "merged responses")
+        # one response per watcher and write batch without merging: at least 2 * n / 4 (the
+        # burst's 4 writers commit at most 4 puts per batch); merged, each carries up to 256 KiB
+        self.assertLess(nresp, n // 10, "%d responses for %d events: not merged" % (nresp, 2 * n))
+        print("\n    [merged] %d events in %d responses" % (2 * n, nresp), end=" ")
 
     def test_slow_watcher(self):
         """A stream whose client stops reading: writes and another stream's watcher go on at
