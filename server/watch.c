@@ -5,7 +5,9 @@
  * batch commits, the node loop hands its events to watch_hub_notify(): each group's matching
  * events are encoded ONCE into a shared buffer, and each watcher's response is its own small
  * prefix (header, watch_id) followed by that buffer. Protobuf encodings concatenate, so the
- * bytes on the wire are a plain WatchResponse.
+ * bytes on the wire are a plain WatchResponse. For the same reason a watcher's next events
+ * can join its previous response while that one still waits in the stream's send queue (see
+ * send_events): the busier the streams, the more batches each gRPC message carries.
  *
  * A watcher that starts in the past, or whose stream's send queue grows past a bound (a slow
  * client), is unsynced: the catch-up thread replays its events from LMDB in bounded batches
