@@ -100,6 +100,11 @@ struct watch_hub {
 	uint64_t h_progress_ms;
 	uint64_t h_nwatchers, h_nstreams, h_nslow;
 	uint64_t h_nevents; /* events queued to clients */
+	/* The last ResponseHeader encoded (field 1 of WatchResponse, tag and length included):
+	 * every watcher of a batch has the same one, so it is packed once per batch. */
+	Etcdserverpb__ResponseHeader h_hdr;
+	uint8_t h_hdr_buf[64];
+	size_t h_hdr_len;
 };
 
 /* ---- matching and encoding ---- */
@@ -368,11 +373,8 @@ static long send_events(watch_hub *h, watcher *w, Mvccpb__Event **evs, const siz
 			h->h_nevents += n;
 		return q;
 	}
-	Etcdserverpb__WatchResponse resp = ETCDSERVERPB__WATCH_RESPONSE__INIT;
 	Etcdserverpb__ResponseHeader hdr = ETCDSERVERPB__RESPONSE_HEADER__INIT;
 	fill_header(h, &hdr, rev);
-	resp.header = &hdr;
-	resp.watch_id = w->w_id;
 	api_bytes *own = NULL;
 	if (shared == NULL) {
 		own = encode_events(evs, sel, n, w->w_group->g_prev_kv);
@@ -380,21 +382,34 @@ static long send_events(watch_hub *h, watcher *w, Mvccpb__Event **evs, const siz
 			return -1;
 		shared = own;
 	}
-	uint8_t full[256], more[32], *p = more + 2;
-	size_t flen = etcdserverpb__watch_response__get_packed_size(&resp);
-	long q = -1;
-	if (flen <= sizeof(full)) {
-		etcdserverpb__watch_response__pack(&resp, full);
-		/* header (field 1) { revision (3), raft_term (4) } */
-		*p++ = 3 << 3;
-		p = varint_put(p, (uint64_t)hdr.revision);
-		*p++ = 4 << 3;
-		p = varint_put(p, hdr.raft_term);
-		more[0] = (1 << 3) | 2;
-		more[1] = (uint8_t)(p - more - 2);
-		q = api_stream_send_merge(w->w_stream->ws_api, &w->w_mark, full, flen, more, (size_t)(p - more),
-					  shared, n, WATCH_MERGE_MAX_BYTES);
+	uint8_t full[96], more[32], *p = more + 2;
+	if (h->h_hdr_len == 0 || hdr.revision != h->h_hdr.revision || hdr.raft_term != h->h_hdr.raft_term ||
+	    hdr.cluster_id != h->h_hdr.cluster_id || hdr.member_id != h->h_hdr.member_id) {
+		/* at most 4 varints of 10 bytes and their tags: fits in h_hdr_buf */
+		size_t hl = etcdserverpb__response_header__get_packed_size(&hdr);
+		h->h_hdr_buf[0] = (1 << 3) | 2;
+		h->h_hdr_buf[1] = (uint8_t)hl;
+		etcdserverpb__response_header__pack(&hdr, h->h_hdr_buf + 2);
+		h->h_hdr_len = 2 + hl;
+		h->h_hdr = hdr;
 	}
+	/* WatchResponse { header (1), watch_id (2) }, as protobuf-c packs it */
+	memcpy(full, h->h_hdr_buf, h->h_hdr_len);
+	uint8_t *f = full + h->h_hdr_len;
+	if (w->w_id != 0) {
+		*f++ = 2 << 3;
+		f = varint_put(f, (uint64_t)w->w_id);
+	}
+	size_t flen = (size_t)(f - full);
+	/* what a merged piece repeats: header (field 1) { revision (3), raft_term (4) } */
+	*p++ = 3 << 3;
+	p = varint_put(p, (uint64_t)hdr.revision);
+	*p++ = 4 << 3;
+	p = varint_put(p, hdr.raft_term);
+	more[0] = (1 << 3) | 2;
+	more[1] = (uint8_t)(p - more - 2);
+	long q = api_stream_send_merge(w->w_stream->ws_api, &w->w_mark, full, flen, more, (size_t)(p - more),
+				       shared, n, WATCH_MERGE_MAX_BYTES);
 	if (own)
 		api_bytes_unref(own);
 	if (q >= 0)
