@@ -6,7 +6,8 @@
 #   tools/bench_watch.sh --smoke   tiny ramp (~20 s): exits non-zero if the benchmark reports any
 #                                  error, missing/duplicate/out-of-order event against Keelson
 #   options: --no-etcd, --out FILE, --keep (keep the temp dir), --step S (seconds per rate step,
-#            default 3), --steps N (at most N steps, default 8)
+#            default 3), --steps N (at most N steps, default 8), --ramp F (rate factor per step,
+#            default 2; smaller steps resolve the capacity more finely)
 #   env:     as tools/bench.sh (ETCD_BIN, KEELSON_BIN, KEELSON_DESC, BENCH_TMPDIR)
 #
 # Saturation, not the writer's rate: each run creates the watchers, samples the server's RSS while
@@ -28,6 +29,7 @@ out=""
 keep=0
 step=3
 steps=8
+ramp=2
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--smoke) mode=smoke ;;
@@ -37,6 +39,7 @@ while [ $# -gt 0 ]; do
 	--keep) keep=1 ;;
 	--step) step="$2"; shift ;;
 	--steps) steps="$2"; shift ;;
+	--ramp) ramp="$2"; shift ;;
 	-h|--help) sed -n '2,22p' "$0"; exit 0 ;;
 	*) echo "bench_watch.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
@@ -57,7 +60,7 @@ wait_ready keelson
 load0="$(cut -d' ' -f1 /proc/loadavg)"
 log "bench_watch.sh: keelson pid ${SRV_PID[keelson,0]}, etcd pid ${SRV_PID[etcd,0]:-none}; data under $work"
 
-common="--val-size 64 --ramp 2 --step $step --duration $wdur --drain 10 --threads 2"
+common="--val-size 64 --ramp $ramp --step $step --duration $wdur --drain 10 --threads 2"
 if [ "$mode" = smoke ]; then
 	both watch-ramp-smoke leader watch --watchers 200 --watch-streams 10 --conns 2 --prefixes 1 --rate 20 $common
 else
@@ -67,7 +70,7 @@ fi
 
 header="$(
 	echo "Keelson vs etcd: watch fan-out capacity ($mode mode)"
-	report_header "tools/bench_watch.sh$([ "$mode" = smoke ] && echo " --smoke") (rate doubles every ${step} s, at most $steps steps; 64 B values; load generator bazel-bin/tools/benchmark on the same host)"
+	report_header "tools/bench_watch.sh$([ "$mode" = smoke ] && echo " --smoke") --step $step --steps $steps --ramp $ramp (rate x $ramp every ${step} s, at most $steps steps; 64 B values; load generator bazel-bin/tools/benchmark on the same host)"
 )"
 table="$(python3 - "$runs" <<'PY'
 import json, sys
