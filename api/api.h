@@ -96,6 +96,28 @@ const char *api_stream_metadata(api_stream *st, const char *key, size_t *len);
  * and not yet sent, after this one, or -1 if the stream is over.
  */
 long api_stream_send(api_stream *st, const uint8_t *prefix, size_t plen, api_bytes *shared);
+/*
+ * A message queued by api_stream_send_merge() that later pieces may join. The sender keeps
+ * one per destination (a watcher); zero-initialised = none. Only the stream reads it.
+ */
+typedef struct api_send_mark {
+	void *sm_item;
+	uint64_t sm_seq;
+} api_send_mark;
+/*
+ * Like api_stream_send(), but if the message *mark names is still queued (not yet handed to
+ * gRPC), no api_stream_send() came after it, and it stays within max_bytes, appends `more`
+ * (copied) and shared to it instead of queuing another message. Protobuf parsers merge a
+ * repeated embedded message field by concatenation and let a later scalar win, so a
+ * response followed by `more` (the fields that changed, e.g. a header with a newer revision)
+ * and more shared events is one valid response carrying both batches: under load one gRPC
+ * message then carries many. units: what the caller counts (api_stream_queued_units).
+ * Returns as api_stream_send(); *mark is updated.
+ */
+long api_stream_send_merge(api_stream *st, api_send_mark *mark, const uint8_t *prefix, size_t plen,
+			   const uint8_t *more, size_t mlen, api_bytes *shared, size_t units, size_t max_bytes);
+/* Units (see api_stream_send_merge) queued on the stream and not yet sent. */
+size_t api_stream_queued_units(api_stream *st);
 /* Whether the call is over (no more sends will go out). */
 int api_stream_closed(api_stream *st);
 /* Bytes queued on the stream and not yet sent. */

@@ -17,6 +17,7 @@
 #include <grpc/byte_buffer.h>
 #include <grpc/byte_buffer_reader.h>
 #include <grpc/grpc.h>
+#include <grpc/slice_buffer.h>
 
 #include "api/api.h"
 #include "api/internal.h"
@@ -29,6 +30,8 @@ typedef struct stream_tag {
 typedef struct send_item {
 	grpc_byte_buffer *si_bb;
 	size_t si_bytes;
+	size_t si_units; /* what the sender counts in it (watch: events) */
+	uint64_t si_seq; /* the stream's number for it, from 1 */
 	struct send_item *si_next;
 } send_item;
 
@@ -46,7 +49,11 @@ struct api_stream {
 	int st_cancelled; /* written by RECV_CLOSE_ON_SERVER */
 
 	send_item *st_q_head, *st_q_tail;
-	size_t st_q_bytes;
+	size_t st_q_bytes, st_q_units;
+	/* Merging (api_stream_send_merge): items are numbered; an item numbered above both
+	 * st_sent_seq (the last one handed to gRPC or dropped) and st_barrier_seq (the last one
+	 * that later messages must not overtake) is still queued and may grow. */
+	uint64_t st_seq, st_sent_seq, st_barrier_seq;
 	int st_sending;
 	int st_sent_initial_md;
 	int st_finishing;
@@ -58,20 +65,23 @@ struct api_stream {
 	int st_close_pending; /* the call ended while on_message ran: on_close follows it */
 };
 
+/* The bytes are a gRPC slice made once: each send takes a slice reference (an atomic
+ * increment), not a new slice with its own allocated refcount. */
 struct api_bytes {
 	_Atomic int ab_refs;
 	size_t ab_len;
-	uint8_t ab_data[];
+	grpc_slice ab_slice;
 };
 
 api_bytes *api_bytes_new(size_t len, uint8_t **data)
 {
-	api_bytes *b = malloc(sizeof(*b) + len);
+	api_bytes *b = malloc(sizeof(*b));
 	if (b == NULL)
 		return NULL;
 	atomic_init(&b->ab_refs, 1);
 	b->ab_len = len;
-	*data = b->ab_data;
+	b->ab_slice = grpc_slice_malloc(len);
+	*data = GRPC_SLICE_START_PTR(b->ab_slice);
 	return b;
 }
 
@@ -82,13 +92,10 @@ void api_bytes_ref(api_bytes *b)
 
 void api_bytes_unref(api_bytes *b)
 {
-	if (b && atomic_fetch_sub(&b->ab_refs, 1) == 1)
+	if (b && atomic_fetch_sub(&b->ab_refs, 1) == 1) {
+		grpc_slice_unref(b->ab_slice);
 		free(b);
-}
-
-static void bytes_slice_done(void *p)
-{
-	api_bytes_unref(p);
+	}
 }
 
 static void stream_free(api_stream *st)
@@ -183,7 +190,14 @@ static void start_send_locked(api_stream *st)
 		st->st_sent_initial_md = 1;
 	}
 	ops[n].op = GRPC_OP_SEND_MESSAGE;
+	/* More messages wait behind this one: let the transport buffer it (its send completes
+	 * once buffered) so that one write carries many messages; the queue's last message goes
+	 * without the hint and flushes them. gRPC allows one send in flight per call, so without
+	 * the hint every message costs a write of its own (a sendmsg per message under fan-out). */
+	if (it->si_next)
+		ops[n].flags = GRPC_WRITE_BUFFER_HINT;
 	ops[n++].data.send_message.send_message = it->si_bb;
+	st->st_sent_seq = it->si_seq; /* gRPC owns its bytes now: no more merging into it */
 	st->st_sending = 1;
 	st->st_refs++;
 	if (grpc_call_start_batch(st->st_call, ops, n, &st->st_t_send, NULL) != GRPC_CALL_OK) {
@@ -192,19 +206,27 @@ static void start_send_locked(api_stream *st)
 	}
 }
 
-long api_stream_send(api_stream *st, const uint8_t *prefix, size_t plen, api_bytes *shared)
+/* The slices of one message piece: prefix (copied) and shared (referenced). Returns how many. */
+static size_t piece_slices(const uint8_t *prefix, size_t plen, api_bytes *shared, grpc_slice slices[2], size_t *total)
 {
-	grpc_slice slices[2];
 	size_t ns = 0;
-	size_t total = plen;
+	*total = plen;
 	if (plen > 0 || shared == NULL)
 		slices[ns++] = grpc_slice_from_copied_buffer((const char *)prefix, plen);
 	if (shared) {
-		api_bytes_ref(shared);
-		slices[ns++] = grpc_slice_new_with_user_data(shared->ab_data, shared->ab_len,
-							     bytes_slice_done, shared);
-		total += shared->ab_len;
+		slices[ns++] = grpc_slice_ref(shared->ab_slice);
+		*total += shared->ab_len;
 	}
+	return ns;
+}
+
+/* Queues a new message; *seq gets its number. mergeable 0 makes it a barrier. */
+static long queue_new(api_stream *st, const uint8_t *prefix, size_t plen, api_bytes *shared, size_t units,
+		      int mergeable, send_item **item, uint64_t *seq)
+{
+	grpc_slice slices[2];
+	size_t total;
+	size_t ns = piece_slices(prefix, plen, shared, slices, &total);
 	grpc_byte_buffer *bb = grpc_raw_byte_buffer_create(slices, ns);
 	for (size_t i = 0; i < ns; i++)
 		grpc_slice_unref(slices[i]);
@@ -215,6 +237,7 @@ long api_stream_send(api_stream *st, const uint8_t *prefix, size_t plen, api_byt
 	}
 	it->si_bb = bb;
 	it->si_bytes = total;
+	it->si_units = units;
 	it->si_next = NULL;
 
 	pthread_mutex_lock(&st->st_mu);
@@ -224,17 +247,61 @@ long api_stream_send(api_stream *st, const uint8_t *prefix, size_t plen, api_byt
 		free(it);
 		return -1;
 	}
+	it->si_seq = ++st->st_seq;
+	if (!mergeable)
+		st->st_barrier_seq = it->si_seq;
+	if (item) {
+		*item = it;
+		*seq = it->si_seq;
+	}
 	if (st->st_q_tail)
 		st->st_q_tail->si_next = it;
 	else
 		st->st_q_head = it;
 	st->st_q_tail = it;
 	st->st_q_bytes += total;
+	st->st_q_units += units;
 	if (!st->st_sending)
 		start_send_locked(st);
 	long queued = (long)st->st_q_bytes;
 	pthread_mutex_unlock(&st->st_mu);
 	return queued;
+}
+
+long api_stream_send(api_stream *st, const uint8_t *prefix, size_t plen, api_bytes *shared)
+{
+	return queue_new(st, prefix, plen, shared, 0, 0, NULL, NULL);
+}
+
+long api_stream_send_merge(api_stream *st, api_send_mark *mark, const uint8_t *prefix, size_t plen,
+			   const uint8_t *more, size_t mlen, api_bytes *shared, size_t units, size_t max_bytes)
+{
+	pthread_mutex_lock(&st->st_mu);
+	send_item *it = mark->sm_item;
+	size_t add = mlen + (shared ? shared->ab_len : 0);
+	if (it && !st->st_closed && !st->st_finishing && mark->sm_seq > st->st_sent_seq &&
+	    mark->sm_seq > st->st_barrier_seq && it->si_bytes + add <= max_bytes) {
+		/* still queued (so alive) and nothing it must precede came after it: grow it */
+		grpc_slice slices[2];
+		size_t total;
+		size_t ns = piece_slices(more, mlen, shared, slices, &total);
+		for (size_t i = 0; i < ns; i++)
+			grpc_slice_buffer_add(&it->si_bb->data.raw.slice_buffer, slices[i]);
+		it->si_bytes += total;
+		it->si_units += units;
+		st->st_q_bytes += total;
+		st->st_q_units += units;
+		long queued = (long)st->st_q_bytes;
+		pthread_mutex_unlock(&st->st_mu);
+		return queued;
+	}
+	pthread_mutex_unlock(&st->st_mu);
+	send_item *nit = NULL;
+	uint64_t seq = 0;
+	long q = queue_new(st, prefix, plen, shared, units, 1, &nit, &seq);
+	mark->sm_item = q >= 0 ? nit : NULL;
+	mark->sm_seq = q >= 0 ? seq : 0;
+	return q;
 }
 
 int api_stream_closed(api_stream *st)
@@ -249,6 +316,14 @@ size_t api_stream_queued_bytes(api_stream *st)
 {
 	pthread_mutex_lock(&st->st_mu);
 	size_t n = st->st_q_bytes;
+	pthread_mutex_unlock(&st->st_mu);
+	return n;
+}
+
+size_t api_stream_queued_units(api_stream *st)
+{
+	pthread_mutex_lock(&st->st_mu);
+	size_t n = st->st_q_units;
 	pthread_mutex_unlock(&st->st_mu);
 	return n;
 }
@@ -390,6 +465,7 @@ static void on_send(api_stream *st, int ok)
 	if (st->st_q_head == NULL)
 		st->st_q_tail = NULL;
 	st->st_q_bytes -= it->si_bytes;
+	st->st_q_units -= it->si_units;
 	st->st_sending = 0;
 	grpc_byte_buffer_destroy(it->si_bb);
 	free(it);
@@ -402,7 +478,8 @@ static void on_send(api_stream *st, int ok)
 			free(it);
 		}
 		st->st_q_head = st->st_q_tail = NULL;
-		st->st_q_bytes = 0;
+		st->st_q_bytes = st->st_q_units = 0;
+		st->st_sent_seq = st->st_seq;
 	} else if (st->st_q_head) {
 		start_send_locked(st);
 	} else if (st->st_finishing && !st->st_status_started) {

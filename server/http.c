@@ -199,24 +199,30 @@ static void metrics_body(server_ctx *sc, sbuf *b)
 	sb_printf(b, "# HELP etcd_debugging_mvcc_compact_revision The revision of the last compaction in store.\n"
 		     "# TYPE etcd_debugging_mvcc_compact_revision gauge\netcd_debugging_mvcc_compact_revision %lld\n",
 		  (long long)(st.st_compact_revision ? st.st_compact_revision : -1));
-	uint64_t streams = 0, watchers = 0, slow = 0, unsynced = 0, pending = 0;
+	watch_stats ws = {0};
 	if (sc->hub)
-		watch_hub_stats(sc->hub, &streams, &watchers, &slow, &unsynced, &pending);
+		watch_hub_stats(sc->hub, &ws);
+	sb_printf(b, "# HELP etcd_debugging_mvcc_events_total Total number of events sent by this member.\n"
+		     "# TYPE etcd_debugging_mvcc_events_total counter\netcd_debugging_mvcc_events_total %llu\n",
+		  (unsigned long long)ws.ws_events_total);
+	sb_printf(b, "# HELP etcd_debugging_mvcc_pending_events_total Total number of pending events to be sent.\n"
+		     "# TYPE etcd_debugging_mvcc_pending_events_total gauge\netcd_debugging_mvcc_pending_events_total %llu\n",
+		  (unsigned long long)ws.ws_pending_events);
 	sb_printf(b, "# HELP etcd_debugging_mvcc_slow_watcher_total Total number of unsynced slow watchers.\n"
 		     "# TYPE etcd_debugging_mvcc_slow_watcher_total gauge\netcd_debugging_mvcc_slow_watcher_total %llu\n",
-		  (unsigned long long)unsynced);
+		  (unsigned long long)ws.ws_unsynced);
 	sb_printf(b, "# HELP keelson_watch_pending_bytes Watch responses queued on streams and not yet sent, in bytes.\n"
 		     "# TYPE keelson_watch_pending_bytes gauge\nkeelson_watch_pending_bytes %llu\n",
-		  (unsigned long long)pending);
+		  (unsigned long long)ws.ws_pending_bytes);
 	sb_printf(b, "# HELP etcd_debugging_mvcc_watch_stream_total Total number of watch streams.\n"
 		     "# TYPE etcd_debugging_mvcc_watch_stream_total gauge\netcd_debugging_mvcc_watch_stream_total %llu\n",
-		  (unsigned long long)streams);
+		  (unsigned long long)ws.ws_streams);
 	sb_printf(b, "# HELP etcd_debugging_mvcc_watcher_total Total number of watchers.\n"
 		     "# TYPE etcd_debugging_mvcc_watcher_total gauge\netcd_debugging_mvcc_watcher_total %llu\n",
-		  (unsigned long long)watchers);
+		  (unsigned long long)ws.ws_watchers);
 	sb_printf(b, "# HELP keelson_watch_slow_total Times a watcher fell behind and moved to catch-up.\n"
 		     "# TYPE keelson_watch_slow_total counter\nkeelson_watch_slow_total %llu\n",
-		  (unsigned long long)slow);
+		  (unsigned long long)ws.ws_slow_total);
 	sb_printf(b, "# HELP keelson_batch_requests_total Writes applied by the node loop.\n"
 		     "# TYPE keelson_batch_requests_total counter\nkeelson_batch_requests_total %llu\n",
 		  (unsigned long long)reqs);

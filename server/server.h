@@ -333,10 +333,16 @@ void watch_hub_notify(watch_hub *h, Mvccpb__Event **events, size_t n, int64_t re
 void watch_hub_resync(watch_hub *h, int64_t rev);
 void watch_hub_stop(watch_hub *h);
 void watch_hub_free(watch_hub *h);
-/* Streams, watchers, times a watcher fell behind, watchers catching up, and bytes of
- * responses queued on streams and not yet sent. */
-void watch_hub_stats(watch_hub *h, uint64_t *streams, uint64_t *watchers, uint64_t *slow,
-		     uint64_t *unsynced, uint64_t *pending_bytes);
+/* The hub's figures for /metrics (etcd's etcd_debugging_mvcc_* watch gauges and more). */
+typedef struct watch_stats {
+	uint64_t ws_streams, ws_watchers;
+	uint64_t ws_unsynced;	    /* watchers catching up from storage (etcd: slow watchers) */
+	uint64_t ws_slow_total;	    /* times a watcher fell behind and left the fast path */
+	uint64_t ws_pending_bytes;  /* of responses queued on streams, not yet sent */
+	uint64_t ws_pending_events; /* events in those responses */
+	uint64_t ws_events_total;   /* events queued to clients since start */
+} watch_stats;
+void watch_hub_stats(watch_hub *h, watch_stats *out);
 
 /* ---- lease.c ---- */
 

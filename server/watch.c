@@ -5,7 +5,9 @@
  * batch commits, the node loop hands its events to watch_hub_notify(): each group's matching
  * events are encoded ONCE into a shared buffer, and each watcher's response is its own small
  * prefix (header, watch_id) followed by that buffer. Protobuf encodings concatenate, so the
- * bytes on the wire are a plain WatchResponse.
+ * bytes on the wire are a plain WatchResponse. For the same reason a watcher's next events
+ * can join its previous response while that one still waits in the stream's send queue (see
+ * send_events): the busier the streams, the more batches each gRPC message carries.
  *
  * A watcher that starts in the past, or whose stream's send queue grows past a bound (a slow
  * client), is unsynced: the catch-up thread replays its events from LMDB in bounded batches
@@ -23,6 +25,8 @@
 
 #include "server/server.h"
 
+/* A watcher's queued response grows by later events up to this size (see send_events). */
+#define WATCH_MERGE_MAX_BYTES (256u << 10)
 /* Past this many queued bytes a stream's watchers leave the fast path. */
 #define WATCH_STREAM_MAX_QUEUED (8u << 20)
 /* Catch-up sends to a stream only while less than this is queued. */
@@ -43,13 +47,16 @@ struct watcher {
 	watch_stream *w_stream;
 	watcher *w_snext; /* in the stream's list */
 	watch_group *w_group;
-	watcher *w_gnext, *w_gprev; /* in the group's list while synced */
-	watcher *w_unext;           /* in the hub's unsynced list */
-	int64_t w_next_rev;         /* the lowest revision not yet sent */
-	int w_synced;
-	int w_progress;     /* progress_notify asked */
-	int w_progress_due; /* no events since the last progress tick */
-	int w_fragment;
+	/* Synced: in the group's list (w_gnext, w_gprev). Unsynced: in the hub's unsynced list,
+	 * linked by w_gnext alone. A watcher is in exactly one of them: one pointer serves both,
+	 * which keeps an idle watcher small (issue 5: < 350 bytes each). */
+	watcher *w_gnext, *w_gprev;
+	int64_t w_next_rev; /* the lowest revision not yet sent */
+	api_send_mark w_mark; /* its last queued response, which the next events may join */
+	unsigned w_synced : 1;
+	unsigned w_progress : 1;     /* progress_notify asked */
+	unsigned w_progress_due : 1; /* no events since the last progress tick */
+	unsigned w_fragment : 1;
 };
 
 /* What a watcher asks for; synced watchers with equal asks share encodings. */
@@ -92,6 +99,12 @@ struct watch_hub {
 	watch_stream *h_streams;
 	uint64_t h_progress_ms;
 	uint64_t h_nwatchers, h_nstreams, h_nslow;
+	uint64_t h_nevents; /* events queued to clients */
+	/* The last ResponseHeader encoded (field 1 of WatchResponse, tag and length included):
+	 * every watcher of a batch has the same one, so it is packed once per batch. */
+	Etcdserverpb__ResponseHeader h_hdr;
+	uint8_t h_hdr_buf[64];
+	size_t h_hdr_len;
 };
 
 /* ---- matching and encoding ---- */
@@ -340,17 +353,28 @@ static long send_fragmented(watch_hub *h, watcher *w, Mvccpb__Event **evs, const
 	return queued;
 }
 
-/* Sends the selected events to w, at header revision rev. */
+/*
+ * Sends the selected events to w, at header revision rev. If w's previous response is still
+ * queued on its stream (the client or the network is behind), the events join it: the bytes
+ * appended are a header holding only what may have changed (revision, raft term) and the
+ * shared events, which a protobuf parser merges into one response (a later scalar wins,
+ * repeated fields concatenate). Under load one gRPC message then carries many batches, so
+ * the cost per event falls as the load rises, instead of the queue growing a message per
+ * batch and watcher. Each watcher's events stay in revision order: they only ever join its
+ * own latest response, and never one queued before a control response (see api.h).
+ */
 static long send_events(watch_hub *h, watcher *w, Mvccpb__Event **evs, const size_t *sel, size_t n,
 			api_bytes *shared, int64_t rev)
 {
-	if (w->w_fragment && n >= 2)
-		return send_fragmented(h, w, evs, sel, n, rev);
-	Etcdserverpb__WatchResponse resp = ETCDSERVERPB__WATCH_RESPONSE__INIT;
+	if (w->w_fragment && n >= 2) {
+		w->w_mark.sm_item = NULL;
+		long q = send_fragmented(h, w, evs, sel, n, rev);
+		if (q >= 0)
+			h->h_nevents += n;
+		return q;
+	}
 	Etcdserverpb__ResponseHeader hdr = ETCDSERVERPB__RESPONSE_HEADER__INIT;
 	fill_header(h, &hdr, rev);
-	resp.header = &hdr;
-	resp.watch_id = w->w_id;
 	api_bytes *own = NULL;
 	if (shared == NULL) {
 		own = encode_events(evs, sel, n, w->w_group->g_prev_kv);
@@ -358,9 +382,38 @@ static long send_events(watch_hub *h, watcher *w, Mvccpb__Event **evs, const siz
 			return -1;
 		shared = own;
 	}
-	long q = send_response(w->w_stream, &resp, shared);
+	uint8_t full[96], more[32], *p = more + 2;
+	if (h->h_hdr_len == 0 || hdr.revision != h->h_hdr.revision || hdr.raft_term != h->h_hdr.raft_term ||
+	    hdr.cluster_id != h->h_hdr.cluster_id || hdr.member_id != h->h_hdr.member_id) {
+		/* at most 4 varints of 10 bytes and their tags: fits in h_hdr_buf */
+		size_t hl = etcdserverpb__response_header__get_packed_size(&hdr);
+		h->h_hdr_buf[0] = (1 << 3) | 2;
+		h->h_hdr_buf[1] = (uint8_t)hl;
+		etcdserverpb__response_header__pack(&hdr, h->h_hdr_buf + 2);
+		h->h_hdr_len = 2 + hl;
+		h->h_hdr = hdr;
+	}
+	/* WatchResponse { header (1), watch_id (2) }, as protobuf-c packs it */
+	memcpy(full, h->h_hdr_buf, h->h_hdr_len);
+	uint8_t *f = full + h->h_hdr_len;
+	if (w->w_id != 0) {
+		*f++ = 2 << 3;
+		f = varint_put(f, (uint64_t)w->w_id);
+	}
+	size_t flen = (size_t)(f - full);
+	/* what a merged piece repeats: header (field 1) { revision (3), raft_term (4) } */
+	*p++ = 3 << 3;
+	p = varint_put(p, (uint64_t)hdr.revision);
+	*p++ = 4 << 3;
+	p = varint_put(p, hdr.raft_term);
+	more[0] = (1 << 3) | 2;
+	more[1] = (uint8_t)(p - more - 2);
+	long q = api_stream_send_merge(w->w_stream->ws_api, &w->w_mark, full, flen, more, (size_t)(p - more),
+				       shared, n, WATCH_MERGE_MAX_BYTES);
 	if (own)
 		api_bytes_unref(own);
+	if (q >= 0)
+		h->h_nevents += n;
 	w->w_progress_due = 0;
 	return q;
 }
@@ -393,17 +446,17 @@ static void group_unlink(watcher *w)
 
 static void unsynced_add(watch_hub *h, watcher *w)
 {
-	w->w_unext = h->h_unsynced;
+	w->w_gnext = h->h_unsynced;
 	h->h_unsynced = w;
 	pthread_cond_signal(&h->h_cond);
 }
 
 static void unsynced_remove(watch_hub *h, watcher *w)
 {
-	for (watcher **pp = &h->h_unsynced; *pp; pp = &(*pp)->w_unext) {
+	for (watcher **pp = &h->h_unsynced; *pp; pp = &(*pp)->w_gnext) {
 		if (*pp == w) {
-			*pp = w->w_unext;
-			w->w_unext = NULL;
+			*pp = w->w_gnext;
+			w->w_gnext = NULL;
 			return;
 		}
 	}
@@ -785,7 +838,7 @@ static void *hub_thread(void *arg)
 		int waiting = 0;
 		watcher *next;
 		for (watcher *w = h->h_unsynced; w; w = next) {
-			next = w->w_unext;
+			next = w->w_gnext;
 			if (api_stream_queued_bytes(w->w_stream->ws_api) > WATCH_STREAM_RESUME_QUEUED) {
 				waiting = 1;
 				continue;
@@ -886,9 +939,9 @@ static void watch_create(watch_hub *h, watch_stream *ws, const Etcdserverpb__Wat
 	w->w_id = id;
 	w->w_stream = ws;
 	w->w_group = g;
-	w->w_progress = c->progress_notify;
+	w->w_progress = c->progress_notify != 0;
 	w->w_progress_due = 1;
-	w->w_fragment = c->fragment;
+	w->w_fragment = c->fragment != 0;
 	w->w_snext = ws->ws_watchers;
 	ws->ws_watchers = w;
 	h->h_nwatchers++;
@@ -1042,18 +1095,19 @@ void watch_hub_free(watch_hub *h)
 	free(h);
 }
 
-void watch_hub_stats(watch_hub *h, uint64_t *streams, uint64_t *watchers, uint64_t *slow,
-		     uint64_t *unsynced, uint64_t *pending_bytes)
+void watch_hub_stats(watch_hub *h, watch_stats *out)
 {
+	memset(out, 0, sizeof(*out));
 	pthread_mutex_lock(&h->h_mu);
-	*streams = h->h_nstreams;
-	*watchers = h->h_nwatchers;
-	*slow = h->h_nslow;
-	*unsynced = 0;
-	for (watcher *w = h->h_unsynced; w; w = w->w_unext)
-		(*unsynced)++;
-	*pending_bytes = 0;
-	for (watch_stream *ws = h->h_streams; ws; ws = ws->ws_next)
-		*pending_bytes += api_stream_queued_bytes(ws->ws_api);
+	out->ws_streams = h->h_nstreams;
+	out->ws_watchers = h->h_nwatchers;
+	out->ws_slow_total = h->h_nslow;
+	out->ws_events_total = h->h_nevents;
+	for (watcher *w = h->h_unsynced; w; w = w->w_gnext)
+		out->ws_unsynced++;
+	for (watch_stream *ws = h->h_streams; ws; ws = ws->ws_next) {
+		out->ws_pending_bytes += api_stream_queued_bytes(ws->ws_api);
+		out->ws_pending_events += api_stream_queued_units(ws->ws_api);
+	}
 	pthread_mutex_unlock(&h->h_mu);
 }

@@ -167,6 +167,7 @@ if [ "${KEELSON_SKIP_SMOKE:-0}" != 1 ]; then
     # failing disk; linearizability, watch and HashKV checks (tests/fault/README.md)
     smoke "fault campaign smoke" bash "$ROOT/tests/fault/run_fault.sh" --short
     smoke "benchmark smoke: keelson and etcd" bash "$ROOT/tools/bench.sh" --smoke
+    smoke "watch saturation smoke: keelson and etcd" env BENCH_NO_BUILD=1 bash "$ROOT/tools/bench_watch.sh" --smoke
 fi
 
 # ---------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@
 #                             BENCH_SMOKE_CLUSTER=0 skips): exits non-zero if the benchmark tool
 #                             reports any error against Keelson or Keelson dies; writes no file
 #   tools/bench.sh --members 3 [--smoke]   3-member clusters: runs tools/bench_cluster.sh (see there)
+#   (the watch fan-out's capacity, a rising write rate until delivery falls behind: tools/bench_watch.sh)
 #   options: --duration S (seconds per workload, full mode; default 12), --no-etcd,
 #            --out FILE (results file), --keep (keep the temp dir with data and logs)
 #   env:     ETCD_BIN (default /usr/bin/etcd), KEELSON_BIN (benchmark this binary instead of
@@ -46,7 +47,7 @@ while [ $# -gt 0 ]; do
 	--keep) keep=1 ;;
 	--members) shift ;;
 	--members=*) ;;
-	-h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+	-h|--help) sed -n '2,21p' "$0"; exit 0 ;;
 	*) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
 	esac
 	shift

@@ -179,9 +179,10 @@ class WatchStream:
     start_reading() (a slow client: gRPC flow control pushes back on the server)."""
     _END = object()
 
-    def __init__(self, endpoint, reader=True, decode=dec_response):
+    def __init__(self, endpoint, reader=True, decode=dec_response, options=()):
         self.ch = grpc.insecure_channel(endpoint, options=[
-            ("grpc.enable_http_proxy", 0), ("grpc.max_receive_message_length", 64 << 20)])
+            ("grpc.enable_http_proxy", 0), ("grpc.max_receive_message_length", 64 << 20)]
+            + list(options))
         self.reqs = queue.Queue()
         self.resps = queue.Queue()
         self.error = None
@@ -987,6 +988,103 @@ class Load(unittest.TestCase):
         self.assertEqual([x for x in extra if x and x[3]], [])
         print("\n    [load] %d puts in %.2fs; all watchers complete %.2fs after the burst"
               % (n, dt, time.monotonic() - t0), end=" ")
+
+    def test_metrics(self):
+        """etcd's watch gauges (etcd_debugging_mvcc_*): streams and watchers; while a client
+        stops reading, its watchers count as slow and their queued events as pending; once it
+        reads again every event arrives and both gauges go back to 0; events_total counts
+        what was sent."""
+        def m(name):
+            return metric(self.s, "etcd_debugging_mvcc_" + name)
+
+        def until(cond, what, timeout=20):
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if cond():
+                    return
+                time.sleep(0.05)
+            self.fail("%s: streams %s watchers %s slow %s pending %s" % (
+                what, m("watch_stream_total"), m("watcher_total"), m("slow_watcher_total"),
+                m("pending_events_total")))
+        self.assertEqual([m("watch_stream_total"), m("watcher_total"), m("pending_events_total"),
+                          m("slow_watcher_total"), m("events_total")], [0, 0, 0, 0, 0])
+        slow = WatchStream(self.s.endpoint, reader=False, decode=_fast_decode)
+        self.addCleanup(slow.close)
+        fast = WatchStream(self.s.endpoint, decode=_fast_decode)
+        self.addCleanup(fast.close)
+        slow.create(b"big/", range_end=b"big0")
+        slow.create(b"big/", range_end=b"big0")
+        fast.create(b"big/", range_end=b"big0")
+        self.assertTrue(wait_watchers(self.s, 3))
+        self.assertEqual([m("watch_stream_total"), m("watcher_total")], [2, 3])
+        # 16 txns of 40 puts of 20 KB: 640 events, 12.8 MB per watcher, beyond what the
+        # stuck stream's HTTP/2 windows and its 8 MiB send queue hold
+        ch = grpc.insecure_channel(self.s.endpoint, options=[("grpc.enable_http_proxy", 0)])
+        self.addCleanup(ch.close)
+        txn = ch.unary_unary("/etcdserverpb.KV/Txn", request_serializer=None,
+                             response_deserializer=None)
+        val = b"m" * 20000
+        for t in range(16):
+            txn(pb.TxnRequest(success=[pb.RequestOp(request_put=pb.PutRequest(
+                key=b"big/%02d/%02d" % (t, i), value=val)) for i in range(40)])
+                .SerializeToString(), timeout=30)
+        got = self._collect(fast, {0: 640}, timeout=30)
+        self.assertEqual(len(got.get(0, [])), 640)
+        until(lambda: m("slow_watcher_total") == 2 and m("pending_events_total") > 0,
+              "the stuck stream's 2 watchers slow, with events pending")
+        slow.start_reading()
+        got = {}
+        while len(got.get(0, [])) < 640 or len(got.get(1, [])) < 640:
+            r = slow.get(timeout=30)
+            self.assertNotIn(r, (None, "TIMEOUT"), "slow stream: %s" % {
+                k: len(v) for k, v in got.items()})
+            wid, created, canceled, evs = r
+            self.assertFalse(canceled)
+            if evs:
+                got.setdefault(wid, []).extend(evs)
+        for wid in (0, 1):
+            revs = [e[2] for e in got[wid]]
+            self.assertEqual(revs, sorted(revs), "watch %d out of order" % wid)
+            self.assertEqual(len(revs), 640, "watch %d" % wid)
+        until(lambda: m("slow_watcher_total") == 0 and m("pending_events_total") == 0,
+              "after the client read everything: nothing slow, nothing pending")
+        self.assertEqual(m("events_total"), 3 * 640)
+        slow.close()
+        fast.close()
+        until(lambda: m("watch_stream_total") == 0 and m("watcher_total") == 0,
+              "streams closed")
+
+    def test_merged_responses(self):
+        """A client that stops reading: what queues up for each of its watchers goes out as
+        few large responses (a watcher's next events join its response still queued), each a
+        valid WatchResponse whose events stay in revision order, none lost or repeated."""
+        # no BDP probing: the client's HTTP/2 windows stay at 64 KiB, so what it does not read
+        # waits on the server
+        slow = WatchStream(self.s.endpoint, reader=False, decode=_fast_decode,
+                           options=[("grpc.http2.bdp_probe", 0)])
+        self.addCleanup(slow.close)
+        slow.create(b"load/", range_end=b"load0")
+        slow.create(b"load/", range_end=b"load0")
+        self.assertTrue(wait_watchers(self.s, 2))
+        n = 2000
+        revs, _ = self._burst(n, value=b"q" * 1000)   # ~2 MB per watcher, < 8 MiB in all
+        expected = sorted(revs)
+        slow.start_reading()
+        got, nresp = {}, 0
+        deadline = time.monotonic() + 60
+        while (len(got.get(0, [])) < n or len(got.get(1, [])) < n) and time.monotonic() < deadline:
+            r = slow.get(timeout=20)
+            self.assertNotIn(r, (None, "TIMEOUT"))
+            wid, created, canceled, evs = r
+            self.assertFalse(canceled)
+            if evs:
+                nresp += 1
+                got.setdefault(wid, []).extend(evs)
+        self._check_events(got, 2, expected, "merged responses")
+        # one response per watcher and write batch without merging: at least 2 * n / 4 (the
+        # burst's 4 writers commit at most 4 puts per batch); merged, each carries up to 256 KiB
+        self.assertLess(nresp, n // 10, "%d responses for %d events: not merged" % (nresp, 2 * n))
+        print("\n    [merged] %d events in %d responses" % (2 * n, nresp), end=" ")
 
     def test_slow_watcher(self):
         """A stream whose client stops reading: writes and another stream's watcher go on at

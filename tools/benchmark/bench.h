@@ -61,6 +61,10 @@ struct bench_opts {
 	double rate;  /* puts/s of the watch workload's writer */
 	double drain; /* seconds without a new event before giving up on missing ones */
 	const char *ready_file; /* created when all watchers exist; writes start once it is removed */
+	/* watch saturation: the writer's rate is multiplied by ramp every step seconds (rate,
+	 * rate*ramp, ...) until --duration or the first step whose delivery fell behind */
+	double ramp, step;
+	double max_p99_ms; /* a step keeps up only if its events' delivery p99 stays below this */
 	int leases;
 	/* output */
 	const char *label;
@@ -159,6 +163,20 @@ struct bench_stream_stats {
 	uint64_t expected, events, missing, duplicates, out_of_order, unexpected, canceled;
 	uint64_t puts, puts_ok, put_errors;
 	double put_p50_ms, put_p99_ms;
+	double client_cpu_s; /* the load generator's own CPU (user+sys) from first put to the end */
+	/* per writer step (one step unless --ramp): see runner.c */
+	int nsteps;
+	struct bench_watch_step {
+		double rate;	   /* puts/s asked */
+		double seconds;	   /* how long the step wrote */
+		uint64_t puts_ok;  /* puts sent in the step and acknowledged */
+		uint64_t expected; /* events those puts must produce */
+		uint64_t events;   /* events of those puts received (at any time) */
+		uint64_t received_in_step; /* events of any put received during the step */
+		double p50_ms, p99_ms;	   /* delivery latency of the step's events */
+		int kept_up;
+	} steps[32];
+	double max_sustained; /* highest delivered events/s of a step that kept up */
 };
 /* The streaming workloads: is_watch 1 = watch, 0 = lease-keepalive. */
 int bench_run_stream(const struct bench_opts *o, int is_watch, struct bench_result *res, struct bench_stream_stats *ss);

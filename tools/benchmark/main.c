@@ -46,6 +46,8 @@ static void usage(FILE *f)
 		"  fsync:       --dir=. --count=200 --block-size=4096\n"
 		"  watch:       --watchers=100 --watch-streams=10 --prefixes=1 --rate=100 --val-size --drain=10\n"
 		"               --ready-file=PATH (created once all watchers exist; puts start when it is removed)\n"
+		"               saturation: --ramp=F --step=S (rate x F every S s until delivery falls behind)\n"
+		"               --max-p99-ms=1000 (a step keeps up only below this delivery p99)\n"
 		"  lease-keepalive: --leases=100 (--clients streams over --conns connections)\n"
 		"  txn-mixed:   --key-space-size=1 (hot keys) --read-fraction=0.5 --val-size --consistency=l|s\n"
 		"  apiserver-load / apiserver: --objects=10000 --namespaces=20 --val-size-min=1024 --val-size=10240\n"
@@ -151,6 +153,21 @@ static void report(const struct bench_opts *o, const char *cmd, const struct ben
 			       (unsigned long long)g_ss->missing, (unsigned long long)g_ss->duplicates,
 			       (unsigned long long)g_ss->out_of_order, (unsigned long long)g_ss->unexpected,
 			       (unsigned long long)g_ss->canceled);
+		if (g_ss && !strcmp(cmd, "watch")) {
+			printf("  Client CPU:  %.2f s (%.4f s per 1k events)\n", g_ss->client_cpu_s,
+			       r->ok ? g_ss->client_cpu_s / (double)r->ok * 1000 : 0);
+			for (int k = 0; g_ss->nsteps > 1 && k < g_ss->nsteps; k++) {
+				const struct bench_watch_step *st = &g_ss->steps[k];
+				printf("  step %2d: %8.1f puts/s for %.1f s: offered %10.0f ev/s, delivered %10.0f ev/s, "
+				       "%llu/%llu events, p50 %.1f ms p99 %.1f ms%s\n",
+				       k, st->rate, st->seconds, st->seconds > 0 ? (double)st->expected / st->seconds : 0,
+				       st->seconds > 0 ? (double)st->received_in_step / st->seconds : 0,
+				       (unsigned long long)st->events, (unsigned long long)st->expected, st->p50_ms,
+				       st->p99_ms, st->kept_up ? "" : "  (fell behind)");
+			}
+			if (g_ss->nsteps > 1)
+				printf("  Max sustained: %.0f events/s delivered\n", g_ss->max_sustained);
+		}
 		printf("  Latency ms:  avg %.3f  p50 %.3f  p90 %.3f  p99 %.3f  p99.9 %.3f  max %.3f\n", avg, p50,
 		       p90, p99, p999, max);
 		if (r->conflicts)
@@ -194,7 +211,19 @@ static void report(const struct bench_opts *o, const char *cmd, const struct ben
 			       (unsigned long long)g_ss->events, (unsigned long long)g_ss->missing,
 			       (unsigned long long)g_ss->duplicates, (unsigned long long)g_ss->out_of_order,
 			       (unsigned long long)g_ss->unexpected, (unsigned long long)g_ss->canceled);
-		else if (!strcmp(cmd, "lease-keepalive"))
+		if (g_ss && !strcmp(cmd, "watch")) {
+			printf(",\"client_cpu_s\":%.3f,\"ramp\":%.3f,\"max_p99_ms\":%.1f,\"max_sustained\":%.1f,\"steps\":[",
+			       g_ss->client_cpu_s, o->ramp, o->max_p99_ms, g_ss->max_sustained);
+			for (int k = 0; k < g_ss->nsteps; k++) {
+				const struct bench_watch_step *st = &g_ss->steps[k];
+				printf("%s{\"rate\":%.1f,\"s\":%.3f,\"puts_ok\":%llu,\"expected\":%llu,\"events\":%llu,"
+				       "\"received_in_step\":%llu,\"p50_ms\":%.3f,\"p99_ms\":%.3f,\"kept_up\":%d}",
+				       k ? "," : "", st->rate, st->seconds, (unsigned long long)st->puts_ok,
+				       (unsigned long long)st->expected, (unsigned long long)st->events,
+				       (unsigned long long)st->received_in_step, st->p50_ms, st->p99_ms, st->kept_up);
+			}
+			printf("]");
+		} else if (!strcmp(cmd, "lease-keepalive"))
 			printf(",\"leases\":%d", o->leases);
 		else if (!strcmp(cmd, "range") || !strcmp(cmd, "list"))
 			printf(",\"consistency\":\"%s\",\"limit\":%lld", o->serializable ? "s" : "l",
@@ -267,6 +296,8 @@ int main(int argc, char **argv)
 		.prefixes = 1,
 		.rate = 100,
 		.drain = 10,
+		.ramp = 1,
+		.max_p99_ms = 1000,
 		.leases = 100,
 		.read_fraction = 0.5,
 		.val_size_min = -1,
@@ -374,6 +405,14 @@ int main(int argc, char **argv)
 		} else if (!strcmp(name, "--rate")) {
 			o.rate = strtod(val, NULL);
 			ok = o.rate > 0;
+		} else if (!strcmp(name, "--ramp")) {
+			o.ramp = strtod(val, NULL);
+			ok = o.ramp >= 1 && o.ramp <= 100;
+		} else if (!strcmp(name, "--step")) {
+			ok = !parse_dur(val, &o.step) && o.step > 0;
+		} else if (!strcmp(name, "--max-p99-ms")) {
+			o.max_p99_ms = strtod(val, NULL);
+			ok = o.max_p99_ms > 0;
 		} else if (!strcmp(name, "--drain")) {
 			ok = !parse_dur(val, &o.drain);
 		} else if (!strcmp(name, "--ready-file")) {

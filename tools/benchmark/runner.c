@@ -505,12 +505,21 @@ int bench_run(const struct bench_opts *o, const struct bench_workload *w, struct
  *   per-watcher bitmap (duplicates), its mod_revision against the watcher's last (order), and at
  *   the end against the successful puts of its prefix (missing); delivery latency = receive time
  *   minus the value's timestamp. Throughput = events received / (first put .. last event).
+ *   Responses are walked in place (no protobuf-c unpack, no allocation per event), so the
+ *   generator costs far less per event than a server does (its CPU is reported: client_cpu_s).
+ *   Saturation (--ramp F --step S): the rate is multiplied by F every S seconds; each step's
+ *   events are those of the puts it sent (by the value's timestamp), with their own latency
+ *   histogram; the writer stops after the first step at whose end more than one second of its
+ *   events is still undelivered. A step kept up if all its events arrived, its delivered
+ *   events/s (received during the step) reached 90% of what it offered, and its delivery p99
+ *   stayed under --max-p99-ms; the report's max_sustained is the best such step.
  *
  * lease-keepalive: `leases` leases granted up front (TTL 600), then `clients` LeaseKeepAlive
  *   streams over `conns` channels, each ping-ponging keep-alive requests for leases in turn
  *   until --duration (or --total) is reached.
  * ============================================================================================ */
 #include <errno.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -555,9 +564,37 @@ struct sstream {
 	uint64_t ka_next;
 };
 
+/* Delivery latency histogram: exact below 64 us, then 32 buckets per power of two (3%). */
+#define LH_BUCKETS (64 + 32 * 32)
+#define WSTEPS 32
+
+static int lh_bucket(uint64_t us)
+{
+	if (us < 64)
+		return (int)us;
+	int e = 63 - __builtin_clzll(us); /* >= 6 */
+	if (e > 37)
+		return LH_BUCKETS - 1;
+	return 64 + (e - 6) * 32 + (int)((us >> (e - 5)) & 31);
+}
+
+static uint64_t lh_value(int b)
+{
+	if (b < 64)
+		return (uint64_t)b;
+	int e = (b - 64) / 32 + 6, sub = (b - 64) % 32;
+	return (uint64_t)(32 + sub) << (e - 5);
+}
+
 struct sshared {
 	const struct bench_opts *o;
 	int is_watch;
+	/* watch steps: writer start (0 until it starts) and step length */
+	atomic_uint_fast64_t wstart_ns;
+	uint64_t step_ns;
+	atomic_uint_fast64_t recv_step[WSTEPS]; /* events received during each step */
+	atomic_uint_fast64_t expected_so_far;	/* events the acknowledged puts must produce */
+	int *per_prefix;			/* watchers per prefix */
 	struct sstream *streams;
 	int nstreams;
 	struct wwatcher *w;
@@ -583,6 +620,8 @@ struct sthr {
 	uint64_t ok, by_status[BENCH_NSTATUS];
 	char first_error[BENCH_NSTATUS][200];
 	uint64_t last_done_ns;
+	uint64_t step_events[WSTEPS];
+	uint32_t *step_hist; /* WSTEPS x LH_BUCKETS */
 };
 
 static void snote_error(struct sthr *t, int code, const char *msg)
@@ -743,68 +782,208 @@ static int ht_get(struct sstream *s, int64_t key)
 	return -1;
 }
 
-static void watch_on_msg(struct sthr *t, struct sstream *s, Etcdserverpb__WatchResponse *r, uint64_t now)
+/* ---- a minimal protobuf walker: the watch client counts events without unpacking ---- */
+
+struct pbf {
+	uint32_t num;
+	int wt;
+	uint64_t v;	   /* varint value */
+	const uint8_t *p; /* length-delimited: the bytes */
+	size_t len;
+};
+
+static int pb_varint(const uint8_t **p, const uint8_t *end, uint64_t *v)
+{
+	uint64_t r = 0;
+	for (int sh = 0; sh < 64 && *p < end; sh += 7) {
+		uint8_t b = *(*p)++;
+		r |= (uint64_t)(b & 0x7f) << sh;
+		if (!(b & 0x80)) {
+			*v = r;
+			return 0;
+		}
+	}
+	return -1;
+}
+
+/* The next field at *p; returns 1, 0 at the end, -1 on malformed input. */
+static int pb_next(const uint8_t **p, const uint8_t *end, struct pbf *f)
+{
+	if (*p >= end)
+		return 0;
+	uint64_t tag;
+	if (pb_varint(p, end, &tag) != 0)
+		return -1;
+	f->num = (uint32_t)(tag >> 3);
+	f->wt = (int)(tag & 7);
+	switch (f->wt) {
+	case 0:
+		return pb_varint(p, end, &f->v) == 0 ? 1 : -1;
+	case 1:
+		if (end - *p < 8)
+			return -1;
+		*p += 8;
+		return 1;
+	case 5:
+		if (end - *p < 4)
+			return -1;
+		*p += 4;
+		return 1;
+	case 2: {
+		uint64_t l;
+		if (pb_varint(p, end, &l) != 0 || l > (uint64_t)(end - *p))
+			return -1;
+		f->p = *p;
+		f->len = (size_t)l;
+		*p += l;
+		return 1;
+	}
+	default:
+		return -1;
+	}
+}
+
+/* An event's kv key, mod_revision and value (the parts the check needs). */
+static int pb_event(const uint8_t *p, size_t len, const uint8_t **key, size_t *klen, int64_t *mod,
+		    const uint8_t **val, size_t *vlen)
+{
+	const uint8_t *end = p + len, *kv = NULL, *q;
+	size_t kvlen = 0;
+	struct pbf f;
+	int r;
+	while ((r = pb_next(&p, end, &f)) == 1)
+		if (f.num == 2 && f.wt == 2) {
+			kv = f.p;
+			kvlen = f.len;
+		}
+	if (r < 0 || kv == NULL)
+		return -1;
+	*key = *val = NULL;
+	*klen = *vlen = 0;
+	*mod = 0;
+	q = kv;
+	end = kv + kvlen;
+	while ((r = pb_next(&q, end, &f)) == 1) {
+		if (f.num == 1 && f.wt == 2) {
+			*key = f.p;
+			*klen = f.len;
+		} else if (f.num == 3 && f.wt == 0) {
+			*mod = (int64_t)f.v;
+		} else if (f.num == 5 && f.wt == 2) {
+			*val = f.p;
+			*vlen = f.len;
+		}
+	}
+	return r;
+}
+
+static void watch_on_bytes(struct sthr *t, struct sstream *s, const uint8_t *buf, size_t len, uint64_t now)
 {
 	struct sshared *sh = t->sh;
-	if (r->created) {
+	const uint8_t *p = buf, *end = buf + len;
+	struct pbf f;
+	int r;
+	int64_t watch_id = 0, compact = 0;
+	int created = 0, canceled = 0;
+	size_t n_events = 0;
+	char reason[120] = "";
+	/* first pass: the response's own fields (a merged response repeats them: last wins) */
+	while ((r = pb_next(&p, end, &f)) == 1) {
+		if (f.wt == 0 && f.num == 2)
+			watch_id = (int64_t)f.v;
+		else if (f.wt == 0 && f.num == 3)
+			created = f.v != 0;
+		else if (f.wt == 0 && f.num == 4)
+			canceled = f.v != 0;
+		else if (f.wt == 0 && f.num == 5)
+			compact = (int64_t)f.v;
+		else if (f.wt == 2 && f.num == 6)
+			snprintf(reason, sizeof reason, "%.*s", (int)(f.len < 100 ? f.len : 100), (const char *)f.p);
+		else if (f.wt == 2 && f.num == 11)
+			n_events++;
+	}
+	if (r < 0) {
+		snote_error(t, BENCH_STATUS_DECODE, "WatchResponse did not decode");
+		return;
+	}
+	if (created) {
 		if (s->n_created < s->nw) {
-			ht_put(s, r->watch_id, s->watchers[s->n_created]);
+			ht_put(s, watch_id, s->watchers[s->n_created]);
 			s->n_created++;
 			atomic_fetch_add(&sh->created, 1);
 		} else {
 			atomic_fetch_add(&sh->bad, 1);
 		}
 	}
-	if (r->canceled) {
+	if (canceled) {
 		atomic_fetch_add(&sh->canceled, 1);
 		char m[200];
-		snprintf(m, sizeof m, "watch %lld canceled: %s (compact_revision %lld)", (long long)r->watch_id,
-			 r->cancel_reason ? r->cancel_reason : "", (long long)r->compact_revision);
+		snprintf(m, sizeof m, "watch %lld canceled: %s (compact_revision %lld)", (long long)watch_id, reason,
+			 (long long)compact);
 		snote_error(t, 9, m);
 	}
-	if (!r->n_events)
+	if (!n_events)
 		return;
-	int wi = ht_get(s, r->watch_id);
+	int wi = ht_get(s, watch_id);
 	if (wi < 0) {
-		atomic_fetch_add(&sh->unexpected, r->n_events);
+		atomic_fetch_add(&sh->unexpected, n_events);
 		return;
 	}
 	struct wwatcher *w = &sh->w[wi];
 	uint64_t dups = 0, ooo = 0, unexp = 0;
-	for (size_t i = 0; i < r->n_events; i++) {
-		Mvccpb__Event *ev = r->events[i];
-		Mvccpb__KeyValue *kv = ev->kv;
-		if (!kv || kv->key.len != 17) {
+	uint64_t ws = atomic_load(&sh->wstart_ns);
+	p = buf;
+	while (pb_next(&p, end, &f) == 1) {
+		if (f.wt != 2 || f.num != 11)
+			continue;
+		const uint8_t *key, *val;
+		size_t klen, vlen;
+		int64_t mod;
+		if (pb_event(f.p, f.len, &key, &klen, &mod, &val, &vlen) < 0 || klen != 17) {
 			unexp++;
 			continue;
 		}
-		char kb[18];
-		memcpy(kb, kv->key.data, 17);
-		kb[17] = 0;
-		int p = atoi(kb + 3);
-		uint64_t seq = strtoull(kb + 9, NULL, 10);
-		if (p != w->prefix || seq >= (uint64_t)sh->nbits_words * 64) {
+		/* "bw/PPPPP/SSSSSSSS" */
+		int pfx = 0;
+		uint64_t seq = 0;
+		for (int i = 3; i < 8; i++)
+			pfx = pfx * 10 + (key[i] - '0');
+		for (int i = 9; i < 17; i++)
+			seq = seq * 10 + (uint64_t)(key[i] - '0');
+		if (pfx != w->prefix || seq >= (uint64_t)sh->nbits_words * 64) {
 			unexp++;
 			continue;
 		}
-		if (kv->mod_revision <= w->last_rev)
+		if (mod <= w->last_rev)
 			ooo++;
 		else
-			w->last_rev = kv->mod_revision;
+			w->last_rev = mod;
 		uint64_t bit = 1ULL << (seq & 63);
 		if (w->bits[seq >> 6] & bit)
 			dups++;
 		w->bits[seq >> 6] |= bit;
-		char vb[24];
-		size_t vl = kv->value.len < 23 ? kv->value.len : 23;
-		memcpy(vb, kv->value.data, vl);
-		vb[vl] = 0;
-		uint64_t ts = strtoull(vb, NULL, 10);
-		if (ts && ts <= now)
+		uint64_t ts = 0;
+		for (size_t i = 0; i < vlen && i < 20 && val[i] >= '0' && val[i] <= '9'; i++)
+			ts = ts * 10 + (uint64_t)(val[i] - '0');
+		if (ts && ts <= now) {
 			srecord(t, now - ts);
+			if (ws && ts >= ws && sh->step_ns) {
+				uint64_t k = (ts - ws) / sh->step_ns;
+				if (k < WSTEPS) {
+					t->step_events[k]++;
+					t->step_hist[k * LH_BUCKETS + (uint64_t)lh_bucket((now - ts) / 1000)]++;
+				}
+			}
+		}
 		t->ok++;
 	}
-	atomic_fetch_add(&sh->events, r->n_events - unexp);
+	uint64_t got = n_events - unexp;
+	atomic_fetch_add(&sh->events, got);
+	if (ws && now >= ws && sh->step_ns) {
+		uint64_t k = (now - ws) / sh->step_ns;
+		if (k < WSTEPS)
+			atomic_fetch_add(&sh->recv_step[k], got);
+	}
 	if (dups)
 		atomic_fetch_add(&sh->dups, dups);
 	if (ooo)
@@ -908,11 +1087,12 @@ static void *sthr_main(void *arg)
 		} else { /* OP_RECV */
 			if (ev.success && s->recv) {
 				if (sh->is_watch) {
-					Etcdserverpb__WatchResponse *r = (Etcdserverpb__WatchResponse *)unpack_bb(
-						&etcdserverpb__watch_response__descriptor, s->recv);
-					if (r) {
-						watch_on_msg(t, s, r, now);
-						protobuf_c_message_free_unpacked(&r->base, NULL);
+					grpc_byte_buffer_reader rd;
+					if (grpc_byte_buffer_reader_init(&rd, s->recv)) {
+						grpc_slice all = grpc_byte_buffer_reader_readall(&rd);
+						grpc_byte_buffer_reader_destroy(&rd);
+						watch_on_bytes(t, s, GRPC_SLICE_START_PTR(all), GRPC_SLICE_LENGTH(all), now);
+						grpc_slice_unref(all);
 					} else {
 						snote_error(t, BENCH_STATUS_DECODE, "WatchResponse did not decode");
 					}
@@ -1118,7 +1298,25 @@ struct writer {
 	uint32_t *lat;
 	size_t nlat, caplat;
 	double lat_sum;
+	/* steps (one unless --ramp) */
+	int nsteps;			/* steps that wrote */
+	double step_rate[WSTEPS];	/* puts/s asked */
+	double step_s[WSTEPS];		/* seconds written */
+	uint64_t step_ok[WSTEPS], step_expected[WSTEPS];
 };
+
+/* Puts the whole run may send: every step at its rate (the last one may be cut short). */
+static uint64_t writer_max_puts(const struct bench_opts *o, uint64_t step_ns)
+{
+	double total = 0, rate = o->rate, left = o->duration;
+	for (int k = 0; k < WSTEPS && left > 1e-9; k++) {
+		double st = (double)step_ns / 1e9 < left ? (double)step_ns / 1e9 : left;
+		total += rate * st;
+		left -= st;
+		rate *= o->ramp;
+	}
+	return (uint64_t)total + 1;
+}
 
 static void *writer_main(void *arg)
 {
@@ -1131,18 +1329,48 @@ static void *writer_main(void *arg)
 	for (int i = 0; i < MAXF; i++)
 		freelist[i] = MAXF - 1 - i;
 	grpc_completion_queue *cq = grpc_completion_queue_create_for_next(NULL);
-	uint64_t total = (uint64_t)(o->rate * o->duration);
+	uint64_t total = writer_max_puts(o, sh->step_ns);
 	uint64_t max_per_prefix = (uint64_t)sh->nbits_words * 64;
 	if (total > max_per_prefix * (uint64_t)o->prefixes)
 		total = max_per_prefix * (uint64_t)o->prefixes;
-	double interval = 1e9 / o->rate;
 	uint64_t start = bench_now_ns();
+	uint64_t end_at = start + (uint64_t)(o->duration * 1e9);
 	wr->start_ns = start;
+	atomic_store(&sh->wstart_ns, start);
+	/* step k runs from start + k * step_ns at rate * ramp^k; put j of the step is due j/rate
+	 * seconds into it */
+	int k = 0;
+	uint64_t in_step = 0, step_start = start;
+	double rate = o->rate;
+	wr->nsteps = 1;
+	wr->step_rate[0] = rate;
 	uint64_t i = 0;
 	uint8_t *val = malloc((size_t)o->val_size + 32);
 	while (i < total || inflight > 0) {
 		uint64_t now = bench_now_ns();
-		while (i < total && nfree > 0 && now >= start + (uint64_t)((double)i * interval)) {
+		if (i < total && now >= end_at)
+			total = i;
+		while (i < total && now >= step_start + sh->step_ns) {
+			/* the step is over: stop if more than a second of its events is undelivered */
+			wr->step_s[k] = (double)sh->step_ns / 1e9;
+			uint64_t due = atomic_load(&sh->expected_so_far), got = atomic_load(&sh->events);
+			if (due > got && (double)(due - got) > rate * (double)o->watchers / (double)o->prefixes) {
+				total = i;
+				break;
+			}
+			if (k + 1 >= WSTEPS) {
+				total = i;
+				break;
+			}
+			k++;
+			rate *= o->ramp;
+			step_start += sh->step_ns;
+			in_step = 0;
+			wr->nsteps = k + 1;
+			wr->step_rate[k] = rate;
+		}
+		while (i < total && nfree > 0 && now >= step_start + (uint64_t)((double)in_step * 1e9 / rate)) {
+			in_step++;
 			int k = freelist[--nfree];
 			struct wslot *w = &sl[k];
 			w->prefix = (int)(i % (uint64_t)o->prefixes);
@@ -1186,7 +1414,9 @@ static void *writer_main(void *arg)
 			wr->nputs++;
 			i++;
 		}
-		uint64_t next = i < total ? start + (uint64_t)((double)i * interval) : now + 100000000ULL;
+		uint64_t next = i < total ? step_start + (uint64_t)((double)in_step * 1e9 / rate) : now + 100000000ULL;
+		if (i < total && next > step_start + sh->step_ns)
+			next = step_start + sh->step_ns;
 		int64_t wait_ns = nfree > 0 ? (int64_t)(next - bench_now_ns()) : 100000000LL;
 		if (wait_ns < 0)
 			wait_ns = 0;
@@ -1200,6 +1430,12 @@ static void *writer_main(void *arg)
 		if (ev.success && w->st == GRPC_STATUS_OK && w->recv) {
 			wr->ok++;
 			wr->ok_bits[(size_t)w->prefix * (size_t)sh->nbits_words + (w->seq >> 6)] |= 1ULL << (w->seq & 63);
+			uint64_t sk = (w->t0 - start) / sh->step_ns;
+			if (sk < WSTEPS) {
+				wr->step_ok[sk]++;
+				wr->step_expected[sk] += (uint64_t)sh->per_prefix[w->prefix];
+			}
+			atomic_fetch_add(&sh->expected_so_far, (uint64_t)sh->per_prefix[w->prefix]);
 			struct thr tmp = {.lat = wr->lat, .nlat = wr->nlat, .caplat = wr->caplat, .lat_sum = wr->lat_sum};
 			record_latency(&tmp, t1 - w->t0);
 			wr->lat = tmp.lat;
@@ -1224,6 +1460,10 @@ static void *writer_main(void *arg)
 		inflight--;
 	}
 	wr->end_ns = bench_now_ns();
+	if (wr->step_s[wr->nsteps - 1] == 0) {
+		double last = (double)((wr->end_ns < end_at ? wr->end_ns : end_at) - step_start) / 1e9;
+		wr->step_s[wr->nsteps - 1] = last > 0 ? last : 0;
+	}
 	free(val);
 	free(sl);
 	grpc_completion_queue_shutdown(cq);
@@ -1285,11 +1525,16 @@ int bench_run_stream(const struct bench_opts *o, int is_watch, struct bench_resu
 	if (is_watch) {
 		sh->nstreams = o->watch_streams;
 		sh->w = calloc((size_t)o->watchers, sizeof *sh->w);
-		uint64_t per_prefix = (uint64_t)(o->rate * o->duration) / (uint64_t)o->prefixes + 1;
+		sh->step_ns = (uint64_t)((o->step > 0 && o->step < o->duration ? o->step : o->duration) * 1e9);
+		if (sh->step_ns == 0)
+			sh->step_ns = 1;
+		uint64_t per_prefix = writer_max_puts(o, sh->step_ns) / (uint64_t)o->prefixes + 1;
 		sh->nbits_words = (int)((per_prefix + 63) / 64);
+		sh->per_prefix = calloc((size_t)o->prefixes, sizeof(int));
 		for (int i = 0; i < o->watchers; i++) {
 			sh->w[i].prefix = i % o->prefixes;
 			sh->w[i].bits = calloc((size_t)sh->nbits_words, 8);
+			sh->per_prefix[i % o->prefixes]++;
 		}
 	} else {
 		sh->nstreams = o->clients;
@@ -1343,6 +1588,8 @@ int bench_run_stream(const struct bench_opts *o, int is_watch, struct bench_resu
 		ts[i].sh = sh;
 		ts[i].idx = i;
 		ts[i].cq = grpc_completion_queue_create_for_next(NULL);
+		if (is_watch)
+			ts[i].step_hist = calloc((size_t)WSTEPS * LH_BUCKETS, sizeof(uint32_t));
 		pthread_create(&ts[i].tid, NULL, sthr_main, &ts[i]);
 	}
 	struct writer wr = {0};
@@ -1366,6 +1613,8 @@ int bench_run_stream(const struct bench_opts *o, int is_watch, struct bench_resu
 			wr.ch = chs[o->conns];
 			wr.ok_bits = calloc((size_t)o->prefixes * (size_t)sh->nbits_words, 8);
 			pthread_t wt;
+			struct rusage ru0;
+			getrusage(RUSAGE_SELF, &ru0);
 			pthread_create(&wt, NULL, writer_main, &wr);
 			pthread_join(wt, NULL);
 			/* drain: until every expected event arrived or no progress for --drain seconds */
@@ -1388,6 +1637,12 @@ int bench_run_stream(const struct bench_opts *o, int is_watch, struct bench_resu
 					break;
 				}
 			}
+			struct rusage ru1;
+			getrusage(RUSAGE_SELF, &ru1);
+#define RU_S(r) ((double)(r).ru_utime.tv_sec + (double)(r).ru_utime.tv_usec / 1e6 + (double)(r).ru_stime.tv_sec + \
+		 (double)(r).ru_stime.tv_usec / 1e6)
+			ss->client_cpu_s = RU_S(ru1) - RU_S(ru0);
+#undef RU_S
 		} else {
 			snprintf(res->first_error[4], sizeof res->first_error[4], "only %d of %d watchers created", ss->created,
 				 o->watchers);
@@ -1428,6 +1683,47 @@ int bench_run_stream(const struct bench_opts *o, int is_watch, struct bench_resu
 				for (int k = 0; k < sh->nbits_words; k++)
 					ss->missing += (uint64_t)__builtin_popcountll(ob[k] & ~sh->w[i].bits[k]);
 			}
+		/* the steps: merge the threads' histograms */
+		ss->nsteps = wr.nsteps < WSTEPS ? wr.nsteps : WSTEPS;
+		if (ss->nsteps > (int)(sizeof ss->steps / sizeof ss->steps[0]))
+			ss->nsteps = (int)(sizeof ss->steps / sizeof ss->steps[0]);
+		uint32_t *hist = calloc(LH_BUCKETS, sizeof(uint32_t));
+		for (int k = 0; k < ss->nsteps; k++) {
+			struct bench_watch_step *st = &ss->steps[k];
+			memset(hist, 0, LH_BUCKETS * sizeof(uint32_t));
+			uint64_t n = 0;
+			for (int i = 0; i < nt; i++) {
+				n += ts[i].step_events[k];
+				for (int b = 0; b < LH_BUCKETS; b++)
+					hist[b] += ts[i].step_hist[(size_t)k * LH_BUCKETS + (size_t)b];
+			}
+			st->rate = wr.step_rate[k];
+			st->seconds = wr.step_s[k];
+			st->puts_ok = wr.step_ok[k];
+			st->expected = wr.step_expected[k];
+			st->events = n;
+			st->received_in_step = atomic_load(&sh->recv_step[k]);
+			uint64_t c = 0, i50 = (n + 1) / 2, i99 = (uint64_t)ceil((double)n * 0.99);
+			st->p50_ms = st->p99_ms = 0;
+			for (int b = 0; b < LH_BUCKETS && n; b++) {
+				uint64_t c2 = c + hist[b];
+				if (c < i50 && c2 >= i50)
+					st->p50_ms = (double)lh_value(b) / 1000.0;
+				if (c < i99 && c2 >= i99)
+					st->p99_ms = (double)lh_value(b) / 1000.0;
+				c = c2;
+			}
+			double offered = st->seconds > 0 ? (double)st->expected / st->seconds : 0;
+			double delivered = st->seconds > 0 ? (double)st->received_in_step / st->seconds : 0;
+			st->kept_up = st->expected > 0 && st->events >= st->expected && delivered >= 0.9 * offered &&
+				      st->p99_ms <= o->max_p99_ms;
+			if (st->kept_up && delivered > ss->max_sustained)
+				ss->max_sustained = delivered;
+		}
+		free(hist);
+		for (int i = 0; i < nt; i++)
+			free(ts[i].step_hist);
+		free(sh->per_prefix);
 		free(wr.lat);
 		free(wr.ok_bits);
 		for (int i = 0; i < o->watchers; i++)
