@@ -183,7 +183,13 @@ static void metrics_body(server_ctx *sc, sbuf *b)
 	}
 	sb_printf(b, "# HELP etcd_server_proposals_committed_total The total number of consensus proposals committed.\n"
 		     "# TYPE etcd_server_proposals_committed_total gauge\netcd_server_proposals_committed_total %llu\n",
-		  (unsigned long long)node_applied_index(sc->nd));
+		  (unsigned long long)atomic_load(&node_get_metrics(sc->nd)->nm_committed));
+	sb_printf(b, "# HELP etcd_server_proposals_pending The current number of pending proposals to commit.\n"
+		     "# TYPE etcd_server_proposals_pending gauge\netcd_server_proposals_pending %lld\n",
+		  (long long)atomic_load(&node_get_metrics(sc->nd)->nm_proposals_pending));
+	sb_printf(b, "# HELP etcd_server_proposals_failed_total The total number of failed proposals seen.\n"
+		     "# TYPE etcd_server_proposals_failed_total counter\netcd_server_proposals_failed_total %llu\n",
+		  (unsigned long long)atomic_load(&node_get_metrics(sc->nd)->nm_proposals_failed));
 	sb_printf(b, "# HELP etcd_server_proposals_applied_total The total number of consensus proposals applied.\n"
 		     "# TYPE etcd_server_proposals_applied_total gauge\netcd_server_proposals_applied_total %llu\n",
 		  (unsigned long long)node_applied_index(sc->nd));

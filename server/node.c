@@ -395,6 +395,7 @@ static node_req *take_waiter(node *n, uint64_t seq)
 		if (n->n_waiters_tail == r)
 			n->n_waiters_tail = prev;
 		r->nr_next = NULL;
+		atomic_fetch_sub(&n->n_metrics.nm_proposals_pending, 1);
 		return r;
 	}
 	return NULL;
@@ -409,6 +410,7 @@ static void add_waiter(node *n, node_req *r)
 	else
 		n->n_waiters = r;
 	n->n_waiters_tail = r;
+	atomic_fetch_add(&n->n_metrics.nm_proposals_pending, 1);
 }
 
 /* What one batch applied, answered after it commits. */
@@ -677,6 +679,7 @@ static void expire_leaderless(node *n, node_req *r)
 {
 	if (r->nr_op == NODE_LEASE_REVOKE && r->nr_call == NULL)
 		lessor_revoke_failed(n->n_sc->lessor, ((const Etcdserverpb__LeaseRevokeRequest *)r->nr_msg)->id);
+	atomic_fetch_add(&n->n_metrics.nm_proposals_failed, 1);
 	node_req_fail(r, API_ERR_TIMEOUT);
 }
 
@@ -844,6 +847,7 @@ static void process_ready(node *n)
 								  rd.hard_state.commit);
 			atomic_store(&n->n_term, rd.hard_state.term);
 			atomic_store(&n->n_commit, rd.hard_state.commit);
+			atomic_store(&n->n_metrics.nm_committed, rd.hard_state.commit);
 		}
 		/* In index order: entries committed earlier (a restart with commit ahead of
 		 * applied, say) come before a lone voter's new ones. */
@@ -1206,6 +1210,8 @@ static void on_timeout_timer(uv_timer_t *t)
 			n->n_waiters_tail = prev;
 		if (r->nr_op == NODE_LEASE_REVOKE && r->nr_call == NULL)
 			lessor_revoke_failed(n->n_sc->lessor, ((const Etcdserverpb__LeaseRevokeRequest *)r->nr_msg)->id);
+		atomic_fetch_sub(&n->n_metrics.nm_proposals_pending, 1);
+		atomic_fetch_add(&n->n_metrics.nm_proposals_failed, 1); /* etcd: proposalsFailed on timeout */
 		node_req_fail(r, API_ERR_TIMEOUT);
 	}
 }

@@ -244,6 +244,9 @@ void histogram_observe(histogram *h, uint64_t ns);
 #define NODE_RTT_PEERS 16
 typedef struct node_metrics {
 	_Atomic uint64_t nm_leader_changes;
+	_Atomic int64_t nm_proposals_pending; /* proposed by this member, not yet applied */
+	_Atomic uint64_t nm_proposals_failed; /* proposals that timed out or could not be made */
+	_Atomic uint64_t nm_committed;        /* Raft's commit index */
 	histogram nm_wal_fsync;       /* commits that make log entries durable */
 	histogram nm_backend_commit;  /* every commit of a batch */
 	struct {

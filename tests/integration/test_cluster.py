@@ -166,6 +166,16 @@ class ThreeMembers(ClusterCase):
             return list(h) if (h[0] == 200) == want_ok else None
         got = harness.poll(lambda: changed(False), timeout=20, what="health false")
         self.assertEqual(got, [503, '{"health":"false"}\n'])
+        # a write without a leader gives up at the client's deadline: a failed proposal
+        self.assertNotEqual(lone.ctl("put", "/nolead", "v", "--command-timeout=1s").rc, 0)
+
+        def failed_proposals():
+            with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % lone.client_port,
+                                        timeout=5) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith("etcd_server_proposals_failed_total "):
+                        return float(line.split()[1]) >= 1
+        harness.poll(failed_proposals, timeout=10, what="etcd_server_proposals_failed_total >= 1")
         for m in c.members[1:]:
             c.restart(m)
         c.wait_leader(timeout=20)

@@ -638,6 +638,13 @@ class HttpEndpoints(unittest.TestCase):
         body = self.get(self.s.client_port, "/metrics")[2]
         self.assertEqual(sample(body, "etcd_server_is_leader"), 1)
         self.assertEqual(sample(body, "etcd_server_leader_changes_seen_total"), 1)
+        # Raft's commit index moved with the puts; nothing is left pending or failed
+        self.assertGreaterEqual(sample(body, "etcd_server_proposals_committed_total")
+                                - sample(before, "etcd_server_proposals_committed_total"), 5)
+        self.assertGreaterEqual(sample(body, "etcd_server_proposals_committed_total"),
+                                sample(body, "etcd_server_proposals_applied_total"))
+        self.assertEqual(sample(body, "etcd_server_proposals_pending"), 0)
+        self.assertEqual(sample(body, "etcd_server_proposals_failed_total"), 0)
         for h in ("etcd_disk_wal_fsync_duration_seconds", "etcd_disk_backend_commit_duration_seconds"):
             self.assertIn("# TYPE %s histogram" % h, body)
             buckets = [line for line in body.splitlines() if line.startswith(h + "_bucket{")]
