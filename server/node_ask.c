@@ -13,6 +13,7 @@
  * lessor and one lease); HashKV hashes the whole store, so it runs on libuv's threadpool
  * and is answered when done, keeping the loop (and the heartbeats) going meanwhile.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -278,13 +279,33 @@ static void hash_work_run(uv_work_t *req)
 	w->hw_status = corrupt_serve_hash_kv(w->hw_node->n_sc, w->hw_body, w->hw_len, &w->hw_out, &w->hw_outlen);
 }
 
+/*
+ * Sends an answer. One the transport cannot take (too big for a frame, the peer's queue
+ * full) would leave the asker waiting for its whole deadline: it gets a short error
+ * answer instead, and if even that does not go, the reason is logged.
+ */
+static void respond(node *n, uint64_t to, uint64_t call_id, int status, const uint8_t *body, size_t len)
+{
+	int rc = peer_rpc_respond(n->n_rpc, to, call_id, (uint8_t)status, body, len);
+	if (rc == PEER_ETOOBIG) {
+		/* etcd's ErrGRPCRequestTooLarge: InvalidArgument */
+		static const char msg[] = "\x03" "etcdserver: request is too large";
+		rc = peer_rpc_respond(n->n_rpc, to, call_id, NODE_ANS_ERROR, (const uint8_t *)msg, sizeof(msg) - 1);
+	}
+	if (rc != 0) {
+		char id[20];
+		snprintf(id, sizeof(id), "%llx", (unsigned long long)to);
+		log_at(LOG_WARN, "cannot answer a peer's request", "to", id, "error", peer_strerror(rc), NULL);
+	}
+}
+
 static void hash_work_done(uv_work_t *req, int status)
 {
 	hash_work *w = req->data;
 	node *n = w->hw_node;
 	/* After node_ask_close() the channel is gone: the asker times out. */
 	if (status == 0 && !n->n_ask_closed)
-		peer_rpc_respond(n->n_rpc, w->hw_from, w->hw_call, (uint8_t)w->hw_status, w->hw_out, w->hw_outlen);
+		respond(n, w->hw_from, w->hw_call, w->hw_status, w->hw_out, w->hw_outlen);
 	free(w->hw_body);
 	free(w->hw_out);
 	free(w);
@@ -329,7 +350,7 @@ static void on_request(void *ctx, uint64_t from, uint64_t call_id, uint8_t metho
 	default:
 		st = PEER_RPC_ST_NO_METHOD;
 	}
-	peer_rpc_respond(n->n_rpc, from, call_id, (uint8_t)st, out, outlen);
+	respond(n, from, call_id, st, out, outlen);
 	free(out);
 }
 
