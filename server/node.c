@@ -81,7 +81,7 @@ int node_is_learner(node *n)
 
 int node_reads_need_index(node *n)
 {
-	return atomic_load(&n->n_multi_voter);
+	return !atomic_load(&n->n_lone_voter);
 }
 
 void node_batch_stats(node *n, uint64_t *requests, uint64_t *commits)
@@ -737,7 +737,11 @@ void node_conf_status(node *n)
 {
 	struct raft_status st;
 	raft_status(n->n_raft, &st);
-	atomic_store(&n->n_multi_voter, st.conf.n_voters > 1);
+	/* Only a configuration of this member alone commits without asking anyone. A member
+	 * that joins an existing cluster starts with no configuration at all until the
+	 * leader's log reaches it: it is not a lone voter (it must not serve linearizable
+	 * reads from its empty store, nor lead). */
+	atomic_store(&n->n_lone_voter, st.conf.n_voters == 1 && st.conf.voters[0] == st.id);
 	int learner = 0;
 	for (uint32_t i = 0; i < st.conf.n_learners; i++)
 		learner |= st.conf.learners[i] == st.id;
@@ -817,7 +821,7 @@ static void process_ready(node *n)
 		storage_batch *b = NULL;
 		uint64_t applied = atomic_load(&n->n_applied);
 		/* A lone voter's entries are committed once durable: apply them in this batch. */
-		int lone = !atomic_load(&n->n_multi_voter) && n->n_role == RAFT_LEADER;
+		int lone = atomic_load(&n->n_lone_voter) && n->n_role == RAFT_LEADER;
 		int to_apply = 0;
 		for (size_t i = 0; lone && i < rd.n_entries; i++)
 			to_apply |= rd.entries[i].index > applied;
@@ -1369,7 +1373,7 @@ int node_start(node **out, server_ctx *sc)
 
 	n->n_compacting = 1; /* finish a physical compaction a crash cut short (none: one no-op batch) */
 	/* A lone voter need not wait an election timeout to lead (etcd's tick advance). */
-	if (!atomic_load(&n->n_multi_voter)) {
+	if (atomic_load(&n->n_lone_voter)) {
 		raft_campaign(n->n_raft);
 		process_ready(n);
 	}

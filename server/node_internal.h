@@ -120,7 +120,7 @@ struct node {
 	_Atomic uint64_t n_applied;
 	_Atomic uint64_t n_last_index;
 	_Atomic uint64_t n_lead;
-	_Atomic int n_multi_voter;
+	_Atomic int n_lone_voter;  /* the configuration is this member alone */
 	_Atomic int n_learner; /* this member is a learner */
 	_Atomic uint64_t n_stat_requests;
 	_Atomic uint64_t n_stat_commits;
