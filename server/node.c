@@ -526,6 +526,22 @@ static void reply_conf_waiters(node *n, int op, uint64_t id)
  * raft_ready() and raft_advance(), so the change waits in n_pending_conf until then, and is
  * retried while Raft is busy with an earlier one.
  */
+static void push_conf_change(node *n, enum raft_conf_op op, uint64_t id);
+
+/* Records (on) or forgets (off) a member whose removal entry applied (n_removing). */
+static void note_removing(node *n, uint64_t id, int on)
+{
+	for (size_t i = 0; i < n->n_nremoving; i++) {
+		if (n->n_removing[i] != id)
+			continue;
+		if (!on)
+			n->n_removing[i] = n->n_removing[--n->n_nremoving];
+		return;
+	}
+	if (on && n->n_nremoving < NODE_MAX_PENDING_CONF)
+		n->n_removing[n->n_nremoving++] = id;
+}
+
 static void queue_conf_change(node *n, const apply_result *r)
 {
 	if (n->n_role != RAFT_LEADER || n->n_npending_conf == NODE_MAX_PENDING_CONF)
@@ -535,10 +551,98 @@ static void queue_conf_change(node *n, const apply_result *r)
 			       : r->ar_op == NODE_MEMBER_PROMOTE ? RAFT_CONF_ADD_VOTER
 			       : m->islearner ? RAFT_CONF_ADD_LEARNER
 			       : RAFT_CONF_ADD_VOTER;
+	push_conf_change(n, op, m->id);
+}
+
+static void push_conf_change(node *n, enum raft_conf_op op, uint64_t id)
+{
+	if (n->n_npending_conf == NODE_MAX_PENDING_CONF)
+		return;
+	for (size_t i = 0; i < n->n_npending_conf; i++)
+		if (n->n_pending_conf[i].pc_op == (int)op && n->n_pending_conf[i].pc_node == id)
+			return; /* already queued */
 	n->n_pending_conf[n->n_npending_conf].pc_op = op;
-	n->n_pending_conf[n->n_npending_conf].pc_node = m->id;
+	n->n_pending_conf[n->n_npending_conf].pc_node = id;
 	n->n_pending_conf[n->n_npending_conf].pc_deadline_ms = now_ms() + n->n_req_timeout_ms;
 	n->n_npending_conf++;
+}
+
+/*
+ * A new leader finishes what a leader change cut short: a membership entry applied (the
+ * member list) whose Raft configuration change its proposer never got to make. The member
+ * list is the truth; Raft's configuration follows it. Called inside a Ready: the changes
+ * wait in n_pending_conf.
+ */
+static void reconcile_conf(node *n)
+{
+	server_ctx *sc = n->n_sc;
+	uint64_t ids[MEMBER_LIST_MAX];
+	char urls[MEMBER_LIST_MAX][256];
+	int learner[MEMBER_LIST_MAX];
+	size_t k = members_peers(sc->members, ids, urls, learner, MEMBER_LIST_MAX);
+	struct raft_status st;
+	raft_status(n->n_raft, &st);
+	int listed[RAFT_MAX_MEMBERS * 2] = {0};
+	uint64_t conf_ids[RAFT_MAX_MEMBERS * 2];
+	size_t nconf = 0;
+	for (uint32_t i = 0; i < st.conf.n_voters; i++)
+		conf_ids[nconf++] = st.conf.voters[i];
+	for (uint32_t i = 0; i < st.conf.n_learners; i++)
+		conf_ids[nconf++] = st.conf.learners[i];
+	for (size_t i = 0; i < k; i++) {
+		int voter = 0, found = 0;
+		for (size_t j = 0; j < nconf; j++) {
+			if (conf_ids[j] != ids[i])
+				continue;
+			listed[j] = found = 1;
+			voter = j < st.conf.n_voters;
+		}
+		if (!found)
+			push_conf_change(n, learner[i] ? RAFT_CONF_ADD_LEARNER : RAFT_CONF_ADD_VOTER, ids[i]);
+		else if (!voter && !learner[i])
+			push_conf_change(n, RAFT_CONF_ADD_VOTER, ids[i]); /* a promotion */
+	}
+	if (k == 0)
+		return; /* no member list (cannot happen once started): change nothing */
+	for (size_t j = 0; j < nconf; j++) {
+		int removing = !listed[j];
+		for (size_t i = 0; i < n->n_nremoving; i++)
+			removing |= n->n_removing[i] == conf_ids[j];
+		if (removing)
+			push_conf_change(n, RAFT_CONF_REMOVE, conf_ids[j]);
+	}
+	if (n->n_npending_conf) {
+		char c[24];
+		snprintf(c, sizeof(c), "%zu", n->n_npending_conf);
+		log_at(LOG_INFO, "finishing membership changes a leader change cut short", "changes", c, NULL);
+	}
+}
+
+/*
+ * Raft does not let a leader remove itself: it hands the leadership to the most caught-up
+ * other voter, whose reconcile_conf() then proposes the removal (etcd's leader removes
+ * itself and steps down; the outcome is the same, one election later).
+ */
+static int hand_over_for_removal(node *n)
+{
+	struct raft_status st;
+	raft_status(n->n_raft, &st);
+	if (st.lead_transferee != 0)
+		return RAFT_EBUSY; /* already under way */
+	uint64_t best = 0, best_match = 0;
+	for (uint32_t i = 0; i < st.n_progress; i++) {
+		const struct raft_progress_status *p = &st.progress[i];
+		if (p->id == st.id || p->learner || !p->recent_active)
+			continue;
+		if (best == 0 || p->match > best_match) {
+			best = p->id;
+			best_match = p->match;
+		}
+	}
+	if (best == 0)
+		return RAFT_EINVAL; /* no other voter to lead */
+	int rc = raft_transfer_leader(n->n_raft, best);
+	return rc == 0 ? RAFT_EBUSY : rc; /* keep it pending until we no longer lead */
 }
 
 /* Proposes the queued configuration changes Raft will take now; called outside a Ready. */
@@ -548,12 +652,18 @@ static void propose_pending_conf(node *n)
 	uint64_t now = now_ms();
 	for (size_t i = 0; i < n->n_npending_conf; i++) {
 		pending_conf *pc = &n->n_pending_conf[i];
-		int rc = n->n_role == RAFT_LEADER ? raft_propose_conf_change(n->n_raft, pc->pc_op, pc->pc_node, NULL)
-						  : RAFT_ENOTLEADER;
+		int self_removal = pc->pc_op == RAFT_CONF_REMOVE && pc->pc_node == n->n_sc->mi.member_id;
+		int rc = n->n_role != RAFT_LEADER ? RAFT_ENOTLEADER
+			 : self_removal		  ? hand_over_for_removal(n)
+						  : raft_propose_conf_change(n->n_raft, pc->pc_op, pc->pc_node, NULL);
 		if (rc == RAFT_EBUSY && pc->pc_deadline_ms > now) {
 			n->n_pending_conf[keep++] = *pc; /* an earlier change is still in flight */
 			continue;
 		}
+		if (self_removal && rc == RAFT_ENOTLEADER)
+			continue; /* handed over: the new leader proposes it */
+		if (rc == 0 && self_removal)
+			log_at(LOG_INFO, "handing over the leadership: this member is being removed", NULL);
 		if (rc != 0) {
 			char id[20];
 			snprintf(id, sizeof(id), "%llx", (unsigned long long)pc->pc_node);
@@ -573,6 +683,8 @@ static void answer_applied(node *n, apply_batch *ab, int committed)
 		if (ae->ae_conf_op) {
 			membership = 1;
 			reply_conf_waiters(n, ae->ae_conf_op, ae->ae_conf_node);
+			if (ae->ae_conf_op == RAFT_CONF_REMOVE)
+				note_removing(n, ae->ae_conf_node, 0);
 			continue;
 		}
 		apply_result *r = &ae->ae_res;
@@ -580,6 +692,8 @@ static void answer_applied(node *n, apply_batch *ab, int committed)
 			apply_committed(sc, r, leader);
 		if (r->ar_op == NODE_MEMBER_ADD || r->ar_op == NODE_MEMBER_UPDATE)
 			membership = 1;
+		if (r->ar_op == NODE_MEMBER_REMOVE && r->ar_err == 0 && committed)
+			note_removing(n, ((const Etcdserverpb__Member *)r->ar_req)->id, 1);
 		if ((r->ar_op == NODE_MEMBER_ADD || r->ar_op == NODE_MEMBER_REMOVE ||
 		     r->ar_op == NODE_MEMBER_PROMOTE) && r->ar_err == 0 && committed)
 			queue_conf_change(n, r);
@@ -718,6 +832,8 @@ static void role_changed(node *n, const struct raft_soft_state *ss)
 		node_req_free(n->n_transfer);
 		n->n_transfer = NULL;
 	}
+	if (ss->role == RAFT_LEADER && old != sc->mi.member_id)
+		reconcile_conf(n);
 	if (ss->role == RAFT_LEADER && old != sc->mi.member_id) {
 		/* etcd's Promote: every lease gets its full TTL plus an election timeout before
 		 * the new leader expires any. */

@@ -96,6 +96,11 @@ struct node {
 	node_req *n_conf_waiters;     /* member changes waiting for their configuration change */
 	node_req *n_transfer;         /* a MoveLeader waiting for the new leader */
 	node_req *n_leaderless;       /* proposals waiting for a leader to be known */
+	/* Members whose removal entry applied here and whose Raft removal has not: a new
+	 * leader proposes what its predecessor did not (reconcile_conf). The member list
+	 * keeps a member until Raft's change applies, so this is the only trace. */
+	uint64_t n_removing[NODE_MAX_PENDING_CONF];
+	size_t n_nremoving;
 	pending_conf n_pending_conf[NODE_MAX_PENDING_CONF];
 	size_t n_npending_conf;
 	node_req *n_reads;            /* linearizable reads not yet in a round */
