@@ -118,7 +118,7 @@ build() {
 		# fuzzed rather than stubbed
 		mapfile -t storage_srcs < <(ls storage/*.c | grep -v -e '_test\.c$' -e '_tool\.c$' \
 			-e '_bench\.c$' -e '/etcdfmt\.c$' -e '/etcdwal\.c$')
-		srcs=(tests/fuzz/storage_apply_fuzz.c server/kv.c "${storage_srcs[@]}"
+		srcs=(tests/fuzz/storage_apply_fuzz.c server/kv.c crashpoint/crashpoint.c "${storage_srcs[@]}"
 			"$gen"/rpc.pb-c.c "$gen"/kv.pb-c.c "$gen"/auth.pb-c.c)
 		;;
 	etcd_wal)
