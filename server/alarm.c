@@ -23,7 +23,41 @@ struct alarm_set {
 	int as_type[ALARM_MAX];
 	int as_nospace; /* any NOSPACE alarm active: writes that take space are refused */
 	int as_corrupt;
+	/* The alarms as of the last entry applied, ahead of the list above (which changes once
+	 * the batch is durable): the apply path decides from these, so that every member
+	 * decides the same whatever entries its batches group (node loop only). */
+	size_t as_applied_n;
+	uint64_t as_applied_member[ALARM_MAX];
+	int as_applied_type[ALARM_MAX];
 };
+
+/* The applied view catches up with the durable list (start, reload). */
+static void applied_from_durable(alarm_set *a)
+{
+	a->as_applied_n = a->as_n;
+	memcpy(a->as_applied_member, a->as_member, sizeof(a->as_member));
+	memcpy(a->as_applied_type, a->as_type, sizeof(a->as_type));
+}
+
+static int applied_has(alarm_set *a, int type)
+{
+	pthread_mutex_lock(&a->as_mu);
+	int v = 0;
+	for (size_t i = 0; i < a->as_applied_n; i++)
+		v |= a->as_applied_type[i] == type;
+	pthread_mutex_unlock(&a->as_mu);
+	return v;
+}
+
+int alarm_applied_nospace(alarm_set *a)
+{
+	return applied_has(a, ETCDSERVERPB__ALARM_TYPE__NOSPACE);
+}
+
+int alarm_applied_corrupt(alarm_set *a)
+{
+	return applied_has(a, ETCDSERVERPB__ALARM_TYPE__CORRUPT);
+}
 
 static void recount(alarm_set *a)
 {
@@ -72,6 +106,7 @@ int alarm_start(alarm_set **out, storage *st)
 		return rc;
 	}
 	recount(a);
+	applied_from_durable(a);
 	*out = a;
 	return 0;
 }
@@ -95,6 +130,7 @@ int alarm_reload(alarm_set *a, storage *st)
 	memcpy(a->as_member, fresh->as_member, sizeof(a->as_member));
 	memcpy(a->as_type, fresh->as_type, sizeof(a->as_type));
 	recount(a);
+	applied_from_durable(a);
 	pthread_mutex_unlock(&a->as_mu);
 	alarm_free(fresh);
 	return 0;
@@ -160,13 +196,13 @@ int alarm_apply(alarm_set *a, storage_batch *b, const Etcdserverpb__AlarmRequest
 	size_t n = 0;
 	int found = 0;
 	pthread_mutex_lock(&a->as_mu);
-	for (size_t i = 0; i < a->as_n; i++) {
-		int same = a->as_member[i] == req->memberid && a->as_type[i] == (int)req->alarm;
+	for (size_t i = 0; i < a->as_applied_n; i++) {
+		int same = a->as_applied_member[i] == req->memberid && a->as_applied_type[i] == (int)req->alarm;
 		found |= same;
 		if (same && !activate)
 			continue;
-		member[n] = a->as_member[i];
-		type[n++] = a->as_type[i];
+		member[n] = a->as_applied_member[i];
+		type[n++] = a->as_applied_type[i];
 	}
 	pthread_mutex_unlock(&a->as_mu);
 	if (activate == found) /* already active, or not there to clear */
@@ -187,6 +223,12 @@ int alarm_apply(alarm_set *a, storage_batch *b, const Etcdserverpb__AlarmRequest
 	int rc = storage_batch_meta_put(b, ALARM_META, buf, n * 12);
 	if (rc)
 		return rc;
+	/* The next entries of this batch see the change (a failed batch stops the member). */
+	pthread_mutex_lock(&a->as_mu);
+	a->as_applied_n = n;
+	memcpy(a->as_applied_member, member, n * sizeof(member[0]));
+	memcpy(a->as_applied_type, type, n * sizeof(type[0]));
+	pthread_mutex_unlock(&a->as_mu);
 	Etcdserverpb__AlarmMember *m = storage_arena_alloc(ar, sizeof(*m));
 	Etcdserverpb__AlarmMember **list = storage_arena_alloc(ar, sizeof(*list));
 	if (m == NULL || list == NULL)

@@ -114,7 +114,7 @@ static int txn_has_put(const Etcdserverpb__TxnRequest *t)
 /* etcd's capped applier: with NOSPACE raised, only writes that take no space pass. */
 static int refused_for_space(server_ctx *sc, node_op op, const ProtobufCMessage *req)
 {
-	if (!alarm_nospace(sc->alarms))
+	if (!alarm_applied_nospace(sc->alarms))
 		return 0;
 	switch (op) {
 	case NODE_PUT:
@@ -146,7 +146,7 @@ static int refused_for_corruption(server_ctx *sc, node_op op)
 	case NODE_COMPACT:
 	case NODE_LEASE_GRANT:
 	case NODE_LEASE_REVOKE:
-		return alarm_corrupt(sc->alarms);
+		return alarm_applied_corrupt(sc->alarms);
 	default:
 		return 0;
 	}

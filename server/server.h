@@ -410,6 +410,10 @@ int alarm_corrupt(alarm_set *a);
 int alarm_apply(alarm_set *a, storage_batch *b, const Etcdserverpb__AlarmRequest *req,
 		storage_arena *ar, Etcdserverpb__AlarmResponse *resp, alarm_change *chg);
 void alarm_commit(alarm_set *a, const alarm_change *chg);
+/* Whether NOSPACE / CORRUPT is raised as of the last entry applied (the apply path's view,
+ * ahead of alarm_nospace() / alarm_corrupt() by at most the batch being applied). */
+int alarm_applied_nospace(alarm_set *a);
+int alarm_applied_corrupt(alarm_set *a);
 size_t alarm_status_errors(alarm_set *a, char **out, size_t max, char buf[][64]);
 /* The alarms recorded in r's view of the store as entries of etcd's "alarm" bucket (the
  * encoded AlarmMember as key, an empty value), in ar; at most max. For snapshots. */
