@@ -1077,6 +1077,9 @@ def main():
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1, default=str)
     print("%s  (seed %d, output %s)" % (summary["result"], seed, out))
+    if not ok:
+        print("history: %s   re-check: /usr/bin/python3 tests/fault/linearizability.py %s" % (
+            os.path.join(out, "history.json"), os.path.join(out, "history.json")))
     return 0 if ok else 1
 
 
