@@ -8,8 +8,10 @@ time-outs of writes as indeterminate). A watcher per member watches every key fr
 1 (resuming after each failure). Meanwhile a nemesis kills -9, pauses (SIGSTOP / SIGCONT)
 and restarts random members and the leader, partitions the network (the peer links pass
 through a netproxy.NetProxy: isolate a member or the leader, split minority | majority,
-one-way drops, delays), and slows down or fails a member's disk (the LD_PRELOAD shim
-slowdisk.c, given with --slowdisk). At the end every member is healed, the per-key
+one-way drops, delays), slows down, fails or fills a member's disk (the LD_PRELOAD shim
+slowdisk.c, given with --slowdisk), fills the space quota (NOSPACE, then compact, defragment,
+disarm) and replaces members (remove, wipe, add). --workload k8s runs the Kubernetes profile
+(k8s_workload.py) with per-resource watchers (prev_kv, progress notifications). At the end every member is healed, the per-key
 histories are checked for linearizability (linearizability.py), response revisions must
 never go back in time, HashKV must agree on every member, the watch streams must be the
 committed history on every member (watchcheck.py), and a member whose disk failed must
@@ -742,9 +744,11 @@ class Nemesis(threading.Thread):
             self.problems.append("alarm disarm failed: %r" % (r,))
         t_end = time.monotonic() + 20
         resumed = False
+        attempt = 0
         while time.monotonic() < t_end:
             m = self.rnd.choice(c.live() or c.members)
-            ok, err, _ = self.record_write(m, "/fill/%d/after" % n, b"resumed")
+            attempt += 1     # (a new value each time: every value is written once)
+            ok, err, _ = self.record_write(m, "/fill/%d/after" % n, b"resumed-%d" % attempt)
             if ok:
                 resumed = True
                 break

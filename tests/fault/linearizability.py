@@ -203,6 +203,8 @@ def fmt_op(o):
         res = "(%r -> %r) %s" % (o.get("expect"), o.get("value"),
                                  "?" if not o.get("ok", True) else
                                  ("succeeded" if o.get("result") else "failed"))
+        if "observed" in o:
+            res += ", read %r" % (o["observed"],)
     else:
         res = "%r%s" % (o.get("value"), "" if o.get("ok", True) else " ?")
     return "[%.6f .. %s] c%s %s %s %s%s" % (

@@ -87,6 +87,9 @@ def check_streams(streams, reference, ops, first_rev, last_rev, max_problems=20)
         if o["op"] not in ("put", "cas"):
             continue
         if "value" in o:
+            if o["value"] is not None and (o["key"], o["value"]) in written:
+                # the checks (and linearizability.py's model) need each value written once
+                add("harness bug: %s=%r written twice" % (o["key"], o["value"]))
             written.add((o["key"], o["value"]))
             if o.get("refused"):
                 refused.add((o["key"], o["value"]))
@@ -228,6 +231,8 @@ def self_test():
     bad = ops + [{"op": "cas", "key": "b", "expect": "y", "value": None, "ok": True,
                   "result": True, "rev": 4}]
     assert check_streams({"m1": ref}, ref, bad, 2, 4), "missing delete: not found"
+    twice = ops + [{"op": "put", "key": "a", "value": "x", "ok": False}]
+    assert check_streams({"m1": ref}, ref, twice, 2, 4), "value written twice: not found"
 
     # prefix streams: prev_kv and progress
     pref = [ev(2, "/p/a", "x"), ev(3, "/q/b", "y", 3), ev(4, "/p/a", "z", 2, 2),
