@@ -388,6 +388,12 @@ class Nemesis(threading.Thread):
             self.sleep(self.rnd.uniform(*self.interval))
             if self.stop.is_set():
                 break
+            if self.quota_bytes and self.nospace_raised() and self.all_healthy():
+                # the workload filled the quota on its own: recover as an operator would
+                self.by_kind["nospace-recover"] = self.by_kind.get("nospace-recover", 0) + 1
+                self.rec.event("nospace-found")
+                self.nospace_recover([], self.by_kind["nospace-recover"] + 1000)
+                continue
             if self.schedule:
                 f = self.schedule.pop(0)
             else:
@@ -495,12 +501,22 @@ class Nemesis(threading.Thread):
         self.rec.event(f, member=m.name)
         self.expected_crashes.add((m.name, m._starts))
         set_disk(m, "fail=1")
+        t_fail = self.rec.now()
         deadline = time.monotonic() + 15
         while m.alive() and time.monotonic() < deadline:
             time.sleep(0.05)
         if m.alive():
-            self.problems.append("%s kept running 15 s after its disk failed" % m.name)
-            self.rec.event("disk-failed-member-still-running", member=m.name)
+            # only a member that had something to write must have stopped: the cluster may
+            # have taken no write meanwhile (NOSPACE raised, no quorum)
+            t_end = self.rec.now()
+            with self.rec.lock:
+                writes = sum(1 for o in self.rec.ops if o.get("ok") and o["op"] in (
+                    "put", "cas") and o.get("result", True) and t_fail < o["end"] < t_end)
+            if writes:
+                self.problems.append("%s kept running 15 s after its disk failed (%d writes "
+                                     "acknowledged meanwhile)" % (m.name, writes))
+            self.rec.event("disk-failed-member-still-running", member=m.name,
+                           writes_meanwhile=writes)
         else:
             self.rec.event("stopped-on-disk-failure", member=m.name,
                            status=m.proc.returncode)
@@ -704,7 +720,23 @@ class Nemesis(threading.Thread):
                                          % m.name)
                 elif NOSPACE_ERROR not in err:
                     self.rec.event("nospace-probe-error", member=m.name, error=err)
-        # recover: delete the filler (one key a revision), compact, defragment, disarm
+        self.nospace_recover(filled, n)
+
+    def nospace_raised(self):
+        for m in self.c.live():
+            try:
+                a = self.alarms(m)
+            except subprocess.TimeoutExpired:
+                continue
+            if a is not None:
+                return "alarm:NOSPACE" in a
+        return False
+
+    def nospace_recover(self, filled, n):
+        """Deletes the filler keys (one a revision), saves the reference stream, compacts at
+        the current revision, defragments every member, disarms; writes must resume."""
+        c = self.c
+        err = None
         rev = 0
         for key in filled:
             for attempt in range(20):
