@@ -163,8 +163,9 @@ smoke() {
 if [ "${KEELSON_SKIP_SMOKE:-0}" != 1 ]; then
     smoke "fuzz smoke: api, storage, etcd WAL and import decoders" bash "$ROOT/tests/fuzz/run_api_fuzz.sh" 15
     smoke "fuzz smoke: raft decoder and step" bash "$ROOT/tests/fuzz/run_raft_fuzz.sh" 15
-    # a 25 s campaign (fixed seed): kills, pauses, partitions, one-way drops, slow and
-    # failing disk; linearizability, watch and HashKV checks (tests/fault/README.md)
+    # a 30 s campaign (fixed seed, KV and Kubernetes clients): kills, pauses, partitions,
+    # one-way drops, slow, failing and full disks, NOSPACE; linearizability, watch, list and
+    # HashKV checks (tests/fault/README.md)
     smoke "fault campaign smoke" bash "$ROOT/tests/fault/run_fault.sh" --short
     smoke "benchmark smoke: keelson and etcd" bash "$ROOT/tools/bench.sh" --smoke
     smoke "watch saturation smoke: keelson and etcd" env BENCH_NO_BUILD=1 bash "$ROOT/tools/bench_watch.sh" --smoke

@@ -8,9 +8,14 @@ History format (a list of dicts, JSON-friendly):
   {"op": "get", ..., "ok": true, "result": "v7"}          # result None: key absent
   {"op": "cas", "expect": "v7", "value": "v9", "ok": true, "result": true}   # txn succeeded
   {"op": "cas", ..., "ok": true, "result": false}          # compare failed, nothing written
+  {"op": "cas", ..., "result": false, "observed": "v8"}    # ... and the Else branch read v8
+  {"op": "cas", "expect": "v7", "value": null, ...}        # compare-and-delete (value None)
   {"op": "put" | "cas", ..., "ok": false, "end": null}     # error / timeout: indeterminate,
                                                            # may take effect at any later time
-A failed get has no effect and is dropped. Every op also may carry "rev" (the response
+The Kubernetes workload's optimistic-concurrency txns map onto cas: a create
+(If CreateRevision==0) expects None, an update / delete (If ModRevision==r) expects the value
+the client read at mod revision r (every value is written once, so the two compares agree).
+A failed get has no effect and is dropped; ops of other kinds (e.g. "list") are skipped. Every op also may carry "rev" (the response
 header revision) and "member"; check_revisions() uses them.
 
 The register model is nondeterministic (indeterminate writes may or may not apply), handled
@@ -55,6 +60,11 @@ def step(state, op):
         if done:
             if op["result"]:
                 return frozenset([new]) if exp in state else frozenset()
+            if "observed" in op:
+                # the txn's Else branch read the key (Kubernetes' update / delete): the value
+                # then is known, and it is not the expected one
+                obs = op["observed"]
+                return frozenset([obs]) if obs in state and obs != exp else frozenset()
             rest = state - frozenset([exp])
             return rest
         # indeterminate: nothing happened, or it succeeded, or it ran and failed
@@ -193,6 +203,8 @@ def fmt_op(o):
         res = "(%r -> %r) %s" % (o.get("expect"), o.get("value"),
                                  "?" if not o.get("ok", True) else
                                  ("succeeded" if o.get("result") else "failed"))
+        if "observed" in o:
+            res += ", read %r" % (o["observed"],)
     else:
         res = "%r%s" % (o.get("value"), "" if o.get("ok", True) else " ?")
     return "[%.6f .. %s] c%s %s %s %s%s" % (
@@ -233,7 +245,8 @@ def check_history(history, budget_s=60.0, init=ABSENT):
     """
     by_key = defaultdict(list)
     for o in history:
-        by_key[o["key"]].append(o)
+        if o["op"] in ("get", "put", "cas"):
+            by_key[o["key"]].append(o)
     out = {}
     for k in sorted(by_key):
         ops = by_key[k]
@@ -357,6 +370,26 @@ def self_test():
             self.lin([P(0, 0, 0, 1, "a"), C(1, 1, 2, None, "a", "b"), G(2, 0, 3, 4, "b")])
             self.lin([P(0, 0, 0, 1, "a"), C(1, 1, 2, None, "a", "b"), G(2, 0, 3, 4, "a")])
             self.notlin([P(0, 0, 0, 1, "a"), C(1, 1, 2, None, "q", "b"), G(2, 0, 3, 4, "b")])
+
+        def test_cas_else_get(self):
+            Co = lambda i, c, s, e, x, v, obs: dict(C(i, c, s, e, x, v, False), observed=obs)  # noqa
+            self.lin([P(0, 0, 0, 1, "a"), P(1, 0, 2, 3, "b"), Co(2, 1, 4, 5, "a", "c", "b")])
+            # the Else branch read a value that was not current
+            self.notlin([P(0, 0, 0, 1, "a"), P(1, 0, 2, 3, "b"), Co(2, 1, 4, 5, "a", "c", "a")])
+            # ... nor one equal to the expected one (the compare would have passed)
+            self.notlin([P(0, 0, 0, 1, "b"), Co(1, 1, 2, 3, "b", "c", "b")])
+            # a concurrent write explains it
+            self.lin([P(0, 0, 0, 1, "a"), P(1, 0, 2, 6, "b"), Co(2, 1, 3, 5, "a", "c", "b")])
+            # create (expects absent) and compare-and-delete (value None)
+            self.lin([C(0, 0, 0, 1, None, "a", True), C(1, 1, 2, 3, "a", None, True),
+                      G(2, 0, 4, 5, None), Co(3, 1, 6, 7, "a", "x", None)])
+            self.notlin([C(0, 0, 0, 1, None, "a", True), C(1, 1, 2, 3, "a", None, True),
+                         G(2, 0, 4, 5, "a")])
+            self.notlin([C(0, 0, 0, 1, None, "a", True), C(1, 1, 2, 3, None, "b", True)])
+
+        def test_other_kinds_skipped(self):
+            h = [P(0, 0, 0, 1, "a"), dict(_op(1, 1, "list", 2, 3), key="/r/")]
+            self.assertEqual(list(check_history(h)), ["x"])
 
         def test_failed_get_dropped(self):
             self.lin([P(0, 0, 0, 1, "a"), _op(1, 1, "get", 2, None, result="zzz")])

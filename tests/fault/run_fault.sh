@@ -6,8 +6,10 @@
 # (others may rebuild meanwhile), runs tests/fault/campaign.py --runs times (new seed each
 # time unless --seed), and exits non-zero if any run fails a check. The checkers' unit tests
 # run first.
-# --short: 3 members, 25 s, seed 1, and a fixed first schedule that covers a leader
-# isolation, a one-way drop, a 1|2 split, a failing and a slow disk and a leader kill.
+# --short: 3 members, 30 s, seed 1, the mixed workload (KV and Kubernetes clients), and a
+# fixed first schedule that covers a leader isolation, NOSPACE (quota 16 MiB), a one-way
+# drop, a failing disk, a full disk, a 1|2 split, a slow disk and a leader kill. With
+# KEELSON_KNOWN_BUGS=1 it also replaces a member (see README.md: Keelson fails it today).
 # Environment: KEELSON_BIN to test a given binary instead of building.
 set -u
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 2
@@ -16,9 +18,11 @@ args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --runs) runs="$2"; shift 2;;
-    --short) args+=(--duration 25 --members 3 --seed 1 --clients 4 --keys 3
-                    --fault-interval 0.5,1.5 --check-budget 30
-                    --schedule isolate-leader,one-way-leader,fail-disk,split,slow-disk,kill-leader)
+    --short) sched=isolate-leader,nospace,one-way-leader,fail-disk,disk-full,split,slow-disk,kill-leader
+             if [ "${KEELSON_KNOWN_BUGS:-}" = 1 ]; then sched="replace,$sched"; fi
+             args+=(--duration 30 --members 3 --seed 1 --clients 4 --keys 3 --workload mixed
+                    --quota-mib 16 --fault-interval 0.5,1.5 --check-budget 30
+                    --schedule "$sched")
              shift;;
     *) args+=("$1"); shift;;
   esac

@@ -15,6 +15,8 @@
  *   sync_delay_ms   sleep this long before each sync
  *   write_delay_ms  sleep this long before each write
  *   fail            1: every write and sync fails with EIO, nothing reaches the file
+ *   enospc          1: the disk is full: every write, sync, ftruncate and fallocate fails
+ *                   with ENOSPC, nothing reaches the file (reads still work)
  * It is re-read when its modification time or size changes (one stat() per call); a
  * missing or unreadable file means "no fault". Without SLOWDISK_CONTROL the shim does
  * nothing at all.
@@ -39,6 +41,7 @@
 static atomic_int sync_delay_ms;
 static atomic_int write_delay_ms;
 static atomic_int fail_io;
+static atomic_int disk_full;
 
 static pthread_mutex_t reload_mu = PTHREAD_MUTEX_INITIALIZER;
 static struct timespec seen_mtime; /* of the control file when last read; guarded by reload_mu */
@@ -64,6 +67,12 @@ REAL(pwrite64, ssize_t, int, const void *, size_t, off64_t)
 REAL(pwritev, ssize_t, int, const struct iovec *, int, off_t)
 REAL(writev, ssize_t, int, const struct iovec *, int)
 REAL(write, ssize_t, int, const void *, size_t)
+REAL(ftruncate, int, int, off_t)
+REAL(ftruncate64, int, int, off64_t)
+REAL(fallocate, int, int, int, off_t, off_t)
+REAL(fallocate64, int, int, int, off64_t, off64_t)
+REAL(posix_fallocate, int, int, off_t, off_t)
+REAL(posix_fallocate64, int, int, off64_t, off64_t)
 
 /* Reads the control file if it changed since the last read. Uses the real read path only
  * (open/read are not wrapped), so it cannot recurse. */
@@ -78,6 +87,7 @@ static void maybe_reload(void)
 		atomic_store(&sync_delay_ms, 0);
 		atomic_store(&write_delay_ms, 0);
 		atomic_store(&fail_io, 0);
+		atomic_store(&disk_full, 0);
 		return;
 	}
 	pthread_mutex_lock(&reload_mu);
@@ -95,7 +105,7 @@ static void maybe_reload(void)
 	}
 	if (n >= 0) {
 		buf[n] = '\0';
-		int sd = 0, wd = 0, fl = 0;
+		int sd = 0, wd = 0, fl = 0, full = 0;
 		for (char *save = NULL, *w = strtok_r(buf, " \t\r\n", &save); w;
 		     w = strtok_r(NULL, " \t\r\n", &save)) {
 			if (strncmp(w, "sync_delay_ms=", 14) == 0)
@@ -104,10 +114,13 @@ static void maybe_reload(void)
 				wd = atoi(w + 15);
 			else if (strncmp(w, "fail=", 5) == 0)
 				fl = atoi(w + 5);
+			else if (strncmp(w, "enospc=", 7) == 0)
+				full = atoi(w + 7);
 		}
 		atomic_store(&sync_delay_ms, sd);
 		atomic_store(&write_delay_ms, wd);
 		atomic_store(&fail_io, fl);
+		atomic_store(&disk_full, full);
 		seen_size = st.st_size;
 		seen_mtime = st.st_mtim;
 	}
@@ -127,9 +140,10 @@ static int is_regular(int fd)
 	return fstat(fd, &st) == 0 && S_ISREG(st.st_mode);
 }
 
-/* Applies the current fault to one call on fd. Returns 0 to go on with the real call, or
- * -1 with errno set to fail it. sync: a sync (else a write). */
-static int fault(int fd, int sync)
+/* Applies the current fault to one call on fd: sleeps first if asked. Returns 0 to go on
+ * with the real call, or the errno value (EIO, ENOSPC) the call must fail with. sync: a
+ * sync (else a write). */
+static int fault_errno(int fd, int sync)
 {
 	/* stdout/stderr may be a log file: keep it, the reason a member stops goes there */
 	if (getenv("SLOWDISK_CONTROL") == NULL || (fd >= 0 && (fd <= 2 || !is_regular(fd))))
@@ -139,11 +153,22 @@ static int fault(int fd, int sync)
 	int ms = atomic_load(sync ? &sync_delay_ms : &write_delay_ms);
 	if (ms > 0)
 		sleep_ms(ms);
-	if (atomic_load(&fail_io)) {
-		errno = EIO;
+	errno = saved;
+	if (atomic_load(&fail_io))
+		return EIO;
+	if (atomic_load(&disk_full))
+		return ENOSPC;
+	return 0;
+}
+
+/* The same for calls that report failure as -1 with errno. */
+static int fault(int fd, int sync)
+{
+	int err = fault_errno(fd, sync);
+	if (err != 0) {
+		errno = err;
 		return -1;
 	}
-	errno = saved;
 	return 0;
 }
 
@@ -208,4 +233,49 @@ ssize_t write(int fd, const void *buf, size_t n)
 	if (fault(fd, 0) != 0)
 		return -1;
 	return get_write()(fd, buf, n);
+}
+
+int ftruncate(int fd, off_t len)
+{
+	if (fault(fd, 0) != 0)
+		return -1;
+	return get_ftruncate()(fd, len);
+}
+
+int ftruncate64(int fd, off64_t len)
+{
+	if (fault(fd, 0) != 0)
+		return -1;
+	return get_ftruncate64()(fd, len);
+}
+
+int fallocate(int fd, int mode, off_t off, off_t len)
+{
+	if (fault(fd, 0) != 0)
+		return -1;
+	return get_fallocate()(fd, mode, off, len);
+}
+
+int fallocate64(int fd, int mode, off64_t off, off64_t len)
+{
+	if (fault(fd, 0) != 0)
+		return -1;
+	return get_fallocate64()(fd, mode, off, len);
+}
+
+/* posix_fallocate returns the error number instead of setting errno. */
+int posix_fallocate(int fd, off_t off, off_t len)
+{
+	int err = fault_errno(fd, 0);
+	if (err != 0)
+		return err;
+	return get_posix_fallocate()(fd, off, len);
+}
+
+int posix_fallocate64(int fd, off64_t off, off64_t len)
+{
+	int err = fault_errno(fd, 0);
+	if (err != 0)
+		return err;
+	return get_posix_fallocate64()(fd, off, len);
 }
