@@ -10,25 +10,8 @@
 #include <string.h>
 #include <time.h>
 
-static int failed;
-
-#define CHECK(c)                                                                   \
-	do {                                                                       \
-		if (!(c)) {                                                        \
-			fprintf(stderr, "  %s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #c); \
-			failed++;                                                  \
-		}                                                                  \
-	} while (0)
-
-#define CHECK_EQ(a, b)                                                             \
-	do {                                                                       \
-		long long a_ = (long long)(a), b_ = (long long)(b);                \
-		if (a_ != b_) {                                                    \
-			fprintf(stderr, "  %s:%d: CHECK_EQ failed: %s == %lld, %s == %lld\n", \
-				__FILE__, __LINE__, #a, a_, #b, b_);               \
-			failed++;                                                  \
-		}                                                                  \
-	} while (0)
+/* CHECK, CHECK_EQ and the failure count t_fail */
+#include "storage/testutil.h"
 
 /* "YYYY-MM-DD HH:MM" in UTC as time_t. */
 static time_t utc(const char *s)
@@ -61,7 +44,7 @@ static void check_next(const char *expr, const char *after, const char *want)
 	char eb[256] = "";
 	if (backup_cron_parse(expr, &c, eb, sizeof(eb)) != 0) {
 		fprintf(stderr, "  parse \"%s\" failed: %s\n", expr, eb);
-		failed++;
+		t_fail++;
 		return;
 	}
 	time_t n = 0;
@@ -69,7 +52,7 @@ static void check_next(const char *expr, const char *after, const char *want)
 	const char *got = rc == 0 ? fmt_utc(n) : "";
 	if (strcmp(got, want) != 0) {
 		fprintf(stderr, "  next(\"%s\", %s) = \"%s\", want \"%s\"\n", expr, after, got, want);
-		failed++;
+		t_fail++;
 	}
 }
 
@@ -79,10 +62,10 @@ static void check_bad(const char *expr)
 	char eb[256] = "";
 	if (backup_cron_parse(expr, &c, eb, sizeof(eb)) == 0) {
 		fprintf(stderr, "  \"%s\" parsed, should be refused\n", expr);
-		failed++;
+		t_fail++;
 	} else if (eb[0] == '\0') {
 		fprintf(stderr, "  \"%s\" refused without a message\n", expr);
-		failed++;
+		t_fail++;
 	}
 }
 
@@ -355,8 +338,8 @@ int main(void)
 	test_cron_random();
 	test_retention();
 	test_thinning();
-	if (failed) {
-		fprintf(stderr, "schedule_test: %d checks failed\n", failed);
+	if (t_fail) {
+		fprintf(stderr, "schedule_test: %d checks failed\n", t_fail);
 		return 1;
 	}
 	printf("schedule_test: all passed\n");

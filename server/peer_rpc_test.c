@@ -11,24 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int failed;
-
-#define CHECK(c)                                                                           \
-	do {                                                                               \
-		if (!(c)) {                                                                \
-			fprintf(stderr, "  %s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #c); \
-			failed++;                                                          \
-		}                                                                          \
-	} while (0)
-#define CHECK_EQ(a, b)                                                                      \
-	do {                                                                                \
-		long long a_ = (long long)(a), b_ = (long long)(b);                         \
-		if (a_ != b_) {                                                             \
-			fprintf(stderr, "  %s:%d: CHECK_EQ failed: %s == %lld, %s == %lld\n", \
-				__FILE__, __LINE__, #a, a_, #b, b_);                        \
-			failed++;                                                           \
-		}                                                                           \
-	} while (0)
+/* CHECK, CHECK_EQ and the failure count t_fail */
+#include "storage/testutil.h"
 
 static uv_loop_t loop;
 static uv_timer_t watchdog;
@@ -49,7 +33,7 @@ static int run_until(int (*cond)(void), unsigned ms, const char *what)
 	uv_timer_stop(&watchdog);
 	if (!cond()) {
 		fprintf(stderr, "  timed out after %u ms waiting for %s\n", ms, what);
-		failed++;
+		t_fail++;
 		return 0;
 	}
 	return 1;
@@ -331,8 +315,8 @@ int main(void)
 	uv_close((uv_handle_t *)&later_timer, NULL);
 	uv_run(&loop, UV_RUN_DEFAULT);
 	CHECK_EQ(uv_loop_close(&loop), 0);
-	if (failed) {
-		fprintf(stderr, "peer_rpc_test: %d check(s) failed\n", failed);
+	if (t_fail) {
+		fprintf(stderr, "peer_rpc_test: %d check(s) failed\n", t_fail);
 		return 1;
 	}
 	printf("peer_rpc_test: ok\n");
