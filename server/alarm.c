@@ -297,7 +297,7 @@ int alarm_quota_exceeded(server_ctx *sc, size_t request_bytes)
 		return 1;
 	/* etcd's costs: the request plus a fixed overhead per key for the index and meta. */
 	uint64_t cost = request_bytes + 64 + 256;
-	if (storage_db_size(sc->st) + cost < sc->quota_bytes)
+	if (storage_quota_size(sc->st) + cost < sc->quota_bytes)
 		return 0;
 	Etcdserverpb__AlarmRequest *req = malloc(sizeof(*req));
 	if (req != NULL) {

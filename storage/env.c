@@ -263,6 +263,21 @@ uint64_t storage_db_size(storage *s)
 	return ((uint64_t)info.me_last_pgno + 1) * st.ms_psize;
 }
 
+uint64_t storage_quota_size(storage *s)
+{
+	uint64_t size = storage_db_size(s), log = 0;
+	MDB_txn *txn;
+	MDB_stat st;
+	pthread_rwlock_rdlock(&s->s_envlock);
+	if (mdb_txn_begin(s->s_env, NULL, MDB_RDONLY, &txn) == 0) {
+		if (mdb_stat(txn, s->s_rlog, &st) == 0)
+			log = (uint64_t)(st.ms_branch_pages + st.ms_leaf_pages + st.ms_overflow_pages) * st.ms_psize;
+		mdb_txn_abort(txn);
+	}
+	pthread_rwlock_unlock(&s->s_envlock);
+	return size > log ? size - log : 0;
+}
+
 int64_t storage_current_revision(storage *s)
 {
 	return atomic_load(&s->s_rev);

@@ -219,6 +219,11 @@ void storage_read_end(storage_reader *r);
 /* Bytes the data file spans (LMDB's high-water mark), without a transaction: etcd's
  * quota is checked against this. */
 uint64_t storage_db_size(storage *s);
+/* What --quota-backend-bytes is held against: storage_db_size() less the pages the Raft log
+ * holds now. etcd keeps its log in the WAL, outside the backend its quota measures; here
+ * the log shares the file, and counting it would raise NOSPACE long before etcd would (and
+ * again right after a compact + defragment, which leave the log alone). */
+uint64_t storage_quota_size(storage *s);
 
 /* ---- The auth store's record ---- */
 

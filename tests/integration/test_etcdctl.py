@@ -694,6 +694,22 @@ class HealthAlarms(unittest.TestCase):
                          [(200, '{"health":"true"}')] * 2)
 
 
+class QuotaExcludesRaftLog(unittest.TestCase):
+    """--quota-backend-bytes measures the keyspace's store, as etcd's does its bbolt file:
+    Keelson's Raft log shares the LMDB file but is not counted (it was: 1,378 of these puts
+    went in before NOSPACE, where etcd takes them all)."""
+
+    def test_overwrites_fit_as_on_etcd(self):
+        import etcd3
+        sut, etcd = harness.pair_for_test(self, extra_args=["--quota-backend-bytes", "4000000"])
+        value = "x" * 1000
+        for s in (sut, etcd):
+            c = etcd3.client(host="127.0.0.1", port=s.client_port, timeout=10)
+            for i in range(2000):
+                c.put("k%d" % (i % 20), value)
+            self.assertEqual(s.ctl("alarm", "list").stdout.strip(), "", s.label)
+
+
 class PythonClient(Base):
     """python3-etcd3 (Debian) basics."""
 
