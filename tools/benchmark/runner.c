@@ -1138,15 +1138,22 @@ static void *sthr_main(void *arg)
 	return NULL;
 }
 
+/* A call of method with a deadline timeout seconds away, on a pluck queue of its own (*cq). */
+static grpc_call *open_call(grpc_channel *ch, const char *method, double timeout, grpc_completion_queue **cq)
+{
+	*cq = grpc_completion_queue_create_for_pluck(NULL);
+	gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+					     gpr_time_from_millis((int64_t)(timeout * 1000), GPR_TIMESPAN));
+	return grpc_channel_create_call(ch, NULL, GRPC_PROPAGATE_DEFAULTS, *cq, grpc_slice_from_static_string(method),
+					NULL, deadline, NULL);
+}
+
 /* One unary call, synchronously on its own completion queue. Returns the grpc status or -1. */
 int bench_unary(grpc_channel *ch, const char *method, const ProtobufCMessage *req,
 		 const ProtobufCMessageDescriptor *rd, ProtobufCMessage **resp, double timeout, char *err, size_t errlen)
 {
-	grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
-	gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-					     gpr_time_from_millis((int64_t)(timeout * 1000), GPR_TIMESPAN));
-	grpc_call *c = grpc_channel_create_call(ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, grpc_slice_from_static_string(method),
-						NULL, deadline, NULL);
+	grpc_completion_queue *cq;
+	grpc_call *c = open_call(ch, method, timeout, &cq);
 	grpc_metadata_array mi, mt;
 	grpc_metadata_array_init(&mi);
 	grpc_metadata_array_init(&mt);
@@ -1204,11 +1211,8 @@ int bench_server_stream(grpc_channel *ch, const char *method, const ProtobufCMes
 			const ProtobufCMessageDescriptor *rd, double timeout,
 			int (*on_msg)(void *arg, const ProtobufCMessage *m), void *arg, char *err, size_t errlen)
 {
-	grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
-	gpr_timespec deadline = gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-					     gpr_time_from_millis((int64_t)(timeout * 1000), GPR_TIMESPAN));
-	grpc_call *c = grpc_channel_create_call(ch, NULL, GRPC_PROPAGATE_DEFAULTS, cq, grpc_slice_from_static_string(method),
-						NULL, deadline, NULL);
+	grpc_completion_queue *cq;
+	grpc_call *c = open_call(ch, method, timeout, &cq);
 	grpc_metadata_array mi, mt;
 	grpc_metadata_array_init(&mi);
 	grpc_metadata_array_init(&mt);
