@@ -1105,7 +1105,8 @@ static void remove_tmp(const char *tmp)
 		if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
 			continue;
 		snprintf(p, sizeof(p), "%s/%s", tmp, de->d_name);
-		unlink(p);
+		if (unlink(p) != 0 && (errno == EISDIR || errno == EPERM))
+			remove_tmp(p); /* keelson-wal/: one level of segments */
 	}
 	closedir(d);
 	rmdir(tmp);
@@ -1364,7 +1365,7 @@ static int write_raft_state(const config *cfg, const char *dir, const char *snap
 
 int etcd_import_maybe(const config *cfg, const char *member_dir)
 {
-	char db[4200], wal[4200], mdb[4200], tmp[4200], tmpmdb[4300];
+	char db[4200], wal[4200], mdb[4200], tmp[4200], tmpmdb[4300], kwal[4300], tmpkwal[4400];
 	if (strlen(member_dir) > 4000 || (cfg->wal_dir && strlen(cfg->wal_dir) > 4000))
 		return 0; /* main.c refuses such paths itself */
 	char snapdir[4200];
@@ -1377,6 +1378,8 @@ int etcd_import_maybe(const config *cfg, const char *member_dir)
 	snprintf(mdb, sizeof(mdb), "%s/data.mdb", member_dir);
 	snprintf(tmp, sizeof(tmp), "%s/import.tmp", member_dir);
 	snprintf(tmpmdb, sizeof(tmpmdb), "%s/data.mdb", tmp);
+	snprintf(kwal, sizeof(kwal), "%s/keelson-wal", member_dir);
+	snprintf(tmpkwal, sizeof(tmpkwal), "%s/keelson-wal", tmp);
 	if (exists(mdb) || !exists(db) || !exists(wal))
 		return 0; /* a Keelson data dir (imported already, or never etcd's), or a new one */
 
@@ -1401,6 +1404,9 @@ int etcd_import_maybe(const config *cfg, const char *member_dir)
 		return STORAGE_ERR_NOMEM;
 	}
 	remove_tmp(tmp); /* left by an interrupted import: it never became the environment */
+	/* Our log moved in before an interrupted import's data.mdb did: without that data.mdb it
+	 * is not a member's log (etcd's own WAL is in wal/, never touched). */
+	remove_tmp(kwal);
 	/* The map main.c will open the environment with: room for the quota. */
 	storage_options so = {0};
 	uint64_t quota = cfg->quota_backend_bytes ? cfg->quota_backend_bytes : 2ULL << 30;
@@ -1426,7 +1432,10 @@ int etcd_import_maybe(const config *cfg, const char *member_dir)
 		log_at(LOG_FATAL, "cannot import the etcd data dir", "error", err, NULL);
 		goto out;
 	}
-	if (fsync_path(tmpmdb) != 0 || rename(tmpmdb, mdb) != 0 || fsync_path(member_dir) != 0) {
+	/* The log (pending entries, hard state) first, data.mdb last: its rename is the commit
+	 * point (a member dir with data.mdb is imported). */
+	if ((exists(tmpkwal) && (rename(tmpkwal, kwal) != 0 || fsync_path(member_dir) != 0)) ||
+	    fsync_path(tmpmdb) != 0 || rename(tmpmdb, mdb) != 0 || fsync_path(member_dir) != 0) {
 		snprintf(err, sizeof(err), "move the imported data.mdb into %.200s: %s", member_dir, strerror(errno));
 		log_at(LOG_FATAL, "cannot import the etcd data dir", "error", err, NULL);
 		rc = STORAGE_ERR_IO;

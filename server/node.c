@@ -962,7 +962,9 @@ static void process_ready(node *n)
 				rc = storage_batch_log_append(b, le, rd.n_entries);
 		}
 		if (rc == 0 && rd.hard_state_changed) {
-			if (b)
+			/* A commit index alone need not be durable (it is not synced, as etcd):
+			 * a restart takes it from the applied index and the leader. */
+			if (b && durable)
 				rc = storage_batch_log_hard_state(b, rd.hard_state.term, rd.hard_state.vote,
 								  rd.hard_state.commit);
 			atomic_store(&n->n_term, rd.hard_state.term);
@@ -988,12 +990,23 @@ static void process_ready(node *n)
 		if (rc == 0 && b)
 			rc = storage_batch_events(b, &a, &events, &nevents, &rev);
 		if (rc == 0 && b) {
+			/* The WAL's one fdatasync makes the entries and hard state durable; the
+			 * apply's LMDB commit can then be lazy (one flush, and a crash that undoes
+			 * it is redone from the log), and a batch with nothing to apply (a
+			 * follower's append) skips LMDB entirely. */
 			uint64_t t0 = node_now_ns();
-			rc = durable ? storage_batch_commit(b, applied) : storage_batch_commit_lazy(b, applied);
-			uint64_t took = node_now_ns() - t0;
-			histogram_observe(&n->n_metrics.nm_backend_commit, took);
+			rc = storage_batch_sync_log(b);
+			uint64_t t1 = node_now_ns();
 			if (durable)
-				histogram_observe(&n->n_metrics.nm_wal_fsync, took); /* our log's fsync is this commit's */
+				histogram_observe(&n->n_metrics.nm_wal_fsync, t1 - t0);
+			if (rc != 0) {
+				storage_batch_abort(b);
+			} else if (to_apply) {
+				rc = storage_batch_commit_lazy(b, applied);
+				histogram_observe(&n->n_metrics.nm_backend_commit, node_now_ns() - t1);
+			} else {
+				rc = storage_batch_commit_log(b);
+			}
 		} else if (b)
 			storage_batch_abort(b);
 		if (rc != 0) {

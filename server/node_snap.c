@@ -454,12 +454,9 @@ static int prepare_received(node *n, const struct raft_snapshot *s, const struct
 		rc = storage_batch_begin(st, &b);
 	uint8_t id[8];
 	put64(id, sc->mi.member_id);
-	if (rc == 0)
-		rc = storage_batch_log_clear(b);
+	/* The copy's LMDB holds no log (that is in the sender's WAL), only its snapshot point. */
 	if (rc == 0)
 		rc = storage_batch_log_snapshot(b, s->meta.index, s->meta.term, &s->meta.conf, sizeof(s->meta.conf));
-	if (rc == 0)
-		rc = storage_batch_log_hard_state(b, hs->term, hs->vote, hs->commit);
 	if (rc == 0)
 		rc = storage_batch_meta_put(b, "member_id", id, sizeof(id));
 	if (rc == 0)
@@ -496,6 +493,22 @@ uint64_t node_snap_install(node *n, const struct raft_snapshot *s, const struct 
 		rc = storage_install(sc->st, ns->nr_path);
 		server_backup_resume(sc->backup);
 	}
+	if (rc == 0)
+		CRASHPOINT("snap.installed"); /* the new store, the old log and hard state in the WAL */
+	/* Then the log: it starts over at the snapshot point, with this Ready's hard state.
+	 * A crash before this record leaves the old log, which reading reconciles with the new
+	 * snapshot point (entries it covers or that contradict it are dropped). */
+	storage_batch *lb = NULL;
+	if (rc == 0)
+		rc = storage_batch_begin(sc->st, &lb);
+	if (rc == 0)
+		rc = storage_batch_log_clear(lb);
+	if (rc == 0)
+		rc = storage_batch_log_hard_state(lb, hs->term, hs->vote, hs->commit);
+	if (rc == 0)
+		rc = storage_batch_commit_log(lb);
+	else if (lb)
+		storage_batch_abort(lb);
 	remove_recv_dir(ns->nr_dir);
 	ns->nr_ready = 0;
 	ns->nr_from = ns->nr_id = ns->nr_off = 0;

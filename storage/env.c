@@ -183,6 +183,7 @@ int storage_open(const char *dir, const storage_options *opts, storage **out)
 	if (!s)
 		return STORAGE_ERR_NOMEM;
 	s->s_lockfd = -1;
+	s->s_wal_fd = -1;
 	pthread_rwlock_init(&s->s_envlock, NULL);
 	if ((s->s_dir = strdup(dir)) == NULL) {
 		err = STORAGE_ERR_NOMEM;
@@ -224,11 +225,25 @@ int storage_open(const char *dir, const storage_options *opts, storage **out)
 		err = storage__mdb_err(rc);
 		goto fail;
 	}
+	/* The WAL needs LMDB's snapshot point to tell a committed clear from a void one. */
+	int64_t snap_index = 0;
+	if ((err = storage__mdb_err(mdb_txn_begin(s->s_env, NULL, MDB_RDONLY, &txn))))
+		goto fail;
+	err = storage__meta_get_i64(s, txn, META_RL_SNAP_INDEX, 0, &snap_index);
+	mdb_txn_abort(txn);
+	txn = NULL;
+	if (!err)
+		err = storage__wal_open(s, opts ? opts->so_wal_segment_size : 0, (uint64_t)snap_index);
+	if (!err)
+		err = storage__migrate_rlog(s);
+	if (err)
+		goto fail;
 	*out = s;
 	return 0;
 fail:
 	if (txn)
 		mdb_txn_abort(txn);
+	storage__wal_close(s);
 	if (s->s_env)
 		mdb_env_close(s->s_env);
 	if (s->s_lockfd >= 0)
@@ -245,6 +260,7 @@ void storage_close(storage *s)
 		return;
 	if (s->s_batch)
 		storage_batch_abort(s->s_batch);
+	storage__wal_close(s);
 	mdb_env_close(s->s_env);
 	close(s->s_lockfd);
 	pthread_rwlock_destroy(&s->s_envlock);
@@ -265,17 +281,7 @@ uint64_t storage_db_size(storage *s)
 
 uint64_t storage_quota_size(storage *s)
 {
-	uint64_t size = storage_db_size(s), log = 0;
-	MDB_txn *txn;
-	MDB_stat st;
-	pthread_rwlock_rdlock(&s->s_envlock);
-	if (mdb_txn_begin(s->s_env, NULL, MDB_RDONLY, &txn) == 0) {
-		if (mdb_stat(txn, s->s_rlog, &st) == 0)
-			log = (uint64_t)(st.ms_branch_pages + st.ms_leaf_pages + st.ms_overflow_pages) * st.ms_psize;
-		mdb_txn_abort(txn);
-	}
-	pthread_rwlock_unlock(&s->s_envlock);
-	return size > log ? size - log : 0;
+	return storage_db_size(s);
 }
 
 int64_t storage_current_revision(storage *s)
@@ -403,6 +409,7 @@ int storage_batch_begin(storage *s, storage_batch **out)
 		return STORAGE_ERR_NOMEM;
 	pthread_rwlock_rdlock(&s->s_envlock);
 	b->b_s = s;
+	b->b_wal_clear_off = -1;
 	int err = storage__mdb_err(mdb_txn_begin(s->s_env, NULL, 0, &b->b_txn));
 	if (!err)
 		err = storage__meta_get_i64(s, b->b_txn, META_REV, 1, &b->b_rev);
@@ -455,11 +462,45 @@ int storage_batch_commit_lazy(storage_batch *b, uint64_t applied_index)
 	return batch_commit(b, applied_index, 1);
 }
 
+static void batch_end(storage_batch *b)
+{
+	b->b_s->s_batch = NULL;
+	pthread_rwlock_unlock(&b->b_s->s_envlock);
+	free(b->b_wal);
+	free(b);
+}
+
+int storage_batch_sync_log(storage_batch *b)
+{
+	int had = b->b_wal_len > 0;
+	int err = storage__wal_write(b);
+	if (!err && had)
+		CRASHPOINT("wal.synced"); /* the log records durable, the LMDB part not written */
+	return err;
+}
+
+int storage_batch_commit_log(storage_batch *b)
+{
+	int err = storage_batch_sync_log(b);
+	mdb_txn_abort(b->b_txn);
+	batch_end(b);
+	return err;
+}
+
 static int batch_commit(storage_batch *b, uint64_t applied_index, int lazy)
 {
 	storage *s = b->b_s;
 	MDB_txn *txn = b->b_txn;
-	int err = storage__meta_put_i64(s, txn, META_REV, b->b_rev);
+	/* The log first: the LMDB state may only ever be ahead of what the log can redo if
+	 * the log holds it, and a follower's entries must be durable before it acks them. */
+	int had_log = b->b_wal_len > 0;
+	int err = storage_batch_sync_log(b);
+	if (err) {
+		mdb_txn_abort(txn);
+		batch_end(b);
+		return err;
+	}
+	err = storage__meta_put_i64(s, txn, META_REV, b->b_rev);
 	if (!err)
 		err = storage__meta_put_i64(s, txn, META_COMPACT, b->b_compact);
 	if (!err)
@@ -489,20 +530,25 @@ static int batch_commit(storage_batch *b, uint64_t applied_index, int lazy)
 		if (!err) {
 			CRASHPOINT("commit.after"); /* durable (lazy: written), not yet acknowledged */
 			atomic_store(&s->s_rev, b->b_rev);
+		} else if (had_log) {
+			/* The WAL holds records LMDB does not follow: stop, as a failed write does. */
+			s->s_wal_failed = 1;
 		}
 	}
-	s->s_batch = NULL;
-	pthread_rwlock_unlock(&s->s_envlock);
-	free(b);
+	/* Segments whose entries the new snapshot point covers can go once that point is
+	 * durable: this commit may be lazy, so flush LMDB first (once per segment, rare). A
+	 * failure leaves them for the next compaction. */
+	if (!err && b->b_snap_set && storage__wal_removable(s, b->b_snap_index) &&
+	    mdb_env_sync(s->s_env, 1) == 0)
+		(void)storage__wal_remove_through(s, b->b_snap_index);
+	batch_end(b);
 	return err;
 }
 
 void storage_batch_abort(storage_batch *b)
 {
 	mdb_txn_abort(b->b_txn);
-	b->b_s->s_batch = NULL;
-	pthread_rwlock_unlock(&b->b_s->s_envlock);
-	free(b);
+	batch_end(b);
 }
 
 /* ---- readers ---- */

@@ -52,7 +52,19 @@ struct storage {
 	MDB_dbi s_leases; /* lease id (i64 BE) -> granted TTL in seconds (i64 BE), then the
 			   * checkpointed remaining TTL (i64 BE) if a checkpoint holds one */
 	MDB_dbi s_lkeys;  /* (lease id, key id) BE -> nothing: the keys attached to a lease */
-	MDB_dbi s_rlog;   /* Raft log: index (u64 BE) -> [term u64 BE][type u8][data] */
+	MDB_dbi s_rlog;   /* the Raft log before wal.c: index (u64 BE) -> [term u64 BE][type u8]
+			   * [data]; emptied into the WAL at open (migrate_rlog) */
+	/* wal.c: the Raft log and hard state. The writer alone touches these. */
+	int s_wal_fd;             /* the last segment, -1 before the first */
+	uint64_t s_wal_off;       /* where the next record goes in it */
+	uint64_t s_wal_cap;       /* its preallocated size */
+	uint64_t s_wal_seg_size;
+	uint64_t *s_wal_segs;     /* sequence numbers, oldest first */
+	uint64_t *s_wal_seg_max;  /* the highest entry index each segment holds (0: none) */
+	size_t s_wal_nsegs;
+	int s_wal_has_hs;
+	uint64_t s_wal_hs[3];     /* the last hard state written: term, vote, commit */
+	int s_wal_failed;         /* a write failed: what is on disk is unknown, write no more */
 	int s_lockfd;
 	storage_batch *s_batch; /* the open batch, if any */
 	uint64_t s_map_size;
@@ -74,6 +86,15 @@ struct storage_batch {
 	int64_t b_cnext_sub;
 	int64_t b_cpending;    /* 1 while superseded revisions <= b_compact may remain */
 	int64_t b_next_id;     /* next key id to hand out */
+	/* The batch's WAL records (wal.c), written and synced before the LMDB commit. */
+	uint8_t *b_wal;
+	size_t b_wal_len, b_wal_cap;
+	uint64_t b_wal_max_index;
+	int b_wal_hs_set;
+	uint64_t b_wal_hs[3];
+	int64_t b_wal_clear_off;  /* offset of a clear record in b_wal, -1 if none */
+	int b_snap_set;           /* storage_batch_log_snapshot() was called: */
+	uint64_t b_snap_index;    /* its index */
 };
 
 struct storage_reader {
@@ -180,6 +201,34 @@ int storage__hist_put(storage *s, MDB_txn *txn, uint64_t id, int64_t main, int64
 /* The newest revision of key id with main <= rev: 0 or STORAGE_ERR_NOT_FOUND. */
 int storage__hist_at(storage *s, MDB_txn *txn, uint64_t id, int64_t rev, int64_t *main,
 		     int64_t *sub, int *tomb);
+
+/* ---- wal.c ---- */
+typedef struct storage__wal_log {
+	storage_log_entry *wl_e; /* malloc'd; data points into the arena */
+	size_t wl_n, wl_cap;
+	int wl_has_hs;
+	uint64_t wl_hs[3];
+	uint64_t *wl_seg_max;
+} storage__wal_log;
+int storage__wal_add_entries(storage_batch *b, const storage_log_entry *e, size_t n);
+int storage__wal_add_hs(storage_batch *b, uint64_t term, uint64_t vote, uint64_t commit);
+int storage__wal_add_clear(storage_batch *b);
+/* Reads every segment: the log as the WAL holds it (a clear honoured if snap_index, LMDB's
+ * snapshot point, is at or past it). */
+int storage__wal_load(storage *s, storage_arena *a, uint64_t snap_index, storage__wal_log *l,
+		      uint64_t **segs, size_t *nsegs, size_t *tail, int *tail_clean);
+void storage__wal_log_free(storage__wal_log *l);
+int storage__wal_open(storage *s, uint64_t segment_size, uint64_t snap_index);
+void storage__wal_close(storage *s);
+/* Writes the batch's records and fdatasyncs them (nothing if it has none). */
+int storage__wal_write(storage_batch *b);
+/* Whether segments would go at this snapshot index; removes the segments (oldest first, never
+ * the last) whose entries are all <= durable_snap_index, which LMDB must hold durably. */
+int storage__wal_removable(storage *s, uint64_t snap_index);
+int storage__wal_remove_through(storage *s, uint64_t durable_snap_index);
+
+/* ---- raftlog.c ---- */
+int storage__migrate_rlog(storage *s);
 
 /* ---- env.c ---- */
 int storage__meta_get_i64(storage *s, MDB_txn *txn, const char *name, int64_t dflt,

@@ -67,6 +67,7 @@ typedef struct storage_reader storage_reader;
 
 typedef struct storage_options {
 	uint64_t so_map_size; /* LMDB map size in bytes; 0 picks the default (8 GiB) */
+	uint64_t so_wal_segment_size; /* bytes preallocated per WAL segment; 0: 64 MiB */
 } storage_options;
 
 /*
@@ -169,7 +170,16 @@ int storage_batch_commit(storage_batch *b, uint64_t applied_index);
  * such as applying Raft entries already durable in the log.
  */
 int storage_batch_commit_lazy(storage_batch *b, uint64_t applied_index);
-/* Discards the batch. */
+/*
+ * The batch's Raft log records (entries, hard states, clears) are written to the WAL and
+ * made durable with one fdatasync, before anything of it reaches LMDB. storage_batch_commit*
+ * do this first themselves; calling it earlier lets the caller time the two apart.
+ */
+int storage_batch_sync_log(storage_batch *b);
+/* For a batch that holds only log records (a follower's append): syncs them and ends the
+ * batch WITHOUT an LMDB commit; any LMDB write in it is discarded. */
+int storage_batch_commit_log(storage_batch *b);
+/* Discards the batch (log records already synced by storage_batch_sync_log stay). */
 void storage_batch_abort(storage_batch *b);
 
 /* ---- Reads: LMDB read transactions, any thread. ---- */
@@ -219,10 +229,8 @@ void storage_read_end(storage_reader *r);
 /* Bytes the data file spans (LMDB's high-water mark), without a transaction: etcd's
  * quota is checked against this. */
 uint64_t storage_db_size(storage *s);
-/* What --quota-backend-bytes is held against: storage_db_size() less the pages the Raft log
- * holds now. etcd keeps its log in the WAL, outside the backend its quota measures; here
- * the log shares the file, and counting it would raise NOSPACE long before etcd would (and
- * again right after a compact + defragment, which leave the log alone). */
+/* What --quota-backend-bytes is held against: storage_db_size(), as etcd (the Raft log is in
+ * the WAL, outside the file, here as in etcd). */
 uint64_t storage_quota_size(storage *s);
 
 /* ---- The auth store's record ---- */
@@ -234,14 +242,17 @@ uint64_t storage_quota_size(storage *s);
 int storage_batch_auth_put(storage_batch *b, int enabled, uint64_t revision, const ProtobufCBinaryData *users,
 			   size_t n_users, const ProtobufCBinaryData *roles, size_t n_roles);
 
-/* ---- The Raft log, hard state and snapshot metadata ---- */
+/* ---- The Raft log, hard state and snapshot metadata ----
+ * Entries and hard states are in the WAL, <dir>/keelson-wal/ (wal.c); the snapshot point is
+ * in LMDB, committed with the state it describes. Entries the point covers stay in the WAL
+ * until a durable LMDB state covers their whole segment. */
 
 typedef struct storage_log_entry {
 	uint64_t le_index;
 	uint64_t le_term;
 	uint8_t le_type;
 	uint32_t le_len;
-	const uint8_t *le_data; /* from storage_read_log(): points into the map */
+	const uint8_t *le_data; /* from storage_read_log(): points into the arena */
 } storage_log_entry;
 
 /* Appends entries (contiguous indexes); any stored entry at or after e[0].index is
@@ -263,7 +274,8 @@ typedef struct storage_log_state {
 	storage_log_entry *ls_entries; /* after the snapshot point, in order, in the arena */
 	size_t ls_n_entries;
 } storage_log_state;
-/* Everything Raft needs to restart. Byte fields point into the map. */
+/* Everything Raft needs to restart (reads the WAL's files: at start-up, no batch open).
+ * snap_conf points into the map, entries' data into the arena. */
 int storage_read_log(storage_reader *r, storage_arena *a, storage_log_state *out);
 
 /* The committed store revision, without a transaction. */
