@@ -226,14 +226,17 @@ int storage_open(const char *dir, const storage_options *opts, storage **out)
 		goto fail;
 	}
 	/* The WAL needs LMDB's snapshot point to tell a committed clear from a void one. */
-	int64_t snap_index = 0;
+	int64_t snap_index = 0, snap_term = 0;
 	if ((err = storage__mdb_err(mdb_txn_begin(s->s_env, NULL, MDB_RDONLY, &txn))))
 		goto fail;
 	err = storage__meta_get_i64(s, txn, META_RL_SNAP_INDEX, 0, &snap_index);
+	if (!err)
+		err = storage__meta_get_i64(s, txn, META_RL_SNAP_TERM, 0, &snap_term);
 	mdb_txn_abort(txn);
 	txn = NULL;
 	if (!err)
-		err = storage__wal_open(s, opts ? opts->so_wal_segment_size : 0, (uint64_t)snap_index);
+		err = storage__wal_open(s, opts ? opts->so_wal_segment_size : 0, (uint64_t)snap_index,
+					(uint64_t)snap_term);
 	if (!err)
 		err = storage__migrate_rlog(s);
 	if (err)

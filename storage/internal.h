@@ -218,7 +218,9 @@ int storage__wal_add_clear(storage_batch *b);
 int storage__wal_load(storage *s, storage_arena *a, uint64_t snap_index, storage__wal_log *l,
 		      uint64_t **segs, size_t *nsegs, size_t *tail, int *tail_clean);
 void storage__wal_log_free(storage__wal_log *l);
-int storage__wal_open(storage *s, uint64_t segment_size, uint64_t snap_index);
+/* Opens the WAL: cuts a torn tail off, and clears a log that contradicts LMDB's snapshot
+ * point (see contradicts()). */
+int storage__wal_open(storage *s, uint64_t segment_size, uint64_t snap_index, uint64_t snap_term);
 void storage__wal_close(storage *s);
 /* Writes the batch's records and fdatasyncs them (nothing if it has none). */
 int storage__wal_write(storage_batch *b);

@@ -375,7 +375,23 @@ int storage__wal_load(storage *s, storage_arena *a, uint64_t snap_index, storage
 
 /* ---- opening, writing, removing ---- */
 
-int storage__wal_open(storage *s, uint64_t segment_size, uint64_t snap_index)
+/*
+ * Whether the WAL's log contradicts LMDB's snapshot point: a crash between a snapshot's
+ * install and its clear record leaves the old log, which ends before the point or has
+ * another term at it. Reading drops it, but new entries appended after the point would
+ * leave a hole (or sit behind the contradicting entry): it must be cleared for good.
+ */
+static int contradicts(const storage__wal_log *l, uint64_t snap_index, uint64_t snap_term)
+{
+	if (l->wl_n == 0 || snap_index == 0)
+		return 0;
+	uint64_t first = l->wl_e[0].le_index, last = l->wl_e[l->wl_n - 1].le_index;
+	if (last < snap_index)
+		return 1;
+	return snap_index >= first && l->wl_e[snap_index - first].le_term != snap_term;
+}
+
+int storage__wal_open(storage *s, uint64_t segment_size, uint64_t snap_index, uint64_t snap_term)
 {
 	s->s_wal_fd = -1;
 	s->s_wal_seg_size = segment_size ? segment_size : DEFAULT_SEGMENT_SIZE;
@@ -396,6 +412,7 @@ int storage__wal_open(storage *s, uint64_t segment_size, uint64_t snap_index)
 	s->s_wal_nsegs = nsegs;
 	s->s_wal_has_hs = l.wl_has_hs;
 	memcpy(s->s_wal_hs, l.wl_hs, sizeof(s->s_wal_hs));
+	int clear = contradicts(&l, snap_index, snap_term);
 	storage__wal_log_free(&l);
 	storage_arena_free(&a);
 	if (nsegs == 0)
@@ -422,7 +439,17 @@ int storage__wal_open(storage *s, uint64_t segment_size, uint64_t snap_index)
 	s->s_wal_fd = fd;
 	s->s_wal_off = tail;
 	s->s_wal_cap = (uint64_t)st.st_size;
-	return 0;
+	if (clear) {
+		storage_batch b;
+		memset(&b, 0, sizeof(b));
+		b.b_s = s;
+		b.b_wal_clear_off = -1;
+		err = storage__wal_add_clear(&b);
+		if (!err)
+			err = storage__wal_write(&b); /* snapshot index 0: always honoured */
+		free(b.b_wal);
+	}
+	return err;
 }
 
 void storage__wal_close(storage *s)
