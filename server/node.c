@@ -983,6 +983,11 @@ static void process_ready(node *n)
 			for (size_t i = 0; i < rd.n_entries; i++) {
 				if (rd.entries[i].index <= applied)
 					continue;
+				/* Only right after what is applied: a restart can find entries in the
+				 * log past the applied index (the WAL is synced before LMDB), and
+				 * those come first, once Raft commits them. */
+				if (rd.entries[i].index != applied + 1)
+					break;
 				apply_one_entry(n, b, &rd.entries[i], &a, &ab);
 				applied = rd.entries[i].index;
 			}
