@@ -218,6 +218,10 @@ int storage__wal_add_clear(storage_batch *b);
 int storage__wal_load(storage *s, storage_arena *a, uint64_t snap_index, storage__wal_log *l,
 		      uint64_t **segs, size_t *nsegs, size_t *tail, int *tail_clean);
 void storage__wal_log_free(storage__wal_log *l);
+/* The decoder itself, over segment contents in order (tests/fuzz/keelson_wal_fuzz.c):
+ * STORAGE_ERR_CORRUPT for a bad record but at the end of the last segment, or a hole. */
+int storage__wal_decode(const uint8_t *const *bufs, const size_t *lens, size_t n, uint64_t snap_index,
+			storage__wal_log *l, size_t *tail, int *tail_clean);
 /* Opens the WAL: cuts a torn tail off, and clears a log that contradicts LMDB's snapshot
  * point (see contradicts()). */
 int storage__wal_open(storage *s, uint64_t segment_size, uint64_t snap_index, uint64_t snap_term);

@@ -335,6 +335,32 @@ static int parse_segment(const uint8_t *p, size_t n, int last, uint64_t snap_ind
 	return 0;
 }
 
+int storage__wal_decode(const uint8_t *const *bufs, const size_t *lens, size_t n, uint64_t snap_index,
+			storage__wal_log *l, size_t *tail, int *tail_clean)
+{
+	memset(l, 0, sizeof(*l));
+	int err = 0;
+	if (n && (l->wl_seg_max = calloc(n, sizeof(uint64_t))) == NULL)
+		err = STORAGE_ERR_NOMEM;
+	*tail = 0;
+	*tail_clean = 1;
+	for (size_t i = 0; !err && i < n; i++) {
+		size_t end;
+		int clean;
+		err = parse_segment(bufs[i], lens[i], i + 1 == n, snap_index, l, &l->wl_seg_max[i], &end, &clean);
+		if (!err && i + 1 == n) {
+			*tail = end;
+			/* Anything not zero after the last record must go before we write there. */
+			for (size_t j = end; clean && j < lens[i]; j++)
+				clean = bufs[i][j] == 0;
+			*tail_clean = clean;
+		}
+	}
+	if (err)
+		storage__wal_log_free(l);
+	return err;
+}
+
 int storage__wal_load(storage *s, storage_arena *a, uint64_t snap_index, storage__wal_log *l,
 		      uint64_t **segs, size_t *nsegs, size_t *tail, int *tail_clean)
 {
@@ -342,33 +368,27 @@ int storage__wal_load(storage *s, storage_arena *a, uint64_t snap_index, storage
 	int err = list_segments(s, segs, nsegs);
 	if (err)
 		return err;
-	if (*nsegs && (l->wl_seg_max = calloc(*nsegs, sizeof(uint64_t))) == NULL)
+	const uint8_t **bufs = calloc(*nsegs ? *nsegs : 1, sizeof(*bufs));
+	size_t *lens = calloc(*nsegs ? *nsegs : 1, sizeof(*lens));
+	if (bufs == NULL || lens == NULL)
 		err = STORAGE_ERR_NOMEM;
-	*tail = 0;
-	*tail_clean = 1;
 	for (size_t i = 0; !err && i < *nsegs; i++) {
 		char path[PATH_MAX];
 		uint8_t *buf;
-		size_t len, end;
-		int clean;
 		if ((err = wal_path(s, path, sizeof(path), (*segs)[i])))
 			break;
-		if ((err = read_file(path, a, &buf, &len)))
+		if ((err = read_file(path, a, &buf, &lens[i])))
 			break;
-		err = parse_segment(buf, len, i + 1 == *nsegs, snap_index, l, &l->wl_seg_max[i], &end, &clean);
-		if (!err && i + 1 == *nsegs) {
-			*tail = end;
-			/* Anything not zero after the last record must go before we write there. */
-			for (size_t j = end; clean && j < len; j++)
-				clean = buf[j] == 0;
-			*tail_clean = clean;
-		}
+		bufs[i] = buf;
 	}
+	if (!err)
+		err = storage__wal_decode(bufs, lens, *nsegs, snap_index, l, tail, tail_clean);
+	free(bufs);
+	free(lens);
 	if (err) {
 		free(*segs);
 		*segs = NULL;
 		*nsegs = 0;
-		storage__wal_log_free(l);
 	}
 	return err;
 }

@@ -161,7 +161,7 @@ smoke() {
     fi
 }
 if [ "${KEELSON_SKIP_SMOKE:-0}" != 1 ]; then
-    smoke "fuzz smoke: api, storage, etcd WAL and import decoders" bash "$ROOT/tests/fuzz/run_api_fuzz.sh" 15
+    smoke "fuzz smoke: api, storage, etcd WAL, Keelson WAL and import decoders" bash "$ROOT/tests/fuzz/run_api_fuzz.sh" 15
     smoke "fuzz smoke: raft decoder and step" bash "$ROOT/tests/fuzz/run_raft_fuzz.sh" 15
     # a 30 s campaign (fixed seed, KV and Kubernetes clients): kills, pauses, partitions,
     # one-way drops, slow, failing and full disks, NOSPACE; linearizability, watch, list and

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# run_api_fuzz.sh [seconds]     - builds the API decode, storage apply, etcd WAL and etcd import fuzzers (libFuzzer,
+# run_api_fuzz.sh [seconds]     - builds the API decode, storage apply, etcd WAL, Keelson WAL and etcd import fuzzers (libFuzzer,
 # clang with ASan + UBSan) in a temp dir and runs each for the given seconds (default 30) on
 # a copy of its committed seed corpus. Exits non-zero if a build fails or a fuzzer finds a
 # crash, a sanitizer report, a leak or a timeout; the reproducer is copied to
@@ -9,7 +9,7 @@
 #
 # Environment:
 #   CC             clang to use (default: clang-14 if present, else clang)
-#   FUZZ_TARGETS   which targets to run (default: "api_decode storage_apply etcd_wal etcd_import peer_rpc")
+#   FUZZ_TARGETS   which targets to run (default: "api_decode storage_apply etcd_wal keelson_wal etcd_import peer_rpc")
 #   FUZZ_JOBS      run the targets in parallel (1) or one after the other (0, default)
 #   FUZZ_KEEP      keep the temp dir (builds, corpora, logs) and print its path
 #   FUZZ_OUT       where reproducers go (default: tests/fuzz/crashes)
@@ -24,7 +24,7 @@ secs=${1:-30}
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root" || exit 2
 CC=${CC:-$(command -v clang-14 || command -v clang)}
-targets=${FUZZ_TARGETS:-"api_decode storage_apply etcd_wal etcd_import peer_rpc"}
+targets=${FUZZ_TARGETS:-"api_decode storage_apply etcd_wal keelson_wal etcd_import peer_rpc"}
 out=${FUZZ_OUT:-$root/tests/fuzz/crashes}
 
 tmp=$(mktemp -d "${TMPDIR:-/tmp}/keelson-fuzz.XXXXXX") || exit 2
@@ -124,6 +124,11 @@ build() {
 	etcd_wal)
 		# the WAL decoder and the varint/CRC-32C helpers it shares with storage
 		srcs=(tests/fuzz/etcd_wal_fuzz.c storage/etcdwal.c storage/kvcodec.c)
+		;;
+	keelson_wal)
+		# Keelson's own WAL decoder (storage/wal.c) with what it uses of storage
+		srcs=(tests/fuzz/keelson_wal_fuzz.c storage/wal.c storage/kvcodec.c storage/arena.c
+			crashpoint/crashpoint.c)
 		;;
 	etcd_import)
 		# server/etcdimport.c's parsers (the file is included by the target) and the entry
