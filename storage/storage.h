@@ -1,5 +1,6 @@
 /*
- * storage.h - everything a Keelson member keeps on disk, in one LMDB environment.
+ * storage.h - everything a Keelson member keeps on disk: one LMDB environment, and the Raft
+ * log in an append-only WAL beside it (wal.c).
  *
  * The MVCC keyspace follows etcd: every write advances the store's main revision; each key
  * has create_revision, mod_revision and version; a delete writes a tombstone. Ranges can be
@@ -161,7 +162,9 @@ int storage_batch_meta_put(storage_batch *b, const char *name, const void *val, 
 /*
  * Commits the batch durably (fsync) and ends it, recording applied_index in the same
  * transaction so that a crash never applies an entry twice or loses one.
- * On error the batch is aborted and nothing of it is on disk.
+ * The batch's log records go to the WAL (synced) first. On error the batch is aborted and
+ * nothing of its LMDB part is on disk; if the WAL part was written, the store takes no more
+ * log records (fail-stop: its files hold a log the LMDB state does not follow).
  */
 int storage_batch_commit(storage_batch *b, uint64_t applied_index);
 /*
