@@ -322,6 +322,19 @@ static void remove_recv_dir(const char *dir)
 	for (size_t i = 0; i < sizeof(files) / sizeof(files[0]); i++)
 		if (snprintf(path, sizeof(path), "%s/%s", dir, files[i]) < (int)sizeof(path))
 			unlink(path);
+	/* A copy from an older Keelson holds its log in LMDB; opening it moved that into a WAL
+	 * of the copy's own, which is not this member's log: it goes with the copy. */
+	char wal[PATH_MAX];
+	if (snprintf(wal, sizeof(wal), "%s/keelson-wal", dir) < (int)sizeof(wal)) {
+		DIR *d = opendir(wal);
+		struct dirent *de;
+		while (d && (de = readdir(d)) != NULL)
+			if (de->d_name[0] != '.' && snprintf(path, sizeof(path), "%s/%s", wal, de->d_name) < (int)sizeof(path))
+				unlink(path);
+		if (d)
+			closedir(d);
+		rmdir(wal);
+	}
 	rmdir(dir);
 }
 
