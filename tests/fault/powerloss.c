@@ -27,6 +27,10 @@
  * Not modelled: writes through a shared writable mmap (msync only records nothing; Keelson
  * does not use MDB_WRITEMAP), mkdir/rmdir, copy_file_range/sendfile.
  *
+ * POWERLOSS_DROP_SYNCS=1 records no sync at all (and O_DSYNC writes as plain ones): the
+ * journal then describes a process that never syncs, which the checks must catch (the
+ * self-test of test_powerloss.py).
+ *
  * Files are named by device and inode (stable across renames) and, for information, by path.
  * The journal is written with plain write() and never synced: the test kills the process,
  * not the machine. Without POWERLOSS_DIR the shim does nothing at all.
@@ -103,6 +107,7 @@ static uint64_t next_seq = 1;
 static char dir[PATH_MAX];  /* POWERLOSS_DIR, resolved, no trailing slash */
 static size_t dir_len;
 static int state;           /* 0 not initialised, 1 active, -1 off */
+static int drop_syncs;      /* POWERLOSS_DROP_SYNCS=1: as if the process never synced */
 
 static int active(void)
 {
@@ -112,6 +117,8 @@ static int active(void)
 	if (state == 0) {
 		const char *d = getenv("POWERLOSS_DIR"), *j = getenv("POWERLOSS_JOURNAL");
 		state = -1;
+		drop_syncs = getenv("POWERLOSS_DROP_SYNCS") != NULL &&
+			     strcmp(getenv("POWERLOSS_DROP_SYNCS"), "1") == 0;
 		if (d && j && realpath(d, dir) != NULL) {
 			dir_len = strlen(dir);
 			jfd = get_open()(j, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
@@ -263,7 +270,7 @@ static void before_write(int fd, size_t n, off_t off)
 	r.len = (int64_t)n;
 	r.old_size = st.st_size;
 	char *old = NULL;
-	if (fl >= 0 && (fl & (O_DSYNC | O_SYNC))) {
+	if (fl >= 0 && (fl & (O_DSYNC | O_SYNC)) && !drop_syncs) {
 		r.type = 'D';
 	} else {
 		r.type = 'W';
@@ -345,7 +352,7 @@ static uint64_t sync_begin(void)
 
 static void sync_done(int fd, uint64_t begin, int rc)
 {
-	if (rc != 0 || !active())
+	if (rc != 0 || !active() || drop_syncs)
 		return;
 	int saved = errno;
 	char path[PATH_MAX];
