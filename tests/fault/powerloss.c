@@ -121,11 +121,14 @@ static int active(void)
 			     strcmp(getenv("POWERLOSS_DROP_SYNCS"), "1") == 0;
 		if (d && j && realpath(d, dir) != NULL) {
 			dir_len = strlen(dir);
-			jfd = get_open()(j, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
-			if (jfd >= 0)
-				state = 1;
-			else
-				fprintf(stderr, "powerloss: cannot open journal %s: %s\n", j, strerror(errno));
+			/* one journal per process: its records are numbered from 1 */
+			jfd = get_open()(j, O_WRONLY | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, 0600);
+			if (jfd < 0) {
+				fprintf(stderr, "powerloss: cannot create journal %s: %s\n", j,
+					strerror(errno));
+				abort(); /* running untracked would make the test pass vacuously */
+			}
+			state = 1;
 		}
 	}
 	pthread_mutex_unlock(&mu);

@@ -15,8 +15,8 @@ What a power loss may lose, as modelled here:
     write to the same bytes).
   - file sizes: a file whose size changed since its last sync keeps the new size or gets
     the old one back (random: a coin per file).
-  - directory entries (creations, renames, unlinks): durable only once their directory was
-    fsynced; the un-synced ones are lost as a suffix (file systems journal them in order):
+  - directory entries (creations, renames, unlinks): durable only once their directory (a
+    rename's: the one it moved the file into) was fsynced; the un-synced ones are lost as a suffix (file systems journal them in order):
     random: a seeded cut point, lose: all, keep: none. An undone rename puts the old name
     back and the replaced file with it (stashed by the shim), an undone creation removes
     the file, an undone unlink restores it.
@@ -110,7 +110,9 @@ def apply(journal, root, mode, seed=0, log=None):
         elif r.type == "D":
             dsync.setdefault(k, []).append((r.seq, r.off, r.off + r.len))
         elif r.type in "CRU" and r.seq not in cancelled:
-            ok = durable(k, r.seq) and (r.type != "R" or durable((r.dev2, r.ino2), r.seq))
+            # a rename is durable once the directory it moved the file into is synced
+            # (journalling file systems commit a rename as one transaction)
+            ok = durable((r.dev2, r.ino2) if r.type == "R" else k, r.seq)
             if not ok:
                 dirops.append(r)
 
@@ -132,19 +134,25 @@ def apply(journal, root, mode, seed=0, log=None):
                 if (k, p) not in lost_page:
                     lost_page[(k, p)] = mode == "lose" or (mode == "random" and rng.random() < 0.5)
 
-    # -- directory entries first (renames keep inodes, so data is found by inode after)
+    # -- directory entries first (renames keep inodes, so data is found by inode after).
+    # mkdir/rmdir are not journalled: a directory an undone change needs is made again (its
+    # removal, not followed by an fsync of its parent, is undone with it).
+    def parent(p):
+        os.makedirs(os.path.dirname(p), exist_ok=True)
+        return p
+
     for r in reversed(undo_dir):
         if r.type == "C":
             if os.path.lexists(r.path):
                 os.unlink(r.path)
         elif r.type == "R":
             if os.path.lexists(r.path2):
-                os.rename(r.path2, r.path)
+                os.rename(r.path2, parent(r.path))
             if r.flags:
-                os.link(os.path.join(stash_dir, str(r.seq)), r.path2)
+                os.link(os.path.join(stash_dir, str(r.seq)), parent(r.path2))
         elif r.type == "U":
             if r.flags and not os.path.lexists(r.path):
-                os.link(os.path.join(stash_dir, str(r.seq)), r.path)
+                os.link(os.path.join(stash_dir, str(r.seq)), parent(r.path))
     where = {}
     for d, _, names in os.walk(root):
         for n in names:

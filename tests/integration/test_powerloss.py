@@ -453,11 +453,14 @@ class FreshMember(PowerLossCase):
 
 
 class ThreeMembers(PowerLossCase):
-    """A follower, then the leader, loses power while clients write through the others."""
+    """A follower, then the leader, loses power while clients write through the others;
+    then a follower that was down loses power while or just after it installs a snapshot."""
 
     def test_follower_then_leader(self):
         need_shim()
-        c = Cluster(3, label="powerlossc")
+        # a short log, cut often: a member that was down needs a snapshot (node_snap.c)
+        c = Cluster(3, label="powerlossc", extra_args=[
+            "--snapshot-count=100", "--experimental-snapshot-catchup-entries=5"])
         self.addCleanup(c.cleanup)
         jdir = tempfile.mkdtemp(prefix="powerloss-j-", dir=c.members[0].tmp)
         c.start()   # unarmed: see SingleMember
@@ -465,10 +468,10 @@ class ThreeMembers(PowerLossCase):
             self.arm(m, os.path.join(jdir, "%s-0" % m.name))
             c.restart(m)
         hist = History()
-        for rnd, role in enumerate(("follower", "leader")):
+        for rnd, role in enumerate(("follower", "leader", "installing")):
             seed = SEED * 1000 + 500 + rnd
             rng = random.Random(seed)
-            mode = "lose" if rnd == 0 else "random"
+            mode = "lose" if rnd != 1 else "random"
             ldr = c.leader()
             victim = ldr if role == "leader" else c.followers(ldr)[0]
             others = [x for x in c.members if x is not victim]
@@ -476,9 +479,25 @@ class ThreeMembers(PowerLossCase):
                 rnd, SEED, seed, mode, role, victim.name)
             kill_at = rng.uniform(0.8, 2.0)
             say("%s: kill at %.2fs" % (what, kill_at))
-            work = Workload(others, seed, "c%d" % rnd).start()
-            time.sleep(kill_at)
             journal = victim.env["POWERLOSS_JOURNAL"]
+            if role == "installing":
+                # down while the others write, then back: it installs a snapshot and loses
+                # power during or soon after the install
+                victim.kill9()   # a crash, not a power loss: its page cache survives
+                work = Workload(others, seed, "c%d" % rnd).start()
+                time.sleep(1.0)
+                journal += "-i"
+                self.arm(victim, journal)
+                victim._wait_ports_free()
+                victim.spawn()
+                harness.poll(lambda: "installed a database snapshot" in open(
+                    victim.log_path, "rb").read().decode("utf-8", "replace"), 20,
+                    interval=0.01, what="%s: a snapshot install" % what)
+                kill_at = rng.uniform(0, 0.3)
+                say("installed; kill at %.2fs" % kill_at)
+            else:
+                work = Workload(others, seed, "c%d" % rnd).start()
+            time.sleep(kill_at)
             self.power_loss(victim, journal, mode, seed)
             time.sleep(1.0)   # the others go on (a new leader is elected)
             self.arm(victim, journal + "-%d" % (rnd + 1))
