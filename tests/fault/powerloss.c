@@ -27,6 +27,8 @@
  * Not modelled: writes through a shared writable mmap (msync only records nothing; Keelson
  * does not use MDB_WRITEMAP), mkdir/rmdir, copy_file_range/sendfile.
  *
+ * POWERLOSS_SYNC_DELAY_MS=N sleeps N ms before each sync (of anything: the shim is
+ * active), which widens the windows in which written data is not yet durable.
  * POWERLOSS_DROP_SYNCS=1 records no sync at all (and O_DSYNC writes as plain ones): the
  * journal then describes a process that never syncs, which the checks must catch (the
  * self-test of test_powerloss.py).
@@ -49,6 +51,7 @@
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #define REAL(name, ret, ...)                                                                 \
@@ -108,6 +111,7 @@ static char dir[PATH_MAX];  /* POWERLOSS_DIR, resolved, no trailing slash */
 static size_t dir_len;
 static int state;           /* 0 not initialised, 1 active, -1 off */
 static int drop_syncs;      /* POWERLOSS_DROP_SYNCS=1: as if the process never synced */
+static int sync_delay_ms;   /* POWERLOSS_SYNC_DELAY_MS: sleep before each sync (wider windows) */
 
 static int active(void)
 {
@@ -119,6 +123,8 @@ static int active(void)
 		state = -1;
 		drop_syncs = getenv("POWERLOSS_DROP_SYNCS") != NULL &&
 			     strcmp(getenv("POWERLOSS_DROP_SYNCS"), "1") == 0;
+		if (getenv("POWERLOSS_SYNC_DELAY_MS"))
+			sync_delay_ms = atoi(getenv("POWERLOSS_SYNC_DELAY_MS"));
 		if (d && j && realpath(d, dir) != NULL) {
 			dir_len = strlen(dir);
 			/* one journal per process: its records are numbered from 1 */
@@ -344,9 +350,15 @@ static void before_size(int fd, off_t new_size, int grow_only)
 	errno = saved;
 }
 
-/* Around a sync of fd: the position before the call, then the mark once it succeeded. */
+/* Around a sync of fd: the position before the call, then the mark once it succeeded.
+ * With a sync delay the call waits first: a kill then finds un-synced writes more often. */
 static uint64_t sync_begin(void)
 {
+	if (sync_delay_ms > 0) {
+		struct timespec ts = {sync_delay_ms / 1000, (long)(sync_delay_ms % 1000) * 1000000L};
+		while (nanosleep(&ts, &ts) != 0 && errno == EINTR)
+			;
+	}
 	pthread_mutex_lock(&mu);
 	uint64_t s = next_seq;
 	pthread_mutex_unlock(&mu);

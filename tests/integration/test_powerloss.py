@@ -169,10 +169,10 @@ class History:
 
 class PowerLossCase(unittest.TestCase):
 
-    def arm(self, m, journal):
+    def arm(self, m, journal, sync_delay_ms=0):
         os.makedirs(m.data_dir, exist_ok=True)   # the shim resolves the dir at its first call
         m.env = {"LD_PRELOAD": SHIM, "POWERLOSS_DIR": m.data_dir,
-                 "POWERLOSS_JOURNAL": journal}
+                 "POWERLOSS_JOURNAL": journal, "POWERLOSS_SYNC_DELAY_MS": str(sync_delay_ms)}
 
     def power_loss(self, m, journal, mode, seed):
         """SIGKILL, then the simulated loss of what was not durable."""
@@ -346,7 +346,8 @@ class SingleMember(PowerLossCase):
             kill_at = rng.uniform(0.8, 2.5)
             defrag = rnd % 2 == 1
             what = "round %d (KEELSON_POWERLOSS_SEED=%d: seed %d, %s)" % (rnd, SEED, seed, mode)
-            say("%s: kill at %.2fs%s" % (what, kill_at, ", defragments" if defrag else ""))
+            say("%s: kill at %.2fs%s%s" % (what, kill_at, ", defragments" if defrag else "",
+                                           ", syncs 5 ms slower" if rnd % 2 == 1 else ""))
             journal = os.path.join(jdir, "journal-%d" % rnd)
             work = Workload([m], seed, "r%d" % rnd).start()
             maint = threading.Thread(target=self.maintenance,
@@ -361,7 +362,9 @@ class SingleMember(PowerLossCase):
                 % (len(work.acked) + len(work.noop_deletes), len(work.unacked),
                    s["pages_lost"]))
             self.assertGreater(len(work.acked), 0, "no write acknowledged in the round")
-            self.arm(m, os.path.join(jdir, "journal-%d" % (rnd + 1)))
+            # every other round the syncs are slow (their windows wider) in the next one
+            self.arm(m, os.path.join(jdir, "journal-%d" % (rnd + 1)),
+                     sync_delay_ms=5 if rnd % 2 == 0 else 0)
             try:
                 c.restart(m)
             except harness.ServerError as e:
@@ -465,7 +468,7 @@ class ThreeMembers(PowerLossCase):
         jdir = tempfile.mkdtemp(prefix="powerloss-j-", dir=c.members[0].tmp)
         c.start()   # unarmed: see SingleMember
         for m in c.members:
-            self.arm(m, os.path.join(jdir, "%s-0" % m.name))
+            self.arm(m, os.path.join(jdir, "%s-0" % m.name), sync_delay_ms=3)
             c.restart(m)
         hist = History()
         for rnd, role in enumerate(("follower", "leader", "installing")):
@@ -487,7 +490,7 @@ class ThreeMembers(PowerLossCase):
                 work = Workload(others, seed, "c%d" % rnd).start()
                 time.sleep(1.0)
                 journal += "-i"
-                self.arm(victim, journal)
+                self.arm(victim, journal, sync_delay_ms=3)
                 victim._wait_ports_free()
                 victim.spawn()
                 harness.poll(lambda: "installed a database snapshot" in open(
@@ -500,7 +503,7 @@ class ThreeMembers(PowerLossCase):
             time.sleep(kill_at)
             self.power_loss(victim, journal, mode, seed)
             time.sleep(1.0)   # the others go on (a new leader is elected)
-            self.arm(victim, journal + "-%d" % (rnd + 1))
+            self.arm(victim, journal + "-%d" % (rnd + 1), sync_delay_ms=3)
             try:
                 c.restart(victim)
             except harness.ServerError as e:
