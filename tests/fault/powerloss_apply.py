@@ -186,7 +186,10 @@ def apply(journal, root, mode, seed=0, log=None):
                     f.write(r.data)
             if lost_size[k]:
                 f.truncate(rs[0].old_size)
-    summary = {"records": len(recs), "files": len(files), "pages_lost": npages,
+    types = {}
+    for r in recs:
+        types[r.type] = types.get(r.type, 0) + 1
+    summary = {"records": len(recs), "types": types, "files": len(files), "pages_lost": npages,
                "pages_kept": len(lost_page) - npages, "bytes_restored": nbytes,
                "sizes_restored": sum(1 for k in files if lost_size[k]),
                "dir_ops_unsynced": len(dirops), "dir_ops_undone": len(undo_dir),
@@ -195,9 +198,10 @@ def apply(journal, root, mode, seed=0, log=None):
     if log:
         log("powerloss (%s, seed %d): %d records, %d files with un-synced writes, "
             "%d of %d pages rolled back, %d sizes restored, %d of %d un-synced directory "
-            "changes undone %s" % (mode, seed, len(recs), len(files), npages, len(lost_page),
+            "changes undone %s; records by type %s"
+            % (mode, seed, len(recs), len(files), npages, len(lost_page),
                                    summary["sizes_restored"], len(undo_dir), len(dirops),
-                                   summary["undone"]))
+                                   summary["undone"], dict(sorted(types.items()))))
     return summary
 
 

@@ -248,12 +248,13 @@ class ToolSelfTest(unittest.TestCase):
     WRITER = textwrap.dedent("""
         import os, sys
         d, mode = sys.argv[1], sys.argv[2]
-        fd = os.open(os.path.join(d, "log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fl = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (os.O_DSYNC if mode == "dsync" else 0)
+        fd = os.open(os.path.join(d, "log"), fl, 0o600)
         dfd = os.open(d, os.O_RDONLY)
         os.fsync(dfd)
         for i in range(200):
             os.write(fd, b"record %05d\\n" % i)
-            if mode != "nosync":
+            if mode not in ("nosync", "dsync"):
                 os.fdatasync(fd)
             if i % 50 == 49:
                 # a snapshot of the log: written beside, synced, renamed in place
@@ -317,6 +318,11 @@ class ToolSelfTest(unittest.TestCase):
         _, s, snap = self.run_writer("nodirsync", "lose")
         self.assertNotEqual(s, "snapshot %05d" % snap,
                             "an un-synced rename survived: the tool would not catch it")
+
+    def test_dsync_writes_are_durable(self):
+        for loss in ("lose", "random"):
+            got, _, _ = self.run_writer("dsync", loss)
+            self.assertEqual(got, ["record %05d" % i for i in range(200)], loss)
 
     def test_keep_changes_nothing(self):
         got, s, snap = self.run_writer("nosync", "keep")
