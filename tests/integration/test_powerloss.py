@@ -181,6 +181,32 @@ class PowerLossCase(unittest.TestCase):
         self.assertGreater(s["records"], 0, "the shim journalled nothing: is it loaded?")
         return s
 
+    def maintenance(self, m, hist, at, defrag, work):
+        """A compaction at the last verified revision at a moment of the round (recorded if
+        acknowledged) and, with defrag, defragments until the kill."""
+        time.sleep(at)
+        try:
+            conn = Conn(m)
+        except Exception:  # noqa: the member may be gone already
+            return
+        try:
+            if hist.verified > hist.compacted and hist.verified > 1:
+                try:
+                    conn.kv.Compact(rpc.CompactionRequest(revision=hist.verified,
+                                                          physical=True), timeout=10)
+                    hist.compacted = hist.verified
+                    say("compacted at %d" % hist.verified)
+                except grpc.RpcError:
+                    pass
+            while defrag and not work.stopping.is_set():
+                try:
+                    conn.maint.Defragment(rpc.DefragmentRequest(), timeout=10)
+                except grpc.RpcError:
+                    return
+                work.stopping.wait(0.2)
+        finally:
+            conn.close()
+
     def check_history(self, m, hist, work, what):
         """The member's history from the last verified revision on against the model;
         identifies the revisions of unacknowledged ops. Updates hist."""
@@ -405,33 +431,6 @@ class SingleMember(PowerLossCase):
             self.check_history(m, History(), work, "member without syncs")
         say("caught: %s" % str(cm.exception).split("\n")[0][:200])
 
-    def maintenance(self, m, hist, at, defrag, work):
-        """A compaction at the last verified revision at a moment of the round (recorded if
-        acknowledged) and, with defrag, defragments until the kill."""
-        time.sleep(at)
-        try:
-            conn = Conn(m)
-        except Exception:  # noqa: the member may be gone already
-            return
-        try:
-            if hist.verified > hist.compacted and hist.verified > 1:
-                try:
-                    conn.kv.Compact(rpc.CompactionRequest(revision=hist.verified,
-                                                          physical=True), timeout=10)
-                    hist.compacted = hist.verified
-                    say("compacted at %d" % hist.verified)
-                except grpc.RpcError:
-                    pass
-            while defrag and not work.stopping.is_set():
-                try:
-                    conn.maint.Defragment(rpc.DefragmentRequest(), timeout=10)
-                except grpc.RpcError:
-                    return
-                work.stopping.wait(0.2)
-        finally:
-            conn.close()
-
-
 class FreshMember(PowerLossCase):
     """A member's first start creates its store (member/data.mdb, lock.mdb, keelson.lock)
     and never fsyncs the directory: the files' data is synced at every commit but their
@@ -462,8 +461,8 @@ class FreshMember(PowerLossCase):
 
 
 class ThreeMembers(PowerLossCase):
-    """A follower, then the leader, loses power while clients write through the others;
-    then a follower that was down loses power while or just after it installs a snapshot."""
+    """A follower, then the leader, loses power while clients write through the others (and
+    it compacts and defragments); then a follower that was down loses power while or just after it installs a snapshot."""
 
     def test_follower_then_leader(self):
         need_shim()
@@ -494,7 +493,9 @@ class ThreeMembers(PowerLossCase):
                 # power during or soon after the install
                 victim.kill9()   # a crash, not a power loss: its page cache survives
                 work = Workload(others, seed, "c%d" % rnd).start()
-                time.sleep(1.0)
+                # well past --snapshot-count: the leader's log no longer has what it missed
+                harness.poll(lambda: len(work.acked) >= 400, 30,
+                             what="%s: 400 writes while it is down" % what)
                 journal += "-i"
                 self.arm(victim, journal, sync_delay_ms=3)
                 victim._wait_ports_free()
@@ -506,6 +507,9 @@ class ThreeMembers(PowerLossCase):
                 say("installed; kill at %.2fs" % kill_at)
             else:
                 work = Workload(others, seed, "c%d" % rnd).start()
+                # a compaction through the victim, and defragments of it, meanwhile
+                threading.Thread(target=self.maintenance, daemon=True, args=(
+                    victim, hist, rng.uniform(0, kill_at), True, work)).start()
             time.sleep(kill_at)
             self.power_loss(victim, journal, mode, seed)
             time.sleep(1.0)   # the others go on (a new leader is elected)
