@@ -115,17 +115,24 @@ static int sync_delay_ms;   /* POWERLOSS_SYNC_DELAY_MS: sleep before each sync (
 
 static int active(void)
 {
-	if (state != 0)
-		return state > 0;
+	int st = __atomic_load_n(&state, __ATOMIC_ACQUIRE);
+	if (st != 0)
+		return st > 0;
 	pthread_mutex_lock(&mu);
 	if (state == 0) {
 		const char *d = getenv("POWERLOSS_DIR"), *j = getenv("POWERLOSS_JOURNAL");
-		state = -1;
+		int next = -1;
 		drop_syncs = getenv("POWERLOSS_DROP_SYNCS") != NULL &&
 			     strcmp(getenv("POWERLOSS_DROP_SYNCS"), "1") == 0;
 		if (getenv("POWERLOSS_SYNC_DELAY_MS"))
 			sync_delay_ms = atoi(getenv("POWERLOSS_SYNC_DELAY_MS"));
-		if (d && j && realpath(d, dir) != NULL) {
+		if (d && (j == NULL || realpath(d, dir) == NULL)) {
+			/* asked for but unable to track: stop rather than pass vacuously */
+			fprintf(stderr, "powerloss: POWERLOSS_DIR %s must exist and POWERLOSS_JOURNAL "
+					"be set\n", d);
+			abort();
+		}
+		if (d) {
 			dir_len = strlen(dir);
 			/* one journal per process: its records are numbered from 1 */
 			jfd = get_open()(j, O_WRONLY | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC, 0600);
@@ -134,8 +141,9 @@ static int active(void)
 					strerror(errno));
 				abort(); /* running untracked would make the test pass vacuously */
 			}
-			state = 1;
+			next = 1;
 		}
+		__atomic_store_n(&state, next, __ATOMIC_RELEASE);
 	}
 	pthread_mutex_unlock(&mu);
 	return state > 0;
@@ -544,7 +552,7 @@ static void created(const char *abs, int fd)
 
 #define OPEN_MODE(flags, mode)                                                              \
 	mode_t mode = 0;                                                                     \
-	if ((flags) & (O_CREAT | O_TMPFILE)) {                                              \
+	if (((flags) & O_CREAT) || ((flags) & O_TMPFILE) == O_TMPFILE) {                    \
 		va_list ap;                                                                  \
 		va_start(ap, flags);                                                         \
 		mode = (mode_t)va_arg(ap, int);                                              \
