@@ -500,11 +500,15 @@ class ThreeMembers(PowerLossCase):
                 self.arm(victim, journal, sync_delay_ms=3)
                 victim._wait_ports_free()
                 victim.spawn()
-                harness.poll(lambda: "installed a database snapshot" in open(
-                    victim.log_path, "rb").read().decode("utf-8", "replace"), 20,
-                    interval=0.01, what="%s: a snapshot install" % what)
-                kill_at = rng.uniform(0, 0.3)
-                say("installed; kill at %.2fs" % kill_at)
+                if rng.random() < 0.5:
+                    harness.poll(lambda: "installed a database snapshot" in open(
+                        victim.log_path, "rb").read().decode("utf-8", "replace"), 20,
+                        interval=0.01, what="%s: a snapshot install" % what)
+                    kill_at = rng.uniform(0, 0.3)
+                    say("installed; kill at %.2fs" % kill_at)
+                else:
+                    kill_at = rng.uniform(0.1, 1.0)   # while it starts, receives, installs
+                    say("started; kill at %.2fs" % kill_at)
             else:
                 work = Workload(others, seed, "c%d" % rnd).start()
                 # a compaction through the victim, and defragments of it, meanwhile
