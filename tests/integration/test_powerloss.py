@@ -453,7 +453,7 @@ class FreshMember(PowerLossCase):
         c.start()
         work = Workload([m], SEED, "fresh", nclients=1).start()
         time.sleep(1.0)
-        s = self.power_loss(m, journal, "lose", SEED)
+        self.power_loss(m, journal, "lose", SEED)
         work.stop()
         self.assertGreater(len(work.acked), 0)
         c.restart(m)   # with the store's files gone it starts as a new, empty member
