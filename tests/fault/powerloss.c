@@ -24,8 +24,10 @@
  *      directory entries, durable only after an fsync of their directory. The file a rename
  *      replaces or an unlink removes is kept as a hard link in POWERLOSS_JOURNAL.stash/, so
  *      that the entry can be put back.
- * Not modelled: writes through a shared writable mmap (msync only records nothing; Keelson
- * does not use MDB_WRITEMAP), mkdir/rmdir, copy_file_range/sendfile.
+ *   M  mmap of a file with PROT_WRITE and MAP_SHARED: writes through it are not modelled
+ *      (Keelson does not use MDB_WRITEMAP; LMDB maps its lock.mdb so), so the record only
+ *      lets powerloss_apply.py refuse a journal whose power loss it cannot simulate.
+ * Not modelled either: mkdir/rmdir, copy_file_range/sendfile.
  *
  * POWERLOSS_SYNC_DELAY_MS=N sleeps N ms before each sync (of anything: the shim is
  * active), which widens the windows in which written data is not yet durable.
@@ -48,6 +50,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/uio.h>
@@ -88,10 +91,12 @@ REAL(renameat, int, int, const char *, int, const char *)
 REAL(renameat2, int, int, const char *, int, const char *, unsigned int)
 REAL(unlink, int, const char *)
 REAL(unlinkat, int, int, const char *, int)
+REAL(mmap, void *, void *, size_t, int, int, int, off_t)
+REAL(mmap64, void *, void *, size_t, int, int, int, off64_t)
 
 /* One journal record, followed by path, path2 and data (the lengths say how long). */
 struct rec {
-	char type;       /* W D T S C R U */
+	char type;       /* W D T S C R U X M */
 	char pad[7];
 	uint64_t seq;    /* the record's position: 1, 2, ... */
 	uint64_t dev, ino;         /* the file (W D T S) or the directory (C R U: of path) */
@@ -698,4 +703,36 @@ int unlink(const char *path)
 int unlinkat(int dirfd, const char *path, int flags)
 {
 	return do_unlink(dirfd, path, flags, 1);
+}
+
+/* A shared writable mapping of a tracked file: noted (M), see the header. */
+static void note_mmap(int prot, int flags, int fd)
+{
+	if (fd < 0 || !(prot & PROT_WRITE) || !(flags & MAP_SHARED) || !active())
+		return;
+	int saved = errno;
+	char path[PATH_MAX];
+	struct stat st;
+	if (fd_path(fd, path, &st) == 0 && S_ISREG(st.st_mode)) {
+		struct rec r = {0};
+		r.type = 'M';
+		r.dev = st.st_dev;
+		r.ino = st.st_ino;
+		pthread_mutex_lock(&mu);
+		append(&r, path, NULL, NULL);
+		pthread_mutex_unlock(&mu);
+	}
+	errno = saved;
+}
+
+void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off)
+{
+	note_mmap(prot, flags, fd);
+	return get_mmap()(addr, len, prot, flags, fd, off);
+}
+
+void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off64_t off)
+{
+	note_mmap(prot, flags, fd);
+	return get_mmap64()(addr, len, prot, flags, fd, off);
 }

@@ -20,7 +20,9 @@ What a power loss may lose, as modelled here:
     random: a seeded cut point, lose: all, keep: none. An undone rename puts the old name
     back and the replaced file with it (stashed by the shim), an undone creation removes
     the file, an undone unlink restores it.
-Prints one summary line (and --json FILE writes it as JSON). Exit status 2 on a bad journal.
+Writes through a shared writable mmap are not journalled: a journal that shows one of a file
+not named by --allow-mmap is refused. Prints one summary line (and --json FILE writes it as
+JSON). Exit status 2 on a bad or refused journal.
 """
 
 import argparse
@@ -57,7 +59,7 @@ def read_journal(path):
         r.path = raw[p:p + pl].decode("utf-8", "surrogateescape")
         r.path2 = raw[p + pl:p + pl + p2l].decode("utf-8", "surrogateescape")
         r.data = raw[p + pl + p2l:end]
-        if r.type not in "WDTSCRUX":
+        if r.type not in "WDTSCRUXM":
             raise ValueError("bad record type %r at byte %d" % (r.type, pos))
         recs.append(r)
         pos = end
@@ -85,8 +87,15 @@ def subtract(lo, hi, masks):
     return parts
 
 
-def apply(journal, root, mode, seed=0, log=None):
+def apply(journal, root, mode, seed=0, log=None, allow_mmap=()):
+    """allow_mmap: base names of files whose shared writable mappings hold no data that
+    must survive (LMDB's lock.mdb); a mapping of any other tracked file is an error, as
+    writes through it are not journalled."""
     recs = read_journal(journal)
+    for r in recs:
+        if r.type == "M" and os.path.basename(r.path) not in allow_mmap:
+            raise ValueError("%s is mapped shared and writable: writes through the mapping "
+                             "are not journalled, a power loss cannot be simulated" % r.path)
     rng = random.Random(seed)
     stash_dir = journal + ".stash"
     cancelled = {r.off for r in recs if r.type == "X"}
@@ -212,9 +221,12 @@ def main():
     ap.add_argument("--mode", choices=("random", "lose", "keep"), default="random")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="write the summary here")
+    ap.add_argument("--allow-mmap", action="append", default=[], metavar="NAME",
+                    help="a file name whose shared writable mapping is harmless (lock.mdb)")
     opts = ap.parse_args()
     try:
-        s = apply(opts.journal, os.path.realpath(opts.dir), opts.mode, opts.seed, log=print)
+        s = apply(opts.journal, os.path.realpath(opts.dir), opts.mode, opts.seed, log=print,
+                  allow_mmap=opts.allow_mmap)
     except (ValueError, struct.error) as e:
         print("bad journal: %s" % e, file=sys.stderr)
         return 2
