@@ -459,9 +459,9 @@ class FreshMember(PowerLossCase):
     """A member's first start creates its store (member/data.mdb, lock.mdb, keelson.lock)
     and never fsyncs the directory: the files' data is synced at every commit but their
     directory entries are not, so a power loss after acknowledged writes may take the whole
-    store away (POSIX; ext4 happens to commit the entry with the file's first fsync, other
-    file systems and configurations need not). etcd fsyncs the WAL's directory after
-    creating it. Known bug in storage/ (storage_open: mkdir_p + mdb_env_open, no directory
+    store away (POSIX; a journalling ext4 usually commits the entry with the file's first
+    fsync, other file systems and configurations need not). etcd fsyncs the parent of its
+    WAL directory after creating it. Known bug in storage/ (storage_open: mkdir_p + mdb_env_open, no directory
     fsync), reported, not fixed here: skipped unless KEELSON_KNOWN_BUGS=1."""
 
     @unittest.skipUnless(os.environ.get("KEELSON_KNOWN_BUGS") == "1",
