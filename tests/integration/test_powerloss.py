@@ -461,7 +461,8 @@ class FreshMember(PowerLossCase):
     directory entries are not, so a power loss after acknowledged writes may take the whole
     store away (POSIX; a journalling ext4 usually commits the entry with the file's first
     fsync, other file systems and configurations need not). etcd fsyncs the parent of its
-    WAL directory after creating it. Known bug in storage/ (storage_open: mkdir_p + mdb_env_open, no directory
+    WAL directory after creating it. The WAL layout (Raft log out of LMDB, worktree wal at
+    68e6ed2) passes this test: once it is merged the skip can go. Known bug in storage/ (storage_open: mkdir_p + mdb_env_open, no directory
     fsync), reported, not fixed here: skipped unless KEELSON_KNOWN_BUGS=1."""
 
     @unittest.skipUnless(os.environ.get("KEELSON_KNOWN_BUGS") == "1",
@@ -480,6 +481,7 @@ class FreshMember(PowerLossCase):
         self.power_loss(m, journal, "lose", SEED)
         work.stop()
         self.assertGreater(len(work.acked), 0)
+        m.env = {}
         c.restart(m)   # with the store's files gone it starts as a new, empty member
         self.check_history(m, History(), work, "fresh member")
 
