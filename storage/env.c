@@ -97,6 +97,19 @@ int storage__meta_put_i64(storage *s, MDB_txn *txn, const char *name, int64_t va
 	return storage__mdb_err(mdb_put(txn, s->s_meta, &k, &v, 0));
 }
 
+int storage__fsync_dir(const char *dir)
+{
+	int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+	if (fd < 0)
+		return STORAGE_ERR_IO;
+	int rc = fsync(fd);
+	close(fd);
+	return rc ? STORAGE_ERR_IO : 0;
+}
+
+/* Creates dir and its missing parents. Each directory made is fsynced into its parent:
+ * otherwise a power loss can take a new member's whole store away with the writes it
+ * acknowledged (the files' data is synced at every commit, their names are not). */
 static int mkdir_p(const char *dir)
 {
 	char path[PATH_MAX];
@@ -104,14 +117,26 @@ static int mkdir_p(const char *dir)
 	if (n == 0 || n >= sizeof(path))
 		return STORAGE_ERR_INVALID;
 	memcpy(path, dir, n + 1);
+	size_t parent_end = 0; /* path[0, parent_end) is the last component's parent */
 	for (size_t i = 1; i <= n; i++) {
 		if (path[i] != '/' && path[i] != '\0')
 			continue;
 		char c = path[i];
 		path[i] = '\0';
-		if (mkdir(path, 0700) != 0 && errno != EEXIST)
+		if (mkdir(path, 0700) == 0) {
+			char parent[PATH_MAX];
+			if (parent_end == 0)
+				strcpy(parent, path[0] == '/' ? "/" : ".");
+			else
+				memcpy(parent, path, parent_end), parent[parent_end] = '\0';
+			int err = storage__fsync_dir(parent);
+			if (err)
+				return err;
+		} else if (errno != EEXIST) {
 			return STORAGE_ERR_IO;
+		}
 		path[i] = c;
+		parent_end = i;
 	}
 	return 0;
 }
@@ -225,6 +250,10 @@ int storage_open(const char *dir, const storage_options *opts, storage **out)
 		err = storage__mdb_err(rc);
 		goto fail;
 	}
+	/* data.mdb and the lock files may have just been created: their names too must
+	 * survive a power loss before the first commit is acknowledged. */
+	if ((err = storage__fsync_dir(dir)))
+		goto fail;
 	/* The WAL needs LMDB's snapshot point to tell a committed clear from a void one. */
 	int64_t snap_index = 0, snap_term = 0;
 	if ((err = storage__mdb_err(mdb_txn_begin(s->s_env, NULL, MDB_RDONLY, &txn))))

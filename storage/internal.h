@@ -180,6 +180,8 @@ uint32_t storage__crc32c(uint32_t crc, const void *data, size_t n);
 
 /* Translates an LMDB or errno code into a storage code. */
 int storage__mdb_err(int rc);
+/* fsync of a directory, so the names created, renamed or removed in it are durable. */
+int storage__fsync_dir(const char *dir);
 
 /* ---- keyindex.c ---- */
 /* Looks up the state of key: 0, STORAGE_ERR_NOT_FOUND, or an error. */

@@ -148,16 +148,6 @@ static int wal_path(storage *s, char *buf, size_t n, uint64_t seq)
 	return w < 0 || (size_t)w >= n ? STORAGE_ERR_INVALID : 0;
 }
 
-static int fsync_dir(const char *dir)
-{
-	int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-	if (fd < 0)
-		return STORAGE_ERR_IO;
-	int rc = fsync(fd);
-	close(fd);
-	return rc ? STORAGE_ERR_IO : 0;
-}
-
 static int cmp_u64(const void *a, const void *b)
 {
 	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
@@ -512,7 +502,7 @@ static int cut_segment(storage *s, size_t need)
 	if (s->s_wal_nsegs == 0) {
 		if (mkdir(dir, 0700) != 0 && errno != EEXIST)
 			return STORAGE_ERR_IO;
-		if ((err = fsync_dir(s->s_dir)))
+		if ((err = storage__fsync_dir(s->s_dir)))
 			return err;
 	}
 	uint64_t size = s->s_wal_seg_size;
@@ -535,7 +525,7 @@ static int cut_segment(storage *s, size_t need)
 		unlink(path);
 		return STORAGE_ERR_IO;
 	}
-	if ((err = fsync_dir(dir))) {
+	if ((err = storage__fsync_dir(dir))) {
 		close(fd);
 		return err;
 	}
@@ -625,7 +615,7 @@ int storage__wal_remove_through(storage *s, uint64_t durable_snap_index)
 		CRASHPOINT("wal.removed"); /* a segment whose entries LMDB durably covers is gone */
 	}
 	if (!err)
-		err = fsync_dir(dir);
+		err = storage__fsync_dir(dir);
 	if (err)
 		return err;
 	memmove(s->s_wal_segs, s->s_wal_segs + k, (s->s_wal_nsegs - k) * sizeof(uint64_t));

@@ -115,6 +115,8 @@ fi
     echo "//storage:etcdfmt_tool does not build: the snapshot format tests will fail"
 "${BAZEL[@]}" build "${BAZEL_FLAGS[@]}" //tests/tools:kv_corrupt </dev/null ||
     echo "//tests/tools:kv_corrupt does not build: the corruption check tests will fail"
+"${BAZEL[@]}" build "${BAZEL_FLAGS[@]}" //tests/fault:libpowerloss.so </dev/null ||
+    echo "//tests/fault:libpowerloss.so does not build: the power-loss tests will fail"
 
 note "integration tests (tests/integration) against $SERVER"
 t0=$SECONDS

@@ -42,6 +42,7 @@ from etcd3 import etcdrpc as rpc
 import grpc
 
 import harness
+import kvmodel
 from harness import poll
 from cluster import Cluster
 
@@ -79,17 +80,7 @@ def txns_workload(n=250, width=128):
 def model_state(ops, n, at_rev=None):
     """{key: (value, create_revision, mod_revision, version)} after the first n ops
     (op i is revision i + 2 on a fresh store), as seen at revision at_rev."""
-    state = {}
-    for i in range(n):
-        rev = i + 2
-        if at_rev is not None and rev > at_rev:
-            break
-        kind, req = ops[i]
-        puts = [req] if kind == "put" else [o.request_put for o in req.success]
-        for p in puts:
-            old = state.get(p.key)
-            state[p.key] = (p.value, old[1] if old else rev, rev, (old[3] if old else 0) + 1)
-    return state
+    return kvmodel.replay([(i + 2, ops[i]) for i in range(n)], at_rev)
 
 
 def send(kv, op):
