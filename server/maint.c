@@ -7,6 +7,7 @@
 #include <string.h>
 
 
+#include "server/peer.h"
 #include "server/server.h"
 
 int member_compute_ids(const config *cfg, member_info *out, char *errbuf, size_t errlen)
@@ -252,4 +253,96 @@ int maint_register(api_server *as, server_ctx *sc)
 			return rc;
 	}
 	return alarm_register(as, sc);
+}
+
+/* How long one running member may take to answer GET /members. */
+#define MEMBERS_ASK_MS 2000
+
+/* Does the JSON array of strings at *p (just after its '[') hold exactly our peer URLs?
+ * *p ends after the ']'. The URLs of etcd's list carry no escapes. */
+static int same_urls(const char **p, const config *cfg)
+{
+	const char *s = *p;
+	int n = 0, matched = 0;
+	for (;;) {
+		while (*s == ' ' || *s == ',' || *s == '\n')
+			s++;
+		if (*s != '"')
+			break;
+		const char *e = strchr(s + 1, '"');
+		if (e == NULL)
+			break;
+		size_t len = (size_t)(e - s - 1);
+		n++;
+		for (int i = 0; i < cfg->initial_advertise_peer.n; i++)
+			if (strlen(cfg->initial_advertise_peer.url[i]) == len &&
+			    memcmp(cfg->initial_advertise_peer.url[i], s + 1, len) == 0) {
+				matched++;
+				break;
+			}
+		s = e + 1;
+	}
+	*p = s;
+	return n > 0 && n == matched && n == cfg->initial_advertise_peer.n;
+}
+
+/* The id of the member with our peer URLs in etcd's GET /members JSON; 0 if none. */
+static uint64_t find_self(const char *json, const config *cfg)
+{
+	const char *p = json;
+	while ((p = strchr(p, '{')) != NULL) {
+		const char *end = strchr(p, '}');
+		const char *id = strstr(p, "\"id\":");
+		const char *urls = strstr(p, "\"peerURLs\":[");
+		p++;
+		if (end == NULL || id == NULL || urls == NULL || id > end || urls > end)
+			continue;
+		const char *u = urls + strlen("\"peerURLs\":[");
+		if (same_urls(&u, cfg))
+			return strtoull(id + strlen("\"id\":"), NULL, 10);
+	}
+	return 0;
+}
+
+int member_id_from_peers(const config *cfg, uint64_t *member_id, char *errbuf, size_t errlen)
+{
+	identity_cluster c;
+	int rc = identity_parse(&c, cfg->initial_cluster, cfg->initial_cluster_token, errbuf, errlen);
+	if (rc)
+		return -1;
+	int asked = 0;
+	*member_id = 0;
+	/* etcd's getRemotePeerURLs: every --initial-cluster member but ourselves. */
+	for (int m = 0; m < c.ic_n && *member_id == 0; m++) {
+		if (strcmp(c.ic_name[m], cfg->name) == 0)
+			continue;
+		for (int k = 0; k < c.ic_n_urls[m] && *member_id == 0; k++) {
+			char *body = NULL, why[256] = "";
+			uint64_t cid = 0;
+			asked++;
+			int r = peer_http_get_members(c.ic_urls[m][k], cfg->peer_tls, MEMBERS_ASK_MS, &body, &cid,
+						      why, sizeof(why));
+			if (r != 0) {
+				log_at(LOG_WARN, "could not get cluster response", "address", c.ic_urls[m][k],
+				       "error", why, NULL);
+				continue;
+			}
+			*member_id = find_self(body, cfg);
+			if (*member_id == 0)
+				log_at(LOG_WARN, "no member with our peer URLs in the cluster's member list",
+				       "address", c.ic_urls[m][k], NULL);
+			free(body);
+		}
+	}
+	identity_free(&c);
+	if (*member_id != 0)
+		return 0;
+	if (asked == 0)
+		snprintf(errbuf, errlen, "cannot fetch cluster info from peer urls: could not retrieve cluster "
+					 "information from the given URLs");
+	else
+		snprintf(errbuf, errlen, "cannot fetch cluster info from peer urls: could not retrieve cluster "
+					 "information from the given URLs (or none lists a member with our peer URLs: "
+					 "was it added with `member add`?)");
+	return -1;
 }

@@ -376,14 +376,21 @@ static void cluster_member_list(void *ctx, api_call *call, const ProtobufCMessag
 	pthread_mutex_unlock(&ms->m_mu);
 }
 
-/* A new member's id: sha1 of its sorted peer URLs and the cluster token, the same id the
- * member computes for itself from --initial-cluster when it starts with
- * --initial-cluster-state existing (etcd adds the time and the joiner asks its peers; we
- * have the joiner derive it, so a member re-added at the same URLs gets the same id). */
-static uint64_t new_member_id(const config *cfg, char **urls, size_t n)
+/* A new member's id, as etcd's MemberAdd (membership.NewMember with the time): sha1 of its
+ * sorted peer URLs, an empty cluster name and the Unix time in seconds. The time makes a
+ * member re-added at a removed member's peer URLs a new member: the joiner asks the running
+ * members for its id (main.c, member_id_from_peers) instead of deriving it. An id still in
+ * the list (the same URLs added twice within a second) moves on to the next second. */
+static uint64_t new_member_id(members *ms, char **urls, size_t n)
 {
-	return identity_member_id(urls, (int)(n < IDENTITY_MAX_URLS ? n : IDENTITY_MAX_URLS),
-				  cfg->initial_cluster_token);
+	long long now = (long long)time(NULL);
+	for (int tries = 0;; tries++) {
+		char secs[32];
+		snprintf(secs, sizeof(secs), "%lld", now + tries);
+		uint64_t id = identity_member_id(urls, (int)(n < IDENTITY_MAX_URLS ? n : IDENTITY_MAX_URLS), secs);
+		if (id == 0 || tries == 16 || !members_exists(ms, id, NULL))
+			return id;
+	}
 }
 
 static void cluster_member_add(void *ctx, api_call *call, const ProtobufCMessage *msg)
@@ -416,7 +423,11 @@ static void cluster_member_add(void *ctx, api_call *call, const ProtobufCMessage
 					return;
 				}
 	pthread_mutex_unlock(&ms->m_mu);
-	uint64_t id = new_member_id(sc->cfg, req->peerurls, req->n_peerurls);
+	uint64_t id = new_member_id(sc->members, req->peerurls, req->n_peerurls);
+	if (id == 0) {
+		api_call_fail_msg(call, 8 /* RESOURCE_EXHAUSTED */, "etcdserver: out of memory");
+		return;
+	}
 	if (!req->islearner && !reconfig_keeps_quorum(sc, id, 0)) {
 		api_call_fail_msg(call, 14 /* UNAVAILABLE */, "etcdserver: unhealthy cluster");
 		return;
@@ -553,4 +564,106 @@ void members_reply(members *ms, api_call *call, node_op op, Etcdserverpb__Respon
 		api_call_reply(call, &resp.base);
 	}
 	pthread_mutex_unlock(&ms->m_mu);
+}
+
+/* ---- etcd's GET /members on the peer port ---- */
+
+/* s as a JSON string into buf (at *off, growing it). 0, or -1 out of memory. */
+static int json_str(char **buf, size_t *off, size_t *cap, const char *s)
+{
+	size_t need = *off + 6 * strlen(s) + 3;
+	if (need > *cap) {
+		size_t nc = need * 2;
+		char *nb = realloc(*buf, nc);
+		if (nb == NULL)
+			return -1;
+		*buf = nb;
+		*cap = nc;
+	}
+	char *p = *buf + *off;
+	*p++ = '"';
+	for (const unsigned char *c = (const unsigned char *)s; *c != '\0'; c++) {
+		if (*c == '"' || *c == '\\') {
+			*p++ = '\\';
+			*p++ = (char)*c;
+		} else if (*c < 0x20) {
+			p += sprintf(p, "\\u%04x", *c);
+		} else {
+			*p++ = (char)*c;
+		}
+	}
+	*p++ = '"';
+	*off = (size_t)(p - *buf);
+	return 0;
+}
+
+static int json_raw(char **buf, size_t *off, size_t *cap, const char *s)
+{
+	size_t n = strlen(s);
+	if (*off + n + 1 > *cap) {
+		size_t nc = (*off + n + 1) * 2;
+		char *nb = realloc(*buf, nc);
+		if (nb == NULL)
+			return -1;
+		*buf = nb;
+		*cap = nc;
+	}
+	memcpy(*buf + *off, s, n + 1);
+	*off += n;
+	return 0;
+}
+
+char *members_json(members *ms, size_t *len)
+{
+	size_t off = 0, cap = 256;
+	char *buf = malloc(cap);
+	int rc = buf == NULL ? -1 : 0;
+	pthread_mutex_lock(&ms->m_mu);
+	if (rc == 0)
+		rc = json_raw(&buf, &off, &cap, "[");
+	for (size_t i = 0; rc == 0 && i < ms->m_list->n_members; i++) {
+		const Etcdserverpb__Member *m = ms->m_list->members[i];
+		char num[64];
+		/* etcd's membership.Member: the id is a JSON number (types.ID is a uint64). */
+		snprintf(num, sizeof(num), "%s{\"id\":%llu,\"peerURLs\":[", i ? "," : "", (unsigned long long)m->id);
+		rc = json_raw(&buf, &off, &cap, num);
+		for (size_t j = 0; rc == 0 && j < m->n_peerurls; j++) {
+			if (j)
+				rc = json_raw(&buf, &off, &cap, ",");
+			if (rc == 0)
+				rc = json_str(&buf, &off, &cap, m->peerurls[j]);
+		}
+		if (rc == 0)
+			rc = json_raw(&buf, &off, &cap, "]");
+		if (rc == 0 && m->islearner)
+			rc = json_raw(&buf, &off, &cap, ",\"isLearner\":true");
+		if (rc == 0 && m->name != NULL && m->name[0] != '\0') {
+			rc = json_raw(&buf, &off, &cap, ",\"name\":");
+			if (rc == 0)
+				rc = json_str(&buf, &off, &cap, m->name);
+		}
+		if (rc == 0 && m->n_clienturls > 0) {
+			rc = json_raw(&buf, &off, &cap, ",\"clientURLs\":[");
+			for (size_t j = 0; rc == 0 && j < m->n_clienturls; j++) {
+				if (j)
+					rc = json_raw(&buf, &off, &cap, ",");
+				if (rc == 0)
+					rc = json_str(&buf, &off, &cap, m->clienturls[j]);
+			}
+			if (rc == 0)
+				rc = json_raw(&buf, &off, &cap, "]");
+		}
+		if (rc == 0)
+			rc = json_raw(&buf, &off, &cap, "}");
+	}
+	pthread_mutex_unlock(&ms->m_mu);
+	/* json.Encoder ends the value with a newline. */
+	if (rc == 0)
+		rc = json_raw(&buf, &off, &cap, "]\n");
+	if (rc != 0) {
+		free(buf);
+		return NULL;
+	}
+	*len = off;
+	return buf;
 }

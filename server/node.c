@@ -337,6 +337,21 @@ static void note_refusal(node *n, uint64_t id, int refused)
 	}
 }
 
+/* etcd's peer handler GET /members: the member list and the cluster id, which a member
+ * joining with --initial-cluster-state existing asks for its id (maint.c). */
+static char *on_peer_http_get(void *ctx, const char *path, size_t *len, uint64_t *cluster_id)
+{
+	node *n = ctx;
+	*len = 0;
+	if (strcmp(path, "/members") != 0)
+		return NULL;
+	char *body = members_json(n->n_sc->members, len);
+	if (body == NULL)
+		*len = 1; /* out of memory: 500 */
+	*cluster_id = n->n_sc->mi.cluster_id;
+	return body;
+}
+
 /* A peer refused our connection: as an unknown sender, it no longer counts us a member. */
 static void on_peer_refused(void *ctx, uint64_t member, int status)
 {
@@ -1445,7 +1460,7 @@ int node_start(node **out, server_ctx *sc)
 	pc.pc_listen = listen;
 	pc.pc_n_listen = nl;
 	pc.pc_tls = sc->cfg->peer_tls; /* built by main.c from the --peer-* TLS flags */
-	peer_callbacks cb = {on_peer_message, on_peer_state, on_peer_log, on_peer_refused};
+	peer_callbacks cb = {on_peer_message, on_peer_state, on_peer_log, on_peer_refused, on_peer_http_get};
 	int prc = peer_transport_init(&n->n_peers, &n->n_loop, &pc, cb, n);
 	if (prc != 0) {
 		log_at(LOG_FATAL, "cannot listen for peers", "error", peer_strerror(prc), NULL);

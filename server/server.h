@@ -486,6 +486,14 @@ void members_reply(members *ms, api_call *call, node_op op, Etcdserverpb__Respon
 size_t members_export(members *ms, storage_etcd_member *out, size_t max, storage_arena *a);
 /* Up to max members: ids, first peer URL as "http(s)://host:port", learner flags. */
 size_t members_peers(members *ms, uint64_t *ids, char (*urls)[256], int *learner, size_t max);
+/* The list as etcd's peer handler GET /members sends it (JSON, newline-ended), malloc'd;
+ * NULL out of memory. */
+char *members_json(members *ms, size_t *len);
+/* A member joining with --initial-cluster-state existing and a new data dir: its id, from
+ * the member whose peer URLs are ours in the list a running member (from
+ * --initial-cluster) gives over GET <peer-url>/members, as etcd's
+ * GetClusterFromRemotePeers. 0, or -1 with etcd's message in errbuf. */
+int member_id_from_peers(const config *cfg, uint64_t *member_id, char *errbuf, size_t errlen);
 
 /* ---- auth.c ---- */
 
