@@ -314,8 +314,8 @@ static void on_peer_state(void *ctx, uint64_t member, int connected)
 /*
  * A removed member rarely hears of its own removal: the leader stops sending to it as soon
  * as the change is appended. Its peers then refuse it as an unknown sender; when most of
- * them do, after it had been part of the cluster, it has been removed, and stops as etcd's
- * member does.
+ * them do, after it had been part of the cluster (this start, or before: a restart with its
+ * old data dir), it has been removed, and stops as etcd's member does.
  */
 static void note_refusal(node *n, uint64_t id, int refused)
 {
@@ -330,7 +330,8 @@ static void note_refusal(node *n, uint64_t id, int refused)
 	}
 	if (i == n->n_nrefusing && n->n_nrefusing < MEMBER_LIST_MAX)
 		n->n_refusing[n->n_nrefusing++] = id;
-	if (n->n_published && n->n_npeers > 0 && n->n_nrefusing * 2 > n->n_npeers && !n->n_removed) {
+	if ((n->n_published || n->n_was_member) && n->n_npeers > 0 && n->n_nrefusing * 2 > n->n_npeers &&
+	    !n->n_removed) {
 		n->n_removed = 1;
 		log_at(LOG_WARN, "the member has been permanently removed from the cluster", NULL);
 		kill(getpid(), SIGTERM);
