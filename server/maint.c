@@ -310,7 +310,7 @@ int member_id_from_peers(const config *cfg, uint64_t *member_id, char *errbuf, s
 	int rc = identity_parse(&c, cfg->initial_cluster, cfg->initial_cluster_token, errbuf, errlen);
 	if (rc)
 		return -1;
-	int asked = 0;
+	int answered = 0;
 	*member_id = 0;
 	/* etcd's getRemotePeerURLs: every --initial-cluster member but ourselves. */
 	for (int m = 0; m < c.ic_n && *member_id == 0; m++) {
@@ -319,7 +319,6 @@ int member_id_from_peers(const config *cfg, uint64_t *member_id, char *errbuf, s
 		for (int k = 0; k < c.ic_n_urls[m] && *member_id == 0; k++) {
 			char *body = NULL, why[256] = "";
 			uint64_t cid = 0;
-			asked++;
 			int r = peer_http_get_members(c.ic_urls[m][k], cfg->peer_tls, MEMBERS_ASK_MS, &body, &cid,
 						      why, sizeof(why));
 			if (r != 0) {
@@ -327,22 +326,22 @@ int member_id_from_peers(const config *cfg, uint64_t *member_id, char *errbuf, s
 				       "error", why, NULL);
 				continue;
 			}
+			answered++;
 			*member_id = find_self(body, cfg);
-			if (*member_id == 0)
-				log_at(LOG_WARN, "no member with our peer URLs in the cluster's member list",
-				       "address", c.ic_urls[m][k], NULL);
 			free(body);
 		}
 	}
 	identity_free(&c);
 	if (*member_id != 0)
 		return 0;
-	if (asked == 0)
+	/* etcd's two failures: no member answered (GetClusterFromRemotePeers), or the list has
+	 * no member with our peer URLs (ValidateClusterAndAssignIDs). */
+	if (answered == 0)
 		snprintf(errbuf, errlen, "cannot fetch cluster info from peer urls: could not retrieve cluster "
 					 "information from the given URLs");
 	else
-		snprintf(errbuf, errlen, "cannot fetch cluster info from peer urls: could not retrieve cluster "
-					 "information from the given URLs (or none lists a member with our peer URLs: "
-					 "was it added with `member add`?)");
+		snprintf(errbuf, errlen, "error validating peerURLs: no member of the cluster has the peer URLs "
+					 "%s (add it with `member add` first)",
+			 cfg->initial_advertise_peer.n > 0 ? cfg->initial_advertise_peer.url[0] : "");
 	return -1;
 }

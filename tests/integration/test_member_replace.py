@@ -136,6 +136,18 @@ class MemberReplace(unittest.TestCase):
             self.fail("a member no one added joined anyway\n%s" % m.log_tail(20))
         self.assertNotEqual(rc, 0)
         if not IS_ETCD:
+            self.assertIn("error validating peerURLs", m.log_tail(20))
+        # no running member to ask at all
+        for o in c.members:
+            if o is not m:
+                o.stop()
+        m.spawn()
+        try:
+            rc = m.proc.wait(30)
+        except Exception:  # noqa
+            self.fail("a member with no one to ask joined anyway\n%s" % m.log_tail(20))
+        self.assertNotEqual(rc, 0)
+        if not IS_ETCD:
             self.assertIn("could not retrieve cluster information from the given URLs",
                           m.log_tail(20))
 
