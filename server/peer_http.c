@@ -303,6 +303,19 @@ static const char *header(const char *h, const char *end, const char *name, size
 	return NULL;
 }
 
+/* Why a send or a read failed: OpenSSL's reason for a TLS failure ("tls: ..."). */
+static const char *tls_reason(int rc)
+{
+	static _Thread_local char buf[200];
+	unsigned long code = rc == PEER_ETLS ? ERR_peek_last_error() : 0;
+	const char *reason = code != 0 ? ERR_reason_error_string(code) : NULL;
+	if (reason == NULL)
+		return peer_strerror(rc);
+	snprintf(buf, sizeof(buf), "tls: %s", reason);
+	ERR_clear_error();
+	return buf;
+}
+
 int peer_http_get_members(const char *url, const peer_tls *tls, unsigned timeout_ms, char **body,
 			  uint64_t *cluster_id, char *err, size_t errlen)
 {
@@ -333,12 +346,13 @@ int peer_http_get_members(const char *url, const peer_tls *tls, unsigned timeout
 	if (rc == 0) {
 		rc = send_all(fd, ssl, req, (size_t)rl, deadline);
 		if (rc)
-			snprintf(err, errlen, "cannot send the request: %s", peer_strerror(rc));
+			snprintf(err, errlen, "cannot send the request: %s", tls_reason(rc));
 	}
 	if (rc == 0) {
+		/* TLS 1.3: a refused client certificate shows here, as the server's alert. */
 		rc = recv_all(fd, ssl, &ans, &alen, deadline);
 		if (rc)
-			snprintf(err, errlen, "cannot read the answer: %s", peer_strerror(rc));
+			snprintf(err, errlen, "cannot read the answer: %s", tls_reason(rc));
 	}
 	if (ssl != NULL) {
 		SSL_free(ssl);
