@@ -376,9 +376,11 @@ static int run(config *cfgp)
 	/* A new data dir joining an existing cluster: the id is the one MemberAdd made, which
 	 * only the running members know (etcd's GetClusterFromRemotePeers). A restart keeps
 	 * the stored id and asks nobody. */
+	remote_members remote;
+	memset(&remote, 0, sizeof(remote));
 	if (strcmp(cfg.initial_cluster_state, "existing") == 0 && !has_member_id(sc.st)) {
 		uint64_t id;
-		if (member_id_from_peers(&cfg, &id, why, sizeof(why)) != 0) {
+		if (member_id_from_peers(&cfg, &remote, &id, why, sizeof(why)) != 0) {
 			log_at(LOG_FATAL, "failed to start member: cannot join the existing cluster", "error", why, NULL);
 			peer_tls_free(cfg.peer_tls);
 			storage_close(sc.st);
@@ -392,7 +394,8 @@ static int run(config *cfgp)
 	if (rc == 0)
 		rc = alarm_start(&sc.alarms, sc.st);
 	if (rc == 0)
-		rc = members_start(&sc.members, &cfg, sc.st, sc.mi.member_id);
+		rc = members_start(&sc.members, &cfg, sc.st, sc.mi.member_id, remote.rm_n > 0 ? &remote : NULL);
+	remote_members_free(&remote);
 	if (rc == 0)
 		rc = auth_start(&sc.auth, &cfg, sc.st);
 	if (rc == 0)

@@ -174,7 +174,7 @@ static int persist(members *ms, storage_batch *b)
 	return rc;
 }
 
-int members_start(members **out, const config *cfg, storage *st, uint64_t self)
+int members_start(members **out, const config *cfg, storage *st, uint64_t self, const remote_members *remote)
 {
 	members *ms = calloc(1, sizeof(*ms));
 	if (ms == NULL)
@@ -195,9 +195,22 @@ int members_start(members **out, const config *cfg, storage *st, uint64_t self)
 	}
 	storage_arena_free(&a);
 	if (rc == STORAGE_ERR_NOT_FOUND) {
-		/* A new member: the cluster is --initial-cluster. */
+		/* A new member: the cluster is the one a running member gave us (joining), else
+		 * --initial-cluster. */
 		identity_cluster ids;
-		rc = identity_parse(&ids, cfg->initial_cluster, cfg->initial_cluster_token, NULL, 0);
+		memset(&ids, 0, sizeof(ids));
+		if (remote != NULL) {
+			ids.ic_n = remote->rm_n;
+			for (int i = 0; i < remote->rm_n; i++) {
+				ids.ic_id[i] = remote->rm_id[i];
+				ids.ic_name[i] = remote->rm_name[i];
+				ids.ic_n_urls[i] = remote->rm_n_urls[i];
+				memcpy(ids.ic_urls[i], remote->rm_urls[i], sizeof(ids.ic_urls[i]));
+			}
+			rc = 0;
+		} else {
+			rc = identity_parse(&ids, cfg->initial_cluster, cfg->initial_cluster_token, NULL, 0);
+		}
 		if (rc == 0) {
 			ms->m_list = list_new();
 			rc = ms->m_list ? 0 : STORAGE_ERR_NOMEM;
@@ -208,6 +221,7 @@ int members_start(members **out, const config *cfg, storage *st, uint64_t self)
 			tmpl.name = ids.ic_name[i];
 			tmpl.n_peerurls = (size_t)ids.ic_n_urls[i];
 			tmpl.peerurls = ids.ic_urls[i];
+			tmpl.islearner = remote != NULL && remote->rm_learner[i];
 			if (ids.ic_id[i] == self) {
 				tmpl.n_clienturls = (size_t)cfg->advertise_client.n;
 				tmpl.clienturls = (char **)cfg->advertise_client.url;
@@ -251,7 +265,7 @@ void members_free(members *ms)
 int members_reload(members *ms, const config *cfg, storage *st)
 {
 	members *fresh;
-	int rc = members_start(&fresh, cfg, st, ms->m_self);
+	int rc = members_start(&fresh, cfg, st, ms->m_self, NULL);
 	if (rc)
 		return rc;
 	pthread_mutex_lock(&ms->m_mu);
