@@ -95,6 +95,23 @@ class MemberReplace(unittest.TestCase):
         m.status()
         self.assertEqual(m.member_id, new, m.log_tail(20))
 
+    def test_two_readds_at_same_urls(self):
+        """Replace one member, make it the leader, then replace another, both at their old
+        peer URLs: the second joiner must take every id from the cluster's list (the
+        leader's id is no longer the one its URL and the token give), or it refuses the
+        leader's connections and never catches up. Found by the fault campaign."""
+        c, ldr = self.start()
+        a, b = c.followers(ldr)[:2]
+        old_a, new_a = self.remove_wipe_add(c, ldr, a)
+        self.assert_reads_fresh(a, seconds=3)
+        harness.poll(lambda: (lambda r: r if r.rc == 0 else None)(
+            etcdctl(ldr.endpoint, "move-leader", new_a, timeout=20)), 20, interval=0.5,
+            what="move-leader to the replaced member")
+        harness.poll(lambda: c.leader() is a, 10, what="the replaced member leads")
+        old_b, new_b = self.remove_wipe_add(c, a, b)
+        self.assertNotEqual(old_b, new_b)
+        self.assert_reads_fresh(b)
+
     def test_removed_member_with_old_data_dir_stays_removed(self):
         """A removed member restarted with its old data dir keeps its old id, which never
         comes back: it is told it was removed and exits (etcd), and the others go on."""
