@@ -18,12 +18,48 @@
 #include "server/server.h"
 
 #define MEMBERS_META "members"
+/* The ids removed from the cluster, 8 bytes big-endian each: as etcd's members_removed
+ * bucket, an id once removed is never given again (MemberAdd skips it). */
+#define MEMBERS_REMOVED_META "members_removed"
 
 struct members {
 	pthread_mutex_t m_mu;
 	Etcdserverpb__MemberListResponse *m_list; /* protobuf-c owned (unpacked or built) */
 	uint64_t m_self;
+	uint8_t *m_removed;   /* MEMBERS_REMOVED_META's bytes */
+	size_t m_nremoved;    /* ids in it */
 };
+
+static uint64_t removed_at(const members *ms, size_t i)
+{
+	uint64_t v = 0;
+	for (int k = 0; k < 8; k++)
+		v = v << 8 | ms->m_removed[8 * i + (size_t)k];
+	return v;
+}
+
+static int was_removed(const members *ms, uint64_t id)
+{
+	for (size_t i = 0; i < ms->m_nremoved; i++)
+		if (removed_at(ms, i) == id)
+			return 1;
+	return 0;
+}
+
+/* Adds id to the removed ids, in memory and in b. Called with m_mu held. */
+static int note_removed(members *ms, storage_batch *b, uint64_t id)
+{
+	if (was_removed(ms, id))
+		return 0;
+	uint8_t *nb = realloc(ms->m_removed, 8 * (ms->m_nremoved + 1));
+	if (nb == NULL)
+		return STORAGE_ERR_NOMEM;
+	ms->m_removed = nb;
+	for (int k = 0; k < 8; k++)
+		nb[8 * ms->m_nremoved + (size_t)k] = (uint8_t)(id >> (56 - 8 * k));
+	ms->m_nremoved++;
+	return storage_batch_meta_put(b, MEMBERS_REMOVED_META, ms->m_removed, 8 * ms->m_nremoved);
+}
 
 static char *xstrdup(const char *s)
 {
@@ -191,6 +227,19 @@ int members_start(members **out, const config *cfg, storage *st, uint64_t self, 
 		rc = storage_read_meta(r, MEMBERS_META, &a, &val, &len);
 		if (rc == 0 && (ms->m_list = list_from_bytes(val, len)) == NULL)
 			rc = STORAGE_ERR_CORRUPT;
+		void *rv;
+		size_t rlen;
+		int rrc = storage_read_meta(r, MEMBERS_REMOVED_META, &a, &rv, &rlen);
+		if (rrc == 0 && rlen % 8 == 0 && rlen > 0) {
+			if ((ms->m_removed = malloc(rlen)) == NULL) {
+				rc = STORAGE_ERR_NOMEM;
+			} else {
+				memcpy(ms->m_removed, rv, rlen);
+				ms->m_nremoved = rlen / 8;
+			}
+		} else if (rrc != 0 && rrc != STORAGE_ERR_NOT_FOUND && (rc == 0 || rc == STORAGE_ERR_NOT_FOUND)) {
+			rc = rrc;
+		}
 		storage_read_end(r);
 	}
 	storage_arena_free(&a);
@@ -258,6 +307,7 @@ void members_free(members *ms)
 	if (ms == NULL)
 		return;
 	list_free(ms->m_list);
+	free(ms->m_removed);
 	pthread_mutex_destroy(&ms->m_mu);
 	free(ms);
 }
@@ -271,8 +321,12 @@ int members_reload(members *ms, const config *cfg, storage *st)
 	pthread_mutex_lock(&ms->m_mu);
 	Etcdserverpb__MemberListResponse *old = ms->m_list;
 	ms->m_list = fresh->m_list;
+	uint8_t *old_removed = ms->m_removed;
+	ms->m_removed = fresh->m_removed;
+	ms->m_nremoved = fresh->m_nremoved;
 	pthread_mutex_unlock(&ms->m_mu);
 	fresh->m_list = old;
+	fresh->m_removed = old_removed;
 	members_free(fresh);
 	return 0;
 }
@@ -361,6 +415,8 @@ int members_conf_changed(members *ms, storage_batch *b, int op, uint64_t id)
 		}
 	}
 	int rc = persist(ms, b);
+	if (rc == 0 && op == MEMBERS_REMOVE)
+		rc = note_removed(ms, b, id);
 	pthread_mutex_unlock(&ms->m_mu);
 	return rc;
 }
@@ -394,7 +450,8 @@ static void cluster_member_list(void *ctx, api_call *call, const ProtobufCMessag
  * sorted peer URLs, an empty cluster name and the Unix time in seconds. The time makes a
  * member re-added at a removed member's peer URLs a new member: the joiner asks the running
  * members for its id (main.c, member_id_from_peers) instead of deriving it. An id still in
- * the list (the same URLs added twice within a second) moves on to the next second. */
+ * the list or removed (the same URLs added, or added and removed, within a second) moves on
+ * to the next second: as etcd, a removed id never comes back. */
 static uint64_t new_member_id(members *ms, char **urls, size_t n)
 {
 	long long now = (long long)time(NULL);
@@ -402,7 +459,10 @@ static uint64_t new_member_id(members *ms, char **urls, size_t n)
 		char secs[32];
 		snprintf(secs, sizeof(secs), "%lld", now + tries);
 		uint64_t id = identity_member_id(urls, (int)(n < IDENTITY_MAX_URLS ? n : IDENTITY_MAX_URLS), secs);
-		if (id == 0 || tries == 16 || !members_exists(ms, id, NULL))
+		pthread_mutex_lock(&ms->m_mu);
+		int taken = list_find(ms->m_list, id) != NULL || was_removed(ms, id);
+		pthread_mutex_unlock(&ms->m_mu);
+		if (id == 0 || tries == 16 || !taken)
 			return id;
 	}
 }

@@ -112,6 +112,30 @@ class MemberReplace(unittest.TestCase):
         self.assertNotEqual(old_b, new_b)
         self.assert_reads_fresh(b)
 
+    def test_removed_id_never_given_again(self):
+        """member add, remove, add again at the same peer URL, quickly (mostly within one
+        second, the time's granularity in a new id): the second add never gets the removed
+        id (Keelson moves on to the next second; etcd refuses the add, as "member not
+        found")."""
+        c, ldr = self.start()
+        url = "http://127.0.0.1:%d" % harness.free_port()
+        for _ in range(3):
+            r = self.reconfig(ldr, "member", "add", "ghost", "--learner", "--peer-urls=" + url)
+            if r.rc != 0 and IS_ETCD:
+                continue   # etcd refuses an add that would give a removed id
+            self.assertEqual(r.rc, 0, r)
+            first = re.search(r"Member\s+([0-9a-f]+) added", r.stdout).group(1)
+            r = self.reconfig(ldr, "member", "remove", first)
+            self.assertEqual(r.rc, 0, r)
+            r = self.reconfig(ldr, "member", "add", "ghost", "--learner", "--peer-urls=" + url)
+            if r.rc != 0 and IS_ETCD:
+                continue   # etcd refuses an add that would give a removed id
+            self.assertEqual(r.rc, 0, r)
+            again = re.search(r"Member\s+([0-9a-f]+) added", r.stdout).group(1)
+            self.assertNotEqual(first, again, "a removed id was given again")
+            r = self.reconfig(ldr, "member", "remove", again)
+            self.assertEqual(r.rc, 0, r)
+
     def test_removed_member_with_old_data_dir_stays_removed(self):
         """A removed member restarted with its old data dir keeps its old id, which never
         comes back: it is told it was removed and exits (etcd), and the others go on."""
