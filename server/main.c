@@ -48,6 +48,24 @@ static uint64_t get_be64(const uint8_t *p)
 	return v;
 }
 
+/* Whether the data dir already holds this member's id (not a new data dir). */
+static int has_member_id(storage *st)
+{
+	storage_reader *r;
+	storage_arena a;
+	void *mid;
+	size_t mlen;
+	storage_arena_init(&a);
+	if (storage_read_begin(st, &r) != 0) {
+		storage_arena_free(&a);
+		return 1; /* load_or_store_ids meets the same error */
+	}
+	int rc = storage_read_meta(r, "member_id", &a, &mid, &mlen);
+	storage_read_end(r);
+	storage_arena_free(&a);
+	return rc != STORAGE_ERR_NOT_FOUND;
+}
+
 /* The ids are fixed when the data dir is made: a restart keeps them whatever the flags say. */
 static int load_or_store_ids(storage *st, member_info *mi, int joining)
 {
@@ -355,13 +373,29 @@ static int run(config *cfgp)
 		storage_close(sc.st);
 		return 1;
 	}
+	/* A new data dir joining an existing cluster: the id is the one MemberAdd made, which
+	 * only the running members know (etcd's GetClusterFromRemotePeers). A restart keeps
+	 * the stored id and asks nobody. */
+	remote_members remote;
+	memset(&remote, 0, sizeof(remote));
+	if (strcmp(cfg.initial_cluster_state, "existing") == 0 && !has_member_id(sc.st)) {
+		uint64_t id;
+		if (member_id_from_peers(&cfg, &remote, &id, why, sizeof(why)) != 0) {
+			log_at(LOG_FATAL, "failed to start member: cannot join the existing cluster", "error", why, NULL);
+			peer_tls_free(cfg.peer_tls);
+			storage_close(sc.st);
+			return 1;
+		}
+		sc.mi.member_id = id;
+	}
 	rc = load_or_store_ids(sc.st, &sc.mi, strcmp(cfg.initial_cluster_state, "existing") == 0);
 	if (rc == 0)
 		rc = lessor_start(&sc.lessor, &cfg, sc.st);
 	if (rc == 0)
 		rc = alarm_start(&sc.alarms, sc.st);
 	if (rc == 0)
-		rc = members_start(&sc.members, &cfg, sc.st, sc.mi.member_id);
+		rc = members_start(&sc.members, &cfg, sc.st, sc.mi.member_id, remote.rm_n > 0 ? &remote : NULL);
+	remote_members_free(&remote);
 	if (rc == 0)
 		rc = auth_start(&sc.auth, &cfg, sc.st);
 	if (rc == 0)

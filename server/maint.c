@@ -7,6 +7,7 @@
 #include <string.h>
 
 
+#include "server/peer.h"
 #include "server/server.h"
 
 int member_compute_ids(const config *cfg, member_info *out, char *errbuf, size_t errlen)
@@ -252,4 +253,169 @@ int maint_register(api_server *as, server_ctx *sc)
 			return rc;
 	}
 	return alarm_register(as, sc);
+}
+
+/* How long one running member may take to answer GET /members. */
+#define MEMBERS_ASK_MS 2000
+
+/* The JSON string starting at s (its opening quote): cut in place (its closing quote becomes
+ * a NUL); *next after it. NULL if it does not end before end. etcd's names and URLs carry
+ * no escapes; a string with one is kept as it is. */
+static char *cut_string(char *s, const char *end, char **next)
+{
+	if (s >= end || *s != '"')
+		return NULL;
+	char *e = s + 1;
+	while (e < end && *e != '"')
+		e += *e == '\\' && e + 1 < end ? 2 : 1;
+	if (e >= end)
+		return NULL;
+	*e = '\0';
+	*next = e + 1;
+	return s + 1;
+}
+
+/* The value of "key": in the object [obj, end), or NULL. */
+static char *json_field(char *obj, const char *end, const char *key)
+{
+	size_t kl = strlen(key);
+	for (char *p = obj; p + kl + 3 <= end; p++)
+		if (p[0] == '"' && memcmp(p + 1, key, kl) == 0 && p[kl + 1] == '"') {
+			char *v = p + kl + 2;
+			while (v < end && (*v == ' ' || *v == ':'))
+				v++;
+			return v < end ? v : NULL;
+		}
+	return NULL;
+}
+
+/* etcd's GET /members JSON (an array of {"id", "peerURLs", "isLearner", "name",
+ * "clientURLs"}) into rm, cutting the strings in json in place. 0, or -1 if malformed. */
+static int parse_members(char *json, remote_members *rm)
+{
+	memset(rm->rm_id, 0, sizeof(rm->rm_id));
+	rm->rm_n = 0;
+	char *p = json;
+	while ((p = strchr(p, '{')) != NULL) {
+		char *end = strchr(p, '}');
+		if (end == NULL || rm->rm_n == IDENTITY_MAX_MEMBERS)
+			return -1;
+		int k = rm->rm_n;
+		char *id = json_field(p, end, "id");
+		char *urls = json_field(p, end, "peerURLs");
+		char *name = json_field(p, end, "name");
+		char *learner = json_field(p, end, "isLearner");
+		if (id == NULL || urls == NULL || *urls != '[')
+			return -1;
+		rm->rm_id[k] = strtoull(id, NULL, 10);
+		rm->rm_learner[k] = learner != NULL && strncmp(learner, "true", 4) == 0;
+		rm->rm_name[k] = "";
+		char *next = NULL;
+		if (name != NULL) {
+			char *n = cut_string(name, end, &next);
+			if (n != NULL)
+				rm->rm_name[k] = n;
+		}
+		rm->rm_n_urls[k] = 0;
+		char *u = urls + 1;
+		for (;;) {
+			while (u < end && (*u == ' ' || *u == ','))
+				u++;
+			if (u >= end || *u != '"')
+				break;
+			char *s = cut_string(u, end, &next);
+			if (s == NULL || rm->rm_n_urls[k] == IDENTITY_MAX_URLS)
+				return -1;
+			rm->rm_urls[k][rm->rm_n_urls[k]++] = s;
+			u = next;
+		}
+		if (rm->rm_id[k] == 0 || rm->rm_n_urls[k] == 0)
+			return -1;
+		rm->rm_n++;
+		p = end + 1;
+	}
+	return rm->rm_n > 0 ? 0 : -1;
+}
+
+/* The index of the member with exactly our peer URLs in rm, or -1. */
+static int find_self(const remote_members *rm, const config *cfg)
+{
+	for (int k = 0; k < rm->rm_n; k++) {
+		if (rm->rm_n_urls[k] != cfg->initial_advertise_peer.n)
+			continue;
+		int matched = 0;
+		for (int i = 0; i < rm->rm_n_urls[k]; i++)
+			for (int j = 0; j < cfg->initial_advertise_peer.n; j++)
+				if (strcmp(rm->rm_urls[k][i], cfg->initial_advertise_peer.url[j]) == 0) {
+					matched++;
+					break;
+				}
+		if (matched == rm->rm_n_urls[k])
+			return k;
+	}
+	return -1;
+}
+
+void remote_members_free(remote_members *rm)
+{
+	free(rm->rm_buf);
+	rm->rm_buf = NULL;
+	rm->rm_n = 0;
+}
+
+int member_id_from_peers(const config *cfg, remote_members *rm, uint64_t *member_id, char *errbuf,
+			 size_t errlen)
+{
+	identity_cluster c;
+	memset(rm, 0, sizeof(*rm));
+	*member_id = 0;
+	int rc = identity_parse(&c, cfg->initial_cluster, cfg->initial_cluster_token, errbuf, errlen);
+	if (rc)
+		return -1;
+	int answered = 0;
+	/* etcd's getRemotePeerURLs: every --initial-cluster member but ourselves. */
+	for (int m = 0; m < c.ic_n && *member_id == 0; m++) {
+		if (strcmp(c.ic_name[m], cfg->name) == 0)
+			continue;
+		for (int k = 0; k < c.ic_n_urls[m] && *member_id == 0; k++) {
+			char *body = NULL, why[256] = "";
+			uint64_t cid = 0;
+			int r = peer_http_get_members(c.ic_urls[m][k], cfg->peer_tls, MEMBERS_ASK_MS, &body, &cid,
+						      why, sizeof(why));
+			if (r != 0) {
+				log_at(LOG_WARN, "could not get cluster response", "address", c.ic_urls[m][k],
+				       "error", why, NULL);
+				continue;
+			}
+			if (parse_members(body, rm) != 0) {
+				log_at(LOG_WARN, "could not get cluster response", "address", c.ic_urls[m][k],
+				       "error", "malformed member list", NULL);
+				free(body);
+				continue;
+			}
+			answered++;
+			int self = find_self(rm, cfg);
+			if (self < 0) {
+				free(body);
+				continue;
+			}
+			*member_id = rm->rm_id[self];
+			rm->rm_name[self] = (char *)cfg->name;
+			rm->rm_buf = body; /* the strings of rm */
+		}
+	}
+	identity_free(&c);
+	if (*member_id != 0)
+		return 0;
+	rm->rm_n = 0;
+	/* etcd's two failures: no member answered (GetClusterFromRemotePeers), or the list has
+	 * no member with our peer URLs (ValidateClusterAndAssignIDs). */
+	if (answered == 0)
+		snprintf(errbuf, errlen, "cannot fetch cluster info from peer urls: could not retrieve cluster "
+					 "information from the given URLs");
+	else
+		snprintf(errbuf, errlen, "error validating peerURLs: no member of the cluster has the peer URLs "
+					 "%s (add it with `member add` first)",
+			 cfg->initial_advertise_peer.n > 0 ? cfg->initial_advertise_peer.url[0] : "");
+	return -1;
 }

@@ -18,12 +18,48 @@
 #include "server/server.h"
 
 #define MEMBERS_META "members"
+/* The ids removed from the cluster, 8 bytes big-endian each: as etcd's members_removed
+ * bucket, an id once removed is never given again (MemberAdd skips it). */
+#define MEMBERS_REMOVED_META "members_removed"
 
 struct members {
 	pthread_mutex_t m_mu;
 	Etcdserverpb__MemberListResponse *m_list; /* protobuf-c owned (unpacked or built) */
 	uint64_t m_self;
+	uint8_t *m_removed;   /* MEMBERS_REMOVED_META's bytes */
+	size_t m_nremoved;    /* ids in it */
 };
+
+static uint64_t removed_at(const members *ms, size_t i)
+{
+	uint64_t v = 0;
+	for (int k = 0; k < 8; k++)
+		v = v << 8 | ms->m_removed[8 * i + (size_t)k];
+	return v;
+}
+
+static int was_removed(const members *ms, uint64_t id)
+{
+	for (size_t i = 0; i < ms->m_nremoved; i++)
+		if (removed_at(ms, i) == id)
+			return 1;
+	return 0;
+}
+
+/* Adds id to the removed ids, in memory and in b. Called with m_mu held. */
+static int note_removed(members *ms, storage_batch *b, uint64_t id)
+{
+	if (was_removed(ms, id))
+		return 0;
+	uint8_t *nb = realloc(ms->m_removed, 8 * (ms->m_nremoved + 1));
+	if (nb == NULL)
+		return STORAGE_ERR_NOMEM;
+	ms->m_removed = nb;
+	for (int k = 0; k < 8; k++)
+		nb[8 * ms->m_nremoved + (size_t)k] = (uint8_t)(id >> (56 - 8 * k));
+	ms->m_nremoved++;
+	return storage_batch_meta_put(b, MEMBERS_REMOVED_META, ms->m_removed, 8 * ms->m_nremoved);
+}
 
 static char *xstrdup(const char *s)
 {
@@ -174,7 +210,7 @@ static int persist(members *ms, storage_batch *b)
 	return rc;
 }
 
-int members_start(members **out, const config *cfg, storage *st, uint64_t self)
+int members_start(members **out, const config *cfg, storage *st, uint64_t self, const remote_members *remote)
 {
 	members *ms = calloc(1, sizeof(*ms));
 	if (ms == NULL)
@@ -191,13 +227,39 @@ int members_start(members **out, const config *cfg, storage *st, uint64_t self)
 		rc = storage_read_meta(r, MEMBERS_META, &a, &val, &len);
 		if (rc == 0 && (ms->m_list = list_from_bytes(val, len)) == NULL)
 			rc = STORAGE_ERR_CORRUPT;
+		void *rv;
+		size_t rlen;
+		int rrc = storage_read_meta(r, MEMBERS_REMOVED_META, &a, &rv, &rlen);
+		if (rrc == 0 && rlen % 8 == 0 && rlen > 0) {
+			if ((ms->m_removed = malloc(rlen)) == NULL) {
+				rc = STORAGE_ERR_NOMEM;
+			} else {
+				memcpy(ms->m_removed, rv, rlen);
+				ms->m_nremoved = rlen / 8;
+			}
+		} else if (rrc != 0 && rrc != STORAGE_ERR_NOT_FOUND && (rc == 0 || rc == STORAGE_ERR_NOT_FOUND)) {
+			rc = rrc;
+		}
 		storage_read_end(r);
 	}
 	storage_arena_free(&a);
 	if (rc == STORAGE_ERR_NOT_FOUND) {
-		/* A new member: the cluster is --initial-cluster. */
+		/* A new member: the cluster is the one a running member gave us (joining), else
+		 * --initial-cluster. */
 		identity_cluster ids;
-		rc = identity_parse(&ids, cfg->initial_cluster, cfg->initial_cluster_token, NULL, 0);
+		memset(&ids, 0, sizeof(ids));
+		if (remote != NULL) {
+			ids.ic_n = remote->rm_n;
+			for (int i = 0; i < remote->rm_n; i++) {
+				ids.ic_id[i] = remote->rm_id[i];
+				ids.ic_name[i] = remote->rm_name[i];
+				ids.ic_n_urls[i] = remote->rm_n_urls[i];
+				memcpy(ids.ic_urls[i], remote->rm_urls[i], sizeof(ids.ic_urls[i]));
+			}
+			rc = 0;
+		} else {
+			rc = identity_parse(&ids, cfg->initial_cluster, cfg->initial_cluster_token, NULL, 0);
+		}
 		if (rc == 0) {
 			ms->m_list = list_new();
 			rc = ms->m_list ? 0 : STORAGE_ERR_NOMEM;
@@ -208,6 +270,7 @@ int members_start(members **out, const config *cfg, storage *st, uint64_t self)
 			tmpl.name = ids.ic_name[i];
 			tmpl.n_peerurls = (size_t)ids.ic_n_urls[i];
 			tmpl.peerurls = ids.ic_urls[i];
+			tmpl.islearner = remote != NULL && remote->rm_learner[i];
 			if (ids.ic_id[i] == self) {
 				tmpl.n_clienturls = (size_t)cfg->advertise_client.n;
 				tmpl.clienturls = (char **)cfg->advertise_client.url;
@@ -244,6 +307,7 @@ void members_free(members *ms)
 	if (ms == NULL)
 		return;
 	list_free(ms->m_list);
+	free(ms->m_removed);
 	pthread_mutex_destroy(&ms->m_mu);
 	free(ms);
 }
@@ -251,14 +315,18 @@ void members_free(members *ms)
 int members_reload(members *ms, const config *cfg, storage *st)
 {
 	members *fresh;
-	int rc = members_start(&fresh, cfg, st, ms->m_self);
+	int rc = members_start(&fresh, cfg, st, ms->m_self, NULL);
 	if (rc)
 		return rc;
 	pthread_mutex_lock(&ms->m_mu);
 	Etcdserverpb__MemberListResponse *old = ms->m_list;
 	ms->m_list = fresh->m_list;
+	uint8_t *old_removed = ms->m_removed;
+	ms->m_removed = fresh->m_removed;
+	ms->m_nremoved = fresh->m_nremoved;
 	pthread_mutex_unlock(&ms->m_mu);
 	fresh->m_list = old;
+	fresh->m_removed = old_removed;
 	members_free(fresh);
 	return 0;
 }
@@ -347,6 +415,8 @@ int members_conf_changed(members *ms, storage_batch *b, int op, uint64_t id)
 		}
 	}
 	int rc = persist(ms, b);
+	if (rc == 0 && op == MEMBERS_REMOVE)
+		rc = note_removed(ms, b, id);
 	pthread_mutex_unlock(&ms->m_mu);
 	return rc;
 }
@@ -376,14 +446,25 @@ static void cluster_member_list(void *ctx, api_call *call, const ProtobufCMessag
 	pthread_mutex_unlock(&ms->m_mu);
 }
 
-/* A new member's id: sha1 of its sorted peer URLs and the cluster token, the same id the
- * member computes for itself from --initial-cluster when it starts with
- * --initial-cluster-state existing (etcd adds the time and the joiner asks its peers; we
- * have the joiner derive it, so a member re-added at the same URLs gets the same id). */
-static uint64_t new_member_id(const config *cfg, char **urls, size_t n)
+/* A new member's id, as etcd's MemberAdd (membership.NewMember with the time): sha1 of its
+ * sorted peer URLs, an empty cluster name and the Unix time in seconds. The time makes a
+ * member re-added at a removed member's peer URLs a new member: the joiner asks the running
+ * members for its id (main.c, member_id_from_peers) instead of deriving it. An id still in
+ * the list or removed (the same URLs added, or added and removed, within a second) moves on
+ * to the next second: as etcd, a removed id never comes back. */
+static uint64_t new_member_id(members *ms, char **urls, size_t n)
 {
-	return identity_member_id(urls, (int)(n < IDENTITY_MAX_URLS ? n : IDENTITY_MAX_URLS),
-				  cfg->initial_cluster_token);
+	long long now = (long long)time(NULL);
+	for (int tries = 0;; tries++) {
+		char secs[32];
+		snprintf(secs, sizeof(secs), "%lld", now + tries);
+		uint64_t id = identity_member_id(urls, (int)(n < IDENTITY_MAX_URLS ? n : IDENTITY_MAX_URLS), secs);
+		pthread_mutex_lock(&ms->m_mu);
+		int taken = list_find(ms->m_list, id) != NULL || was_removed(ms, id);
+		pthread_mutex_unlock(&ms->m_mu);
+		if (id == 0 || tries == 16 || !taken)
+			return id;
+	}
 }
 
 static void cluster_member_add(void *ctx, api_call *call, const ProtobufCMessage *msg)
@@ -416,7 +497,11 @@ static void cluster_member_add(void *ctx, api_call *call, const ProtobufCMessage
 					return;
 				}
 	pthread_mutex_unlock(&ms->m_mu);
-	uint64_t id = new_member_id(sc->cfg, req->peerurls, req->n_peerurls);
+	uint64_t id = new_member_id(sc->members, req->peerurls, req->n_peerurls);
+	if (id == 0) {
+		api_call_fail_msg(call, 8 /* RESOURCE_EXHAUSTED */, "etcdserver: out of memory");
+		return;
+	}
 	if (!req->islearner && !reconfig_keeps_quorum(sc, id, 0)) {
 		api_call_fail_msg(call, 14 /* UNAVAILABLE */, "etcdserver: unhealthy cluster");
 		return;
@@ -553,4 +638,106 @@ void members_reply(members *ms, api_call *call, node_op op, Etcdserverpb__Respon
 		api_call_reply(call, &resp.base);
 	}
 	pthread_mutex_unlock(&ms->m_mu);
+}
+
+/* ---- etcd's GET /members on the peer port ---- */
+
+/* s as a JSON string into buf (at *off, growing it). 0, or -1 out of memory. */
+static int json_str(char **buf, size_t *off, size_t *cap, const char *s)
+{
+	size_t need = *off + 6 * strlen(s) + 3;
+	if (need > *cap) {
+		size_t nc = need * 2;
+		char *nb = realloc(*buf, nc);
+		if (nb == NULL)
+			return -1;
+		*buf = nb;
+		*cap = nc;
+	}
+	char *p = *buf + *off;
+	*p++ = '"';
+	for (const unsigned char *c = (const unsigned char *)s; *c != '\0'; c++) {
+		if (*c == '"' || *c == '\\') {
+			*p++ = '\\';
+			*p++ = (char)*c;
+		} else if (*c < 0x20) {
+			p += sprintf(p, "\\u%04x", *c);
+		} else {
+			*p++ = (char)*c;
+		}
+	}
+	*p++ = '"';
+	*off = (size_t)(p - *buf);
+	return 0;
+}
+
+static int json_raw(char **buf, size_t *off, size_t *cap, const char *s)
+{
+	size_t n = strlen(s);
+	if (*off + n + 1 > *cap) {
+		size_t nc = (*off + n + 1) * 2;
+		char *nb = realloc(*buf, nc);
+		if (nb == NULL)
+			return -1;
+		*buf = nb;
+		*cap = nc;
+	}
+	memcpy(*buf + *off, s, n + 1);
+	*off += n;
+	return 0;
+}
+
+char *members_json(members *ms, size_t *len)
+{
+	size_t off = 0, cap = 256;
+	char *buf = malloc(cap);
+	int rc = buf == NULL ? -1 : 0;
+	pthread_mutex_lock(&ms->m_mu);
+	if (rc == 0)
+		rc = json_raw(&buf, &off, &cap, "[");
+	for (size_t i = 0; rc == 0 && i < ms->m_list->n_members; i++) {
+		const Etcdserverpb__Member *m = ms->m_list->members[i];
+		char num[64];
+		/* etcd's membership.Member: the id is a JSON number (types.ID is a uint64). */
+		snprintf(num, sizeof(num), "%s{\"id\":%llu,\"peerURLs\":[", i ? "," : "", (unsigned long long)m->id);
+		rc = json_raw(&buf, &off, &cap, num);
+		for (size_t j = 0; rc == 0 && j < m->n_peerurls; j++) {
+			if (j)
+				rc = json_raw(&buf, &off, &cap, ",");
+			if (rc == 0)
+				rc = json_str(&buf, &off, &cap, m->peerurls[j]);
+		}
+		if (rc == 0)
+			rc = json_raw(&buf, &off, &cap, "]");
+		if (rc == 0 && m->islearner)
+			rc = json_raw(&buf, &off, &cap, ",\"isLearner\":true");
+		if (rc == 0 && m->name != NULL && m->name[0] != '\0') {
+			rc = json_raw(&buf, &off, &cap, ",\"name\":");
+			if (rc == 0)
+				rc = json_str(&buf, &off, &cap, m->name);
+		}
+		if (rc == 0 && m->n_clienturls > 0) {
+			rc = json_raw(&buf, &off, &cap, ",\"clientURLs\":[");
+			for (size_t j = 0; rc == 0 && j < m->n_clienturls; j++) {
+				if (j)
+					rc = json_raw(&buf, &off, &cap, ",");
+				if (rc == 0)
+					rc = json_str(&buf, &off, &cap, m->clienturls[j]);
+			}
+			if (rc == 0)
+				rc = json_raw(&buf, &off, &cap, "]");
+		}
+		if (rc == 0)
+			rc = json_raw(&buf, &off, &cap, "}");
+	}
+	pthread_mutex_unlock(&ms->m_mu);
+	/* json.Encoder ends the value with a newline. */
+	if (rc == 0)
+		rc = json_raw(&buf, &off, &cap, "]\n");
+	if (rc != 0) {
+		free(buf);
+		return NULL;
+	}
+	*len = off;
+	return buf;
 }

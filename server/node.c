@@ -314,8 +314,8 @@ static void on_peer_state(void *ctx, uint64_t member, int connected)
 /*
  * A removed member rarely hears of its own removal: the leader stops sending to it as soon
  * as the change is appended. Its peers then refuse it as an unknown sender; when most of
- * them do, after it had been part of the cluster, it has been removed, and stops as etcd's
- * member does.
+ * them do, after it had been part of the cluster (this start, or before: a restart with its
+ * old data dir), it has been removed, and stops as etcd's member does.
  */
 static void note_refusal(node *n, uint64_t id, int refused)
 {
@@ -330,11 +330,27 @@ static void note_refusal(node *n, uint64_t id, int refused)
 	}
 	if (i == n->n_nrefusing && n->n_nrefusing < MEMBER_LIST_MAX)
 		n->n_refusing[n->n_nrefusing++] = id;
-	if (n->n_published && n->n_npeers > 0 && n->n_nrefusing * 2 > n->n_npeers && !n->n_removed) {
+	if ((n->n_published || n->n_was_member) && n->n_npeers > 0 && n->n_nrefusing * 2 > n->n_npeers &&
+	    !n->n_removed) {
 		n->n_removed = 1;
 		log_at(LOG_WARN, "the member has been permanently removed from the cluster", NULL);
 		kill(getpid(), SIGTERM);
 	}
+}
+
+/* etcd's peer handler GET /members: the member list and the cluster id, which a member
+ * joining with --initial-cluster-state existing asks for its id (maint.c). */
+static char *on_peer_http_get(void *ctx, const char *path, size_t *len, uint64_t *cluster_id)
+{
+	node *n = ctx;
+	*len = 0;
+	if (strcmp(path, "/members") != 0)
+		return NULL;
+	char *body = members_json(n->n_sc->members, len);
+	if (body == NULL)
+		*len = 1; /* out of memory: 500 */
+	*cluster_id = n->n_sc->mi.cluster_id;
+	return body;
 }
 
 /* A peer refused our connection: as an unknown sender, it no longer counts us a member. */
@@ -1463,7 +1479,7 @@ int node_start(node **out, server_ctx *sc)
 	pc.pc_listen = listen;
 	pc.pc_n_listen = nl;
 	pc.pc_tls = sc->cfg->peer_tls; /* built by main.c from the --peer-* TLS flags */
-	peer_callbacks cb = {on_peer_message, on_peer_state, on_peer_log, on_peer_refused};
+	peer_callbacks cb = {on_peer_message, on_peer_state, on_peer_log, on_peer_refused, on_peer_http_get};
 	int prc = peer_transport_init(&n->n_peers, &n->n_loop, &pc, cb, n);
 	if (prc != 0) {
 		log_at(LOG_FATAL, "cannot listen for peers", "error", peer_strerror(prc), NULL);

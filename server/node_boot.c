@@ -36,6 +36,9 @@ int node_raft_boot(node *n)
 	struct raft_entry *entries = NULL;
 	if (rc == 0) {
 		cfg.id = sc->mi.member_id;
+		/* Entries applied: this member was in the cluster (a member applies nothing before
+		 * it is added), so peers refusing it as unknown means it was removed since. */
+		n->n_was_member = stats.st_applied_index > 0;
 		uint64_t ids[MEMBER_LIST_MAX];
 		char urls[MEMBER_LIST_MAX][256];
 		int learner[MEMBER_LIST_MAX];

@@ -113,6 +113,7 @@ struct node {
 	size_t n_npeers;
 	int n_role;                   /* enum raft_role */
 	int n_published;              /* this start's name and client URLs were proposed */
+	int n_was_member;             /* started from a data dir that had applied entries */
 	uint64_t n_refusing[MEMBER_LIST_MAX]; /* peers refusing us as an unknown member */
 	size_t n_nrefusing;
 	int n_removed;

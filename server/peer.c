@@ -147,6 +147,7 @@ struct conn {
 	int c_tls_done;        /* the TLS handshake completed */
 	int c_tls_fed;         /* bytes were fed to c_ssl (the first byte was checked) */
 	int c_tls_mismatch;    /* inbound: a plaintext HELLO on a TLS listener, to refuse */
+	int c_http_done;       /* inbound: an HTTP request answered; closed once written */
 	int c_tls_failed;      /* tls_fail: closes once its alert is written */
 	BUF_MEM *c_ctl_out;    /* TLS: the ciphertext of the HELLO/ACK being written */
 	char c_tls_err[192];   /* the reason of a WHY_TLS failure */
@@ -767,7 +768,7 @@ static void on_tls_out_written(uv_write_t *req, int status)
 	free(o);
 	if (c->c_state == CONN_CLOSING)
 		return;
-	if (c->c_tls_failed) /* the failure's alert is out (tls_fail) */
+	if (c->c_tls_failed || c->c_http_done) /* the alert or the HTTP answer is out */
 		conn_close(c);
 	else if (status < 0)
 		conn_fail(c, status);
@@ -1106,10 +1107,137 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 		conn_plain_space(c, buf);
 }
 
+/* The HTTP answer of status (with its reason) and body into a new BUF_MEM; NULL out of
+ * memory. */
+static BUF_MEM *http_answer(const char *status, const char *ctype, uint64_t cluster_id, const char *body,
+			    size_t len)
+{
+	char head[256];
+	int hl;
+	if (cluster_id != 0)
+		hl = snprintf(head, sizeof(head),
+			      "HTTP/1.1 %s\r\nContent-Type: %s\r\nX-Etcd-Cluster-Id: %" PRIx64
+			      "\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n",
+			      status, ctype, cluster_id, len);
+	else
+		hl = snprintf(head, sizeof(head),
+			      "HTTP/1.1 %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\n"
+			      "Connection: close\r\n\r\n",
+			      status, ctype, len);
+	BUF_MEM *bm = BUF_MEM_new();
+	if (bm == NULL || BUF_MEM_grow(bm, (size_t)hl + len) == 0) {
+		BUF_MEM_free(bm);
+		ERR_clear_error();
+		return NULL;
+	}
+	memcpy(bm->data, head, (size_t)hl);
+	memcpy(bm->data + hl, body, len);
+	return bm;
+}
+
+/*
+ * An inbound connection that starts with "GET " instead of a HELLO: an HTTP/1.x request to
+ * etcd's peer handler (a member joining an existing cluster asks GET /members, as etcd's
+ * GetClusterFromRemotePeers). Waits for the whole header, answers through the on_http_get
+ * callback and closes once the answer is written: one request per connection.
+ */
+static void conn_http(conn *c)
+{
+	peer_transport *t = c->c_t;
+	if (c->c_tls_mismatch) { /* plaintext HTTP on a TLS listener */
+		conn_fail(c, WHY_TLS_ON_PLAIN);
+		return;
+	}
+	const char *req = (const char *)c->c_rbuf;
+	size_t n = c->c_rlen, end = 0;
+	for (size_t i = 0; i + 4 <= n; i++)
+		if (memcmp(req + i, "\r\n\r\n", 4) == 0) {
+			end = i;
+			break;
+		}
+	if (end == 0) {
+		if (n >= PEER_HANDSHAKE_MAX)
+			conn_fail(c, WHY_TOO_LONG);
+		return; /* the rest of the header is still to come */
+	}
+	char path[256] = "";
+	const char *sp = end > 4 ? memchr(req + 4, ' ', end - 4) : NULL;
+	size_t pl = sp != NULL ? (size_t)(sp - (req + 4)) : 0;
+	int is_get = memcmp(req, "GET ", 4) == 0 && sp != NULL && pl > 0 && pl < sizeof(path);
+	if (is_get) {
+		memcpy(path, req + 4, pl);
+		path[pl] = '\0';
+		char *q = strchr(path, '?');
+		if (q != NULL)
+			*q = '\0';
+	}
+	BUF_MEM *bm;
+	if (!is_get) {
+		bm = http_answer("405 Method Not Allowed", "text/plain; charset=utf-8", 0,
+				 "Method Not Allowed\n", 19);
+	} else {
+		size_t len = 0;
+		uint64_t cid = 0;
+		char *body = t->t_cb.on_http_get != NULL && !t->t_closing
+				     ? t->t_cb.on_http_get(t->t_ctx, path, &len, &cid)
+				     : NULL;
+		if (body != NULL)
+			bm = http_answer("200 OK", "application/json", cid, body, len);
+		else if (len == 1)
+			bm = http_answer("500 Internal Server Error", "text/plain; charset=utf-8", 0,
+					 "out of memory\n", 14);
+		else
+			bm = http_answer("404 Not Found", "text/plain; charset=utf-8", 0,
+					 "404 page not found\n", 19);
+		free(body);
+	}
+	if (bm == NULL) {
+		conn_fail(c, WHY_NOMEM);
+		return;
+	}
+	/* Like a refusal: no longer a pending handshake, reads dropped, closed once written
+	 * (on_tls_out_written), the handshake timer still bounding it. */
+	t->t_pending_hs--;
+	c->c_state = CONN_REFUSING;
+	c->c_http_done = 1;
+	if (c->c_ssl != NULL) {
+		ERR_clear_error();
+		int rc = tls_write_all(c, (const uint8_t *)bm->data, bm->length);
+		BUF_MEM_free(bm);
+		if (rc != 0) {
+			conn_close(c);
+			return;
+		}
+		SSL_shutdown(c->c_ssl); /* close_notify after the answer */
+		ERR_clear_error();
+		tls_flush(c);
+		return;
+	}
+	tls_out *o = malloc(sizeof(*o));
+	if (o == NULL) {
+		BUF_MEM_free(bm);
+		conn_close(c);
+		return;
+	}
+	o->o_buf = bm;
+	o->o_req.data = c;
+	uv_buf_t b = uv_buf_init(bm->data, (unsigned)bm->length);
+	if (uv_write(&o->o_req, (uv_stream_t *)&c->c_tcp, &b, 1, on_tls_out_written) < 0) {
+		BUF_MEM_free(bm);
+		free(o);
+		conn_close(c);
+	}
+}
+
 /* Parses every complete frame in c_rbuf; moves a frame too large for it to c_big. */
 static void conn_parse(conn *c)
 {
 	size_t off = 0;
+	if (!c->c_outgoing && c->c_state == CONN_HANDSHAKE && c->c_rlen > 0 && c->c_rbuf[0] == 'G') {
+		/* A HELLO's first byte is 0: an HTTP GET (etcd's peer handler). */
+		conn_http(c);
+		return;
+	}
 	if (!c->c_outgoing && c->c_state == CONN_HANDSHAKE && c->c_rlen > 0 &&
 	    c->c_rbuf[0] == TLS_RECORD_FIRST) {
 		/* A HELLO's first byte is 0 (its length is at most 2 KiB): this is a TLS

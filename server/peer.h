@@ -190,6 +190,14 @@ typedef struct peer_callbacks {
 	 * transport are only logged.
 	 */
 	void (*on_refused)(void *ctx, uint64_t member_id, int status);
+	/*
+	 * An HTTP GET on a listener (etcd serves its peer handlers there; a member joining an
+	 * existing cluster asks GET /members, see peer_http_get_members). path is the request's
+	 * path. Returns the malloc'd JSON body (*len bytes; the transport frees it) and sets
+	 * *cluster_id, or NULL for a path it does not serve (answered 404; out of memory: 500
+	 * with *len set to 1). Called on the loop thread. NULL callback: every GET gets 404.
+	 */
+	char *(*on_http_get)(void *ctx, const char *path, size_t *len, uint64_t *cluster_id);
 } peer_callbacks;
 
 typedef struct peer_transport peer_transport;
@@ -220,6 +228,16 @@ typedef struct peer_tls_config {
  */
 int peer_tls_new(peer_tls **out, const peer_tls_config *cfg, char *err, size_t errlen);
 void peer_tls_free(peer_tls *tls);
+
+/*
+ * GET <url>/members of etcd's peer handler, blocking, at most timeout_ms in all: url an
+ * "http(s)://host:port" peer URL; tls the peer TLS for https URLs (NULL: those fail with
+ * PEER_ETLS). On 0, *body is the response body (malloc'd, NUL-ended) and *cluster_id the
+ * X-Etcd-Cluster-ID header (0 if absent). Errors: PEER_EADDR (cannot connect), PEER_ETLS,
+ * PEER_ETIMEDOUT, PEER_EINVAL (not a 200 answer), PEER_ENOMEM; the reason in err.
+ */
+int peer_http_get_members(const char *url, const peer_tls *tls, unsigned timeout_ms, char **body,
+			  uint64_t *cluster_id, char *err, size_t errlen);
 
 /*
  * etcd's --peer-auto-tls certificate: <dir>/cert.pem and <dir>/key.pem, kept if both exist,

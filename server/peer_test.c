@@ -225,6 +225,18 @@ static void on_refused(void *ctx, uint64_t id, int status)
 	n->refused_status = status;
 }
 
+/* etcd's GET /members, as node.c serves it: a fixed list. */
+static char *on_http_get(void *ctx, const char *path, size_t *len, uint64_t *cluster_id)
+{
+	(void)ctx;
+	if (strcmp(path, "/members") != 0)
+		return NULL;
+	char *body = strdup("[{\"id\":1,\"peerURLs\":[\"http://127.0.0.1:1\"]}]\n");
+	*len = body != NULL ? strlen(body) : 1;
+	*cluster_id = 0xC1C1;
+	return body;
+}
+
 static int count_logs(const node *n, const char *needle)
 {
 	int k = 0;
@@ -266,7 +278,7 @@ static int node_start(node *n, uint64_t id, const node_opts *o)
 		.pc_seed = id,
 		.pc_tls = o ? o->tls : NULL,
 	};
-	peer_callbacks cb = {on_message, on_peer_state, on_log, on_refused};
+	peer_callbacks cb = {on_message, on_peer_state, on_log, on_refused, on_http_get};
 	int rc = peer_transport_init(&n->t, &loop, &cfg, cb, n);
 	CHECK_EQ(rc, 0);
 	if (rc != 0)
@@ -1015,8 +1027,32 @@ static void test_garbage(void)
 	raw r;
 
 	/* Not our protocol at all: the first four bytes as a length are far over 2 KiB. */
+	const char *junk = "PUT / HTTP/1.1\r\nHost: x\r\n\r\n";
+	raw_run(&r, a.port, (const uint8_t *)junk, strlen(junk), 0);
+	CHECK(r.eof);
+	CHECK_EQ(r.in_total, 0);
+
+	/* An HTTP GET (etcd's peer handler): answered, then closed. */
 	const char *http = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
 	raw_run(&r, a.port, (const uint8_t *)http, strlen(http), 0);
+	CHECK(r.eof);
+	CHECK(r.in_len > 12 && memcmp(r.in, "HTTP/1.1 404", 12) == 0);
+	const char *gm = "GET /members HTTP/1.0\r\n\r\n";
+	raw_run(&r, a.port, (const uint8_t *)gm, strlen(gm), 0);
+	CHECK(r.eof);
+	r.in[r.in_len < sizeof(r.in) ? r.in_len : sizeof(r.in) - 1] = 0;
+	CHECK(memcmp(r.in, "HTTP/1.1 200 OK\r\n", 17) == 0);
+	CHECK(strstr((char *)r.in, "X-Etcd-Cluster-Id: c1c1\r\n") != NULL);
+	CHECK(strstr((char *)r.in, "\r\n\r\n[{\"id\":1,") != NULL);
+	const char *bad = "GARBAGE\r\n\r\n";
+	raw_run(&r, a.port, (const uint8_t *)bad, strlen(bad), 0);
+	CHECK(r.eof);
+	CHECK(r.in_len > 12 && memcmp(r.in, "HTTP/1.1 405", 12) == 0);
+	/* A header that never ends is cut at the handshake limit. */
+	static uint8_t longreq[4096];
+	memset(longreq, 'x', sizeof(longreq));
+	memcpy(longreq, "GET /", 5);
+	raw_run(&r, a.port, longreq, sizeof(longreq), 0);
 	CHECK(r.eof);
 	CHECK_EQ(r.in_total, 0);
 
@@ -1539,6 +1575,104 @@ static void test_tls_exchange_three(void)
 	peer_tls_free(tls);
 }
 
+typedef struct http_ask {
+	const char *url;
+	const peer_tls *tls;
+	int rc;
+	char *body;
+	uint64_t cid;
+	char err[256];
+	_Atomic int done;
+} http_ask;
+
+static void *http_ask_main(void *arg)
+{
+	http_ask *h = arg;
+	h->rc = peer_http_get_members(h->url, h->tls, 3000, &h->body, &h->cid, h->err, sizeof(h->err));
+	h->done = 1;
+	return NULL;
+}
+
+static void on_tick(uv_timer_t *t)
+{
+	(void)t;
+}
+
+static int http_asked(void *arg)
+{
+	return ((http_ask *)arg)->done;
+}
+
+/* peer_http_get_members (blocking, in a thread) against a transport on this loop. */
+static void http_ask_run(http_ask *h)
+{
+	pthread_t th;
+	h->done = 0;
+	h->body = NULL;
+	CHECK_EQ(pthread_create(&th, NULL, http_ask_main, h), 0);
+	/* The loop only looks at the condition when it wakes: a ticking timer wakes it. */
+	uv_timer_t tick;
+	uv_timer_init(&loop, &tick);
+	uv_timer_start(&tick, on_tick, 5, 5);
+	run_until(http_asked, h, 8000, "GET /members answered");
+	pthread_join(th, NULL);
+	uv_close((uv_handle_t *)&tick, NULL);
+	uv_run(&loop, UV_RUN_NOWAIT);
+}
+
+/* A joining member's GET /members, in plaintext and in TLS (the client verifies the server
+ * and presents its certificate, as a peer dialer). */
+static void test_http_members(void)
+{
+	node a;
+	node_start(&a, 1, NULL);
+	char url[64];
+	snprintf(url, sizeof(url), "http://127.0.0.1:%d", a.port);
+	http_ask h = {.url = url};
+	http_ask_run(&h);
+	if (h.rc != 0)
+		fprintf(stderr, "  plaintext GET /members: %s\n", h.err);
+	CHECK_EQ(h.rc, 0);
+	CHECK_EQ(h.cid, 0xC1C1);
+	CHECK(h.body != NULL && strcmp(h.body, "[{\"id\":1,\"peerURLs\":[\"http://127.0.0.1:1\"]}]\n") == 0);
+	free(h.body);
+	/* https to a plaintext listener fails cleanly */
+	snprintf(url, sizeof(url), "https://127.0.0.1:%d", a.port);
+	tls_opts to = {.member = "m1", .ca = "caA.pem", .client_cert_auth = 1};
+	peer_tls *tls = tls_new(&to);
+	h.tls = tls;
+	http_ask_run(&h);
+	CHECK(h.rc != 0);
+	free(h.body);
+	node_close(&a);
+
+	node b;
+	node_opts o = {.tls = tls};
+	node_start(&b, 2, &o);
+	snprintf(url, sizeof(url), "https://127.0.0.1:%d", b.port);
+	http_ask_run(&h);
+	if (h.rc != 0)
+		fprintf(stderr, "  TLS GET /members: %s\n", h.err);
+	CHECK_EQ(h.rc, 0);
+	CHECK(h.body != NULL && strstr(h.body, "\"peerURLs\"") != NULL);
+	free(h.body);
+	/* no TLS given for an https URL */
+	h.tls = NULL;
+	http_ask_run(&h);
+	CHECK_EQ(h.rc, PEER_ETLS);
+	/* plaintext to a TLS listener: refused, no answer */
+	snprintf(url, sizeof(url), "http://127.0.0.1:%d", b.port);
+	http_ask_run(&h);
+	CHECK(h.rc != 0);
+	free(h.body);
+	/* nobody listening */
+	snprintf(url, sizeof(url), "http://127.0.0.1:1");
+	http_ask_run(&h);
+	CHECK_EQ(h.rc, PEER_EADDR);
+	node_close(&b);
+	peer_tls_free(tls);
+}
+
 static int has_log_text(node *n, const char *s)
 {
 	return count_logs(n, s) > 0;
@@ -1944,6 +2078,7 @@ int main(void)
 		{"random_streams", test_random_streams},
 		{"tls_config_errors", test_tls_config_errors},
 		{"tls_exchange_three", test_tls_exchange_three},
+		{"http_members", test_http_members},
 		{"tls_refusals", test_tls_refusals},
 		{"tls_mismatch", test_tls_mismatch},
 		{"tls_self_cert", test_tls_self_cert},

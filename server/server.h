@@ -471,8 +471,11 @@ void apply_committed(struct server_ctx *sc, const apply_result *r, int is_leader
 
 typedef struct members members;
 enum { MEMBERS_REMOVE = 1, MEMBERS_PROMOTE = 2 };
-/* Loads the member list, or starts it from --initial-cluster. */
-int members_start(members **out, const config *cfg, storage *st, uint64_t self);
+/* Loads the member list, or starts it from remote (a joining member, main.c) or else from
+ * --initial-cluster. */
+struct remote_members;
+int members_start(members **out, const config *cfg, storage *st, uint64_t self,
+		  const struct remote_members *remote);
 void members_free(members *ms);
 /* The store was replaced (an installed snapshot): the member list is loaded again. */
 int members_reload(members *ms, const config *cfg, storage *st);
@@ -486,6 +489,27 @@ void members_reply(members *ms, api_call *call, node_op op, Etcdserverpb__Respon
 size_t members_export(members *ms, storage_etcd_member *out, size_t max, storage_arena *a);
 /* Up to max members: ids, first peer URL as "http(s)://host:port", learner flags. */
 size_t members_peers(members *ms, uint64_t *ids, char (*urls)[256], int *learner, size_t max);
+/* The list as etcd's peer handler GET /members sends it (JSON, newline-ended), malloc'd;
+ * NULL out of memory. */
+char *members_json(members *ms, size_t *len);
+/* The member list a running member gave a joining member (etcd's GET /members). */
+typedef struct remote_members {
+	int rm_n;
+	uint64_t rm_id[IDENTITY_MAX_MEMBERS];
+	char *rm_name[IDENTITY_MAX_MEMBERS]; /* "" for a member not started yet */
+	int rm_learner[IDENTITY_MAX_MEMBERS];
+	int rm_n_urls[IDENTITY_MAX_MEMBERS];
+	char *rm_urls[IDENTITY_MAX_MEMBERS][IDENTITY_MAX_URLS];
+	char *rm_buf; /* owns the strings */
+} remote_members;
+/* A member joining with --initial-cluster-state existing and a new data dir: the cluster
+ * as a running member (from --initial-cluster) gives it over GET <peer-url>/members, and
+ * its own id, the member's with our peer URLs, as etcd's GetClusterFromRemotePeers and
+ * ValidateClusterAndAssignIDs: every id comes from the cluster (members re-added at the same
+ * URLs have new ones). 0 (free *rm with remote_members_free), or -1 with etcd's message. */
+int member_id_from_peers(const config *cfg, remote_members *rm, uint64_t *member_id, char *errbuf,
+			 size_t errlen);
+void remote_members_free(remote_members *rm);
 
 /* ---- auth.c ---- */
 

@@ -202,6 +202,18 @@ class TestPeerTLSCluster(PeerTLSBase):
                     return True
         return False
 
+    def test_member_joins_over_tls(self):
+        """A member added (as a learner) with an https peer URL asks the members for its id
+        over TLS (GET /members) and catches up."""
+        c = self.cluster
+        self.ctl_ok(c.members[0], "put", "/tls/before", "join")
+        m4 = c.add_member_object("m4")
+        self.add_learner(m4, m4.peer_url)
+        m4.spawn()
+        poll(lambda: self.get(m4, "/tls/before", serializable=True) == "join", 20,
+             what="the new member has the data")
+        self.assertTrue(m4.alive(), m4.log_tail())
+
     def test_member_from_another_ca_cannot_join(self):
         c = self.cluster
         self.ctl_ok(c.members[0], "put", "/tls/before", "join")
@@ -213,24 +225,22 @@ class TestPeerTLSCluster(PeerTLSBase):
         needle = b"certificate verify failed" if not IS_ETCD else b"certificate"
         poll(lambda: self.logs_contain(c.members[:3], needle), 15,
              what="members log the refused certificate")
-        if IS_ETCD:
-            # etcd fetches the member list over TLS at start-up and exits when it cannot.
-            poll(lambda: not m4.alive(), 15, what="etcd's outsider gives up")
-        else:
-            # Keelson's keeps running, isolated, and retries (backoff) with the reason logged.
-            time.sleep(4 * ELECTION_S)  # a bounded window in which it would have caught up
-            self.assertTrue(m4.alive(), m4.log_tail())
-            self.assertIsNone(self.get(m4, "/tls/before", serializable=True) or None)
+        # Both fetch the member list over TLS at start-up (GET <peer-url>/members, for the
+        # id `member add` made) and exit when they cannot.
+        poll(lambda: not m4.alive(), 15, what="the outsider gives up")
+        if not IS_ETCD:
+            self.assertTrue(self.logs_contain([m4], b"could not retrieve cluster information"),
+                            m4.log_tail())
             self.assertTrue(self.logs_contain([m4], b"tls: "), m4.log_tail())
         # The cluster is unharmed.
         self.ctl_ok(c.wait_leader(members=c.members[:3]), "put", "/tls/still", "ok")
 
     @unittest.skipIf(IS_ETCD, "etcd's plaintext member dials https URLs with Go's default TLS "
                               "and logs an x509 error instead")
-    def test_plaintext_member_is_refused_with_a_reason(self):
-        """A member without TLS flags (http peer URLs) joining a TLS cluster: its plaintext
-        HELLOs are refused with the reason on both sides. The TLS members dial it by its
-        URL's scheme (http), as etcd does, so those connections are not refused."""
+    def test_plaintext_member_cannot_join_with_a_reason(self):
+        """A member without TLS flags (http peer URLs) joining a TLS cluster: it cannot ask
+        the members (https peer URLs) for its id, so it does not start, and says why. (The
+        TLS mismatch of a plaintext HELLO on a TLS listener: peer_test's tls_mismatch.)"""
         c = self.cluster
         m4 = c.add_member_object("m4")
         url = "http://127.0.0.1:%d" % m4.peer_port
@@ -243,12 +253,11 @@ class TestPeerTLSCluster(PeerTLSBase):
             m4.spawn()
         finally:
             c.peer_tls = real_tls
-        poll(lambda: self.logs_contain([m4], b"TLS mismatch"), 15,
-             what="the plaintext member logs the TLS mismatch")
-        poll(lambda: self.logs_contain(c.members[:3], b"TLS mismatch"), 15,
-             what="the TLS members log the plaintext HELLO")
-        self.assertTrue(m4.alive(), m4.log_tail())
-        self.assertEqual(len(c.live()), 4)
+        poll(lambda: not m4.alive(), 15, what="the plaintext member gives up")
+        self.assertTrue(self.logs_contain([m4], b"an https peer URL without peer TLS"),
+                        m4.log_tail())
+        self.assertTrue(self.logs_contain([m4], b"could not retrieve cluster information"),
+                        m4.log_tail())
         self.ctl_ok(c.wait_leader(members=c.members[:3]), "put", "/tls/still", "ok")
 
 
