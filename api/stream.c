@@ -201,7 +201,8 @@ static void start_send_locked(api_stream *st)
 	 * At most API_STREAM_MAX_HINTED in a row, though: the HTTP/2 stream holds what it buffers
 	 * in an array of slices (two a message) that grows to the longest run and never shrinks
 	 * while the call lives. A burst of 100 watch creates on a stream (100 created responses)
-	 * left it ~8 KB of array, ~80 bytes per idle watcher (issue 5); runs of 32 leave ~2 KB. */
+	 * left it up to 8 KB of array: 10-77 bytes per idle watcher, varying from run to run
+	 * (issue 5); runs of 32 leave ~2 KB. */
 	if (it->si_next && st->st_hinted < API_STREAM_MAX_HINTED) {
 		ops[n].flags = GRPC_WRITE_BUFFER_HINT;
 		st->st_hinted++;

@@ -67,16 +67,16 @@ struct watcher {
  * them: 100 a stream). Live heap on the idle server (heaptrack), per watcher:
  *   - its watcher: 80 bytes, from a slab (below). Nothing else is per watcher: its key
  *     range, filters and prev_kv are in its group, shared by every watcher that asks the
- *     same (one group for the benchmark's 10,000), and its events are shared encodings.
- *   - its share of its stream, ~125 bytes at 100 a stream: gRPC core gives each call an
- *     arena of ~11.4 KB (the call, its filters' call data, the HTTP/2 stream; grpc.minimal_stack
- *     would save only 1 KB of it), plus ours: api_stream ~0.3 KB, the call's metadata ~0.5 KB,
- *     watch_stream 48 bytes;
- *   - its share of gRPC's connection and stream buffers, 50-120 bytes, varying from run to
- *     run: the TCP read buffers (64 KB slices, kept once a burst of create requests was read)
- *     and the HTTP/2 slice arrays grown by the burst of created responses (never shrunk);
+ *     same (one group for the benchmark's 10,000), and its events are shared encodings;
+ *   - its share of its stream, ~122 bytes at 100 a stream: gRPC core gives each call an
+ *     arena of ~11.4 KB (the call, its filters' call data, the HTTP/2 stream;
+ *     grpc.minimal_stack would save 1 KB of it), plus ours: api_stream ~0.3 KB, the call's
+ *     metadata ~0.5 KB, watch_stream 48 bytes;
+ *   - gRPC's buffers grown by the burst of creates: TCP read buffers (64 KB slices, kept;
+ *     33-53 bytes) and HTTP/2 slice arrays (~17 bytes since api/stream.c lets at most 32
+ *     messages wait for one flush; 10-77 before);
  *   - 30-60 bytes of heap holes left by the burst's short-lived buffers.
- * So the RSS figure is 260-350 bytes, of which Keelson's own part is the 80 + ~8.
+ * bench/results/2026-11-28-f9ae6d3-watch-idle.md has the runs: 268-354 bytes, median 310.
  */
 
 /* Watchers are carved from slabs mapped apart from the malloc heap: no allocator header per
