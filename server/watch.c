@@ -76,7 +76,7 @@ struct watcher {
  *     33-53 bytes) and HTTP/2 slice arrays (~17 bytes since api/stream.c lets at most 32
  *     messages wait for one flush; 10-77 before);
  *   - 30-60 bytes of heap holes left by the burst's short-lived buffers.
- * bench/results/2026-11-28-f9ae6d3-watch-idle.md has the runs: 268-354 bytes, median 310.
+ * bench/results/2026-11-28-f9ae6d3-watch-idle.md has the runs: 268-354 bytes over 8 runs, median 314.
  */
 
 /* Watchers are carved from slabs mapped apart from the malloc heap: no allocator header per
