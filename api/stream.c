@@ -22,6 +22,9 @@
 #include "api/api.h"
 #include "api/internal.h"
 
+/* Messages in a row the transport may buffer before one flushes them (start_send_locked). */
+#define API_STREAM_MAX_HINTED 32
+
 typedef struct stream_tag {
 	tag_kind kind;
 	api_stream *st;
@@ -55,6 +58,7 @@ struct api_stream {
 	 * that later messages must not overtake) is still queued and may grow. */
 	uint64_t st_seq, st_sent_seq, st_barrier_seq;
 	int st_sending;
+	int st_hinted; /* messages sent with GRPC_WRITE_BUFFER_HINT since the last one without */
 	int st_sent_initial_md;
 	int st_finishing;
 	int st_status_started;
@@ -193,9 +197,18 @@ static void start_send_locked(api_stream *st)
 	/* More messages wait behind this one: let the transport buffer it (its send completes
 	 * once buffered) so that one write carries many messages; the queue's last message goes
 	 * without the hint and flushes them. gRPC allows one send in flight per call, so without
-	 * the hint every message costs a write of its own (a sendmsg per message under fan-out). */
-	if (it->si_next)
+	 * the hint every message costs a write of its own (a sendmsg per message under fan-out).
+	 * At most API_STREAM_MAX_HINTED in a row, though: the HTTP/2 stream holds what it buffers
+	 * in an array of slices (two a message) that grows to the longest run and never shrinks
+	 * while the call lives. A burst of 100 watch creates on a stream (100 created responses)
+	 * left it up to 8 KB of array: 10-77 bytes per idle watcher, varying from run to run
+	 * (issue 5); runs of 32 leave ~2 KB. */
+	if (it->si_next && st->st_hinted < API_STREAM_MAX_HINTED) {
 		ops[n].flags = GRPC_WRITE_BUFFER_HINT;
+		st->st_hinted++;
+	} else {
+		st->st_hinted = 0;
+	}
 	ops[n++].data.send_message.send_message = it->si_bb;
 	st->st_sent_seq = it->si_seq; /* gRPC owns its bytes now: no more merging into it */
 	st->st_sending = 1;

@@ -1054,6 +1054,76 @@ class Load(unittest.TestCase):
         until(lambda: m("watch_stream_total") == 0 and m("watcher_total") == 0,
               "streams closed")
 
+    def test_watchers_freed_and_reused(self):
+        """Watchers come from slabs of 818 (server/watch.c), in creation order: 800, 1,700
+        and 100 watchers on 3 streams fill four slabs; closing the second stream empties two
+        (given back), cancelling every other watcher of the first frees slots; 900 new
+        watchers take freed slots and a new slab. Then a few puts: every live watcher gets
+        exactly its range's events, the cancelled and closed ones none."""
+        def collect(w, n, what):
+            """n created responses: their watch ids, in order."""
+            ids = []
+            while len(ids) < n:
+                r = w.get(timeout=20)
+                self.assertNotIn(r, (None, "TIMEOUT"), "%s: %d of %d created" % (what, len(ids), n))
+                wid, created, canceled, evs = r
+                self.assertTrue(created and not canceled, "%s: %r" % (what, r))
+                ids.append(wid)
+            return ids
+
+        def key_of(i):
+            return b"slab/%d" % (i % 7) if i % 3 else None   # None: the prefix slab/
+
+        def create(w, n, what):
+            for i in range(n):
+                k = key_of(i)
+                if k is None:
+                    w.create(b"slab/", range_end=b"slab0")
+                else:
+                    w.create(k)
+            return dict(zip(collect(w, n, what), (key_of(i) for i in range(n))))
+
+        streams = [WatchStream(self.s.endpoint, decode=_fast_decode) for _ in range(3)]
+        for w in streams:
+            self.addCleanup(w.close)
+        asks = [create(w, n, "stream %d" % j) for j, (w, n) in enumerate(zip(streams, (800, 1700, 100)))]
+        self.assertTrue(wait_watchers(self.s, 2600), "2,600 watchers not registered")
+        for wid in list(asks[0])[::2]:
+            streams[0].cancel(wid)
+            del asks[0][wid]
+        streams[1].close()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and metric(self.s, "etcd_debugging_mvcc_watcher_total") != 500:
+            time.sleep(0.05)
+        self.assertEqual(metric(self.s, "etcd_debugging_mvcc_watcher_total"), 500)
+        late = WatchStream(self.s.endpoint, decode=_fast_decode)
+        self.addCleanup(late.close)
+        late_asks = create(late, 900, "late stream")
+        self.assertTrue(wait_watchers(self.s, 1400), "1,400 watchers not registered")
+        revs, _ = self._burst(14, prefix=b"slab/", threads=1)
+        self.s.ctl("put", "other", "v")  # outside every range
+
+        def expect(k):
+            return sorted(r for r, key in revs.items() if k is None or key == k)
+
+        for w, ask, what in ((streams[0], asks[0], "stream 0"), (streams[2], asks[2], "stream 2"),
+                             (late, late_asks, "late stream")):
+            want = sum(len(expect(k)) for k in ask.values())
+            got, n = {}, 0
+            while n < want:
+                r = w.get(timeout=20)
+                self.assertNotIn(r, (None, "TIMEOUT"), "%s: %d of %d events" % (what, n, want))
+                wid, created, canceled, evs = r
+                if canceled:   # stream 0's cancel confirmations
+                    continue
+                self.assertIn(wid, ask, "%s: events for watch %d, cancelled or unknown" % (what, wid))
+                got.setdefault(wid, []).extend(e[2] for e in evs)
+                n += len(evs)
+            for wid, k in ask.items():
+                self.assertEqual(got.get(wid, []), expect(k), "%s watch %d (%r)" % (what, wid, k))
+            extra = [r for r in w.drain(quiet=0.3, limit=2000) if r[3]]
+            self.assertEqual(extra, [], "%s: events beyond the ranges" % what)
+
     def test_merged_responses(self):
         """A client that stops reading: what queues up for each of its watchers goes out as
         few large responses (a watcher's next events join its response still queued), each a
