@@ -706,6 +706,10 @@ static void answer_applied(node *n, apply_batch *ab, int committed)
 		apply_result *r = &ae->ae_res;
 		if (committed)
 			apply_committed(sc, r, leader);
+		/* Every member removes its own compacted revisions, not only the one a client
+		 * asked: the apply did the first bounded step, compact_continue() does the rest. */
+		if (r->ar_op == NODE_COMPACT && r->ar_err == 0 && committed)
+			n->n_compacting = 1;
 		if (r->ar_op == NODE_MEMBER_ADD || r->ar_op == NODE_MEMBER_UPDATE)
 			membership = 1;
 		if (r->ar_op == NODE_MEMBER_REMOVE && r->ar_err == 0 && committed)
@@ -749,8 +753,6 @@ static void answer_applied(node *n, apply_batch *ab, int committed)
 			w->nr_call = NULL;
 			node_req_free(w);
 		}
-		if (r->ar_op == NODE_COMPACT && r->ar_err == 0)
-			n->n_compacting = 1;
 		if (r->ar_err == STORAGE_ERR_NOSPACE && r->ar_op != NODE_ALARM && !alarm_nospace(sc->alarms) &&
 		    leader) {
 			/* The map is full: raise NOSPACE, a write like any other. */
