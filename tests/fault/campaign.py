@@ -764,7 +764,10 @@ class Nemesis(threading.Thread):
                                  % e)
             return
         r = ctl_retry(c.members, "compact", str(rev), "--physical")
-        if r is None or r.rc != 0:
+        if r is not None and r.rc != 0 and "required revision has been compacted" in r.stderr:
+            # no write since the last recovery compacted at this revision: etcd's answer too
+            self.rec.event("compact-already-done", rev=rev)
+        elif r is None or r.rc != 0:
             self.problems.append("compact %d failed: %r" % (rev, r))
         for m in c.members:
             r = ctl_retry([m], "defrag", timeout=30,
@@ -964,7 +967,15 @@ def main():
             c.wait_leader(timeout=60)
             c.wait_healthy(timeout=60)
             idx, rev = c.wait_converged(timeout=60)
-            hs = c.hashkv(rev=rev)
+            try:
+                hs = c.hashkv(rev=rev)
+            except clusterlib.ClusterError as e:
+                # HashKV refuses the compacted revision itself (etcd 3.4's HashByRev: rev <=
+                # compactRev): a nospace recovery with no write after it ends there. Without
+                # --rev each member hashes its current revision, which is rev (converged).
+                if "has been compacted" not in str(e):
+                    raise
+                hs = c.hashkv()
             summary["final"] = {"raft_index": idx, "revision": rev, "hashkv": hs}
             if len(set(hs.values())) != 1:
                 heal_problems.append("HashKV differs at revision %d: %r" % (rev, hs))
