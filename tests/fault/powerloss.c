@@ -549,10 +549,14 @@ static int creating(int dirfd, const char *path, int flags, char *abs)
 	return lstat(abs, &st) != 0 && errno == ENOENT;
 }
 
-static void created(const char *abs, int fd)
+/* After the open: records the creation creating() saw coming, keeps the open's errno. */
+static int created(int c, const char *abs, int fd)
 {
-	if (fd >= 0)
+	int saved = errno;
+	if (c && fd >= 0)
 		dir_record('C', abs, NULL);
+	errno = saved;
+	return fd;
 }
 
 #define OPEN_MODE(flags, mode)                                                              \
@@ -572,12 +576,7 @@ int open(const char *path, int flags, ...)
 	OPEN_MODE(flags, mode)
 	char abs[PATH_MAX];
 	int c = creating(AT_FDCWD, path, flags, abs);
-	int saved, fd = get_open()(path, flags, mode);
-	saved = errno;
-	if (c)
-		created(abs, fd);
-	errno = saved;
-	return fd;
+	return created(c, abs, get_open()(path, flags, mode));
 }
 
 int open64(const char *path, int flags, ...)
@@ -585,12 +584,7 @@ int open64(const char *path, int flags, ...)
 	OPEN_MODE(flags, mode)
 	char abs[PATH_MAX];
 	int c = creating(AT_FDCWD, path, flags, abs);
-	int saved, fd = get_open64()(path, flags, mode);
-	saved = errno;
-	if (c)
-		created(abs, fd);
-	errno = saved;
-	return fd;
+	return created(c, abs, get_open64()(path, flags, mode));
 }
 
 int openat(int dirfd, const char *path, int flags, ...)
@@ -598,12 +592,7 @@ int openat(int dirfd, const char *path, int flags, ...)
 	OPEN_MODE(flags, mode)
 	char abs[PATH_MAX];
 	int c = creating(dirfd, path, flags, abs);
-	int saved, fd = get_openat()(dirfd, path, flags, mode);
-	saved = errno;
-	if (c)
-		created(abs, fd);
-	errno = saved;
-	return fd;
+	return created(c, abs, get_openat()(dirfd, path, flags, mode));
 }
 
 int openat64(int dirfd, const char *path, int flags, ...)
@@ -611,24 +600,14 @@ int openat64(int dirfd, const char *path, int flags, ...)
 	OPEN_MODE(flags, mode)
 	char abs[PATH_MAX];
 	int c = creating(dirfd, path, flags, abs);
-	int saved, fd = get_openat64()(dirfd, path, flags, mode);
-	saved = errno;
-	if (c)
-		created(abs, fd);
-	errno = saved;
-	return fd;
+	return created(c, abs, get_openat64()(dirfd, path, flags, mode));
 }
 
 int creat(const char *path, mode_t mode)
 {
 	char abs[PATH_MAX];
 	int c = creating(AT_FDCWD, path, O_CREAT, abs);
-	int saved, fd = get_creat()(path, mode);
-	saved = errno;
-	if (c)
-		created(abs, fd);
-	errno = saved;
-	return fd;
+	return created(c, abs, get_creat()(path, mode));
 }
 
 /* rename: recorded (and the replaced file stashed) before the call. A failed rename

@@ -299,14 +299,19 @@ class ToolSelfTest(unittest.TestCase):
         import time; time.sleep(60)
     """)
 
-    def run_writer(self, mode, loss):
+    def shim_sandbox(self):
+        """A data dir, a journal path and the environment of a process run under the shim."""
         need_shim(member=False)
         tmp = tempfile.mkdtemp(prefix="powerloss-self-")
         self.addCleanup(subprocess.run, ["rm", "-rf", tmp])
         d = os.path.join(tmp, "data")
         os.makedirs(d)
         journal = os.path.join(tmp, "journal")
-        env = dict(os.environ, LD_PRELOAD=SHIM, POWERLOSS_DIR=d, POWERLOSS_JOURNAL=journal)
+        return d, journal, dict(os.environ, LD_PRELOAD=SHIM, POWERLOSS_DIR=d,
+                                POWERLOSS_JOURNAL=journal)
+
+    def run_writer(self, mode, loss):
+        d, journal, env = self.shim_sandbox()
         p = subprocess.Popen([sys.executable, "-c", self.WRITER, d, mode], env=env,
                              stdout=subprocess.PIPE, text=True)
         acks, snap = -1, -1
@@ -355,13 +360,7 @@ class ToolSelfTest(unittest.TestCase):
     def test_shared_mmap_is_refused(self):
         """Writes through a shared mapping are not journalled: the tool refuses the journal
         rather than pass a power loss it cannot simulate (lock.mdb is let through)."""
-        need_shim(member=False)
-        tmp = tempfile.mkdtemp(prefix="powerloss-self-")
-        self.addCleanup(subprocess.run, ["rm", "-rf", tmp])
-        d = os.path.join(tmp, "data")
-        os.makedirs(d)
-        journal = os.path.join(tmp, "journal")
-        env = dict(os.environ, LD_PRELOAD=SHIM, POWERLOSS_DIR=d, POWERLOSS_JOURNAL=journal)
+        d, journal, env = self.shim_sandbox()
         subprocess.run([sys.executable, "-c", textwrap.dedent('''
             import mmap, os, sys
             fd = os.open(os.path.join(sys.argv[1], "map"), os.O_RDWR | os.O_CREAT, 0o600)
