@@ -57,14 +57,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#define REAL(name, ret, ...)                                                                 \
-	static ret (*real_##name)(__VA_ARGS__);                                              \
-	static ret (*get_##name(void))(__VA_ARGS__)                                         \
-	{                                                                                    \
-		if (real_##name == NULL)                                                     \
-			real_##name = (ret(*)(__VA_ARGS__))dlsym(RTLD_NEXT, #name);          \
-		return real_##name;                                                          \
-	}
+#include "tests/fault/real.h"
 
 REAL(fsync, int, int)
 REAL(fdatasync, int, int)

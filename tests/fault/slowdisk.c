@@ -37,6 +37,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "tests/fault/real.h"
+
 /* The current fault, as last read from the control file. */
 static atomic_int sync_delay_ms;
 static atomic_int write_delay_ms;
@@ -46,17 +48,6 @@ static atomic_int disk_full;
 static pthread_mutex_t reload_mu = PTHREAD_MUTEX_INITIALIZER;
 static struct timespec seen_mtime; /* of the control file when last read; guarded by reload_mu */
 static off_t seen_size = -1;
-
-/* The real functions, found once (dlsym is not async-signal-safe but these calls are not
- * made from signal handlers). */
-#define REAL(name, ret, ...)                                                                 \
-	static ret (*real_##name)(__VA_ARGS__);                                              \
-	static ret (*get_##name(void))(__VA_ARGS__)                                         \
-	{                                                                                    \
-		if (real_##name == NULL)                                                     \
-			real_##name = (ret(*)(__VA_ARGS__))dlsym(RTLD_NEXT, #name);          \
-		return real_##name;                                                          \
-	}
 
 REAL(fsync, int, int)
 REAL(fdatasync, int, int)
