@@ -501,27 +501,31 @@ uint64_t node_snap_install(node *n, const struct raft_snapshot *s, const struct 
 	int rc = prepare_received(n, s, hs, &applied);
 	if (rc == 0)
 		CRASHPOINT("snap.rewritten"); /* the copy holds this member's log and identity */
-	if (rc == 0) {
-		server_backup_pause(sc->backup); /* a backup's read txn would stall the install */
-		rc = storage_install(sc->st, ns->nr_path);
-		server_backup_resume(sc->backup);
-	}
-	if (rc == 0)
-		CRASHPOINT("snap.installed"); /* the new store, the old log and hard state in the WAL */
-	/* Then the log: it starts over at the snapshot point, with this Ready's hard state.
-	 * A crash before this record leaves the old log, which reading reconciles with the new
-	 * snapshot point (entries it covers or that contradict it are dropped). */
+	/* First the log: it starts over at the snapshot point, with this Ready's hard state.
+	 * The clear counts only once the store's snapshot point reaches s->meta.index, that is
+	 * once the install below commits: a crash in between leaves the old log with the old
+	 * store. (Written after the install, a crash in between would leave the new store with
+	 * an old log whose stale suffix reading could take as committed.) */
 	storage_batch *lb = NULL;
 	if (rc == 0)
 		rc = storage_batch_begin(sc->st, &lb);
 	if (rc == 0)
-		rc = storage_batch_log_clear(lb);
+		rc = storage_batch_log_clear(lb, s->meta.index);
 	if (rc == 0)
 		rc = storage_batch_log_hard_state(lb, hs->term, hs->vote, hs->commit);
 	if (rc == 0)
 		rc = storage_batch_commit_log(lb);
 	else if (lb)
 		storage_batch_abort(lb);
+	if (rc == 0)
+		CRASHPOINT("snap.logcleared"); /* the clear in the WAL, void until the install */
+	if (rc == 0) {
+		server_backup_pause(sc->backup); /* a backup's read txn would stall the install */
+		rc = storage_install(sc->st, ns->nr_path);
+		server_backup_resume(sc->backup);
+	}
+	if (rc == 0)
+		CRASHPOINT("snap.installed"); /* the new store, the WAL's clear in force */
 	remove_recv_dir(ns->nr_dir);
 	ns->nr_ready = 0;
 	ns->nr_from = ns->nr_id = ns->nr_off = 0;

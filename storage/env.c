@@ -504,7 +504,7 @@ static void batch_end(storage_batch *b)
 
 int storage_batch_sync_log(storage_batch *b)
 {
-	int had = b->b_wal_len > 0;
+	int had = storage__wal_pending(b);
 	int err = storage__wal_write(b);
 	if (!err && had)
 		CRASHPOINT("wal.synced"); /* the log records durable, the LMDB part not written */
@@ -525,8 +525,8 @@ static int batch_commit(storage_batch *b, uint64_t applied_index, int lazy)
 	MDB_txn *txn = b->b_txn;
 	/* The log first: the LMDB state may only ever be ahead of what the log can redo if
 	 * the log holds it, and a follower's entries must be durable before it acks them. */
-	int had_log = b->b_wal_len > 0;
 	int err = storage_batch_sync_log(b);
+	int had_log = b->b_wal_written; /* here or by an earlier storage_batch_sync_log() */
 	if (err) {
 		mdb_txn_abort(txn);
 		batch_end(b);

@@ -93,6 +93,7 @@ struct storage_batch {
 	int b_wal_hs_set;
 	uint64_t b_wal_hs[3];
 	int64_t b_wal_clear_off;  /* offset of a clear record in b_wal, -1 if none */
+	int b_wal_written;        /* records of this batch reached the WAL */
 	int b_snap_set;           /* storage_batch_log_snapshot() was called: */
 	uint64_t b_snap_index;    /* its index */
 };
@@ -214,7 +215,12 @@ typedef struct storage__wal_log {
 } storage__wal_log;
 int storage__wal_add_entries(storage_batch *b, const storage_log_entry *e, size_t n);
 int storage__wal_add_hs(storage_batch *b, uint64_t term, uint64_t vote, uint64_t commit);
-int storage__wal_add_clear(storage_batch *b);
+int storage__wal_add_clear(storage_batch *b, uint64_t snap_index);
+/* Whether the batch has WAL records not yet written. */
+static inline int storage__wal_pending(const storage_batch *b)
+{
+	return b->b_wal_len > 0 || b->b_wal_hs_set;
+}
 /* Reads every segment: the log as the WAL holds it (a clear honoured if snap_index, LMDB's
  * snapshot point, is at or past it). */
 int storage__wal_load(storage *s, storage_arena *a, uint64_t snap_index, storage__wal_log *l,

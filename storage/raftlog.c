@@ -41,9 +41,9 @@ int storage_batch_log_snapshot(storage_batch *b, uint64_t index, uint64_t term, 
 	return 0;
 }
 
-int storage_batch_log_clear(storage_batch *b)
+int storage_batch_log_clear(storage_batch *b, uint64_t snap_index)
 {
-	return storage__wal_add_clear(b);
+	return storage__wal_add_clear(b, snap_index);
 }
 
 int storage_read_log(storage_reader *r, storage_arena *a, storage_log_state *out)

@@ -266,8 +266,11 @@ int storage_batch_log_hard_state(storage_batch *b, uint64_t term, uint64_t vote,
  * covers. The state machine itself is the LMDB keyspace as of the applied index. */
 int storage_batch_log_snapshot(storage_batch *b, uint64_t index, uint64_t term, const void *conf,
 			       size_t conf_len);
-/* Drops every stored log entry: an installed snapshot replaces the whole log. */
-int storage_batch_log_clear(storage_batch *b);
+/* Drops every stored log entry: an installed snapshot replaces the whole log. The clear
+ * counts only once the store's snapshot point is at or past snap_index (or the batch
+ * records such a point itself), so it can be written before the install: a crash between
+ * the two leaves the old log with the old store. The batch's hard state goes after it. */
+int storage_batch_log_clear(storage_batch *b, uint64_t snap_index);
 
 typedef struct storage_log_state {
 	uint64_t ls_term, ls_vote, ls_commit;

@@ -1173,7 +1173,7 @@ static void test_copy_install(void)
 	CHECK_EQ(st.st_applied_index, 9);
 	/* the copied log is dropped by its new owner */
 	CHECK_EQ(storage_batch_begin(S, &b), 0);
-	CHECK_EQ(storage_batch_log_clear(b), 0);
+	CHECK_EQ(storage_batch_log_clear(b, 0), 0);
 	CHECK_EQ(storage_batch_commit(b, 9), 0);
 	storage_reader *r;
 	storage_log_state ls;

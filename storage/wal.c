@@ -112,15 +112,11 @@ int storage__wal_add_entries(storage_batch *b, const storage_log_entry *e, size_
 	return 0;
 }
 
+/* The hard state is written ahead of the batch's other records (storage__wal_write): a
+ * torn batch may keep a prefix of its records, and entries of a new term kept without the
+ * hard state of that term would be a log Raft refuses to start from. */
 int storage__wal_add_hs(storage_batch *b, uint64_t term, uint64_t vote, uint64_t commit)
 {
-	uint8_t *r = rec_reserve(b, WAL_HS, 24);
-	if (r == NULL)
-		return STORAGE_ERR_NOMEM;
-	be64_put(r + WAL_HDR + 1, term);
-	be64_put(r + WAL_HDR + 9, vote);
-	be64_put(r + WAL_HDR + 17, commit);
-	rec_seal(r);
 	b->b_wal_hs_set = 1;
 	b->b_wal_hs[0] = term;
 	b->b_wal_hs[1] = vote;
@@ -128,13 +124,13 @@ int storage__wal_add_hs(storage_batch *b, uint64_t term, uint64_t vote, uint64_t
 	return 0;
 }
 
-int storage__wal_add_clear(storage_batch *b)
+int storage__wal_add_clear(storage_batch *b, uint64_t snap_index)
 {
 	uint8_t *r = rec_reserve(b, WAL_CLEAR, 8);
 	if (r == NULL)
 		return STORAGE_ERR_NOMEM;
-	/* The snapshot index is filled in at commit: the batch may record its point later. */
-	be64_put(r + WAL_HDR + 1, 0);
+	/* Sealed at commit: a point the batch itself records later takes its place. */
+	be64_put(r + WAL_HDR + 1, snap_index);
 	b->b_wal_clear_off = (int64_t)(r - b->b_wal);
 	return 0;
 }
@@ -454,7 +450,7 @@ int storage__wal_open(storage *s, uint64_t segment_size, uint64_t snap_index, ui
 		memset(&b, 0, sizeof(b));
 		b.b_s = s;
 		b.b_wal_clear_off = -1;
-		err = storage__wal_add_clear(&b);
+		err = storage__wal_add_clear(&b, 0);
 		if (!err)
 			err = storage__wal_write(&b); /* snapshot index 0: always honoured */
 		free(b.b_wal);
@@ -541,38 +537,59 @@ static int cut_segment(storage *s, size_t need)
 	return 0;
 }
 
+#define WAL_HS_RECORD (WAL_HDR + 25)
+
+/* A hard-state record of hs (term, vote, commit) in buf; returns its size. */
+static size_t hs_record(uint8_t *buf, const uint64_t *hs)
+{
+	le32_put(buf, 25);
+	buf[WAL_HDR] = WAL_HS;
+	be64_put(buf + WAL_HDR + 1, hs[0]);
+	be64_put(buf + WAL_HDR + 9, hs[1]);
+	be64_put(buf + WAL_HDR + 17, hs[2]);
+	rec_seal(buf);
+	return WAL_HS_RECORD;
+}
+
 int storage__wal_write(storage_batch *b)
 {
 	storage *s = b->b_s;
-	if (b->b_wal_len == 0)
+	if (!storage__wal_pending(b))
 		return 0;
 	if (s->s_wal_failed)
 		return STORAGE_ERR_IO;
 	if (b->b_wal_clear_off >= 0) {
 		uint8_t *r = b->b_wal + b->b_wal_clear_off;
-		be64_put(r + WAL_HDR + 1, b->b_snap_set ? b->b_snap_index : 0);
+		if (b->b_snap_set)
+			be64_put(r + WAL_HDR + 1, b->b_snap_index);
 		rec_seal(r);
 	}
-	/* A new segment starts with the hard state, so the segments before it can go. */
-	uint8_t hs[WAL_HDR + 25];
-	size_t hs_len = 0;
-	if (s->s_wal_fd < 0 || s->s_wal_off + b->b_wal_len > s->s_wal_cap) {
-		if (s->s_wal_has_hs) {
-			le32_put(hs, 25);
-			hs[WAL_HDR] = WAL_HS;
-			be64_put(hs + WAL_HDR + 1, s->s_wal_hs[0]);
-			be64_put(hs + WAL_HDR + 9, s->s_wal_hs[1]);
-			be64_put(hs + WAL_HDR + 17, s->s_wal_hs[2]);
-			rec_seal(hs);
-			hs_len = sizeof(hs);
-		}
-		int err = cut_segment(s, hs_len + b->b_wal_len);
+	/* A new segment starts with the hard state, so the segments before it can go. The
+	 * batch's own hard state goes ahead of its records (storage__wal_add_hs says why),
+	 * except after a clear: it belongs to the installed snapshot then (its commit index
+	 * counts in the snapshot's log), and must be void with a void clear. */
+	int cut = s->s_wal_fd < 0 || s->s_wal_off + 2 * WAL_HS_RECORD + b->b_wal_len > s->s_wal_cap;
+	int hs_after = b->b_wal_hs_set && b->b_wal_clear_off >= 0;
+	uint8_t head[WAL_HS_RECORD], tail[WAL_HS_RECORD];
+	size_t head_len = 0, tail_len = 0;
+	if (b->b_wal_hs_set && !hs_after)
+		head_len = hs_record(head, b->b_wal_hs);
+	else if (cut && s->s_wal_has_hs)
+		head_len = hs_record(head, s->s_wal_hs);
+	if (hs_after)
+		tail_len = hs_record(tail, b->b_wal_hs);
+	size_t total = head_len + b->b_wal_len + tail_len;
+	if (cut) {
+		int err = cut_segment(s, total);
 		if (err)
 			return err;
 	}
-	int err = hs_len ? pwrite_all(s->s_wal_fd, hs, hs_len, s->s_wal_off) : 0;
-	if (!err)
-		err = pwrite_all(s->s_wal_fd, b->b_wal, b->b_wal_len, s->s_wal_off + hs_len);
+	uint64_t off = s->s_wal_off;
+	int err = head_len ? pwrite_all(s->s_wal_fd, head, head_len, off) : 0;
+	if (!err && b->b_wal_len)
+		err = pwrite_all(s->s_wal_fd, b->b_wal, b->b_wal_len, off + head_len);
+	if (!err && tail_len)
+		err = pwrite_all(s->s_wal_fd, tail, tail_len, off + head_len + b->b_wal_len);
 	if (!err) {
 		CRASHPOINT("wal.written"); /* in the page cache, not yet flushed */
 		/* The blocks and the file size are preallocated: fdatasync flushes data only. */
@@ -584,7 +601,7 @@ int storage__wal_write(storage_batch *b)
 		s->s_wal_failed = 1;
 		return err;
 	}
-	s->s_wal_off += hs_len + b->b_wal_len;
+	s->s_wal_off += total;
 	size_t last = s->s_wal_nsegs - 1;
 	if (b->b_wal_max_index > s->s_wal_seg_max[last])
 		s->s_wal_seg_max[last] = b->b_wal_max_index;
@@ -593,7 +610,9 @@ int storage__wal_write(storage_batch *b)
 		memcpy(s->s_wal_hs, b->b_wal_hs, sizeof(s->s_wal_hs));
 	}
 	b->b_wal_len = 0;
+	b->b_wal_hs_set = 0;
 	b->b_wal_clear_off = -1;
+	b->b_wal_written = 1;
 	return 0;
 }
 

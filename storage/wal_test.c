@@ -160,37 +160,72 @@ static void test_round_trip(void)
 	CHECK_EQ(ls.ls_commit, 17);
 }
 
+/* The size of the record of entry "i<index>" (wal.c: header 8, type 1, entry header 17). */
+static off_t entry_record_size(uint64_t index)
+{
+	char d[24];
+	return 8 + 1 + 17 + snprintf(d, sizeof(d), "i%llu", (unsigned long long)index);
+}
+
+static void close_store(void)
+{
+	storage_close(S);
+	S = NULL;
+}
+
 static void test_torn_tail(void)
 {
 	fresh("wal_torn", 0);
 	append(1, 5, 1, 0);
 	append(6, 8, 1, 5);
-	/* the last record (the hard state of the second batch) torn: 8 bytes hdr + 25 */
-	off_t end = 0;
-	{
-		storage_log_state ls;
-		CHECK_EQ(read_log(&ls), 0);
-		end = (off_t)S->s_wal_off;
-	}
-	storage_close(S);
-	S = NULL;
+	/* the last record (entry 8: a batch's hard state comes first) torn */
+	off_t end = (off_t)S->s_wal_off;
+	close_store();
 	flip_byte(seg_path(1), end - 3);
 	reopen();
-	check_log(1, 8, 99, 0);
+	check_log(1, 7, 99, 0);
 	storage_log_state ls;
 	CHECK_EQ(read_log(&ls), 0);
-	CHECK_EQ(ls.ls_commit, 0); /* the first batch's hard state */
-	CHECK_EQ(S->s_wal_off, (uint64_t)end - 33);
+	CHECK_EQ(ls.ls_commit, 5); /* the second batch's hard state, ahead of its entries */
+	CHECK_EQ(S->s_wal_off, (uint64_t)(end - entry_record_size(8)));
 	/* writes go on after the cut, and the stale bytes were zeroed */
-	append(9, 9, 2, 8);
+	append(8, 9, 2, 8);
 	reopen();
-	check_log(1, 9, 9, 2);
-	/* a torn entry in the middle of the last batch ends the log there */
-	storage_close(S);
-	S = NULL;
-	flip_byte(seg_path(1), 20); /* inside entry 1's record */
+	check_log(1, 9, 8, 2);
+	/* a bad record at the very start (the first batch's hard state) ends the log there */
+	close_store();
+	flip_byte(seg_path(1), 20);
 	reopen();
 	check_log(1, 0, 1, 1);
+}
+
+/* A torn batch keeps a prefix of its records. The first append of a new leader carries
+ * entries of its term: whatever prefix survives, the hard state read back has at least the
+ * term of every entry kept (Raft refuses a log with entries of a term above its own). */
+static void test_torn_new_term(void)
+{
+	for (uint64_t cut = 0; cut < 3; cut++) {
+		fresh("wal_torn_term", 0);
+		append(1, 3, 1, 2);
+		off_t start = (off_t)S->s_wal_off;
+		append(4, 5, 2, 3);
+		/* tear: entry 5 (cut 0), entry 4 (cut 1), the hard state (cut 2) */
+		off_t at = (off_t)S->s_wal_off - 3;
+		if (cut >= 1)
+			at -= entry_record_size(5);
+		if (cut >= 2)
+			at = start + 3;
+		close_store();
+		flip_byte(seg_path(1), at);
+		reopen();
+		storage_log_state ls;
+		CHECK_EQ(read_log(&ls), 0);
+		uint64_t kept = cut == 0 ? 4 : 3;
+		CHECK_EQ(ls.ls_n_entries, kept);
+		CHECK_EQ(ls.ls_term, cut == 2 ? 1 : 2);
+		for (size_t i = 0; i < ls.ls_n_entries; i++)
+			CHECK(ls.ls_entries[i].le_term <= ls.ls_term);
+	}
 }
 
 static void test_rollover_and_removal(void)
@@ -239,7 +274,7 @@ static void test_clear(void)
 	append(1, 20, 1, 10);
 	storage_batch *b;
 	CHECK_EQ(storage_batch_begin(S, &b), 0);
-	CHECK_EQ(storage_batch_log_clear(b), 0);
+	CHECK_EQ(storage_batch_log_clear(b, 0), 0);
 	CHECK_EQ(storage_batch_log_snapshot(b, 100, 5, "c", 1), 0);
 	CHECK_EQ(storage_batch_log_hard_state(b, 5, 2, 100), 0);
 	CHECK_EQ(storage_batch_sync_log(b), 0);
@@ -255,7 +290,7 @@ static void test_clear(void)
 	check_log(1, 22, 21, 2);
 	/* committed, the clear drops the old log */
 	CHECK_EQ(storage_batch_begin(S, &b), 0);
-	CHECK_EQ(storage_batch_log_clear(b), 0);
+	CHECK_EQ(storage_batch_log_clear(b, 0), 0);
 	CHECK_EQ(storage_batch_log_snapshot(b, 100, 5, "c", 1), 0);
 	CHECK_EQ(storage_batch_log_hard_state(b, 5, 2, 100), 0);
 	CHECK_EQ(storage_batch_commit(b, 100), 0);
@@ -296,6 +331,38 @@ static void test_snapshot_mismatch(void)
 	append(51, 52, 3, 50);
 	reopen();
 	check_log(51, 52, 51, 3);
+}
+
+/* A snapshot's install writes its clear first, for the snapshot point it installs: the
+ * clear is void until the store's point gets there, so a crash before the install keeps
+ * the old log (here with a stale suffix 6..8 that the snapshot's log does not have). */
+static void test_clear_before_install(void)
+{
+	fresh("wal_clear_first", 0);
+	append(1, 5, 1, 5);
+	append(6, 8, 2, 5);
+	storage_batch *b;
+	CHECK_EQ(storage_batch_begin(S, &b), 0);
+	CHECK_EQ(storage_batch_log_clear(b, 7), 0);
+	CHECK_EQ(storage_batch_log_hard_state(b, 3, 4, 7), 0);
+	CHECK_EQ(storage_batch_commit_log(b), 0);
+	reopen(); /* as a crash before the install */
+	check_log(1, 8, 6, 2);
+	storage_log_state ls;
+	CHECK_EQ(read_log(&ls), 0);
+	CHECK(ls.ls_term == 2 && ls.ls_vote == 1 && ls.ls_commit == 5);
+	/* the install again, then its store: the clear counts, with its hard state */
+	CHECK_EQ(storage_batch_begin(S, &b), 0);
+	CHECK_EQ(storage_batch_log_clear(b, 7), 0);
+	CHECK_EQ(storage_batch_log_hard_state(b, 3, 4, 7), 0);
+	CHECK_EQ(storage_batch_commit_log(b), 0);
+	snapshot_point(7, 3, 0);
+	reopen();
+	CHECK_EQ(read_log(&ls), 0);
+	CHECK(ls.ls_n_entries == 0 && ls.ls_term == 3 && ls.ls_vote == 4 && ls.ls_commit == 7);
+	append(8, 9, 3, 9);
+	reopen();
+	check_log(8, 9, 8, 3);
 }
 
 /* Entries 3..7 of term 2 and the hard state (term 2, vote 9, commit 6) as an older Keelson
@@ -353,6 +420,8 @@ int main(void)
 	storage_arena_init(&A);
 	test_round_trip();
 	test_torn_tail();
+	test_torn_new_term();
+	test_clear_before_install();
 	test_rollover_and_removal();
 	test_clear();
 	test_snapshot_mismatch();

@@ -14,8 +14,9 @@ it passes the named point it kills itself with SIGKILL. Points:
   snap.copied                    leader: a snapshot copy made for a follower, none sent
   snap.recv.chunk / .done        follower: part of a snapshot received / all of it, verified
   snap.rewritten                 follower: the copy rewritten with its own log and identity
+  snap.logcleared                follower: the WAL's clear (void until the install) synced
   install.renamed                follower: the copy renamed over its store
-  snap.installed                 follower: the new store in place, its WAL not yet cleared
+  snap.installed                 follower: the new store in place, the WAL's clear in force
   (wal.removed and wal.migrated: storage/wal_test.c; they need a 64 MiB log or an old store)
 
 After each crash the member is restarted (without the variable) and checked: it starts;
@@ -475,11 +476,14 @@ class ClusterMember(CrashCase):
     def test_snapshot_rewritten(self):
         self.crash_follower_in_install("snap.rewritten:1")
 
+    def test_snapshot_log_cleared(self):
+        # the clear is in the WAL, the old store still in place: the clear is void
+        self.crash_follower_in_install("snap.logcleared:1")
+
     def test_snapshot_renamed(self):
         self.crash_follower_in_install("install.renamed:1")
 
     def test_snapshot_installed(self):
-        # the new store with the old log: reading reconciles them, the next open clears it
         self.crash_follower_in_install("snap.installed:1")
 
     def test_leader_copying_snapshot(self):
