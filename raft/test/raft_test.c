@@ -613,6 +613,44 @@ TEST(snapshot_lost_is_retried_7)
     tc_close(&tc);
 }
 
+/* The server reports a snapshot sent once its last frame is queued (server/node_snap.c),
+ * before the follower has stepped it; the follower may then die without a trace of it (the
+ * crash point snap.recv.done) and restart from its old log. The leader must send again. */
+TEST(snapshot_reported_sent_then_lost_is_resent_7)
+{
+    struct tcluster tc;
+    struct tc_config c = cfg3();
+    tc_init(&tc, 3, 0, 3, &c);
+    elect(&tc, 1);
+    tc_isolate(&tc, 3);
+    for (int i = 0; i < 5; i++)
+        propose(&tc, 1, "s");
+    tc_stabilize(&tc);
+    CHECK_EQ(tc_compact(&tc, 1), 0);
+    tc_heal(&tc);
+    tc_tick(&tc, 1, 1);
+    /* heartbeat, response, probe, reject: then the leader sends the snapshot */
+    int rounds = 0;
+    while (st_of(&tc, 1).progress[2].state != RAFT_PROGRESS_SNAPSHOT && rounds++ < 10) {
+        for (uint64_t id = 1; id <= 3; id++)
+            tc_process(&tc, id);
+        tc_deliver(&tc, 0);
+    }
+    CHECK_EQ(st_of(&tc, 1).progress[2].state, RAFT_PROGRESS_SNAPSHOT);
+    tc_drop_queue(&tc, 3); /* the snapshot reached 3's socket, never its Raft */
+    CHECK_EQ(raft_report_snapshot(tc.nodes[1].r, 3, true), 0);
+    CHECK_EQ(st_of(&tc, 1).progress[2].state, RAFT_PROGRESS_PROBE);
+    tc_restart(&tc, 3); /* killed before it stepped the message: the old log */
+    CHECK(st_of(&tc, 3).commit < st_of(&tc, 1).commit);
+    for (int i = 0; i < 30; i++) {
+        tc_tick(&tc, 1, 1);
+        tc_stabilize(&tc);
+    }
+    CHECK_EQ(st_of(&tc, 3).commit, st_of(&tc, 1).commit);
+    CHECK_EQ(tc.nodes[3].sm_hash, tc.nodes[1].sm_hash);
+    tc_close(&tc);
+}
+
 /* ---- ReadIndex: thesis 6.4 ---- */
 
 TEST(read_index_batched_one_round_6_4)

@@ -31,6 +31,7 @@ runs in well under a minute on 2 cores. The points are Keelson's: with KEELSON_B
 module is skipped.
 """
 
+import functools
 import json
 import os
 import re
@@ -45,7 +46,7 @@ import grpc
 import harness
 import kvmodel
 from harness import poll
-from cluster import Cluster
+from cluster import Cluster, ClusterError
 
 IS_ETCD = os.path.basename(harness.KEELSON_BIN) == "etcd"
 TEMP_NAMES = re.compile(r"^(data\.mdb\.defrag|snap\.recv|snap\.send\..*)$")
@@ -147,6 +148,38 @@ class Oracle:
     def cleanup(self):
         for s in self.servers.values():
             s.cleanup(graceful=False)
+
+
+def logs_on_failure(method):
+    """A cluster test whose failure (most would be time-outs: a follower that never gets its
+    snapshot, never catches up) carries every log of every member, each start's apart. CI
+    removes the data dirs, and the cause is as likely in the leader's log (did it redial,
+    send, send again?) or in the follower's crashed start as in the follower's last log,
+    the only one the harness' messages show."""
+    @functools.wraps(method)
+    def run(self, *args, **kw):
+        t0 = time.monotonic()
+        try:
+            return method(self, *args, **kw)
+        except (AssertionError, ClusterError, harness.ServerError, grpc.RpcError) as e:
+            raise AssertionError("%s\n(%.1fs into the test; every member's logs follow)\n%s"
+                                 % (e, time.monotonic() - t0, all_logs(self.c))) from e
+    return run
+
+
+def all_logs(c, n=25):
+    """The last n lines of each log of each member of cluster c."""
+    out = []
+    for m in c.members:
+        for i in range(1, m._starts + 1):
+            p = os.path.join(m.tmp, "server-%d.log" % i)
+            try:
+                with open(p, "rb") as f:
+                    lines = f.read().decode("utf-8", "replace").splitlines()
+            except OSError:
+                continue
+            out.append("---- %s, last %d lines ----\n%s" % (p, n, "\n".join(lines[-n:])))
+    return "\n".join(out)
 
 
 # ---------------------------------------------------------------------------------------
@@ -451,6 +484,7 @@ class ClusterMember(CrashCase):
         more = self.write(f, "/after/", 3, size=10)
         self.assertEqual(len(more), 3)
 
+    @logs_on_failure
     def crash_follower_in_install(self, spec):
         c = self.c
         point = spec.split(":")[0]
@@ -486,6 +520,7 @@ class ClusterMember(CrashCase):
     def test_snapshot_installed(self):
         self.crash_follower_in_install("snap.installed:1")
 
+    @logs_on_failure
     def test_leader_copying_snapshot(self):
         c = self.c
         ldr = c.leader()
@@ -524,6 +559,7 @@ class ClusterMember(CrashCase):
         # a follower's append is WAL-only: it dies with entries durable it never acked
         self.follower_crash("wal.synced:30")
 
+    @logs_on_failure
     def follower_crash(self, spec):
         point = spec.split(":")[0]
         c = self.c
