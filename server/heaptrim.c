@@ -8,10 +8,12 @@
  * member's RSS until a later burst reuses them. malloc_trim(0) madvises the whole free pages
  * of every arena back (tools/bench_watch.sh: 15-45 bytes of each idle watcher's 250-330).
  *
- * When: a thread looks at the process's CPU time every HEAP_TRIM_CHECK_MS. A burst is at
- * least HEAP_TRIM_BUSY_US of CPU since the last trim; it is over when one whole interval
- * used less than HEAP_TRIM_QUIET_US. So a steadily busy member never trims (its heap reuses
- * its holes), and after a burst the trim comes 200-400 ms after the last work. malloc_trim
+ * When: a thread looks at the process's CPU time every HEAP_TRIM_CHECK_MS. An interval that
+ * used less than HEAP_TRIM_QUIET_US is quiet; a burst is a run of intervals that were not,
+ * and it calls for a trim when it used at least HEAP_TRIM_BURST_US in all. So a steadily busy
+ * member never trims (its heap reuses its holes), nor does one whose light load comes in
+ * small bursts (a put a second to 10,000 watchers: ~20 ms each), and after a big burst the
+ * trim comes 200-400 ms after the last work. malloc_trim
  * walks each arena's free chunks under that arena's lock, one arena at a time: it runs here,
  * never on the node loop or the apply path, and only when the member is quiet, so the
  * threads it can delay have (almost) nothing to do.
@@ -28,8 +30,8 @@
 #include "server/server.h"
 
 #define HEAP_TRIM_CHECK_MS 200
-/* CPU since the last trim that makes a burst: 10,000 watch creates take ~100 ms. */
-#define HEAP_TRIM_BUSY_US 50000
+/* CPU of a burst that calls for a trim: 10,000 watch creates take ~100 ms. */
+#define HEAP_TRIM_BURST_US 50000
 /* CPU in one interval under which the member is quiet (an idle member: ~0.2 ms). */
 #define HEAP_TRIM_QUIET_US 4000
 
@@ -78,7 +80,7 @@ static int trimmer_wait(heap_trimmer *t)
 static void *trimmer_main(void *arg)
 {
 	heap_trimmer *t = arg;
-	int64_t last = cpu_us(), busy = 0;
+	int64_t last = cpu_us(), burst = 0;
 	while (!trimmer_wait(t)) {
 		int64_t now = cpu_us();
 		if (now < 0 || last < 0) {
@@ -87,8 +89,14 @@ static void *trimmer_main(void *arg)
 		}
 		int64_t used = now - last;
 		last = now;
-		busy += used;
-		if (used >= HEAP_TRIM_QUIET_US || busy < HEAP_TRIM_BUSY_US)
+		if (used >= HEAP_TRIM_QUIET_US) {
+			burst += used;
+			continue;
+		}
+		/* quiet: the burst, if any, is over */
+		int due = burst >= HEAP_TRIM_BURST_US;
+		burst = 0;
+		if (!due)
 			continue;
 		uint64_t t0 = now_us();
 		malloc_trim(0);
@@ -98,7 +106,6 @@ static void *trimmer_main(void *arg)
 		log_at(LOG_DEBUG, "gave the heap's free pages back after a burst", "took-us", us, NULL);
 		/* the trim's own CPU time is not a burst */
 		last = cpu_us();
-		busy = 0;
 	}
 	return NULL;
 }
