@@ -462,11 +462,16 @@ static int run(config *cfgp)
 		log_at(LOG_FATAL, "cannot start the corruption check", NULL);
 		rc = -1;
 	}
+	/* Not fatal: without it the member only keeps more memory after bursts. */
+	heap_trimmer *trimmer = NULL;
+	if (rc == 0 && heap_trimmer_start(&trimmer) != 0)
+		log_at(LOG_WARN, "cannot start the heap trimmer", NULL);
 	server_backup *backup = NULL;
 	if (rc == 0 && server_backup_start(&backup, &sc) != 0)
 		rc = -1; /* logged; a backup directory asked for and unusable stops the start */
 	atomic_store(&sc.backup, backup);
 	if (rc) {
+		heap_trimmer_stop(trimmer);
 		corrupt_monitor_stop(cm); /* it uses the node and the store */
 		http_stop(hs);
 		tls_server_free(ts);
@@ -484,6 +489,7 @@ static int run(config *cfgp)
 	log_at(LOG_INFO, "received signal; shutting down", "signal", sig == SIGINT ? "SIGINT" : "SIGTERM", NULL);
 	/* Stop taking calls, answer every write already queued, then end what is left. */
 	corrupt_monitor_stop(cm); /* it proposes alarms: stop it before the node */
+	heap_trimmer_stop(trimmer);
 	http_stop(hs);
 	tls_server_stop(ts); /* no connection hands itself to gRPC after this */
 	api_server_shutdown(as);

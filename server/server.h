@@ -422,6 +422,16 @@ struct server_ctx;
 /* Refuses (1) a write of request_bytes that the quota cannot take, raising NOSPACE. */
 int alarm_quota_exceeded(struct server_ctx *sc, size_t request_bytes);
 
+/* ---- heaptrim.c: free heap pages back after a burst ---- */
+
+typedef struct heap_trimmer heap_trimmer;
+/* Starts the thread that calls malloc_trim(0) once the process has been busy (CPU time) and
+ * is quiet again, so that the holes a burst of short-lived buffers left in the malloc heap
+ * leave the RSS. Returns 0, or -1 when the thread cannot be made (*out is then NULL). */
+int heap_trimmer_start(heap_trimmer **out);
+/* Stops the thread and frees t; NULL is a no-op. */
+void heap_trimmer_stop(heap_trimmer *t);
+
 /* ---- corrupt.c: etcd's corruption checks ---- */
 
 struct server_ctx;

@@ -75,8 +75,13 @@ struct watcher {
  *   - gRPC's buffers grown by the burst of creates: TCP read buffers (64 KB slices, kept;
  *     33-53 bytes) and HTTP/2 slice arrays (~17 bytes since api/stream.c lets at most 32
  *     messages wait for one flush; 10-77 before);
- *   - 30-60 bytes of heap holes left by the burst's short-lived buffers.
- * bench/results/2026-11-28-f9ae6d3-watch-idle.md has the runs: 268-354 bytes over 8 runs, median 314.
+ *   - heap holes left by the burst's short-lived buffers: 30-60 bytes, until the heap
+ *     trimmer (heaptrim.c) gives their whole pages back 200-400 ms after the burst.
+ * bench/results/2026-11-28-f9ae6d3-watch-idle.md has the runs: 268-354 bytes over 8 runs,
+ * median 314, before the trimmer; 270-292 with it (2026-11-28-210c60b). Tried and not kept
+ * (no difference within the +-30-byte noise): M_ARENA_MAX 2, gRPC's TCP read chunk capped
+ * at 16 KB, grpc.minimal_stack. gRPC core sizes each call's arena from what the channel's
+ * earlier calls used; no channel argument shrinks it.
  */
 
 /* Watchers are carved from slabs mapped apart from the malloc heap: no allocator header per
