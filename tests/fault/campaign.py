@@ -811,11 +811,12 @@ def check_events_lease(c, lease_id):
     exactly those keys."""
     probs = []
     m = c.live()[0]
-    ch = grpc.insecure_channel(m.endpoint)
+    # a long run leaves many events: more than gRPC's default 4 MiB in one answer
+    ch = grpc.insecure_channel(m.endpoint, options=[("grpc.max_receive_message_length", -1)])
     try:
         p = k8s_workload.EVENTS_PREFIX
         r = etcdrpc.KVStub(ch).Range(etcdrpc.RangeRequest(
-            key=p.encode(), range_end=k8s_workload.prefix_end(p)), timeout=10)
+            key=p.encode(), range_end=k8s_workload.prefix_end(p), keys_only=True), timeout=30)
         keys = set()
         for kv in r.kvs:
             keys.add(kv.key)
@@ -823,7 +824,7 @@ def check_events_lease(c, lease_id):
                 probs.append("event %s has lease %x, not the shared %x" % (
                     kv.key, kv.lease, lease_id))
         t = etcdrpc.LeaseStub(ch).LeaseTimeToLive(
-            etcdrpc.LeaseTimeToLiveRequest(ID=lease_id, keys=True), timeout=10)
+            etcdrpc.LeaseTimeToLiveRequest(ID=lease_id, keys=True), timeout=30)
         if t.TTL <= 0:
             probs.append("the shared events lease %x is gone (TTL %d)" % (lease_id, t.TTL))
         if set(t.keys) != keys:
