@@ -267,16 +267,25 @@ static void test_rollover_and_removal(void)
 	check_log(401, 900, 401, 2);
 }
 
+/* A batch holding what installing snapshot 100 of term 5 records: the clear, the point and
+ * the hard state (term 5, vote 2, commit 100). */
+static storage_batch *install_batch(void)
+{
+	storage_batch *b;
+	CHECK_EQ(storage_batch_begin(S, &b), 0);
+	CHECK_EQ(storage_batch_log_clear(b, 0), 0);
+	CHECK_EQ(storage_batch_log_snapshot(b, 100, 5, "c", 1), 0);
+	CHECK_EQ(storage_batch_log_hard_state(b, 5, 2, 100), 0);
+	return b;
+}
+
 /* Installing a snapshot: a clear whose LMDB commit never happened is void. */
 static void test_clear(void)
 {
 	fresh("wal_clear", 0);
 	append(1, 20, 1, 10);
 	storage_batch *b;
-	CHECK_EQ(storage_batch_begin(S, &b), 0);
-	CHECK_EQ(storage_batch_log_clear(b, 0), 0);
-	CHECK_EQ(storage_batch_log_snapshot(b, 100, 5, "c", 1), 0);
-	CHECK_EQ(storage_batch_log_hard_state(b, 5, 2, 100), 0);
+	b = install_batch();
 	CHECK_EQ(storage_batch_sync_log(b), 0);
 	storage_batch_abort(b); /* as a crash between the WAL and LMDB */
 	reopen();
@@ -289,10 +298,7 @@ static void test_clear(void)
 	reopen();
 	check_log(1, 22, 21, 2);
 	/* committed, the clear drops the old log */
-	CHECK_EQ(storage_batch_begin(S, &b), 0);
-	CHECK_EQ(storage_batch_log_clear(b, 0), 0);
-	CHECK_EQ(storage_batch_log_snapshot(b, 100, 5, "c", 1), 0);
-	CHECK_EQ(storage_batch_log_hard_state(b, 5, 2, 100), 0);
+	b = install_batch();
 	CHECK_EQ(storage_batch_commit(b, 100), 0);
 	reopen();
 	CHECK_EQ(read_log(&ls), 0);
@@ -336,26 +342,30 @@ static void test_snapshot_mismatch(void)
 /* A snapshot's install writes its clear first, for the snapshot point it installs: the
  * clear is void until the store's point gets there, so a crash before the install keeps
  * the old log (here with a stale suffix 6..8 that the snapshot's log does not have). */
+/* The WAL records of a snapshot install written before the install: the clear for index,
+ * and the hard state (term, vote, commit = index). */
+static void write_clear_for(uint64_t index, uint64_t term, uint64_t vote)
+{
+	storage_batch *b;
+	CHECK_EQ(storage_batch_begin(S, &b), 0);
+	CHECK_EQ(storage_batch_log_clear(b, index), 0);
+	CHECK_EQ(storage_batch_log_hard_state(b, term, vote, index), 0);
+	CHECK_EQ(storage_batch_commit_log(b), 0);
+}
+
 static void test_clear_before_install(void)
 {
 	fresh("wal_clear_first", 0);
 	append(1, 5, 1, 5);
 	append(6, 8, 2, 5);
-	storage_batch *b;
-	CHECK_EQ(storage_batch_begin(S, &b), 0);
-	CHECK_EQ(storage_batch_log_clear(b, 7), 0);
-	CHECK_EQ(storage_batch_log_hard_state(b, 3, 4, 7), 0);
-	CHECK_EQ(storage_batch_commit_log(b), 0);
+	write_clear_for(7, 3, 4);
 	reopen(); /* as a crash before the install */
 	check_log(1, 8, 6, 2);
 	storage_log_state ls;
 	CHECK_EQ(read_log(&ls), 0);
 	CHECK(ls.ls_term == 2 && ls.ls_vote == 1 && ls.ls_commit == 5);
 	/* the install again, then its store: the clear counts, with its hard state */
-	CHECK_EQ(storage_batch_begin(S, &b), 0);
-	CHECK_EQ(storage_batch_log_clear(b, 7), 0);
-	CHECK_EQ(storage_batch_log_hard_state(b, 3, 4, 7), 0);
-	CHECK_EQ(storage_batch_commit_log(b), 0);
+	write_clear_for(7, 3, 4);
 	snapshot_point(7, 3, 0);
 	reopen();
 	CHECK_EQ(read_log(&ls), 0);

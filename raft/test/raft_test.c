@@ -551,20 +551,29 @@ TEST(follower_truncates_conflicting_suffix_5_3)
 
 /* ---- snapshots: paper 7 ---- */
 
+/* Leaves node lagger behind the leader (node 1): n entries of data proposed while it is cut
+ * off, then the leader's log compacted past them, then the partition healed. Returns
+ * tc_compact()'s result. */
+static int leave_behind_compaction(struct tcluster *tc, uint64_t lagger, int n, const char *data)
+{
+    tc_isolate(tc, lagger);
+    for (int i = 0; i < n; i++)
+        propose(tc, 1, data);
+    tc_stabilize(tc);
+    int rc = tc_compact(tc, 1);
+    tc_heal(tc);
+    return rc;
+}
+
 TEST(snapshot_catch_up_7)
 {
     struct tcluster tc;
     struct tc_config c = cfg3();
     tc_init(&tc, 3, 0, 3, &c);
     elect(&tc, 1);
-    tc_isolate(&tc, 3);
-    for (int i = 0; i < 10; i++)
-        propose(&tc, 1, "s");
-    tc_stabilize(&tc);
-    CHECK_EQ(tc_compact(&tc, 1), 0);
+    CHECK_EQ(leave_behind_compaction(&tc, 3, 10, "s"), 0);
     CHECK_EQ(st_of(&tc, 1).first_index, 12);
     CHECK_EQ(raft_compact(tc.nodes[1].r, 5, NULL, 0), RAFT_ECOMPACTED);
-    tc_heal(&tc);
     tc_tick(&tc, 1, 1);
     tc_stabilize(&tc);
     CHECK_EQ(st_of(&tc, 3).commit, 11);
@@ -586,21 +595,11 @@ TEST(snapshot_lost_is_retried_7)
     struct tc_config c = cfg3();
     tc_init(&tc, 3, 0, 3, &c);
     elect(&tc, 1);
-    tc_isolate(&tc, 3);
-    for (int i = 0; i < 5; i++)
-        propose(&tc, 1, "s");
-    tc_stabilize(&tc);
-    tc_compact(&tc, 1);
-    tc_heal(&tc);
+    leave_behind_compaction(&tc, 3, 5, "s");
     tc_tick(&tc, 1, 1);
     tc_stabilize(&tc);
     /* if 3 got it, fine; force a lost snapshot with node 2 now */
-    tc_isolate(&tc, 2);
-    for (int i = 0; i < 5; i++)
-        propose(&tc, 1, "t");
-    tc_stabilize(&tc);
-    tc_compact(&tc, 1);
-    tc_heal(&tc);
+    leave_behind_compaction(&tc, 2, 5, "t");
     tc_tick(&tc, 1, 1);
     tc_process(&tc, 1);
     tc_drop_queue(&tc, 2); /* the snapshot (and all) vanishes */
@@ -622,12 +621,7 @@ TEST(snapshot_reported_sent_then_lost_is_resent_7)
     struct tc_config c = cfg3();
     tc_init(&tc, 3, 0, 3, &c);
     elect(&tc, 1);
-    tc_isolate(&tc, 3);
-    for (int i = 0; i < 5; i++)
-        propose(&tc, 1, "s");
-    tc_stabilize(&tc);
-    CHECK_EQ(tc_compact(&tc, 1), 0);
-    tc_heal(&tc);
+    CHECK_EQ(leave_behind_compaction(&tc, 3, 5, "s"), 0);
     tc_tick(&tc, 1, 1);
     /* heartbeat, response, probe, reject: then the leader sends the snapshot */
     int rounds = 0;
