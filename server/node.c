@@ -1042,11 +1042,14 @@ static void process_ready(node *n)
 			atomic_fetch_add(&n->n_stat_commits, 1);
 		atomic_fetch_add(&n->n_stat_requests, ab.ab_n);
 		send_messages(n, &rd, 0);
-		if (b)
-			watch_hub_notify(sc->hub, events, nevents, rev);
 		for (size_t i = 0; i < rd.n_read_states; i++)
 			node_read_index_known(n, &rd.read_states[i]);
 		answer_applied(n, &ab, 1);
+		/* After the replies: the fan-out to thousands of watchers takes milliseconds,
+		 * which a writer need not wait for (etcd, too, answers before its watchers hear).
+		 * A watch created in between is handled: the hub skips revisions a watcher has. */
+		if (b)
+			watch_hub_notify(sc->hub, events, nevents, rev);
 		free(ab.ab_v);
 		storage_arena_free(&a);
 		if (raft_advance(n->n_raft, &rd) != 0) {
