@@ -15,6 +15,7 @@
 #include <grpc/grpc_security.h>
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
+#include <sys/prctl.h>
 
 #include "api/api.h"
 #include "api/internal.h"
@@ -678,6 +679,7 @@ static void on_generic(api_pending *p, int ok)
 
 static void *cq_thread(void *arg)
 {
+	prctl(PR_SET_NAME, "grpc-cq"); /* names the thread in top -H, perf, gdb */
 	api_server *s = arg;
 	for (;;) {
 		grpc_event ev = grpc_completion_queue_next(s->as_cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);

@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/prctl.h>
 
 #include "server/server.h"
 
@@ -406,6 +407,7 @@ static int check_hash_kv(corrupt_monitor *m)
 
 static void *monitor_main(void *arg)
 {
+	prctl(PR_SET_NAME, "corrupt-check"); /* names the thread in top -H, perf, gdb */
 	corrupt_monitor *m = arg;
 	server_ctx *sc = m->cm_sc;
 	while (!monitor_wait(m, sc->cfg->corrupt_check_ms)) {

@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include <uv.h>
+#include <sys/prctl.h>
 
 #include "server/server.h"
 
@@ -565,6 +566,7 @@ static void on_stop(uv_async_t *a)
 
 static void *http_thread(void *arg)
 {
+	prctl(PR_SET_NAME, "http"); /* names the thread in top -H, perf, gdb */
 	http_server *h = arg;
 	uv_run(&h->h_loop, UV_RUN_DEFAULT);
 	return NULL;

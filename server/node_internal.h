@@ -65,6 +65,18 @@ typedef struct pending_conf {
 
 #define NODE_MAX_PENDING_CONF 16
 
+/* Threads that serve linearizable reads once their read index is applied (node_read.c). */
+#define NODE_READ_WORKERS 2
+
+typedef struct read_pool {
+	pthread_mutex_t rp_mu; /* guards the queue and rp_stop */
+	pthread_cond_t rp_cond;
+	node_req *rp_head, *rp_tail;
+	int rp_stop;
+	pthread_t rp_threads[NODE_READ_WORKERS];
+	int rp_nthreads;
+} read_pool;
+
 typedef struct read_round {
 	uint64_t rr_id;
 	uint64_t rr_index; /* 0 until the read index is known */
@@ -105,6 +117,7 @@ struct node {
 	size_t n_npending_conf;
 	node_req *n_reads;            /* linearizable reads not yet in a round */
 	read_round *n_rounds;
+	read_pool n_read_pool;        /* serves the rounds whose index is applied */
 	uint64_t n_next_round;
 	uint64_t n_log_snapshot;      /* index of the last log snapshot point */
 	node_snap *n_snap;            /* snapshot transfers (node_snap.c) */
@@ -182,8 +195,13 @@ int node_raft_boot(node *n);
 void node_read_start_round(node *n);
 /* Raft confirmed the read index of a round. */
 void node_read_index_known(node *n, const struct raft_read_state *rs);
-/* Serves every read round whose read index has been applied. */
+/* Hands every read round whose read index has been applied to the read pool. */
 void node_read_serve(node *n);
+/* Starts the read pool's threads; 0 or -1. */
+int node_read_pool_start(node *n);
+/* Stops the read pool once the loop has ended: what is queued is served, then the threads
+ * are joined. */
+void node_read_pool_stop(node *n);
 
 /* ---- node_snap.c ---- */
 

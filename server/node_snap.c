@@ -39,6 +39,7 @@
 #include <unistd.h>
 
 #include <openssl/evp.h>
+#include <sys/prctl.h>
 
 #include "crashpoint/crashpoint.h"
 #include "raft/codec.h"
@@ -112,6 +113,7 @@ static char *hex_id(uint64_t id, char buf[20])
 
 static void *copy_thread(void *arg)
 {
+	prctl(PR_SET_NAME, "snap-send"); /* names the thread in top -H, perf, gdb */
 	snap_send *ss = arg;
 	ss->ss_copy_err = storage_copy(ss->ss_node->n_sc->st, ss->ss_fd);
 	CRASHPOINT("snap.copied"); /* leader: a whole copy in snap.send.<id>, none of it sent */

@@ -24,6 +24,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
+#include <sys/prctl.h>
 
 #include "server/server.h"
 
@@ -985,6 +986,7 @@ static void progress_tick(watch_hub *h)
 
 static void *hub_thread(void *arg)
 {
+	prctl(PR_SET_NAME, "watch-hub"); /* names the thread in top -H, perf, gdb */
 	watch_hub *h = arg;
 	uint64_t next_tick = now_ms() + h->h_progress_ms;
 	pthread_mutex_lock(&h->h_mu);
