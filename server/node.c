@@ -966,7 +966,9 @@ static void process_ready(node *n)
 		 * MustSync: the commit index need not be durable); one that only applies entries
 		 * already durable in the log needs no second sync. */
 		int durable = rd.n_entries || rd.snapshot || (rd.hard_state_changed && rd.must_sync);
-		int rc = durable || to_apply ? storage_batch_begin(sc->st, &b) : 0;
+		/* Without entries to apply the batch is the log's alone: it needs no LMDB txn, so
+		 * it does not wait for the previous batch's commit (storage_batch_commit_async). */
+		int rc = to_apply ? storage_batch_begin(sc->st, &b) : durable ? storage_batch_begin_log(sc->st, &b) : 0;
 		Mvccpb__Event **events = NULL;
 		size_t nevents = 0;
 		int64_t rev = 0;
@@ -1016,21 +1018,21 @@ static void process_ready(node *n)
 		if (rc == 0 && b) {
 			/* The WAL's one fdatasync makes the entries and hard state durable; the
 			 * apply's LMDB commit can then be lazy (one flush, and a crash that undoes
-			 * it is redone from the log), and a batch with nothing to apply (a
+			 * it is redone from the log) and asynchronous: the answers go out while
+			 * the committer thread writes it (readers wait for it, the next batch with
+			 * entries to apply too), and the loop goes on to the next Ready, whose
+			 * WAL write overlaps this flush. A batch with nothing to apply (a
 			 * follower's append) skips LMDB entirely. */
 			uint64_t t0 = node_now_ns();
 			rc = storage_batch_sync_log(b);
-			uint64_t t1 = node_now_ns();
 			if (durable)
-				histogram_observe(&n->n_metrics.nm_wal_fsync, t1 - t0);
-			if (rc != 0) {
+				histogram_observe(&n->n_metrics.nm_wal_fsync, node_now_ns() - t0);
+			if (rc != 0)
 				storage_batch_abort(b);
-			} else if (to_apply) {
-				rc = storage_batch_commit_lazy(b, applied);
-				histogram_observe(&n->n_metrics.nm_backend_commit, node_now_ns() - t1);
-			} else {
+			else if (to_apply)
+				rc = storage_batch_commit_async(b, applied);
+			else
 				rc = storage_batch_commit_log(b);
-			}
 		} else if (b)
 			storage_batch_abort(b);
 		if (rc != 0) {
@@ -1436,6 +1438,12 @@ static void on_stop(uv_async_t *h)
 	close_all(n);
 }
 
+/* The committer thread's measure of each LMDB commit (etcd's backend commit duration). */
+static void observe_backend_commit(void *arg, uint64_t ns)
+{
+	histogram_observe(arg, ns);
+}
+
 static void *node_thread(void *arg)
 {
 	prctl(PR_SET_NAME, "raft-node"); /* names the thread in top -H, perf, gdb */
@@ -1545,6 +1553,7 @@ int node_start(node **out, server_ctx *sc)
 		free(n);
 		return STORAGE_ERR_NOMEM;
 	}
+	storage_set_commit_observer(sc->st, observe_backend_commit, &n->n_metrics.nm_backend_commit);
 	*out = n;
 	return 0;
 }
@@ -1566,6 +1575,7 @@ void node_free(node *n)
 {
 	if (n == NULL)
 		return;
+	storage_set_commit_observer(n->n_sc->st, NULL, NULL);
 	raft_close(n->n_raft);
 	pthread_mutex_destroy(&n->n_mu);
 	free(n);

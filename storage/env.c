@@ -9,12 +9,18 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/file.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 #include <stdatomic.h>
 
 #include "crashpoint/crashpoint.h"
 #include "storage/internal.h"
+
+static int committer_start(storage *s);
+static void committer_stop(storage *s);
+static int wait_published(storage *s);
 
 #define DEFAULT_MAP_SIZE (8ull << 30)
 #define MAX_DBS 32
@@ -268,6 +274,8 @@ int storage_open(const char *dir, const storage_options *opts, storage **out)
 					(uint64_t)snap_term);
 	if (!err)
 		err = storage__migrate_rlog(s);
+	if (!err)
+		err = committer_start(s);
 	if (err)
 		goto fail;
 	*out = s;
@@ -292,6 +300,7 @@ void storage_close(storage *s)
 		return;
 	if (s->s_batch)
 		storage_batch_abort(s->s_batch);
+	committer_stop(s);
 	storage__wal_close(s);
 	mdb_env_close(s->s_env);
 	close(s->s_lockfd);
@@ -403,6 +412,9 @@ out:
 int storage_copy(storage *s, int fd)
 {
 	/* Shared: the copy reads in its own LMDB read txn while batches go on. */
+	int werr = wait_published(s);
+	if (werr)
+		return werr;
 	pthread_rwlock_rdlock(&s->s_envlock);
 	int rc = copy_env(s, fd);
 	pthread_rwlock_unlock(&s->s_envlock);
@@ -432,6 +444,153 @@ int storage_install(storage *s, const char *path)
 
 /* ---- batches ---- */
 
+/* ---- the committer ----
+ *
+ * LMDB ties a write transaction to the thread that began it: mdb_txn_begin takes the
+ * writer's mutex (robust and process-shared: only its owner may release it) and the commit
+ * or abort releases it. So one thread, the committer, begins and ends every batch's
+ * transaction, and the batch's owner fills it in between (a write txn keeps no per-thread
+ * state besides; the hand-over through s_cm_mu orders the accesses). That lets
+ * storage_batch_commit_async() return while the commit writes and flushes its pages: the
+ * caller answers once the batch's log records are durable, and readers wait for the commit
+ * to be visible (wait_published), so none sees less than a writer was answered.
+ * One job at a time: whoever posts the next waits until the committer is idle.
+ */
+enum { CM_NONE, CM_BEGIN, CM_COMMIT, CM_ABORT, CM_STOP };
+
+static int begin_txn(storage_batch *b);
+static int finish_commit(storage_batch *b, int lazy, int async);
+static void batch_end(storage_batch *b);
+
+static void *committer_main(void *arg)
+{
+	storage *s = arg;
+	prctl(PR_SET_NAME, "lmdb-commit"); /* names the thread in top -H, perf, gdb */
+	pthread_mutex_lock(&s->s_cm_mu);
+	for (;;) {
+		while (s->s_cm_job == CM_NONE)
+			pthread_cond_wait(&s->s_cm_cond, &s->s_cm_mu);
+		int job = s->s_cm_job, lazy = s->s_cm_lazy, async = s->s_cm_async;
+		storage_batch *b = s->s_cm_batch;
+		if (job == CM_STOP)
+			break;
+		pthread_mutex_unlock(&s->s_cm_mu);
+		int err = 0;
+		if (job == CM_BEGIN) {
+			err = begin_txn(b);
+		} else if (job == CM_COMMIT) {
+			err = finish_commit(b, lazy, async); /* ends the batch */
+		} else {
+			mdb_txn_abort(b->b_txn);
+			batch_end(b);
+		}
+		pthread_mutex_lock(&s->s_cm_mu);
+		if (job == CM_COMMIT) {
+			if (err && async)
+				s->s_cm_async_err = err;
+			atomic_fetch_add(&s->s_cm_published, 1);
+		}
+		s->s_cm_err = err;
+		s->s_cm_done = 1;
+		s->s_cm_job = CM_NONE;
+		pthread_cond_broadcast(&s->s_cm_cond);
+	}
+	s->s_cm_job = CM_NONE;
+	s->s_cm_done = 1;
+	pthread_cond_broadcast(&s->s_cm_cond);
+	pthread_mutex_unlock(&s->s_cm_mu);
+	return NULL;
+}
+
+/* Posts a job once the committer is idle; unless async, waits for its result. */
+static int run_job(storage *s, int job, storage_batch *b, int lazy, int async)
+{
+	pthread_mutex_lock(&s->s_cm_mu);
+	while (s->s_cm_job != CM_NONE)
+		pthread_cond_wait(&s->s_cm_cond, &s->s_cm_mu);
+	if (job == CM_BEGIN && s->s_cm_async_err) {
+		/* An earlier commit was answered and then failed: stop writing, as a failed
+		 * synchronous commit would have. */
+		int err = s->s_cm_async_err;
+		pthread_mutex_unlock(&s->s_cm_mu);
+		return err;
+	}
+	s->s_cm_job = job;
+	s->s_cm_batch = b;
+	s->s_cm_lazy = lazy;
+	s->s_cm_async = async;
+	s->s_cm_done = 0;
+	if (job == CM_COMMIT)
+		atomic_fetch_add(&s->s_cm_handed, 1);
+	pthread_cond_broadcast(&s->s_cm_cond);
+	int err = 0;
+	if (!async) {
+		while (!s->s_cm_done)
+			pthread_cond_wait(&s->s_cm_cond, &s->s_cm_mu);
+		err = s->s_cm_err;
+	}
+	pthread_mutex_unlock(&s->s_cm_mu);
+	return err;
+}
+
+/* Waits until every commit handed over so far is visible to new read transactions. Fails
+ * once an asynchronous commit has failed: what was answered may then never show. */
+static int wait_published(storage *s)
+{
+	uint64_t want = atomic_load(&s->s_cm_handed);
+	if (atomic_load(&s->s_cm_published) >= want && !atomic_load(&s->s_cm_async_err))
+		return 0;
+	pthread_mutex_lock(&s->s_cm_mu);
+	while (atomic_load(&s->s_cm_published) < want && s->s_cm_started)
+		pthread_cond_wait(&s->s_cm_cond, &s->s_cm_mu);
+	int err = atomic_load(&s->s_cm_async_err);
+	pthread_mutex_unlock(&s->s_cm_mu);
+	return err;
+}
+
+static int committer_start(storage *s)
+{
+	if (pthread_mutex_init(&s->s_cm_mu, NULL) != 0)
+		return STORAGE_ERR_NOMEM;
+	if (pthread_cond_init(&s->s_cm_cond, NULL) != 0) {
+		pthread_mutex_destroy(&s->s_cm_mu);
+		return STORAGE_ERR_NOMEM;
+	}
+	if (pthread_create(&s->s_cm_thread, NULL, committer_main, s) != 0) {
+		pthread_cond_destroy(&s->s_cm_cond);
+		pthread_mutex_destroy(&s->s_cm_mu);
+		return STORAGE_ERR_NOMEM;
+	}
+	s->s_cm_started = 1;
+	return 0;
+}
+
+/* Lets an asynchronous commit finish, then ends the thread. */
+static void committer_stop(storage *s)
+{
+	if (!s->s_cm_started)
+		return;
+	run_job(s, CM_STOP, NULL, 0, 1);
+	pthread_join(s->s_cm_thread, NULL);
+	s->s_cm_started = 0;
+	pthread_cond_destroy(&s->s_cm_cond);
+	pthread_mutex_destroy(&s->s_cm_mu);
+}
+
+void storage_set_commit_observer(storage *s, void (*observe)(void *arg, uint64_t ns), void *arg)
+{
+	/* Between jobs: a commit in flight finishes with the old observer, whose arg the
+	 * caller may free once this returns. */
+	pthread_mutex_lock(&s->s_cm_mu);
+	while (s->s_cm_job != CM_NONE)
+		pthread_cond_wait(&s->s_cm_cond, &s->s_cm_mu);
+	atomic_store(&s->s_cm_observe_arg, arg);
+	atomic_store(&s->s_cm_observe, observe);
+	pthread_mutex_unlock(&s->s_cm_mu);
+}
+
+/* ---- batches ---- */
+
 int storage_batch_begin(storage *s, storage_batch **out)
 {
 	if (s->s_batch)
@@ -439,9 +598,38 @@ int storage_batch_begin(storage *s, storage_batch **out)
 	storage_batch *b = calloc(1, sizeof(*b));
 	if (!b)
 		return STORAGE_ERR_NOMEM;
-	pthread_rwlock_rdlock(&s->s_envlock);
 	b->b_s = s;
 	b->b_wal_clear_off = -1;
+	int err = run_job(s, CM_BEGIN, b, 0, 0);
+	if (err) {
+		free(b);
+		return err;
+	}
+	s->s_batch = b;
+	*out = b;
+	return 0;
+}
+
+int storage_batch_begin_log(storage *s, storage_batch **out)
+{
+	if (s->s_batch)
+		return STORAGE_ERR_INVALID;
+	storage_batch *b = calloc(1, sizeof(*b));
+	if (!b)
+		return STORAGE_ERR_NOMEM;
+	b->b_s = s;
+	b->b_wal_clear_off = -1;
+	b->b_log_only = 1;
+	s->s_batch = b;
+	*out = b;
+	return 0;
+}
+
+/* The committer's part of storage_batch_begin(). */
+static int begin_txn(storage_batch *b)
+{
+	storage *s = b->b_s;
+	pthread_rwlock_rdlock(&s->s_envlock);
 	int err = storage__mdb_err(mdb_txn_begin(s->s_env, NULL, 0, &b->b_txn));
 	if (!err)
 		err = storage__meta_get_i64(s, b->b_txn, META_REV, 1, &b->b_rev);
@@ -460,13 +648,10 @@ int storage_batch_begin(storage *s, storage_batch **out)
 	if (err) {
 		if (b->b_txn)
 			mdb_txn_abort(b->b_txn);
+		b->b_txn = NULL;
 		pthread_rwlock_unlock(&s->s_envlock);
-		free(b);
-		return err;
 	}
-	s->s_batch = b;
-	*out = b;
-	return 0;
+	return err;
 }
 
 int storage_batch_meta_put(storage_batch *b, const char *name, const void *val, size_t len)
@@ -494,12 +679,29 @@ int storage_batch_commit_lazy(storage_batch *b, uint64_t applied_index)
 	return batch_commit(b, applied_index, 1);
 }
 
+/* Ends a batch: on the committer for one with a transaction (the envlock is its too). */
 static void batch_end(storage_batch *b)
 {
-	b->b_s->s_batch = NULL;
-	pthread_rwlock_unlock(&b->b_s->s_envlock);
+	if (!b->b_log_only)
+		pthread_rwlock_unlock(&b->b_s->s_envlock);
 	free(b->b_wal);
 	free(b);
+}
+
+/* Hands the batch back for good: the next one may begin. */
+static void batch_release(storage_batch *b)
+{
+	if (b->b_s->s_batch == b)
+		b->b_s->s_batch = NULL;
+}
+
+static void batch_discard(storage_batch *b)
+{
+	batch_release(b);
+	if (b->b_log_only)
+		batch_end(b);
+	else
+		run_job(b->b_s, CM_ABORT, b, 0, 0);
 }
 
 int storage_batch_sync_log(storage_batch *b)
@@ -514,25 +716,24 @@ int storage_batch_sync_log(storage_batch *b)
 int storage_batch_commit_log(storage_batch *b)
 {
 	int err = storage_batch_sync_log(b);
-	mdb_txn_abort(b->b_txn);
-	batch_end(b);
+	batch_discard(b);
 	return err;
 }
 
-static int batch_commit(storage_batch *b, uint64_t applied_index, int lazy)
+/* The caller's part of a commit: the log first (the LMDB state may only ever be ahead of
+ * what the log can redo if the log holds it, and a follower's entries must be durable
+ * before it acks them), then the batch's counters. On error the batch is discarded. */
+static int batch_prepare(storage_batch *b, uint64_t applied_index)
 {
 	storage *s = b->b_s;
-	MDB_txn *txn = b->b_txn;
-	/* The log first: the LMDB state may only ever be ahead of what the log can redo if
-	 * the log holds it, and a follower's entries must be durable before it acks them. */
-	int err = storage_batch_sync_log(b);
-	int had_log = b->b_wal_written; /* here or by an earlier storage_batch_sync_log() */
-	if (err) {
-		mdb_txn_abort(txn);
-		batch_end(b);
-		return err;
+	if (b->b_log_only) {
+		batch_discard(b);
+		return STORAGE_ERR_INVALID;
 	}
-	err = storage__meta_put_i64(s, txn, META_REV, b->b_rev);
+	MDB_txn *txn = b->b_txn;
+	int err = storage_batch_sync_log(b);
+	if (!err)
+		err = storage__meta_put_i64(s, txn, META_REV, b->b_rev);
 	if (!err)
 		err = storage__meta_put_i64(s, txn, META_COMPACT, b->b_compact);
 	if (!err)
@@ -545,31 +746,71 @@ static int batch_commit(storage_batch *b, uint64_t applied_index, int lazy)
 		err = storage__meta_put_i64(s, txn, META_NEXT_ID, b->b_next_id);
 	if (!err)
 		err = storage__meta_put_i64(s, txn, META_APPLIED, (int64_t)applied_index);
-	if (err) {
-		mdb_txn_abort(txn);
-	} else {
-		/* mdb_txn_commit frees the txn whatever it returns; with default flags it fsyncs
-		 * the data and then the meta page. A lazy commit syncs the data only (LMDB's
-		 * MDB_NOMETASYNC): the database stays intact through a crash, which may undo
-		 * this commit until the next one syncs. The writer is the only committer, so
-		 * the flag can be set around this call. */
-		if (lazy)
-			mdb_env_set_flags(s->s_env, MDB_NOMETASYNC, 1);
-		CRASHPOINT("commit.before"); /* the batch complete in memory, nothing of it on disk */
-		err = storage__mdb_err(mdb_txn_commit(txn));
-		if (lazy)
-			mdb_env_set_flags(s->s_env, MDB_NOMETASYNC, 0);
-		if (!err) {
-			CRASHPOINT("commit.after"); /* durable (lazy: written), not yet acknowledged */
-			atomic_store(&s->s_rev, b->b_rev);
-		} else if (had_log) {
-			/* The WAL holds records LMDB does not follow: stop, as a failed write does. */
-			s->s_wal_failed = 1;
-		}
+	if (err)
+		batch_discard(b);
+	return err;
+}
+
+static int batch_commit(storage_batch *b, uint64_t applied_index, int lazy)
+{
+	storage *s = b->b_s;
+	int err = batch_prepare(b, applied_index);
+	if (err)
+		return err;
+	batch_release(b);
+	return run_job(s, CM_COMMIT, b, lazy, 0);
+}
+
+int storage_batch_commit_async(storage_batch *b, uint64_t applied_index)
+{
+	storage *s = b->b_s;
+	/* Removing WAL segments (after a snapshot point) touches the WAL, which the caller's
+	 * next batch writes: that commit runs while the caller waits. */
+	if (b->b_snap_set)
+		return batch_commit(b, applied_index, 1);
+	int err = batch_prepare(b, applied_index);
+	if (err)
+		return err;
+	batch_release(b);
+	/* What the caller answers from here on: readers wait for the commit to show it. */
+	atomic_store(&s->s_rev, b->b_rev);
+	return run_job(s, CM_COMMIT, b, 1, 1);
+}
+
+/* The committer's part of a commit; ends the batch whatever happens. */
+static int finish_commit(storage_batch *b, int lazy, int async)
+{
+	storage *s = b->b_s;
+	int had_log = b->b_wal_written; /* by batch_prepare() or an earlier storage_batch_sync_log() */
+	/* mdb_txn_commit frees the txn whatever it returns; with default flags it fsyncs the
+	 * data and then the meta page. A lazy commit syncs the data only (LMDB's
+	 * MDB_NOMETASYNC): the database stays intact through a crash, which may undo this
+	 * commit until the next one syncs. The committer is the only committer, so the flag
+	 * can be set around this call. */
+	if (lazy)
+		mdb_env_set_flags(s->s_env, MDB_NOMETASYNC, 1);
+	CRASHPOINT("commit.before"); /* the batch complete in memory, nothing of it on disk */
+	struct timespec t0, t1;
+	clock_gettime(CLOCK_MONOTONIC, &t0);
+	int err = storage__mdb_err(mdb_txn_commit(b->b_txn));
+	clock_gettime(CLOCK_MONOTONIC, &t1);
+	void (*observe)(void *, uint64_t) = atomic_load(&s->s_cm_observe);
+	if (observe && !err)
+		observe(atomic_load(&s->s_cm_observe_arg),
+			(uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec)));
+	if (lazy)
+		mdb_env_set_flags(s->s_env, MDB_NOMETASYNC, 0);
+	if (!err) {
+		CRASHPOINT("commit.after"); /* durable (lazy: written), not yet acknowledged */
+		atomic_store(&s->s_rev, b->b_rev);
+	} else if (had_log && !async) {
+		/* The WAL holds records LMDB does not follow: stop, as a failed write does. (An
+		 * asynchronous commit's failure stops every later batch instead: run_job.) */
+		s->s_wal_failed = 1;
 	}
 	/* Segments whose entries the new snapshot point covers can go once that point is
 	 * durable: this commit may be lazy, so flush LMDB first (once per segment, rare). A
-	 * failure leaves them for the next compaction. */
+	 * failure leaves them for the next compaction. Never for an asynchronous commit. */
 	if (!err && b->b_snap_set && storage__wal_removable(s, b->b_snap_index) &&
 	    mdb_env_sync(s->s_env, 1) == 0)
 		(void)storage__wal_remove_through(s, b->b_snap_index);
@@ -579,8 +820,7 @@ static int batch_commit(storage_batch *b, uint64_t applied_index, int lazy)
 
 void storage_batch_abort(storage_batch *b)
 {
-	mdb_txn_abort(b->b_txn);
-	batch_end(b);
+	batch_discard(b);
 }
 
 /* ---- readers ---- */
@@ -591,6 +831,11 @@ int storage_read_begin(storage *s, storage_reader **out)
 	if (!r)
 		return STORAGE_ERR_NOMEM;
 	r->r_s = s;
+	int werr = wait_published(s);
+	if (werr) {
+		free(r);
+		return werr;
+	}
 	pthread_rwlock_rdlock(&s->s_envlock);
 	int err = storage__mdb_err(mdb_txn_begin(s->s_env, NULL, MDB_RDONLY, &r->r_txn));
 	if (!err)
@@ -646,6 +891,9 @@ int storage_stat(storage *s, storage_stats *out)
 	MDB_cursor *cur = NULL;
 	int64_t applied = 0;
 	memset(out, 0, sizeof(*out));
+	int werr = wait_published(s);
+	if (werr)
+		return werr;
 	pthread_rwlock_rdlock(&s->s_envlock);
 	int err = storage__mdb_err(mdb_txn_begin(s->s_env, NULL, MDB_RDONLY, &txn));
 	if (err) {

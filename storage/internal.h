@@ -69,7 +69,23 @@ struct storage {
 	storage_batch *s_batch; /* the open batch, if any */
 	uint64_t s_map_size;
 	char *s_dir;
-	_Atomic int64_t s_rev; /* committed revision, for storage_current_revision() */
+	_Atomic int64_t s_rev; /* answered revision, for storage_current_revision() */
+	/* The committer (env.c): the thread that begins and ends every batch's LMDB txn. */
+	pthread_t s_cm_thread;
+	int s_cm_started;
+	pthread_mutex_t s_cm_mu;  /* guards the job slot and the counters' waits */
+	pthread_cond_t s_cm_cond; /* a job was posted or finished, or a commit published */
+	int s_cm_job;             /* CM_*: what the committer is asked to do, CM_NONE when idle */
+	int s_cm_done;            /* the posted job is finished; s_cm_err its result */
+	int s_cm_err;
+	storage_batch *s_cm_batch;
+	int s_cm_lazy, s_cm_async;
+	void (*_Atomic s_cm_observe)(void *arg, uint64_t ns); /* storage_set_commit_observer */
+	void *_Atomic s_cm_observe_arg;
+	_Atomic int s_cm_async_err; /* an asynchronous commit failed: later batches and reads fail */
+	/* Commits handed over vs made visible: a reader waits until the second reaches the
+	 * first, so it never sees less than a writer has been answered. */
+	_Atomic uint64_t s_cm_handed, s_cm_published;
 	/* Readers and the batch hold it shared; defragment, which replaces the environment,
 	 * holds it exclusively. */
 	pthread_rwlock_t s_envlock;
@@ -94,6 +110,7 @@ struct storage_batch {
 	uint64_t b_wal_hs[3];
 	int64_t b_wal_clear_off;  /* offset of a clear record in b_wal, -1 if none */
 	int b_wal_written;        /* records of this batch reached the WAL */
+	int b_log_only;           /* storage_batch_begin_log(): no LMDB txn, no envlock */
 	int b_snap_set;           /* storage_batch_log_snapshot() was called: */
 	uint64_t b_snap_index;    /* its index */
 };

@@ -182,6 +182,24 @@ int storage_batch_sync_log(storage_batch *b);
 /* For a batch that holds only log records (a follower's append): syncs them and ends the
  * batch WITHOUT an LMDB commit; any LMDB write in it is discarded. */
 int storage_batch_commit_log(storage_batch *b);
+/*
+ * A batch for log records only (entries, hard states, clears), ended by
+ * storage_batch_commit_log() or storage_batch_abort(): it has no LMDB transaction, so it
+ * begins at once even while an asynchronous commit runs.
+ */
+int storage_batch_begin_log(storage *s, storage_batch **out);
+/*
+ * As storage_batch_commit_lazy(), but returns once the batch's log records are durable and
+ * its LMDB commit is handed to the committer thread, which writes and flushes it while the
+ * caller goes on: the caller may answer the batch's requests at once (a crash redoes them
+ * from the log). Until the commit is visible, new readers (storage_read_begin, stat, copy)
+ * wait for it, so nobody reads less than what was answered; the next batch's begin waits
+ * too. A failure of that commit makes every later storage_batch_begin() fail with it.
+ */
+int storage_batch_commit_async(storage_batch *b, uint64_t applied_index);
+/* Calls observe(arg, ns) after every LMDB commit with its duration, on the thread that
+ * commits (any thread: observe must be thread-safe). NULL stops it. */
+void storage_set_commit_observer(storage *s, void (*observe)(void *arg, uint64_t ns), void *arg);
 /* Discards the batch (log records already synced by storage_batch_sync_log stay). */
 void storage_batch_abort(storage_batch *b);
 

@@ -1,5 +1,7 @@
 /* storage_test.c - unit tests of storage's MVCC semantics (etcd 3.4/3.5's). */
 #include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
 #include <sys/wait.h>
 
 #include "storage/testutil.h"
@@ -1188,6 +1190,90 @@ static void test_copy_install(void)
 	CHECK(veq(get("a", 0), "3"));
 }
 
+/* Asynchronous commits: the caller answers before the commit is visible; no reader may see
+ * less than what was answered, the next batch sees all of it, and close keeps it. */
+static _Atomic int64_t answered_rev;
+static _Atomic int async_stop, async_reads, async_stale;
+
+static void *async_reader(void *arg)
+{
+	(void)arg;
+	storage_arena a;
+	storage_arena_init(&a);
+	while (!atomic_load(&async_stop)) {
+		int64_t want = atomic_load(&answered_rev);
+		storage_reader *r;
+		if (storage_read_begin(S, &r) != 0) {
+			atomic_fetch_add(&async_stale, 1);
+			continue;
+		}
+		Etcdserverpb__RangeRequest req = rq("k", NULL);
+		Etcdserverpb__RangeResponse resp;
+		if (storage_range(r, &req, &a, &resp) != 0 || resp.header->revision < want)
+			atomic_fetch_add(&async_stale, 1);
+		storage_read_end(r);
+		storage_arena_free(&a);
+		storage_arena_init(&a);
+		atomic_fetch_add(&async_reads, 1);
+	}
+	storage_arena_free(&a);
+	return NULL;
+}
+
+static void test_async_commit(void)
+{
+	fresh("async");
+	pthread_t th;
+	CHECK_EQ(pthread_create(&th, NULL, async_reader, NULL), 0);
+	Etcdserverpb__PutRequest req = ETCDSERVERPB__PUT_REQUEST__INIT;
+	Etcdserverpb__PutResponse pr;
+	char val[32];
+	int64_t rev = 1;
+	for (int i = 0; i < 300; i++) {
+		storage_batch *b;
+		CHECK_EQ(storage_batch_begin(S, &b), 0);
+		snprintf(val, sizeof(val), "v%d", i);
+		req.key = t_str("k");
+		req.value = t_str(val);
+		CHECK_EQ(storage_batch_put(b, &req, &A, &pr), 0);
+		CHECK_EQ(pr.header->revision, ++rev);
+		CHECK_EQ(storage_batch_commit_async(b, (uint64_t)i + 1), 0);
+		atomic_store(&answered_rev, rev);
+		if (i % 2) {
+			/* a log-only batch begins while the commit may still run */
+			storage_batch *lb;
+			CHECK_EQ(storage_batch_begin_log(S, &lb), 0);
+			CHECK_EQ(storage_batch_begin(S, &b), STORAGE_ERR_INVALID); /* one open batch */
+			CHECK_EQ(storage_batch_commit_log(lb), 0);
+		}
+		if (i % 50 == 0) {
+			Mvccpb__KeyValue *kv = get("k", 0);
+			CHECK(veq(kv, val) && kv->mod_revision == rev);
+			storage_stats st;
+			CHECK_EQ(storage_stat(S, &st), 0);
+			CHECK(st.st_revision == rev && st.st_applied_index == (uint64_t)i + 1);
+		}
+	}
+	atomic_store(&async_stop, 1);
+	pthread_join(th, NULL);
+	CHECK(atomic_load(&async_reads) > 0);
+	CHECK_EQ(atomic_load(&async_stale), 0);
+	CHECK_EQ(storage_current_revision(S), rev);
+	/* close lets the last commit finish: all of it is there after a reopen */
+	reopen();
+	Mvccpb__KeyValue *kv = get("k", 0);
+	CHECK(veq(kv, "v299") && kv->mod_revision == rev && kv->version == 300);
+	storage_stats st;
+	CHECK_EQ(storage_stat(S, &st), 0);
+	CHECK_EQ(st.st_applied_index, 300);
+	/* a log-only batch refuses an LMDB commit */
+	storage_batch *lb;
+	CHECK_EQ(storage_batch_begin_log(S, &lb), 0);
+	CHECK_EQ(storage_batch_commit_async(lb, 301), STORAGE_ERR_INVALID);
+	CHECK_EQ(storage_batch_begin_log(S, &lb), 0); /* the refused one was ended */
+	storage_batch_abort(lb);
+}
+
 int main(void)
 {
 	storage_arena_init(&A);
@@ -1205,6 +1291,7 @@ int main(void)
 	test_events();
 	test_raft_log();
 	test_copy_install();
+	test_async_commit();
 	if (S)
 		storage_close(S);
 	storage_arena_free(&A);
