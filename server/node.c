@@ -1013,7 +1013,7 @@ static void process_ready(node *n)
 				applied = rd.entries[i].index;
 			}
 		}
-		if (rc == 0 && b)
+		if (rc == 0 && b && to_apply)
 			rc = storage_batch_events(b, &a, &events, &nevents, &rev);
 		if (rc == 0 && b) {
 			/* The WAL's one fdatasync makes the entries and hard state durable; the
@@ -1051,7 +1051,7 @@ static void process_ready(node *n)
 		/* After the replies: the fan-out to thousands of watchers takes milliseconds,
 		 * which a writer need not wait for (etcd, too, answers before its watchers hear).
 		 * A watch created in between is handled: the hub skips revisions a watcher has. */
-		if (b)
+		if (b && to_apply) /* a log-only batch has no revision to tell */
 			watch_hub_notify(sc->hub, events, nevents, rev);
 		free(ab.ab_v);
 		storage_arena_free(&a);

@@ -1215,6 +1215,8 @@ static int read_events(mv *v, int64_t from, int64_t to, size_t max, storage_aren
 int storage_batch_events(storage_batch *b, storage_arena *a, Mvccpb__Event ***events, size_t *n,
 			 int64_t *rev)
 {
+	if (b->b_log_only)
+		return STORAGE_ERR_INVALID; /* no LMDB part: no revision, no events */
 	mv v = batch_view(b, b->b_txn);
 	*rev = b->b_rev;
 	if (b->b_rev == b->b_start_rev) {

@@ -26,6 +26,8 @@ int storage_batch_log_snapshot(storage_batch *b, uint64_t index, uint64_t term, 
 {
 	storage *s = b->b_s;
 	MDB_txn *txn = b->b_txn;
+	if (b->b_log_only)
+		return STORAGE_ERR_INVALID; /* the snapshot point lives in LMDB */
 	int err = storage__meta_put_i64(s, txn, META_RL_SNAP_INDEX, (int64_t)index);
 	if (!err)
 		err = storage__meta_put_i64(s, txn, META_RL_SNAP_TERM, (int64_t)term);
