@@ -1266,9 +1266,14 @@ static void test_async_commit(void)
 	storage_stats st;
 	CHECK_EQ(storage_stat(S, &st), 0);
 	CHECK_EQ(st.st_applied_index, 300);
-	/* a log-only batch refuses an LMDB commit */
+	/* a log-only batch has no revision, events nor snapshot point, and refuses an LMDB commit */
 	storage_batch *lb;
 	CHECK_EQ(storage_batch_begin_log(S, &lb), 0);
+	Mvccpb__Event **evs;
+	size_t nevs;
+	int64_t erev;
+	CHECK_EQ(storage_batch_events(lb, &A, &evs, &nevs, &erev), STORAGE_ERR_INVALID);
+	CHECK_EQ(storage_batch_log_snapshot(lb, 5, 1, "c", 1), STORAGE_ERR_INVALID);
 	CHECK_EQ(storage_batch_commit_async(lb, 301), STORAGE_ERR_INVALID);
 	CHECK_EQ(storage_batch_begin_log(S, &lb), 0); /* the refused one was ended */
 	storage_batch_abort(lb);
