@@ -1438,9 +1438,15 @@ static void on_stop(uv_async_t *h)
 	close_all(n);
 }
 
-/* The committer thread's measure of each LMDB commit (etcd's backend commit duration). */
-static void observe_backend_commit(void *arg, uint64_t ns)
+/* The committer thread's measure of each LMDB commit (etcd's backend commit duration). A
+ * failed asynchronous commit was answered already: stop, as a failed synchronous one does
+ * (process_ready); the restart redoes its entries from the WAL. */
+static void observe_backend_commit(void *arg, uint64_t ns, int err)
 {
+	if (err) {
+		log_at(LOG_FATAL, "cannot commit the applied entries", "error", storage_strerror(err), NULL);
+		abort();
+	}
 	histogram_observe(arg, ns);
 }
 
@@ -1536,6 +1542,7 @@ int node_start(node **out, server_ctx *sc)
 	n->n_timeout_timer.data = n;
 	uv_timer_start(&n->n_timeout_timer, on_timeout_timer, 500, 500);
 
+	storage_set_commit_observer(sc->st, observe_backend_commit, &n->n_metrics.nm_backend_commit);
 	n->n_compacting = 1; /* finish a physical compaction a crash cut short (none: one no-op batch) */
 	/* A lone voter need not wait an election timeout to lead (etcd's tick advance). */
 	if (atomic_load(&n->n_lone_voter)) {
@@ -1543,17 +1550,18 @@ int node_start(node **out, server_ctx *sc)
 		process_ready(n);
 	}
 	if (node_read_pool_start(n) != 0) {
+		storage_set_commit_observer(sc->st, NULL, NULL);
 		raft_close(n->n_raft);
 		free(n);
 		return STORAGE_ERR_NOMEM;
 	}
 	if (pthread_create(&n->n_thread, NULL, node_thread, n) != 0) {
+		storage_set_commit_observer(sc->st, NULL, NULL);
 		node_read_pool_stop(n);
 		raft_close(n->n_raft);
 		free(n);
 		return STORAGE_ERR_NOMEM;
 	}
-	storage_set_commit_observer(sc->st, observe_backend_commit, &n->n_metrics.nm_backend_commit);
 	*out = n;
 	return 0;
 }

@@ -520,8 +520,13 @@ static int run_job(storage *s, int job, storage_batch *b, int lazy, int async)
 	s->s_cm_lazy = lazy;
 	s->s_cm_async = async;
 	s->s_cm_done = 0;
-	if (job == CM_COMMIT)
+	if (job == CM_COMMIT) {
 		atomic_fetch_add(&s->s_cm_handed, 1);
+		/* What the caller answers from here on, once readers wait for it (not before:
+		 * a header showing it must not precede a read that could miss it). */
+		if (async)
+			atomic_store(&s->s_rev, b->b_rev);
+	}
 	pthread_cond_broadcast(&s->s_cm_cond);
 	int err = 0;
 	if (!async) {
@@ -577,7 +582,7 @@ static void committer_stop(storage *s)
 	pthread_mutex_destroy(&s->s_cm_mu);
 }
 
-void storage_set_commit_observer(storage *s, void (*observe)(void *arg, uint64_t ns), void *arg)
+void storage_set_commit_observer(storage *s, void (*observe)(void *arg, uint64_t ns, int err), void *arg)
 {
 	/* Between jobs: a commit in flight finishes with the old observer, whose arg the
 	 * caller may free once this returns. */
@@ -614,6 +619,9 @@ int storage_batch_begin_log(storage *s, storage_batch **out)
 {
 	if (s->s_batch)
 		return STORAGE_ERR_INVALID;
+	int failed = atomic_load(&s->s_cm_async_err);
+	if (failed)
+		return failed; /* as storage_batch_begin: the store stopped at a failed commit */
 	storage_batch *b = calloc(1, sizeof(*b));
 	if (!b)
 		return STORAGE_ERR_NOMEM;
@@ -772,8 +780,6 @@ int storage_batch_commit_async(storage_batch *b, uint64_t applied_index)
 	if (err)
 		return err;
 	batch_release(b);
-	/* What the caller answers from here on: readers wait for the commit to show it. */
-	atomic_store(&s->s_rev, b->b_rev);
 	return run_job(s, CM_COMMIT, b, 1, 1);
 }
 
@@ -794,14 +800,14 @@ static int finish_commit(storage_batch *b, int lazy, int async)
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	int err = storage__mdb_err(mdb_txn_commit(b->b_txn));
 	clock_gettime(CLOCK_MONOTONIC, &t1);
-	void (*observe)(void *, uint64_t) = atomic_load(&s->s_cm_observe);
-	if (observe && !err)
+	void (*observe)(void *, uint64_t, int) = atomic_load(&s->s_cm_observe);
+	if (observe && (!err || async))
 		observe(atomic_load(&s->s_cm_observe_arg),
-			(uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec)));
+			(uint64_t)((t1.tv_sec - t0.tv_sec) * 1000000000LL + (t1.tv_nsec - t0.tv_nsec)), err);
 	if (lazy)
 		mdb_env_set_flags(s->s_env, MDB_NOMETASYNC, 0);
 	if (!err) {
-		CRASHPOINT("commit.after"); /* durable (lazy: written), not yet acknowledged */
+		CRASHPOINT("commit.after"); /* durable (lazy: written); acknowledged only if async */
 		atomic_store(&s->s_rev, b->b_rev);
 	} else if (had_log && !async) {
 		/* The WAL holds records LMDB does not follow: stop, as a failed write does. (An

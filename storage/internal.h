@@ -80,7 +80,7 @@ struct storage {
 	int s_cm_err;
 	storage_batch *s_cm_batch;
 	int s_cm_lazy, s_cm_async;
-	void (*_Atomic s_cm_observe)(void *arg, uint64_t ns); /* storage_set_commit_observer */
+	void (*_Atomic s_cm_observe)(void *arg, uint64_t ns, int err); /* storage_set_commit_observer */
 	void *_Atomic s_cm_observe_arg;
 	_Atomic int s_cm_async_err; /* an asynchronous commit failed: later batches and reads fail */
 	/* Commits handed over vs made visible: a reader waits until the second reaches the

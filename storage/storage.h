@@ -194,12 +194,15 @@ int storage_batch_begin_log(storage *s, storage_batch **out);
  * caller goes on: the caller may answer the batch's requests at once (a crash redoes them
  * from the log). Until the commit is visible, new readers (storage_read_begin, stat, copy)
  * wait for it, so nobody reads less than what was answered; the next batch's begin waits
- * too. A failure of that commit makes every later storage_batch_begin() fail with it.
+ * too. A failure of that commit makes every later batch begin and read fail with it, and
+ * is reported to the commit observer.
  */
 int storage_batch_commit_async(storage_batch *b, uint64_t applied_index);
-/* Calls observe(arg, ns) after every LMDB commit with its duration, on the thread that
- * commits (any thread: observe must be thread-safe). NULL stops it. */
-void storage_set_commit_observer(storage *s, void (*observe)(void *arg, uint64_t ns), void *arg);
+/* Calls observe(arg, ns, 0) after every LMDB commit with its duration, on the committer
+ * thread (observe must be thread-safe), and observe(arg, ns, err) when an asynchronous
+ * commit fails: its batch was answered, so the caller should stop (the store already
+ * refuses every later batch and read). NULL stops it; returns once no commit uses the old. */
+void storage_set_commit_observer(storage *s, void (*observe)(void *arg, uint64_t ns, int err), void *arg);
 /* Discards the batch (log records already synced by storage_batch_sync_log stay). */
 void storage_batch_abort(storage_batch *b);
 
