@@ -116,13 +116,8 @@ void node_enqueue(node *n, node_req *r)
 {
 	pthread_mutex_lock(&n->n_mu);
 	int stopping = n->n_stopping;
-	if (!stopping) {
-		if (n->n_tail)
-			n->n_tail->nr_next = r;
-		else
-			n->n_head = r;
-		n->n_tail = r;
-	}
+	if (!stopping)
+		node_req_append(&n->n_head, &n->n_tail, r);
 	pthread_mutex_unlock(&n->n_mu);
 	if (stopping) {
 		node_req_fail(r, API_ERR_STOPPED);
@@ -421,12 +416,7 @@ static node_req *take_waiter(node *n, uint64_t seq)
 static void add_waiter(node *n, node_req *r)
 {
 	r->nr_deadline_ms = now_ms() + n->n_req_timeout_ms;
-	r->nr_next = NULL;
-	if (n->n_waiters_tail)
-		n->n_waiters_tail->nr_next = r;
-	else
-		n->n_waiters = r;
-	n->n_waiters_tail = r;
+	node_req_append(&n->n_waiters, &n->n_waiters_tail, r);
 	atomic_fetch_add(&n->n_metrics.nm_proposals_pending, 1);
 }
 

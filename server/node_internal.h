@@ -65,6 +65,17 @@ typedef struct pending_conf {
 
 #define NODE_MAX_PENDING_CONF 16
 
+/* Appends r to the queue head..tail (node_req's nr_next chain); the caller holds its lock. */
+static inline void node_req_append(node_req **head, node_req **tail, node_req *r)
+{
+	r->nr_next = NULL;
+	if (*tail)
+		(*tail)->nr_next = r;
+	else
+		*head = r;
+	*tail = r;
+}
+
 /* Threads that serve linearizable reads once their read index is applied (node_read.c). */
 #define NODE_READ_WORKERS 2
 

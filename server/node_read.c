@@ -74,13 +74,8 @@ void node_read_serve(node *n)
 				serve_one(n, r);
 				continue;
 			}
-			r->nr_next = NULL;
 			pthread_mutex_lock(&rp->rp_mu);
-			if (rp->rp_tail)
-				rp->rp_tail->nr_next = r;
-			else
-				rp->rp_head = r;
-			rp->rp_tail = r;
+			node_req_append(&rp->rp_head, &rp->rp_tail, r);
 			pthread_cond_signal(&rp->rp_cond);
 			pthread_mutex_unlock(&rp->rp_mu);
 		}

@@ -596,15 +596,25 @@ void storage_set_commit_observer(storage *s, void (*observe)(void *arg, uint64_t
 
 /* ---- batches ---- */
 
+/* A new batch, not yet the open one. */
+static storage_batch *batch_new(storage *s, int log_only)
+{
+	storage_batch *b = calloc(1, sizeof(*b));
+	if (!b)
+		return NULL;
+	b->b_s = s;
+	b->b_wal_clear_off = -1;
+	b->b_log_only = log_only;
+	return b;
+}
+
 int storage_batch_begin(storage *s, storage_batch **out)
 {
 	if (s->s_batch)
 		return STORAGE_ERR_INVALID;
-	storage_batch *b = calloc(1, sizeof(*b));
+	storage_batch *b = batch_new(s, 0);
 	if (!b)
 		return STORAGE_ERR_NOMEM;
-	b->b_s = s;
-	b->b_wal_clear_off = -1;
 	int err = run_job(s, CM_BEGIN, b, 0, 0);
 	if (err) {
 		free(b);
@@ -622,12 +632,9 @@ int storage_batch_begin_log(storage *s, storage_batch **out)
 	int failed = atomic_load(&s->s_cm_async_err);
 	if (failed)
 		return failed; /* as storage_batch_begin: the store stopped at a failed commit */
-	storage_batch *b = calloc(1, sizeof(*b));
+	storage_batch *b = batch_new(s, 1);
 	if (!b)
 		return STORAGE_ERR_NOMEM;
-	b->b_s = s;
-	b->b_wal_clear_off = -1;
-	b->b_log_only = 1;
 	s->s_batch = b;
 	*out = b;
 	return 0;
