@@ -233,7 +233,7 @@ static void metrics_body(server_ctx *sc, sbuf *b)
 	sb_printf(b, "# HELP keelson_batch_requests_total Writes applied by the node loop.\n"
 		     "# TYPE keelson_batch_requests_total counter\nkeelson_batch_requests_total %llu\n",
 		  (unsigned long long)reqs);
-	sb_printf(b, "# HELP keelson_batch_commits_total Write batches committed, each one LMDB transaction and one fsync.\n"
+	sb_printf(b, "# HELP keelson_batch_commits_total Write batches committed: the Raft log records of one Ready (one WAL fdatasync) and the entries it applies (one LMDB transaction).\n"
 		     "# TYPE keelson_batch_commits_total counter\nkeelson_batch_commits_total %llu\n",
 		  (unsigned long long)commits);
 	char backup[2048];

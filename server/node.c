@@ -921,6 +921,47 @@ static void maybe_compact_log(node *n)
 		n->n_log_snapshot = index;
 }
 
+/* Writes a Ready's log records (entries, hard state) to the WAL and makes them durable,
+ * in a log-only batch. A Ready that only moves the commit index writes nothing
+ * (etcd-io/raft's MustSync: the commit index need not be durable; a restart takes it from
+ * the applied index and the leader). */
+static int persist_log(node *n, const struct raft_ready *rd, storage_arena *a, int *wrote)
+{
+	*wrote = 0;
+	if (rd->hard_state_changed) {
+		atomic_store(&n->n_term, rd->hard_state.term);
+		atomic_store(&n->n_commit, rd->hard_state.commit);
+		atomic_store(&n->n_metrics.nm_committed, rd->hard_state.commit);
+	}
+	if (!rd->n_entries && !rd->snapshot && !(rd->hard_state_changed && rd->must_sync))
+		return 0;
+	storage_batch *b;
+	int rc = storage_batch_begin_log(n->n_sc->st, &b);
+	if (rc)
+		return rc;
+	if (rd->n_entries) {
+		storage_log_entry *le = storage_arena_alloc(a, rd->n_entries * sizeof(*le));
+		if (le == NULL)
+			rc = STORAGE_ERR_NOMEM;
+		for (size_t i = 0; le && i < rd->n_entries; i++)
+			le[i] = (storage_log_entry){rd->entries[i].index, rd->entries[i].term, rd->entries[i].type,
+						    rd->entries[i].len, rd->entries[i].data};
+		if (rc == 0)
+			rc = storage_batch_log_append(b, le, rd->n_entries);
+	}
+	if (rc == 0 && rd->hard_state_changed)
+		rc = storage_batch_log_hard_state(b, rd->hard_state.term, rd->hard_state.vote, rd->hard_state.commit);
+	if (rc) {
+		storage_batch_abort(b);
+		return rc;
+	}
+	uint64_t t0 = node_now_ns();
+	rc = storage_batch_commit_log(b);
+	histogram_observe(&n->n_metrics.nm_wal_fsync, node_now_ns() - t0);
+	*wrote = rc == 0;
+	return rc;
+}
+
 static void process_ready(node *n)
 {
 	server_ctx *sc = n->n_sc;
@@ -945,43 +986,29 @@ static void process_ready(node *n)
 		apply_batch ab = {0};
 		storage_batch *b = NULL;
 		uint64_t applied = atomic_load(&n->n_applied);
-		/* A lone voter's entries are committed once durable: apply them in this batch. */
+		/* A lone voter's entries are committed once durable: apply them in this Ready. */
 		int lone = atomic_load(&n->n_lone_voter) && n->n_role == RAFT_LEADER;
 		int to_apply = 0;
 		for (size_t i = 0; lone && i < rd.n_entries; i++)
 			to_apply |= rd.entries[i].index > applied;
 		for (size_t i = 0; i < rd.n_committed; i++)
 			to_apply |= rd.committed[i].index > applied;
-		/* A Ready that only moves the commit index needs no transaction (etcd-io/raft's
-		 * MustSync: the commit index need not be durable); one that only applies entries
-		 * already durable in the log needs no second sync. */
-		int durable = rd.n_entries || rd.snapshot || (rd.hard_state_changed && rd.must_sync);
-		/* Without entries to apply the batch is the log's alone: it needs no LMDB txn, so
-		 * it does not wait for the previous batch's commit (storage_batch_commit_async). */
-		int rc = to_apply ? storage_batch_begin(sc->st, &b) : durable ? storage_batch_begin_log(sc->st, &b) : 0;
+		/* The log's records first, in a batch of their own: it needs no LMDB txn, so its
+		 * WAL write and fdatasync overlap the previous apply's LMDB flush (which the
+		 * committer thread is still doing); only then does the apply's batch begin, which
+		 * waits for that flush. */
+		int wrote_log;
+		int rc = persist_log(n, &rd, &a, &wrote_log);
+		/* What Raft sends besides the leader's appends (a follower's acks, votes) may
+		 * go once the log and hard state are durable: before the apply, which the
+		 * leader does not need to hear about. */
+		if (rc == 0)
+			send_messages(n, &rd, 0);
 		Mvccpb__Event **events = NULL;
 		size_t nevents = 0;
 		int64_t rev = 0;
-		if (rc == 0 && rd.n_entries) {
-			storage_log_entry *le = storage_arena_alloc(&a, rd.n_entries * sizeof(*le));
-			if (le == NULL)
-				rc = STORAGE_ERR_NOMEM;
-			for (size_t i = 0; le && i < rd.n_entries; i++)
-				le[i] = (storage_log_entry){rd.entries[i].index, rd.entries[i].term, rd.entries[i].type,
-							    rd.entries[i].len, rd.entries[i].data};
-			if (rc == 0)
-				rc = storage_batch_log_append(b, le, rd.n_entries);
-		}
-		if (rc == 0 && rd.hard_state_changed) {
-			/* A commit index alone need not be durable (it is not synced, as etcd):
-			 * a restart takes it from the applied index and the leader. */
-			if (b && durable)
-				rc = storage_batch_log_hard_state(b, rd.hard_state.term, rd.hard_state.vote,
-								  rd.hard_state.commit);
-			atomic_store(&n->n_term, rd.hard_state.term);
-			atomic_store(&n->n_commit, rd.hard_state.commit);
-			atomic_store(&n->n_metrics.nm_committed, rd.hard_state.commit);
-		}
+		if (rc == 0 && to_apply)
+			rc = storage_batch_begin(sc->st, &b);
 		/* In index order: entries committed earlier (a restart with commit ahead of
 		 * applied, say) come before a lone voter's new ones. */
 		for (size_t i = 0; rc == 0 && b && i < rd.n_committed; i++) {
@@ -1003,27 +1030,15 @@ static void process_ready(node *n)
 				applied = rd.entries[i].index;
 			}
 		}
-		if (rc == 0 && b && to_apply)
+		if (rc == 0 && b)
 			rc = storage_batch_events(b, &a, &events, &nevents, &rev);
-		if (rc == 0 && b) {
-			/* The WAL's one fdatasync makes the entries and hard state durable; the
-			 * apply's LMDB commit can then be lazy (one flush, and a crash that undoes
-			 * it is redone from the log) and asynchronous: the answers go out while
-			 * the committer thread writes it (readers wait for it, the next batch with
-			 * entries to apply too), and the loop goes on to the next Ready, whose
-			 * WAL write overlaps this flush. A batch with nothing to apply (a
-			 * follower's append) skips LMDB entirely. */
-			uint64_t t0 = node_now_ns();
-			rc = storage_batch_sync_log(b);
-			if (durable)
-				histogram_observe(&n->n_metrics.nm_wal_fsync, node_now_ns() - t0);
-			if (rc != 0)
-				storage_batch_abort(b);
-			else if (to_apply)
-				rc = storage_batch_commit_async(b, applied);
-			else
-				rc = storage_batch_commit_log(b);
-		} else if (b)
+		/* The entries are durable in the WAL, so the apply's LMDB commit can be lazy (one
+		 * flush; a crash that undoes it is redone from the log) and asynchronous: the
+		 * answers go out while the committer thread writes it (readers wait for it, the
+		 * next apply's begin too), and the loop goes on to the next Ready. */
+		if (rc == 0 && b)
+			rc = storage_batch_commit_async(b, applied);
+		else if (b)
 			storage_batch_abort(b);
 		if (rc != 0) {
 			/* The log cannot be written: going on would break Raft's promises. */
@@ -1031,17 +1046,16 @@ static void process_ready(node *n)
 			abort();
 		}
 		atomic_store(&n->n_applied, applied);
-		if (b)
+		if (wrote_log || b) /* one group commit: a WAL sync and/or an apply */
 			atomic_fetch_add(&n->n_stat_commits, 1);
 		atomic_fetch_add(&n->n_stat_requests, ab.ab_n);
-		send_messages(n, &rd, 0);
 		for (size_t i = 0; i < rd.n_read_states; i++)
 			node_read_index_known(n, &rd.read_states[i]);
 		answer_applied(n, &ab, 1);
 		/* After the replies: the fan-out to thousands of watchers takes milliseconds,
 		 * which a writer need not wait for (etcd, too, answers before its watchers hear).
 		 * A watch created in between is handled: the hub skips revisions a watcher has. */
-		if (b && to_apply) /* a log-only batch has no revision to tell */
+		if (b)
 			watch_hub_notify(sc->hub, events, nevents, rev);
 		free(ab.ab_v);
 		storage_arena_free(&a);
