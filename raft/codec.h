@@ -42,9 +42,6 @@ int raft_codec_decode(const uint8_t *buf, size_t len, struct raft_message *m);
 /* Frees what raft_codec_decode() allocated (not buf). */
 void raft_codec_free(struct raft_message *m);
 
-/* CRC32C of data, continuing from crc (start with 0). */
-uint32_t raft_crc32c(uint32_t crc, const uint8_t *data, size_t len);
-
 #ifdef __cplusplus
 }
 #endif

@@ -49,6 +49,7 @@
 #include <openssl/evp.h>
 #include <openssl/rand.h>
 
+#include "crc32c/crc32c.h"
 #include "raft/raft.h"
 #include "server/server.h"
 
@@ -819,17 +820,6 @@ static int v2_store_members(import_ctx *c, const uint8_t *p, size_t n)
 	return 0;
 }
 
-static uint32_t crc32c(const uint8_t *p, size_t n)
-{
-	uint32_t crc = ~0u;
-	while (n--) {
-		crc ^= *p++;
-		for (int k = 0; k < 8; k++)
-			crc = crc & 1 ? (crc >> 1) ^ 0x82f63b78u : crc >> 1;
-	}
-	return ~crc;
-}
-
 typedef struct snap_fields {
 	uint64_t crc;
 	int has_crc;
@@ -911,7 +901,7 @@ static int load_v2_snapshot(const char *snap_dir, import_ctx *c, uint64_t *index
 		    fread(buf, 1, (size_t)st.st_size, f) == (size_t)st.st_size) {
 			snap_fields outer = {0}, inner = {0};
 			if (pb_walk(buf, (size_t)st.st_size, snappb_field, &outer) == 0 && outer.has_crc &&
-			    outer.data && crc32c(outer.data, outer.len) == (uint32_t)outer.crc &&
+			    outer.data && crc32c(0, outer.data, outer.len) == (uint32_t)outer.crc &&
 			    pb_walk(outer.data, outer.len, raft_snapshot_field, &inner) == 0 && inner.meta &&
 			    pb_walk(inner.meta, inner.meta_len, snap_meta_field, &inner) == 0) {
 				for (size_t k = 0; k < c->n_members; k++)

@@ -41,6 +41,7 @@
 
 #include <openssl/evp.h>
 
+#include "crc32c/crc32c.h"
 #include "storage/internal.h"
 
 #define BB_MAGIC 0xED0CDAEDu
@@ -93,7 +94,7 @@ static uint64_t fnv1a64(const uint8_t *p, size_t n)
 	return h;
 }
 
-/* etcdctl snapshot status hashes the buckets with CRC-32C (storage__crc32c). */
+/* etcdctl snapshot status hashes the buckets with CRC-32C (crc32c/). */
 
 static int errf(char *buf, size_t len, int err, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));
@@ -1515,8 +1516,8 @@ static int etcd_check_entry(etcd_walk *x, const uint8_t *k, size_t kl, const uin
 	bbf *f = x->f;
 	storage_etcd_file_info *in = x->info;
 	in->ef_total_keys++;
-	x->hash = storage__crc32c(x->hash, k, kl);
-	x->hash = storage__crc32c(x->hash, v, vl);
+	x->hash = crc32c(x->hash, k, kl);
+	x->hash = crc32c(x->hash, v, vl);
 	switch (x->bucket) {
 	case B_KEY: {
 		if ((kl != ETCD_REV_LEN && kl != ETCD_REV_LEN + 1) || k[8] != '_' ||
@@ -1610,7 +1611,7 @@ static int etcd_check_fn(void *ctx, int depth, const uint8_t *k, size_t kl, cons
 		x->bucket = strcmp(x->name, "key") == 0 ? B_KEY
 			    : strcmp(x->name, "meta") == 0 ? B_META
 			    : strcmp(x->name, "lease") == 0 ? B_LEASE : B_OTHER;
-		x->hash = storage__crc32c(x->hash, k, kl);
+		x->hash = crc32c(x->hash, k, kl);
 		return 0;
 	}
 	if (flags & BB_BUCKET_FLAG)

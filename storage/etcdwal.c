@@ -34,6 +34,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "crc32c/crc32c.h"
 #include "storage/internal.h"
 
 #define WAL_METADATA 1
@@ -327,7 +328,7 @@ static int decode_file(wal_decoder *d, const uint8_t *p, size_t n, size_t file, 
 		int bad = rc != 0 || !has_type;
 		uint32_t want = d->crc;
 		if (!bad && type != WAL_CRC) {
-			want = storage__crc32c(d->crc, data ? data : (const uint8_t *)"", dlen);
+			want = crc32c(d->crc, data ? data : (const uint8_t *)"", dlen);
 			bad = !has_crc || (uint32_t)crc != want;
 		}
 		if (bad) {

@@ -8,6 +8,7 @@
 #include <string.h>
 #include <sys/stat.h>
 
+#include "crc32c/crc32c.h"
 #include "storage/internal.h"
 #include "storage/testutil.h"
 
@@ -34,7 +35,7 @@ static size_t last_start; /* where the last record's frame starts */
 static void record(wbuf *w, uint64_t type, const uint8_t *data, size_t len)
 {
 	uint8_t rec[4096], *p = rec;
-	uint32_t crc = type == 4 ? chain : (chain = storage__crc32c(chain, data, len));
+	uint32_t crc = type == 4 ? chain : (chain = crc32c(chain, data, len));
 	p = put_varint(p, 1 << 3);
 	p = put_varint(p, type);
 	p = put_varint(p, 2 << 3);

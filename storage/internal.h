@@ -193,8 +193,6 @@ size_t storage__kv_size(const kvrec *r);
 uint8_t *storage__kv_encode(uint8_t *p, const kvrec *r);
 /* Decodes a KeyValue; byte fields point into p; unknown fields are skipped. */
 int storage__kv_decode(const uint8_t *p, size_t n, kvrec *r);
-/* CRC-32C (Castagnoli) of n bytes, continuing from crc (start with 0), as Go's crc32. */
-uint32_t storage__crc32c(uint32_t crc, const void *data, size_t n);
 
 /* Translates an LMDB or errno code into a storage code. */
 int storage__mdb_err(int rc);

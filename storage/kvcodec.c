@@ -151,25 +151,3 @@ int storage__kv_decode(const uint8_t *p, size_t n, kvrec *r)
 	}
 	return 0;
 }
-
-
-/* CRC-32C (Castagnoli), the checksum etcd's hashes use. */
-uint32_t storage__crc32c(uint32_t crc, const void *data, size_t n)
-{
-	static uint32_t table[256];
-	static _Atomic int ready;
-	if (!atomic_load(&ready)) {
-		for (uint32_t i = 0; i < 256; i++) {
-			uint32_t c = i;
-			for (int k = 0; k < 8; k++)
-				c = c & 1 ? (c >> 1) ^ 0x82F63B78u : c >> 1;
-			table[i] = c;
-		}
-		atomic_store(&ready, 1);
-	}
-	const uint8_t *p = data;
-	crc = ~crc;
-	while (n--)
-		crc = table[(crc ^ *p++) & 0xff] ^ (crc >> 8);
-	return ~crc;
-}

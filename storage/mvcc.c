@@ -10,6 +10,7 @@
 #include <stdlib.h>
 
 #include "crashpoint/crashpoint.h"
+#include "crc32c/crc32c.h"
 #include "storage/internal.h"
 
 #define COMPACT_CHUNK 10000 /* revisions examined by storage_batch_compact itself */
@@ -1507,7 +1508,7 @@ int storage_hash_kv(storage_reader *r, int64_t rev, uint32_t *hash, int64_t *has
 	if (compact >= 0 && rev <= compact)
 		return STORAGE_ERR_COMPACTED;
 	*hash_rev = rev;
-	uint32_t h = storage__crc32c(0, "key", 3);
+	uint32_t h = crc32c(0, "key", 3);
 	MDB_cursor *cur;
 	int err = storage__mdb_err(mdb_cursor_open(r->r_txn, s->s_revs, &cur));
 	if (err)
@@ -1538,7 +1539,7 @@ int storage_hash_kv(storage_reader *r, int64_t rev, uint32_t *hash, int64_t *has
 		ek[8] = '_';
 		be64_put(ek + 9, (uint64_t)sub);
 		ek[17] = 't';
-		h = storage__crc32c(h, ek, tomb ? 18 : 17);
+		h = crc32c(h, ek, tomb ? 18 : 17);
 		if (tomb) {
 			/* etcd stores a tombstone's value as KeyValue{key} alone. */
 			kvrec kr;
@@ -1548,10 +1549,10 @@ int storage_hash_kv(storage_reader *r, int64_t rev, uint32_t *hash, int64_t *has
 			uint8_t *q = hdr;
 			*q++ = 0x0a;
 			q = storage__varint_put(q, kr.klen);
-			h = storage__crc32c(h, hdr, (size_t)(q - hdr));
-			h = storage__crc32c(h, kr.key, kr.klen);
+			h = crc32c(h, hdr, (size_t)(q - hdr));
+			h = crc32c(h, kr.key, kr.klen);
 		} else {
-			h = storage__crc32c(h, p + REV_HDR_SIZE, v.mv_size - REV_HDR_SIZE);
+			h = crc32c(h, p + REV_HDR_SIZE, v.mv_size - REV_HDR_SIZE);
 		}
 	}
 	if (!err && rc != 0 && rc != MDB_NOTFOUND)
@@ -1575,8 +1576,8 @@ int storage_hash(storage_reader *r, uint32_t *hash)
 		MDB_val k, v;
 		int rc;
 		for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-			h = storage__crc32c(h, k.mv_data, k.mv_size);
-			h = storage__crc32c(h, v.mv_data, v.mv_size);
+			h = crc32c(h, k.mv_data, k.mv_size);
+			h = crc32c(h, v.mv_data, v.mv_size);
 		}
 		if (rc != MDB_NOTFOUND)
 			err = storage__mdb_err(rc);

@@ -37,6 +37,7 @@
 #include <unistd.h>
 
 #include "crashpoint/crashpoint.h"
+#include "crc32c/crc32c.h"
 #include "storage/internal.h"
 
 #define WAL_DIR "keelson-wal"
@@ -88,7 +89,7 @@ static uint8_t *rec_reserve(storage_batch *b, uint8_t type, size_t payload)
 static void rec_seal(uint8_t *r)
 {
 	uint32_t len = le32_get(r);
-	le32_put(r + 4, storage__crc32c(0, r + WAL_HDR, len));
+	le32_put(r + 4, crc32c(0, r + WAL_HDR, len));
 }
 
 int storage__wal_add_entries(storage_batch *b, const storage_log_entry *e, size_t n)
@@ -278,7 +279,7 @@ static int parse_segment(const uint8_t *p, size_t n, int last, uint64_t snap_ind
 		if (len == 0 && le32_get(p + off + 4) == 0)
 			break; /* the preallocated zeros after the last record */
 		int bad = len == 0 || len > n - off - WAL_HDR ||
-			  storage__crc32c(0, p + off + WAL_HDR, len) != le32_get(p + off + 4);
+			  crc32c(0, p + off + WAL_HDR, len) != le32_get(p + off + 4);
 		const uint8_t *r = p + off + WAL_HDR + 1;
 		size_t plen = len ? len - 1 : 0;
 		uint8_t type = bad ? 0 : p[off + WAL_HDR];

@@ -118,22 +118,22 @@ build() {
 		# fuzzed rather than stubbed
 		mapfile -t storage_srcs < <(ls storage/*.c | grep -v -e '_test\.c$' -e '_tool\.c$' \
 			-e '_bench\.c$' -e '/etcdfmt\.c$' -e '/etcdwal\.c$')
-		srcs=(tests/fuzz/storage_apply_fuzz.c server/kv.c crashpoint/crashpoint.c "${storage_srcs[@]}"
+		srcs=(tests/fuzz/storage_apply_fuzz.c server/kv.c crashpoint/crashpoint.c crc32c/crc32c.c "${storage_srcs[@]}"
 			"$gen"/rpc.pb-c.c "$gen"/kv.pb-c.c "$gen"/auth.pb-c.c)
 		;;
 	etcd_wal)
 		# the WAL decoder and the varint/CRC-32C helpers it shares with storage
-		srcs=(tests/fuzz/etcd_wal_fuzz.c storage/etcdwal.c storage/kvcodec.c)
+		srcs=(tests/fuzz/etcd_wal_fuzz.c storage/etcdwal.c storage/kvcodec.c crc32c/crc32c.c)
 		;;
 	keelson_wal)
 		# Keelson's own WAL decoder (storage/wal.c) with what it uses of storage
 		srcs=(tests/fuzz/keelson_wal_fuzz.c storage/wal.c storage/kvcodec.c storage/arena.c
-			crashpoint/crashpoint.c)
+			crashpoint/crashpoint.c crc32c/crc32c.c)
 		;;
 	etcd_import)
 		# server/etcdimport.c's parsers (the file is included by the target) and the entry
 		# encoder of server/apply.c; the rest of the server is stubbed
-		srcs=(tests/fuzz/etcd_import_fuzz.c server/apply.c
+		srcs=(tests/fuzz/etcd_import_fuzz.c server/apply.c crc32c/crc32c.c
 			"$gen"/rpc.pb-c.c "$gen"/kv.pb-c.c "$gen"/auth.pb-c.c)
 		;;
 	peer_rpc)

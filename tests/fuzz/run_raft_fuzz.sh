@@ -10,7 +10,7 @@ cc="${CC_FUZZ:-clang-14}"
 command -v "$cc" >/dev/null || cc=clang
 mkdir -p "$out/corpus_decode" "$out/corpus_step"
 flags=(-std=gnu11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -I"$root")
-raft_srcs=("$root"/raft/{election,log,membership,progress,raft,readindex,replication,codec}.c)
+raft_srcs=("$root"/raft/{election,log,membership,progress,raft,readindex,replication,codec}.c "$root/crc32c/crc32c.c")
 "$cc" "${flags[@]}" "${raft_srcs[@]}" "$root/tests/fuzz/raft_decode_fuzz.c" -o "$out/raft_decode_fuzz"
 "$cc" "${flags[@]}" "${raft_srcs[@]}" "$root/raft/test/cluster.c" "$root/tests/fuzz/raft_step_fuzz.c" -o "$out/raft_step_fuzz"
 cp -n "$root"/tests/fuzz/corpus/raft_decode/* "$out/corpus_decode/" 2>/dev/null || true
