@@ -41,6 +41,11 @@ prof="$work/profile.jsonl"
 : >"$prof"
 fsync_json="$("$B" fsync --dir "$work" --count 200 --block-size 4096 --json | grep '^{')"
 
+# Sectors written to the data dir's block device so far (/sys/class/block/DEV/stat, field 7):
+# what really reaches the disk, from every member of the run (and anything else on that disk).
+disk_stat="/sys/class/block/$(basename "$(df --output=source "$work" | tail -1)")/stat"
+disk_sectors() { if [ -r "$disk_stat" ]; then awk '{print $7}' "$disk_stat"; else echo 0; fi; }
+
 # trace_run SERVER ID CLIENTS CONNS: a put run on the leader while perf traces every member.
 trace_run() {
 	local server="$1" id="$2" clients="$3" conns="$4" n=${SRV_N[$1]} i
@@ -54,11 +59,12 @@ trace_run() {
 		c0[i]=$(cpu_ticks "${SRV_PID[$server,$i]}")
 		w0[i]=$(awk '/^write_bytes/{print $2}' "/proc/${SRV_PID[$server,$i]}/io")
 	done
-	local js rc=0
+	local js rc=0 s0
+	s0=$(disk_sectors)
 	js="$("$B" --endpoints "$(endpoints "$server" leader)" --label "$server/$id" --json put --conns "$conns" \
 		--clients "$clients" --key-size 8 --val-size 256 --key-space-size 100000 --duration "$dur" 2>"$work/bench.err" |
 		grep '^{' | tail -1)" || rc=$?
-	local cpus="" wbs=""
+	local cpus="" wbs="" dev_bytes=$((($(disk_sectors) - s0) * 512))
 	for ((i = 0; i < n; i++)); do
 		cpus="$cpus${cpus:+,}$(awk -v a="${c0[i]}" -v b="$(cpu_ticks "${SRV_PID[$server,$i]}")" -v t="$clk_tck" 'BEGIN{printf "%.3f", (b-a)/t}')"
 		wbs="$wbs${wbs:+,}$(($(awk '/^write_bytes/{print $2}' "/proc/${SRV_PID[$server,$i]}/io") - w0[i]))"
@@ -77,9 +83,9 @@ trace_run() {
 			2>/dev/null | grep -E '^ +[0-9.]+%' | sed -E 's/ +/ /g; s/ - - *$//' | head -25 >"$work/top.$server.$id" || true
 		rec="$(python3 -c 'import json,sys; print(json.dumps(open(sys.argv[1]).read().splitlines()))' "$work/top.$server.$id")"
 	fi
-	python3 - "$server" "$id" "$clients" "$n" "${SRV_LEADER[$server]}" "$cpus" "$work" "$rc" "$js" "$rec" "$wbs" >>"$prof" <<'PY'
+	python3 - "$server" "$id" "$clients" "$n" "${SRV_LEADER[$server]}" "$cpus" "$work" "$rc" "$js" "$rec" "$wbs" "$dev_bytes" >>"$prof" <<'PY'
 import json, re, sys
-server, wid, clients, n, leader, cpus, work, rc, js, rec, wbs = sys.argv[1:12]
+server, wid, clients, n, leader, cpus, work, rc, js, rec, wbs, dev_bytes = sys.argv[1:13]
 n, leader = int(n), int(leader)
 members = []
 for i in range(n):
@@ -101,6 +107,7 @@ for i in range(n):
                     "syscalls": calls})
 print(json.dumps({"server": server, "id": wid, "clients": int(clients), "members": n, "rc": int(rc),
                   "bench": json.loads(js) if js.strip() else None, "per_member": members,
+                  "device_write_bytes": int(dev_bytes),
                   "top": json.loads(rec) if rec != "null" else None}))
 PY
 	log "  $server $id: $(printf '%s' "$js" | python3 -c 'import json,sys
@@ -140,7 +147,10 @@ out.append("one flush serves a whole batch). fdsync = fdatasync + fsync calls. p
 out.append("each dirty page run of a commit with one, the last being the meta page through its O_DSYNC")
 out.append("descriptor (a device flush of its own). flush ms = fdsync ms + pwrite ms. perf trace -p follows")
 out.append("the threads that exist when it attaches: Go starts threads later, so etcd's counts are a lower bound.")
-out.append("KB wr/op = /proc/PID/io write_bytes during the traced run / puts (what reaches the disk).")
+out.append("KB wr/op = /proc/PID/io write_bytes during the traced run / puts: what the kernel counts as")
+out.append("dirtied by that member; it counts a page again when it is rewritten while being written back, so")
+out.append("with many clients it overstates the disk's work. device KB/op = sectors the data dir's block")
+out.append("device wrote during the run (all members, journal included) / puts: what reached the disk.")
 for r in rows:
     b = r["bench"] or {}
     ok = b.get("ok") or 0
@@ -150,6 +160,8 @@ for r in rows:
     out.append("")
     out.append("%s, %d member(s), %d client(s): %.0f puts/s, p50 %.3f ms, p99 %.3f ms (%d puts)"
                % (r["server"], r["members"], r["clients"], b["rps"], b["lat_ms"]["p50"], b["lat_ms"]["p99"], ok))
+    if r.get("device_write_bytes"):
+        out.append("  device KB/op (all members): %.2f" % (r["device_write_bytes"] / 1024.0 / ok))
     out.append("  %-9s %9s %9s %9s %9s %9s %9s %9s %9s" % ("member", "fdsync/op", "fdsync ms", "pwrite/op",
                                                               "pwrite ms", "flush ms", "CPU ms", "futex/op", "KB wr/op"))
     for m in r["per_member"]:
