@@ -129,7 +129,7 @@ for phase in ("fresh", "preloaded"):
     for s in ("keelson", "etcd"):
         v = sorted(r["bench"]["lat_ms"]["p50"] for r in rows if r["server"] == s and r["phase"] == phase and r["bench"])
         if v:
-            med[s] = v[len(v) // 2]
+            med[s] = (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2.0
     if len(med) == 2:
         out.append("%s store: p50 keelson/etcd %.2fx (median over rounds: %.3f vs %.3f ms); keelson p50 / floor %.1fx"
                    % (phase, med["keelson"] / med["etcd"], med["keelson"], med["etcd"], med["keelson"] / fs["lat_ms"]["p50"]))
