@@ -131,6 +131,7 @@ int api_server_create(const api_options *opts, api_server **out)
 	/* Read by gRPC core once, when its first TLS context is made; see api_options. */
 	if (opts->ao_cipher_list && opts->ao_cipher_list[0])
 		setenv("GRPC_SSL_CIPHER_SUITES", opts->ao_cipher_list, 1);
+	api_absl_deadlock_detection_off();
 	grpc_init();
 	/* etcd lets a request be max-request-bytes plus gRPC's overhead (512 KiB) on the wire.
 	 * gRPC core's own refusal words it differently from grpc-go, so core takes up to four
