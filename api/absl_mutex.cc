@@ -5,10 +5,12 @@
 // of lock orders kept under one global lock, and every destroyed Mutex is removed from it.
 // Under put load that was 2.5% of a member's CPU (GraphCycles::GetId and friends, perf) and a
 // lock shared by every gRPC thread. Release builds of Abseil (and grpc-go's etcd) have none.
-// C++ because that is the only interface Abseil offers; called from C (api/internal.h).
+// C++ because that is the only interface Abseil offers; called from C (absl_mutex.h).
+#include "api/absl_mutex.h"
+
 #include <absl/synchronization/mutex.h>
 
-extern "C" void api_absl_deadlock_detection_off(void)
+void api_absl_deadlock_detection_off(void)
 {
 	absl::SetMutexDeadlockDetectionMode(absl::OnDeadlockCycle::kIgnore);
 }

@@ -17,6 +17,7 @@
 #include <grpc/support/time.h>
 #include <sys/prctl.h>
 
+#include "api/absl_mutex.h"
 #include "api/api.h"
 #include "api/internal.h"
 

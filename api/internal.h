@@ -82,7 +82,5 @@ void api__dispatch_begin(grpc_call *call);
 void api__dispatch_end(void);
 /* stream.c: handles a completion whose tag belongs to a stream. */
 void api__stream_event(void *tag, int ok);
-/* absl_mutex.cc: Abseil's debug-mode deadlock detector off (see there). Before grpc_init. */
-void api_absl_deadlock_detection_off(void);
 
 #endif
