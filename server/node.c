@@ -1008,7 +1008,7 @@ static void process_ready(node *n)
 		size_t nevents = 0;
 		int64_t rev = 0;
 		if (rc == 0 && to_apply)
-			rc = storage_batch_begin(sc->st, &b);
+			rc = storage_batch_begin_apply(sc->st, &b);
 		/* In index order: entries committed earlier (a restart with commit ahead of
 		 * applied, say) come before a lone voter's new ones. */
 		for (size_t i = 0; rc == 0 && b && i < rd.n_committed; i++) {
@@ -1547,6 +1547,9 @@ int node_start(node **out, server_ctx *sc)
 	uv_timer_start(&n->n_timeout_timer, on_timeout_timer, 500, 500);
 
 	storage_set_commit_observer(sc->st, observe_backend_commit, &n->n_metrics.nm_backend_commit);
+	/* Applies may share one LMDB commit (etcd's backend batch interval and limit). */
+	storage_set_commit_window(sc->st, sc->cfg->backend_batch_interval_ms * 1000000u,
+				  sc->cfg->backend_batch_limit ? (int64_t)sc->cfg->backend_batch_limit : 10000);
 	n->n_compacting = 1; /* finish a physical compaction a crash cut short (none: one no-op batch) */
 	/* A lone voter need not wait an election timeout to lead (etcd's tick advance). */
 	if (atomic_load(&n->n_lone_voter)) {
@@ -1587,6 +1590,7 @@ void node_free(node *n)
 {
 	if (n == NULL)
 		return;
+	storage_set_commit_window(n->n_sc->st, 0, 0);
 	storage_set_commit_observer(n->n_sc->st, NULL, NULL);
 	raft_close(n->n_raft);
 	pthread_mutex_destroy(&n->n_mu);

@@ -78,6 +78,8 @@ typedef struct config {
 	/* corruption checks (corrupt.c) */
 	int initial_corrupt_check; /* --experimental-initial-corrupt-check */
 	uint64_t corrupt_check_ms; /* --experimental-corrupt-check-time, 0 = off */
+	uint64_t backend_batch_interval_ms; /* --backend-batch-interval, 0: an LMDB commit per apply */
+	uint64_t backend_batch_limit;       /* --backend-batch-limit, 0: 10,000 */
 	/* Peer TLS (--peer-*, as etcd). main.c builds peer_tls from them before node_start;
 	 * node.c hands it to the peer transport (NULL: plaintext peers). */
 	char *peer_cert_file, *peer_key_file, *peer_trusted_ca_file, *peer_crl_file;

@@ -21,6 +21,7 @@
 static int committer_start(storage *s);
 static void committer_stop(storage *s);
 static int wait_published(storage *s);
+static void flush_parked(storage *s);
 
 #define DEFAULT_MAP_SIZE (8ull << 30)
 #define MAX_DBS 32
@@ -383,6 +384,7 @@ int storage_defragment(storage *s)
 	char tmp[PATH_MAX];
 	if (snprintf(tmp, sizeof(tmp), "%s/%s", s->s_dir, DEFRAG_TMP) >= (int)sizeof(tmp))
 		return STORAGE_ERR_INVALID;
+	flush_parked(s); /* it holds the environment shared */
 	pthread_rwlock_wrlock(&s->s_envlock);
 	int err = 0;
 	if (s->s_batch) {
@@ -436,6 +438,7 @@ int storage_install(storage *s, const char *path)
 	}
 	if (rc)
 		return STORAGE_ERR_CORRUPT;
+	flush_parked(s); /* it holds the environment shared */
 	pthread_rwlock_wrlock(&s->s_envlock);
 	int err = s->s_batch ? STORAGE_ERR_INVALID : replace_env(s, path, "install.renamed");
 	pthread_rwlock_unlock(&s->s_envlock);
@@ -462,18 +465,49 @@ static int begin_txn(storage_batch *b);
 static int finish_commit(storage_batch *b, int lazy, int async);
 static void batch_end(storage_batch *b);
 
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Under s_cm_mu, with no job posted: makes the parked batch the job if its time has come. */
+static int take_parked(storage *s)
+{
+	storage_batch *p = s->s_cm_parked;
+	if (p == NULL || (!s->s_cm_kick && mono_ns() < p->b_parked_ns + s->s_cm_window_ns))
+		return 0;
+	s->s_cm_parked = NULL;
+	s->s_cm_kick = 0;
+	s->s_cm_job = CM_COMMIT;
+	s->s_cm_batch = p;
+	s->s_cm_lazy = 1;
+	s->s_cm_async = 1;
+	s->s_cm_done = 0;
+	return 1;
+}
+
 static void *committer_main(void *arg)
 {
 	storage *s = arg;
 	prctl(PR_SET_NAME, "lmdb-commit"); /* names the thread in top -H, perf, gdb */
 	pthread_mutex_lock(&s->s_cm_mu);
 	for (;;) {
-		while (s->s_cm_job == CM_NONE)
-			pthread_cond_wait(&s->s_cm_cond, &s->s_cm_mu);
+		while (s->s_cm_job == CM_NONE && !take_parked(s)) {
+			if (s->s_cm_parked) {
+				uint64_t at = s->s_cm_parked->b_parked_ns + s->s_cm_window_ns;
+				struct timespec ts = {(time_t)(at / 1000000000u), (long)(at % 1000000000u)};
+				pthread_cond_timedwait(&s->s_cm_cond, &s->s_cm_mu, &ts);
+			} else {
+				pthread_cond_wait(&s->s_cm_cond, &s->s_cm_mu);
+			}
+		}
 		int job = s->s_cm_job, lazy = s->s_cm_lazy, async = s->s_cm_async;
 		storage_batch *b = s->s_cm_batch;
 		if (job == CM_STOP)
 			break;
+		uint64_t seq = b ? b->b_seq : 0; /* b is gone after its commit */
 		pthread_mutex_unlock(&s->s_cm_mu);
 		int err = 0;
 		if (job == CM_BEGIN) {
@@ -488,7 +522,7 @@ static void *committer_main(void *arg)
 		if (job == CM_COMMIT) {
 			if (err && async)
 				s->s_cm_async_err = err;
-			atomic_fetch_add(&s->s_cm_published, 1);
+			atomic_store(&s->s_cm_published, seq); /* commits end in the order handed */
 		}
 		s->s_cm_err = err;
 		s->s_cm_done = 1;
@@ -506,8 +540,14 @@ static void *committer_main(void *arg)
 static int run_job(storage *s, int job, storage_batch *b, int lazy, int async)
 {
 	pthread_mutex_lock(&s->s_cm_mu);
-	while (s->s_cm_job != CM_NONE)
+	/* A parked batch holds LMDB's writer: it is committed before anything else. */
+	while (s->s_cm_job != CM_NONE || s->s_cm_parked) {
+		if (s->s_cm_parked) {
+			s->s_cm_kick = 1;
+			pthread_cond_broadcast(&s->s_cm_cond);
+		}
 		pthread_cond_wait(&s->s_cm_cond, &s->s_cm_mu);
+	}
 	if (job == CM_BEGIN && s->s_cm_async_err) {
 		/* An earlier commit was answered and then failed: stop writing, as a failed
 		 * synchronous commit would have. */
@@ -521,7 +561,8 @@ static int run_job(storage *s, int job, storage_batch *b, int lazy, int async)
 	s->s_cm_async = async;
 	s->s_cm_done = 0;
 	if (job == CM_COMMIT) {
-		atomic_fetch_add(&s->s_cm_handed, 1);
+		b->b_seq = atomic_fetch_add(&s->s_cm_handed, 1) + 1;
+		s->s_cm_kick = 0; /* whoever asked waits for this commit: it holds all answered */
 		/* What the caller answers from here on, once readers wait for it (not before:
 		 * a header showing it must not precede a read that could miss it). */
 		if (async)
@@ -546,8 +587,15 @@ static int wait_published(storage *s)
 	if (atomic_load(&s->s_cm_published) >= want && !atomic_load(&s->s_cm_async_err))
 		return 0;
 	pthread_mutex_lock(&s->s_cm_mu);
-	while (atomic_load(&s->s_cm_published) < want && s->s_cm_started)
+	while (atomic_load(&s->s_cm_published) < want && s->s_cm_started) {
+		/* What was answered may sit in a parked batch, or in the batch continuing it:
+		 * that one is committed as soon as it ends (storage_batch_commit_async). */
+		if (s->s_cm_job == CM_NONE) { /* not in flight: parked, or being continued */
+			s->s_cm_kick = 1;
+			pthread_cond_broadcast(&s->s_cm_cond);
+		}
 		pthread_cond_wait(&s->s_cm_cond, &s->s_cm_mu);
+	}
 	int err = atomic_load(&s->s_cm_async_err);
 	pthread_mutex_unlock(&s->s_cm_mu);
 	return err;
@@ -557,7 +605,14 @@ static int committer_start(storage *s)
 {
 	if (pthread_mutex_init(&s->s_cm_mu, NULL) != 0)
 		return STORAGE_ERR_NOMEM;
-	if (pthread_cond_init(&s->s_cm_cond, NULL) != 0) {
+	pthread_condattr_t ca;
+	int crc = pthread_condattr_init(&ca);
+	if (crc == 0) {
+		pthread_condattr_setclock(&ca, CLOCK_MONOTONIC); /* the parked batch's deadline */
+		crc = pthread_cond_init(&s->s_cm_cond, &ca);
+		pthread_condattr_destroy(&ca);
+	}
+	if (crc != 0) {
 		pthread_mutex_destroy(&s->s_cm_mu);
 		return STORAGE_ERR_NOMEM;
 	}
@@ -592,6 +647,34 @@ void storage_set_commit_observer(storage *s, void (*observe)(void *arg, uint64_t
 	atomic_store(&s->s_cm_observe_arg, arg);
 	atomic_store(&s->s_cm_observe, observe);
 	pthread_mutex_unlock(&s->s_cm_mu);
+}
+
+void storage_set_commit_window(storage *s, uint64_t window_ns, int64_t max_revisions)
+{
+	pthread_mutex_lock(&s->s_cm_mu);
+	s->s_cm_window_ns = window_ns;
+	s->s_cm_window_revs = max_revisions > 0 ? max_revisions : INT64_MAX;
+	pthread_cond_broadcast(&s->s_cm_cond);
+	pthread_mutex_unlock(&s->s_cm_mu);
+}
+
+/* Commits the parked batch, if any, and waits until the committer is idle. */
+static void flush_parked(storage *s)
+{
+	pthread_mutex_lock(&s->s_cm_mu);
+	while (s->s_cm_job != CM_NONE || s->s_cm_parked) {
+		s->s_cm_kick = 1;
+		pthread_cond_broadcast(&s->s_cm_cond);
+		pthread_cond_wait(&s->s_cm_cond, &s->s_cm_mu);
+	}
+	pthread_mutex_unlock(&s->s_cm_mu);
+}
+
+/* Hands an answered batch back to the committer to wait for its window (under s_cm_mu). */
+static void park(storage *s, storage_batch *b)
+{
+	s->s_cm_parked = b;
+	pthread_cond_broadcast(&s->s_cm_cond);
 }
 
 /* ---- batches ---- */
@@ -638,6 +721,64 @@ int storage_batch_begin_log(storage *s, storage_batch **out)
 	s->s_batch = b;
 	*out = b;
 	return 0;
+}
+
+int storage_batch_begin_apply(storage *s, storage_batch **out)
+{
+	if (s->s_batch)
+		return STORAGE_ERR_INVALID;
+	pthread_mutex_lock(&s->s_cm_mu);
+	storage_batch *p = s->s_cm_parked;
+	int failed = atomic_load(&s->s_cm_async_err);
+	if (p && !failed)
+		s->s_cm_parked = NULL;
+	pthread_mutex_unlock(&s->s_cm_mu);
+	if (failed)
+		return failed;
+	if (p == NULL)
+		return storage_batch_begin(s, out);
+	/* Continue the parked batch in a child txn: its own abort leaves the parked part, which
+	 * was answered, as it was. LMDB's nested begin takes no lock: any thread may do it. */
+	MDB_txn *child;
+	int err = storage__mdb_err(mdb_txn_begin(s->s_env, p->b_txn, 0, &child));
+	if (err) {
+		pthread_mutex_lock(&s->s_cm_mu);
+		park(s, p);
+		pthread_mutex_unlock(&s->s_cm_mu);
+		return err;
+	}
+	p->b_parent = p->b_txn;
+	p->b_txn = child;
+	int64_t saved[6] = {p->b_rev, p->b_compact, p->b_cnext_main, p->b_cnext_sub, p->b_cpending, p->b_next_id};
+	memcpy(p->b_saved, saved, sizeof(saved));
+	p->b_start_rev = p->b_rev; /* its events are this batch's own */
+	p->b_wal_len = 0;         /* the parked batch's log records are written */
+	p->b_wal_max_index = 0;
+	p->b_wal_hs_set = 0;
+	p->b_wal_clear_off = -1;
+	s->s_batch = p;
+	*out = p;
+	return 0;
+}
+
+/* Ends the child txn of a continued batch: folded into the parked txn (commit) or dropped
+ * with the counters put back (abort; also what a failed fold leaves). */
+static int end_child(storage_batch *b, int commit)
+{
+	if (b->b_parent == NULL)
+		return 0;
+	int err = commit ? storage__mdb_err(mdb_txn_commit(b->b_txn)) : (mdb_txn_abort(b->b_txn), 0);
+	if (!commit || err) {
+		b->b_rev = b->b_saved[0];
+		b->b_compact = b->b_saved[1];
+		b->b_cnext_main = b->b_saved[2];
+		b->b_cnext_sub = b->b_saved[3];
+		b->b_cpending = b->b_saved[4];
+		b->b_next_id = b->b_saved[5];
+	}
+	b->b_txn = b->b_parent;
+	b->b_parent = NULL;
+	return err;
 }
 
 /* The committer's part of storage_batch_begin(). */
@@ -712,11 +853,20 @@ static void batch_release(storage_batch *b)
 
 static void batch_discard(storage_batch *b)
 {
+	storage *s = b->b_s;
 	batch_release(b);
-	if (b->b_log_only)
+	if (b->b_log_only) {
 		batch_end(b);
-	else
-		run_job(b->b_s, CM_ABORT, b, 0, 0);
+	} else if (b->b_parked_ns) {
+		/* A continued parked batch: drop what this batch added; what was parked was
+		 * answered and is committed as it would have been. */
+		end_child(b, 0);
+		pthread_mutex_lock(&s->s_cm_mu);
+		park(s, b);
+		pthread_mutex_unlock(&s->s_cm_mu);
+	} else {
+		run_job(s, CM_ABORT, b, 0, 0);
+	}
 }
 
 int storage_batch_sync_log(storage_batch *b)
@@ -761,6 +911,8 @@ static int batch_prepare(storage_batch *b, uint64_t applied_index)
 		err = storage__meta_put_i64(s, txn, META_NEXT_ID, b->b_next_id);
 	if (!err)
 		err = storage__meta_put_i64(s, txn, META_APPLIED, (int64_t)applied_index);
+	if (!err)
+		err = end_child(b, 1); /* one txn again, for the committer */
 	if (err)
 		batch_discard(b);
 	return err;
@@ -787,6 +939,22 @@ int storage_batch_commit_async(storage_batch *b, uint64_t applied_index)
 	if (err)
 		return err;
 	batch_release(b);
+	pthread_mutex_lock(&s->s_cm_mu);
+	if (s->s_cm_window_ns && !s->s_cm_kick && !s->s_cm_async_err &&
+	    b->b_rev - (b->b_parked_ns ? b->b_park_rev : b->b_start_rev) < s->s_cm_window_revs) {
+		/* Answered, readable once committed: the committer commits it when the window
+		 * ends or a reader asks, unless the next apply continues it first. */
+		b->b_seq = atomic_fetch_add(&s->s_cm_handed, 1) + 1;
+		atomic_store(&s->s_rev, b->b_rev);
+		if (!b->b_parked_ns) {
+			b->b_parked_ns = mono_ns();
+			b->b_park_rev = b->b_start_rev;
+		}
+		park(s, b);
+		pthread_mutex_unlock(&s->s_cm_mu);
+		return 0;
+	}
+	pthread_mutex_unlock(&s->s_cm_mu);
 	return run_job(s, CM_COMMIT, b, 1, 1);
 }
 

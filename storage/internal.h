@@ -86,6 +86,14 @@ struct storage {
 	/* Commits handed over vs made visible: a reader waits until the second reaches the
 	 * first, so it never sees less than a writer has been answered. */
 	_Atomic uint64_t s_cm_handed, s_cm_published;
+	/* storage_set_commit_window(): an answered batch may wait ("parked") so that the next
+	 * applies continue its transaction (storage_batch_begin_apply) and one commit writes
+	 * them all. The committer commits it once the window has passed, at once when someone
+	 * waits for it (s_cm_kick), and before any other job. */
+	storage_batch *s_cm_parked;
+	uint64_t s_cm_window_ns;  /* 0: never park */
+	int64_t s_cm_window_revs; /* nor once the parked txn holds this many revisions */
+	int s_cm_kick;
 	/* Readers and the batch hold it shared; defragment, which replaces the environment,
 	 * holds it exclusively. */
 	pthread_rwlock_t s_envlock;
@@ -113,6 +121,13 @@ struct storage_batch {
 	int b_log_only;           /* storage_batch_begin_log(): no LMDB txn, no envlock */
 	int b_snap_set;           /* storage_batch_log_snapshot() was called: */
 	uint64_t b_snap_index;    /* its index */
+	uint64_t b_seq;           /* s_cm_handed when handed over or parked: its commit publishes it */
+	uint64_t b_parked_ns;     /* when first parked (0: never), CLOCK_MONOTONIC */
+	int64_t b_park_rev;       /* the revision its txn started from when first parked */
+	/* Continuing a parked batch: b_txn is a child of b_parent (the parked txn), so that an
+	 * abort drops only what came after, and the counters go back to b_saved. */
+	MDB_txn *b_parent;
+	int64_t b_saved[6];
 };
 
 struct storage_reader {

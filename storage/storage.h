@@ -198,6 +198,22 @@ int storage_batch_begin_log(storage *s, storage_batch **out);
  * is reported to the commit observer.
  */
 int storage_batch_commit_async(storage_batch *b, uint64_t applied_index);
+/*
+ * Lets storage_batch_commit_async() keep an answered batch's transaction open ("parked")
+ * for up to window_ns, or until it holds max_revisions revisions (<= 0: no limit), so that
+ * the next storage_batch_begin_apply() continues it and one LMDB commit writes several
+ * batches (etcd's --backend-batch-interval / --backend-batch-limit). Readers (read_begin,
+ * stat, copy) that need a parked batch have it committed at once and wait for it; any
+ * other batch begin, defragment, install and close commit it first. 0 turns it off.
+ */
+void storage_set_commit_window(storage *s, uint64_t window_ns, int64_t max_revisions);
+/*
+ * As storage_batch_begin(), but continues the parked batch if there is one (in a child
+ * transaction: an abort drops only what this batch added). For the writer's applies, with
+ * no read of the store between this begin and the batch's commit or abort on the same
+ * thread (such a read would wait for the batch itself).
+ */
+int storage_batch_begin_apply(storage *s, storage_batch **out);
 /* Calls observe(arg, ns, 0) after every LMDB commit with its duration, on the committer
  * thread (observe must be thread-safe), and observe(arg, ns, err) when an asynchronous
  * commit fails: its batch was answered, so the caller should stop (the store already

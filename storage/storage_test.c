@@ -1279,6 +1279,135 @@ static void test_async_commit(void)
 	storage_batch_abort(lb);
 }
 
+/* The commit window: answered batches parked and continued, committed once for several,
+ * at once for a reader, before defragment and close, after the window alone; an abort of
+ * a continuing batch keeps what was parked. */
+static _Atomic int window_commits;
+static void count_commit(void *arg, uint64_t ns, int err)
+{
+	(void)arg;
+	(void)ns;
+	if (!err)
+		atomic_fetch_add(&window_commits, 1);
+}
+
+static int64_t apply_put(const char *k, const char *v, uint64_t applied)
+{
+	storage_batch *b;
+	Etcdserverpb__PutRequest req = ETCDSERVERPB__PUT_REQUEST__INIT;
+	Etcdserverpb__PutResponse pr;
+	CHECK_EQ(storage_batch_begin_apply(S, &b), 0);
+	req.key = t_str(k);
+	req.value = t_str(v);
+	CHECK_EQ(storage_batch_put(b, &req, &A, &pr), 0);
+	Mvccpb__Event **evs;
+	size_t nevs;
+	int64_t erev;
+	CHECK_EQ(storage_batch_events(b, &A, &evs, &nevs, &erev), 0);
+	CHECK_EQ(nevs, 1); /* a continuing batch's events are its own */
+	CHECK_EQ(storage_batch_commit_async(b, applied), 0);
+	return pr.header->revision;
+}
+
+static void *window_reader(void *arg)
+{
+	storage_reader *r;
+	storage_arena a;
+	storage_arena_init(&a);
+	if (storage_read_begin(S, &r) == 0) {
+		Etcdserverpb__RangeRequest req = rq("a13", NULL);
+		Etcdserverpb__RangeResponse resp;
+		*(int *)arg = storage_range(r, &req, &a, &resp) == 0 && resp.n_kvs == 1; /* answered: seen */
+		storage_read_end(r);
+	}
+	storage_arena_free(&a);
+	return NULL;
+}
+
+static void test_commit_window(void)
+{
+	fresh("window");
+	storage_set_commit_observer(S, count_commit, NULL);
+	storage_set_commit_window(S, 10ull * 1000000000u, 0); /* longer than the test */
+	atomic_store(&window_commits, 0);
+	int64_t rev = 0;
+	char k[16];
+	for (int i = 0; i < 10; i++) {
+		snprintf(k, sizeof(k), "w%d", i);
+		rev = apply_put(k, "v", (uint64_t)i + 1);
+	}
+	CHECK_EQ(atomic_load(&window_commits), 0); /* all ten in one parked txn */
+	CHECK_EQ(storage_current_revision(S), rev); /* answered */
+	/* a reader has it committed and sees all of it */
+	Mvccpb__KeyValue *kv = get("w9", 0);
+	CHECK(veq(kv, "v") && kv->mod_revision == rev);
+	CHECK(get("w0", 0) != NULL);
+	CHECK_EQ(atomic_load(&window_commits), 1);
+	/* an aborted continuation drops only its own write */
+	int64_t r11 = apply_put("a11", "x", 11);
+	storage_batch *b;
+	Etcdserverpb__PutRequest req = ETCDSERVERPB__PUT_REQUEST__INIT;
+	Etcdserverpb__PutResponse pr;
+	CHECK_EQ(storage_batch_begin_apply(S, &b), 0);
+	req.key = t_str("a12");
+	req.value = t_str("y");
+	CHECK_EQ(storage_batch_put(b, &req, &A, &pr), 0);
+	storage_batch_abort(b);
+	CHECK(veq(get("a11", 0), "x"));
+	CHECK(get("a12", 0) == NULL);
+	storage_stats st;
+	CHECK_EQ(storage_stat(S, &st), 0);
+	CHECK(st.st_revision == r11 && st.st_applied_index == 11);
+	/* the next revision after the abort is the aborted one's again */
+	CHECK_EQ(apply_put("a13", "z", 12), r11 + 1);
+	/* a reader that comes while a batch continues the parked one waits for that batch's
+	 * commit, which then is not parked; the next one is parked again */
+	int commits = atomic_load(&window_commits), seen = 0;
+	CHECK_EQ(storage_batch_begin_apply(S, &b), 0);
+	pthread_t th;
+	CHECK_EQ(pthread_create(&th, NULL, window_reader, &seen), 0);
+	usleep(50000); /* the reader is waiting */
+	CHECK_EQ(storage_batch_commit_async(b, 12), 0);
+	pthread_join(th, NULL);
+	CHECK(seen);
+	CHECK_EQ(atomic_load(&window_commits), commits + 1);
+	apply_put("a14", "w", 12);
+	usleep(20000);
+	CHECK_EQ(atomic_load(&window_commits), commits + 1);
+	/* any other batch begin commits the parked one first */
+	CHECK_EQ(storage_batch_begin(S, &b), 0);
+	storage_batch_abort(b);
+	CHECK(veq(get("a13", 0), "z"));
+	/* defragment and close with a parked batch: committed, kept */
+	apply_put("d1", "d", 13);
+	CHECK_EQ(storage_defragment(S), 0);
+	CHECK(veq(get("d1", 0), "d"));
+	apply_put("c1", "c", 14);
+	int64_t last = storage_current_revision(S);
+	storage_set_commit_observer(S, NULL, NULL);
+	reopen();
+	kv = get("c1", 0);
+	CHECK(veq(kv, "c") && kv->mod_revision == last);
+	CHECK_EQ(storage_stat(S, &st), 0);
+	CHECK_EQ(st.st_applied_index, 14);
+	/* the window alone commits it; max_revisions ends a window early */
+	storage_set_commit_observer(S, count_commit, NULL);
+	atomic_store(&window_commits, 0);
+	storage_set_commit_window(S, 20 * 1000000u, 0);
+	apply_put("t1", "t", 15);
+	for (int i = 0; i < 200 && atomic_load(&window_commits) == 0; i++)
+		usleep(5000);
+	CHECK_EQ(atomic_load(&window_commits), 1);
+	storage_set_commit_window(S, 10ull * 1000000000u, 2);
+	apply_put("m1", "m", 16);
+	apply_put("m2", "m", 17); /* the second revision: committed, not parked */
+	for (int i = 0; i < 200 && atomic_load(&window_commits) < 2; i++)
+		usleep(5000);
+	CHECK_EQ(atomic_load(&window_commits), 2);
+	storage_set_commit_window(S, 0, 0);
+	storage_set_commit_observer(S, NULL, NULL);
+}
+
 int main(void)
 {
 	storage_arena_init(&A);
@@ -1297,6 +1426,7 @@ int main(void)
 	test_raft_log();
 	test_copy_install();
 	test_async_commit();
+	test_commit_window();
 	if (S)
 		storage_close(S);
 	storage_arena_free(&A);
