@@ -211,6 +211,14 @@ endpoints() {
 }
 
 # --- per-process counters --------------------------------------------------------------------
+# Sectors written so far to the block device of the temp dir (/sys/class/block/DEV/stat, field
+# 7): what really reaches the disk, from every member (and anything else on that disk); 0 where
+# the device has no such file.
+disk_sectors() {
+	local st
+	st="/sys/class/block/$(basename "$(df --output=source "$work" | tail -1)")/stat"
+	if [ -r "$st" ]; then awk '{print $7}' "$st"; else echo 0; fi
+}
 cpu_ticks() { sed 's/^.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'; }
 hwm_kb() { awk '/^VmHWM:/{print $2}' "/proc/$1/status"; }
 rss_kb() { awk '/^VmRSS:/{print $2}' "/proc/$1/status"; }

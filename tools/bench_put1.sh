@@ -38,8 +38,6 @@ bench_check_tools
 bench_setup
 load0="$(cut -d' ' -f1 /proc/loadavg)"
 fsync_json="$("$B" fsync --dir "$work" --count 200 --block-size 4096 --json | grep '^{')"
-disk_stat="/sys/class/block/$(basename "$(df --output=source "$work" | tail -1)")/stat"
-disk_sectors() { if [ -r "$disk_stat" ]; then awk '{print $7}' "$disk_stat"; else echo 0; fi; }
 flush_metrics() { # server i -> "wal_sum wal_count commit_sum commit_count"
 	local p=${SRV_MPORT[$1,$2]}
 	curl -s --max-time 5 "http://127.0.0.1:$p/metrics" | awk '

@@ -41,11 +41,6 @@ prof="$work/profile.jsonl"
 : >"$prof"
 fsync_json="$("$B" fsync --dir "$work" --count 200 --block-size 4096 --json | grep '^{')"
 
-# Sectors written to the data dir's block device so far (/sys/class/block/DEV/stat, field 7):
-# what really reaches the disk, from every member of the run (and anything else on that disk).
-disk_stat="/sys/class/block/$(basename "$(df --output=source "$work" | tail -1)")/stat"
-disk_sectors() { if [ -r "$disk_stat" ]; then awk '{print $7}' "$disk_stat"; else echo 0; fi; }
-
 # trace_run SERVER ID CLIENTS CONNS: a put run on the leader while perf traces every member.
 trace_run() {
 	local server="$1" id="$2" clients="$3" conns="$4" n=${SRV_N[$1]} i
