@@ -472,7 +472,9 @@ static uint64_t mono_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
-/* Under s_cm_mu, with no job posted: makes the parked batch the job if its time has come. */
+/* Under s_cm_mu, with no job posted: makes the parked batch the job if its time has come.
+ * (It resets s_cm_done, which a synchronous run_job() waiter reads: none can be waiting here,
+ * since only the writer parks, and it is not inside run_job() while a batch is parked.) */
 static int take_parked(storage *s)
 {
 	storage_batch *p = s->s_cm_parked;
@@ -663,8 +665,10 @@ static void flush_parked(storage *s)
 {
 	pthread_mutex_lock(&s->s_cm_mu);
 	while (s->s_cm_job != CM_NONE || s->s_cm_parked) {
-		s->s_cm_kick = 1;
-		pthread_cond_broadcast(&s->s_cm_cond);
+		if (s->s_cm_parked) {
+			s->s_cm_kick = 1;
+			pthread_cond_broadcast(&s->s_cm_cond);
+		}
 		pthread_cond_wait(&s->s_cm_cond, &s->s_cm_mu);
 	}
 	pthread_mutex_unlock(&s->s_cm_mu);
@@ -730,6 +734,8 @@ int storage_batch_begin_apply(storage *s, storage_batch **out)
 	pthread_mutex_lock(&s->s_cm_mu);
 	storage_batch *p = s->s_cm_parked;
 	int failed = atomic_load(&s->s_cm_async_err);
+	if (p && (s->s_cm_kick || mono_ns() >= p->b_parked_ns + s->s_cm_window_ns))
+		p = NULL; /* its time is up: storage_batch_begin() below has it committed first */
 	if (p && !failed)
 		s->s_cm_parked = NULL;
 	pthread_mutex_unlock(&s->s_cm_mu);
@@ -768,6 +774,14 @@ static int end_child(storage_batch *b, int commit)
 	if (b->b_parent == NULL)
 		return 0;
 	int err = commit ? storage__mdb_err(mdb_txn_commit(b->b_txn)) : (mdb_txn_abort(b->b_txn), 0);
+	if (err) {
+		/* A fold that fails part-way leaves the parked txn unusable (LMDB marks it failed),
+		 * and it holds answered writes: stop as after a failed asynchronous commit (its
+		 * commit will fail too; the WAL redoes them at the restart). */
+		pthread_mutex_lock(&b->b_s->s_cm_mu);
+		atomic_store(&b->b_s->s_cm_async_err, err);
+		pthread_mutex_unlock(&b->b_s->s_cm_mu);
+	}
 	if (!commit || err) {
 		b->b_rev = b->b_saved[0];
 		b->b_compact = b->b_saved[1];
@@ -941,6 +955,7 @@ int storage_batch_commit_async(storage_batch *b, uint64_t applied_index)
 	batch_release(b);
 	pthread_mutex_lock(&s->s_cm_mu);
 	if (s->s_cm_window_ns && !s->s_cm_kick && !s->s_cm_async_err &&
+	    (!b->b_parked_ns || mono_ns() < b->b_parked_ns + s->s_cm_window_ns) &&
 	    b->b_rev - (b->b_parked_ns ? b->b_park_rev : b->b_start_rev) < s->s_cm_window_revs) {
 		/* Answered, readable once committed: the committer commits it when the window
 		 * ends or a reader asks, unless the next apply continues it first. */

@@ -28,6 +28,9 @@ int storage_batch_log_snapshot(storage_batch *b, uint64_t index, uint64_t term, 
 	MDB_txn *txn = b->b_txn;
 	if (b->b_log_only)
 		return STORAGE_ERR_INVALID; /* the snapshot point lives in LMDB */
+	if (b->b_parked_ns)
+		return STORAGE_ERR_INVALID; /* a continued parked batch (begin_apply): its abort
+					     * could not take the point's WAL removal back */
 	int err = storage__meta_put_i64(s, txn, META_RL_SNAP_INDEX, (int64_t)index);
 	if (!err)
 		err = storage__meta_put_i64(s, txn, META_RL_SNAP_TERM, (int64_t)term);

@@ -1384,8 +1384,15 @@ static void test_commit_window(void)
 	CHECK(veq(get("d1", 0), "d"));
 	apply_put("c1", "c", 14);
 	int64_t last = storage_current_revision(S);
+	/* a continued batch takes no snapshot point, and close with it open keeps the parked part */
+	CHECK_EQ(storage_batch_begin_apply(S, &b), 0);
+	CHECK_EQ(storage_batch_log_snapshot(b, 5, 1, "c", 1), STORAGE_ERR_INVALID);
+	req.key = t_str("c2");
+	req.value = t_str("lost");
+	CHECK_EQ(storage_batch_put(b, &req, &A, &pr), 0);
 	storage_set_commit_observer(S, NULL, NULL);
 	reopen();
+	CHECK(get("c2", 0) == NULL); /* never answered: dropped with its batch */
 	kv = get("c1", 0);
 	CHECK(veq(kv, "c") && kv->mod_revision == last);
 	CHECK_EQ(storage_stat(S, &st), 0);
