@@ -1054,7 +1054,9 @@ static void process_ready(node *n)
 		answer_applied(n, &ab, 1);
 		/* After the replies: the fan-out to thousands of watchers takes milliseconds,
 		 * which a writer need not wait for (etcd, too, answers before its watchers hear).
-		 * A watch created in between is handled: the hub skips revisions a watcher has. */
+		 * A watch created in between is handled: the hub skips revisions a watcher has.
+		 * Never before storage_batch_commit_async: the hub's catch-up reads wait for what
+		 * was answered, which an open batch continuing a parked one would never commit. */
 		if (b)
 			watch_hub_notify(sc->hub, events, nevents, rev);
 		free(ab.ab_v);
