@@ -538,11 +538,10 @@ static void *committer_main(void *arg)
 	return NULL;
 }
 
-/* Posts a job once the committer is idle; unless async, waits for its result. */
-static int run_job(storage *s, int job, storage_batch *b, int lazy, int async)
+/* Under s_cm_mu: waits until the committer is idle with nothing parked. A parked batch holds
+ * LMDB's writer (and the environment, shared): it is committed before anything else. */
+static void wait_idle(storage *s)
 {
-	pthread_mutex_lock(&s->s_cm_mu);
-	/* A parked batch holds LMDB's writer: it is committed before anything else. */
 	while (s->s_cm_job != CM_NONE || s->s_cm_parked) {
 		if (s->s_cm_parked) {
 			s->s_cm_kick = 1;
@@ -550,6 +549,13 @@ static int run_job(storage *s, int job, storage_batch *b, int lazy, int async)
 		}
 		pthread_cond_wait(&s->s_cm_cond, &s->s_cm_mu);
 	}
+}
+
+/* Posts a job once the committer is idle; unless async, waits for its result. */
+static int run_job(storage *s, int job, storage_batch *b, int lazy, int async)
+{
+	pthread_mutex_lock(&s->s_cm_mu);
+	wait_idle(s);
 	if (job == CM_BEGIN && s->s_cm_async_err) {
 		/* An earlier commit was answered and then failed: stop writing, as a failed
 		 * synchronous commit would have. */
@@ -664,13 +670,7 @@ void storage_set_commit_window(storage *s, uint64_t window_ns, int64_t max_revis
 static void flush_parked(storage *s)
 {
 	pthread_mutex_lock(&s->s_cm_mu);
-	while (s->s_cm_job != CM_NONE || s->s_cm_parked) {
-		if (s->s_cm_parked) {
-			s->s_cm_kick = 1;
-			pthread_cond_broadcast(&s->s_cm_cond);
-		}
-		pthread_cond_wait(&s->s_cm_cond, &s->s_cm_mu);
-	}
+	wait_idle(s);
 	pthread_mutex_unlock(&s->s_cm_mu);
 }
 
