@@ -1291,7 +1291,8 @@ static void count_commit(void *arg, uint64_t ns, int err)
 		atomic_fetch_add(&window_commits, 1);
 }
 
-static int64_t apply_put(const char *k, const char *v, uint64_t applied)
+/* An apply batch (continuing the parked one, if any) holding one put, left open. */
+static storage_batch *apply_open(const char *k, const char *v, int64_t *rev)
 {
 	storage_batch *b;
 	Etcdserverpb__PutRequest req = ETCDSERVERPB__PUT_REQUEST__INIT;
@@ -1300,13 +1301,21 @@ static int64_t apply_put(const char *k, const char *v, uint64_t applied)
 	req.key = t_str(k);
 	req.value = t_str(v);
 	CHECK_EQ(storage_batch_put(b, &req, &A, &pr), 0);
+	*rev = pr.header->revision;
+	return b;
+}
+
+static int64_t apply_put(const char *k, const char *v, uint64_t applied)
+{
+	int64_t rev;
+	storage_batch *b = apply_open(k, v, &rev);
 	Mvccpb__Event **evs;
 	size_t nevs;
 	int64_t erev;
 	CHECK_EQ(storage_batch_events(b, &A, &evs, &nevs, &erev), 0);
 	CHECK_EQ(nevs, 1); /* a continuing batch's events are its own */
 	CHECK_EQ(storage_batch_commit_async(b, applied), 0);
-	return pr.header->revision;
+	return rev;
 }
 
 static void *window_reader(void *arg)
@@ -1345,13 +1354,8 @@ static void test_commit_window(void)
 	CHECK_EQ(atomic_load(&window_commits), 1);
 	/* an aborted continuation drops only its own write */
 	int64_t r11 = apply_put("a11", "x", 11);
-	storage_batch *b;
-	Etcdserverpb__PutRequest req = ETCDSERVERPB__PUT_REQUEST__INIT;
-	Etcdserverpb__PutResponse pr;
-	CHECK_EQ(storage_batch_begin_apply(S, &b), 0);
-	req.key = t_str("a12");
-	req.value = t_str("y");
-	CHECK_EQ(storage_batch_put(b, &req, &A, &pr), 0);
+	int64_t r12;
+	storage_batch *b = apply_open("a12", "y", &r12);
 	storage_batch_abort(b);
 	CHECK(veq(get("a11", 0), "x"));
 	CHECK(get("a12", 0) == NULL);
@@ -1385,11 +1389,8 @@ static void test_commit_window(void)
 	apply_put("c1", "c", 14);
 	int64_t last = storage_current_revision(S);
 	/* a continued batch takes no snapshot point, and close with it open keeps the parked part */
-	CHECK_EQ(storage_batch_begin_apply(S, &b), 0);
+	b = apply_open("c2", "lost", &r12);
 	CHECK_EQ(storage_batch_log_snapshot(b, 5, 1, "c", 1), STORAGE_ERR_INVALID);
-	req.key = t_str("c2");
-	req.value = t_str("lost");
-	CHECK_EQ(storage_batch_put(b, &req, &A, &pr), 0);
 	storage_set_commit_observer(S, NULL, NULL);
 	reopen();
 	CHECK(get("c2", 0) == NULL); /* never answered: dropped with its batch */
