@@ -283,73 +283,193 @@ static size_t as_encode(const struct bench_opts *o, uint64_t seq, struct bench_r
 	}
 }
 
-static int check_list_page(const struct bench_opts *o, struct as_state *st, const Etcdserverpb__RangeResponse *r)
+/* --- checking the answers, read in place (bench_pb_next) ----------------------------------
+ * A LIST page is ~0.75 MB: protobuf-c's unpack copied every value and allocated every
+ * KeyValue, and the load generator shares the cores with the servers it measures. */
+
+/* The parts of a RangeResponse the checks read. */
+struct range_view {
+	int header;		 /* a header is present */
+	int64_t revision;	 /* header.revision */
+	size_t n_kvs;
+	int64_t first_mod;	 /* kvs[0].mod_revision */
+	const uint8_t *last_key; /* kvs[n_kvs - 1].key */
+	size_t last_klen;
+	int more;
+};
+
+/* The parts of a TxnResponse the checks read. */
+struct txn_view {
+	int header;
+	int64_t revision;
+	int succeeded;
+	size_t n_responses;
+	uint32_t first_case;	 /* the first ResponseOp's response field: 1 = range ... 4 = txn, 0 unset */
+	const uint8_t *first_range; /* that response_range's bytes */
+	size_t first_range_len;
+};
+
+static int header_read(const uint8_t *p, size_t n, int64_t *revision)
+{
+	const uint8_t *end = p + n;
+	struct bench_pbf f;
+	int r;
+	*revision = 0;
+	while ((r = bench_pb_next(&p, end, &f)) == 1)
+		if (f.num == 3 && f.wt == 0)
+			*revision = (int64_t)f.v;
+	return r;
+}
+
+/* A KeyValue's key and mod_revision. */
+static int kv_read(const uint8_t *p, size_t n, const uint8_t **key, size_t *klen, int64_t *mod)
+{
+	const uint8_t *end = p + n;
+	struct bench_pbf f;
+	int r;
+	*key = NULL;
+	*klen = 0;
+	*mod = 0;
+	while ((r = bench_pb_next(&p, end, &f)) == 1) {
+		if (f.num == 1 && f.wt == 2) {
+			*key = f.p;
+			*klen = f.len;
+		} else if (f.num == 3 && f.wt == 0) {
+			*mod = (int64_t)f.v;
+		}
+	}
+	return r;
+}
+
+/* Reads a RangeResponse; with learn, each object it holds updates g_rev (a LIST refreshes
+ * the apiserver's watch cache). 0, or -1 if it is malformed. */
+static int range_read(const uint8_t *p, size_t n, int learn, struct range_view *v)
+{
+	const uint8_t *end = p + n;
+	struct bench_pbf f;
+	int r;
+	memset(v, 0, sizeof *v);
+	while ((r = bench_pb_next(&p, end, &f)) == 1) {
+		if (f.num == 1 && f.wt == 2) {
+			v->header = 1;
+			if (header_read(f.p, f.len, &v->revision) < 0)
+				return -1;
+		} else if (f.num == 2 && f.wt == 2) {
+			const uint8_t *key;
+			size_t klen;
+			int64_t mod;
+			if (kv_read(f.p, f.len, &key, &klen, &mod) < 0)
+				return -1;
+			if (v->n_kvs++ == 0)
+				v->first_mod = mod;
+			v->last_key = key;
+			v->last_klen = klen;
+			int idx = learn && g_rev ? obj_index(key, klen) : -1;
+			/* pages at a pinned revision may be older than what this process already saw */
+			if (idx >= 0 && idx < g_nobj && mod > g_rev[idx])
+				g_rev[idx] = mod;
+		} else if (f.num == 3 && f.wt == 0) {
+			v->more = f.v != 0;
+		}
+	}
+	return r < 0 ? -1 : 0;
+}
+
+static int txn_read(const uint8_t *p, size_t n, struct txn_view *t)
+{
+	const uint8_t *end = p + n;
+	struct bench_pbf f, g;
+	int r;
+	memset(t, 0, sizeof *t);
+	while ((r = bench_pb_next(&p, end, &f)) == 1) {
+		if (f.num == 1 && f.wt == 2) {
+			t->header = 1;
+			if (header_read(f.p, f.len, &t->revision) < 0)
+				return -1;
+		} else if (f.num == 2 && f.wt == 0) {
+			t->succeeded = f.v != 0;
+		} else if (f.num == 3 && f.wt == 2) {
+			if (t->n_responses++)
+				continue;
+			/* a oneof: the last of its fields wins */
+			const uint8_t *q = f.p, *qe = f.p + f.len;
+			int rr;
+			while ((rr = bench_pb_next(&q, qe, &g)) == 1) {
+				if (g.wt == 2 && g.num >= 1 && g.num <= 4) {
+					t->first_case = g.num;
+					t->first_range = g.p;
+					t->first_range_len = g.len;
+				}
+			}
+			if (rr < 0)
+				return -1;
+		}
+	}
+	return r < 0 ? -1 : 0;
+}
+
+static int check_list_page(const struct bench_opts *o, struct as_state *st, const uint8_t *p, size_t n)
 {
 	int64_t limit = o->limit > 0 ? o->limit : 500;
-	if (!r->header || r->n_kvs > (size_t)limit || (r->more && r->n_kvs == 0)) {
+	struct range_view v;
+	if (range_read(p, n, 1, &v) < 0 || !v.header || v.n_kvs > (size_t)limit || (v.more && v.n_kvs == 0)) {
 		st->in_list = 0;
 		return BENCH_CHECK_BAD;
 	}
-	for (size_t i = 0; i < r->n_kvs; i++) {
-		int idx = obj_index(r->kvs[i]->key.data, r->kvs[i]->key.len);
-		/* pages at a pinned revision may be older than what this process already saw */
-		if (idx >= 0 && idx < g_nobj && r->kvs[i]->mod_revision > g_rev[idx])
-			g_rev[idx] = r->kvs[i]->mod_revision;
-	}
-	if (!r->more) {
+	if (!v.more) {
 		st->in_list = 0;
 		return BENCH_CHECK_OK;
 	}
-	const Mvccpb__KeyValue *last = r->kvs[r->n_kvs - 1];
-	if (last->key.len + 1 > sizeof st->next) {
+	if (v.last_klen + 1 > sizeof st->next) {
 		st->in_list = 0;
 		return BENCH_CHECK_BAD;
 	}
-	memcpy(st->next, last->key.data, last->key.len);
-	st->next[last->key.len] = 0;
-	st->next_len = last->key.len + 1;
+	memcpy(st->next, v.last_key, v.last_klen);
+	st->next[v.last_klen] = 0;
+	st->next_len = v.last_klen + 1;
 	if (!st->list_rev)
-		st->list_rev = r->header->revision;
+		st->list_rev = v.revision;
 	return BENCH_CHECK_OK;
 }
 
-static int as_check(const struct bench_opts *o, void *state, const struct bench_call *call, const ProtobufCMessage *m)
+static int as_check(const struct bench_opts *o, void *state, const struct bench_call *call, const uint8_t *p,
+		    size_t n)
 {
 	struct as_state *st = state;
 	if (call->op == AS_LIST)
-		return check_list_page(o, st, (const Etcdserverpb__RangeResponse *)m);
+		return check_list_page(o, st, p, n);
 	if (call->op == AS_GET || call->op == AS_COUNT) {
-		const Etcdserverpb__RangeResponse *r = (const Etcdserverpb__RangeResponse *)m;
-		if (!r->header || (call->op == AS_COUNT && r->n_kvs) || (call->op == AS_GET && r->n_kvs > 1))
+		struct range_view v;
+		if (range_read(p, n, 0, &v) < 0 || !v.header || (call->op == AS_COUNT && v.n_kvs) ||
+		    (call->op == AS_GET && v.n_kvs > 1))
 			return BENCH_CHECK_BAD;
-		if (call->op == AS_GET && g_rev && (!r->n_kvs || r->kvs[0]->mod_revision > g_rev[st->obj]))
-			g_rev[st->obj] = r->n_kvs ? r->kvs[0]->mod_revision : 0;
+		if (call->op == AS_GET && g_rev && (!v.n_kvs || v.first_mod > g_rev[st->obj]))
+			g_rev[st->obj] = v.n_kvs ? v.first_mod : 0;
 		return BENCH_CHECK_OK;
 	}
-	const Etcdserverpb__TxnResponse *r = (const Etcdserverpb__TxnResponse *)m;
-	if (!r->header)
+	struct txn_view t;
+	if (txn_read(p, n, &t) < 0 || !t.header)
 		return BENCH_CHECK_BAD;
 	int create = call->op == AS_CREATE || call->op == AS_EVENT;
-	if (r->succeeded) {
-		if (r->n_responses != 1)
+	if (t.succeeded) {
+		if (t.n_responses != 1)
 			return BENCH_CHECK_BAD;
 		if (g_rev && call->op != AS_EVENT)
-			g_rev[st->obj] = call->op == AS_DELETE ? 0 : r->header->revision;
+			g_rev[st->obj] = call->op == AS_DELETE ? 0 : t.revision;
 		return BENCH_CHECK_OK;
 	}
 	if (create) {
-		if (r->n_responses != 0)
+		if (t.n_responses != 0)
 			return BENCH_CHECK_BAD;
 		if (g_rev && call->op == AS_CREATE)
 			g_rev[st->obj] = -1; /* exists, revision unknown */
 		return BENCH_CHECK_CONFLICT;
 	}
-	if (r->n_responses != 1 || !r->responses[0] ||
-	    r->responses[0]->response_case != ETCDSERVERPB__RESPONSE_OP__RESPONSE_RESPONSE_RANGE)
+	struct range_view g;
+	if (t.n_responses != 1 || t.first_case != 1 || range_read(t.first_range, t.first_range_len, 0, &g) < 0)
 		return BENCH_CHECK_BAD;
-	const Etcdserverpb__RangeResponse *g = r->responses[0]->response_range;
 	if (g_rev)
-		g_rev[st->obj] = g->n_kvs ? g->kvs[0]->mod_revision : 0;
+		g_rev[st->obj] = g.n_kvs ? g.first_mod : 0;
 	return BENCH_CHECK_CONFLICT;
 }
 
@@ -363,12 +483,13 @@ static size_t load_encode(const struct bench_opts *o, uint64_t seq, struct bench
 	return encode_cas(o, rng, key, 1, 0, 0, 0, buf, cap);
 }
 
-static int load_check(const struct bench_opts *o, void *state, const struct bench_call *call, const ProtobufCMessage *m)
+static int load_check(const struct bench_opts *o, void *state, const struct bench_call *call, const uint8_t *p,
+		      size_t n)
 {
-	const Etcdserverpb__TxnResponse *r = (const Etcdserverpb__TxnResponse *)m;
-	if (!r->header)
+	struct txn_view t;
+	if (txn_read(p, n, &t) < 0 || !t.header)
 		return BENCH_CHECK_BAD;
-	return r->succeeded ? (r->n_responses == 1 ? BENCH_CHECK_OK : BENCH_CHECK_BAD) : BENCH_CHECK_CONFLICT;
+	return t.succeeded ? (t.n_responses == 1 ? BENCH_CHECK_OK : BENCH_CHECK_BAD) : BENCH_CHECK_CONFLICT;
 }
 
 /* --- the watchers: one stream per resource prefix (and events), during the mix --------------- */
@@ -411,6 +532,40 @@ static void w_lat(uint64_t ns)
 	W.lat_sum += (double)ns / 1000.0;
 }
 
+/* One event of a WatchResponse: counted; a PUT's delivery latency from the send time its
+ * value starts with. */
+static void w_on_event(const uint8_t *p, size_t n, uint64_t now)
+{
+	const uint8_t *end = p + n, *val = NULL;
+	size_t vlen = 0;
+	struct bench_pbf f;
+	int type = MVCCPB__EVENT__EVENT_TYPE__PUT, has_kv = 0;
+	W.events++;
+	while (bench_pb_next(&p, end, &f) == 1) {
+		if (f.num == 1 && f.wt == 0) {
+			type = (int)f.v;
+		} else if (f.num == 2 && f.wt == 2) {
+			const uint8_t *q = f.p, *qe = f.p + f.len;
+			struct bench_pbf g;
+			has_kv = 1;
+			val = NULL;
+			vlen = 0;
+			while (bench_pb_next(&q, qe, &g) == 1)
+				if (g.num == 5 && g.wt == 2) {
+					val = g.p;
+					vlen = g.len;
+				}
+		}
+	}
+	if (type != MVCCPB__EVENT__EVENT_TYPE__PUT || !has_kv || vlen < 3 || memcmp(val, "t=", 2))
+		return;
+	uint64_t ts = 0;
+	for (size_t j = 2; j < vlen && val[j] >= '0' && val[j] <= '9'; j++)
+		ts = ts * 10 + (uint64_t)(val[j] - '0');
+	if (ts && ts <= now)
+		w_lat(now - ts);
+}
+
 static void w_on_msg(grpc_byte_buffer *bb, uint64_t now)
 {
 	grpc_byte_buffer_reader rd;
@@ -420,35 +575,37 @@ static void w_on_msg(grpc_byte_buffer *bb, uint64_t now)
 	}
 	grpc_slice all = grpc_byte_buffer_reader_readall(&rd);
 	grpc_byte_buffer_reader_destroy(&rd);
-	Etcdserverpb__WatchResponse *r = (Etcdserverpb__WatchResponse *)protobuf_c_message_unpack(
-		&etcdserverpb__watch_response__descriptor, NULL, GRPC_SLICE_LENGTH(all), GRPC_SLICE_START_PTR(all));
+	const uint8_t *p = GRPC_SLICE_START_PTR(all), *end = p + GRPC_SLICE_LENGTH(all);
+	struct bench_pbf f;
+	int r, created = 0, canceled = 0;
+	size_t n_events = 0;
+	char reason[120] = "";
+	while ((r = bench_pb_next(&p, end, &f)) == 1) {
+		if (f.num == 3 && f.wt == 0) {
+			created |= f.v != 0;
+		} else if (f.num == 4 && f.wt == 0) {
+			canceled |= f.v != 0;
+		} else if (f.num == 6 && f.wt == 2) {
+			snprintf(reason, sizeof reason, "%.*s", (int)(f.len < 100 ? f.len : 100), (const char *)f.p);
+		} else if (f.num == 11 && f.wt == 2) {
+			n_events++;
+			w_on_event(f.p, f.len, now);
+		}
+	}
 	grpc_slice_unref(all);
-	if (!r) {
+	if (r < 0) {
 		W.errors++;
 		return;
 	}
-	if (r->created)
+	if (created)
 		atomic_fetch_add(&W.created, 1);
-	if (r->canceled) {
+	if (canceled) {
 		W.canceled++;
 		if (!W.first_error[0])
-			snprintf(W.first_error, sizeof W.first_error, "watch canceled: %s", r->cancel_reason ? r->cancel_reason : "");
+			snprintf(W.first_error, sizeof W.first_error, "watch canceled: %s", reason);
 	}
-	if (!r->created && !r->canceled && !r->n_events)
+	if (!created && !canceled && !n_events)
 		W.progress++;
-	for (size_t i = 0; i < r->n_events; i++) {
-		Mvccpb__KeyValue *kv = r->events[i]->kv;
-		W.events++;
-		if (r->events[i]->type != MVCCPB__EVENT__EVENT_TYPE__PUT || !kv || kv->value.len < 3 ||
-		    memcmp(kv->value.data, "t=", 2))
-			continue;
-		uint64_t ts = 0;
-		for (size_t j = 2; j < kv->value.len && kv->value.data[j] >= '0' && kv->value.data[j] <= '9'; j++)
-			ts = ts * 10 + (uint64_t)(kv->value.data[j] - '0');
-		if (ts && ts <= now)
-			w_lat(now - ts);
-	}
-	protobuf_c_message_free_unpacked(&r->base, NULL);
 }
 
 static int w_recv(int i)
@@ -695,10 +852,23 @@ static void as_finish(const struct bench_opts *o, struct bench_result *res)
 static const char *const load_ops[] = {"create"};
 
 static const struct bench_workload as_workloads[] = {
-	{"apiserver", "/etcdserverpb.KV/Txn", &etcdserverpb__txn_response__descriptor, as_encode, as_check,
-	 sizeof(struct as_state), as_ops, AS_N_OPS, as_prepare, as_finish},
-	{"apiserver-load", "/etcdserverpb.KV/Txn", &etcdserverpb__txn_response__descriptor, load_encode, load_check, 0,
-	 load_ops, 1, NULL, NULL},
+	{.name = "apiserver",
+	 .method = "/etcdserverpb.KV/Txn",
+	 .resp_desc = &etcdserverpb__txn_response__descriptor,
+	 .encode = as_encode,
+	 .check_wire = as_check,
+	 .state_size = sizeof(struct as_state),
+	 .op_names = as_ops,
+	 .n_ops = AS_N_OPS,
+	 .prepare = as_prepare,
+	 .finish = as_finish},
+	{.name = "apiserver-load",
+	 .method = "/etcdserverpb.KV/Txn",
+	 .resp_desc = &etcdserverpb__txn_response__descriptor,
+	 .encode = load_encode,
+	 .check_wire = load_check,
+	 .op_names = load_ops,
+	 .n_ops = 1},
 };
 
 const struct bench_workload *bench_apiserver_find(const char *name)

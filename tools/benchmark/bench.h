@@ -121,7 +121,22 @@ struct bench_workload {
 	int (*prepare)(const struct bench_opts *o, grpc_channel *ch, char *err, size_t errlen);
 	/* Optional: after the timed run; may add op classes to res (e.g. watch delivery). */
 	void (*finish)(const struct bench_opts *o, struct bench_result *res);
+	/* Optional, instead of check: the verdict read from the response's wire bytes (with
+	 * bench_pb_next), for responses too large to unpack at the load generator's pace. */
+	int (*check_wire)(const struct bench_opts *o, void *state, const struct bench_call *call, const uint8_t *p,
+			  size_t n);
 };
+
+/* pbwalk.c: one field of a protobuf message's wire encoding. */
+struct bench_pbf {
+	uint32_t num;
+	int wt;		  /* wire type */
+	uint64_t v;	  /* varint value */
+	const uint8_t *p; /* length-delimited: the bytes */
+	size_t len;
+};
+/* The next field at *p (advanced past it); returns 1, 0 at the end, -1 on malformed input. */
+int bench_pb_next(const uint8_t **p, const uint8_t *end, struct bench_pbf *f);
 
 const struct bench_workload *bench_workload_find(const char *name);
 const struct bench_workload *bench_apiserver_find(const char *name); /* apiserver.c */

@@ -211,15 +211,21 @@ static void finish_call(struct thr *t, struct slot *s, int success)
 		if (grpc_byte_buffer_reader_init(&rd, s->recv)) {
 			grpc_slice all = grpc_byte_buffer_reader_readall(&rd);
 			grpc_byte_buffer_reader_destroy(&rd);
-			ProtobufCMessage *m = protobuf_c_message_unpack(s->bc.resp_desc, NULL, GRPC_SLICE_LENGTH(all),
-									GRPC_SLICE_START_PTR(all));
-			if (m) {
-				int v = w->check(t->sh->o, s->state, &s->bc, m);
-				bad = v != BENCH_CHECK_OK && v != BENCH_CHECK_CONFLICT;
-				if (v == BENCH_CHECK_CONFLICT)
-					op->conflicts++;
-				protobuf_c_message_free_unpacked(m, NULL);
+			int v = BENCH_CHECK_BAD;
+			if (w->check_wire) {
+				v = w->check_wire(t->sh->o, s->state, &s->bc, GRPC_SLICE_START_PTR(all),
+						  GRPC_SLICE_LENGTH(all));
+			} else {
+				ProtobufCMessage *m = protobuf_c_message_unpack(s->bc.resp_desc, NULL, GRPC_SLICE_LENGTH(all),
+										GRPC_SLICE_START_PTR(all));
+				if (m) {
+					v = w->check(t->sh->o, s->state, &s->bc, m);
+					protobuf_c_message_free_unpacked(m, NULL);
+				}
 			}
+			bad = v != BENCH_CHECK_OK && v != BENCH_CHECK_CONFLICT;
+			if (v == BENCH_CHECK_CONFLICT)
+				op->conflicts++;
 			grpc_slice_unref(all);
 		}
 		if (bad) {
@@ -782,66 +788,7 @@ static int ht_get(struct sstream *s, int64_t key)
 	return -1;
 }
 
-/* ---- a minimal protobuf walker: the watch client counts events without unpacking ---- */
-
-struct pbf {
-	uint32_t num;
-	int wt;
-	uint64_t v;	   /* varint value */
-	const uint8_t *p; /* length-delimited: the bytes */
-	size_t len;
-};
-
-static int pb_varint(const uint8_t **p, const uint8_t *end, uint64_t *v)
-{
-	uint64_t r = 0;
-	for (int sh = 0; sh < 64 && *p < end; sh += 7) {
-		uint8_t b = *(*p)++;
-		r |= (uint64_t)(b & 0x7f) << sh;
-		if (!(b & 0x80)) {
-			*v = r;
-			return 0;
-		}
-	}
-	return -1;
-}
-
-/* The next field at *p; returns 1, 0 at the end, -1 on malformed input. */
-static int pb_next(const uint8_t **p, const uint8_t *end, struct pbf *f)
-{
-	if (*p >= end)
-		return 0;
-	uint64_t tag;
-	if (pb_varint(p, end, &tag) != 0)
-		return -1;
-	f->num = (uint32_t)(tag >> 3);
-	f->wt = (int)(tag & 7);
-	switch (f->wt) {
-	case 0:
-		return pb_varint(p, end, &f->v) == 0 ? 1 : -1;
-	case 1:
-		if (end - *p < 8)
-			return -1;
-		*p += 8;
-		return 1;
-	case 5:
-		if (end - *p < 4)
-			return -1;
-		*p += 4;
-		return 1;
-	case 2: {
-		uint64_t l;
-		if (pb_varint(p, end, &l) != 0 || l > (uint64_t)(end - *p))
-			return -1;
-		f->p = *p;
-		f->len = (size_t)l;
-		*p += l;
-		return 1;
-	}
-	default:
-		return -1;
-	}
-}
+/* ---- the watch client counts events without unpacking (bench_pb_next) ---- */
 
 /* An event's kv key, mod_revision and value (the parts the check needs). */
 static int pb_event(const uint8_t *p, size_t len, const uint8_t **key, size_t *klen, int64_t *mod,
@@ -849,9 +796,9 @@ static int pb_event(const uint8_t *p, size_t len, const uint8_t **key, size_t *k
 {
 	const uint8_t *end = p + len, *kv = NULL, *q;
 	size_t kvlen = 0;
-	struct pbf f;
+	struct bench_pbf f;
 	int r;
-	while ((r = pb_next(&p, end, &f)) == 1)
+	while ((r = bench_pb_next(&p, end, &f)) == 1)
 		if (f.num == 2 && f.wt == 2) {
 			kv = f.p;
 			kvlen = f.len;
@@ -863,7 +810,7 @@ static int pb_event(const uint8_t *p, size_t len, const uint8_t **key, size_t *k
 	*mod = 0;
 	q = kv;
 	end = kv + kvlen;
-	while ((r = pb_next(&q, end, &f)) == 1) {
+	while ((r = bench_pb_next(&q, end, &f)) == 1) {
 		if (f.num == 1 && f.wt == 2) {
 			*key = f.p;
 			*klen = f.len;
@@ -881,14 +828,14 @@ static void watch_on_bytes(struct sthr *t, struct sstream *s, const uint8_t *buf
 {
 	struct sshared *sh = t->sh;
 	const uint8_t *p = buf, *end = buf + len;
-	struct pbf f;
+	struct bench_pbf f;
 	int r;
 	int64_t watch_id = 0, compact = 0;
 	int created = 0, canceled = 0;
 	size_t n_events = 0;
 	char reason[120] = "";
 	/* first pass: the response's own fields (a merged response repeats them: last wins) */
-	while ((r = pb_next(&p, end, &f)) == 1) {
+	while ((r = bench_pb_next(&p, end, &f)) == 1) {
 		if (f.wt == 0 && f.num == 2)
 			watch_id = (int64_t)f.v;
 		else if (f.wt == 0 && f.num == 3)
@@ -933,7 +880,7 @@ static void watch_on_bytes(struct sthr *t, struct sstream *s, const uint8_t *buf
 	uint64_t dups = 0, ooo = 0, unexp = 0;
 	uint64_t ws = atomic_load(&sh->wstart_ns);
 	p = buf;
-	while (pb_next(&p, end, &f) == 1) {
+	while (bench_pb_next(&p, end, &f) == 1) {
 		if (f.wt != 2 || f.num != 11)
 			continue;
 		const uint8_t *key, *val;
