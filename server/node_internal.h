@@ -44,6 +44,7 @@ struct node_req {
 	const ProtobufCMessage *nr_msg; /* owned by the call, or by the node if nr_owns_msg */
 	int nr_owns_msg;                /* internal requests: the node frees nr_msg */
 	uint64_t nr_seq;                /* proposal sequence: matches the applied entry */
+	uint64_t nr_read_index;         /* reads: the index their round confirmed */
 	uint64_t nr_deadline_ms;
 	uint64_t nr_member;             /* member changes */
 	int nr_learner;

@@ -23,7 +23,7 @@ static void serve_one(node *n, node_req *r)
 		return;
 	}
 	storage_reader *rd;
-	int rc = storage_read_begin(sc->st, &rd);
+	int rc = storage_read_begin_at(sc->st, r->nr_read_index, &rd);
 	if (rc) {
 		server_fail_storage(r->nr_call, rc);
 		r->nr_call = NULL;
@@ -70,6 +70,7 @@ void node_read_serve(node *n)
 		read_pool *rp = &n->n_read_pool;
 		for (node_req *r = rr->rr_reqs; r; r = next) {
 			next = r->nr_next;
+			r->nr_read_index = rr->rr_index;
 			if (r->nr_op == NODE_READ_BARRIER || rp->rp_nthreads == 0) {
 				serve_one(n, r);
 				continue;

@@ -20,7 +20,7 @@
 
 static int committer_start(storage *s);
 static void committer_stop(storage *s);
-static int wait_published(storage *s);
+static int wait_published(storage *s, uint64_t need_applied);
 static void flush_parked(storage *s);
 
 #define DEFAULT_MAP_SIZE (8ull << 30)
@@ -414,7 +414,7 @@ out:
 int storage_copy(storage *s, int fd)
 {
 	/* Shared: the copy reads in its own LMDB read txn while batches go on. */
-	int werr = wait_published(s);
+	int werr = wait_published(s, 0);
 	if (werr)
 		return werr;
 	pthread_rwlock_rdlock(&s->s_envlock);
@@ -509,7 +509,7 @@ static void *committer_main(void *arg)
 		storage_batch *b = s->s_cm_batch;
 		if (job == CM_STOP)
 			break;
-		uint64_t seq = b ? b->b_seq : 0; /* b is gone after its commit */
+		uint64_t seq = b ? b->b_seq : 0, applied = b ? b->b_applied : 0; /* b is gone after its commit */
 		pthread_mutex_unlock(&s->s_cm_mu);
 		int err = 0;
 		if (job == CM_BEGIN) {
@@ -525,6 +525,8 @@ static void *committer_main(void *arg)
 			if (err && async)
 				s->s_cm_async_err = err;
 			atomic_store(&s->s_cm_published, seq); /* commits end in the order handed */
+			if (!err && applied > atomic_load(&s->s_pub_applied))
+				atomic_store(&s->s_pub_applied, applied);
 		}
 		s->s_cm_err = err;
 		s->s_cm_done = 1;
@@ -587,15 +589,24 @@ static int run_job(storage *s, int job, storage_batch *b, int lazy, int async)
 	return err;
 }
 
-/* Waits until every commit handed over so far is visible to new read transactions. Fails
- * once an asynchronous commit has failed: what was answered may then never show. */
-static int wait_published(storage *s)
+static int published_enough(storage *s, uint64_t want, uint64_t need_applied)
+{
+	return atomic_load(&s->s_cm_published) >= want ||
+	       (need_applied && atomic_load(&s->s_pub_applied) >= need_applied);
+}
+
+/* Waits until every commit handed over so far is visible to new read transactions or, with
+ * need_applied != 0, until a visible commit holds Raft index need_applied, whichever comes
+ * first: a linearizable read needs what its read index covers, not the applies after it,
+ * which may sit in a batch still parked or still being written. Fails once an asynchronous
+ * commit has failed: what was answered may then never show. */
+static int wait_published(storage *s, uint64_t need_applied)
 {
 	uint64_t want = atomic_load(&s->s_cm_handed);
-	if (atomic_load(&s->s_cm_published) >= want && !atomic_load(&s->s_cm_async_err))
+	if (published_enough(s, want, need_applied) && !atomic_load(&s->s_cm_async_err))
 		return 0;
 	pthread_mutex_lock(&s->s_cm_mu);
-	while (atomic_load(&s->s_cm_published) < want && s->s_cm_started) {
+	while (!published_enough(s, want, need_applied) && s->s_cm_started) {
 		/* What was answered may sit in a parked batch, or in the batch continuing it:
 		 * that one is committed as soon as it ends (storage_batch_commit_async). */
 		if (s->s_cm_job == CM_NONE) { /* not in flight: parked, or being continued */
@@ -925,6 +936,7 @@ static int batch_prepare(storage_batch *b, uint64_t applied_index)
 		err = storage__meta_put_i64(s, txn, META_NEXT_ID, b->b_next_id);
 	if (!err)
 		err = storage__meta_put_i64(s, txn, META_APPLIED, (int64_t)applied_index);
+	b->b_applied = applied_index;
 	if (!err)
 		err = end_child(b, 1); /* one txn again, for the committer */
 	if (err)
@@ -1023,11 +1035,16 @@ void storage_batch_abort(storage_batch *b)
 
 int storage_read_begin(storage *s, storage_reader **out)
 {
+	return storage_read_begin_at(s, 0, out);
+}
+
+int storage_read_begin_at(storage *s, uint64_t applied_index, storage_reader **out)
+{
 	storage_reader *r = calloc(1, sizeof(*r));
 	if (!r)
 		return STORAGE_ERR_NOMEM;
 	r->r_s = s;
-	int werr = wait_published(s);
+	int werr = wait_published(s, applied_index);
 	if (werr) {
 		free(r);
 		return werr;
@@ -1087,7 +1104,7 @@ int storage_stat(storage *s, storage_stats *out)
 	MDB_cursor *cur = NULL;
 	int64_t applied = 0;
 	memset(out, 0, sizeof(*out));
-	int werr = wait_published(s);
+	int werr = wait_published(s, 0);
 	if (werr)
 		return werr;
 	pthread_rwlock_rdlock(&s->s_envlock);

@@ -86,6 +86,9 @@ struct storage {
 	/* Commits handed over vs made visible: a reader waits until the second reaches the
 	 * first, so it never sees less than a writer has been answered. */
 	_Atomic uint64_t s_cm_handed, s_cm_published;
+	/* The applied index of the latest visible commit: a reader that needs only that much
+	 * (storage_read_begin_at) need not wait for later commits. */
+	_Atomic uint64_t s_pub_applied;
 	/* storage_set_commit_window(): an answered batch may wait ("parked") so that the next
 	 * applies continue its transaction (storage_batch_begin_apply) and one commit writes
 	 * them all. The committer commits it once the window has passed, at once when someone
@@ -122,6 +125,7 @@ struct storage_batch {
 	int b_snap_set;           /* storage_batch_log_snapshot() was called: */
 	uint64_t b_snap_index;    /* its index */
 	uint64_t b_seq;           /* s_cm_handed when handed over or parked: its commit publishes it */
+	uint64_t b_applied;       /* the applied index its commit records */
 	uint64_t b_parked_ns;     /* when first parked (0: never), CLOCK_MONOTONIC */
 	int64_t b_park_rev;       /* the revision its txn started from when first parked */
 	/* Continuing a parked batch: b_txn is a child of b_parent (the parked txn), so that an
