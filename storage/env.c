@@ -766,8 +766,12 @@ int storage_batch_begin_apply(storage *s, storage_batch **out)
 	}
 	p->b_parent = p->b_txn;
 	p->b_txn = child;
-	int64_t saved[6] = {p->b_rev, p->b_compact, p->b_cnext_main, p->b_cnext_sub, p->b_cpending, p->b_next_id};
-	memcpy(p->b_saved, saved, sizeof(saved));
+	p->b_saved = (struct batch_counters){.rev = p->b_rev,
+					     .compact = p->b_compact,
+					     .cnext_main = p->b_cnext_main,
+					     .cnext_sub = p->b_cnext_sub,
+					     .cpending = p->b_cpending,
+					     .next_id = p->b_next_id};
 	p->b_start_rev = p->b_rev; /* its events are this batch's own */
 	p->b_wal_len = 0;         /* the parked batch's log records are written */
 	p->b_wal_max_index = 0;
@@ -794,12 +798,12 @@ static int end_child(storage_batch *b, int commit)
 		pthread_mutex_unlock(&b->b_s->s_cm_mu);
 	}
 	if (!commit || err) {
-		b->b_rev = b->b_saved[0];
-		b->b_compact = b->b_saved[1];
-		b->b_cnext_main = b->b_saved[2];
-		b->b_cnext_sub = b->b_saved[3];
-		b->b_cpending = b->b_saved[4];
-		b->b_next_id = b->b_saved[5];
+		b->b_rev = b->b_saved.rev;
+		b->b_compact = b->b_saved.compact;
+		b->b_cnext_main = b->b_saved.cnext_main;
+		b->b_cnext_sub = b->b_saved.cnext_sub;
+		b->b_cpending = b->b_saved.cpending;
+		b->b_next_id = b->b_saved.next_id;
 	}
 	b->b_txn = b->b_parent;
 	b->b_parent = NULL;

@@ -131,7 +131,9 @@ struct storage_batch {
 	/* Continuing a parked batch: b_txn is a child of b_parent (the parked txn), so that an
 	 * abort drops only what came after, and the counters go back to b_saved. */
 	MDB_txn *b_parent;
-	int64_t b_saved[6];
+	struct batch_counters {
+		int64_t rev, compact, cnext_main, cnext_sub, cpending, next_id;
+	} b_saved; /* b_rev, b_compact, b_cnext_main, b_cnext_sub, b_cpending, b_next_id */
 };
 
 struct storage_reader {
