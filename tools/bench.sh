@@ -11,7 +11,8 @@
 #   options: --duration S (seconds per workload, full mode; default 12), --no-etcd,
 #            --out FILE (results file), --keep (keep the temp dir with data and logs)
 #   env:     ETCD_BIN (default /usr/bin/etcd), KEELSON_BIN (benchmark this binary instead of
-#            building //server:keelson; KEELSON_DESC describes it in the report), BENCH_TMPDIR (parent of the temp dir; must be on
+#            building //server:keelson; KEELSON_DESC describes it in the report), KEELSON_FLAGS (more
+#            flags for every Keelson member, e.g. --backend-batch-interval=25ms), BENCH_TMPDIR (parent of the temp dir; must be on
 #            the same filesystem as the repo, else the script uses bench/.tmp/)
 #
 # For each workload and server it reports throughput, latency p50/p90/p99/p99.9/max, errors,

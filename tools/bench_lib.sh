@@ -111,7 +111,10 @@ start_server() {
 				-o "$work/perf.$server.$i" --)
 			SRV_T0[$server,$i]=$(now_s)
 		fi
-		"${wrap[@]}" "$bin" --name "$name" --data-dir "$work/$server.$i.data" \
+		local -a extra=()
+		# KEELSON_FLAGS: more flags for Keelson's members (e.g. --backend-batch-interval=25ms)
+		[ "$server" = keelson ] && read -r -a extra <<<"${KEELSON_FLAGS:-}"
+		"${wrap[@]}" "$bin" "${extra[@]}" --name "$name" --data-dir "$work/$server.$i.data" \
 			--listen-client-urls "http://127.0.0.1:$cp" --advertise-client-urls "http://127.0.0.1:$cp" \
 			--listen-peer-urls "http://127.0.0.1:$pp" --initial-advertise-peer-urls "http://127.0.0.1:$pp" \
 			--initial-cluster "$ic" --initial-cluster-state new --initial-cluster-token "$token" \
@@ -357,7 +360,7 @@ report_header() {
 	if [ "$with_etcd" = 1 ]; then etcd_ver="$("$etcd_bin" --version 2>/dev/null || true)"; etcd_ver="${etcd_ver%%$'\n'*}"; fi
 	echo "date:     $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
 	echo "commit:   $commit$dirty"
-	echo "keelson:  ${KEELSON_BIN:-bazel-bin/server/keelson (built from the working tree)} (sha256 $(sha256sum "$work/keelson-bin" | cut -c1-12))${KEELSON_DESC:+; $KEELSON_DESC}"
+	echo "keelson:  ${KEELSON_BIN:-bazel-bin/server/keelson (built from the working tree)} (sha256 $(sha256sum "$work/keelson-bin" | cut -c1-12))${KEELSON_FLAGS:+ $KEELSON_FLAGS}${KEELSON_DESC:+; $KEELSON_DESC}"
 	echo "machine:  $(nproc) CPUs ($(awk -F: '/^model name/{gsub(/^ +/,"",$2); print $2; exit}' /proc/cpuinfo)), $(awk '/^MemTotal:/{printf "%.1f GiB", $2/1048576}' /proc/meminfo) RAM, kernel $(uname -r)"
 	echo "load:     1-min load average $load0 at start, $(cut -d' ' -f1 /proc/loadavg) at end (on $(nproc) CPUs shared by both servers and the load generator)"
 	echo "disk:     $(df -hT "$work" | awk 'NR==2{print $1" ("$2")"}'), temp dir $work"

@@ -137,9 +137,4 @@ out += ["  " + json.dumps(r, sort_keys=True) for r in rows]
 print("\n".join(out))
 PY
 )"
-if [ -n "$out" ]; then
-	echo "$report" | tee "$out"
-else
-	f="$repo/bench/results/$(date -u +%Y-%m-%d)-$(cd "$repo" && git rev-parse --short HEAD)-put1.txt"
-	echo "$report" | tee "$f"
-fi
+write_report "$report" "-put1"
