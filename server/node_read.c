@@ -22,6 +22,10 @@ static void serve_one(node *n, node_req *r)
 		node_req_free(r);
 		return;
 	}
+	/* Only what the read index covers need be visible: a write answered before the read
+	 * began was committed by Raft first (a lone voter's entries are committed once durable;
+	 * a voter-adding change is proposed alone, so none of its Ready's entries is a client's),
+	 * hence its index is at most the read index. */
 	storage_reader *rd;
 	int rc = storage_read_begin_at(sc->st, r->nr_read_index, &rd);
 	if (rc) {

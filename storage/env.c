@@ -456,7 +456,7 @@ int storage_install(storage *s, const char *path)
  * state besides; the hand-over through s_cm_mu orders the accesses). That lets
  * storage_batch_commit_async() return while the commit writes and flushes its pages: the
  * caller answers once the batch's log records are durable, and readers wait for the commit
- * to be visible (wait_published), so none sees less than a writer was answered.
+ * to be visible (wait_published), so none misses a write answered before it began.
  * One job at a time: whoever posts the next waits until the committer is idle.
  */
 enum { CM_NONE, CM_BEGIN, CM_COMMIT, CM_ABORT, CM_STOP };
@@ -940,12 +940,14 @@ static int batch_prepare(storage_batch *b, uint64_t applied_index)
 		err = storage__meta_put_i64(s, txn, META_NEXT_ID, b->b_next_id);
 	if (!err)
 		err = storage__meta_put_i64(s, txn, META_APPLIED, (int64_t)applied_index);
-	b->b_applied = applied_index;
 	if (!err)
 		err = end_child(b, 1); /* one txn again, for the committer */
-	if (err)
-		batch_discard(b);
-	return err;
+	if (err) {
+		batch_discard(b); /* a parked batch it continued keeps its own b_applied */
+		return err;
+	}
+	b->b_applied = applied_index;
+	return 0;
 }
 
 static int batch_commit(storage_batch *b, uint64_t applied_index, int lazy)

@@ -84,7 +84,8 @@ struct storage {
 	void *_Atomic s_cm_observe_arg;
 	_Atomic int s_cm_async_err; /* an asynchronous commit failed: later batches and reads fail */
 	/* Commits handed over vs made visible: a reader waits until the second reaches the
-	 * first, so it never sees less than a writer has been answered. */
+	 * first (or, storage_read_begin_at, until s_pub_applied reaches its read index), so it
+	 * never misses a write answered before it began. */
 	_Atomic uint64_t s_cm_handed, s_cm_published;
 	/* The applied index of the latest visible commit: a reader that needs only that much
 	 * (storage_read_begin_at) need not wait for later commits. */

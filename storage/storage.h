@@ -227,7 +227,9 @@ void storage_batch_abort(storage_batch *b);
 int storage_read_begin(storage *s, storage_reader **out);
 /* As storage_read_begin, but waits only until the visible state holds Raft index
  * applied_index (what a linearizable read at that read index needs), not for commits of
- * later applies. 0: as storage_read_begin. */
+ * later applies. 0: as storage_read_begin. It relies on what the commits record: a batch
+ * committed with applied_index i (storage_batch_commit*) holds, with the commits before it,
+ * everything applied up to i. */
 int storage_read_begin_at(storage *s, uint64_t applied_index, storage_reader **out);
 /* Range as etcd serves it (limit, count, more, sort, filters, keys_only, count_only). */
 int storage_range(storage_reader *r, const Etcdserverpb__RangeRequest *req, storage_arena *a,

@@ -342,7 +342,8 @@ static int kv_read(const uint8_t *p, size_t n, const uint8_t **key, size_t *klen
 }
 
 /* Reads a RangeResponse; with learn, each object it holds updates g_rev (a LIST refreshes
- * the apiserver's watch cache). 0, or -1 if it is malformed. */
+ * the apiserver's watch cache; g_rev is only a hint, so a page that then fails its checks
+ * may have taught it too). 0, or -1 if it is malformed. */
 static int range_read(const uint8_t *p, size_t n, int learn, struct range_view *v)
 {
 	const uint8_t *end = p + n;
@@ -579,14 +580,15 @@ static void w_on_msg(grpc_byte_buffer *bb, uint64_t now)
 	struct bench_pbf f;
 	int r, created = 0, canceled = 0;
 	size_t n_events = 0;
-	char reason[120] = "";
-	while ((r = bench_pb_next(&p, end, &f)) == 1) {
+	char reason[sizeof W.first_error] = "";
+	while ((r = bench_pb_next(&p, end, &f)) == 1) { /* a repeated scalar: the last wins */
 		if (f.num == 3 && f.wt == 0) {
-			created |= f.v != 0;
+			created = f.v != 0;
 		} else if (f.num == 4 && f.wt == 0) {
-			canceled |= f.v != 0;
+			canceled = f.v != 0;
 		} else if (f.num == 6 && f.wt == 2) {
-			snprintf(reason, sizeof reason, "%.*s", (int)(f.len < 100 ? f.len : 100), (const char *)f.p);
+			int n = f.len < sizeof reason - 1 ? (int)f.len : (int)sizeof reason - 1;
+			snprintf(reason, sizeof reason, "%.*s", n, (const char *)f.p);
 		} else if (f.num == 11 && f.wt == 2) {
 			n_events++;
 			w_on_event(f.p, f.len, now);
