@@ -6,17 +6,8 @@
 #include "api/proto/kv.pb-c.h"
 #include "api/proto/auth.pb-c.h"
 #include "api/proto/rpc.pb-c.h"
+#include "tests/unit/check.h"
 
-static int failures;
-
-#define CHECK(cond)                                                        \
-  do {                                                                     \
-    if (!(cond)) {                                                         \
-      fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__,     \
-              #cond);                                                      \
-      failures++;                                                          \
-    }                                                                      \
-  } while (0)
 
 #define BYTES(s) ((ProtobufCBinaryData){sizeof(s) - 1, (uint8_t *)(s)})
 
@@ -32,7 +23,7 @@ static void check_bytes(const char *what, const uint8_t *got, size_t got_len,
   fprintf(stderr, "\n  want:");
   for (size_t i = 0; i < want_len; i++) fprintf(stderr, " %02x", want[i]);
   fprintf(stderr, "\n");
-  failures++;
+  check_failures++;
 }
 
 #define PACK(desc_prefix, msg, bufvar, lenvar)                  \
@@ -270,7 +261,7 @@ static void check_path(const ProtobufCServiceDescriptor *svc, unsigned idx,
   snprintf(path, sizeof path, "/%s/%s", svc->name, svc->methods[idx].name);
   if (strcmp(path, want) != 0) {
     fprintf(stderr, "method path: got %s want %s\n", path, want);
-    failures++;
+    check_failures++;
   }
 }
 
@@ -304,8 +295,8 @@ int main(void) {
   test_watch_create();
   test_misc_encodings();
   test_service_paths();
-  if (failures) {
-    fprintf(stderr, "proto_test: %d failure(s)\n", failures);
+  if (check_failures) {
+    fprintf(stderr, "proto_test: %d failure(s)\n", check_failures);
     return 1;
   }
   printf("proto_test: OK\n");

@@ -13,15 +13,8 @@
 #include <unistd.h>
 
 #include "backup/backup.h"
+#include "tests/unit/check.h"
 
-static int failures;
-#define CHECK(c)                                                                   \
-	do {                                                                       \
-		if (!(c)) {                                                        \
-			fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #c); \
-			failures++;                                                \
-		}                                                                  \
-	} while (0)
 
 static void write_file(const char *path, const char *text)
 {
@@ -159,8 +152,8 @@ int main(void)
 	snprintf(p, sizeof(p), "rm -rf '%s'", base);
 	if (system(p) != 0)
 		fprintf(stderr, "could not remove %s\n", base);
-	if (failures) {
-		fprintf(stderr, "%d failures\n", failures);
+	if (check_failures) {
+		fprintf(stderr, "%d failures\n", check_failures);
 		return 1;
 	}
 	printf("ok\n");

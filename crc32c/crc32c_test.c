@@ -4,15 +4,8 @@
 
 #include <stdio.h>
 #include <stdlib.h>
+#include "tests/unit/check.h"
 
-static int failures;
-#define CHECK(cond)                                                                   \
-	do {                                                                          \
-		if (!(cond)) {                                                        \
-			fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-			failures++;                                                   \
-		}                                                                     \
-	} while (0)
 
 int main(void)
 {
@@ -41,8 +34,8 @@ int main(void)
 			CHECK(crc32c(crc32c(0, buf + off, cut), buf + off + cut, n - cut) == want);
 			CHECK(crc32c(0x12345678u, buf + off, n) == crc32c_portable(0x12345678u, buf + off, n));
 		}
-	if (failures) {
-		fprintf(stderr, "crc32c_test: %d failures\n", failures);
+	if (check_failures) {
+		fprintf(stderr, "crc32c_test: %d failures\n", check_failures);
 		return 1;
 	}
 	printf("crc32c_test: ok\n");

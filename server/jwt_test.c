@@ -11,15 +11,8 @@
 #include <openssl/pem.h>
 
 #include "server/jwt.h"
+#include "tests/unit/check.h"
 
-static int failures;
-#define CHECK(c)                                                                       \
-	do {                                                                           \
-		if (!(c)) {                                                            \
-			fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #c); \
-			failures++;                                                    \
-		}                                                                      \
-	} while (0)
 
 static char dir[] = "/tmp/jwt_test.XXXXXX";
 
@@ -168,7 +161,7 @@ int main(void)
 	snprintf(cmd, sizeof(cmd), "rm -rf %s", dir);
 	if (system(cmd) != 0)
 		fprintf(stderr, "could not remove %s\n", dir);
-	if (failures)
-		fprintf(stderr, "%d failures\n", failures);
-	return failures != 0;
+	if (check_failures)
+		fprintf(stderr, "%d failures\n", check_failures);
+	return check_failures != 0;
 }

@@ -8,16 +8,8 @@
 #include <string.h>
 
 #include "server/server.h"
+#include "tests/unit/check.h"
 
-static int failed;
-
-#define CHECK(c)                                                                  \
-	do {                                                                      \
-		if (!(c)) {                                                       \
-			fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #c); \
-			failed++;                                                 \
-		}                                                                 \
-	} while (0)
 
 int main(void)
 {
@@ -39,8 +31,8 @@ int main(void)
 	CHECK(code == 8 /* RESOURCE_EXHAUSTED */);
 	CHECK(msg && strcmp(msg, "etcdserver: too many requests") == 0);
 
-	if (failed) {
-		fprintf(stderr, "node_gap_test: %d check(s) failed\n", failed);
+	if (check_failures) {
+		fprintf(stderr, "node_gap_test: %d check(s) failed\n", check_failures);
 		return 1;
 	}
 	printf("node_gap_test: ok\n");

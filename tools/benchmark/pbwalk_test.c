@@ -6,15 +6,8 @@
 
 #include "api/proto/rpc.pb-c.h"
 #include "tools/benchmark/bench.h"
+#include "tests/unit/check.h"
 
-static int failures;
-#define CHECK(cond)                                                                   \
-	do {                                                                          \
-		if (!(cond)) {                                                        \
-			fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-			failures++;                                                   \
-		}                                                                     \
-	} while (0)
 
 /* Walks all fields of p..p+n; returns bench_pb_next's last result (0 = clean end). */
 static int walk_all(const uint8_t *p, size_t n, int *fields)
@@ -131,6 +124,6 @@ int main(void)
 	CHECK(walk_all(longvar, sizeof longvar, &fields) == -1);
 	CHECK(walk_all(NULL, 0, &fields) == 0 && fields == 0);
 
-	printf("pbwalk_test: %s\n", failures ? "FAILED" : "ok");
-	return failures ? 1 : 0;
+	printf("pbwalk_test: %s\n", check_failures ? "FAILED" : "ok");
+	return check_failures ? 1 : 0;
 }
