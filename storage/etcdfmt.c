@@ -256,29 +256,15 @@ static int wsrc_rewind(wsrc *s)
 	return storage__mdb_err(mdb_cursor_open(s->ws_r->r_txn, s->ws_r->r_s->s_revs, &s->ws_cur));
 }
 
-/* Whether the revision record at (main, sub) of key id is what etcd keeps after a compaction
- * at the reader's compacted revision (storage_hash_kv's rule: each key's newest revision at
- * or below it, unless a tombstone). */
-static int rev_kept(storage_reader *r, int64_t main, int64_t sub, uint64_t id, int tomb, int *keep)
+/* Whether the revision record h at (main, sub) is what etcd keeps after a compaction at the
+ * reader's compacted revision (storage_hash_kv's rule: each key's newest revision at or
+ * below it, unless a tombstone). */
+static int rev_kept(storage_reader *r, int64_t main, int64_t sub, const rev_hdr *h, int *keep)
 {
 	*keep = 1;
 	if (r->r_compact < 0 || main > r->r_compact)
 		return 0;
-	if (tomb) {
-		*keep = 0;
-		return 0;
-	}
-	int64_t km, ks;
-	int kt;
-	int err = storage__hist_at(r->r_s, r->r_txn, id, r->r_compact, &km, &ks, &kt);
-	if (err == STORAGE_ERR_NOT_FOUND) {
-		*keep = 0;
-		return 0;
-	}
-	if (err)
-		return err;
-	*keep = km == main && ks == sub && !kt;
-	return 0;
+	return storage__rev_newest_at(r->r_s, r->r_txn, h, main, sub, r->r_compact, keep);
 }
 
 /* 1 with an entry, 0 at the end, or an error. */
@@ -298,13 +284,13 @@ static int wsrc_next(wsrc *s, bb_ent *e)
 			return 0;
 		if (rc)
 			return storage__mdb_err(rc);
-		if (k.mv_size != REV_KEY_SIZE || v.mv_size < REV_HDR_SIZE)
+		rev_hdr h;
+		if (k.mv_size != REV_KEY_SIZE || storage__rev_parse(&v, &h))
 			return STORAGE_ERR_CORRUPT;
-		const uint8_t *p = v.mv_data;
 		int64_t main = (int64_t)be64_get(k.mv_data);
 		int64_t sub = (int64_t)be64_get((uint8_t *)k.mv_data + 8);
-		int tomb = p[0] & REV_FLAG_TOMB, keep, err;
-		if ((err = rev_kept(s->ws_r, main, sub, be64_get(p + 1), tomb, &keep)))
+		int tomb = h.tomb, keep, err;
+		if ((err = rev_kept(s->ws_r, main, sub, &h, &keep)))
 			return err;
 		if (!keep)
 			continue;
@@ -313,15 +299,15 @@ static int wsrc_next(wsrc *s, bb_ent *e)
 		e->kl = ETCD_REV_LEN;
 		e->fl = 0;
 		if (!tomb) {
-			e->v = p + REV_HDR_SIZE;
-			e->vl = v.mv_size - REV_HDR_SIZE;
+			e->v = h.kv;
+			e->vl = h.kvlen;
 			return 1;
 		}
 		/* etcd writes a tombstone as KeyValue{key} under the revision plus 't'. */
 		s->ws_key[ETCD_REV_LEN] = 't';
 		e->kl = ETCD_REV_LEN + 1;
 		ekv r;
-		if (storage__kv_decode(p + REV_HDR_SIZE, v.mv_size - REV_HDR_SIZE, &r))
+		if (storage__kv_decode(h.kv, h.kvlen, &r))
 			return STORAGE_ERR_CORRUPT;
 		ekv t = {0};
 		t.key = r.key;
@@ -1736,19 +1722,8 @@ static int import_rev(etcd_walk *x, const uint8_t *k, size_t kl, const uint8_t *
 				return err;
 		}
 	}
-	uint8_t kb[REV_KEY_SIZE];
-	rev_key(kb, main, sub);
-	MDB_val mk = {sizeof(kb), kb}, mv_ = {REV_HDR_SIZE + storage__kv_size(&rec), NULL};
-	int rc = mdb_put(txn, s->s_revs, &mk, &mv_, MDB_RESERVE | MDB_APPEND);
-	if (rc == MDB_KEYEXIST)
-		return STORAGE_ERR_CORRUPT;
-	if (rc)
-		return storage__mdb_err(rc);
-	uint8_t *p = mv_.mv_data;
-	p[0] = tomb ? REV_FLAG_TOMB : 0;
-	be64_put(p + 1, ns.ks_id);
-	storage__kv_encode(p + REV_HDR_SIZE, &rec);
-	if ((err = storage__hist_put(s, txn, ns.ks_id, main, sub, tomb)))
+	if ((err = storage__rev_put(s, txn, main, sub, ns.ks_id, tomb, have ? st.ks_mod_main : 0,
+				    have ? st.ks_mod_sub : 0, &rec)))
 		return err;
 	return storage__ki_set(s, txn, r.key, r.klen, &ns);
 }

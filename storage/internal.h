@@ -6,11 +6,16 @@
  *           id, applied index), storage_batch_meta_put() names under "m:".
  *   "keys"  the key index (keyindex.c): user key (or a 400-byte bucket prefix for long keys)
  *           -> latest state of the key (ki_state), see keyindex.c for the design.
- *   "hist"  (key id u64, main u64, sub u64) big-endian -> 1 byte (1 = tombstone). Every
- *           revision of every key not yet compacted, ordered per key: Range at an old
- *           revision is one seek here.
- *   "revs"  (main u64, sub u64) big-endian -> [flags u8][key id u64][mvccpb.KeyValue]. The
- *           revision table: compaction and history replay (watch) are range scans of it.
+ *   "hist"  (key id u64, main u64, sub u64) big-endian -> 1 byte (1 = tombstone). Signposts
+ *           in each key's history: its first revision, every HIST_EVERY-th version after
+ *           that, and (kept by compaction) its oldest revision left. Between two signposts
+ *           a key has fewer than HIST_EVERY + 1 revisions, chained by their prev pointers,
+ *           so reading a key at an old revision is one seek here and a short walk back.
+ *           Stores written before the prev pointer existed hold a signpost for every
+ *           revision of those days (see REV_FLAG_PREV).
+ *   "revs"  (main u64, sub u64) big-endian -> [flags u8][key id u64][prev main u64][prev sub
+ *           u64][mvccpb.KeyValue]: the revision table; compaction and history replay (watch)
+ *           are range scans of it. prev is the key's revision before this one (0, 0: none).
  *           Tombstones carry flag 1 and a KeyValue with key and mod_revision only.
  *   "leases" lease id -> granted TTL [, checkpointed remaining TTL]; "lkeys" (lease id,
  *           key id) -> (): which live keys a lease holds, so revoking it deletes them
@@ -33,8 +38,18 @@
 #define KI_STATE_SIZE 48
 #define REV_KEY_SIZE 16
 #define HIST_KEY_SIZE 24
-#define REV_HDR_SIZE 9 /* flags + key id before the encoded KeyValue */
+#define REV_HDR_SIZE 25 /* flags, key id, prev (main, sub) before the encoded KeyValue */
+#define REV_HDR_SIZE_OLD 9 /* flags, key id: records without REV_FLAG_PREV */
 #define REV_FLAG_TOMB 1
+/* The record holds its key's previous revision. Records written before it existed lack it,
+ * and each of them has its own entry in "hist", so their predecessor is found there. */
+#define REV_FLAG_PREV 2
+/* A put writes a "hist" signpost when its version is 1 modulo this (and for a new key id):
+ * a put writes one B-tree leaf at random (the key index) instead of two, and reading a key
+ * at an old revision walks back at most HIST_EVERY + 1 records. */
+#define HIST_EVERY 32
+/* HIST_EVERY, except in tests (model_test makes the walks long and frequent). */
+extern int storage__hist_every;
 
 /* The latest state of a key (version 0: the latest event is a tombstone). */
 typedef struct ki_state {
@@ -199,6 +214,39 @@ static inline int storage__bytes_cmp(const void *a, size_t an, const void *b, si
 	return an < bn ? -1 : an > bn;
 }
 
+/* The header of a revision record, as storage__rev_parse() reads it. */
+typedef struct rev_hdr {
+	int tomb;
+	uint64_t id;
+	int has_prev;          /* REV_FLAG_PREV: prev_main/prev_sub are the record's */
+	int64_t prev_main, prev_sub; /* (0, 0): the key had no revision before */
+	const uint8_t *kv;     /* the encoded mvccpb.KeyValue, in the record */
+	size_t kvlen;
+} rev_hdr;
+
+/* Reads the header of a revision record: 0 or STORAGE_ERR_CORRUPT. */
+static inline int storage__rev_parse(const MDB_val *v, rev_hdr *h)
+{
+	const uint8_t *p = v->mv_data;
+	if (v->mv_size < REV_HDR_SIZE_OLD)
+		return STORAGE_ERR_CORRUPT;
+	h->tomb = p[0] & REV_FLAG_TOMB;
+	h->has_prev = (p[0] & REV_FLAG_PREV) != 0;
+	h->id = be64_get(p + 1);
+	size_t hs = REV_HDR_SIZE_OLD;
+	h->prev_main = h->prev_sub = 0;
+	if (h->has_prev) {
+		if (v->mv_size < REV_HDR_SIZE)
+			return STORAGE_ERR_CORRUPT;
+		h->prev_main = (int64_t)be64_get(p + 9);
+		h->prev_sub = (int64_t)be64_get(p + 17);
+		hs = REV_HDR_SIZE;
+	}
+	h->kv = p + hs;
+	h->kvlen = v->mv_size - hs;
+	return 0;
+}
+
 /* ---- kvcodec.c: mvccpb.KeyValue as etcd encodes it ---- */
 typedef struct kvrec {
 	const uint8_t *key;
@@ -238,9 +286,36 @@ typedef int (*ki_visit_fn)(void *arg, const uint8_t *key, size_t klen, const ki_
 int storage__ki_range(storage *s, MDB_txn *txn, const uint8_t *key, size_t klen,
 		      const uint8_t *end, size_t endlen, ki_visit_fn fn, void *arg);
 int storage__hist_put(storage *s, MDB_txn *txn, uint64_t id, int64_t main, int64_t sub, int tomb);
-/* The newest revision of key id with main <= rev: 0 or STORAGE_ERR_NOT_FOUND. */
+/* The newest signpost of key id with main <= rev: 0 or STORAGE_ERR_NOT_FOUND. */
 int storage__hist_at(storage *s, MDB_txn *txn, uint64_t id, int64_t rev, int64_t *main,
 		     int64_t *sub, int *tomb);
+/* The oldest signpost of key id with main > rev: 0 or STORAGE_ERR_NOT_FOUND. */
+int storage__hist_after(storage *s, MDB_txn *txn, uint64_t id, int64_t rev, int64_t *main,
+			int64_t *sub);
+/* Removes the signpost of (id, main, sub): 1 if there was one, 0 if not, or an error. */
+int storage__hist_del(storage *s, MDB_txn *txn, uint64_t id, int64_t main, int64_t sub);
+
+/* ---- mvcc.c: the revision table ---- */
+/*
+ * Appends the record of revision (main, sub) of key id, whose previous revision was
+ * (prev_main, prev_sub) ((0, 0): none, a new key id), and its "hist" signpost if it is due.
+ */
+int storage__rev_put(storage *s, MDB_txn *txn, int64_t main, int64_t sub, uint64_t id, int tomb,
+		     int64_t prev_main, int64_t prev_sub, const kvrec *r);
+/*
+ * The revision of a key as of rev, given the key's newest state st: 0, or
+ * STORAGE_ERR_NOT_FOUND when the key did not exist then (not yet written, or deleted).
+ * rev must not be below the compacted revision. r (if not NULL) gets the record, pointing
+ * into the map of txn.
+ */
+int storage__rev_at(storage *s, MDB_txn *txn, const ki_state *st, int64_t rev, int64_t *main,
+		    int64_t *sub, kvrec *r);
+/*
+ * Whether the record h of revision (main, sub) is its key's newest at or below rev and not
+ * a tombstone: what a compaction at rev keeps of it.
+ */
+int storage__rev_newest_at(storage *s, MDB_txn *txn, const rev_hdr *h, int64_t main, int64_t sub,
+			   int64_t rev, int *yes);
 
 /* ---- wal.c ---- */
 typedef struct storage__wal_log {

@@ -15,15 +15,18 @@
  *    is always a bucket. Order is preserved: a short key s and a bucket prefix P compare as
  *    s and any key extending P do (if s is a prefix of P, s is smaller than all of them;
  *    otherwise they differ inside s). Within a bucket the list is sorted.
- *  - Per-key history lives in "hist", keyed by (key id, main, sub) big-endian: reading a
- *    key at revision R is one seek, and a hot key's history never makes any single value
- *    grow (unlike keeping a revision list in the index value). A key id is handed out when
- *    a key is first written and kept until compaction removes the key's last revision.
+ *  - Per-key history: each revision record names the key's previous revision, and "hist",
+ *    keyed by (key id, main, sub) big-endian, holds signposts every HIST_EVERY versions
+ *    (internal.h). Reading a key at revision R is one seek there (the first signpost after
+ *    R) and a walk back along the prev pointers; a hot key's history never makes any single
+ *    value grow (unlike keeping a revision list in the index value). A key id is handed out
+ *    when a key is first written and kept until compaction removes the key's last revision.
  *
- * Costs: a put of a short key is one index get + put, one hist put and one revision put.
- * A long key rewrites its bucket (the key itself plus its neighbours sharing 400 bytes of
- * prefix, which in practice are few). Range at the current revision reads only the index
- * and the revision table; at an older revision, keys modified since cost one extra seek.
+ * Costs: a put of a short key is one index get + put and one revision put (appended), plus
+ * a hist put every HIST_EVERY versions: one leaf written at random instead of two. A long
+ * key rewrites its bucket (the key itself plus its neighbours sharing 400 bytes of prefix,
+ * which in practice are few). Range at the current revision reads only the index and the
+ * revision table; at an older revision, each key modified since costs a seek and a walk.
  */
 #include <stdlib.h>
 
@@ -272,6 +275,46 @@ int storage__hist_put(storage *s, MDB_txn *txn, uint64_t id, int64_t main, int64
 	hist_key(kb, id, main, sub);
 	MDB_val k = {sizeof(kb), kb}, v = {1, &vb};
 	return storage__mdb_err(mdb_put(txn, s->s_hist, &k, &v, 0));
+}
+
+int storage__hist_after(storage *s, MDB_txn *txn, uint64_t id, int64_t rev, int64_t *main,
+			int64_t *sub)
+{
+	MDB_cursor *cur;
+	int rc = mdb_cursor_open(txn, s->s_hist, &cur);
+	if (rc)
+		return storage__mdb_err(rc);
+	uint8_t kb[HIST_KEY_SIZE];
+	hist_key(kb, id, rev + 1, 0);
+	MDB_val k = {sizeof(kb), kb}, v;
+	rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+	int err;
+	if (rc == MDB_NOTFOUND) {
+		err = STORAGE_ERR_NOT_FOUND;
+	} else if (rc) {
+		err = storage__mdb_err(rc);
+	} else if (k.mv_size != HIST_KEY_SIZE) {
+		err = STORAGE_ERR_CORRUPT;
+	} else if (be64_get(k.mv_data) != id) {
+		err = STORAGE_ERR_NOT_FOUND;
+	} else {
+		*main = (int64_t)be64_get((uint8_t *)k.mv_data + 8);
+		*sub = (int64_t)be64_get((uint8_t *)k.mv_data + 16);
+		err = 0;
+	}
+	mdb_cursor_close(cur);
+	return err;
+}
+
+int storage__hist_del(storage *s, MDB_txn *txn, uint64_t id, int64_t main, int64_t sub)
+{
+	uint8_t kb[HIST_KEY_SIZE];
+	hist_key(kb, id, main, sub);
+	MDB_val k = {sizeof(kb), kb};
+	int rc = mdb_del(txn, s->s_hist, &k, NULL);
+	if (rc == MDB_NOTFOUND)
+		return 0;
+	return rc ? storage__mdb_err(rc) : 1;
 }
 
 int storage__hist_at(storage *s, MDB_txn *txn, uint64_t id, int64_t rev, int64_t *main,

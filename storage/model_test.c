@@ -5,6 +5,7 @@
  */
 #include <time.h>
 
+#include "crc32c/crc32c.h"
 #include "storage/internal.h"
 #include "storage/testutil.h"
 
@@ -615,15 +616,221 @@ static void commit(void)
 	/* model: nothing to do, every request is already applied */
 }
 
+static int id_cmp(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	return x < y ? -1 : x > y;
+}
+
+/* "hist" holds signposts only of revisions that exist, of their own key id, and at least
+ * one for every key id that has revisions (compaction hands them on). */
+static void check_signposts(MDB_txn *txn)
+{
+	MDB_cursor *c;
+	MDB_val k, v;
+	uint64_t *ids = NULL;
+	size_t n = 0, cap = 0;
+	mdb_cursor_open(txn, S->s_hist, &c);
+	for (int rc = mdb_cursor_get(c, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
+		const uint8_t *p = k.mv_data;
+		uint8_t rk[REV_KEY_SIZE];
+		memcpy(rk, p + 8, REV_KEY_SIZE);
+		MDB_val kk = {sizeof(rk), rk}, rv;
+		rev_hdr h;
+		if (mdb_get(txn, S->s_revs, &kk, &rv) || storage__rev_parse(&rv, &h) || h.id != be64_get(p))
+			FAIL("signpost (%llu, %lld) names no revision of its key id",
+			     (unsigned long long)be64_get(p), (long long)be64_get(p + 8));
+		if (n == cap) {
+			cap = cap ? cap * 2 : 64;
+			ids = realloc(ids, cap * sizeof(*ids));
+		}
+		ids[n++] = be64_get(p);
+	}
+	mdb_cursor_close(c);
+	mdb_cursor_open(txn, S->s_revs, &c);
+	for (int rc = mdb_cursor_get(c, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
+		rev_hdr h;
+		if (storage__rev_parse(&v, &h))
+			FAIL("revision record unreadable");
+		else if (!bsearch(&h.id, ids, n, sizeof(*ids), id_cmp))
+			FAIL("key id %llu has revisions but no signpost", (unsigned long long)h.id);
+	}
+	mdb_cursor_close(c);
+	free(ids);
+}
+
+/* HashKV of the committed state at its newest revision (-1 in *rev: none, at the compacted
+ * revision itself etcd refuses it). */
+static uint32_t committed_hash(int64_t *rev)
+{
+	storage_reader *r;
+	uint32_t h = 0;
+	int64_t compact;
+	*rev = -1;
+	if (storage_read_begin(S, &r)) {
+		FAIL("read begin");
+		return 0;
+	}
+	int err = storage_hash_kv(r, 0, &h, rev, &compact);
+	if (err == STORAGE_ERR_COMPACTED)
+		*rev = -1;
+	else if (err)
+		FAIL("hash_kv: %d", err);
+	storage_read_end(r);
+	return h;
+}
+
+typedef struct hev {
+	mkey *k;
+	ev *e;
+} hev;
+
+static int hev_cmp(const void *a, const void *b)
+{
+	const ev *x = ((const hev *)a)->e, *y = ((const hev *)b)->e;
+	if (x->main != y->main)
+		return x->main < y->main ? -1 : 1;
+	return x->sub < y->sub ? -1 : x->sub > y->sub;
+}
+
+/* HashKV at rev as etcd computes it, from the model: every revision up to rev in order,
+ * except those at or below the compacted revision that a compaction at rev would drop
+ * (all but each key's newest at rev, and that one too if a tombstone). */
+static uint32_t model_hash(int64_t rev)
+{
+	size_t n = 0;
+	for (int i = 0; i < NKEYS; i++)
+		n += K[i].nev;
+	hev *all = malloc((n ? n : 1) * sizeof(*all));
+	n = 0;
+	for (int i = 0; i < NKEYS; i++) {
+		ev *newest = NULL;
+		for (size_t j = 0; j < K[i].nev && K[i].evs[j].main <= rev; j++)
+			newest = &K[i].evs[j];
+		for (size_t j = 0; j < K[i].nev && K[i].evs[j].main <= rev; j++) {
+			ev *e = &K[i].evs[j];
+			if (e->main > m_compact || (e == newest && !e->tomb))
+				all[n++] = (hev){&K[i], e};
+		}
+	}
+	qsort(all, n, sizeof(*all), hev_cmp);
+	uint32_t h = crc32c(0, "key", 3);
+	uint8_t buf[4096];
+	for (size_t i = 0; i < n; i++) {
+		ev *e = all[i].e;
+		uint8_t ek[18];
+		be64_put(ek, (uint64_t)e->main);
+		ek[8] = '_';
+		be64_put(ek + 9, (uint64_t)e->sub);
+		ek[17] = 't';
+		h = crc32c(h, ek, e->tomb ? 18 : 17);
+		kvrec r = {(const uint8_t *)all[i].k->k, all[i].k->n, 0, 0, 0, 0, NULL, 0};
+		if (!e->tomb) {
+			r.create = e->create;
+			r.mod = e->main;
+			r.version = e->version;
+			r.lease = e->lease;
+			r.val = (const uint8_t *)e->val;
+			r.vlen = e->vlen;
+		}
+		if (storage__kv_size(&r) > sizeof(buf)) {
+			FAIL("model_hash: key too long for the buffer");
+			break;
+		}
+		h = crc32c(h, buf, (size_t)(storage__kv_encode(buf, &r) - buf));
+	}
+	free(all);
+	return h;
+}
+
+/* The committed history from a random revision above the compacted one, against the model:
+ * every event, its kv, and its prev_kv (the key as of the revision before, unless deleted
+ * or not yet written then). */
+static void check_events(void)
+{
+	storage_reader *r;
+	if (storage_read_begin(S, &r)) {
+		FAIL("read begin");
+		return;
+	}
+	/* Above the compacted revision: at it, only what compaction kept is left. */
+	int64_t lo = m_compact >= 1 ? m_compact + 1 : 1;
+	if (lo > m_rev) {
+		storage_read_end(r);
+		return;
+	}
+	int64_t from = lo + (int64_t)(r32() % (uint64_t)(m_rev - lo + 1));
+	Mvccpb__Event **evs;
+	size_t n, want = 0;
+	int64_t rrev, crev;
+	int err = storage_read_events(r, from, (size_t)1 << 30, &A, &evs, &n, &rrev, &crev);
+	if (err) {
+		FAIL("read_events from %lld: %d", (long long)from, err);
+		storage_read_end(r);
+		return;
+	}
+	for (int i = 0; i < NKEYS; i++)
+		for (size_t j = 0; j < K[i].nev; j++)
+			want += K[i].evs[j].main >= from && K[i].evs[j].main <= rrev;
+	if (n != want)
+		FAIL("read_events from %lld: %zu events, want %zu", (long long)from, n, want);
+	/* A key's events come in its model order (a txn may change a key twice in one
+	 * revision: delete, then put). */
+	size_t next[NKEYS];
+	for (int i = 0; i < NKEYS; i++)
+		for (next[i] = 0; next[i] < K[i].nev && K[i].evs[next[i]].main < from;)
+			next[i]++;
+	for (size_t x = 0; x < n && !failed; x++) {
+		Mvccpb__Event *e = evs[x];
+		mkey *k = find_key(&e->kv->key);
+		size_t j = k ? next[k - K]++ : 0;
+		if (!k || j >= k->nev || k->evs[j].main != e->kv->mod_revision) {
+			FAIL("event at %lld: not the model's next event of its key",
+			     (long long)e->kv->mod_revision);
+			break;
+		}
+		ev *m = &k->evs[j];
+		if ((e->type == MVCCPB__EVENT__EVENT_TYPE__DELETE) != m->tomb)
+			FAIL("event at %lld: wrong type", (long long)m->main);
+		if (!m->tomb)
+			kv_check(e->kv, k, m, 1);
+		/* etcd's prev_kv: the key as of the revision before (a txn may have changed
+		 * it earlier in the same revision: that change is not it). */
+		size_t pj = j;
+		while (pj > 0 && k->evs[pj - 1].main == m->main)
+			pj--;
+		ev *p = pj > 0 && !k->evs[pj - 1].tomb ? &k->evs[pj - 1] : NULL;
+		if (!m->tomb && m->create == m->main)
+			p = NULL; /* a create has none, even after a delete in its revision */
+		if (p)
+			kv_check(e->prev_kv, k, p, 1);
+		else if (e->prev_kv)
+			FAIL("event at %lld: prev_kv where the key had none", (long long)m->main);
+	}
+	storage_read_end(r);
+}
+
 /* After compaction finished, the revision table holds exactly: for each key, its latest
  * revision <= compacted if that is not a tombstone, plus every revision above. */
 static void check_physical(void)
 {
 	int done = 0;
+	commit();
+	begin();
+	int64_t hrev;
+	uint32_t before = committed_hash(&hrev);
 	while (!done)
 		if (storage_batch_compact_continue(B, 1 + r32() % 50, &done))
 			FAIL("compact continue");
 	commit();
+	int64_t hrev2;
+	uint32_t after = committed_hash(&hrev2);
+	if (hrev >= 0 && (hrev2 != hrev || after != before))
+		FAIL("HashKV at %lld changed when compaction removed the superseded revisions",
+		     (long long)hrev);
+	if (hrev2 >= 0 && after != model_hash(hrev2))
+		FAIL("HashKV at %lld differs from the model's", (long long)hrev2);
+	check_events();
 	size_t want = 0;
 	for (int i = 0; i < NKEYS; i++) {
 		if (m_at(&K[i], m_compact))
@@ -632,20 +839,27 @@ static void check_physical(void)
 			want += K[i].evs[j].main > m_compact;
 	}
 	MDB_txn *txn;
-	MDB_stat st, hs;
+	MDB_stat st;
 	mdb_txn_begin(S->s_env, NULL, MDB_RDONLY, &txn);
 	mdb_stat(txn, S->s_revs, &st);
-	mdb_stat(txn, S->s_hist, &hs);
+	if (st.ms_entries != want)
+		FAIL("after compaction: %zu revisions, want %zu", st.ms_entries, want);
+	check_signposts(txn);
 	mdb_txn_abort(txn);
-	if (st.ms_entries != want || hs.ms_entries != want)
-		FAIL("after compaction: %zu revisions, %zu history entries, want %zu",
-		     st.ms_entries, hs.ms_entries, want);
 	begin();
+}
+
+/* Signposts every 2 to 6 versions (every 4th seed: the default): short gaps make the walks
+ * back along the prev pointers long and frequent. */
+static int hist_every_of(unsigned long long sd)
+{
+	return sd % 4 == 3 ? HIST_EVERY : 2 + (int)(sd % 5);
 }
 
 static void run(unsigned long long sd, long nops)
 {
 	seed = sd;
+	storage__hist_every = hist_every_of(sd);
 	rs = sd * 2654435761ull + 1;
 	for (int i = 0; i < NKEYS; i++) {
 		free(K[i].k);
@@ -833,7 +1047,8 @@ int main(int argc, char **argv)
 	int seeds = argc > 1 ? 1 : 6;
 	long total = 0;
 	for (int i = 0; i < seeds && !failed; i++) {
-		printf("model_test: seed %llu, %ld ops\n", first + i, nops);
+		printf("model_test: seed %llu, %ld ops, signposts every %d versions\n", first + i, nops,
+		       hist_every_of(first + i));
 		fflush(stdout);
 		run(first + i, nops);
 		total += op_no;

@@ -17,8 +17,10 @@
 
 /* ---- revision table ---- */
 
-static int rev_write(storage *s, MDB_txn *txn, int64_t main, int64_t sub, uint64_t id, int tomb,
-		     const kvrec *r)
+int storage__hist_every = HIST_EVERY;
+
+int storage__rev_put(storage *s, MDB_txn *txn, int64_t main, int64_t sub, uint64_t id, int tomb,
+		     int64_t prev_main, int64_t prev_sub, const kvrec *r)
 {
 	uint8_t kb[REV_KEY_SIZE];
 	rev_key(kb, main, sub);
@@ -26,28 +28,124 @@ static int rev_write(storage *s, MDB_txn *txn, int64_t main, int64_t sub, uint64
 	/* Revisions only grow: MDB_APPEND skips the search and fills pages completely. */
 	int rc = mdb_put(txn, s->s_revs, &k, &v, MDB_RESERVE | MDB_APPEND);
 	if (rc)
-		return storage__mdb_err(rc);
+		return rc == MDB_KEYEXIST ? STORAGE_ERR_CORRUPT : storage__mdb_err(rc);
 	uint8_t *p = v.mv_data;
-	p[0] = tomb ? REV_FLAG_TOMB : 0;
+	p[0] = (uint8_t)((tomb ? REV_FLAG_TOMB : 0) | REV_FLAG_PREV);
 	be64_put(p + 1, id);
+	be64_put(p + 9, (uint64_t)prev_main);
+	be64_put(p + 17, (uint64_t)prev_sub);
 	storage__kv_encode(p + REV_HDR_SIZE, r);
+	/* A new key id always gets one: compaction keeps every key id signposted. */
+	if (prev_main == 0 || (!tomb && r->version % storage__hist_every == 1))
+		return storage__hist_put(s, txn, id, main, sub, tomb);
 	return 0;
 }
 
-/* Reads the record of revision (main, sub); byte fields point into the map. */
-static int rev_read(storage *s, MDB_txn *txn, int64_t main, int64_t sub, kvrec *r, int *tomb)
+/* The record of revision (main, sub): 0, STORAGE_ERR_NOT_FOUND, or an error. */
+static int rev_get(storage *s, MDB_txn *txn, int64_t main, int64_t sub, rev_hdr *h)
 {
 	uint8_t kb[REV_KEY_SIZE];
 	rev_key(kb, main, sub);
 	MDB_val k = {sizeof(kb), kb}, v;
 	int rc = mdb_get(txn, s->s_revs, &k, &v);
 	if (rc)
-		return rc == MDB_NOTFOUND ? STORAGE_ERR_CORRUPT : storage__mdb_err(rc);
-	if (v.mv_size < REV_HDR_SIZE)
-		return STORAGE_ERR_CORRUPT;
+		return rc == MDB_NOTFOUND ? STORAGE_ERR_NOT_FOUND : storage__mdb_err(rc);
+	return storage__rev_parse(&v, h);
+}
+
+/* Reads the record of revision (main, sub); byte fields point into the map. */
+static int rev_read(storage *s, MDB_txn *txn, int64_t main, int64_t sub, kvrec *r, int *tomb)
+{
+	rev_hdr h;
+	int err = rev_get(s, txn, main, sub, &h);
+	if (err)
+		return err == STORAGE_ERR_NOT_FOUND ? STORAGE_ERR_CORRUPT : err;
 	if (tomb)
-		*tomb = ((uint8_t *)v.mv_data)[0] & REV_FLAG_TOMB;
-	return storage__kv_decode((uint8_t *)v.mv_data + REV_HDR_SIZE, v.mv_size - REV_HDR_SIZE, r);
+		*tomb = h.tomb;
+	return storage__kv_decode(h.kv, h.kvlen, r);
+}
+
+/*
+ * The revision of its key before the record h of revision main: its prev pointer, or for
+ * a record written before those existed, its key's signpost below it (each such record has
+ * one). 0, or STORAGE_ERR_NOT_FOUND when the key had none (or compaction removed it).
+ */
+static int rev_prev(storage *s, MDB_txn *txn, const rev_hdr *h, int64_t main, int64_t *pmain,
+		    int64_t *psub)
+{
+	if (h->has_prev) {
+		*pmain = h->prev_main;
+		*psub = h->prev_sub;
+		return h->prev_main == 0 ? STORAGE_ERR_NOT_FOUND : 0;
+	}
+	/* A key changes at most once per revision (etcd refuses txns that touch a key twice),
+	 * so its previous revision is its newest below main. */
+	int tomb;
+	return storage__hist_at(s, txn, h->id, main - 1, pmain, psub, &tomb);
+}
+
+int storage__rev_at(storage *s, MDB_txn *txn, const ki_state *st, int64_t rev, int64_t *main,
+		    int64_t *sub, kvrec *r)
+{
+	int64_t m = st->ks_mod_main, sb = st->ks_mod_sub;
+	if (m > rev) {
+		/* Walk back from the first signpost after rev (or the newest revision): fewer
+		 * than HIST_EVERY + 1 revisions of the key lie between it and rev. */
+		int err = storage__hist_after(s, txn, st->ks_id, rev, &m, &sb);
+		if (err == STORAGE_ERR_NOT_FOUND) {
+			m = st->ks_mod_main;
+			sb = st->ks_mod_sub;
+		} else if (err) {
+			return err;
+		}
+	}
+	for (int walked = 0;; walked = 1) {
+		rev_hdr h;
+		int err = rev_get(s, txn, m, sb, &h);
+		if (err == STORAGE_ERR_NOT_FOUND)
+			/* Compaction removes a tombstone at or below the compacted revision, and
+			 * the revision after it may still point at it: the key did not exist. */
+			return walked && m <= rev ? STORAGE_ERR_NOT_FOUND : STORAGE_ERR_CORRUPT;
+		if (err)
+			return err;
+		if (m <= rev) {
+			if (h.tomb)
+				return STORAGE_ERR_NOT_FOUND;
+			*main = m;
+			*sub = sb;
+			return r ? storage__kv_decode(h.kv, h.kvlen, r) : 0;
+		}
+		if ((err = rev_prev(s, txn, &h, m, &m, &sb)))
+			return err;
+	}
+}
+
+int storage__rev_newest_at(storage *s, MDB_txn *txn, const rev_hdr *h, int64_t main, int64_t sub,
+			   int64_t rev, int *yes)
+{
+	*yes = 0;
+	if (h->tomb)
+		return 0;
+	kvrec r;
+	int err = storage__kv_decode(h->kv, h->kvlen, &r);
+	if (err)
+		return err;
+	ki_state st;
+	err = storage__ki_get(s, txn, r.key, r.klen, &st);
+	if (err == STORAGE_ERR_NOT_FOUND)
+		return 0;
+	if (err)
+		return err;
+	if (st.ks_id != h->id)
+		return 0;
+	int64_t km, ks;
+	err = storage__rev_at(s, txn, &st, rev, &km, &ks, NULL);
+	if (err == STORAGE_ERR_NOT_FOUND)
+		return 0;
+	if (err)
+		return err;
+	*yes = km == main && ks == sub;
+	return 0;
 }
 
 /* ---- response building ---- */
@@ -138,15 +236,11 @@ static int vis_cb(void *arg, const uint8_t *key, size_t klen, const ki_state *st
 	if (st.ks_mod_main > x->vi_rev) {
 		/* Changed since: find the key's revision as of vi_rev in its history. */
 		int64_t main, sub;
-		int tomb;
-		storage *s = x->vi_v->v_s;
-		int err = storage__hist_at(s, x->vi_v->v_txn, st.ks_id, x->vi_rev, &main, &sub, &tomb);
-		if (err == STORAGE_ERR_NOT_FOUND || (!err && tomb))
+		kvrec r;
+		int err = storage__rev_at(x->vi_v->v_s, x->vi_v->v_txn, &st, x->vi_rev, &main, &sub, &r);
+		if (err == STORAGE_ERR_NOT_FOUND)
 			return 0;
 		if (err)
-			return err;
-		kvrec r;
-		if ((err = rev_read(s, x->vi_v->v_txn, main, sub, &r, NULL)))
 			return err;
 		st.ks_mod_main = main;
 		st.ks_mod_sub = sub;
@@ -456,9 +550,8 @@ static int do_put(storage_batch *b, MDB_txn *txn, const Etcdserverpb__PutRequest
 		if (ns.ks_lease != 0 && (err = lkey_set(s, txn, ns.ks_lease, ns.ks_id, 1)))
 			return err;
 	}
-	if ((err = rev_write(s, txn, main, sub, ns.ks_id, 0, &r)))
-		return err;
-	if ((err = storage__hist_put(s, txn, ns.ks_id, main, sub, 0)))
+	int64_t pmain = have_entry ? st.ks_mod_main : 0, psub = have_entry ? st.ks_mod_sub : 0;
+	if ((err = storage__rev_put(s, txn, main, sub, ns.ks_id, 0, pmain, psub, &r)))
 		return err;
 	if ((err = storage__ki_set(s, txn, req->key.data, req->key.len, &ns)))
 		return err;
@@ -540,9 +633,8 @@ static int do_delete(storage_batch *b, MDB_txn *txn, const Etcdserverpb__DeleteR
 		ki_state ns = {it->st.ks_id, main, sub, 0, 0, 0};
 		if (it->st.ks_lease != 0 && (err = lkey_set(s, txn, it->st.ks_lease, ns.ks_id, 0)))
 			return err;
-		if ((err = rev_write(s, txn, main, sub, ns.ks_id, 1, &r)))
-			return err;
-		if ((err = storage__hist_put(s, txn, ns.ks_id, main, sub, 1)))
+		if ((err = storage__rev_put(s, txn, main, sub, ns.ks_id, 1, it->st.ks_mod_main,
+					    it->st.ks_mod_sub, &r)))
 			return err;
 		if ((err = storage__ki_set(s, txn, it->key, it->klen, &ns)))
 			return err;
@@ -979,18 +1071,20 @@ int storage_read_txn(storage_reader *r, const Etcdserverpb__TxnRequest *req, sto
 /*
  * Examines up to max revisions from the compaction cursor. A revision at or below the
  * compacted revision is superseded when it is a tombstone (the key did not exist then) or
- * when a later revision of its key is also at or below it; etcd keeps the others.
+ * when a later revision of its key is also at or below it; etcd keeps the others. A record
+ * with a prev pointer removes its predecessor (older, so examined already); a record from
+ * before those existed is superseded when its key has a later signpost at or below the
+ * compacted revision (each revision of those days has one). Either way, when a revision
+ * with a signpost goes, the revision after it gets one: every key id keeps one (key_of_id).
  */
 static int compact_step(storage_batch *b, MDB_txn *txn, size_t max, int *done)
 {
 	storage *s = b->b_s;
-	MDB_cursor *rc_ = NULL, *hc = NULL;
+	MDB_cursor *rc_ = NULL;
 	int err = storage__mdb_err(mdb_cursor_open(txn, s->s_revs, &rc_));
-	if (!err)
-		err = storage__mdb_err(mdb_cursor_open(txn, s->s_hist, &hc));
 	*done = 0;
 	for (size_t i = 0; !err && i < max; i++) {
-		uint8_t kb[REV_KEY_SIZE], hb[HIST_KEY_SIZE];
+		uint8_t kb[REV_KEY_SIZE];
 		rev_key(kb, b->b_cnext_main, b->b_cnext_sub);
 		MDB_val k = {sizeof(kb), kb}, v;
 		int rc = mdb_cursor_get(rc_, &k, &v, MDB_SET_RANGE);
@@ -1004,38 +1098,30 @@ static int compact_step(storage_batch *b, MDB_txn *txn, size_t max, int *done)
 			err = storage__mdb_err(rc);
 			break;
 		}
-		if (k.mv_size != REV_KEY_SIZE || v.mv_size < REV_HDR_SIZE) {
+		rev_hdr h;
+		if (k.mv_size != REV_KEY_SIZE || storage__rev_parse(&v, &h)) {
 			err = STORAGE_ERR_CORRUPT;
 			break;
 		}
 		int64_t sub = (int64_t)be64_get((uint8_t *)k.mv_data + 8);
-		const uint8_t *val = v.mv_data;
-		int tomb = val[0] & REV_FLAG_TOMB;
-		uint64_t id = be64_get(val + 1);
 		b->b_cnext_main = main;
 		b->b_cnext_sub = sub + 1;
 
-		int superseded = tomb;
-		if (!superseded) {
-			be64_put(hb, id);
-			be64_put(hb + 8, (uint64_t)main);
-			be64_put(hb + 16, (uint64_t)sub + 1);
-			MDB_val hk = {sizeof(hb), hb}, hv;
-			rc = mdb_cursor_get(hc, &hk, &hv, MDB_SET_RANGE);
-			if (rc && rc != MDB_NOTFOUND) {
-				err = storage__mdb_err(rc);
+		int superseded = h.tomb;
+		if (!superseded && !h.has_prev) {
+			int64_t lm, ls;
+			err = storage__hist_after(s, txn, h.id, main, &lm, &ls);
+			if (err && err != STORAGE_ERR_NOT_FOUND)
 				break;
-			}
-			superseded = rc == 0 && be64_get(hk.mv_data) == id &&
-				     (int64_t)be64_get((uint8_t *)hk.mv_data + 8) <= b->b_compact;
+			superseded = err == 0 && lm <= b->b_compact;
+			err = 0;
 		}
-		if (!superseded)
-			continue;
-		/* Keep the key of a tombstone: it may have to leave the index. */
+		/* Copies out of the record before anything is deleted: the key of a tombstone
+		 * (it may have to leave the index). */
 		kvrec r = {0};
 		uint8_t *keycopy = NULL;
-		if (tomb) {
-			if ((err = storage__kv_decode(val + REV_HDR_SIZE, v.mv_size - REV_HDR_SIZE, &r)))
+		if (h.tomb) {
+			if ((err = storage__kv_decode(h.kv, h.kvlen, &r)))
 				break;
 			keycopy = malloc(r.klen ? r.klen : 1);
 			if (!keycopy) {
@@ -1044,33 +1130,40 @@ static int compact_step(storage_batch *b, MDB_txn *txn, size_t max, int *done)
 			}
 			memcpy(keycopy, r.key, r.klen);
 		}
-		if ((rc = mdb_cursor_del(rc_, 0)) == 0) {
-			be64_put(hb, id);
-			be64_put(hb + 8, (uint64_t)main);
-			be64_put(hb + 16, (uint64_t)sub);
-			MDB_val hk = {sizeof(hb), hb};
-			rc = mdb_del(txn, s->s_hist, &hk, NULL);
+		if (superseded && (rc = mdb_cursor_del(rc_, 0)) == 0) {
+			int had = storage__hist_del(s, txn, h.id, main, sub);
+			if (had < 0)
+				err = had;
 		}
-		if (rc == 0 && tomb) {
+		if (!err && !rc && h.has_prev && h.prev_main != 0) {
+			/* This revision supersedes its predecessor (removed already if a
+			 * tombstone, or if it was superseded by this very rule before). */
+			uint8_t pk[REV_KEY_SIZE];
+			rev_key(pk, h.prev_main, h.prev_sub);
+			MDB_val pkv = {sizeof(pk), pk};
+			rc = mdb_del(txn, s->s_revs, &pkv, NULL);
+			if (rc == MDB_NOTFOUND)
+				rc = 0;
+			int had = rc ? 0 : storage__hist_del(s, txn, h.id, h.prev_main, h.prev_sub);
+			if (had < 0)
+				err = had;
+			else if (had && !superseded)
+				err = storage__hist_put(s, txn, h.id, main, sub, 0);
+		}
+		if (!err && !rc && h.tomb) {
 			/* Scanning in revision order, every earlier revision of the key is gone by
-			 * now; if no later one exists either, the key leaves the index. */
-			be64_put(hb, id);
-			be64_put(hb + 8, 0);
-			be64_put(hb + 16, 0);
-			MDB_val hk = {sizeof(hb), hb}, hv;
-			rc = mdb_cursor_get(hc, &hk, &hv, MDB_SET_RANGE);
-			if (rc == MDB_NOTFOUND || (rc == 0 && be64_get(hk.mv_data) != id))
+			 * now; if the tombstone is its newest revision, the key leaves the index. */
+			ki_state st;
+			err = storage__ki_get(s, txn, keycopy, r.klen, &st);
+			if (err == 0 && st.ks_id == h.id && st.ks_mod_main == main && st.ks_mod_sub == sub)
 				err = storage__ki_del(s, txn, keycopy, r.klen);
-			else if (rc)
-				err = storage__mdb_err(rc);
-			rc = 0;
+			else if (err == STORAGE_ERR_NOT_FOUND)
+				err = 0;
 		}
 		free(keycopy);
 		if (!err && rc)
 			err = storage__mdb_err(rc);
 	}
-	if (hc)
-		mdb_cursor_close(hc);
 	if (rc_)
 		mdb_cursor_close(rc_);
 	return err;
@@ -1143,7 +1236,8 @@ static int read_events(mv *v, int64_t from, int64_t to, size_t max, storage_aren
 	int64_t last_main = -1;
 	int rc = mdb_cursor_get(cur, &k, &d, MDB_SET_RANGE);
 	for (; rc == 0; rc = mdb_cursor_get(cur, &k, &d, MDB_NEXT)) {
-		if (k.mv_size != REV_KEY_SIZE || d.mv_size < REV_HDR_SIZE) {
+		rev_hdr h;
+		if (k.mv_size != REV_KEY_SIZE || storage__rev_parse(&d, &h)) {
 			err = STORAGE_ERR_CORRUPT;
 			break;
 		}
@@ -1151,9 +1245,8 @@ static int read_events(mv *v, int64_t from, int64_t to, size_t max, storage_aren
 		if (main > to || (n >= max && main != last_main))
 			break;
 		last_main = main;
-		const uint8_t *p = d.mv_data;
 		kvrec r;
-		if ((err = storage__kv_decode(p + REV_HDR_SIZE, d.mv_size - REV_HDR_SIZE, &r)))
+		if ((err = storage__kv_decode(h.kv, h.kvlen, &r)))
 			break;
 		Mvccpb__Event *ev = storage_arena_alloc(a, sizeof(*ev));
 		if (!ev) {
@@ -1162,23 +1255,26 @@ static int read_events(mv *v, int64_t from, int64_t to, size_t max, storage_aren
 		}
 		Mvccpb__Event init = MVCCPB__EVENT__INIT;
 		*ev = init;
-		int tomb = p[0] & REV_FLAG_TOMB;
-		ev->type = tomb ? MVCCPB__EVENT__EVENT_TYPE__DELETE : MVCCPB__EVENT__EVENT_TYPE__PUT;
+		ev->type = h.tomb ? MVCCPB__EVENT__EVENT_TYPE__DELETE : MVCCPB__EVENT__EVENT_TYPE__PUT;
 		if (!(ev->kv = kv_new(v, a, &r, 1))) {
 			err = STORAGE_ERR_NOMEM;
 			break;
 		}
-		if (tomb || r.create != r.mod) {
-			/* The key's previous revision: the newest one before this event. */
-			int64_t pmain, psub;
-			int ptomb;
-			uint64_t id = be64_get(p + 1);
-			/* A key changes at most once per revision (etcd refuses txns that touch a
-			 * key twice), so its previous state is its newest below main. */
-			err = storage__hist_at(v->v_s, v->v_txn, id, main - 1, &pmain, &psub, &ptomb);
-			if (err == 0 && !ptomb) {
+		if (h.tomb || r.create != r.mod) {
+			/* The key as of main - 1, as etcd reads prev_kv: its revision before this
+			 * one, passing over a change earlier in the same revision (a txn may
+			 * delete a key, then put it). None if a tombstone; compaction removes a
+			 * tombstone at or below the compacted revision, which the revision after
+			 * it still points at. */
+			int64_t pmain = main, psub;
+			rev_hdr ph = h;
+			do
+				if ((err = rev_prev(v->v_s, v->v_txn, &ph, pmain, &pmain, &psub)) == 0)
+					err = rev_get(v->v_s, v->v_txn, pmain, psub, &ph);
+			while (err == 0 && pmain == main);
+			if (err == 0 && !ph.tomb) {
 				kvrec pr;
-				if ((err = rev_read(v->v_s, v->v_txn, pmain, psub, &pr, NULL)))
+				if ((err = storage__kv_decode(ph.kv, ph.kvlen, &pr)))
 					break;
 				if (!(ev->prev_kv = kv_new(v, a, &pr, 1))) {
 					err = STORAGE_ERR_NOMEM;
@@ -1516,22 +1612,22 @@ int storage_hash_kv(storage_reader *r, int64_t rev, uint32_t *hash, int64_t *has
 	MDB_val k, v;
 	int rc;
 	for (rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)) {
-		if (k.mv_size != REV_KEY_SIZE || v.mv_size < REV_HDR_SIZE) {
+		rev_hdr hd;
+		if (k.mv_size != REV_KEY_SIZE || storage__rev_parse(&v, &hd)) {
 			err = STORAGE_ERR_CORRUPT;
 			break;
 		}
 		int64_t main = (int64_t)be64_get(k.mv_data), sub = (int64_t)be64_get((uint8_t *)k.mv_data + 8);
 		if (main > rev)
 			break;
-		const uint8_t *p = v.mv_data;
-		int tomb = p[0] & REV_FLAG_TOMB;
+		int tomb = hd.tomb;
 		if (compact >= 0 && main <= compact) {
 			/* At or below the compacted revision etcd hashes only what a compaction at
 			 * the hash revision would keep: each key's newest revision, if not deleted. */
-			int64_t km, ks;
-			int kt;
-			if (storage__hist_at(s, r->r_txn, be64_get(p + 1), rev, &km, &ks, &kt) != 0 ||
-			    km != main || ks != sub || kt)
+			int keep;
+			if ((err = storage__rev_newest_at(s, r->r_txn, &hd, main, sub, rev, &keep)))
+				break;
+			if (!keep)
 				continue;
 		}
 		uint8_t ek[18];
@@ -1543,7 +1639,7 @@ int storage_hash_kv(storage_reader *r, int64_t rev, uint32_t *hash, int64_t *has
 		if (tomb) {
 			/* etcd stores a tombstone's value as KeyValue{key} alone. */
 			kvrec kr;
-			if ((err = storage__kv_decode(p + REV_HDR_SIZE, v.mv_size - REV_HDR_SIZE, &kr)))
+			if ((err = storage__kv_decode(hd.kv, hd.kvlen, &kr)))
 				break;
 			uint8_t hdr[11];
 			uint8_t *q = hdr;
@@ -1552,7 +1648,7 @@ int storage_hash_kv(storage_reader *r, int64_t rev, uint32_t *hash, int64_t *has
 			h = crc32c(h, hdr, (size_t)(q - hdr));
 			h = crc32c(h, kr.key, kr.klen);
 		} else {
-			h = crc32c(h, p + REV_HDR_SIZE, v.mv_size - REV_HDR_SIZE);
+			h = crc32c(h, hd.kv, hd.kvlen);
 		}
 	}
 	if (!err && rc != 0 && rc != MDB_NOTFOUND)

@@ -842,7 +842,9 @@ static void test_compact(void)
 	CHECK(r.count == 2);
 	/* kept: a@3 (latest <= 5), a@7, c@6. b's put and tombstone are gone, and b left the index */
 	CHECK_EQ(count_db(S->s_revs), 3);
-	CHECK_EQ(count_db(S->s_hist), 3);
+	/* signposts: c@6 (a new key), a@3 (handed on from a@2, which had it from a@2's
+	 * predecessor a@1, the key's first) */
+	CHECK_EQ(count_db(S->s_hist), 2);
 	CHECK_EQ(count_db(S->s_keys), 2);
 	CHECK_EQ(compact(7), 0);
 	CHECK_EQ(count_db(S->s_revs), 2);
@@ -1087,6 +1089,76 @@ static void test_events(void)
 	CHECK_EQ(storage_read_events(r, 4, 10, &A, &ev, &n, &rrev, &crev), 0);
 	CHECK(n == 4 && ev[0]->kv->mod_revision == 4);
 	storage_read_end(r);
+}
+
+/* Rewrites the store as one written before revision records named their key's previous
+ * revision: 9-byte headers, and a "hist" entry for every revision. */
+static void to_old_format(void)
+{
+	MDB_txn *txn;
+	MDB_cursor *c;
+	MDB_val k, v;
+	CHECK_EQ(mdb_txn_begin(S->s_env, NULL, 0, &txn), 0);
+	CHECK_EQ(mdb_cursor_open(txn, S->s_revs, &c), 0);
+	for (int rc = mdb_cursor_get(c, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
+		rev_hdr h = {0};
+		CHECK_EQ(storage__rev_parse(&v, &h), 0);
+		/* A record of another size is deleted and inserted: copy what points into it. */
+		uint8_t kb[REV_KEY_SIZE];
+		memcpy(kb, k.mv_data, sizeof(kb));
+		k.mv_data = kb;
+		size_t n = REV_HDR_SIZE_OLD + h.kvlen;
+		uint8_t *buf = malloc(n);
+		buf[0] = h.tomb ? REV_FLAG_TOMB : 0;
+		be64_put(buf + 1, h.id);
+		memcpy(buf + REV_HDR_SIZE_OLD, h.kv, h.kvlen);
+		int64_t main = (int64_t)be64_get(k.mv_data), sub = (int64_t)be64_get((uint8_t *)k.mv_data + 8);
+		MDB_val nv = {n, buf};
+		CHECK_EQ(mdb_cursor_put(c, &k, &nv, MDB_CURRENT), 0);
+		free(buf);
+		CHECK_EQ(storage__hist_put(S, txn, h.id, main, sub, h.tomb), 0);
+	}
+	mdb_cursor_close(c);
+	CHECK_EQ(mdb_txn_commit(txn), 0);
+	reopen();
+}
+
+/* Such a store reads, replays and compacts as before, and new writes chain onto it. */
+static void test_old_records(void)
+{
+	fresh("oldrecords");
+	put("a", "1"); /* 2 */
+	put("a", "2"); /* 3 */
+	put("b", "1"); /* 4 */
+	Etcdserverpb__DeleteRangeResponse dr;
+	CHECK_EQ(del("b", NULL, 0, &dr), 0); /* 5 */
+	put("b", "2"); /* 6 */
+	put("a", "3"); /* 7 */
+	to_old_format();
+	put("a", "4"); /* 8: new records from here */
+	put("a", "5"); /* 9 */
+	CHECK(veq(get("a", 2), "1") && veq(get("a", 3), "2") && veq(get("a", 7), "3"));
+	CHECK(veq(get("a", 8), "4") && veq(get("a", 9), "5"));
+	CHECK(get("b", 5) == NULL && veq(get("b", 4), "1") && veq(get("b", 9), "2"));
+	storage_reader *r;
+	Mvccpb__Event **ev;
+	size_t n;
+	int64_t rrev, crev;
+	CHECK_EQ(storage_read_begin(S, &r), 0);
+	CHECK_EQ(storage_read_events(r, 3, 100, &A, &ev, &n, &rrev, &crev), 0);
+	CHECK_EQ(n, 7);
+	/* a@3 <- a@2 (old, through hist), b@5 <- b@4, a@8 <- a@7 (new onto old, by pointer) */
+	CHECK(n == 7 && ev[0]->prev_kv && ev[0]->prev_kv->mod_revision == 2);
+	CHECK(n == 7 && ev[2]->prev_kv && ev[2]->prev_kv->mod_revision == 4);
+	CHECK(n == 7 && ev[5]->prev_kv && ev[5]->prev_kv->mod_revision == 7);
+	CHECK(n == 7 && ev[6]->prev_kv && ev[6]->prev_kv->mod_revision == 8);
+	storage_read_end(r);
+	CHECK_EQ(compact(8), 0);
+	/* kept: b@6, a@8, a@9; signposts: b@6 (its own), a@8 (handed on from old a@7) */
+	CHECK_EQ(count_db(S->s_revs), 3);
+	CHECK_EQ(count_db(S->s_hist), 2);
+	CHECK(veq(get("a", 8), "4") && veq(get("a", 9), "5") && veq(get("b", 8), "2"));
+	CHECK_EQ(count_db(S->s_keys), 2);
 }
 
 /* The Raft log: append, suffix replacement, snapshot point, hard state, restart. */
@@ -1460,6 +1532,7 @@ int main(void)
 	test_nospace();
 	test_leases();
 	test_events();
+	test_old_records();
 	test_raft_log();
 	test_copy_install();
 	test_async_commit();

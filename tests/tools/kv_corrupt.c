@@ -18,8 +18,11 @@
 #include "api/proto/kv.pb-c.h"
 
 #define REV_KEY_SIZE 16
-#define REV_HDR_SIZE 9
+/* storage/internal.h: [flags][key id] and, with REV_FLAG_PREV, [prev main][prev sub] */
+#define REV_HDR_SIZE_OLD 9
+#define REV_HDR_SIZE 25
 #define REV_FLAG_TOMB 1
+#define REV_FLAG_PREV 2
 
 static int fail(const char *what, int rc)
 {
@@ -58,10 +61,11 @@ int main(int argc, char **argv)
 	int found = 0;
 	uint8_t rk[REV_KEY_SIZE];
 	for (rc = mdb_cursor_get(cur, &k, &v, MDB_LAST); rc == 0; rc = mdb_cursor_get(cur, &k, &v, MDB_PREV)) {
-		if (k.mv_size != REV_KEY_SIZE || v.mv_size < REV_HDR_SIZE)
-			continue;
 		const uint8_t *p = v.mv_data;
-		Mvccpb__KeyValue *kv = mvccpb__key_value__unpack(NULL, v.mv_size - REV_HDR_SIZE, p + REV_HDR_SIZE);
+		size_t hs = v.mv_size > 0 && (p[0] & REV_FLAG_PREV) ? REV_HDR_SIZE : REV_HDR_SIZE_OLD;
+		if (k.mv_size != REV_KEY_SIZE || v.mv_size < hs)
+			continue;
+		Mvccpb__KeyValue *kv = mvccpb__key_value__unpack(NULL, v.mv_size - hs, p + hs);
 		if (kv == NULL)
 			continue;
 		int match = kv->key.len == klen && memcmp(kv->key.data, key, klen) == 0;
@@ -69,15 +73,15 @@ int main(int argc, char **argv)
 			kv->value.data = (uint8_t *)value;
 			kv->value.len = strlen(value);
 			size_t n = mvccpb__key_value__get_packed_size(kv);
-			uint8_t *buf = malloc(REV_HDR_SIZE + n);
+			uint8_t *buf = malloc(hs + n);
 			if (buf == NULL) {
 				fprintf(stderr, "kv_corrupt: out of memory\n");
 				return 2;
 			}
-			memcpy(buf, p, REV_HDR_SIZE);
-			mvccpb__key_value__pack(kv, buf + REV_HDR_SIZE);
+			memcpy(buf, p, hs);
+			mvccpb__key_value__pack(kv, buf + hs);
 			memcpy(rk, k.mv_data, REV_KEY_SIZE);
-			MDB_val nk = {REV_KEY_SIZE, rk}, nv = {REV_HDR_SIZE + n, buf};
+			MDB_val nk = {REV_KEY_SIZE, rk}, nv = {hs + n, buf};
 			kv->value.data = NULL; /* not ours to free */
 			kv->value.len = 0;
 			mvccpb__key_value__free_unpacked(kv, NULL);
