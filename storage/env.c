@@ -192,17 +192,22 @@ static int env_open(storage *s, const char *dir)
 	return rc;
 }
 
-/* The committed revision, cached for callers that only need it (no read txn). */
+/* The committed revision, cached for callers that only need it (no read txn), and the
+ * applied index the visible state holds (s_pub_applied: a read at a read index it covers
+ * need not wait for the next commit). At open and after an environment is replaced. */
 static int load_revision(storage *s)
 {
 	MDB_txn *txn;
-	int64_t rev = 1;
+	int64_t rev = 1, applied = 0;
 	int rc = mdb_txn_begin(s->s_env, NULL, MDB_RDONLY, &txn);
 	if (rc)
 		return rc;
 	int err = storage__meta_get_i64(s, txn, META_REV, 1, &rev);
+	if (!err)
+		err = storage__meta_get_i64(s, txn, META_APPLIED, 0, &applied);
 	mdb_txn_abort(txn);
 	atomic_store(&s->s_rev, rev);
+	atomic_store(&s->s_pub_applied, applied > 0 ? (uint64_t)applied : 0);
 	return err ? MDB_CORRUPTED : 0;
 }
 

@@ -1513,6 +1513,17 @@ static void test_commit_window(void)
 	apply_put("p2", "p", 19);
 	CHECK_EQ(read_at_sees(0, "p2"), 1); /* 0: everything answered */
 	CHECK_EQ(atomic_load(&window_commits), 4);
+	/* after a reopen too: the store's applied index is visible from the start */
+	storage_set_commit_observer(S, NULL, NULL);
+	reopen();
+	storage_set_commit_observer(S, count_commit, NULL);
+	atomic_store(&window_commits, 0);
+	storage_set_commit_window(S, 10ull * 1000000000u, 0);
+	apply_put("p3", "p", 20);
+	CHECK_EQ(read_at_sees(19, "p3"), 0);
+	CHECK_EQ(atomic_load(&window_commits), 0);
+	CHECK_EQ(read_at_sees(20, "p3"), 1);
+	CHECK_EQ(atomic_load(&window_commits), 1);
 	storage_set_commit_window(S, 0, 0);
 	storage_set_commit_observer(S, NULL, NULL);
 }
