@@ -148,6 +148,32 @@ static int mkdir_p(const char *dir)
 	return 0;
 }
 
+/* Refuses (MDB_VERSION_MISMATCH) a store whose record format is newer than this build's;
+ * with mark, records this build's in txn if the store had an older one. An LMDB code. */
+static int format_check(MDB_txn *txn, MDB_dbi meta, int mark)
+{
+	MDB_val k = {strlen(META_FORMAT), (void *)META_FORMAT}, v;
+	int64_t f = 1;
+	int rc = mdb_get(txn, meta, &k, &v);
+	if (rc == 0 && v.mv_size != 8)
+		return MDB_CORRUPTED;
+	if (rc == 0)
+		f = (int64_t)be64_get(v.mv_data);
+	else if (rc != MDB_NOTFOUND)
+		return rc;
+	if (f > STORE_FORMAT) {
+		fprintf(stderr, "keelson: storage: the store's record format %lld is newer than this build's (%d)\n",
+			(long long)f, STORE_FORMAT);
+		return MDB_VERSION_MISMATCH;
+	}
+	if (!mark || f == STORE_FORMAT)
+		return 0;
+	uint8_t buf[8];
+	be64_put(buf, STORE_FORMAT);
+	MDB_val nv = {8, buf};
+	return mdb_put(txn, meta, &k, &nv, 0);
+}
+
 /* Creates the LMDB environment in dir and opens its tables. Returns an LMDB code. */
 static int env_open(storage *s, const char *dir)
 {
@@ -179,6 +205,8 @@ static int env_open(storage *s, const char *dir)
 		rc = mdb_dbi_open(txn, "lkeys", MDB_CREATE, &s->s_lkeys);
 	if (rc == 0)
 		rc = mdb_dbi_open(txn, "rlog", MDB_CREATE, &s->s_rlog);
+	if (rc == 0)
+		rc = format_check(txn, s->s_meta, 1);
 	if (rc == 0) {
 		rc = mdb_txn_commit(txn);
 		txn = NULL;
@@ -439,6 +467,15 @@ int storage_install(storage *s, const char *path)
 			rc = mdb_env_set_mapsize(env, s->s_map_size);
 		if (rc == 0)
 			rc = mdb_env_open(env, path, MDB_NOSUBDIR | MDB_RDONLY | MDB_NOLOCK | MDB_NOTLS, 0600);
+		/* ... or one of a newer record format than this build reads. */
+		MDB_txn *txn;
+		MDB_dbi meta;
+		if (rc == 0 && (rc = mdb_txn_begin(env, NULL, MDB_RDONLY, &txn)) == 0) {
+			rc = mdb_dbi_open(txn, "meta", 0, &meta);
+			if (rc == 0)
+				rc = format_check(txn, meta, 0);
+			mdb_txn_abort(txn);
+		}
 		mdb_env_close(env);
 	}
 	if (rc)

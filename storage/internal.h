@@ -167,6 +167,11 @@ struct storage_reader {
 #define META_CPENDING "i:cpending"
 #define META_NEXT_ID "i:next_id"
 #define META_APPLIED "i:applied"
+/* The record format of the store: STORE_FORMAT, written at open. Absent or 1: revision
+ * records without prev pointers (read as well). A newer one is refused: an older build
+ * would misread its records. */
+#define META_FORMAT "i:format"
+#define STORE_FORMAT 2
 #define META_RL_TERM "i:rl_term"
 #define META_RL_VOTE "i:rl_vote"
 #define META_RL_COMMIT "i:rl_commit"
@@ -289,9 +294,9 @@ int storage__hist_put(storage *s, MDB_txn *txn, uint64_t id, int64_t main, int64
 /* The newest signpost of key id with main <= rev: 0 or STORAGE_ERR_NOT_FOUND. */
 int storage__hist_at(storage *s, MDB_txn *txn, uint64_t id, int64_t rev, int64_t *main,
 		     int64_t *sub, int *tomb);
-/* The oldest signpost of key id with main > rev: 0 or STORAGE_ERR_NOT_FOUND. */
-int storage__hist_after(storage *s, MDB_txn *txn, uint64_t id, int64_t rev, int64_t *main,
-			int64_t *sub);
+/* The oldest signpost of key id at or after (from_main, from_sub): 0 or STORAGE_ERR_NOT_FOUND. */
+int storage__hist_from(storage *s, MDB_txn *txn, uint64_t id, int64_t from_main, int64_t from_sub,
+		       int64_t *main, int64_t *sub);
 /* Removes the signpost of (id, main, sub): 1 if there was one, 0 if not, or an error. */
 int storage__hist_del(storage *s, MDB_txn *txn, uint64_t id, int64_t main, int64_t sub);
 

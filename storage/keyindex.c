@@ -277,15 +277,15 @@ int storage__hist_put(storage *s, MDB_txn *txn, uint64_t id, int64_t main, int64
 	return storage__mdb_err(mdb_put(txn, s->s_hist, &k, &v, 0));
 }
 
-int storage__hist_after(storage *s, MDB_txn *txn, uint64_t id, int64_t rev, int64_t *main,
-			int64_t *sub)
+int storage__hist_from(storage *s, MDB_txn *txn, uint64_t id, int64_t from_main, int64_t from_sub,
+		       int64_t *main, int64_t *sub)
 {
 	MDB_cursor *cur;
 	int rc = mdb_cursor_open(txn, s->s_hist, &cur);
 	if (rc)
 		return storage__mdb_err(rc);
 	uint8_t kb[HIST_KEY_SIZE];
-	hist_key(kb, id, rev + 1, 0);
+	hist_key(kb, id, from_main, from_sub);
 	MDB_val k = {sizeof(kb), kb}, v;
 	rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
 	int err;

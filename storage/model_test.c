@@ -7,6 +7,7 @@
 
 #include "crc32c/crc32c.h"
 #include "storage/internal.h"
+#include "storage/oldrecords.h"
 #include "storage/testutil.h"
 
 static long n_kvs_seen, n_txn_ok, n_err, n_compacts;
@@ -882,6 +883,14 @@ static void run(unsigned long long sd, long nops)
 		FAIL("lease grant");
 	for (op_no = 0; op_no < nops && !failed; op_no++) {
 		storage_arena_free(&A);
+		if (r32() % 500 == 0) {
+			/* Now and then every record so far turns into one of an older build's
+			 * (no prev pointer, a hist entry each): the later ones chain onto them. */
+			commit();
+			if (t_to_old_records(S))
+				FAIL("rewriting the records as an older build's");
+			begin();
+		}
 		int c = r32() % 100;
 		int err;
 		if (c < 30) {

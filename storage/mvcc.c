@@ -66,22 +66,26 @@ static int rev_read(storage *s, MDB_txn *txn, int64_t main, int64_t sub, kvrec *
 }
 
 /*
- * The revision of its key before the record h of revision main: its prev pointer, or for
- * a record written before those existed, its key's signpost below it (each such record has
- * one). 0, or STORAGE_ERR_NOT_FOUND when the key had none (or compaction removed it).
+ * The revision of its key before the record h of revision (main, sub): its prev pointer,
+ * or for a record written before those existed, its key's newest signpost below main (each
+ * such record has one; a change earlier in the same revision is passed over, which no
+ * caller needs). 0, or STORAGE_ERR_NOT_FOUND when the key had none (or compaction removed
+ * it). A pointer that does not point back is corrupt: following it could loop.
  */
-static int rev_prev(storage *s, MDB_txn *txn, const rev_hdr *h, int64_t main, int64_t *pmain,
-		    int64_t *psub)
+static int rev_prev(storage *s, MDB_txn *txn, const rev_hdr *h, int64_t main, int64_t sub,
+		    int64_t *pmain, int64_t *psub)
 {
-	if (h->has_prev) {
-		*pmain = h->prev_main;
-		*psub = h->prev_sub;
-		return h->prev_main == 0 ? STORAGE_ERR_NOT_FOUND : 0;
+	if (!h->has_prev) {
+		int tomb;
+		return storage__hist_at(s, txn, h->id, main - 1, pmain, psub, &tomb);
 	}
-	/* A key changes at most once per revision (etcd refuses txns that touch a key twice),
-	 * so its previous revision is its newest below main. */
-	int tomb;
-	return storage__hist_at(s, txn, h->id, main - 1, pmain, psub, &tomb);
+	*pmain = h->prev_main;
+	*psub = h->prev_sub;
+	if (h->prev_main == 0)
+		return STORAGE_ERR_NOT_FOUND;
+	if (h->prev_main > main || (h->prev_main == main && h->prev_sub >= sub) || h->prev_main < 0)
+		return STORAGE_ERR_CORRUPT;
+	return 0;
 }
 
 int storage__rev_at(storage *s, MDB_txn *txn, const ki_state *st, int64_t rev, int64_t *main,
@@ -91,7 +95,7 @@ int storage__rev_at(storage *s, MDB_txn *txn, const ki_state *st, int64_t rev, i
 	if (m > rev) {
 		/* Walk back from the first signpost after rev (or the newest revision): fewer
 		 * than HIST_EVERY + 1 revisions of the key lie between it and rev. */
-		int err = storage__hist_after(s, txn, st->ks_id, rev, &m, &sb);
+		int err = storage__hist_from(s, txn, st->ks_id, rev + 1, 0, &m, &sb);
 		if (err == STORAGE_ERR_NOT_FOUND) {
 			m = st->ks_mod_main;
 			sb = st->ks_mod_sub;
@@ -108,6 +112,8 @@ int storage__rev_at(storage *s, MDB_txn *txn, const ki_state *st, int64_t rev, i
 			return walked && m <= rev ? STORAGE_ERR_NOT_FOUND : STORAGE_ERR_CORRUPT;
 		if (err)
 			return err;
+		if (h.id != st->ks_id)
+			return STORAGE_ERR_CORRUPT;
 		if (m <= rev) {
 			if (h.tomb)
 				return STORAGE_ERR_NOT_FOUND;
@@ -115,7 +121,7 @@ int storage__rev_at(storage *s, MDB_txn *txn, const ki_state *st, int64_t rev, i
 			*sub = sb;
 			return r ? storage__kv_decode(h.kv, h.kvlen, r) : 0;
 		}
-		if ((err = rev_prev(s, txn, &h, m, &m, &sb)))
+		if ((err = rev_prev(s, txn, &h, m, sb, &m, &sb)))
 			return err;
 	}
 }
@@ -1109,8 +1115,10 @@ static int compact_step(storage_batch *b, MDB_txn *txn, size_t max, int *done)
 
 		int superseded = h.tomb;
 		if (!superseded && !h.has_prev) {
+			/* After this record, which may be followed by a change of its key in the
+			 * same revision (a txn may put a key, then delete it). */
 			int64_t lm, ls;
-			err = storage__hist_after(s, txn, h.id, main, &lm, &ls);
+			err = storage__hist_from(s, txn, h.id, main, sub + 1, &lm, &ls);
 			if (err && err != STORAGE_ERR_NOT_FOUND)
 				break;
 			superseded = err == 0 && lm <= b->b_compact;
@@ -1266,11 +1274,12 @@ static int read_events(mv *v, int64_t from, int64_t to, size_t max, storage_aren
 			 * delete a key, then put it). None if a tombstone; compaction removes a
 			 * tombstone at or below the compacted revision, which the revision after
 			 * it still points at. */
-			int64_t pmain = main, psub;
+			int64_t pmain = main, psub = (int64_t)be64_get((uint8_t *)k.mv_data + 8);
 			rev_hdr ph = h;
 			do
-				if ((err = rev_prev(v->v_s, v->v_txn, &ph, pmain, &pmain, &psub)) == 0)
-					err = rev_get(v->v_s, v->v_txn, pmain, psub, &ph);
+				if ((err = rev_prev(v->v_s, v->v_txn, &ph, pmain, psub, &pmain, &psub)) == 0 &&
+				    (err = rev_get(v->v_s, v->v_txn, pmain, psub, &ph)) == 0 && ph.id != h.id)
+					err = STORAGE_ERR_CORRUPT;
 			while (err == 0 && pmain == main);
 			if (err == 0 && !ph.tomb) {
 				kvrec pr;

@@ -805,6 +805,7 @@ static int compact(int64_t rev)
 }
 
 #include "storage/internal.h"
+#include "storage/oldrecords.h"
 
 static size_t count_db(MDB_dbi dbi)
 {
@@ -1091,35 +1092,9 @@ static void test_events(void)
 	storage_read_end(r);
 }
 
-/* Rewrites the store as one written before revision records named their key's previous
- * revision: 9-byte headers, and a "hist" entry for every revision. */
 static void to_old_format(void)
 {
-	MDB_txn *txn;
-	MDB_cursor *c;
-	MDB_val k, v;
-	CHECK_EQ(mdb_txn_begin(S->s_env, NULL, 0, &txn), 0);
-	CHECK_EQ(mdb_cursor_open(txn, S->s_revs, &c), 0);
-	for (int rc = mdb_cursor_get(c, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
-		rev_hdr h = {0};
-		CHECK_EQ(storage__rev_parse(&v, &h), 0);
-		/* A record of another size is deleted and inserted: copy what points into it. */
-		uint8_t kb[REV_KEY_SIZE];
-		memcpy(kb, k.mv_data, sizeof(kb));
-		k.mv_data = kb;
-		size_t n = REV_HDR_SIZE_OLD + h.kvlen;
-		uint8_t *buf = malloc(n);
-		buf[0] = h.tomb ? REV_FLAG_TOMB : 0;
-		be64_put(buf + 1, h.id);
-		memcpy(buf + REV_HDR_SIZE_OLD, h.kv, h.kvlen);
-		int64_t main = (int64_t)be64_get(k.mv_data), sub = (int64_t)be64_get((uint8_t *)k.mv_data + 8);
-		MDB_val nv = {n, buf};
-		CHECK_EQ(mdb_cursor_put(c, &k, &nv, MDB_CURRENT), 0);
-		free(buf);
-		CHECK_EQ(storage__hist_put(S, txn, h.id, main, sub, h.tomb), 0);
-	}
-	mdb_cursor_close(c);
-	CHECK_EQ(mdb_txn_commit(txn), 0);
+	CHECK_EQ(t_to_old_records(S), 0);
 	reopen();
 }
 
@@ -1159,6 +1134,93 @@ static void test_old_records(void)
 	CHECK_EQ(count_db(S->s_hist), 2);
 	CHECK(veq(get("a", 8), "4") && veq(get("a", 9), "5") && veq(get("b", 8), "2"));
 	CHECK_EQ(count_db(S->s_keys), 2);
+}
+
+/* A txn that puts a key and then deletes it changes the key twice in one revision: read at
+ * the revision after, and compacted across it, the key is gone, in either record format,
+ * and both formats hash alike. */
+static uint32_t twice_in_one_revision(int old_format)
+{
+	fresh(old_format ? "twice-old" : "twice-new");
+	put("k", "0"); /* 2 */
+	Etcdserverpb__RequestOp *ops[2] = {op_put("k", "1"), op_del("k", NULL)};
+	Etcdserverpb__TxnResponse tr;
+	CHECK_EQ(run_txn(txn_new(0, NULL, 2, ops, 0, NULL), &tr), 0); /* 3: put, then tombstone */
+	put("x", "x"); /* 4 */
+	put("y", "y"); /* 5 */
+	put("k", "2"); /* 6 */
+	if (old_format)
+		to_old_format();
+	CHECK(get("k", 3) == NULL && get("k", 5) == NULL && veq(get("k", 2), "0"));
+	CHECK_EQ(compact(4), 0);
+	CHECK(get("k", 4) == NULL && get("k", 5) == NULL && veq(get("k", 6), "2"));
+	CHECK_EQ(count_db(S->s_revs), 3); /* x@4, y@5, k@6 */
+	storage_reader *r;
+	uint32_t h = 0;
+	int64_t hrev, crev;
+	CHECK_EQ(storage_read_begin(S, &r), 0);
+	CHECK_EQ(storage_hash_kv(r, 5, &h, &hrev, &crev), 0);
+	storage_read_end(r);
+	return h;
+}
+
+static void test_twice_in_one_revision(void)
+{
+	CHECK_EQ(twice_in_one_revision(1), twice_in_one_revision(0));
+}
+
+/* Sets the record format mark of the LMDB environment at path (a file with nosubdir). */
+static void set_format(const char *path, int nosubdir, int64_t f)
+{
+	MDB_env *env;
+	MDB_txn *txn;
+	MDB_dbi meta;
+	uint8_t buf[8];
+	be64_put(buf, (uint64_t)f);
+	MDB_val k = {strlen(META_FORMAT), META_FORMAT}, v = {8, buf};
+	CHECK_EQ(mdb_env_create(&env), 0);
+	CHECK_EQ(mdb_env_set_maxdbs(env, 16), 0);
+	CHECK_EQ(mdb_env_set_mapsize(env, 256 << 20), 0);
+	CHECK_EQ(mdb_env_open(env, path, nosubdir ? MDB_NOSUBDIR : 0, 0600), 0);
+	CHECK_EQ(mdb_txn_begin(env, NULL, 0, &txn), 0);
+	CHECK_EQ(mdb_dbi_open(txn, "meta", 0, &meta), 0);
+	CHECK_EQ(mdb_put(txn, meta, &k, &v, 0), 0);
+	CHECK_EQ(mdb_txn_commit(txn), 0);
+	mdb_env_close(env);
+}
+
+/* A store is marked with its record format at open; one marked newer than this build's is
+ * refused, at open and at install (an older build would misread its records). */
+static void test_format(void)
+{
+	fresh("format");
+	put("a", "1");
+	char copy[4096];
+	snprintf(copy, sizeof(copy), "%s.copy", DIR_);
+	int fd = open(copy, O_RDWR | O_CREAT | O_TRUNC, 0600);
+	CHECK(fd >= 0);
+	CHECK_EQ(storage_copy(S, fd), 0);
+	close(fd);
+	set_format(copy, 1, STORE_FORMAT + 1);
+	CHECK_EQ(storage_install(S, copy), STORAGE_ERR_CORRUPT);
+	CHECK(veq(get("a", 0), "1"));
+	unlink(copy);
+	storage_close(S);
+	S = NULL;
+	set_format(DIR_, 0, STORE_FORMAT + 1);
+	storage *s2 = NULL;
+	CHECK_EQ(storage_open(DIR_, NULL, &s2), STORAGE_ERR_CORRUPT);
+	if (s2)
+		storage_close(s2);
+	set_format(DIR_, 0, 1); /* an older build's: opened, and marked as this build's */
+	reopen();
+	MDB_txn *txn;
+	int64_t f = 0;
+	CHECK_EQ(mdb_txn_begin(S->s_env, NULL, MDB_RDONLY, &txn), 0);
+	CHECK_EQ(storage__meta_get_i64(S, txn, META_FORMAT, 0, &f), 0);
+	mdb_txn_abort(txn);
+	CHECK_EQ(f, STORE_FORMAT);
+	CHECK(veq(get("a", 0), "1"));
 }
 
 /* The Raft log: append, suffix replacement, snapshot point, hard state, restart. */
@@ -1544,6 +1606,8 @@ int main(void)
 	test_leases();
 	test_events();
 	test_old_records();
+	test_twice_in_one_revision();
+	test_format();
 	test_raft_log();
 	test_copy_install();
 	test_async_commit();
