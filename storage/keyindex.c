@@ -277,33 +277,53 @@ int storage__hist_put(storage *s, MDB_txn *txn, uint64_t id, int64_t main, int64
 	return storage__mdb_err(mdb_put(txn, s->s_hist, &k, &v, 0));
 }
 
-int storage__hist_from(storage *s, MDB_txn *txn, uint64_t id, int64_t from_main, int64_t from_sub,
-		       int64_t *main, int64_t *sub)
+/*
+ * The signpost of key id at or after (main, sub), or with before, the last one before it:
+ * 0, STORAGE_ERR_NOT_FOUND (none of that key there), or an error.
+ */
+static int hist_seek(storage *s, MDB_txn *txn, uint64_t id, int64_t main, int64_t sub, int before,
+		     int64_t *out_main, int64_t *out_sub, int *tomb)
 {
 	MDB_cursor *cur;
 	int rc = mdb_cursor_open(txn, s->s_hist, &cur);
 	if (rc)
 		return storage__mdb_err(rc);
 	uint8_t kb[HIST_KEY_SIZE];
-	hist_key(kb, id, from_main, from_sub);
+	hist_key(kb, id, main, sub);
 	MDB_val k = {sizeof(kb), kb}, v;
 	rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
+	if (before && rc == 0)
+		rc = mdb_cursor_get(cur, &k, &v, MDB_PREV);
+	else if (before && rc == MDB_NOTFOUND)
+		rc = mdb_cursor_get(cur, &k, &v, MDB_LAST);
 	int err;
-	if (rc == MDB_NOTFOUND) {
-		err = STORAGE_ERR_NOT_FOUND;
-	} else if (rc) {
+	if (rc) {
 		err = storage__mdb_err(rc);
-	} else if (k.mv_size != HIST_KEY_SIZE) {
+	} else if (k.mv_size != HIST_KEY_SIZE || v.mv_size != 1) {
 		err = STORAGE_ERR_CORRUPT;
 	} else if (be64_get(k.mv_data) != id) {
 		err = STORAGE_ERR_NOT_FOUND;
 	} else {
-		*main = (int64_t)be64_get((uint8_t *)k.mv_data + 8);
-		*sub = (int64_t)be64_get((uint8_t *)k.mv_data + 16);
+		*out_main = (int64_t)be64_get((uint8_t *)k.mv_data + 8);
+		*out_sub = (int64_t)be64_get((uint8_t *)k.mv_data + 16);
+		*tomb = *(uint8_t *)v.mv_data != 0;
 		err = 0;
 	}
 	mdb_cursor_close(cur);
 	return err;
+}
+
+int storage__hist_from(storage *s, MDB_txn *txn, uint64_t id, int64_t from_main, int64_t from_sub,
+		       int64_t *main, int64_t *sub)
+{
+	int tomb;
+	return hist_seek(s, txn, id, from_main, from_sub, 0, main, sub, &tomb);
+}
+
+int storage__hist_at(storage *s, MDB_txn *txn, uint64_t id, int64_t rev, int64_t *main,
+		     int64_t *sub, int *tomb)
+{
+	return hist_seek(s, txn, id, rev + 1, 0, 1, main, sub, tomb);
 }
 
 int storage__hist_del(storage *s, MDB_txn *txn, uint64_t id, int64_t main, int64_t sub)
@@ -317,34 +337,3 @@ int storage__hist_del(storage *s, MDB_txn *txn, uint64_t id, int64_t main, int64
 	return rc ? storage__mdb_err(rc) : 1;
 }
 
-int storage__hist_at(storage *s, MDB_txn *txn, uint64_t id, int64_t rev, int64_t *main,
-		     int64_t *sub, int *tomb)
-{
-	MDB_cursor *cur;
-	int rc = mdb_cursor_open(txn, s->s_hist, &cur);
-	if (rc)
-		return storage__mdb_err(rc);
-	uint8_t kb[HIST_KEY_SIZE];
-	hist_key(kb, id, rev + 1, 0);
-	MDB_val k = {sizeof(kb), kb}, v;
-	rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE);
-	if (rc == 0)
-		rc = mdb_cursor_get(cur, &k, &v, MDB_PREV);
-	else if (rc == MDB_NOTFOUND)
-		rc = mdb_cursor_get(cur, &k, &v, MDB_LAST);
-	int err;
-	if (rc) {
-		err = storage__mdb_err(rc);
-	} else if (k.mv_size != HIST_KEY_SIZE || v.mv_size != 1) {
-		err = STORAGE_ERR_CORRUPT;
-	} else if (be64_get(k.mv_data) != id) {
-		err = STORAGE_ERR_NOT_FOUND;
-	} else {
-		*main = (int64_t)be64_get((uint8_t *)k.mv_data + 8);
-		*sub = (int64_t)be64_get((uint8_t *)k.mv_data + 16);
-		*tomb = *(uint8_t *)v.mv_data != 0;
-		err = 0;
-	}
-	mdb_cursor_close(cur);
-	return err;
-}
