@@ -161,6 +161,8 @@ static int format_check(MDB_txn *txn, MDB_dbi meta, int mark)
 		f = (int64_t)be64_get(v.mv_data);
 	else if (rc != MDB_NOTFOUND)
 		return rc;
+	if (f < 1)
+		return MDB_CORRUPTED;
 	if (f > STORE_FORMAT) {
 		fprintf(stderr, "keelson: storage: the store's record format %lld is newer than this build's (%d)\n",
 			(long long)f, STORE_FORMAT);

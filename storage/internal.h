@@ -50,6 +50,9 @@
 #define HIST_EVERY 32
 /* HIST_EVERY, except in tests (model_test makes the walks long and frequent). */
 extern int storage__hist_every;
+/* Revisions storage_batch_compact examines itself (10,000; model_test makes it small, so
+ * that compaction goes on in later batches). */
+extern int storage__compact_chunk;
 
 /* The latest state of a key (version 0: the latest event is a tombstone). */
 typedef struct ki_state {
@@ -167,9 +170,9 @@ struct storage_reader {
 #define META_CPENDING "i:cpending"
 #define META_NEXT_ID "i:next_id"
 #define META_APPLIED "i:applied"
-/* The record format of the store: STORE_FORMAT, written at open. Absent or 1: revision
- * records without prev pointers (read as well). A newer one is refused: an older build
- * would misread its records. */
+/* The record format of the store: STORE_FORMAT, written at open. 1: revision records
+ * without prev pointers (read as well). Absent: 1, or 2 from the builds between 6179e90 and
+ * the mark. A newer one is refused: an older build would misread its records. */
 #define META_FORMAT "i:format"
 #define STORE_FORMAT 2
 #define META_RL_TERM "i:rl_term"

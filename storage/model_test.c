@@ -861,6 +861,8 @@ static void run(unsigned long long sd, long nops)
 {
 	seed = sd;
 	storage__hist_every = hist_every_of(sd);
+	/* Compaction in small steps, finished by later batches (compact_continue). */
+	storage__compact_chunk = 1 + (int)(sd % 50);
 	rs = sd * 2654435761ull + 1;
 	for (int i = 0; i < NKEYS; i++) {
 		free(K[i].k);
@@ -883,9 +885,11 @@ static void run(unsigned long long sd, long nops)
 		FAIL("lease grant");
 	for (op_no = 0; op_no < nops && !failed; op_no++) {
 		storage_arena_free(&A);
-		if (r32() % 500 == 0) {
+		if (r32() % 500 == 0 && B->b_cpending == 0) {
 			/* Now and then every record so far turns into one of an older build's
-			 * (no prev pointer, a hist entry each): the later ones chain onto them. */
+			 * (no prev pointer, a hist entry each): the later ones chain onto them.
+			 * Not while a compaction is part-way: an upgrade never turns a record it
+			 * has examined into an older build's. */
 			commit();
 			if (t_to_old_records(S))
 				FAIL("rewriting the records as an older build's");

@@ -14,6 +14,7 @@
 #include "storage/internal.h"
 
 #define COMPACT_CHUNK 10000 /* revisions examined by storage_batch_compact itself */
+int storage__compact_chunk = COMPACT_CHUNK;
 
 /* ---- revision table ---- */
 
@@ -1075,6 +1076,36 @@ int storage_read_txn(storage_reader *r, const Etcdserverpb__TxnRequest *req, sto
 /* ---- Compact ---- */
 
 /*
+ * Compaction met the record h of revision (main, sub), at or below the compacted revision:
+ * its predecessor is superseded (if still there: a tombstone's record went when it was met,
+ * an earlier predecessor by this very rule). A signpost the predecessor had passes to this
+ * revision, unless this one goes too (gone: a tombstone), so every key id keeps one. The
+ * predecessor must be a record of the same key: another key's is never deleted.
+ */
+static int drop_prev(storage *s, MDB_txn *txn, const rev_hdr *h, int64_t main, int64_t sub,
+		     int gone)
+{
+	int64_t pm, ps;
+	rev_hdr ph;
+	int err = rev_prev(s, txn, h, main, sub, &pm, &ps);
+	if (!err)
+		err = rev_get(s, txn, pm, ps, &ph);
+	if (err)
+		return err == STORAGE_ERR_NOT_FOUND ? 0 : err;
+	if (ph.id != h->id)
+		return STORAGE_ERR_CORRUPT;
+	uint8_t pk[REV_KEY_SIZE];
+	rev_key(pk, pm, ps);
+	MDB_val k = {sizeof(pk), pk};
+	if ((err = storage__mdb_err(mdb_del(txn, s->s_revs, &k, NULL))))
+		return err;
+	int had = storage__hist_del(s, txn, h->id, pm, ps);
+	if (had <= 0)
+		return had;
+	return gone ? 0 : storage__hist_put(s, txn, h->id, main, sub, 0);
+}
+
+/*
  * Examines up to max revisions from the compaction cursor. A revision at or below the
  * compacted revision is superseded when it is a tombstone (the key did not exist then) or
  * when a later revision of its key is also at or below it; etcd keeps the others. A record
@@ -1143,21 +1174,8 @@ static int compact_step(storage_batch *b, MDB_txn *txn, size_t max, int *done)
 			if (had < 0)
 				err = had;
 		}
-		if (!err && !rc && h.has_prev && h.prev_main != 0) {
-			/* This revision supersedes its predecessor (removed already if a
-			 * tombstone, or if it was superseded by this very rule before). */
-			uint8_t pk[REV_KEY_SIZE];
-			rev_key(pk, h.prev_main, h.prev_sub);
-			MDB_val pkv = {sizeof(pk), pk};
-			rc = mdb_del(txn, s->s_revs, &pkv, NULL);
-			if (rc == MDB_NOTFOUND)
-				rc = 0;
-			int had = rc ? 0 : storage__hist_del(s, txn, h.id, h.prev_main, h.prev_sub);
-			if (had < 0)
-				err = had;
-			else if (had && !superseded)
-				err = storage__hist_put(s, txn, h.id, main, sub, 0);
-		}
+		if (!err && !rc && h.has_prev)
+			err = drop_prev(s, txn, &h, main, sub, superseded);
 		if (!err && !rc && h.tomb) {
 			/* Scanning in revision order, every earlier revision of the key is gone by
 			 * now; if the tombstone is its newest revision, the key leaves the index. */
@@ -1198,7 +1216,7 @@ int storage_batch_compact(storage_batch *b, const Etcdserverpb__CompactionReques
 	b->b_cnext_sub = 0;
 	b->b_cpending = 1;
 	int done;
-	err = compact_step(b, txn, COMPACT_CHUNK, &done);
+	err = compact_step(b, txn, (size_t)storage__compact_chunk, &done);
 	if (!err && !(resp->header = header_new(a, b->b_rev)))
 		err = STORAGE_ERR_NOMEM;
 	return req_end(b, txn, &sv, err);
