@@ -648,15 +648,37 @@ static void check_signposts(MDB_txn *txn)
 		ids[n++] = be64_get(p);
 	}
 	mdb_cursor_close(c);
+	/* And no key runs more than storage__hist_every revisions without one (puts between
+	 * two signposts, and a tombstone): what bounds a walk back along the prev pointers. */
+	int64_t *run = NULL;
+	size_t nrun = 0;
 	mdb_cursor_open(txn, S->s_revs, &c);
 	for (int rc = mdb_cursor_get(c, &k, &v, MDB_FIRST); rc == 0; rc = mdb_cursor_get(c, &k, &v, MDB_NEXT)) {
 		rev_hdr h;
-		if (storage__rev_parse(&v, &h))
+		if (storage__rev_parse(&v, &h)) {
 			FAIL("revision record unreadable");
-		else if (!bsearch(&h.id, ids, n, sizeof(*ids), id_cmp))
+			continue;
+		}
+		if (!bsearch(&h.id, ids, n, sizeof(*ids), id_cmp))
 			FAIL("key id %llu has revisions but no signpost", (unsigned long long)h.id);
+		if (h.id >= nrun) {
+			size_t nn = (size_t)h.id * 2 + 16;
+			run = realloc(run, nn * sizeof(*run));
+			memset(run + nrun, 0, (nn - nrun) * sizeof(*run));
+			nrun = nn;
+		}
+		uint8_t hk[HIST_KEY_SIZE];
+		be64_put(hk, h.id);
+		memcpy(hk + 8, k.mv_data, REV_KEY_SIZE);
+		MDB_val hkv = {sizeof(hk), hk}, hv;
+		if (mdb_get(txn, S->s_hist, &hkv, &hv) == 0)
+			run[h.id] = 0;
+		else if (++run[h.id] > storage__hist_every)
+			FAIL("key id %llu: %lld revisions in a row without a signpost (every %d)",
+			     (unsigned long long)h.id, (long long)run[h.id], storage__hist_every);
 	}
 	mdb_cursor_close(c);
+	free(run);
 	free(ids);
 }
 
