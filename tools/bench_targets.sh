@@ -51,6 +51,11 @@ done
 {
 	both put-1000c leader put --conns 100 --clients 1000 $put $amt
 	both put-1c leader put --conns 1 --clients 1 $put $amt1
+	# What a lone put cannot go below besides the flush: the client's round trip (a
+	# serializable read at the leader touches no disk) and the leader's round to its
+	# followers (a linearizable read adds one heartbeat round for its read index).
+	both get-s-1c leader range bench-key --consistency s --conns 1 --clients 1 $amt1
+	both get-l-1c leader range bench-key --consistency l --conns 1 --clients 1 $amt1
 	both range-l-1000c all range bench-key --consistency l --conns 100 --clients 1000 $amt
 	both range-s-1000c all range bench-key --consistency s --conns 100 --clients 1000 $amt
 	both apiserver-load leader apiserver-load $objs --conns 8 --clients 64 $load
@@ -88,6 +93,18 @@ for wid in order:
     if wid == "put-1c" and kb.get("lat_ms"):
         out.append("  keelson p50 / fsync floor p50: %.2fx; etcd: %.2fx" % (
             kb["lat_ms"]["p50"] / fs["lat_ms"]["p50"], (eb.get("lat_ms") or {}).get("p50", 0) / fs["lat_ms"]["p50"]))
+    if wid == "get-l-1c":
+        # A put on 3 members needs at least: the client's round trip, and the longer of the
+        # leader's WAL flush and (a round to a follower + its WAL flush).
+        for srv in ("keelson", "etcd"):
+            p = lambda w: (((by.get((w, srv)) or {}).get("bench") or {}).get("lat_ms") or {}).get("p50")
+            put1, gs, gl = p("put-1c"), p("get-s-1c"), p("get-l-1c")
+            if None in (put1, gs, gl):
+                continue
+            bound = gs + (gl - gs) + fs["lat_ms"]["p50"]
+            out.append("  %s put-1c bound: client round trip %.3f + peer round trip %.3f + floor %.3f = %.3f ms"
+                       " (%.2fx the floor); put-1c p50 %.3f = %.2fx the bound" % (
+                           srv, gs, gl - gs, fs["lat_ms"]["p50"], bound, bound / fs["lat_ms"]["p50"], put1, put1 / bound))
     for op in (kb.get("ops") or {}):
         ko, eo = kb["ops"][op], (eb.get("ops") or {}).get(op, {})
         row("  %s /s" % op, ko.get("rps"), eo.get("rps"), "%.1f")
