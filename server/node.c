@@ -239,6 +239,24 @@ void node_ready_soon(node *n)
 	}
 }
 
+/*
+ * Runs as the loop is about to wait for I/O. LMDB has one writer, so an apply that meets the
+ * commit of the parked batch (storage_set_commit_window) waits for its flush; storage commits
+ * a batch whose window has passed when the loop says no apply is near. One is, while requests
+ * are queued or messages unstepped, and on a leader while its log holds entries not yet
+ * applied (their acknowledgements are on the way). A follower's next append is written and
+ * acknowledged before its apply begins, so its entries in flight do not count.
+ */
+static void on_loop_waits(uv_prepare_t *h)
+{
+	node *n = h->data;
+	pthread_mutex_lock(&n->n_mu);
+	int queued = n->n_head != NULL;
+	pthread_mutex_unlock(&n->n_mu);
+	int in_flight = n->n_role == RAFT_LEADER && atomic_load(&n->n_last_index) > atomic_load(&n->n_applied);
+	storage_set_writer_idle(n->n_sc->st, !queued && !in_flight && !n->n_step_pending);
+}
+
 static void on_peer_message(void *ctx, uint64_t from, const void *bytes, size_t len)
 {
 	node *n = ctx;
@@ -246,6 +264,7 @@ static void on_peer_message(void *ctx, uint64_t from, const void *bytes, size_t 
 	if (len < 1)
 		return;
 	if (p[0] == FRAME_RAFT) {
+		storage_set_writer_idle(n->n_sc->st, 0);
 		struct raft_message m;
 		if (raft_codec_decode(p + 1, len - 1, &m) != 0) {
 			log_at(LOG_WARN, "dropped a malformed raft message from a peer", NULL);
@@ -1266,6 +1285,7 @@ static void propose(node *n, node_req *r)
 static void on_wake(uv_async_t *h)
 {
 	node *n = h->data;
+	storage_set_writer_idle(n->n_sc->st, 0);
 	for (;;) {
 		pthread_mutex_lock(&n->n_mu);
 		node_req *head = n->n_head;
@@ -1392,6 +1412,7 @@ static void close_all(node *n)
 	uv_close((uv_handle_t *)&n->n_wake, NULL);
 	uv_close((uv_handle_t *)&n->n_stop, NULL);
 	uv_close((uv_handle_t *)&n->n_stepped, NULL);
+	uv_close((uv_handle_t *)&n->n_idle_check, NULL);
 	node_snap_close(n);
 }
 
@@ -1533,6 +1554,9 @@ int node_start(node **out, server_ctx *sc)
 
 	uv_check_init(&n->n_loop, &n->n_stepped);
 	n->n_stepped.data = n;
+	uv_prepare_init(&n->n_loop, &n->n_idle_check);
+	n->n_idle_check.data = n;
+	uv_prepare_start(&n->n_idle_check, on_loop_waits);
 	uv_async_init(&n->n_loop, &n->n_wake, on_wake);
 	uv_async_init(&n->n_loop, &n->n_stop, on_stop);
 	n->n_wake.data = n;

@@ -101,6 +101,7 @@ struct node {
 	uv_loop_t n_loop;
 	uv_async_t n_wake;
 	uv_check_t n_stepped;         /* takes the Ready once a turn's peer messages are stepped */
+	uv_prepare_t n_idle_check;    /* tells storage, before the loop waits, if an apply is near */
 	int n_step_pending;
 	uv_async_t n_stop;
 	uv_timer_t n_tick;

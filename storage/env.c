@@ -516,13 +516,32 @@ static uint64_t mono_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+/* How long past its window a parked batch may wait for an idle writer: a quarter window.
+ * A lone client's writer is idle between its puts (every ~0.6 ms); a busy one never is, and
+ * there a longer wait only makes commits larger (waiting a whole window more: put with 1,000
+ * clients -3% throughput, +10% p99). */
+static uint64_t idle_slack_ns(const storage *s)
+{
+	return s->s_cm_window_ns / 4;
+}
+
+/* Under s_cm_mu: whether the parked batch p must be committed now. Past its window it waits
+ * for the writer to be idle (with writer_idle 0: the caller is the writer, at work), so that
+ * its flush does not hold up an apply that is on its way, but no longer than the slack. */
+static int parked_due(storage *s, const storage_batch *p, int writer_idle)
+{
+	uint64_t age = mono_ns() - p->b_parked_ns;
+	return s->s_cm_kick || age >= s->s_cm_window_ns + idle_slack_ns(s) ||
+	       (age >= s->s_cm_window_ns && writer_idle);
+}
+
 /* Under s_cm_mu, with no job posted: makes the parked batch the job if its time has come.
  * (It resets s_cm_done, which a synchronous run_job() waiter reads: none can be waiting here,
  * since only the writer parks, and it is not inside run_job() while a batch is parked.) */
 static int take_parked(storage *s)
 {
 	storage_batch *p = s->s_cm_parked;
-	if (p == NULL || (!s->s_cm_kick && mono_ns() < p->b_parked_ns + s->s_cm_window_ns))
+	if (p == NULL || !parked_due(s, p, atomic_load(&s->s_cm_writer_idle)))
 		return 0;
 	s->s_cm_parked = NULL;
 	s->s_cm_kick = 0;
@@ -542,7 +561,11 @@ static void *committer_main(void *arg)
 	for (;;) {
 		while (s->s_cm_job == CM_NONE && !take_parked(s)) {
 			if (s->s_cm_parked) {
+				/* Wakes at the window's end, then (the writer busy) at the end of
+				 * the slack or when storage_set_writer_idle() signals. */
 				uint64_t at = s->s_cm_parked->b_parked_ns + s->s_cm_window_ns;
+				if (mono_ns() >= at)
+					at += idle_slack_ns(s);
 				struct timespec ts = {(time_t)(at / 1000000000u), (long)(at % 1000000000u)};
 				pthread_cond_timedwait(&s->s_cm_cond, &s->s_cm_mu, &ts);
 			} else {
@@ -721,6 +744,16 @@ void storage_set_commit_window(storage *s, uint64_t window_ns, int64_t max_revis
 	pthread_mutex_unlock(&s->s_cm_mu);
 }
 
+void storage_set_writer_idle(storage *s, int idle)
+{
+	if (atomic_exchange(&s->s_cm_writer_idle, idle) == idle || !idle || !s->s_cm_started)
+		return;
+	pthread_mutex_lock(&s->s_cm_mu);
+	if (s->s_cm_parked)
+		pthread_cond_broadcast(&s->s_cm_cond); /* the committer looks again */
+	pthread_mutex_unlock(&s->s_cm_mu);
+}
+
 /* Commits the parked batch, if any, and waits until the committer is idle. */
 static void flush_parked(storage *s)
 {
@@ -789,7 +822,7 @@ int storage_batch_begin_apply(storage *s, storage_batch **out)
 	pthread_mutex_lock(&s->s_cm_mu);
 	storage_batch *p = s->s_cm_parked;
 	int failed = atomic_load(&s->s_cm_async_err);
-	if (p && (s->s_cm_kick || mono_ns() >= p->b_parked_ns + s->s_cm_window_ns))
+	if (p && parked_due(s, p, 0))
 		p = NULL; /* its time is up: storage_batch_begin() below has it committed first */
 	if (p && !failed)
 		s->s_cm_parked = NULL;
@@ -1016,11 +1049,11 @@ int storage_batch_commit_async(storage_batch *b, uint64_t applied_index)
 		return err;
 	batch_release(b);
 	pthread_mutex_lock(&s->s_cm_mu);
-	if (s->s_cm_window_ns && !s->s_cm_kick && !s->s_cm_async_err &&
-	    (!b->b_parked_ns || mono_ns() < b->b_parked_ns + s->s_cm_window_ns) &&
+	if (s->s_cm_window_ns && !s->s_cm_kick && !s->s_cm_async_err && (!b->b_parked_ns || !parked_due(s, b, 0)) &&
 	    b->b_rev - (b->b_parked_ns ? b->b_park_rev : b->b_start_rev) < s->s_cm_window_revs) {
-		/* Answered, readable once committed: the committer commits it when the window
-		 * ends or a reader asks, unless the next apply continues it first. */
+		/* Answered, readable once committed: the committer commits it when a reader asks,
+		 * or once the window has passed and the writer is idle (a quarter window later at
+		 * the latest), unless the next apply continues it first. */
 		b->b_seq = atomic_fetch_add(&s->s_cm_handed, 1) + 1;
 		atomic_store(&s->s_rev, b->b_rev);
 		if (!b->b_parked_ns) {

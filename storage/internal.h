@@ -110,12 +110,14 @@ struct storage {
 	_Atomic uint64_t s_pub_applied;
 	/* storage_set_commit_window(): an answered batch may wait ("parked") so that the next
 	 * applies continue its transaction (storage_batch_begin_apply) and one commit writes
-	 * them all. The committer commits it once the window has passed, at once when someone
-	 * waits for it (s_cm_kick), and before any other job. */
+	 * them all. The committer commits it once the window has passed and the writer is idle
+	 * (s_cm_writer_idle: storage_set_writer_idle), or a quarter window later whatever the
+	 * writer does, at once when someone waits for it (s_cm_kick), and before any other job. */
 	storage_batch *s_cm_parked;
 	uint64_t s_cm_window_ns;  /* 0: never park */
 	int64_t s_cm_window_revs; /* nor once the parked txn holds this many revisions */
 	int s_cm_kick;
+	_Atomic int s_cm_writer_idle;
 	/* Readers and the batch hold it shared; defragment, which replaces the environment,
 	 * holds it exclusively. */
 	pthread_rwlock_t s_envlock;

@@ -208,6 +208,13 @@ int storage_batch_commit_async(storage_batch *b, uint64_t applied_index);
  */
 void storage_set_commit_window(storage *s, uint64_t window_ns, int64_t max_revisions);
 /*
+ * The writer says whether an apply may come soon (0) or not (1: it has nothing in flight).
+ * LMDB has one writer: an apply that meets the parked batch's commit waits for its flush.
+ * So a batch whose window has passed is committed when the writer is idle, and a quarter
+ * window later if the writer never is. Call it from the writer's thread; any value is safe.
+ */
+void storage_set_writer_idle(storage *s, int idle);
+/*
  * As storage_batch_begin(), but continues the parked batch if there is one (in a child
  * transaction: an abort drops only what this batch added). For the writer's applies, with
  * no read of the store between this begin and the batch's commit or abort on the same

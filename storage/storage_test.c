@@ -2,6 +2,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdatomic.h>
+#include <time.h>
 #include <sys/wait.h>
 
 #include "storage/testutil.h"
@@ -1417,12 +1418,30 @@ static void test_async_commit(void)
  * at once for a reader, before defragment and close, after the window alone; an abort of
  * a continuing batch keeps what was parked. */
 static _Atomic int window_commits;
+static _Atomic uint64_t last_commit_ms; /* when count_commit last counted one */
+
+static uint64_t mono_ms(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
 static void count_commit(void *arg, uint64_t ns, int err)
 {
 	(void)arg;
 	(void)ns;
-	if (!err)
+	if (!err) {
+		atomic_store(&last_commit_ms, mono_ms());
 		atomic_fetch_add(&window_commits, 1);
+	}
+}
+
+/* Polls (up to 5 s) until window_commits reaches n. */
+static void wait_commits(int n)
+{
+	for (int i = 0; i < 1000 && atomic_load(&window_commits) < n; i++)
+		usleep(5000);
 }
 
 /* An apply batch (continuing the parked one, if any) holding one put, left open. */
@@ -1590,6 +1609,60 @@ static void test_commit_window(void)
 	storage_set_commit_observer(S, NULL, NULL);
 }
 
+/*
+ * Past its window a parked batch waits for the writer to say it is idle (an apply would wait
+ * for the commit's flush), a quarter window more at most. Nothing here reads the store before
+ * the timing checks: a reader would have the parked batch committed at once. The checks on
+ * "not yet" hold only if the test's sleeps end in time, so they are skipped on a machine too
+ * slow for them (never on an idle one).
+ */
+static void test_commit_when_writer_idle(void)
+{
+	fresh("idle");
+	const uint64_t w = 800, cap = w + w / 4; /* the window and the latest commit, ms */
+	storage_set_commit_observer(S, count_commit, NULL);
+	storage_set_commit_window(S, w * 1000000u, 0);
+	atomic_store(&window_commits, 0);
+	storage_set_writer_idle(S, 0);
+	uint64_t t0 = mono_ms();
+	apply_put("i1", "v", 1);
+	usleep((w + w / 8) * 1000); /* past the window, the writer busy */
+	int in_time = mono_ms() < t0 + cap - 50;
+	if (in_time)
+		CHECK_EQ(atomic_load(&window_commits), 0);
+	apply_put("i2", "v", 2); /* continues the parked batch: not yet due */
+	if (in_time)
+		CHECK_EQ(atomic_load(&window_commits), 0);
+	uint64_t t_idle = mono_ms();
+	storage_set_writer_idle(S, 1);
+	wait_commits(1);
+	CHECK_EQ(atomic_load(&window_commits), 1);
+	if (in_time && t_idle < t0 + cap - 50)
+		CHECK(atomic_load(&last_commit_ms) < t0 + cap); /* the idle writer, not the cap */
+	/* idle from the start: committed once the window has passed, not before */
+	uint64_t t1 = mono_ms();
+	apply_put("i3", "v", 3);
+	wait_commits(2);
+	CHECK_EQ(atomic_load(&window_commits), 2);
+	CHECK(atomic_load(&last_commit_ms) + 20 >= t1 + w);
+	/* a writer never idle: committed at the cap */
+	storage_set_writer_idle(S, 0);
+	uint64_t t2 = mono_ms();
+	apply_put("i4", "v", 4);
+	wait_commits(3);
+	CHECK_EQ(atomic_load(&window_commits), 3);
+	CHECK(atomic_load(&last_commit_ms) + 20 >= t2 + cap);
+	for (int i = 1; i <= 4; i++) {
+		char k[8];
+		snprintf(k, sizeof(k), "i%d", i);
+		CHECK(veq(get(k, 0), "v"));
+	}
+	CHECK_EQ(atomic_load(&window_commits), 3);
+	storage_set_writer_idle(S, 0);
+	storage_set_commit_window(S, 0, 0);
+	storage_set_commit_observer(S, NULL, NULL);
+}
+
 int main(void)
 {
 	storage_arena_init(&A);
@@ -1612,6 +1685,7 @@ int main(void)
 	test_copy_install();
 	test_async_commit();
 	test_commit_window();
+	test_commit_when_writer_idle();
 	if (S)
 		storage_close(S);
 	storage_arena_free(&A);
