@@ -1321,6 +1321,7 @@ static void on_wake(uv_async_t *h)
 static void on_tick(uv_timer_t *t)
 {
 	node *n = t->data;
+	storage_set_writer_idle(n->n_sc->st, 0); /* a tick may commit entries (a lone voter's) */
 	raft_tick(n->n_raft);
 	process_ready(n);
 	if (n->n_npending_conf) {
@@ -1335,6 +1336,7 @@ static void on_lease_timer(uv_timer_t *t)
 	node *n = t->data;
 	if (atomic_load(&n->n_lead) != n->n_sc->mi.member_id)
 		return;
+	storage_set_writer_idle(n->n_sc->st, 0); /* revokes and checkpoints to apply */
 	lessor_propose_checkpoints(n->n_sc);
 	int64_t ids[NODE_LEASE_REVOKES_PER_CHECK];
 	size_t k = lessor_expired(n->n_sc->lessor, ids, NODE_LEASE_REVOKES_PER_CHECK);

@@ -310,6 +310,8 @@ int storage_open(const char *dir, const storage_options *opts, storage **out)
 					(uint64_t)snap_term);
 	if (!err)
 		err = storage__migrate_rlog(s);
+	/* Idle until the writer says otherwise: a user that never does commits at the window. */
+	atomic_store(&s->s_cm_writer_idle, 1);
 	if (!err)
 		err = committer_start(s);
 	if (err)
@@ -564,7 +566,7 @@ static void *committer_main(void *arg)
 				/* Wakes at the window's end, then (the writer busy) at the end of
 				 * the slack or when storage_set_writer_idle() signals. */
 				uint64_t at = s->s_cm_parked->b_parked_ns + s->s_cm_window_ns;
-				if (mono_ns() >= at)
+				if (mono_ns() >= at && !atomic_load(&s->s_cm_writer_idle))
 					at += idle_slack_ns(s);
 				struct timespec ts = {(time_t)(at / 1000000000u), (long)(at % 1000000000u)};
 				pthread_cond_timedwait(&s->s_cm_cond, &s->s_cm_mu, &ts);

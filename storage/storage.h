@@ -200,7 +200,8 @@ int storage_batch_begin_log(storage *s, storage_batch **out);
 int storage_batch_commit_async(storage_batch *b, uint64_t applied_index);
 /*
  * Lets storage_batch_commit_async() keep an answered batch's transaction open ("parked")
- * for up to window_ns, or until it holds max_revisions revisions (<= 0: no limit), so that
+ * for window_ns (a quarter more while the writer is busy: storage_set_writer_idle), or
+ * until it holds max_revisions revisions (<= 0: no limit), so that
  * the next storage_batch_begin_apply() continues it and one LMDB commit writes several
  * batches (etcd's --backend-batch-interval / --backend-batch-limit). Readers (read_begin,
  * stat, copy) that need a parked batch have it committed at once and wait for it; any
@@ -212,6 +213,7 @@ void storage_set_commit_window(storage *s, uint64_t window_ns, int64_t max_revis
  * LMDB has one writer: an apply that meets the parked batch's commit waits for its flush.
  * So a batch whose window has passed is committed when the writer is idle, and a quarter
  * window later if the writer never is. Call it from the writer's thread; any value is safe.
+ * A store opens with the writer idle (the window alone decides).
  */
 void storage_set_writer_idle(storage *s, int idle);
 /*
