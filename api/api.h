@@ -40,6 +40,7 @@ typedef enum api_error {
 	API_ERR_CORRUPT,            /* DataLoss "etcdserver: corrupt cluster" */
 	API_ERR_TOO_MANY_REQUESTS,  /* ResourceExhausted "etcdserver: too many requests" */
 	API_ERR_INTERNAL,           /* Unknown, with the message given to api_call_fail_msg() */
+	API_ERR_INVALID_SORT,       /* InvalidArgument "etcdserver: invalid sort option" */
 	API_ERR_COUNT
 } api_error;
 

@@ -52,6 +52,7 @@ static const struct {
 	[API_ERR_CORRUPT] = {GRPC_STATUS_DATA_LOSS, "etcdserver: corrupt cluster"},
 	[API_ERR_TOO_MANY_REQUESTS] = {GRPC_STATUS_RESOURCE_EXHAUSTED, "etcdserver: too many requests"},
 	[API_ERR_INTERNAL] = {GRPC_STATUS_UNKNOWN, "etcdserver: internal error"},
+	[API_ERR_INVALID_SORT] = {GRPC_STATUS_INVALID_ARGUMENT, "etcdserver: invalid sort option"},
 };
 
 int api_error_status(api_error err, const char **message)

@@ -304,8 +304,9 @@ static void rangestream_on_message(void *ctx, api_stream *st, const ProtobufCMes
 {
 	server_ctx *sc = ctx;
 	const Etcdserverpb__RangeRequest *req = (const Etcdserverpb__RangeRequest *)msg;
-	if (req->key.len == 0) {
-		finish_api_error(st, API_ERR_EMPTY_KEY + 1);
+	int bad = kv_check_range(req);
+	if (bad) {
+		finish_api_error(st, bad);
 		return;
 	}
 	/* The gate of Range: auth (checked here, on the gRPC thread that knows the peer's

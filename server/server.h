@@ -655,6 +655,8 @@ int server_storage_status(int storage_err, const char **msg);
 void server_fill_txn_headers(server_ctx *sc, Etcdserverpb__TxnResponse *resp);
 /* etcd's validation of a Txn (v3rpc checkTxnRequest + checkIntervals); 0 or an api_error+1. */
 int kv_check_txn(const Etcdserverpb__TxnRequest *r, size_t max_ops);
+/* etcd's checks of a Range before anything else: 0, or an api_error + 1. */
+int kv_check_range(const Etcdserverpb__RangeRequest *r);
 
 /* ---- tls.c: client TLS set-up (issue 7) ---- */
 

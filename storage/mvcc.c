@@ -413,8 +413,11 @@ static int do_range(mv *v, const Etcdserverpb__RangeRequest *req, int page_only,
 	if (req->sort_target != ETCDSERVERPB__RANGE_REQUEST__SORT_TARGET__KEY &&
 	    order == ETCDSERVERPB__RANGE_REQUEST__SORT_ORDER__NONE)
 		order = ETCDSERVERPB__RANGE_REQUEST__SORT_ORDER__ASCEND;
-	/* Keys come in ascending order already. */
-	if (order != ETCDSERVERPB__RANGE_REQUEST__SORT_ORDER__NONE && o->n > 1 &&
+	/* Keys come in ascending order already. An order the proto does not name sorts nothing,
+	 * as in etcd 3.4's apply (the API refuses it before it gets here). */
+	int sorts = order == ETCDSERVERPB__RANGE_REQUEST__SORT_ORDER__ASCEND ||
+		    order == ETCDSERVERPB__RANGE_REQUEST__SORT_ORDER__DESCEND;
+	if (sorts && o->n > 1 &&
 	    !(req->sort_target == ETCDSERVERPB__RANGE_REQUEST__SORT_TARGET__KEY &&
 	      order == ETCDSERVERPB__RANGE_REQUEST__SORT_ORDER__ASCEND)) {
 		if (req->sort_target == ETCDSERVERPB__RANGE_REQUEST__SORT_TARGET__KEY) {

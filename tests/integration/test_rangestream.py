@@ -203,6 +203,7 @@ class RangeStreamSingle(harness.ServerTestCase, unittest.TestCase):
         cases = [
             pb.RangeRequest(key=b""),
             pb.RangeRequest(key=b"rs/", range_end=prefix_end(b"rs/"), revision=1 << 40),
+            pb.RangeRequest(key=b"rs/", sort_target=77),
         ]
         for req in cases:
             with self.subTest(req=str(req)):
