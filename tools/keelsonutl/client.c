@@ -282,6 +282,9 @@ static int authenticate(grpc_channel *ch, const ku_conn_opts *o, int ep, char **
 	return 0;
 }
 
+/* Every grpc_init() here is paired with grpc_shutdown_blocking(), so the library's clean-up
+ * is done before the tool goes on (grpc_shutdown() may leave it to a detached thread). Not
+ * enough on its own at exit: see OPENSSL_INIT_NO_ATEXIT in main.c. */
 int ku_snapshot_stream(const ku_conn_opts *o, ku_sink_fn sink, void *ctx, int *endpoint_used,
 		       char *errbuf, size_t errlen)
 {
@@ -299,7 +302,7 @@ int ku_snapshot_stream(const ku_conn_opts *o, ku_sink_fn sink, void *ctx, int *e
 	if (rc) {
 		if (o->co_n_endpoints > 1)
 			ku_errf(errbuf, errlen, rc, "no endpoint answered: %s", first);
-		grpc_shutdown();
+		grpc_shutdown_blocking();
 		return rc;
 	}
 	if (endpoint_used)
@@ -307,7 +310,7 @@ int ku_snapshot_stream(const ku_conn_opts *o, ku_sink_fn sink, void *ctx, int *e
 	char *token = NULL;
 	if ((rc = authenticate(ch, o, ep, &token, errbuf, errlen))) {
 		grpc_channel_destroy(ch);
-		grpc_shutdown();
+		grpc_shutdown_blocking();
 		return rc;
 	}
 
@@ -393,7 +396,7 @@ int ku_snapshot_stream(const ku_conn_opts *o, ku_sink_fn sink, void *ctx, int *e
 	grpc_completion_queue_shutdown(cq);
 	grpc_completion_queue_destroy(cq);
 	grpc_channel_destroy(ch);
-	grpc_shutdown();
+	grpc_shutdown_blocking();
 	return rc;
 }
 
@@ -404,7 +407,7 @@ int ku_hash_kv(const ku_conn_opts *o, int ep, int64_t rev, uint32_t *hash, int64
 	grpc_channel *ch;
 	int rc = conn_open(o, ep, &ch, errbuf, errlen);
 	if (rc) {
-		grpc_shutdown();
+		grpc_shutdown_blocking();
 		return rc;
 	}
 	char *token = NULL;
@@ -431,6 +434,6 @@ int ku_hash_kv(const ku_conn_opts *o, int ep, int64_t rev, uint32_t *hash, int64
 	}
 	free(token);
 	grpc_channel_destroy(ch);
-	grpc_shutdown();
+	grpc_shutdown_blocking();
 	return rc;
 }
