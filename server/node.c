@@ -1493,6 +1493,14 @@ int node_start(node **out, server_ctx *sc)
 	if (n == NULL)
 		return STORAGE_ERR_NOMEM;
 	n->n_sc = sc;
+	/* Sequence numbers must not repeat across restarts: entries this member proposed before
+	 * a crash may be applied again after it (the store's lazy commits lag the WAL), and a
+	 * new proposal with the same number would take that old entry's result as its answer
+	 * (fault campaign seed 2918: CAS successes at stale revisions). So they start from the
+	 * wall clock in ns, as etcd's request ids are time-based. */
+	struct timespec boot;
+	clock_gettime(CLOCK_REALTIME, &boot);
+	n->n_next_seq = (uint64_t)boot.tv_sec * 1000000000u + (uint64_t)boot.tv_nsec;
 	/* etcd's buckets: ExponentialBuckets(0.001, 2, 14) for both disk histograms,
 	 * (0.0001, 2, 14) for peer round trips */
 	n->n_metrics.nm_wal_fsync.h_first = n->n_metrics.nm_backend_commit.h_first = 0.001;
