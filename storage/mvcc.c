@@ -414,7 +414,7 @@ static int do_range(mv *v, const Etcdserverpb__RangeRequest *req, int page_only,
 	    order == ETCDSERVERPB__RANGE_REQUEST__SORT_ORDER__NONE)
 		order = ETCDSERVERPB__RANGE_REQUEST__SORT_ORDER__ASCEND;
 	/* Keys come in ascending order already. An order the proto does not name sorts nothing,
-	 * as in etcd 3.4's apply (the API refuses it before it gets here). */
+	 * as in etcd 3.4's apply (the API lets it through, as etcd 3.4 does; kv_check_range). */
 	int sorts = order == ETCDSERVERPB__RANGE_REQUEST__SORT_ORDER__ASCEND ||
 		    order == ETCDSERVERPB__RANGE_REQUEST__SORT_ORDER__DESCEND;
 	if (sorts && o->n > 1 &&
